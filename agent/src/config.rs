@@ -1,0 +1,531 @@
+//! Agent settings from `DATASAVER_*` variables (SPEC §13). Everything is
+//! checked at start; each problem is reported on its own line naming the
+//! setting, and the process does not start with any of them.
+
+use std::path::{Path, PathBuf};
+
+use datasaver_common::codec::Compression;
+use datasaver_common::config::{Env, SettingError};
+use datasaver_common::proto;
+use datasaver_common::tls::TlsPaths;
+
+/// How to reach the database. The password is only ever handed to child
+/// processes through their environment.
+#[derive(Clone)]
+pub struct DbConn {
+    pub host: String,
+    pub port: u16,
+    pub dbname: String,
+    pub user: String,
+    pub password: Option<String>,
+    pub sslmode: Option<String>,
+}
+
+impl std::fmt::Debug for DbConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DbConn")
+            .field("host", &self.host)
+            .field("port", &self.port)
+            .field("dbname", &self.dbname)
+            .field("user", &self.user)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+impl DbConn {
+    /// libpq environment for a child process, connecting to `dbname`.
+    pub fn env_for(&self, dbname: &str) -> Vec<(String, String)> {
+        let mut v = vec![
+            ("PGHOST".to_string(), self.host.clone()),
+            ("PGPORT".to_string(), self.port.to_string()),
+            ("PGUSER".to_string(), self.user.clone()),
+            ("PGDATABASE".to_string(), dbname.to_string()),
+            ("PGAPPNAME".to_string(), "datasaver-agent".to_string()),
+            ("PGCONNECT_TIMEOUT".to_string(), "15".to_string()),
+        ];
+        if let Some(p) = &self.password {
+            v.push(("PGPASSWORD".to_string(), p.clone()));
+        }
+        if let Some(s) = &self.sslmode {
+            v.push(("PGSSLMODE".to_string(), s.clone()));
+        }
+        v
+    }
+
+    /// "user@host:port/db", for messages.
+    pub fn describe(&self) -> String {
+        format!("{}@{}:{}/{}", self.user, self.host, self.port, self.dbname)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct TargetConfig {
+    pub name: String,
+    pub db: DbConn,
+    pub schedule: Option<String>,
+    pub retention: proto::Retention,
+    pub compression: Compression,
+    pub compression_level: i32,
+}
+
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    pub coordinator_url: String,
+    pub coordinator_host: String,
+    pub target: TargetConfig,
+    pub tls: TlsPaths,
+    pub pg_bin_dir: PathBuf,
+    pub log_json: bool,
+}
+
+/// Reads and checks every setting; returns all problems, not just the first.
+pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
+    let mut errs = Vec::new();
+    macro_rules! take {
+        ($e:expr) => {
+            match $e {
+                Ok(v) => Some(v),
+                Err(e) => {
+                    errs.push(e);
+                    None
+                }
+            }
+        };
+    }
+
+    let url = env.get("DATASAVER_COORDINATOR_URL");
+    let coord = match url {
+        None => {
+            errs.push(SettingError::new(
+                "DATASAVER_COORDINATOR_URL",
+                "not set: the coordinator's address, e.g. https://backup-host:50051",
+            ));
+            None
+        }
+        Some(u) => take!(parse_coordinator_url(u)),
+    };
+
+    let target = match env.get("DATASAVER_TARGET") {
+        None => {
+            errs.push(SettingError::new(
+                "DATASAVER_TARGET",
+                "not set: the name of the database being backed up, e.g. acme-main",
+            ));
+            None
+        }
+        Some(t) => take!(datasaver_common::names::validate_target(t)
+            .map(|_| t.to_string())
+            .map_err(|e| SettingError::new("DATASAVER_TARGET", e.to_string()))),
+    };
+
+    let db = take!(db_from_env(env));
+
+    let compression = take!(env
+        .get("DATASAVER_COMPRESSION")
+        .unwrap_or("zstd")
+        .parse::<Compression>()
+        .map_err(|e| SettingError::new("DATASAVER_COMPRESSION", e.to_string())));
+    let level = take!(env.parse_opt::<i32>("DATASAVER_COMPRESSION_LEVEL")).flatten();
+    let level = match (compression, level) {
+        (Some(c), Some(l)) => take!(c
+            .check_level(l)
+            .map(|_| l)
+            .map_err(|m| SettingError::new("DATASAVER_COMPRESSION_LEVEL", m))),
+        (Some(c), None) => Some(c.default_level()),
+        _ => None,
+    };
+
+    if env.get("DATASAVER_ENCRYPTION_RECIPIENT").is_some() {
+        errs.push(SettingError::new(
+            "DATASAVER_ENCRYPTION_RECIPIENT",
+            "encryption is not available in this build yet; unset it (backups would otherwise be stored unencrypted)",
+        ));
+    }
+
+    let schedule = env.get("DATASAVER_SCHEDULE").map(str::to_string);
+    let retention = proto::Retention {
+        keep_last: take!(env.parse_opt("DATASAVER_KEEP_LAST")).flatten(),
+        keep_daily: take!(env.parse_opt("DATASAVER_KEEP_DAILY")).flatten(),
+        keep_weekly: take!(env.parse_opt("DATASAVER_KEEP_WEEKLY")).flatten(),
+        keep_monthly: take!(env.parse_opt("DATASAVER_KEEP_MONTHLY")).flatten(),
+        max_age_days: take!(env.parse_opt("DATASAVER_MAX_AGE_DAYS")).flatten(),
+    };
+
+    let tls = take!(TlsPaths::new(
+        env.get("DATASAVER_TLS_CA").map(PathBuf::from),
+        env.get("DATASAVER_TLS_CERT").map(PathBuf::from),
+        env.get("DATASAVER_TLS_KEY").map(PathBuf::from),
+    ));
+    if let Some(tls) = &tls {
+        for (setting, path) in [
+            ("DATASAVER_TLS_CA", &tls.ca),
+            ("DATASAVER_TLS_CERT", &tls.cert),
+            ("DATASAVER_TLS_KEY", &tls.key),
+        ] {
+            if let Err(e) = std::fs::File::open(path) {
+                errs.push(SettingError::new(
+                    setting,
+                    format!("cannot read {}: {e}", path.display()),
+                ));
+            }
+        }
+    }
+
+    let pg_bin_dir = take!(find_pg_bin_dir(env));
+
+    let log_json = match env.get("DATASAVER_LOG_FORMAT").unwrap_or("text") {
+        "text" => false,
+        "json" => true,
+        other => {
+            errs.push(SettingError::new(
+                "DATASAVER_LOG_FORMAT",
+                format!("{other:?} is not text or json"),
+            ));
+            false
+        }
+    };
+
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    match (coord, target, db, compression, level, tls, pg_bin_dir) {
+        (
+            Some((url, host)),
+            Some(name),
+            Some(db),
+            Some(compression),
+            Some(level),
+            Some(tls),
+            Some(bin),
+        ) => Ok(AgentConfig {
+            coordinator_url: url,
+            coordinator_host: host,
+            target: TargetConfig {
+                name,
+                db,
+                schedule,
+                retention,
+                compression,
+                compression_level: level,
+            },
+            tls,
+            pg_bin_dir: bin,
+            log_json,
+        }),
+        _ => Err(vec![SettingError::new("configuration", "incomplete")]),
+    }
+}
+
+/// Accepts `https://host:port` (port required: there is no sensible default
+/// to guess for a private service).
+pub fn parse_coordinator_url(u: &str) -> Result<(String, String), SettingError> {
+    let bad = |why: &str| {
+        SettingError::new(
+            "DATASAVER_COORDINATOR_URL",
+            format!("{u:?} {why} (expected https://HOST:PORT, e.g. https://backup-host:50051)"),
+        )
+    };
+    let rest = match u.split_once("://") {
+        Some(("https", r)) => r,
+        Some(("http", _)) => return Err(bad("is plain-text; datasaver requires TLS")),
+        Some(_) | None => return Err(bad("is not an https URL")),
+    };
+    let authority = rest.trim_end_matches('/');
+    if authority.contains('/') || authority.contains('@') || authority.contains('?') {
+        return Err(bad("must be only scheme, host and port"));
+    }
+    let host = datasaver_common::tls::url_host(u).ok_or_else(|| bad("has no host"))?;
+    let port = authority
+        .rsplit_once(':')
+        .map(|(_, p)| p)
+        .ok_or_else(|| bad("has no port"))?;
+    match port.parse::<u16>() {
+        Ok(p) if p > 0 => {}
+        _ => return Err(bad("has an invalid port")),
+    }
+    if host.is_empty() || host.contains(' ') {
+        return Err(bad("has an invalid host"));
+    }
+    Ok((format!("https://{authority}"), host))
+}
+
+fn db_from_env(env: &Env) -> Result<DbConn, SettingError> {
+    let password = env.secret("DATASAVER_DB_PASSWORD")?;
+    if let Some(url) = env.secret("DATASAVER_DATABASE_URL")? {
+        let mut db = parse_database_url(&url)?;
+        if db.password.is_none() {
+            db.password = password;
+        }
+        return Ok(db);
+    }
+    let port = env.parse_or::<u16>("DATASAVER_DB_PORT", 5432)?;
+    let dbname = env
+        .get("DATASAVER_DB_NAME")
+        .ok_or_else(|| {
+            SettingError::new(
+                "DATASAVER_DB_NAME",
+                "not set: give DATASAVER_DB_NAME (with _HOST, _PORT, _USER, _PASSWORD) or DATASAVER_DATABASE_URL",
+            )
+        })?
+        .to_string();
+    Ok(DbConn {
+        host: env
+            .get("DATASAVER_DB_HOST")
+            .unwrap_or("localhost")
+            .to_string(),
+        port,
+        dbname,
+        user: env
+            .get("DATASAVER_DB_USER")
+            .unwrap_or("postgres")
+            .to_string(),
+        password,
+        sslmode: env.get("DATASAVER_DB_SSLMODE").map(str::to_string),
+    })
+}
+
+fn percent_decode(s: &str) -> Option<String> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = s.get(i + 1..i + 3)?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).ok()
+}
+
+/// `postgres://user:password@host:port/dbname?sslmode=require`. Errors never
+/// repeat the URL: it may hold the password.
+pub fn parse_database_url(url: &str) -> Result<DbConn, SettingError> {
+    let bad = |why: &str| {
+        SettingError::new(
+            "DATASAVER_DATABASE_URL",
+            format!("{why} (expected postgres://USER:PASSWORD@HOST:PORT/DBNAME)"),
+        )
+    };
+    let rest = url
+        .strip_prefix("postgres://")
+        .or_else(|| url.strip_prefix("postgresql://"))
+        .ok_or_else(|| bad("does not start with postgres://"))?;
+    let (main, query) = rest.split_once('?').unwrap_or((rest, ""));
+    let (authority, path) = main
+        .split_once('/')
+        .ok_or_else(|| bad("has no database name"))?;
+    let (userinfo, hostport) = match authority.rsplit_once('@') {
+        Some((u, h)) => (Some(u), h),
+        None => (None, authority),
+    };
+    let (user, password) = match userinfo {
+        None => ("postgres".to_string(), None),
+        Some(ui) => match ui.split_once(':') {
+            Some((u, p)) => (
+                percent_decode(u).ok_or_else(|| bad("has a badly encoded user"))?,
+                Some(percent_decode(p).ok_or_else(|| bad("has a badly encoded password"))?),
+            ),
+            None => (
+                percent_decode(ui).ok_or_else(|| bad("has a badly encoded user"))?,
+                None,
+            ),
+        },
+    };
+    let (host, port) = if let Some(h) = hostport.strip_prefix('[') {
+        let (h, rest) = h
+            .split_once(']')
+            .ok_or_else(|| bad("has a malformed IPv6 host"))?;
+        (h.to_string(), rest.strip_prefix(':'))
+    } else {
+        match hostport.rsplit_once(':') {
+            Some((h, p)) => (h.to_string(), Some(p)),
+            None => (hostport.to_string(), None),
+        }
+    };
+    let port = match port {
+        None | Some("") => 5432,
+        Some(p) => p.parse().map_err(|_| bad("has an invalid port"))?,
+    };
+    let dbname = percent_decode(path).ok_or_else(|| bad("has a badly encoded database name"))?;
+    if dbname.is_empty() {
+        return Err(bad("has no database name"));
+    }
+    let mut sslmode = None;
+    for kv in query.split('&').filter(|s| !s.is_empty()) {
+        match kv.split_once('=') {
+            Some(("sslmode", v)) => sslmode = Some(v.to_string()),
+            _ => {
+                return Err(bad(
+                    "has an unsupported query parameter (only sslmode is accepted)",
+                ))
+            }
+        }
+    }
+    Ok(DbConn {
+        host: if host.is_empty() {
+            "localhost".into()
+        } else {
+            host
+        },
+        port,
+        dbname,
+        user,
+        password,
+        sslmode,
+    })
+}
+
+fn has_tools(dir: &Path) -> bool {
+    ["pg_dump", "pg_restore", "psql"]
+        .iter()
+        .all(|t| dir.join(t).is_file())
+}
+
+/// Where pg_dump, pg_restore and psql live: `DATASAVER_PG_BIN_DIR`, else the
+/// directory of `pg_dump` on PATH, else the newest `/usr/lib/postgresql/N/bin`.
+pub fn find_pg_bin_dir(env: &Env) -> Result<PathBuf, SettingError> {
+    if let Some(d) = env.get("DATASAVER_PG_BIN_DIR") {
+        let p = PathBuf::from(d);
+        if has_tools(&p) {
+            return Ok(p);
+        }
+        return Err(SettingError::new(
+            "DATASAVER_PG_BIN_DIR",
+            format!("{d} does not contain pg_dump, pg_restore and psql"),
+        ));
+    }
+    if let Some(path) = env.get("PATH") {
+        for dir in path.split(':') {
+            let p = PathBuf::from(dir);
+            if has_tools(&p) {
+                return Ok(p);
+            }
+        }
+    }
+    let mut best: Option<(u32, PathBuf)> = None;
+    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
+        for e in rd.flatten() {
+            let v = e.file_name().to_string_lossy().parse::<u32>().ok();
+            let bin = e.path().join("bin");
+            if let Some(v) = v {
+                if has_tools(&bin) && best.as_ref().is_none_or(|(b, _)| v > *b) {
+                    best = Some((v, bin));
+                }
+            }
+        }
+    }
+    best.map(|(_, p)| p).ok_or_else(|| {
+        SettingError::new(
+            "DATASAVER_PG_BIN_DIR",
+            "pg_dump, pg_restore and psql were not found on PATH or in /usr/lib/postgresql/*/bin; install the PostgreSQL client or set this",
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env(pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    #[test]
+    fn coordinator_urls() {
+        assert_eq!(
+            parse_coordinator_url("https://backup:50051").unwrap(),
+            ("https://backup:50051".into(), "backup".into())
+        );
+        assert!(parse_coordinator_url("https://[::1]:5").is_ok());
+        for bad in [
+            "backup:50051",
+            "http://backup:1",
+            "https://backup",
+            "https://b:0",
+            "https://b:x",
+            "https://u@b:1",
+            "https://b:1/p",
+        ] {
+            let e = parse_coordinator_url(bad).unwrap_err();
+            assert_eq!(e.setting, "DATASAVER_COORDINATOR_URL", "{bad}");
+        }
+    }
+
+    #[test]
+    fn database_urls_never_echo_the_password() {
+        let db =
+            parse_database_url("postgresql://app:p%40ss:w@db.example:6543/my%20db?sslmode=require")
+                .unwrap();
+        assert_eq!(db.user, "app");
+        assert_eq!(db.password.as_deref(), Some("p@ss:w"));
+        assert_eq!(db.host, "db.example");
+        assert_eq!(db.port, 6543);
+        assert_eq!(db.dbname, "my db");
+        assert_eq!(db.sslmode.as_deref(), Some("require"));
+        assert!(!format!("{db:?}").contains("p@ss"));
+        let e = parse_database_url("postgres://u:hunter2@h:99999/db").unwrap_err();
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+        assert!(parse_database_url("mysql://x/y").is_err());
+        let db = parse_database_url("postgres://h/d").unwrap();
+        assert_eq!((db.user.as_str(), db.port), ("postgres", 5432));
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_its_setting() {
+        let errs = from_env(&env(&[
+            ("DATASAVER_COORDINATOR_URL", "not a url"),
+            ("DATASAVER_TARGET", "Bad Name"),
+            ("DATASAVER_COMPRESSION", "lz5"),
+            ("DATASAVER_DB_NAME", "app"),
+            ("DATASAVER_TLS_CA", "/nonexistent/ca.crt"),
+            ("DATASAVER_TLS_CERT", "/nonexistent/a.crt"),
+            ("DATASAVER_TLS_KEY", "/nonexistent/a.key"),
+            ("DATASAVER_KEEP_DAILY", "-1"),
+        ]))
+        .unwrap_err();
+        let settings: Vec<&str> = errs.iter().map(|e| e.setting.as_str()).collect();
+        for s in [
+            "DATASAVER_COORDINATOR_URL",
+            "DATASAVER_TARGET",
+            "DATASAVER_COMPRESSION",
+            "DATASAVER_TLS_CA",
+            "DATASAVER_KEEP_DAILY",
+        ] {
+            assert!(settings.contains(&s), "{s} missing from {settings:?}");
+        }
+        for e in &errs {
+            assert!(!e.to_string().contains('\n'), "{e}");
+        }
+    }
+
+    #[test]
+    fn db_settings_and_password_file() {
+        let dir = std::env::temp_dir().join(format!("ds-agent-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let pw = dir.join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        let db = db_from_env(&env(&[
+            ("DATASAVER_DB_HOST", "10.0.0.5"),
+            ("DATASAVER_DB_NAME", "app"),
+            ("DATASAVER_DB_PASSWORD_FILE", pw.to_str().unwrap()),
+        ]))
+        .unwrap();
+        assert_eq!(db.password.as_deref(), Some("s3cret"));
+        assert_eq!(db.port, 5432);
+        let e = db_from_env(&env(&[
+            ("DATASAVER_DB_NAME", "app"),
+            ("DATASAVER_DB_PORT", "x"),
+        ]))
+        .unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_DB_PORT");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}

@@ -1,0 +1,266 @@
+//! The datasaver agent: runs beside one Postgres, keeps a control stream open
+//! to the coordinator, and runs the jobs it is sent (pg_dump up, pg_restore
+//! down). It holds no state of its own: it can be killed at any moment and
+//! restarted, and it reconnects with capped exponential backoff.
+
+pub mod backup;
+pub mod config;
+pub mod pg;
+pub mod progress;
+pub mod restore;
+
+use std::time::{Duration, Instant};
+
+use datasaver_common::proto::agent_service_client::AgentServiceClient;
+use datasaver_common::proto::{
+    agent_message, coordinator_message, AgentMessage, Heartbeat, JobResult, Register, TargetInfo,
+};
+use datasaver_common::tls::{Role, TlsMaterial};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::AgentConfig;
+use crate::pg::PgTools;
+use crate::progress::Reporter;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Tls(#[from] datasaver_common::tls::TlsError),
+    #[error("DATASAVER_TLS_CERT: the certificate's role is {0}, not agent (issue one with `dsctl certs issue --agent NAME`)")]
+    WrongRole(String),
+}
+
+/// Connects, serves, and reconnects until `cancel` fires.
+pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AgentError> {
+    let tls = config.tls.load()?;
+    if tls.identity.role != Role::Agent {
+        return Err(AgentError::WrongRole(tls.identity.role.as_str().into()));
+    }
+    tracing::info!(
+        identity = %tls.identity,
+        coordinator = %config.coordinator_url,
+        target = %config.target.name,
+        database = %config.target.db.describe(),
+        pg_bin_dir = %config.pg_bin_dir.display(),
+        "agent starting"
+    );
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = Instant::now();
+        let result = session(&config, &tls, &cancel).await;
+        if cancel.is_cancelled() {
+            tracing::info!("agent stopped");
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(60) {
+            backoff = Duration::from_secs(1);
+        }
+        let err = match result {
+            Ok(()) => "coordinator closed the connection".to_string(),
+            Err(e) => e,
+        };
+        // Jitter spreads a fleet's reconnects after a coordinator restart.
+        let jitter = Duration::from_millis(rand::random::<u64>() % 500);
+        tracing::warn!(error = %err, retry_in = ?backoff, "not connected to the coordinator");
+        tokio::select! {
+            _ = cancel.cancelled() => { tracing::info!("agent stopped"); return Ok(()); }
+            _ = tokio::time::sleep(backoff + jitter) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(30));
+    }
+}
+
+/// Flattens a tonic error and its causes into one line.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut parts = vec![e.to_string()];
+    let mut cur = e.source();
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
+async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, String> {
+    let tls_cfg = datasaver_common::tls::client_config(tls, &config.coordinator_host);
+    Endpoint::from_shared(config.coordinator_url.clone())
+        .map_err(|e| error_chain(&e))?
+        .tls_config(tls_cfg)
+        .map_err(|e| error_chain(&e))?
+        .connect_timeout(Duration::from_secs(10))
+        .http2_keep_alive_interval(Duration::from_secs(20))
+        .keep_alive_timeout(Duration::from_secs(20))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| error_chain(&e))
+}
+
+async fn session(
+    config: &AgentConfig,
+    tls: &TlsMaterial,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let channel = connect(config, tls).await?;
+    let max = datasaver_common::MAX_MESSAGE_SIZE;
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let (tx, rx) = mpsc::channel::<AgentMessage>(64);
+    let t = &config.target;
+    tx.send(AgentMessage {
+        msg: Some(agent_message::Msg::Register(Register {
+            agent_version: datasaver_common::VERSION.into(),
+            targets: vec![TargetInfo {
+                name: t.name.clone(),
+                schedule: t.schedule.clone().unwrap_or_default(),
+                retention: Some(t.retention),
+                compression: t.compression.name().into(),
+                encrypted: false,
+                database: t.db.dbname.clone(),
+                db_host: format!("{}:{}", t.db.host, t.db.port),
+            }],
+        })),
+    })
+    .await
+    .map_err(|_| "control channel closed".to_string())?;
+    let mut inbound = client
+        .control(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("coordinator refused the control stream: {}", s.message()))?
+        .into_inner();
+    // Jobs of this session stop when it ends: the coordinator has already
+    // failed them, and a dump nobody receives only loads the database.
+    let session_cancel = cancel.child_token();
+    let _guard = session_cancel.clone().drop_guard();
+    let tools = PgTools::new(config.pg_bin_dir.clone());
+    let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+    loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => return Ok(()),
+            _ = heartbeat.tick() => {
+                let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
+                    unix_ms: chrono::Utc::now().timestamp_millis(),
+                })) };
+                if tx.send(hb).await.is_err() {
+                    return Err("control stream closed".into());
+                }
+                continue;
+            }
+            m = inbound.message() => m,
+        };
+        let msg = match msg {
+            Ok(Some(m)) => m,
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(format!("control stream broke: {}", s.message())),
+        };
+        match msg.msg {
+            Some(coordinator_message::Msg::Registered(r)) => {
+                tracing::info!(as_agent = %r.agent_name, coordinator_version = %r.coordinator_version, "connected to the coordinator");
+            }
+            Some(coordinator_message::Msg::Backup(job)) => {
+                let (client, target, tools, tx, cancel) = (
+                    client.clone(),
+                    config.target.clone(),
+                    tools.clone(),
+                    tx.clone(),
+                    session_cancel.clone(),
+                );
+                tokio::spawn(async move {
+                    let job_id = job.job_id.clone();
+                    let backup_id = job.backup_id.clone();
+                    tracing::info!(backup = %backup_id, "backup started");
+                    let reporter = Reporter {
+                        job_id: job_id.clone(),
+                        tx: tx.clone(),
+                    };
+                    let r = backup::run(client, job, target, tools, reporter, cancel).await;
+                    let result = match r {
+                        Ok(msg) => {
+                            tracing::info!(backup = %backup_id, "{msg}");
+                            JobResult {
+                                job_id,
+                                ok: true,
+                                message: msg,
+                                ..Default::default()
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(backup = %backup_id, error = %e, "backup failed");
+                            JobResult {
+                                job_id,
+                                ok: false,
+                                error: e,
+                                ..Default::default()
+                            }
+                        }
+                    };
+                    let _ = tx
+                        .send(AgentMessage {
+                            msg: Some(agent_message::Msg::Result(result)),
+                        })
+                        .await;
+                });
+            }
+            Some(coordinator_message::Msg::Restore(job)) => {
+                let (client, target, tools, tx, cancel) = (
+                    client.clone(),
+                    config.target.clone(),
+                    tools.clone(),
+                    tx.clone(),
+                    session_cancel.clone(),
+                );
+                tokio::spawn(async move {
+                    let job_id = job.job_id.clone();
+                    let backup_id = job.backup_id.clone();
+                    tracing::info!(backup = %backup_id, mode = job.mode, "restore job started");
+                    let reporter = Reporter {
+                        job_id: job_id.clone(),
+                        tx: tx.clone(),
+                    };
+                    let result = match restore::run(client, job, target, tools, reporter, cancel)
+                        .await
+                    {
+                        Ok(o) => {
+                            tracing::info!(backup = %backup_id, "{}", o.message);
+                            JobResult {
+                                job_id,
+                                ok: true,
+                                message: o.message,
+                                target_db: o.target_db,
+                                toc_entries: o.toc_entries,
+                                ..Default::default()
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(backup = %backup_id, error = %e, "restore job failed");
+                            JobResult {
+                                job_id,
+                                ok: false,
+                                error: e,
+                                ..Default::default()
+                            }
+                        }
+                    };
+                    let _ = tx
+                        .send(AgentMessage {
+                            msg: Some(agent_message::Msg::Result(result)),
+                        })
+                        .await;
+                });
+            }
+            Some(coordinator_message::Msg::Cancel(c)) => {
+                tracing::warn!(job = %c.job_id, reason = %c.reason, "job cancel requested; cancelling this session's jobs");
+                session_cancel.cancel();
+                return Err("jobs cancelled by the coordinator".into());
+            }
+            None => {}
+        }
+    }
+}

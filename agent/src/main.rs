@@ -1,0 +1,70 @@
+//! `datasaver-agent`: reads `DATASAVER_*` settings, reports every problem
+//! with them at once, then runs [`datasaver_agent::run`] until SIGTERM.
+
+use clap::Parser;
+use datasaver_common::config::Env;
+use tokio_util::sync::CancellationToken;
+
+/// datasaver agent: runs beside one PostgreSQL database, dumps it with
+/// pg_dump and streams the backup to the coordinator over mutual TLS.
+///
+/// All settings come from the environment (every secret also as NAME_FILE):
+///   DATASAVER_COORDINATOR_URL   https://backup-host:50051
+///   DATASAVER_TARGET            this database's fleet-unique name, e.g. acme-main
+///   DATASAVER_DATABASE_URL      postgres://user:password@host:5432/dbname
+///     or DATASAVER_DB_HOST / _PORT / _NAME / _USER / _PASSWORD
+///   DATASAVER_TLS_CA / _CERT / _KEY   fleet CA and this agent's certificate (dsctl certs issue)
+///   DATASAVER_COMPRESSION       zstd (default), gzip or none; DATASAVER_COMPRESSION_LEVEL
+///   DATASAVER_PG_BIN_DIR        where pg_dump, pg_restore and psql are (default: PATH)
+///   DATASAVER_SCHEDULE, DATASAVER_KEEP_*  schedule and retention this agent asks for
+///   DATASAVER_LOG_FORMAT        text (default) or json; DATASAVER_LOG sets the level
+#[derive(Parser)]
+#[command(name = "datasaver-agent", version, verbatim_doc_comment)]
+struct Args {}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    let _ = Args::parse();
+    let config = match datasaver_agent::config::from_env(&Env::from_process()) {
+        Ok(c) => c,
+        Err(errs) => {
+            for e in errs {
+                eprintln!("datasaver-agent: {e}");
+            }
+            return std::process::ExitCode::from(2);
+        }
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("DATASAVER_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if config.log_json {
+        builder.json().init();
+    } else {
+        builder.with_ansi(false).init();
+    }
+    datasaver_common::tls::install_crypto_provider();
+    let cancel = CancellationToken::new();
+    let c2 = cancel.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = term.recv() => {}
+                _ = tokio::signal::ctrl_c() => {}
+            }
+        } else {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+        tracing::info!("shutdown requested");
+        c2.cancel();
+    });
+    match datasaver_agent::run(config, cancel).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("datasaver-agent: {e}");
+            std::process::ExitCode::from(1)
+        }
+    }
+}

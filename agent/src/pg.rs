@@ -1,0 +1,277 @@
+//! The Postgres client programs the agent drives (`pg_dump`, `pg_restore`,
+//! `psql`): typed argv builders, version checks, and small queries. Passwords
+//! go to children through `PGPASSWORD` in their environment only.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+
+use tokio::io::AsyncWriteExt;
+
+use crate::config::DbConn;
+
+#[derive(Debug, Clone)]
+pub struct PgTools {
+    pub bin_dir: PathBuf,
+}
+
+/// A version like 15.18 → (15, "15.18").
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgVersion {
+    pub major: u32,
+    pub text: String,
+}
+
+/// The last lines of a child's stderr, trimmed to one readable line.
+pub fn summarize_stderr(stderr: &str) -> String {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let tail = if lines.len() > 3 {
+        &lines[lines.len() - 3..]
+    } else {
+        &lines[..]
+    };
+    let s = tail.join(" | ");
+    if s.len() > 600 {
+        let mut cut = 600;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        format!("{}…", &s[..cut])
+    } else {
+        s
+    }
+}
+
+/// Parses `pg_dump (PostgreSQL) 15.18 (Debian ...)`.
+pub fn parse_tool_version(out: &str) -> Option<PgVersion> {
+    let v = out.split_whitespace().nth(2)?;
+    let major = v.split(['.', 'b', 'r']).next()?.parse().ok()?;
+    Some(PgVersion {
+        major,
+        text: v.to_string(),
+    })
+}
+
+/// Quotes an identifier for SQL.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+impl PgTools {
+    pub fn new(bin_dir: PathBuf) -> Self {
+        Self { bin_dir }
+    }
+
+    pub fn path(&self, tool: &str) -> PathBuf {
+        self.bin_dir.join(tool)
+    }
+
+    fn command(&self, tool: &str, db: &DbConn, dbname: &str) -> std::process::Command {
+        let mut c = std::process::Command::new(self.path(tool));
+        c.env_clear();
+        // libpq needs little; a clean environment keeps stray PG* settings
+        // of the agent's own environment from redirecting a dump.
+        for k in ["PATH", "HOME", "LANG", "LC_ALL", "TZ"] {
+            if let Ok(v) = std::env::var(k) {
+                c.env(k, v);
+            }
+        }
+        for (k, v) in db.env_for(dbname) {
+            c.env(k, v);
+        }
+        c
+    }
+
+    /// `pg_dump` writing a custom-format archive, uncompressed, to stdout.
+    pub fn pg_dump(&self, db: &DbConn) -> std::process::Command {
+        let mut c = self.command("pg_dump", db, &db.dbname);
+        c.args(["--format=custom", "--compress=0", "--no-password"]);
+        c
+    }
+
+    /// `pg_restore` reading an archive from stdin into `dbname`.
+    pub fn pg_restore_into(&self, db: &DbConn, dbname: &str) -> std::process::Command {
+        let mut c = self.command("pg_restore", db, dbname);
+        c.args([
+            "--exit-on-error",
+            "--single-transaction",
+            "--no-password",
+            &format!("--dbname={dbname}"),
+        ]);
+        c
+    }
+
+    /// `pg_restore --list` reading an archive from stdin.
+    pub fn pg_restore_list(&self, db: &DbConn) -> std::process::Command {
+        let mut c = self.command("pg_restore", db, &db.dbname);
+        c.arg("--list");
+        c
+    }
+
+    pub async fn tool_version(&self, tool: &str) -> Result<PgVersion, String> {
+        let out = tokio::process::Command::new(self.path(tool))
+            .arg("--version")
+            .output()
+            .await
+            .map_err(|e| format!("cannot run {}: {e}", self.path(tool).display()))?;
+        let s = String::from_utf8_lossy(&out.stdout);
+        parse_tool_version(&s)
+            .ok_or_else(|| format!("cannot read the version of {tool} from {s:?}"))
+    }
+
+    /// Runs SQL through `psql` (script on stdin, so `:'var'` interpolation
+    /// works and nothing lands in argv) and returns unaligned output.
+    pub async fn psql(
+        &self,
+        db: &DbConn,
+        dbname: &str,
+        sql: &str,
+        vars: &[(&str, &str)],
+    ) -> Result<String, String> {
+        let mut c = tokio::process::Command::from(self.command("psql", db, dbname));
+        c.args([
+            "-X",
+            "-A",
+            "-t",
+            "-q",
+            "--no-password",
+            "-v",
+            "ON_ERROR_STOP=1",
+        ]);
+        for (k, v) in vars {
+            c.arg("-v").arg(format!("{k}={v}"));
+        }
+        c.args(["-f", "-"]);
+        c.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        c.kill_on_drop(true);
+        let mut child = c.spawn().map_err(|e| format!("cannot run psql: {e}"))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin
+                .write_all(sql.as_bytes())
+                .await
+                .map_err(|e| format!("psql: {e}"))?;
+        }
+        let out = child
+            .wait_with_output()
+            .await
+            .map_err(|e| format!("psql: {e}"))?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+        } else {
+            Err(summarize_stderr(&String::from_utf8_lossy(&out.stderr)))
+        }
+    }
+
+    /// Connects to the database and compares versions: a pg_dump older than
+    /// the server refuses to dump (or worse, in old scripts, is ignored), so
+    /// it is caught here with both versions named.
+    pub async fn probe(&self, db: &DbConn) -> Result<(PgVersion, PgVersion), String> {
+        let dump_v = self.tool_version("pg_dump").await?;
+        let out = self
+            .psql(
+                db,
+                &db.dbname,
+                "SELECT current_setting('server_version_num') || '|' || current_setting('server_version');",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("cannot connect to database {}: {e}", db.describe()))?;
+        let (num, text) = out
+            .split_once('|')
+            .ok_or_else(|| format!("unexpected server version reply {out:?}"))?;
+        let num: u32 = num
+            .trim()
+            .parse()
+            .map_err(|_| format!("unexpected server_version_num {num:?}"))?;
+        let server = PgVersion {
+            major: if num >= 100_000 {
+                num / 10_000
+            } else {
+                num / 100
+            },
+            text: text.split_whitespace().next().unwrap_or(text).to_string(),
+        };
+        if dump_v.major < server.major {
+            return Err(format!(
+                "pg_dump {} is older than the server (PostgreSQL {}): a dump needs pg_dump {} or newer; install it on the agent host and point DATASAVER_PG_BIN_DIR at it",
+                dump_v.text, server.text, server.major
+            ));
+        }
+        Ok((dump_v, server))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn db() -> DbConn {
+        DbConn {
+            host: "h".into(),
+            port: 1,
+            dbname: "app".into(),
+            user: "u".into(),
+            password: Some("hunter2".into()),
+            sslmode: None,
+        }
+    }
+
+    #[test]
+    fn password_only_in_environment() {
+        let tools = PgTools::new("/usr/bin".into());
+        for cmd in [
+            tools.pg_dump(&db()),
+            tools.pg_restore_into(&db(), "x"),
+            tools.pg_restore_list(&db()),
+        ] {
+            let argv: Vec<String> = cmd
+                .get_args()
+                .map(|a| a.to_string_lossy().into_owned())
+                .collect();
+            assert!(argv.iter().all(|a| !a.contains("hunter2")), "{argv:?}");
+            let env: Vec<(String, String)> = cmd
+                .get_envs()
+                .filter_map(|(k, v)| {
+                    Some((
+                        k.to_string_lossy().into_owned(),
+                        v?.to_string_lossy().into_owned(),
+                    ))
+                })
+                .collect();
+            assert!(env.contains(&("PGPASSWORD".into(), "hunter2".into())));
+        }
+        let argv: Vec<String> = tools
+            .pg_dump(&db())
+            .get_args()
+            .map(|a| a.to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(argv, ["--format=custom", "--compress=0", "--no-password"]);
+    }
+
+    #[test]
+    fn versions() {
+        let v =
+            parse_tool_version("pg_dump (PostgreSQL) 15.18 (Debian 15.18-0+deb12u1)\n").unwrap();
+        assert_eq!(
+            v,
+            PgVersion {
+                major: 15,
+                text: "15.18".into()
+            }
+        );
+        assert_eq!(
+            parse_tool_version("pg_dump (PostgreSQL) 17beta1")
+                .unwrap()
+                .major,
+            17
+        );
+        assert!(parse_tool_version("garbage").is_none());
+        assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
+        assert_eq!(summarize_stderr("a\n\nb\nc\nd\n"), "b | c | d");
+    }
+}

@@ -1,0 +1,449 @@
+//! The restore path: download → BLAKE3 → decompress → pg_restore. The
+//! coordinator checks the stored bytes before sending anything; the agent
+//! checks them again as they arrive and holds back the tail of the archive
+//! until the checksum is confirmed, so pg_restore (in one transaction) can
+//! never commit a restore of bytes that do not match.
+
+use std::io::{Read, Write};
+use std::process::Stdio;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+
+use datasaver_common::checksum::Checksum;
+use datasaver_common::codec::{Compression, Decoder};
+use datasaver_common::proto::agent_service_client::AgentServiceClient;
+use datasaver_common::proto::{DownloadRequest, RestoreJob, RestoreMode};
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::backup::{drain_stderr, wait_child};
+use crate::config::TargetConfig;
+use crate::pg::{quote_ident, summarize_stderr, PgTools};
+use crate::progress::{Counters, Reporter};
+
+/// Bytes of decompressed archive withheld from pg_restore until the whole
+/// download is verified. The archive's last block is always in here.
+const HOLD_BACK: usize = 256 * 1024;
+
+pub struct Outcome {
+    pub message: String,
+    pub target_db: String,
+    pub toc_entries: u64,
+}
+
+enum Piece {
+    Data(Vec<u8>),
+    End,
+}
+
+fn kill(child: &Mutex<std::process::Child>) {
+    let mut c = child.lock().unwrap_or_else(|p| p.into_inner());
+    let _ = c.kill();
+}
+
+/// Feeds verified, decompressed bytes to a child's stdin.
+#[allow(clippy::too_many_arguments)]
+fn feed(
+    mut rx: mpsc::Receiver<Piece>,
+    mut stdin: std::process::ChildStdin,
+    child: &Mutex<std::process::Child>,
+    codec: Compression,
+    backup_id: &str,
+    expected: &str,
+    expected_len: u64,
+    counters: &Counters,
+    reads_prefix_only: bool,
+) -> Result<(), String> {
+    let mut dec = Decoder::new(codec).map_err(|e| e.to_string())?;
+    // `pg_restore --list` stops reading after the table of contents; the
+    // rest of the stream is still hashed so the whole object is verified.
+    let mut sink_closed = false;
+    let write = |stdin: &mut std::process::ChildStdin,
+                 data: &[u8],
+                 closed: &mut bool|
+     -> Result<(), String> {
+        if *closed {
+            return Ok(());
+        }
+        match stdin.write_all(data) {
+            Ok(()) => Ok(()),
+            Err(e) if reads_prefix_only && e.kind() == std::io::ErrorKind::BrokenPipe => {
+                *closed = true;
+                Ok(())
+            }
+            Err(e) => Err(format!("pg_restore stopped reading its input ({e})")),
+        }
+    };
+    let mut hash = Checksum::new();
+    let mut pending: Vec<u8> = Vec::new();
+    let mut ended = false;
+    let result = (|| {
+        while let Some(p) = rx.blocking_recv() {
+            match p {
+                Piece::Data(d) => {
+                    hash.update(&d);
+                    counters.stored.store(hash.len(), Ordering::Relaxed);
+                    dec.push(&d)
+                        .map_err(|e| format!("backup {backup_id} cannot be read: {e}"))?;
+                    pending.extend(dec.take());
+                    if pending.len() > 2 * HOLD_BACK {
+                        let keep = pending.split_off(pending.len() - HOLD_BACK);
+                        write(&mut stdin, &pending, &mut sink_closed)?;
+                        counters
+                            .raw
+                            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                        pending = keep;
+                    }
+                }
+                Piece::End => {
+                    ended = true;
+                    break;
+                }
+            }
+        }
+        if !ended {
+            return Err("download interrupted".to_string());
+        }
+        let got = hash.finish();
+        if got != expected || hash.len() != expected_len {
+            return Err(format!(
+                "backup {backup_id} failed its checksum while downloading: got {got} ({} bytes), expected {expected} ({expected_len} bytes); nothing was committed",
+                hash.len()
+            ));
+        }
+        pending.extend(
+            dec.finish()
+                .map_err(|e| format!("backup {backup_id} cannot be read: {e}"))?,
+        );
+        write(&mut stdin, &pending, &mut sink_closed)?;
+        counters
+            .raw
+            .fetch_add(pending.len() as u64, Ordering::Relaxed);
+        Ok(())
+    })();
+    if result.is_err() {
+        // kill before closing stdin: pg_restore must not see a clean EOF
+        kill(child);
+    }
+    drop(stdin);
+    result
+}
+
+/// Streams the backup into a freshly spawned child (pg_restore); returns
+/// the child's stdout.
+#[allow(clippy::too_many_arguments)]
+async fn stream_into(
+    mut cmd: std::process::Command,
+    client: &mut AgentServiceClient<Channel>,
+    job: &RestoreJob,
+    codec: Compression,
+    counters: Arc<Counters>,
+    cancel: &CancellationToken,
+    reads_prefix_only: bool,
+) -> Result<String, String> {
+    let mut download = client
+        .download(DownloadRequest {
+            job_id: job.job_id.clone(),
+            backup_id: job.backup_id.clone(),
+        })
+        .await
+        .map_err(|s| format!("download failed: {}", s.message()))?
+        .into_inner();
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot start pg_restore: {e}"))?;
+    let stdin = child.stdin.take().ok_or("pg_restore has no stdin")?;
+    let stdout = child.stdout.take().ok_or("pg_restore has no stdout")?;
+    let stderr = child.stderr.take().map(drain_stderr);
+    let out_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::BufReader::new(stdout).read_to_string(&mut s);
+        s
+    });
+    let child = Arc::new(Mutex::new(child));
+    let (tx, rx) = mpsc::channel::<Piece>(4);
+    let (child2, job2) = (child.clone(), job.clone());
+    let feeder = tokio::task::spawn_blocking(move || {
+        feed(
+            rx,
+            stdin,
+            &child2,
+            codec,
+            &job2.backup_id,
+            &job2.checksum,
+            job2.stored_bytes,
+            &counters,
+            reads_prefix_only,
+        )
+    });
+    let transfer: Result<(), String> = loop {
+        let msg = tokio::select! {
+            _ = cancel.cancelled() => break Err("restore cancelled (agent shutting down or connection lost)".into()),
+            m = download.message() => m,
+        };
+        match msg {
+            Ok(Some(chunk)) => {
+                if tx.send(Piece::Data(chunk.data)).await.is_err() {
+                    break Ok(()); // the feeder stopped; its error says why
+                }
+            }
+            Ok(None) => {
+                let _ = tx.send(Piece::End).await;
+                break Ok(());
+            }
+            Err(s) => break Err(format!("download interrupted: {}", s.message())),
+        }
+    };
+    drop(tx);
+    if transfer.is_err() {
+        kill(&child);
+    }
+    let fed = feeder
+        .await
+        .map_err(|e| format!("restore worker failed: {e}"))?;
+    let child3 = child.clone();
+    let status = tokio::task::spawn_blocking(move || wait_child(&child3))
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("waiting for pg_restore: {e}"))?;
+    let stderr = match stderr {
+        Some(h) => tokio::task::spawn_blocking(move || h.join().unwrap_or_default())
+            .await
+            .unwrap_or_default(),
+        None => String::new(),
+    };
+    let stdout = tokio::task::spawn_blocking(move || out_reader.join().unwrap_or_default())
+        .await
+        .unwrap_or_default();
+    transfer?;
+    fed?;
+    if !status.success() {
+        return Err(format!("pg_restore failed: {}", summarize_stderr(&stderr)));
+    }
+    Ok(stdout)
+}
+
+fn valid_db_name(name: &str) -> Result<(), String> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "--target-db {name:?} is not accepted: use 1-63 letters, digits, '_' or '-'"
+        ))
+    }
+}
+
+pub async fn run(
+    mut client: AgentServiceClient<Channel>,
+    job: RestoreJob,
+    target: TargetConfig,
+    tools: PgTools,
+    reporter: Reporter,
+    cancel: CancellationToken,
+) -> Result<Outcome, String> {
+    let codec: Compression = job
+        .compression
+        .parse()
+        .map_err(|e| format!("backup {}: {e}", job.backup_id))?;
+    if job.encrypted {
+        return Err(format!(
+            "backup {} is encrypted (to {}) and this agent cannot decrypt",
+            job.backup_id, job.encryption_recipient
+        ));
+    }
+    let db = &target.db;
+    let counters = Arc::new(Counters::default());
+
+    if job.mode == RestoreMode::List as i32 {
+        reporter
+            .phase("list", "reading the archive's table of contents")
+            .await;
+        let ticker = reporter.start_ticker("list", counters.clone());
+        let out = stream_into(
+            tools.pg_restore_list(db),
+            &mut client,
+            &job,
+            codec,
+            counters,
+            &cancel,
+            true,
+        )
+        .await;
+        ticker.abort();
+        let out = out?;
+        let entries = out
+            .lines()
+            .filter(|l| !l.trim().is_empty() && !l.starts_with(';'))
+            .count() as u64;
+        if entries == 0 {
+            return Err(format!(
+                "backup {}: the archive's table of contents is empty",
+                job.backup_id
+            ));
+        }
+        return Ok(Outcome {
+            message: format!(
+                "backup {}: checksum {} verified; archive readable, {entries} table-of-contents entries",
+                job.backup_id, job.checksum
+            ),
+            target_db: String::new(),
+            toc_entries: entries,
+        });
+    }
+
+    let name = if job.target_db.is_empty() {
+        datasaver_common::names::default_restore_db(&db.dbname, chrono::Utc::now())
+    } else {
+        job.target_db.clone()
+    };
+    valid_db_name(&name)?;
+    // Admin statements run from a database we are not about to drop.
+    let admin_db = if name == db.dbname {
+        "postgres".to_string()
+    } else {
+        db.dbname.clone()
+    };
+    reporter
+        .phase("prepare", &format!("preparing database {name}"))
+        .await;
+    let exists = tools
+        .psql(
+            db,
+            &admin_db,
+            "SELECT count(*) FROM pg_database WHERE datname = :'name';",
+            &[("name", &name)],
+        )
+        .await
+        .map_err(|e| {
+            format!(
+                "cannot connect to the server at {}:{}: {e}",
+                db.host, db.port
+            )
+        })?
+        == "1";
+    let nonempty = if exists {
+        let n = tools
+            .psql(
+                db,
+                &name,
+                "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                            AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%')
+                      + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
+                      + (SELECT count(*) FROM pg_largeobject_metadata);",
+                &[],
+            )
+            .await
+            .map_err(|e| format!("cannot inspect existing database {name}: {e}"))?;
+        n.trim() != "0"
+    } else {
+        false
+    };
+    if nonempty && !job.force {
+        return Err(format!(
+            "database {name} already exists and is not empty; nothing was changed. Restore into a new database with --target-db, or pass --force to replace it"
+        ));
+    }
+    // With --force the backup goes into a scratch database first; the
+    // existing one is replaced only after the restore fully succeeded.
+    let (restore_into, created) = if nonempty {
+        let mut base = name.clone();
+        base.truncate(40);
+        (
+            format!("{base}_dsrestore_{:08x}", rand::random::<u32>()),
+            true,
+        )
+    } else if exists {
+        (name.clone(), false)
+    } else {
+        (name.clone(), true)
+    };
+    if created {
+        tools
+            .psql(
+                db,
+                &admin_db,
+                &format!(
+                    "CREATE DATABASE {} TEMPLATE template0;",
+                    quote_ident(&restore_into)
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| format!("cannot create database {restore_into}: {e}"))?;
+    }
+    reporter
+        .phase(
+            "restore",
+            &format!("restoring {} into {restore_into}", job.backup_id),
+        )
+        .await;
+    let ticker = reporter.start_ticker("restore", counters.clone());
+    let restored = stream_into(
+        tools.pg_restore_into(db, &restore_into),
+        &mut client,
+        &job,
+        codec,
+        counters.clone(),
+        &cancel,
+        false,
+    )
+    .await;
+    ticker.abort();
+    if let Err(e) = restored {
+        if created {
+            if let Err(de) = tools
+                .psql(
+                    db,
+                    &admin_db,
+                    &format!(
+                        "DROP DATABASE IF EXISTS {} WITH (FORCE);",
+                        quote_ident(&restore_into)
+                    ),
+                    &[],
+                )
+                .await
+            {
+                tracing::error!(database = %restore_into, error = %de, "could not drop the incomplete restore database");
+            }
+        }
+        return Err(e);
+    }
+    if nonempty {
+        tools
+            .psql(
+                db,
+                &admin_db,
+                &format!(
+                    "DROP DATABASE {} WITH (FORCE);\nALTER DATABASE {} RENAME TO {};",
+                    quote_ident(&name),
+                    quote_ident(&restore_into),
+                    quote_ident(&name)
+                ),
+                &[],
+            )
+            .await
+            .map_err(|e| {
+                format!("restored into {restore_into}, but replacing {name} failed: {e}")
+            })?;
+    }
+    Ok(Outcome {
+        message: format!(
+            "restored backup {} into database {name} ({} bytes of archive)",
+            job.backup_id,
+            counters.raw.load(Ordering::Relaxed)
+        ),
+        target_db: name,
+        toc_entries: 0,
+    })
+}

@@ -1,0 +1,344 @@
+//! dsctl: the datasaver operator CLI. Talks only to the coordinator, over
+//! mutual TLS with an operator certificate. Exit status: 0 success, 1 the
+//! operation failed, 2 usage error.
+
+mod certs;
+mod client;
+mod output;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use datasaver_common::proto::{
+    job_event, GetBackupRequest, JobDone, ListAgentsRequest, ListBackupsRequest, RestoreRequest,
+    StartBackupRequest, VerifyRequest,
+};
+
+#[derive(Parser)]
+#[command(
+    name = "dsctl",
+    version,
+    about = "Operate datasaver: list, back up, restore and verify PostgreSQL backups",
+    long_about = "Operate datasaver: list, back up, restore and verify PostgreSQL backups.\n\n\
+                  dsctl talks to the coordinator over mutual TLS with an operator certificate \
+                  (create one with `dsctl certs init`).\n\
+                  Exit status: 0 success, 1 the operation failed, 2 usage error."
+)]
+struct Cli {
+    /// Coordinator address.
+    #[arg(
+        long,
+        global = true,
+        env = "DATASAVER_COORDINATOR_URL",
+        default_value = "https://localhost:50051"
+    )]
+    coordinator: String,
+    /// Fleet CA certificate (PEM).
+    #[arg(long, global = true, env = "DATASAVER_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Operator certificate (PEM).
+    #[arg(long, global = true, env = "DATASAVER_TLS_CERT")]
+    tls_cert: Option<PathBuf>,
+    /// Operator private key (PEM).
+    #[arg(long, global = true, env = "DATASAVER_TLS_KEY")]
+    tls_key: Option<PathBuf>,
+    /// Machine-readable JSON output.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create or issue fleet certificates.
+    #[command(subcommand)]
+    Certs(CertsCmd),
+    /// Show connected agents and their targets.
+    Agents,
+    /// List backups: ID TARGET DATE SIZE TYPE STATUS.
+    List {
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+    },
+    /// Show one backup in full.
+    Get { id: String },
+    /// Back up a target now; waits, shows progress, prints the new id.
+    Backup {
+        target: String,
+        /// A note kept with the backup.
+        #[arg(long)]
+        label: Option<String>,
+    },
+    /// Restore a backup into a new database (default <dbname>_restored_<time>).
+    Restore(RestoreArgs),
+    /// Re-read a backup from storage, check its BLAKE3 checksum and its archive's table of contents.
+    Verify { id: String },
+}
+
+#[derive(Args)]
+struct RestoreArgs {
+    /// Backup id (or use --target with --latest / --at).
+    id: Option<String>,
+    /// Restore the newest backup of this target (with --latest or --at).
+    #[arg(long, conflicts_with = "id")]
+    target: Option<String>,
+    /// With --target: the newest completed backup.
+    #[arg(long, requires = "target", conflicts_with = "at")]
+    latest: bool,
+    /// With --target: the newest completed backup at or before this time (RFC 3339 or YYYY-MM-DD).
+    #[arg(long, requires = "target")]
+    at: Option<String>,
+    /// Database to restore into (created if missing).
+    #[arg(long)]
+    target_db: Option<String>,
+    /// Replace an existing non-empty database (its connections are terminated).
+    #[arg(long)]
+    force: bool,
+    /// Download, checksum and list the archive; change nothing.
+    #[arg(long)]
+    dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum CertsCmd {
+    /// Create a fleet CA plus coordinator and operator certificates in DIR.
+    Init {
+        #[arg(long)]
+        out: PathBuf,
+        /// Coordinator host names / IPs (default: localhost, 127.0.0.1).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Name in the operator certificate.
+        #[arg(long, default_value = "admin")]
+        operator: String,
+        /// Validity of the issued certificates, in days.
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+        /// Overwrite existing files.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Issue an agent or operator certificate from the CA in --ca DIR.
+    Issue {
+        #[arg(long)]
+        ca: PathBuf,
+        /// Agent name (the identity its targets are bound to).
+        #[arg(
+            long,
+            conflicts_with = "operator",
+            required_unless_present = "operator"
+        )]
+        agent: Option<String>,
+        /// Operator name.
+        #[arg(long)]
+        operator: Option<String>,
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 825)]
+        days: i64,
+        #[arg(long)]
+        force: bool,
+    },
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    datasaver_common::tls::install_crypto_provider();
+    match run(cli).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("dsctl: {msg}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    if let Cmd::Certs(c) = &cli.cmd {
+        return match c {
+            CertsCmd::Init {
+                out,
+                san,
+                operator,
+                days,
+                force,
+            } => {
+                certs::init(out, san, operator, *days, *force)?;
+                println!("wrote ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key to {}", out.display());
+                println!("keep ca.key offline if you can: whoever has it can issue certificates for your fleet");
+                Ok(())
+            }
+            CertsCmd::Issue {
+                ca,
+                agent,
+                operator,
+                out,
+                days,
+                force,
+            } => {
+                let (role, name) = match (agent, operator) {
+                    (Some(a), _) => ("agent", a),
+                    (None, Some(o)) => ("operator", o),
+                    (None, None) => bail!("give --agent NAME or --operator NAME"),
+                };
+                certs::issue(ca, role, name, out, *days, *force)?;
+                println!("wrote {name}.crt {name}.key ca.crt to {}", out.display());
+                Ok(())
+            }
+        };
+    }
+    let mut c = client::connect(
+        &cli.coordinator,
+        cli.tls_ca.clone(),
+        cli.tls_cert.clone(),
+        cli.tls_key.clone(),
+    )
+    .await?;
+    let url = cli.coordinator.clone();
+    let fail = |s: tonic::Status| client::status_error(&url, s);
+    match cli.cmd {
+        Cmd::Certs(_) => Ok(()),
+        Cmd::Agents => {
+            let agents = c
+                .list_agents(ListAgentsRequest {})
+                .await
+                .map_err(fail)?
+                .into_inner()
+                .agents;
+            output::agents(&agents, cli.json);
+            Ok(())
+        }
+        Cmd::List { target } => {
+            let backups = c
+                .list_backups(ListBackupsRequest {
+                    target: target.unwrap_or_default(),
+                })
+                .await
+                .map_err(fail)?
+                .into_inner()
+                .backups;
+            output::backups(&backups, cli.json);
+            Ok(())
+        }
+        Cmd::Get { id } => {
+            let b = c
+                .get_backup(GetBackupRequest { id })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::backup_detail(&b, cli.json);
+            Ok(())
+        }
+        Cmd::Backup { target, label } => {
+            let stream = c
+                .start_backup(StartBackupRequest { target, label })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            let done = follow(stream, &cli.coordinator).await?;
+            let b = done
+                .backup
+                .context("coordinator reported success without the backup")?;
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&output::backup_json(&b))?
+                );
+            } else {
+                eprintln!(
+                    "backup {} completed: {} stored ({} from pg_dump)",
+                    b.id,
+                    output::human_bytes(b.stored_bytes),
+                    output::human_bytes(b.raw_bytes)
+                );
+                println!("{}", b.id);
+            }
+            Ok(())
+        }
+        Cmd::Restore(a) => {
+            if a.id.is_none() && a.target.is_none() {
+                bail!("give a backup id, or --target T with --latest or --at TIME");
+            }
+            if a.target.is_some() && !a.latest && a.at.is_none() {
+                bail!("--target needs --latest or --at TIME");
+            }
+            let stream = c
+                .restore(RestoreRequest {
+                    id: a.id.unwrap_or_default(),
+                    target: a.target.unwrap_or_default(),
+                    latest: a.latest,
+                    at: a.at.unwrap_or_default(),
+                    target_db: a.target_db.unwrap_or_default(),
+                    force: a.force,
+                    dry_run: a.dry_run,
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            let done = follow(stream, &cli.coordinator).await?;
+            if cli.json {
+                let v = serde_json::json!({
+                    "ok": true,
+                    "message": done.message,
+                    "target_db": if done.target_db.is_empty() { serde_json::Value::Null } else { done.target_db.clone().into() },
+                    "backup": done.backup.as_ref().map(output::backup_json),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", done.message);
+            }
+            Ok(())
+        }
+        Cmd::Verify { id } => {
+            let stream = c
+                .verify(VerifyRequest { id })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            let done = follow(stream, &cli.coordinator).await?;
+            if cli.json {
+                let v = serde_json::json!({
+                    "ok": true,
+                    "message": done.message,
+                    "backup": done.backup.as_ref().map(output::backup_json),
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{}", done.message);
+            }
+            Ok(())
+        }
+    }
+}
+
+/// Shows progress of a job until it ends; a failed job is an error.
+async fn follow(
+    mut stream: tonic::Streaming<datasaver_common::proto::JobEvent>,
+    url: &str,
+) -> Result<JobDone> {
+    let mut p = output::Progress::new();
+    loop {
+        let ev = stream
+            .message()
+            .await
+            .map_err(|s| client::status_error(url, s))?
+            .context("the coordinator ended the job stream without a result")?;
+        match ev.event {
+            Some(job_event::Event::Progress(pr)) => p.update(&pr),
+            Some(job_event::Event::Done(d)) => {
+                p.finish();
+                if d.ok {
+                    return Ok(d);
+                }
+                bail!("{}", d.error);
+            }
+            None => {}
+        }
+    }
+}

@@ -1,0 +1,277 @@
+//! Human and JSON renderings. The JSON shape is a stable interface (SPEC §13).
+
+use std::io::{IsTerminal, Write};
+
+use datasaver_common::proto::{AgentInfo, Backup, JobProgress};
+use serde_json::{json, Value};
+
+pub fn human_bytes(n: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = n as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 {
+        format!("{n} B")
+    } else {
+        format!("{v:.1} {}", UNITS[u])
+    }
+}
+
+fn opt(s: &Option<String>) -> Value {
+    s.as_ref()
+        .map(|v| Value::String(v.clone()))
+        .unwrap_or(Value::Null)
+}
+
+pub fn backup_json(b: &Backup) -> Value {
+    json!({
+        "id": b.id,
+        "target": b.target,
+        "created_at": b.created_at,
+        "finished_at": opt(&b.finished_at),
+        "kind": b.kind,
+        "status": b.status,
+        "trigger": b.trigger,
+        "raw_bytes": b.raw_bytes,
+        "stored_bytes": b.stored_bytes,
+        "checksum": b.checksum,
+        "compression": b.compression,
+        "encrypted": b.encrypted,
+        "tags": b.tags,
+        "label": opt(&b.label),
+        "pinned": b.pinned,
+        "duration_ms": b.duration_ms,
+        "database": b.database,
+        "db_host": b.db_host,
+        "server_version": b.server_version,
+        "pg_dump_version": b.pg_dump_version,
+        "object_key": b.object_key,
+        "error": opt(&b.error),
+        "verified_at": opt(&b.verified_at),
+        "verify_result": opt(&b.verify_result),
+    })
+}
+
+fn short_time(rfc: &str) -> String {
+    chrono::DateTime::parse_from_rfc3339(rfc)
+        .map(|d| {
+            d.with_timezone(&chrono::Utc)
+                .format("%Y-%m-%d %H:%M:%S")
+                .to_string()
+        })
+        .unwrap_or_else(|_| rfc.to_string())
+}
+
+fn table(header: &[&str], rows: Vec<Vec<String>>) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate() {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
+            }
+        }
+        println!("{}", s.trim_end());
+    };
+    line(header.iter().map(|s| s.to_string()).collect());
+    for r in rows {
+        line(r);
+    }
+}
+
+pub fn backups(list: &[Backup], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = list.iter().map(backup_json).collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if list.is_empty() {
+        println!("no backups");
+        return;
+    }
+    let rows = list
+        .iter()
+        .map(|b| {
+            vec![
+                b.id.clone(),
+                b.target.clone(),
+                short_time(&b.created_at),
+                human_bytes(b.stored_bytes),
+                b.kind.clone(),
+                b.status.clone(),
+                b.tags.join(","),
+            ]
+        })
+        .collect();
+    table(
+        &["ID", "TARGET", "DATE", "SIZE", "TYPE", "STATUS", "TAGS"],
+        rows,
+    );
+}
+
+pub fn backup_detail(b: &Backup, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&backup_json(b)).unwrap_or_default()
+        );
+        return;
+    }
+    let mut rows: Vec<(&str, String)> = vec![
+        ("id", b.id.clone()),
+        ("target", b.target.clone()),
+        ("status", b.status.clone()),
+        ("kind", b.kind.clone()),
+        ("trigger", b.trigger.clone()),
+        ("label", b.label.clone().unwrap_or_default()),
+        ("created", b.created_at.clone()),
+        ("finished", b.finished_at.clone().unwrap_or_default()),
+        (
+            "duration",
+            format!("{:.1} s", b.duration_ms as f64 / 1000.0),
+        ),
+        (
+            "database",
+            format!(
+                "{} on {} (PostgreSQL {})",
+                b.database, b.db_host, b.server_version
+            ),
+        ),
+        ("pg_dump", b.pg_dump_version.clone()),
+        (
+            "size",
+            format!(
+                "{} stored, {} from pg_dump",
+                human_bytes(b.stored_bytes),
+                human_bytes(b.raw_bytes)
+            ),
+        ),
+        ("compression", b.compression.clone()),
+        ("encrypted", b.encrypted.to_string()),
+        ("checksum", b.checksum.clone()),
+        ("object", b.object_key.clone()),
+        ("tags", b.tags.join(",")),
+        ("pinned", b.pinned.to_string()),
+    ];
+    if let Some(e) = &b.error {
+        rows.push(("error", e.clone()));
+    }
+    if let Some(v) = &b.verified_at {
+        rows.push((
+            "verified",
+            format!("{v}: {}", b.verify_result.clone().unwrap_or_default()),
+        ));
+    }
+    for (k, v) in rows {
+        println!("{k:<12} {v}");
+    }
+}
+
+pub fn agents(list: &[AgentInfo], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = list
+            .iter()
+            .map(|a| {
+                json!({
+                    "name": a.name,
+                    "version": a.version,
+                    "targets": a.targets,
+                    "connected_since": a.connected_since,
+                    "last_seen": a.last_seen,
+                    "peer_addr": a.peer_addr,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if list.is_empty() {
+        println!("no agents connected");
+        return;
+    }
+    let rows = list
+        .iter()
+        .map(|a| {
+            vec![
+                a.name.clone(),
+                a.targets.join(","),
+                a.version.clone(),
+                short_time(&a.connected_since),
+                short_time(&a.last_seen),
+                a.peer_addr.clone(),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "AGENT",
+            "TARGETS",
+            "VERSION",
+            "CONNECTED SINCE",
+            "LAST SEEN",
+            "ADDRESS",
+        ],
+        rows,
+    );
+}
+
+/// Progress on stderr: a live line on a terminal, phase lines otherwise.
+pub struct Progress {
+    tty: bool,
+    live: bool,
+    last_phase: String,
+}
+
+impl Progress {
+    pub fn new() -> Self {
+        Self {
+            tty: std::io::stderr().is_terminal(),
+            live: false,
+            last_phase: String::new(),
+        }
+    }
+
+    pub fn update(&mut self, p: &JobProgress) {
+        let mut err = std::io::stderr();
+        if !p.message.is_empty() {
+            if self.live {
+                let _ = writeln!(err);
+                self.live = false;
+            }
+            let _ = writeln!(err, "{}", p.message);
+            self.last_phase = p.phase.clone();
+            return;
+        }
+        if self.tty {
+            let _ = write!(
+                err,
+                "\r{}: {} read, {} transferred   ",
+                p.phase,
+                human_bytes(p.raw_bytes),
+                human_bytes(p.stored_bytes)
+            );
+            let _ = err.flush();
+            self.live = true;
+        } else if p.phase != self.last_phase {
+            let _ = writeln!(err, "{}...", p.phase);
+            self.last_phase = p.phase.clone();
+        }
+    }
+
+    pub fn finish(&mut self) {
+        if self.live {
+            let _ = writeln!(std::io::stderr());
+            self.live = false;
+        }
+    }
+}

@@ -1,0 +1,155 @@
+//! Configuration helpers shared by the binaries: settings come from an
+//! environment map (passed in, so tests never touch the process environment),
+//! and every secret may be given as `NAME_FILE` pointing at a file instead.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// A setting that could not be used. The message names the setting.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("{setting}: {message}")]
+pub struct SettingError {
+    /// The variable or flag name, e.g. `DATASAVER_COMPRESSION`.
+    pub setting: String,
+    /// What is wrong and what to do.
+    pub message: String,
+}
+
+impl SettingError {
+    /// A new error about `setting`.
+    pub fn new(setting: impl Into<String>, message: impl Into<String>) -> Self {
+        Self {
+            setting: setting.into(),
+            message: message.into(),
+        }
+    }
+}
+
+/// A snapshot of environment variables.
+#[derive(Debug, Clone, Default)]
+pub struct Env(pub HashMap<String, String>);
+
+impl Env {
+    /// The current process environment.
+    pub fn from_process() -> Self {
+        Self(std::env::vars().collect())
+    }
+
+    /// A non-empty value of `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .get(name)
+            .map(|s| s.as_str())
+            .filter(|s| !s.trim().is_empty())
+    }
+
+    /// A secret from `name`, or read from the file named by `name_FILE`.
+    /// Giving both is refused, so it is never ambiguous which one is used.
+    pub fn secret(&self, name: &str) -> Result<Option<String>, SettingError> {
+        let file_var = format!("{name}_FILE");
+        match (self.get(name), self.get(&file_var)) {
+            (Some(_), Some(_)) => Err(SettingError::new(
+                name,
+                format!("both {name} and {file_var} are set; set only one"),
+            )),
+            (Some(v), None) => Ok(Some(v.to_string())),
+            (None, Some(path)) => read_secret_file(path)
+                .map(Some)
+                .map_err(|m| SettingError::new(file_var, m)),
+            (None, None) => Ok(None),
+        }
+    }
+
+    /// A parsed value of `name`, or `default` when unset.
+    pub fn parse_or<T: std::str::FromStr>(&self, name: &str, default: T) -> Result<T, SettingError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(default),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map_err(|e| SettingError::new(name, format!("{v:?} is not valid: {e}"))),
+        }
+    }
+
+    /// A parsed optional value of `name`.
+    pub fn parse_opt<T: std::str::FromStr>(&self, name: &str) -> Result<Option<T>, SettingError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(name) {
+            None => Ok(None),
+            Some(v) => v
+                .trim()
+                .parse()
+                .map(Some)
+                .map_err(|e| SettingError::new(name, format!("{v:?} is not valid: {e}"))),
+        }
+    }
+}
+
+/// Reads a secret file, dropping one trailing newline (as `echo` leaves one).
+pub fn read_secret_file(path: &str) -> Result<String, String> {
+    let mut s = std::fs::read_to_string(Path::new(path))
+        .map_err(|e| format!("cannot read secret file {path}: {e}"))?;
+    if s.ends_with('\n') {
+        s.pop();
+        if s.ends_with('\r') {
+            s.pop();
+        }
+    }
+    Ok(s)
+}
+
+/// Parses a boolean the way people write them in env files.
+pub fn parse_bool(setting: &str, v: &str) -> Result<bool, SettingError> {
+    match v.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        _ => Err(SettingError::new(
+            setting,
+            format!("{v:?} is not a boolean (use true or false)"),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env(pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect())
+    }
+
+    #[test]
+    fn secrets_from_value_or_file() {
+        let dir = std::env::temp_dir().join(format!("ds-secret-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("pw");
+        std::fs::write(&f, "s3cret\n").unwrap();
+        let e = env(&[("P_FILE", f.to_str().unwrap())]);
+        assert_eq!(e.secret("P").unwrap().as_deref(), Some("s3cret"));
+        let e = env(&[("P", "x")]);
+        assert_eq!(e.secret("P").unwrap().as_deref(), Some("x"));
+        let e = env(&[("P", "x"), ("P_FILE", "/nonexistent")]);
+        assert!(e.secret("P").unwrap_err().to_string().contains("only one"));
+        let e = env(&[("P_FILE", "/nonexistent/pw")]);
+        let err = e.secret("P").unwrap_err();
+        assert_eq!(err.setting, "P_FILE");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn parse_errors_name_the_setting() {
+        let e = env(&[("N", "abc")]);
+        let err = e.parse_or::<u32>("N", 1).unwrap_err();
+        assert!(err.to_string().starts_with("N: "), "{err}");
+        assert_eq!(env(&[]).parse_or::<u32>("N", 7).unwrap(), 7);
+        assert!(parse_bool("B", "maybe").is_err());
+    }
+}

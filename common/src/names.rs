@@ -1,0 +1,106 @@
+//! Names of things in the fleet: targets and backup ids (SPEC §3).
+
+use chrono::{DateTime, Utc};
+
+/// Why a target name was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+#[error("invalid target name {name:?}: {why} (use 1-63 of a-z, 0-9, '_' and '-', starting with a letter or digit)")]
+pub struct InvalidTarget {
+    /// the refused name
+    pub name: String,
+    /// what is wrong with it
+    pub why: &'static str,
+}
+
+/// Checks a target name: `[a-z0-9][a-z0-9_-]{0,62}`.
+pub fn validate_target(name: &str) -> Result<(), InvalidTarget> {
+    let bad = |why| {
+        Err(InvalidTarget {
+            name: name.to_string(),
+            why,
+        })
+    };
+    let bytes = name.as_bytes();
+    if bytes.is_empty() {
+        return bad("it is empty");
+    }
+    if bytes.len() > 63 {
+        return bad("it is longer than 63 characters");
+    }
+    if !(bytes[0].is_ascii_lowercase() || bytes[0].is_ascii_digit()) {
+        return bad("it must start with a lowercase letter or digit");
+    }
+    if !bytes
+        .iter()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || *b == b'_' || *b == b'-')
+    {
+        return bad("it contains a character other than a-z, 0-9, '_' or '-'");
+    }
+    Ok(())
+}
+
+/// The base backup id for `target` at `at`: `<target>_<YYYYMMDD>_<HHMMSS>`.
+/// Callers append `_2`, `_3`... when that id is already taken.
+pub fn backup_id(target: &str, at: DateTime<Utc>) -> String {
+    format!("{target}_{}", at.format("%Y%m%d_%H%M%S"))
+}
+
+/// Checks that `id` could be a backup id (it is used in object keys, so
+/// nothing that could escape a directory is accepted).
+pub fn validate_backup_id(id: &str) -> Result<(), String> {
+    let ok = !id.is_empty()
+        && id.len() <= 100
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+        && !id.starts_with(['_', '-']);
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{id:?} is not a backup id (expected <target>_<YYYYMMDD>_<HHMMSS>, e.g. acme-main_20240111_020015)"
+        ))
+    }
+}
+
+/// The name of the database an agent restores into by default.
+pub fn default_restore_db(dbname: &str, at: DateTime<Utc>) -> String {
+    // Postgres truncates identifiers at 63 bytes; keep the timestamp intact.
+    let suffix = format!("_restored_{}", at.format("%Y%m%d_%H%M%S"));
+    let mut base: String = dbname.to_string();
+    while base.len() + suffix.len() > 63 {
+        base.pop();
+    }
+    format!("{base}{suffix}")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn targets() {
+        for ok in ["acme-main", "a", "0db", "x_y-z", &"a".repeat(63)] {
+            assert_eq!(validate_target(ok), Ok(()), "{ok}");
+        }
+        for bad in ["", "Acme", "-a", "_a", "a b", "a/b", "ä", &"a".repeat(64)] {
+            let e = validate_target(bad).unwrap_err();
+            assert!(e.to_string().contains("invalid target name"), "{e}");
+        }
+    }
+
+    #[test]
+    fn ids() {
+        let at = Utc.with_ymd_and_hms(2024, 1, 11, 2, 0, 15).unwrap();
+        let id = backup_id("acme-main", at);
+        assert_eq!(id, "acme-main_20240111_020015");
+        assert!(validate_backup_id(&id).is_ok());
+        assert!(validate_backup_id("../etc").is_err());
+        assert_eq!(
+            default_restore_db("app", at),
+            "app_restored_20240111_020015"
+        );
+        assert!(default_restore_db(&"d".repeat(70), at).len() <= 63);
+    }
+}

@@ -1,0 +1,304 @@
+//! TLS material and identities. Every gRPC connection is mutual TLS 1.3 with
+//! certificates from one fleet CA; who a peer is comes from its certificate:
+//! the subject's organizational unit names the role (`agent`, `operator`,
+//! `coordinator`) and the common name names the peer.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+/// Role of a certificate holder, from the subject OU.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Role {
+    /// A datasaver agent: may act only for its own targets.
+    Agent,
+    /// A person or script using dsctl: may list, back up, restore, delete.
+    Operator,
+    /// The coordinator's server certificate.
+    Coordinator,
+}
+
+impl Role {
+    /// The OU string written into certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Agent => "agent",
+            Role::Operator => "operator",
+            Role::Coordinator => "coordinator",
+        }
+    }
+}
+
+/// Who is on the other end of a connection.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct PeerIdentity {
+    /// the role from the certificate
+    pub role: Role,
+    /// the name from the certificate (agent or operator name)
+    pub name: String,
+}
+
+impl std::fmt::Display for PeerIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}:{}", self.role.as_str(), self.name)
+    }
+}
+
+/// A TLS file or its contents could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file named by a setting could not be read.
+    #[error("{setting}: cannot read {path}: {source}")]
+    Read {
+        /// setting name
+        setting: String,
+        /// file path
+        path: PathBuf,
+        /// cause
+        source: std::io::Error,
+    },
+    /// The file did not contain what the setting needs.
+    #[error("{setting}: {path}: {message}")]
+    Invalid {
+        /// setting name
+        setting: String,
+        /// file path
+        path: PathBuf,
+        /// what is wrong
+        message: String,
+    },
+    /// rustls refused the combination.
+    #[error("TLS configuration: {0}")]
+    Config(String),
+}
+
+/// Paths to this process's identity and the fleet CA, with the names of the
+/// settings they came from (for error messages).
+#[derive(Debug, Clone)]
+pub struct TlsPaths {
+    /// fleet CA certificate (PEM)
+    pub ca: PathBuf,
+    /// this process's certificate chain (PEM)
+    pub cert: PathBuf,
+    /// this process's private key (PEM)
+    pub key: PathBuf,
+    /// setting names for ca, cert, key
+    pub settings: [&'static str; 3],
+}
+
+impl TlsPaths {
+    /// The usual setting names (`DATASAVER_TLS_CA`, `_CERT`, `_KEY`).
+    pub fn new(
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+    ) -> Result<Self, crate::config::SettingError> {
+        let settings = [
+            "DATASAVER_TLS_CA",
+            "DATASAVER_TLS_CERT",
+            "DATASAVER_TLS_KEY",
+        ];
+        let need = |p: Option<PathBuf>, s: &str| {
+            p.ok_or_else(|| {
+                crate::config::SettingError::new(
+                    s,
+                    "not set: point it at a PEM file (create them with `dsctl certs init`)",
+                )
+            })
+        };
+        Ok(Self {
+            ca: need(ca, settings[0])?,
+            cert: need(cert, settings[1])?,
+            key: need(key, settings[2])?,
+            settings,
+        })
+    }
+
+    /// Reads and parses all three files.
+    pub fn load(&self) -> Result<TlsMaterial, TlsError> {
+        let ca_pem = read(self.settings[0], &self.ca)?;
+        let cert_pem = read(self.settings[1], &self.cert)?;
+        let key_pem = read(self.settings[2], &self.key)?;
+        let ca_certs = parse_certs(self.settings[0], &self.ca, &ca_pem)?;
+        let certs = parse_certs(self.settings[1], &self.cert, &cert_pem)?;
+        let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|e| TlsError::Invalid {
+            setting: self.settings[2].into(),
+            path: self.key.clone(),
+            message: format!("no usable PEM private key: {e}"),
+        })?;
+        let identity = identity_from_der(&certs[0]).map_err(|message| TlsError::Invalid {
+            setting: self.settings[1].into(),
+            path: self.cert.clone(),
+            message,
+        })?;
+        Ok(TlsMaterial {
+            ca_pem,
+            cert_pem,
+            key_pem,
+            ca_certs,
+            certs,
+            key,
+            identity,
+        })
+    }
+}
+
+fn read(setting: &str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        setting: setting.into(),
+        path: path.into(),
+        source,
+    })
+}
+
+fn parse_certs(
+    setting: &str,
+    path: &Path,
+    pem: &[u8],
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let certs: Result<Vec<_>, _> = CertificateDer::pem_slice_iter(pem).collect();
+    let certs = certs.map_err(|e| TlsError::Invalid {
+        setting: setting.into(),
+        path: path.into(),
+        message: format!("not a PEM certificate file: {e}"),
+    })?;
+    if certs.is_empty() {
+        return Err(TlsError::Invalid {
+            setting: setting.into(),
+            path: path.into(),
+            message: "contains no PEM certificate".into(),
+        });
+    }
+    Ok(certs)
+}
+
+/// Loaded, parsed TLS material.
+pub struct TlsMaterial {
+    /// CA certificate PEM, as read
+    pub ca_pem: Vec<u8>,
+    /// own certificate PEM, as read
+    pub cert_pem: Vec<u8>,
+    /// own key PEM, as read
+    pub key_pem: Vec<u8>,
+    /// parsed CA certificates
+    pub ca_certs: Vec<CertificateDer<'static>>,
+    /// parsed own chain
+    pub certs: Vec<CertificateDer<'static>>,
+    /// parsed own key
+    pub key: PrivateKeyDer<'static>,
+    /// who this process is, from its own certificate
+    pub identity: PeerIdentity,
+}
+
+/// Installs ring as the process-wide rustls provider. Several dependencies use
+/// rustls; with more than one provider compiled in, rustls refuses to guess.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// Server side: TLS 1.3 only, a client certificate from the fleet CA required,
+/// HTTP/2 negotiated for gRPC.
+pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = rustls::RootCertStore::empty();
+    for c in &m.ca_certs {
+        roots
+            .add(c.clone())
+            .map_err(|e| TlsError::Config(format!("fleet CA certificate unusable: {e}")))?;
+    }
+    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+        Arc::new(roots),
+        provider.clone(),
+    )
+    .build()
+    .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(|e| TlsError::Config(e.to_string()))?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(m.certs.clone(), m.key.clone_key())
+        .map_err(|e| {
+            TlsError::Config(format!(
+                "certificate and key do not match or are unusable: {e}"
+            ))
+        })?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(cfg))
+}
+
+/// Client side, for tonic channels: trust only the fleet CA, present our own
+/// certificate, and check the server name against `domain`.
+pub fn client_config(m: &TlsMaterial, domain: &str) -> tonic::transport::ClientTlsConfig {
+    tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(&m.ca_pem))
+        .identity(tonic::transport::Identity::from_pem(
+            &m.cert_pem,
+            &m.key_pem,
+        ))
+        .domain_name(domain)
+}
+
+/// Reads the role and name from a certificate (DER).
+pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("cannot parse certificate: {e}"))?;
+    let subject = cert.subject();
+    let cn = subject
+        .iter_common_name()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or("certificate has no subject common name")?
+        .to_string();
+    let ou = subject
+        .iter_organizational_unit()
+        .next()
+        .and_then(|a| a.as_str().ok())
+        .ok_or(
+            "certificate has no subject organizational unit (role); issue it with `dsctl certs`",
+        )?;
+    let role = match ou {
+        "agent" => Role::Agent,
+        "operator" => Role::Operator,
+        "coordinator" => Role::Coordinator,
+        other => {
+            return Err(format!(
+                "certificate role {other:?} is not agent, operator or coordinator"
+            ))
+        }
+    };
+    Ok(PeerIdentity { role, name: cn })
+}
+
+/// The host part of a URL like `https://host:port`, for SNI and name checks.
+pub fn url_host(url: &str) -> Option<String> {
+    let rest = url.split_once("://").map(|(_, r)| r)?;
+    let authority = rest.split('/').next()?;
+    let host = if let Some(stripped) = authority.strip_prefix('[') {
+        stripped.split(']').next()?.to_string()
+    } else {
+        authority
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(authority)
+            .to_string()
+    };
+    (!host.is_empty()).then_some(host)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hosts_from_urls() {
+        assert_eq!(url_host("https://backup:50051").as_deref(), Some("backup"));
+        assert_eq!(
+            url_host("https://127.0.0.1:1").as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(url_host("https://[::1]:1").as_deref(), Some("::1"));
+        assert_eq!(url_host("backup:1"), None);
+    }
+}

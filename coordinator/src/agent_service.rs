@@ -1,0 +1,372 @@
+//! The gRPC service agents call: the control stream, uploads and downloads.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use datasaver_common::checksum::Checksum;
+use datasaver_common::codec::Compression;
+use datasaver_common::proto::agent_service_server::AgentService;
+use datasaver_common::proto::{
+    agent_message, coordinator_message, upload_request, AgentMessage, CoordinatorMessage,
+    DownloadChunk, DownloadRequest, Registered, UploadHeader, UploadRequest, UploadResponse,
+};
+use datasaver_common::tls::Role;
+use futures::{Stream, StreamExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::catalog::{status, BackupRow};
+use crate::fleet::{AgentConn, JobKind, Report};
+use crate::meta::Meta;
+use crate::storage::{logical_meta_key, logical_object_key, ObjectWriter};
+use crate::{now_rfc3339, peer, Core};
+
+pub struct AgentSvc {
+    pub core: Arc<Core>,
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentSvc {
+    type ControlStream = BoxStream<CoordinatorMessage>;
+    type DownloadStream = BoxStream<DownloadChunk>;
+
+    async fn control(
+        &self,
+        req: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::ControlStream>, Status> {
+        let who = peer(&req, Role::Agent)?;
+        let addr = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("agent did not register within 30 s"))??;
+        let reg = match first.and_then(|m| m.msg) {
+            Some(agent_message::Msg::Register(r)) => r,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first control message must be Register",
+                ))
+            }
+        };
+        if reg.targets.is_empty() {
+            return Err(Status::invalid_argument("agent registered no targets"));
+        }
+        for t in &reg.targets {
+            datasaver_common::names::validate_target(&t.name)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+            let owner = self
+                .core
+                .catalog
+                .claim_target(&t.name, &who.name, now_rfc3339())
+                .await
+                .map_err(internal)?;
+            if let Some(owner) = owner {
+                tracing::warn!(agent = %who, target = %t.name, %owner, "agent refused: target belongs to another agent");
+                return Err(Status::permission_denied(format!(
+                    "target {} belongs to agent {owner}; agent {} may not act for it",
+                    t.name, who.name
+                )));
+            }
+        }
+        let (tx, rx) = mpsc::channel(32);
+        let conn_id = self.core.fleet.next_conn_id();
+        let now = chrono::Utc::now();
+        let names: Vec<String> = reg.targets.iter().map(|t| t.name.clone()).collect();
+        tx.send(Ok(CoordinatorMessage {
+            msg: Some(coordinator_message::Msg::Registered(Registered {
+                agent_name: who.name.clone(),
+                coordinator_version: datasaver_common::VERSION.into(),
+            })),
+        }))
+        .await
+        .map_err(|_| Status::cancelled("agent went away"))?;
+        self.core.fleet.add_agent(AgentConn {
+            conn_id,
+            name: who.name.clone(),
+            version: reg.agent_version.clone(),
+            peer_addr: addr.clone(),
+            targets: reg.targets,
+            connected_since: now,
+            last_seen: now,
+            tx,
+        });
+        tracing::info!(agent = %who, peer = %addr, targets = ?names, version = %reg.agent_version, "agent connected");
+
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let why = loop {
+                let msg = tokio::select! {
+                    _ = core.cancel.cancelled() => break "coordinator shutting down".to_string(),
+                    // Heartbeats come every 10 s; silence for 60 s means the
+                    // agent or the network is gone even if TCP has not noticed.
+                    m = tokio::time::timeout(Duration::from_secs(60), inbound.message()) => m,
+                };
+                match msg {
+                    Err(_) => break "no heartbeat for 60 s".to_string(),
+                    Ok(Err(e)) => break format!("control stream broke: {}", e.message()),
+                    Ok(Ok(None)) => break "agent closed its control stream".to_string(),
+                    Ok(Ok(Some(m))) => {
+                        core.fleet.touch(conn_id);
+                        match m.msg {
+                            Some(agent_message::Msg::Progress(p)) => {
+                                let id = p.job_id.clone();
+                                core.fleet.report(conn_id, &id, Report::Progress(p));
+                            }
+                            Some(agent_message::Msg::Result(r)) => {
+                                let id = r.job_id.clone();
+                                core.fleet.report(conn_id, &id, Report::Result(r));
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+            };
+            tracing::info!(agent = %who, reason = %why, "agent disconnected");
+            core.fleet
+                .remove_agent(conn_id, &format!("agent {} disconnected ({why})", who.name));
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn upload(
+        &self,
+        req: Request<Streaming<UploadRequest>>,
+    ) -> Result<Response<UploadResponse>, Status> {
+        let who = peer(&req, Role::Agent)?;
+        let mut inbound = req.into_inner();
+        let header = match inbound.message().await?.and_then(|m| m.msg) {
+            Some(upload_request::Msg::Header(h)) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "the first upload message must be a header",
+                ))
+            }
+        };
+        let (kind, target, backup_id, _, agent_name) = self
+            .core
+            .fleet
+            .job(&header.job_id)
+            .ok_or_else(|| Status::not_found(format!("no running job {}", header.job_id)))?;
+        if kind != JobKind::Backup || backup_id != header.backup_id || target != header.target {
+            return Err(Status::invalid_argument(
+                "upload header does not match its job",
+            ));
+        }
+        if agent_name != who.name {
+            return Err(Status::permission_denied(format!(
+                "agent {} may not upload for target {target}",
+                who.name
+            )));
+        }
+        tracing::info!(agent = %who, backup = %backup_id, "upload started");
+        match self.receive(&header, &who.name, &mut inbound).await {
+            Ok(resp) => {
+                tracing::info!(agent = %who, backup = %backup_id, bytes = resp.stored_bytes, "backup stored");
+                Ok(Response::new(resp))
+            }
+            Err(msg) => {
+                tracing::warn!(agent = %who, backup = %backup_id, error = %msg, "upload failed");
+                if let Err(e) = self
+                    .core
+                    .catalog
+                    .fail(&backup_id, &msg, now_rfc3339())
+                    .await
+                {
+                    tracing::error!(backup = %backup_id, error = %e, "could not record the failure");
+                }
+                Err(Status::aborted(msg))
+            }
+        }
+    }
+
+    async fn download(
+        &self,
+        req: Request<DownloadRequest>,
+    ) -> Result<Response<Self::DownloadStream>, Status> {
+        let who = peer(&req, Role::Agent)?;
+        let req = req.into_inner();
+        let (kind, _target, backup_id, object_key, agent_name) =
+            self.core
+                .fleet
+                .job(&req.job_id)
+                .ok_or_else(|| Status::not_found(format!("no running job {}", req.job_id)))?;
+        if kind == JobKind::Backup || backup_id != req.backup_id {
+            return Err(Status::invalid_argument(
+                "download request does not match its job",
+            ));
+        }
+        if agent_name != who.name {
+            return Err(Status::permission_denied(format!(
+                "agent {} may not read backup {backup_id}",
+                who.name
+            )));
+        }
+        tracing::info!(agent = %who, backup = %backup_id, "download started");
+        let stream = self
+            .core
+            .storage
+            .get(&object_key)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let out = stream.map(|r| match r {
+            Ok(data) => Ok(DownloadChunk {
+                data: data.to_vec(),
+            }),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
+}
+
+fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
+impl AgentSvc {
+    /// Streams an upload into storage. The object becomes visible only when
+    /// every byte arrived and both checksums agree; then the meta file, then
+    /// the catalog row. Any failure undoes what was written.
+    async fn receive(
+        &self,
+        h: &UploadHeader,
+        agent: &str,
+        inbound: &mut Streaming<UploadRequest>,
+    ) -> Result<UploadResponse, String> {
+        let row = self
+            .core
+            .catalog
+            .get(&h.backup_id)
+            .await
+            .map_err(|e| e.to_string())?
+            .filter(|r| r.status == status::RUNNING)
+            .ok_or_else(|| format!("backup {} is not running", h.backup_id))?;
+        let codec: Compression = h
+            .compression
+            .parse()
+            .map_err(|e| format!("upload header: {e}"))?;
+        let object_key = logical_object_key(&h.target, &h.backup_id, codec.extension());
+        let meta_key = logical_meta_key(&h.target, &h.backup_id);
+        let storage = &self.core.storage;
+        let mut writer: Box<dyn ObjectWriter> = storage
+            .create(&object_key)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut hasher = Some(Checksum::new());
+        let trailer = loop {
+            let msg = tokio::select! {
+                _ = self.core.cancel.cancelled() => {
+                    let _ = writer.abort().await;
+                    return Err("coordinator shutting down".into());
+                }
+                m = inbound.message() => m,
+            };
+            match msg {
+                Err(e) => {
+                    let _ = writer.abort().await;
+                    return Err(format!("upload interrupted: {}", e.message()));
+                }
+                Ok(None) => {
+                    let _ = writer.abort().await;
+                    return Err("upload ended without a trailer (agent stopped?)".into());
+                }
+                Ok(Some(m)) => match m.msg {
+                    Some(upload_request::Msg::Chunk(data)) => {
+                        let data = Bytes::from(data);
+                        // hash off the async threads: chunks are up to 1 MiB
+                        let mut h = hasher.take().unwrap_or_default();
+                        let d2 = data.clone();
+                        let h = tokio::task::spawn_blocking(move || {
+                            h.update(&d2);
+                            h
+                        })
+                        .await
+                        .map_err(|e| e.to_string())?;
+                        hasher = Some(h);
+                        if let Err(e) = writer.write(data).await {
+                            let _ = writer.abort().await;
+                            return Err(e.to_string());
+                        }
+                    }
+                    Some(upload_request::Msg::Trailer(t)) => break t,
+                    Some(upload_request::Msg::Abort(a)) => {
+                        let _ = writer.abort().await;
+                        return Err(a.reason);
+                    }
+                    _ => {
+                        let _ = writer.abort().await;
+                        return Err("unexpected message in upload stream".into());
+                    }
+                },
+            }
+        };
+        let hasher = hasher.unwrap_or_default();
+        let ours = hasher.finish();
+        if trailer.checksum != ours || trailer.stored_bytes != hasher.len() {
+            let _ = writer.abort().await;
+            return Err(format!(
+                "checksum mismatch on upload: agent sent {} ({} bytes), coordinator received {} ({} bytes)",
+                trailer.checksum,
+                trailer.stored_bytes,
+                ours,
+                hasher.len()
+            ));
+        }
+        let info = writer.commit().await.map_err(|e| e.to_string())?;
+
+        let finished = chrono::Utc::now();
+        let created = chrono::DateTime::parse_from_rfc3339(&row.created_at)
+            .map(|d| d.with_timezone(&chrono::Utc))
+            .unwrap_or(finished);
+        let mut tags = Vec::new();
+        if row.trigger == "manual" {
+            tags.push("manual".to_string());
+        }
+        let done = BackupRow {
+            status: status::COMPLETED.into(),
+            finished_at: Some(finished.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            duration_ms: (finished - created).num_milliseconds().max(0) as u64,
+            raw_bytes: trailer.raw_bytes,
+            stored_bytes: info.size,
+            checksum: ours.clone(),
+            compression: codec.name().into(),
+            encrypted: h.encrypted,
+            encryption_recipient: h.encryption_recipient.clone(),
+            format: if h.format.is_empty() {
+                "pg_dump-custom".into()
+            } else {
+                h.format.clone()
+            },
+            object_key: object_key.clone(),
+            meta_key: meta_key.clone(),
+            database: h.database.clone(),
+            db_host: h.db_host.clone(),
+            server_version: h.server_version.clone(),
+            pg_dump_version: h.pg_dump_version.clone(),
+            tags,
+            agent: agent.to_string(),
+            error: None,
+            ..row
+        };
+        let meta = Meta::from_row(&done).to_json();
+        if let Err(e) = storage.put(&meta_key, Bytes::from(meta)).await {
+            let _ = storage.delete(std::slice::from_ref(&object_key)).await;
+            return Err(format!("writing meta file failed: {e}"));
+        }
+        if let Err(e) = self.core.catalog.complete(done).await {
+            let _ = storage
+                .delete(&[object_key.clone(), meta_key.clone()])
+                .await;
+            return Err(format!("recording the backup in the catalog failed: {e}"));
+        }
+        Ok(UploadResponse {
+            backup_id: h.backup_id.clone(),
+            checksum: ours,
+            stored_bytes: info.size,
+        })
+    }
+}

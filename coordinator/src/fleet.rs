@@ -1,0 +1,245 @@
+//! Live state: which agents are connected (and for which targets) and which
+//! jobs are in flight. Lost connections fail their jobs here, in one place.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use datasaver_common::proto::{self, CoordinatorMessage, JobProgress, JobResult};
+use tokio::sync::mpsc;
+use tonic::Status;
+
+/// What an agent said (or what happened to it) about a job.
+#[derive(Debug)]
+pub enum Report {
+    Progress(JobProgress),
+    Result(JobResult),
+    Lost(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobKind {
+    Backup,
+    Restore,
+    List,
+}
+
+pub struct Job {
+    pub kind: JobKind,
+    pub target: String,
+    pub backup_id: String,
+    pub object_key: String,
+    pub conn_id: u64,
+    pub agent_name: String,
+    reports: mpsc::Sender<Report>,
+}
+
+pub struct AgentConn {
+    pub conn_id: u64,
+    pub name: String,
+    pub version: String,
+    pub peer_addr: String,
+    pub targets: Vec<proto::TargetInfo>,
+    pub connected_since: DateTime<Utc>,
+    pub last_seen: DateTime<Utc>,
+    pub tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+}
+
+#[derive(Default)]
+struct Inner {
+    agents: HashMap<u64, AgentConn>,
+    /// target -> conn_id serving it
+    targets: HashMap<String, u64>,
+    jobs: HashMap<String, Job>,
+    running_backups: HashSet<String>,
+}
+
+#[derive(Default)]
+pub struct Fleet {
+    inner: Mutex<Inner>,
+    next_id: AtomicU64,
+}
+
+/// Takes the lock even if a panicking thread poisoned it: the maps stay
+/// consistent because every update is a single insert/remove.
+macro_rules! lock {
+    ($m:expr) => {
+        $m.lock().unwrap_or_else(|p| p.into_inner())
+    };
+}
+
+impl Fleet {
+    pub fn next_conn_id(&self) -> u64 {
+        self.next_id.fetch_add(1, Ordering::Relaxed) + 1
+    }
+
+    /// Adds a connection; a target served by an older connection moves to
+    /// the new one (an agent that restarted), and the old one's jobs fail.
+    pub fn add_agent(&self, conn: AgentConn) {
+        let mut lost = Vec::new();
+        {
+            let mut g = lock!(self.inner);
+            for t in &conn.targets {
+                if let Some(old) = g.targets.insert(t.name.clone(), conn.conn_id) {
+                    if old != conn.conn_id {
+                        lost.push(old);
+                    }
+                }
+            }
+            g.agents.insert(conn.conn_id, conn);
+        }
+        for old in lost {
+            self.remove_agent(old, "agent reconnected on a new connection");
+        }
+    }
+
+    /// Removes a connection and fails every job it was running.
+    pub fn remove_agent(&self, conn_id: u64, why: &str) {
+        let mut senders = Vec::new();
+        {
+            let mut g = lock!(self.inner);
+            g.agents.remove(&conn_id);
+            g.targets.retain(|_, c| *c != conn_id);
+            for job in g.jobs.values() {
+                if job.conn_id == conn_id {
+                    senders.push(job.reports.clone());
+                }
+            }
+        }
+        for s in senders {
+            let _ = s.try_send(Report::Lost(why.to_string()));
+        }
+    }
+
+    pub fn touch(&self, conn_id: u64) {
+        if let Some(a) = lock!(self.inner).agents.get_mut(&conn_id) {
+            a.last_seen = Utc::now();
+        }
+    }
+
+    /// The connection serving `target`: (conn_id, agent name, sender).
+    pub fn agent_for(
+        &self,
+        target: &str,
+    ) -> Option<(
+        u64,
+        String,
+        mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    )> {
+        let g = lock!(self.inner);
+        let id = g.targets.get(target)?;
+        let a = g.agents.get(id)?;
+        Some((a.conn_id, a.name.clone(), a.tx.clone()))
+    }
+
+    pub fn agents(&self) -> Vec<proto::AgentInfo> {
+        let g = lock!(self.inner);
+        let mut v: Vec<_> = g
+            .agents
+            .values()
+            .map(|a| proto::AgentInfo {
+                name: a.name.clone(),
+                version: a.version.clone(),
+                targets: a.targets.iter().map(|t| t.name.clone()).collect(),
+                connected_since: a
+                    .connected_since
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                last_seen: a
+                    .last_seen
+                    .to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                peer_addr: a.peer_addr.clone(),
+            })
+            .collect();
+        v.sort_by(|a, b| a.name.cmp(&b.name));
+        v
+    }
+
+    /// Claims the per-target backup slot. Returns false if one is running.
+    pub fn start_backup_slot(&self, target: &str) -> bool {
+        lock!(self.inner).running_backups.insert(target.to_string())
+    }
+
+    pub fn end_backup_slot(&self, target: &str) {
+        lock!(self.inner).running_backups.remove(target);
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn add_job(
+        &self,
+        job_id: &str,
+        kind: JobKind,
+        target: &str,
+        backup_id: &str,
+        object_key: &str,
+        conn_id: u64,
+        agent_name: &str,
+    ) -> mpsc::Receiver<Report> {
+        let (tx, rx) = mpsc::channel(64);
+        lock!(self.inner).jobs.insert(
+            job_id.to_string(),
+            Job {
+                kind,
+                target: target.to_string(),
+                backup_id: backup_id.to_string(),
+                object_key: object_key.to_string(),
+                conn_id,
+                agent_name: agent_name.to_string(),
+                reports: tx,
+            },
+        );
+        rx
+    }
+
+    pub fn remove_job(&self, job_id: &str) {
+        lock!(self.inner).jobs.remove(job_id);
+    }
+
+    /// Facts about a job for checking an upload/download request.
+    pub fn job(&self, job_id: &str) -> Option<(JobKind, String, String, String, String)> {
+        let g = lock!(self.inner);
+        g.jobs.get(job_id).map(|j| {
+            (
+                j.kind,
+                j.target.clone(),
+                j.backup_id.clone(),
+                j.object_key.clone(),
+                j.agent_name.clone(),
+            )
+        })
+    }
+
+    /// Routes an agent's report to its job, if the job is still waiting and
+    /// belongs to that connection.
+    pub fn report(&self, conn_id: u64, job_id: &str, r: Report) {
+        let sender = {
+            let g = lock!(self.inner);
+            g.jobs
+                .get(job_id)
+                .filter(|j| j.conn_id == conn_id)
+                .map(|j| j.reports.clone())
+        };
+        if let Some(s) = sender {
+            match r {
+                // progress is advisory: never block the control stream on it
+                Report::Progress(_) => {
+                    let _ = s.try_send(r);
+                }
+                _ => {
+                    tokio::spawn(async move {
+                        let _ = s.send(r).await;
+                    });
+                }
+            }
+        }
+    }
+
+    /// Ids of backups currently being uploaded, restored or verified.
+    pub fn backups_in_use(&self) -> HashSet<String> {
+        lock!(self.inner)
+            .jobs
+            .values()
+            .map(|j| j.backup_id.clone())
+            .collect()
+    }
+}

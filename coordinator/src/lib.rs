@@ -1,0 +1,184 @@
+//! The datasaver coordinator: one per backup host. It owns storage, the SQLite
+//! catalog and the jobs it sends to agents, and serves dsctl. Agents and
+//! operators reach it over gRPC with mutual TLS; who they are comes from
+//! their certificates.
+
+pub mod agent_service;
+pub mod catalog;
+pub mod config;
+pub mod fleet;
+pub mod listener;
+pub mod meta;
+pub mod operator_service;
+pub mod storage;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use datasaver_common::proto::agent_service_server::AgentServiceServer;
+use datasaver_common::proto::operator_service_server::OperatorServiceServer;
+use datasaver_common::tls::{identity_from_der, PeerIdentity, Role};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Status};
+
+use crate::catalog::{BackupRow, Catalog};
+use crate::config::{Backend, Config};
+use crate::fleet::Fleet;
+use crate::storage::Storage;
+
+/// Everything the services share.
+pub struct Core {
+    pub catalog: Catalog,
+    pub storage: Arc<dyn Storage>,
+    pub fleet: Fleet,
+    pub cancel: CancellationToken,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("{0}")]
+    Tls(#[from] datasaver_common::tls::TlsError),
+    #[error("{0}")]
+    Storage(#[from] storage::StorageError),
+    #[error("{0}")]
+    Catalog(#[from] catalog::CatalogError),
+    #[error("data directory {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("DATASAVER_TLS_CERT: the certificate's role is {0}, not coordinator (use coordinator.crt from `dsctl certs init`)")]
+    WrongRole(String),
+    #[error("gRPC server failed: {0}")]
+    Serve(#[from] tonic::transport::Error),
+}
+
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// The identity from the client certificate, required to have `role`.
+pub fn peer<T>(req: &Request<T>, role: Role) -> Result<PeerIdentity, Status> {
+    let certs = req
+        .peer_certs()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let first = certs
+        .first()
+        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+    let id = identity_from_der(first.as_ref()).map_err(Status::unauthenticated)?;
+    if id.role != role {
+        return Err(Status::permission_denied(format!(
+            "{id} may not call this service (it needs a {} certificate)",
+            role.as_str()
+        )));
+    }
+    Ok(id)
+}
+
+pub fn to_proto(b: &BackupRow) -> datasaver_common::proto::Backup {
+    datasaver_common::proto::Backup {
+        id: b.id.clone(),
+        target: b.target.clone(),
+        created_at: b.created_at.clone(),
+        kind: b.kind.clone(),
+        status: b.status.clone(),
+        raw_bytes: b.raw_bytes,
+        stored_bytes: b.stored_bytes,
+        checksum: b.checksum.clone(),
+        compression: b.compression.clone(),
+        encrypted: b.encrypted,
+        tags: b.tags.clone(),
+        label: b.label.clone(),
+        pinned: b.pinned,
+        trigger: b.trigger.clone(),
+        finished_at: b.finished_at.clone(),
+        duration_ms: b.duration_ms,
+        database: b.database.clone(),
+        db_host: b.db_host.clone(),
+        server_version: b.server_version.clone(),
+        pg_dump_version: b.pg_dump_version.clone(),
+        object_key: b.object_key.clone(),
+        error: b.error.clone(),
+        encryption_recipient: b.encryption_recipient.clone(),
+        verified_at: b.verified_at.clone(),
+        verify_result: b.verify_result.clone(),
+    }
+}
+
+/// Opens storage and the catalog, repairs what an earlier crash left, and
+/// serves gRPC on `grpc` until `cancel` fires.
+pub async fn run(
+    config: Config,
+    grpc: TcpListener,
+    cancel: CancellationToken,
+) -> Result<(), StartError> {
+    let tls = config.tls.load()?;
+    if tls.identity.role != Role::Coordinator {
+        return Err(StartError::WrongRole(tls.identity.role.as_str().into()));
+    }
+    let server_tls = datasaver_common::tls::server_config(&tls)?;
+    std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
+        path: config.data_dir.display().to_string(),
+        source,
+    })?;
+    let storage: Arc<dyn Storage> = match &config.backend {
+        Backend::Local { path } => Arc::new(storage::local::LocalStorage::open(path.clone())?),
+    };
+    let catalog = Catalog::open(&config.data_dir.join("catalog.db"))?;
+
+    let removed = storage.cleanup_incomplete().await?;
+    if removed > 0 {
+        tracing::warn!(
+            removed,
+            "removed partial objects left by an interrupted upload"
+        );
+    }
+    let failed = catalog
+        .fail_all_running(
+            "interrupted: the coordinator stopped while this backup was running",
+            now_rfc3339(),
+        )
+        .await?;
+    if failed > 0 {
+        tracing::warn!(failed, "marked interrupted backups as failed");
+    }
+
+    let core = Arc::new(Core {
+        catalog,
+        storage,
+        fleet: Fleet::default(),
+        cancel: cancel.clone(),
+    });
+    let addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
+    tracing::info!(grpc = %addr, storage = %core.storage.describe(), identity = %tls.identity, "coordinator ready");
+
+    let incoming = listener::incoming(grpc, server_tls, cancel.clone());
+    let max = datasaver_common::MAX_MESSAGE_SIZE;
+    let agent_svc = AgentServiceServer::new(agent_service::AgentSvc { core: core.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let op_svc = OperatorServiceServer::new(operator_service::OperatorSvc { core: core.clone() })
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .add_service(agent_svc)
+        .add_service(op_svc)
+        .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
+        .await?;
+
+    let failed = core
+        .catalog
+        .fail_all_running(
+            "interrupted: the coordinator shut down while this backup was running",
+            now_rfc3339(),
+        )
+        .await?;
+    if failed > 0 {
+        tracing::warn!(failed, "marked in-flight backups as failed at shutdown");
+    }
+    tracing::info!("coordinator stopped");
+    Ok(())
+}
