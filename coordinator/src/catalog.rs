@@ -510,7 +510,7 @@ mod tests {
         done.tags = vec!["manual".into()];
         cat.complete(done).await.unwrap();
         assert!(
-            cat.fail("a_1", "x", "t".into()).await.unwrap() == false,
+            !cat.fail("a_1", "x", "t".into()).await.unwrap(),
             "completed rows cannot fail"
         );
         assert_eq!(

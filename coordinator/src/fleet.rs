@@ -35,6 +35,9 @@ pub struct Job {
     reports: mpsc::Sender<Report>,
 }
 
+/// Sends control messages to one agent connection.
+pub type AgentTx = mpsc::Sender<Result<CoordinatorMessage, Status>>;
+
 pub struct AgentConn {
     pub conn_id: u64,
     pub name: String,
@@ -119,14 +122,7 @@ impl Fleet {
     }
 
     /// The connection serving `target`: (conn_id, agent name, sender).
-    pub fn agent_for(
-        &self,
-        target: &str,
-    ) -> Option<(
-        u64,
-        String,
-        mpsc::Sender<Result<CoordinatorMessage, Status>>,
-    )> {
+    pub fn agent_for(&self, target: &str) -> Option<(u64, String, AgentTx)> {
         let g = lock!(self.inner);
         let id = g.targets.get(target)?;
         let a = g.agents.get(id)?;

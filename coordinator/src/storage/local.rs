@@ -46,7 +46,7 @@ fn blocking_err(op: &'static str, key: &str, e: tokio::task::JoinError) -> Stora
     StorageError::new(ErrorKind::Other, op, key, format!("worker failed: {e}"))
 }
 
-fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {
+fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> std::io::Result<()> {
     let entries = match std::fs::read_dir(dir) {
         Ok(e) => e,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -57,7 +57,7 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> std::io::Resu
         let ft = entry.file_type()?;
         let path = entry.path();
         if ft.is_dir() {
-            walk(root, &path, out)?;
+            walk(&path, out)?;
         } else if ft.is_file() {
             out.push((path, entry.metadata()?.len()));
         }
@@ -166,8 +166,7 @@ impl Storage for LocalStorage {
         let prefix_s = prefix.to_string();
         tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
-            walk(&root, &root, &mut files)
-                .map_err(|e| StorageError::from_io("list", &prefix_s, &e))?;
+            walk(&root, &mut files).map_err(|e| StorageError::from_io("list", &prefix_s, &e))?;
             let mut out: Vec<ObjectInfo> = files
                 .into_iter()
                 .filter(|(p, _)| !p.file_name().and_then(|n| n.to_str()).is_some_and(is_temp))
@@ -200,7 +199,7 @@ impl Storage for LocalStorage {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
-            walk(&root, &root, &mut files).map_err(|e| StorageError::from_io("cleanup", "", &e))?;
+            walk(&root, &mut files).map_err(|e| StorageError::from_io("cleanup", "", &e))?;
             let mut n = 0;
             for (p, _) in files {
                 if p.file_name().and_then(|n| n.to_str()).is_some_and(is_temp) {
@@ -317,7 +316,7 @@ mod tests {
         crate::storage::conformance::run(&s).await;
         // no temp files were left by the aborted and dropped writers
         let mut files = Vec::new();
-        walk(dir.path(), dir.path(), &mut files).unwrap();
+        walk(dir.path(), &mut files).unwrap();
         assert!(
             files
                 .iter()
