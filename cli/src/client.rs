@@ -2,6 +2,7 @@
 //! that says what went wrong and what to check.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
@@ -20,6 +21,10 @@ fn chain(e: &(dyn std::error::Error + 'static)) -> String {
     }
     parts.join(": ")
 }
+
+/// Set when dsctl connects without a client certificate, so the inevitable
+/// refusal can say what is missing.
+static NO_CLIENT_CERT: AtomicBool = AtomicBool::new(false);
 
 fn hint(text: &str) -> &'static str {
     let t = text.to_ascii_lowercase();
@@ -44,31 +49,35 @@ fn hint(text: &str) -> &'static str {
 /// One-line error for a failed call.
 pub fn status_error(url: &str, s: tonic::Status) -> anyhow::Error {
     use tonic::Code;
-    match s.code() {
-        Code::Unavailable | Code::Unknown | Code::Internal
-            if s.message().contains("transport")
-                || s.message().contains("connect")
-                || s.message().contains("tls")
-                || s.message().contains("h2") =>
-        {
-            let text = chain(&s);
-            anyhow!(
-                "cannot talk to the coordinator at {url}: {text}{}",
-                hint(&text)
-            )
+    // A status with a source came from the transport (TCP, TLS, HTTP/2),
+    // not from the coordinator's own answer.
+    let mut parts: Vec<String> = vec![s.message().to_string()];
+    let mut cur = std::error::Error::source(&s);
+    while let Some(e) = cur {
+        let t = e.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
         }
+        cur = e.source();
+    }
+    if parts.len() > 1
+        || (s.code() == Code::Cancelled && s.message().contains("operation was canceled"))
+    {
+        let text = parts.join(": ");
+        let mut h = hint(&text);
+        if NO_CLIENT_CERT.load(Ordering::Relaxed) {
+            h = " (the coordinator requires a client certificate: set DATASAVER_TLS_CERT and DATASAVER_TLS_KEY to an operator certificate)";
+        } else if h.is_empty() {
+            h = " (the connection was dropped during the TLS handshake or the request: check that DATASAVER_TLS_CERT/KEY were issued by the fleet CA)";
+        }
+        return anyhow!("cannot talk to the coordinator at {url}: {text}{h}");
+    }
+    match s.code() {
         Code::Unauthenticated | Code::PermissionDenied => {
             anyhow!("refused by the coordinator: {}", s.message())
         }
-        _ => {
-            let m = s.message();
-            if m.is_empty() {
-                let text = chain(&s);
-                anyhow!("{text}{}", hint(&text))
-            } else {
-                anyhow!("{m}")
-            }
-        }
+        _ if s.message().is_empty() => anyhow!("coordinator error ({:?})", s.code()),
+        _ => anyhow!("{}", s.message()),
     }
 }
 
@@ -106,7 +115,7 @@ pub async fn connect(
         }
         // Without a certificate the coordinator will refuse us; let it say
         // so, and add what to set.
-        (None, None) => {}
+        (None, None) => NO_CLIENT_CERT.store(true, Ordering::Relaxed),
     }
     let endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("--coordinator {url:?} is not a valid URL"))?

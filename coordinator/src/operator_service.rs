@@ -67,7 +67,8 @@ impl OperatorService for OperatorSvc {
         &self,
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        peer(&req, Role::Operator)?;
+        let who = peer(&req, Role::Operator)?;
+        tracing::info!(operator = %who, "list agents");
         Ok(Response::new(ListAgentsResponse {
             agents: self.core.fleet.agents(),
         }))
@@ -77,8 +78,9 @@ impl OperatorService for OperatorSvc {
         &self,
         req: Request<ListBackupsRequest>,
     ) -> Result<Response<ListBackupsResponse>, Status> {
-        peer(&req, Role::Operator)?;
+        let who = peer(&req, Role::Operator)?;
         let target = Some(req.into_inner().target).filter(|t| !t.is_empty());
+        tracing::info!(operator = %who, target = ?target, "list backups");
         let rows = self.core.catalog.list(target).await.map_err(internal)?;
         Ok(Response::new(ListBackupsResponse {
             backups: rows.iter().map(to_proto).collect(),
@@ -89,8 +91,9 @@ impl OperatorService for OperatorSvc {
         &self,
         req: Request<GetBackupRequest>,
     ) -> Result<Response<datasaver_common::proto::Backup>, Status> {
-        peer(&req, Role::Operator)?;
+        let who = peer(&req, Role::Operator)?;
         let id = req.into_inner().id;
+        tracing::info!(operator = %who, backup = %id, "get backup");
         let row = self.find(&id).await?;
         Ok(Response::new(to_proto(&row)))
     }
