@@ -251,12 +251,14 @@ async fn run(cli: Cli) -> Result<()> {
                     serde_json::to_string_pretty(&output::backup_json(&b))?
                 );
             } else {
-                eprintln!(
-                    "backup {} completed: {} stored ({} from pg_dump)",
-                    b.id,
-                    output::human_bytes(b.stored_bytes),
-                    output::human_bytes(b.raw_bytes)
-                );
+                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
+                    eprintln!(
+                        "backup {} completed: {} stored ({} from pg_dump)",
+                        b.id,
+                        output::human_bytes(b.stored_bytes),
+                        output::human_bytes(b.raw_bytes)
+                    );
+                }
                 println!("{}", b.id);
             }
             Ok(())

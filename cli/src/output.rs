@@ -225,7 +225,8 @@ pub fn agents(list: &[AgentInfo], as_json: bool) {
     );
 }
 
-/// Progress on stderr: a live line on a terminal, phase lines otherwise.
+/// Progress on stderr, only when it is a terminal: scripts and logs get the
+/// result (stdout) and, on failure, one error line (stderr), nothing else.
 pub struct Progress {
     tty: bool,
     live: bool,
@@ -242,6 +243,9 @@ impl Progress {
     }
 
     pub fn update(&mut self, p: &JobProgress) {
+        if !self.tty {
+            return;
+        }
         let mut err = std::io::stderr();
         if !p.message.is_empty() {
             if self.live {
@@ -252,7 +256,7 @@ impl Progress {
             self.last_phase = p.phase.clone();
             return;
         }
-        if self.tty {
+        {
             let _ = write!(
                 err,
                 "\r{}: {} read, {} transferred   ",
@@ -262,9 +266,6 @@ impl Progress {
             );
             let _ = err.flush();
             self.live = true;
-        } else if p.phase != self.last_phase {
-            let _ = writeln!(err, "{}...", p.phase);
-            self.last_phase = p.phase.clone();
         }
     }
 

@@ -1,0 +1,15 @@
+//! The single end-to-end test binary. Each area lives in its own module under `tests/e2e/`
+//! (declared inside the inline `mod e2e` below, so `tests/e2e/<name>.rs` is found without
+//! Cargo mistaking it for another test target). Run a subset with a name filter, e.g.
+//! `cargo test -p datasaver-tests --test e2e harness`.
+//!
+//! Tests that need the workspace binaries (`dsctl`, `datasaver-agent`,
+//! `datasaver-coordinator`) expect them built first (`cargo build --bins`); see
+//! `datasaver_tests::bin_dir`.
+
+mod e2e {
+    mod faults;
+    mod harness_selftest;
+    mod roundtrip;
+    mod two_agents;
+}
