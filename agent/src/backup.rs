@@ -99,7 +99,11 @@ fn dump_thread(
         let _ = c.kill();
         let _ = c.wait();
     };
-    let mut enc = match Encoder::new(target.compression, Some(target.compression_level)) {
+    let mut enc = match Encoder::with_threads(
+        target.compression,
+        Some(target.compression_level),
+        target.compression_threads,
+    ) {
         Ok(e) => e,
         Err(e) => {
             kill(&child);

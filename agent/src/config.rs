@@ -67,6 +67,8 @@ pub struct TargetConfig {
     pub retention: proto::Retention,
     pub compression: Compression,
     pub compression_level: i32,
+    /// zstd worker threads (0: compress on the reading thread).
+    pub compression_threads: u32,
 }
 
 #[derive(Debug, Clone)]
@@ -136,6 +138,19 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         _ => None,
     };
 
+    // Worker threads let zstd run beside pg_dump instead of in series with
+    // it; more than a few buys nothing for one stream.
+    let default_threads = std::thread::available_parallelism()
+        .map(|n| n.get().min(4) as u32)
+        .unwrap_or(1);
+    let threads = take!(env.parse_or::<u32>("DATASAVER_COMPRESSION_THREADS", default_threads));
+    if threads.is_some_and(|t| t > 64) {
+        errs.push(SettingError::new(
+            "DATASAVER_COMPRESSION_THREADS",
+            "at most 64 (0 compresses on the reading thread)",
+        ));
+    }
+
     if env.get("DATASAVER_ENCRYPTION_RECIPIENT").is_some() {
         errs.push(SettingError::new(
             "DATASAVER_ENCRYPTION_RECIPIENT",
@@ -189,7 +204,16 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
     if !errs.is_empty() {
         return Err(errs);
     }
-    match (coord, target, db, compression, level, tls, pg_bin_dir) {
+    match (
+        coord,
+        target,
+        db,
+        compression,
+        level,
+        tls,
+        pg_bin_dir,
+        threads,
+    ) {
         (
             Some((url, host)),
             Some(name),
@@ -198,6 +222,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
             Some(level),
             Some(tls),
             Some(bin),
+            Some(compression_threads),
         ) => Ok(AgentConfig {
             coordinator_url: url,
             coordinator_host: host,
@@ -208,6 +233,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 retention,
                 compression,
                 compression_level: level,
+                compression_threads,
             },
             tls,
             pg_bin_dir: bin,

@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 ///     or DATASAVER_DB_HOST / _PORT / _NAME / _USER / _PASSWORD
 ///   DATASAVER_TLS_CA / _CERT / _KEY   fleet CA and this agent's certificate (dsctl certs issue)
 ///   DATASAVER_COMPRESSION       zstd (default), gzip or none; DATASAVER_COMPRESSION_LEVEL
+///   DATASAVER_COMPRESSION_THREADS  zstd worker threads (default: CPUs, at most 4; 0 = none)
 ///   DATASAVER_PG_BIN_DIR        where pg_dump, pg_restore and psql are (default: PATH)
 ///   DATASAVER_SCHEDULE, DATASAVER_KEEP_*  schedule and retention this agent asks for
 ///   DATASAVER_LOG_FORMAT        text (default) or json; DATASAVER_LOG sets the level
