@@ -97,6 +97,9 @@ async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, Str
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
         .keep_alive_while_idle(true)
+        .initial_stream_window_size(datasaver_common::H2_STREAM_WINDOW)
+        .initial_connection_window_size(datasaver_common::H2_CONNECTION_WINDOW)
+        .max_frame_size(datasaver_common::H2_MAX_FRAME)
         .connect()
         .await
         .map_err(|e| error_chain(&e))

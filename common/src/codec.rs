@@ -102,7 +102,7 @@ pub enum CodecError {
 }
 
 /// Bytes of input per zstd worker job when compressing with threads.
-const ZSTD_JOB_SIZE: u32 = 2 * 1024 * 1024;
+const ZSTD_JOB_SIZE: u32 = 1024 * 1024;
 
 enum EncInner {
     Zstd(zstd::stream::write::Encoder<'static, Vec<u8>>),

@@ -25,3 +25,12 @@ pub const CHUNK_SIZE: usize = 1024 * 1024;
 
 /// gRPC message size limit both ends configure: a chunk plus framing headroom.
 pub const MAX_MESSAGE_SIZE: usize = 8 * 1024 * 1024;
+
+/// HTTP/2 flow-control windows for the data streams. The 64 KiB default
+/// makes a sender stop for a window update every few frames; a few chunks of
+/// window keep a transfer moving while still bounding what is in flight.
+pub const H2_STREAM_WINDOW: u32 = 2 * 1024 * 1024;
+/// Connection-wide window: room for two streams at full speed.
+pub const H2_CONNECTION_WINDOW: u32 = 4 * 1024 * 1024;
+/// Largest HTTP/2 frame accepted: fewer, larger frames per chunk.
+pub const H2_MAX_FRAME: u32 = 256 * 1024;
