@@ -110,6 +110,16 @@ fn dump_thread(
             return Err(DumpError::Failed(e.to_string()));
         }
     };
+    let mut crypt = match &target.encrypt_to {
+        None => None,
+        Some(e) => match datasaver_common::crypt::Encrypt::new(&e.recipient) {
+            Ok(c) => Some(c),
+            Err(m) => {
+                kill(&child);
+                return Err(DumpError::Failed(m));
+            }
+        },
+    };
     let mut hash = Checksum::new();
     let mut raw = 0u64;
     let mut buf = vec![0u8; CHUNK_SIZE];
@@ -135,7 +145,14 @@ fn dump_thread(
             counters.raw.store(raw, Ordering::Relaxed);
             enc.push(&buf[..n])
                 .map_err(|e| DumpError::Failed(e.to_string()))?;
-            out.extend(enc.take());
+            let compressed = enc.take();
+            match crypt.as_mut() {
+                None => out.extend(compressed),
+                Some(c) => {
+                    c.push(&compressed).map_err(DumpError::Failed)?;
+                    out.extend(c.take());
+                }
+            }
             while out.len() >= CHUNK_SIZE {
                 let rest = out.split_off(CHUNK_SIZE);
                 let chunk = std::mem::replace(&mut out, rest);
@@ -154,6 +171,21 @@ fn dump_thread(
         Err(e) => {
             kill(&child);
             return Err(e);
+        }
+    };
+    let tail = match crypt {
+        None => Ok(tail),
+        Some(mut c) => c.push(&tail).and_then(|_| {
+            let mut t = c.take();
+            t.extend(c.finish()?);
+            Ok(t)
+        }),
+    };
+    let tail = match tail {
+        Ok(t) => t,
+        Err(m) => {
+            kill(&child);
+            return Err(DumpError::Failed(m));
         }
     };
     out.extend(tail);
@@ -208,8 +240,12 @@ pub async fn run(
         db_host: format!("{}:{}", target.db.host, target.db.port),
         server_version: server_v.text.clone(),
         pg_dump_version: dump_v.text.clone(),
-        encrypted: false,
-        encryption_recipient: String::new(),
+        encrypted: target.encrypt_to.is_some(),
+        encryption_recipient: target
+            .encrypt_to
+            .as_ref()
+            .map(|e| e.fingerprint.clone())
+            .unwrap_or_default(),
     };
     let (tx, rx) = mpsc::channel::<UploadRequest>(4);
     tx.send(UploadRequest {

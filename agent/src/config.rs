@@ -59,6 +59,39 @@ impl DbConn {
     }
 }
 
+/// Where backups are encrypted to (public; safe to log its fingerprint).
+#[derive(Clone)]
+pub struct EncryptTo {
+    pub recipient: datasaver_common::crypt::Recipient,
+    pub fingerprint: String,
+}
+
+impl std::fmt::Debug for EncryptTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "EncryptTo({})", self.fingerprint)
+    }
+}
+
+/// Identities for decrypting on restore. Never printed.
+#[derive(Clone, Default)]
+pub struct Identities(pub std::sync::Arc<Vec<datasaver_common::crypt::Identity>>);
+
+impl std::fmt::Debug for Identities {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Identities({} redacted)", self.0.len())
+    }
+}
+
+impl Identities {
+    /// Fingerprints of the recipients these identities decrypt for.
+    pub fn fingerprints(&self) -> Vec<String> {
+        self.0
+            .iter()
+            .map(|i| datasaver_common::crypt::fingerprint(&i.to_public()))
+            .collect()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct TargetConfig {
     pub name: String,
@@ -69,6 +102,10 @@ pub struct TargetConfig {
     pub compression_level: i32,
     /// zstd worker threads (0: compress on the reading thread).
     pub compression_threads: u32,
+    /// Encrypt backups to this recipient (None: stored unencrypted).
+    pub encrypt_to: Option<EncryptTo>,
+    /// Identities to decrypt backups on restore and verify.
+    pub identities: Identities,
 }
 
 #[derive(Debug, Clone)]
@@ -151,12 +188,23 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         ));
     }
 
-    if env.get("DATASAVER_ENCRYPTION_RECIPIENT").is_some() {
-        errs.push(SettingError::new(
-            "DATASAVER_ENCRYPTION_RECIPIENT",
-            "encryption is not available in this build yet; unset it (backups would otherwise be stored unencrypted)",
-        ));
-    }
+    let encrypt_to = match env.get("DATASAVER_ENCRYPTION_RECIPIENT") {
+        None => Some(None),
+        Some(r) => take!(datasaver_common::crypt::parse_recipient(r)
+            .map(|recipient| {
+                Some(EncryptTo {
+                    fingerprint: datasaver_common::crypt::fingerprint(&recipient),
+                    recipient,
+                })
+            })
+            .map_err(|m| SettingError::new("DATASAVER_ENCRYPTION_RECIPIENT", m))),
+    };
+    let identities = match env.get("DATASAVER_ENCRYPTION_IDENTITY_FILE") {
+        None => Some(Identities::default()),
+        Some(path) => take!(datasaver_common::crypt::load_identities(path)
+            .map(|ids| Identities(std::sync::Arc::new(ids)))
+            .map_err(|m| SettingError::new("DATASAVER_ENCRYPTION_IDENTITY_FILE", m))),
+    };
 
     let schedule = env.get("DATASAVER_SCHEDULE").map(str::to_string);
     let retention = proto::Retention {
@@ -213,6 +261,8 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         tls,
         pg_bin_dir,
         threads,
+        encrypt_to,
+        identities,
     ) {
         (
             Some((url, host)),
@@ -223,6 +273,8 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
             Some(tls),
             Some(bin),
             Some(compression_threads),
+            Some(encrypt_to),
+            Some(identities),
         ) => Ok(AgentConfig {
             coordinator_url: url,
             coordinator_host: host,
@@ -234,6 +286,8 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 compression,
                 compression_level: level,
                 compression_threads,
+                encrypt_to,
+                identities,
             },
             tls,
             pg_bin_dir: bin,

@@ -125,7 +125,7 @@ async fn session(
                 schedule: t.schedule.clone().unwrap_or_default(),
                 retention: Some(t.retention),
                 compression: t.compression.name().into(),
-                encrypted: false,
+                encrypted: t.encrypt_to.is_some(),
                 database: t.db.dbname.clone(),
                 db_host: format!("{}:{}", t.db.host, t.db.port),
             }],

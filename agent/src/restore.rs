@@ -10,7 +10,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 
 use datasaver_common::checksum::Checksum;
-use datasaver_common::codec::{Compression, Decoder};
+use datasaver_common::codec::Compression;
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
 use datasaver_common::proto::{DownloadRequest, RestoreJob, RestoreMode};
 use tokio::sync::mpsc;
@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::backup::{drain_stderr, wait_child};
-use crate::config::TargetConfig;
+use crate::config::{Identities, TargetConfig};
 use crate::pg::{quote_ident, summarize_stderr, PgTools};
 use crate::progress::{Counters, Reporter};
 
@@ -42,22 +42,112 @@ fn kill(child: &Mutex<std::process::Child>) {
     let _ = c.kill();
 }
 
-/// Feeds verified, decompressed bytes to a child's stdin.
+/// The downloaded bytes as a `Read`, hashed as they pass. At the end of the
+/// stream it compares the checksum and length and fails the read if they do
+/// not match, so nothing downstream can see a clean end of a bad object.
+struct VerifyingReader<'a> {
+    rx: mpsc::Receiver<Piece>,
+    buf: Vec<u8>,
+    pos: usize,
+    hash: Checksum,
+    ended: bool,
+    verified: bool,
+    backup_id: &'a str,
+    expected: &'a str,
+    expected_len: u64,
+    counters: &'a Counters,
+}
+
+impl VerifyingReader<'_> {
+    fn verify(&mut self) -> std::io::Result<()> {
+        let got = self.hash.finish();
+        if got != self.expected || self.hash.len() != self.expected_len {
+            return Err(std::io::Error::other(format!(
+                "backup {} failed its checksum while downloading: got {got} ({} bytes), expected {} ({} bytes); nothing was committed",
+                self.backup_id,
+                self.hash.len(),
+                self.expected,
+                self.expected_len
+            )));
+        }
+        self.verified = true;
+        Ok(())
+    }
+
+    /// Reads whatever a decoder left unread, so the checksum covers it all.
+    fn drain(&mut self) -> std::io::Result<()> {
+        let mut sink = [0u8; 64 * 1024];
+        while self.read(&mut sink)? > 0 {}
+        Ok(())
+    }
+}
+
+impl Read for VerifyingReader<'_> {
+    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+        loop {
+            if self.pos < self.buf.len() {
+                let n = out.len().min(self.buf.len() - self.pos);
+                out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
+                self.pos += n;
+                return Ok(n);
+            }
+            if self.ended {
+                if !self.verified {
+                    self.verify()?;
+                }
+                return Ok(0);
+            }
+            match self.rx.blocking_recv() {
+                Some(Piece::Data(d)) => {
+                    self.hash.update(&d);
+                    self.counters
+                        .stored
+                        .store(self.hash.len(), Ordering::Relaxed);
+                    self.buf = d;
+                    self.pos = 0;
+                }
+                Some(Piece::End) => self.ended = true,
+                None => return Err(std::io::Error::other("download interrupted")),
+            }
+        }
+    }
+}
+
+/// How to turn stored bytes back into a pg_dump archive.
+#[derive(Clone)]
+struct Unpack {
+    codec: Compression,
+    identities: Option<Identities>,
+}
+
+/// Feeds verified, decrypted, decompressed bytes to a child's stdin.
 #[allow(clippy::too_many_arguments)]
 fn feed(
-    mut rx: mpsc::Receiver<Piece>,
+    rx: mpsc::Receiver<Piece>,
     mut stdin: std::process::ChildStdin,
     child: &Mutex<std::process::Child>,
-    codec: Compression,
+    unpack: Unpack,
     backup_id: &str,
     expected: &str,
     expected_len: u64,
     counters: &Counters,
     reads_prefix_only: bool,
 ) -> Result<(), String> {
-    let mut dec = Decoder::new(codec).map_err(|e| e.to_string())?;
+    let mut source = VerifyingReader {
+        rx,
+        buf: Vec::new(),
+        pos: 0,
+        hash: Checksum::new(),
+        ended: false,
+        verified: false,
+        backup_id,
+        expected,
+        expected_len,
+        counters,
+    };
     // `pg_restore --list` stops reading after the table of contents; the
-    // rest of the stream is still hashed so the whole object is verified.
+    // rest of the stream is still read and hashed so the whole object is
+    // verified.
     let mut sink_closed = false;
     let write = |stdin: &mut std::process::ChildStdin,
                  data: &[u8],
@@ -75,47 +165,57 @@ fn feed(
             Err(e) => Err(format!("pg_restore stopped reading its input ({e})")),
         }
     };
-    let mut hash = Checksum::new();
-    let mut pending: Vec<u8> = Vec::new();
-    let mut ended = false;
+    let unreadable = |e: std::io::Error| {
+        // the verifying reader's own errors are already complete sentences
+        let m = e.to_string();
+        if m.contains("checksum") || m.contains("download interrupted") {
+            m
+        } else {
+            format!("backup {backup_id} cannot be read: {m}")
+        }
+    };
     let result = (|| {
-        while let Some(p) = rx.blocking_recv() {
-            match p {
-                Piece::Data(d) => {
-                    hash.update(&d);
-                    counters.stored.store(hash.len(), Ordering::Relaxed);
-                    dec.push(&d)
-                        .map_err(|e| format!("backup {backup_id} cannot be read: {e}"))?;
-                    pending.extend(dec.take());
-                    if pending.len() > 2 * HOLD_BACK {
-                        let keep = pending.split_off(pending.len() - HOLD_BACK);
-                        write(&mut stdin, &pending, &mut sink_closed)?;
-                        counters
-                            .raw
-                            .fetch_add(pending.len() as u64, Ordering::Relaxed);
-                        pending = keep;
-                    }
+        let mut pending: Vec<u8> = Vec::new();
+        {
+            let decrypted: Box<dyn Read + '_> = match &unpack.identities {
+                None => Box::new(&mut source),
+                Some(ids) => Box::new(
+                    datasaver_common::crypt::decrypt_reader(&mut source, &ids.0)
+                        .map_err(|m| format!("backup {backup_id}: {m}"))?,
+                ),
+            };
+            let mut plain: Box<dyn Read + '_> = match unpack.codec {
+                Compression::Zstd => {
+                    Box::new(zstd::stream::read::Decoder::new(decrypted).map_err(unreadable)?)
                 }
-                Piece::End => {
-                    ended = true;
+                Compression::Gzip => Box::new(flate2::read::GzDecoder::new(decrypted)),
+                Compression::None => decrypted,
+            };
+            let mut buf = vec![0u8; 256 * 1024];
+            loop {
+                let n = plain.read(&mut buf).map_err(unreadable)?;
+                if n == 0 {
                     break;
+                }
+                pending.extend_from_slice(&buf[..n]);
+                if pending.len() > 2 * HOLD_BACK {
+                    let keep = pending.split_off(pending.len() - HOLD_BACK);
+                    write(&mut stdin, &pending, &mut sink_closed)?;
+                    counters
+                        .raw
+                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
+                    pending = keep;
                 }
             }
         }
-        if !ended {
-            return Err("download interrupted".to_string());
-        }
-        let got = hash.finish();
-        if got != expected || hash.len() != expected_len {
+        // Only once every stored byte has been read and checked does the
+        // archive's tail reach pg_restore.
+        source.drain().map_err(unreadable)?;
+        if !source.verified {
             return Err(format!(
-                "backup {backup_id} failed its checksum while downloading: got {got} ({} bytes), expected {expected} ({expected_len} bytes); nothing was committed",
-                hash.len()
+                "backup {backup_id}: the download ended without being verified"
             ));
         }
-        pending.extend(
-            dec.finish()
-                .map_err(|e| format!("backup {backup_id} cannot be read: {e}"))?,
-        );
         write(&mut stdin, &pending, &mut sink_closed)?;
         counters
             .raw
@@ -137,7 +237,7 @@ async fn stream_into(
     mut cmd: std::process::Command,
     client: &mut AgentServiceClient<Channel>,
     job: &RestoreJob,
-    codec: Compression,
+    unpack: Unpack,
     counters: Arc<Counters>,
     cancel: &CancellationToken,
     reads_prefix_only: bool,
@@ -172,7 +272,7 @@ async fn stream_into(
             rx,
             stdin,
             &child2,
-            codec,
+            unpack,
             &job2.backup_id,
             &job2.checksum,
             job2.stored_bytes,
@@ -254,12 +354,28 @@ pub async fn run(
         .compression
         .parse()
         .map_err(|e| format!("backup {}: {e}", job.backup_id))?;
-    if job.encrypted {
-        return Err(format!(
-            "backup {} is encrypted (to {}) and this agent cannot decrypt",
-            job.backup_id, job.encryption_recipient
-        ));
-    }
+    // Decide before touching anything whether this agent can decrypt it.
+    let identities = if job.encrypted {
+        let fps = target.identities.fingerprints();
+        if fps.is_empty() {
+            return Err(format!(
+                "backup {} is encrypted to recipient {}; set DATASAVER_ENCRYPTION_IDENTITY_FILE on the agent to the matching identity (nothing was changed)",
+                job.backup_id, job.encryption_recipient
+            ));
+        }
+        if !job.encryption_recipient.is_empty() && !fps.contains(&job.encryption_recipient) {
+            return Err(format!(
+                "backup {} is encrypted to recipient {}, but the agent's identity file holds {}; nothing was changed",
+                job.backup_id,
+                job.encryption_recipient,
+                fps.join(", ")
+            ));
+        }
+        Some(target.identities.clone())
+    } else {
+        None
+    };
+    let unpack = Unpack { codec, identities };
     let db = &target.db;
     let counters = Arc::new(Counters::default());
 
@@ -272,7 +388,7 @@ pub async fn run(
             tools.pg_restore_list(db),
             &mut client,
             &job,
-            codec,
+            unpack.clone(),
             counters,
             &cancel,
             true,
@@ -393,7 +509,7 @@ pub async fn run(
         tools.pg_restore_into(db, &restore_into),
         &mut client,
         &job,
-        codec,
+        unpack,
         counters.clone(),
         &cancel,
         false,

@@ -77,6 +77,16 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Re-read a backup from storage, check its BLAKE3 checksum and its archive's table of contents.
     Verify { id: String },
+    /// Print a new age identity (AGE-SECRET-KEY-1…) and its recipient (age1…) for backup encryption.
+    ///
+    /// Give the recipient to agents as DATASAVER_ENCRYPTION_RECIPIENT; keep the identity
+    /// somewhere safe and hand it to the agent that restores as DATASAVER_ENCRYPTION_IDENTITY_FILE.
+    /// Without it, encrypted backups cannot be restored by anyone.
+    Keygen {
+        /// Write the identity to this file (created 0600, never overwritten) instead of stdout.
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
 }
 
 #[derive(Args)]
@@ -193,6 +203,46 @@ async fn run(cli: Cli) -> Result<()> {
             }
         };
     }
+    if let Cmd::Keygen { out } = &cli.cmd {
+        let (secret, public) = datasaver_common::crypt::generate();
+        let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+        let file = format!("# created: {created}\n# public key: {public}\n{secret}\n");
+        match out {
+            Some(path) => {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .with_context(|| {
+                        format!("cannot create {} (it must not exist yet)", path.display())
+                    })?;
+                f.write_all(file.as_bytes())
+                    .with_context(|| format!("cannot write {}", path.display()))?;
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "recipient": public, "identity_file": path })
+                    );
+                } else {
+                    println!("{public}");
+                }
+            }
+            None => {
+                if cli.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "recipient": public, "identity": secret })
+                    );
+                } else {
+                    print!("{file}");
+                }
+            }
+        }
+        return Ok(());
+    }
     let mut c = client::connect(
         &cli.coordinator,
         cli.tls_ca.clone(),
@@ -203,7 +253,7 @@ async fn run(cli: Cli) -> Result<()> {
     let url = cli.coordinator.clone();
     let fail = |s: tonic::Status| client::status_error(&url, s);
     match cli.cmd {
-        Cmd::Certs(_) => Ok(()),
+        Cmd::Certs(_) | Cmd::Keygen { .. } => Ok(()),
         Cmd::Agents => {
             let agents = c
                 .list_agents(ListAgentsRequest {})

@@ -249,7 +249,12 @@ impl AgentSvc {
             .compression
             .parse()
             .map_err(|e| format!("upload header: {e}"))?;
-        let object_key = logical_object_key(&h.target, &h.backup_id, codec.extension());
+        let extension = if h.encrypted {
+            format!("{}.age", codec.extension())
+        } else {
+            codec.extension().to_string()
+        };
+        let object_key = logical_object_key(&h.target, &h.backup_id, &extension);
         let meta_key = logical_meta_key(&h.target, &h.backup_id);
         let storage = &self.core.storage;
         let mut writer: Box<dyn ObjectWriter> = storage

@@ -8,6 +8,7 @@
 //! `datasaver_tests::bin_dir`.
 
 mod e2e {
+    mod codecs;
     mod faults;
     mod harness_selftest;
     mod roundtrip;

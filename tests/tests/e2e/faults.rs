@@ -339,6 +339,16 @@ fn bad_configuration_stops_with_one_line_naming_the_setting() {
             "DATASAVER_COMPRESSION_LEVEL",
         ),
         ("DATASAVER_DB_PORT", "port", "DATASAVER_DB_PORT"),
+        (
+            "DATASAVER_ENCRYPTION_RECIPIENT",
+            "age1bogus",
+            "DATASAVER_ENCRYPTION_RECIPIENT",
+        ),
+        (
+            "DATASAVER_ENCRYPTION_IDENTITY_FILE",
+            "/nonexistent/id.txt",
+            "DATASAVER_ENCRYPTION_IDENTITY_FILE",
+        ),
     ];
     for (key, value, setting) in cases {
         let spec: ProcSpec = base.clone().env(key, value);
