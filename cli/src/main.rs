@@ -77,6 +77,9 @@ enum Cmd {
     Restore(RestoreArgs),
     /// Re-read a backup from storage, check its BLAKE3 checksum and its archive's table of contents.
     Verify { id: String },
+    /// Catalog maintenance.
+    #[command(subcommand)]
+    Catalog(CatalogCmd),
     /// Print a new age identity (AGE-SECRET-KEY-1…) and its recipient (age1…) for backup encryption.
     ///
     /// Give the recipient to agents as DATASAVER_ENCRYPTION_RECIPIENT; keep the identity
@@ -111,6 +114,15 @@ struct RestoreArgs {
     /// Download, checksum and list the archive; change nothing.
     #[arg(long)]
     dry_run: bool,
+}
+
+#[derive(Subcommand)]
+enum CatalogCmd {
+    /// Re-read every meta file in storage and add the backups the catalog lacks.
+    ///
+    /// Objects without a meta file, and meta files whose object is missing or has
+    /// the wrong size, are reported and not imported.
+    Rebuild,
 }
 
 #[derive(Subcommand)]
@@ -254,6 +266,35 @@ async fn run(cli: Cli) -> Result<()> {
     let fail = |s: tonic::Status| client::status_error(&url, s);
     match cli.cmd {
         Cmd::Certs(_) | Cmd::Keygen { .. } => Ok(()),
+        Cmd::Catalog(CatalogCmd::Rebuild) => {
+            let r = c
+                .rebuild_catalog(datasaver_common::proto::RebuildCatalogRequest {})
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if cli.json {
+                let v = serde_json::json!({
+                    "imported": r.imported,
+                    "already_known": r.already_known,
+                    "problems": r.problems,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!(
+                    "imported {} backup(s), {} already in the catalog, {} problem(s)",
+                    r.imported.len(),
+                    r.already_known,
+                    r.problems.len()
+                );
+                for id in &r.imported {
+                    println!("imported  {id}");
+                }
+                for p in &r.problems {
+                    println!("problem   {p}");
+                }
+            }
+            Ok(())
+        }
         Cmd::Agents => {
             let agents = c
                 .list_agents(ListAgentsRequest {})

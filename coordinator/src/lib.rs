@@ -10,6 +10,7 @@ pub mod fleet;
 pub mod listener;
 pub mod meta;
 pub mod operator_service;
+pub mod rebuild;
 pub mod storage;
 
 use std::sync::Arc;
@@ -150,6 +151,26 @@ pub async fn run(
         fleet: Fleet::default(),
         cancel: cancel.clone(),
     });
+    // Losing the backup host must not lose the backups: an empty catalog over
+    // a non-empty storage is rebuilt from the meta files before serving.
+    let empty = core.catalog.list(None).await?.is_empty();
+    if empty && !core.storage.list("").await?.is_empty() {
+        match rebuild::rebuild(&core).await {
+            Ok(r) => {
+                tracing::warn!(
+                    imported = r.imported.len(),
+                    problems = r.problems.len(),
+                    "catalog was empty: rebuilt it from storage"
+                );
+                for p in &r.problems {
+                    tracing::warn!(problem = %p, "not imported during catalog rebuild");
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "catalog rebuild from storage failed; run `dsctl catalog rebuild`")
+            }
+        }
+    }
     let addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(grpc = %addr, storage = %core.storage.describe(), identity = %tls.identity, "coordinator ready");
 

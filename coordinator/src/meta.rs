@@ -42,6 +42,12 @@ pub struct Meta {
     pub object_key: String,
     pub meta_key: String,
     pub agent: String,
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub verified_at: Option<String>,
+    #[serde(default)]
+    pub verify_result: Option<String>,
 }
 
 impl Meta {
@@ -74,6 +80,9 @@ impl Meta {
             object_key: b.object_key.clone(),
             meta_key: b.meta_key.clone(),
             agent: b.agent.clone(),
+            pinned: b.pinned,
+            verified_at: b.verified_at.clone(),
+            verify_result: b.verify_result.clone(),
         }
     }
 

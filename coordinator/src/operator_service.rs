@@ -10,8 +10,8 @@ use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
     coordinator_message, job_event, BackupJob, CoordinatorMessage, GetBackupRequest, JobDone,
     JobEvent, JobProgress, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
-    ListBackupsResponse, RestoreJob, RestoreMode, RestoreRequest, StartBackupRequest,
-    VerifyRequest,
+    ListBackupsResponse, RebuildCatalogRequest, RebuildCatalogResponse, RestoreJob, RestoreMode,
+    RestoreRequest, StartBackupRequest, VerifyRequest,
 };
 use datasaver_common::tls::Role;
 use futures::{Stream, StreamExt};
@@ -265,6 +265,25 @@ impl OperatorService for OperatorSvc {
             .await
     }
 
+    async fn rebuild_catalog(
+        &self,
+        req: Request<RebuildCatalogRequest>,
+    ) -> Result<Response<RebuildCatalogResponse>, Status> {
+        let who = peer(&req, Role::Operator)?;
+        tracing::info!(operator = %who, "catalog rebuild requested");
+        let r = crate::rebuild::rebuild(&self.core)
+            .await
+            .map_err(Status::unavailable)?;
+        for p in &r.problems {
+            tracing::warn!(problem = %p, "not imported during catalog rebuild");
+        }
+        Ok(Response::new(RebuildCatalogResponse {
+            imported: r.imported,
+            already_known: r.already_known,
+            problems: r.problems,
+        }))
+    }
+
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<EventStream>, Status> {
         let who = peer(&req, Role::Operator)?;
         let row = self.find(&req.into_inner().id).await?;
@@ -468,6 +487,17 @@ impl OperatorSvc {
                     .catalog
                     .set_verified(&row.id, now_rfc3339(), verdict)
                     .await;
+                // keep the meta file in step, so a rebuilt catalog knows it too
+                if let Ok(Some(updated)) = core.catalog.get(&row.id).await {
+                    let meta = crate::meta::Meta::from_row(&updated).to_json();
+                    if let Err(e) = core
+                        .storage
+                        .put(&updated.meta_key, bytes::Bytes::from(meta))
+                        .await
+                    {
+                        tracing::warn!(backup = %row.id, error = %e, "could not update the meta file with the verify result");
+                    }
+                }
             }
             let event = match result {
                 Ok(r) => {

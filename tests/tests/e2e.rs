@@ -11,6 +11,7 @@ mod e2e {
     mod codecs;
     mod faults;
     mod harness_selftest;
+    mod rebuild;
     mod roundtrip;
     mod two_agents;
 }
