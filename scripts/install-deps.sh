@@ -140,23 +140,15 @@ fi
 command -v cargo >/dev/null 2>&1 ||
     die "cargo not found: install a Rust toolchain (rustup, stable, with rustfmt and clippy)"
 say "cargo present ($(cargo --version))"
-if cargo fmt --version >/dev/null 2>&1; then
-    say "rustfmt present ($(cargo fmt --version))"
-else
-    if command -v rustup >/dev/null 2>&1 && rustup component add rustfmt >/dev/null 2>&1; then
-        say "rustfmt installed with rustup"
+for tool in fmt:rustfmt clippy:clippy; do
+    sub=${tool%%:*} component=${tool#*:}
+    if cargo "$sub" --version >/dev/null 2>&1; then
+        say "$component present ($(cargo "$sub" --version))"
+    elif command -v rustup >/dev/null 2>&1 && rustup component add "$component" >/dev/null 2>&1; then
+        say "$component installed with rustup"
     else
-        die "cargo fmt not available: rustup component add rustfmt"
+        die "cargo $sub not available: rustup component add $component"
     fi
-fi
-if cargo clippy --version >/dev/null 2>&1; then
-    say "clippy present ($(cargo clippy --version))"
-else
-    if command -v rustup >/dev/null 2>&1 && rustup component add clippy >/dev/null 2>&1; then
-        say "clippy installed with rustup"
-    else
-        die "cargo clippy not available: rustup component add clippy"
-    fi
-fi
+done
 
 say "done"

@@ -8,7 +8,7 @@ use std::io::Read;
 use std::process::Stdio;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use datasaver_common::checksum::Checksum;
 use datasaver_common::codec::Encoder;
@@ -22,6 +22,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
+use crate::child;
 use crate::config::TargetConfig;
 use crate::pg::{summarize_stderr, PgTools};
 use crate::progress::{Counters, Reporter};
@@ -31,32 +32,6 @@ enum DumpError {
     Failed(String),
     /// The upload stream went away; its own error says why.
     UploadClosed,
-}
-
-/// Reads a child's stderr on a thread, keeping what pg_dump said.
-pub fn drain_stderr(stderr: std::process::ChildStderr) -> std::thread::JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut s = String::new();
-        let mut r = std::io::BufReader::new(stderr).take(64 * 1024);
-        let _ = r.read_to_string(&mut s);
-        // keep draining so the child never blocks on a full pipe
-        let _ = std::io::copy(r.get_mut().get_mut(), &mut std::io::sink());
-        s
-    })
-}
-
-/// Waits for a child that others may want to kill; polls so the lock is
-/// never held across a blocking wait.
-pub fn wait_child(child: &Mutex<std::process::Child>) -> std::io::Result<std::process::ExitStatus> {
-    loop {
-        {
-            let mut c = child.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(st) = c.try_wait()? {
-                return Ok(st);
-            }
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -90,15 +65,10 @@ fn dump_thread(
         .stdout
         .take()
         .ok_or_else(|| DumpError::Failed("pg_dump has no stdout".into()))?;
-    let stderr = child.stderr.take().map(drain_stderr);
+    let stderr = child.stderr.take().map(child::drain_stderr);
     let child = Arc::new(Mutex::new(child));
     *child_slot.lock().unwrap_or_else(|p| p.into_inner()) = Some(child.clone());
 
-    let kill = |child: &Mutex<std::process::Child>| {
-        let mut c = child.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = c.kill();
-        let _ = c.wait();
-    };
     let mut enc = match Encoder::with_threads(
         target.compression,
         Some(target.compression_level),
@@ -106,7 +76,7 @@ fn dump_thread(
     ) {
         Ok(e) => e,
         Err(e) => {
-            kill(&child);
+            child::kill_and_reap(&child);
             return Err(DumpError::Failed(e.to_string()));
         }
     };
@@ -115,7 +85,7 @@ fn dump_thread(
         Some(e) => match datasaver_common::crypt::Encrypt::new(&e.recipient) {
             Ok(c) => Some(c),
             Err(m) => {
-                kill(&child);
+                child::kill_and_reap(&child);
                 return Err(DumpError::Failed(m));
             }
         },
@@ -162,14 +132,14 @@ fn dump_thread(
         Ok(())
     })();
     if let Err(e) = result {
-        kill(&child);
+        child::kill_and_reap(&child);
         return Err(e);
     }
     let tail = enc.finish().map_err(|e| DumpError::Failed(e.to_string()));
     let tail = match tail {
         Ok(t) => t,
         Err(e) => {
-            kill(&child);
+            child::kill_and_reap(&child);
             return Err(e);
         }
     };
@@ -184,13 +154,13 @@ fn dump_thread(
     let tail = match tail {
         Ok(t) => t,
         Err(m) => {
-            kill(&child);
+            child::kill_and_reap(&child);
             return Err(DumpError::Failed(m));
         }
     };
     out.extend(tail);
     let status =
-        wait_child(&child).map_err(|e| DumpError::Failed(format!("waiting for pg_dump: {e}")))?;
+        child::wait(&child).map_err(|e| DumpError::Failed(format!("waiting for pg_dump: {e}")))?;
     let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
     if !status.success() {
         let what = match status.code() {
@@ -225,9 +195,7 @@ pub async fn run(
     reporter: Reporter,
     cancel: CancellationToken,
 ) -> Result<String, String> {
-    reporter
-        .phase("probe", "checking the database and pg_dump versions")
-        .await;
+    reporter.phase("probe", "checking the database and pg_dump versions");
     let (dump_v, server_v) = tools.probe(&target.db).await?;
     let header = UploadHeader {
         job_id: job.job_id.clone(),
@@ -272,7 +240,7 @@ pub async fn run(
         r = &mut dump => r.map_err(|e| DumpError::Failed(format!("dump worker failed: {e}"))).and_then(|r| r),
         _ = cancel.cancelled() => {
             if let Some(c) = child_slot.lock().unwrap_or_else(|p| p.into_inner()).as_ref() {
-                let _ = c.lock().unwrap_or_else(|p| p.into_inner()).kill();
+                child::kill(c);
             }
             let _ = dump.await;
             Err(DumpError::Failed("backup cancelled (agent shutting down or connection lost)".into()))

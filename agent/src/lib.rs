@@ -4,6 +4,7 @@
 //! restarted, and it reconnects with capped exponential backoff.
 
 pub mod backup;
+pub mod child;
 pub mod config;
 pub mod pg;
 pub mod progress;
@@ -73,26 +74,12 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
     }
 }
 
-/// Flattens a tonic error and its causes into one line.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
-}
-
 async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, String> {
     let tls_cfg = datasaver_common::tls::client_config(tls, &config.coordinator_host);
     Endpoint::from_shared(config.coordinator_url.clone())
-        .map_err(|e| error_chain(&e))?
+        .map_err(|e| datasaver_common::error_chain(&e))?
         .tls_config(tls_cfg)
-        .map_err(|e| error_chain(&e))?
+        .map_err(|e| datasaver_common::error_chain(&e))?
         .connect_timeout(Duration::from_secs(10))
         .http2_keep_alive_interval(Duration::from_secs(20))
         .keep_alive_timeout(Duration::from_secs(20))
@@ -102,7 +89,7 @@ async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, Str
         .max_frame_size(datasaver_common::H2_MAX_FRAME)
         .connect()
         .await
-        .map_err(|e| error_chain(&e))
+        .map_err(|e| datasaver_common::error_chain(&e))
 }
 
 async fn session(

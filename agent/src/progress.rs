@@ -21,7 +21,7 @@ pub struct Reporter {
 }
 
 impl Reporter {
-    pub async fn phase(&self, phase: &str, message: &str) {
+    pub fn phase(&self, phase: &str, message: &str) {
         let _ = self.tx.try_send(AgentMessage {
             msg: Some(agent_message::Msg::Progress(JobProgress {
                 job_id: self.job_id.clone(),

@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
-use crate::backup::{drain_stderr, wait_child};
+use crate::child;
 use crate::config::{Identities, TargetConfig};
 use crate::pg::{quote_ident, summarize_stderr, PgTools};
 use crate::progress::{Counters, Reporter};
@@ -35,11 +35,6 @@ pub struct Outcome {
 enum Piece {
     Data(Vec<u8>),
     End,
-}
-
-fn kill(child: &Mutex<std::process::Child>) {
-    let mut c = child.lock().unwrap_or_else(|p| p.into_inner());
-    let _ = c.kill();
 }
 
 /// The downloaded bytes as a `Read`, hashed as they pass. At the end of the
@@ -184,13 +179,8 @@ fn feed(
                         .map_err(|m| format!("backup {backup_id}: {m}"))?,
                 ),
             };
-            let mut plain: Box<dyn Read + '_> = match unpack.codec {
-                Compression::Zstd => {
-                    Box::new(zstd::stream::read::Decoder::new(decrypted).map_err(unreadable)?)
-                }
-                Compression::Gzip => Box::new(flate2::read::GzDecoder::new(decrypted)),
-                Compression::None => decrypted,
-            };
+            let mut plain = datasaver_common::codec::decode_reader(unpack.codec, decrypted)
+                .map_err(|e| format!("backup {backup_id} cannot be read: {e}"))?;
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 let n = plain.read(&mut buf).map_err(unreadable)?;
@@ -224,7 +214,7 @@ fn feed(
     })();
     if result.is_err() {
         // kill before closing stdin: pg_restore must not see a clean EOF
-        kill(child);
+        child::kill(child);
     }
     drop(stdin);
     result
@@ -258,7 +248,7 @@ async fn stream_into(
         .map_err(|e| format!("cannot start pg_restore: {e}"))?;
     let stdin = child.stdin.take().ok_or("pg_restore has no stdin")?;
     let stdout = child.stdout.take().ok_or("pg_restore has no stdout")?;
-    let stderr = child.stderr.take().map(drain_stderr);
+    let stderr = child.stderr.take().map(child::drain_stderr);
     let out_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::BufReader::new(stdout).read_to_string(&mut s);
@@ -300,13 +290,13 @@ async fn stream_into(
     };
     drop(tx);
     if transfer.is_err() {
-        kill(&child);
+        child::kill(&child);
     }
     let fed = feeder
         .await
         .map_err(|e| format!("restore worker failed: {e}"))?;
     let child3 = child.clone();
-    let status = tokio::task::spawn_blocking(move || wait_child(&child3))
+    let status = tokio::task::spawn_blocking(move || child::wait(&child3))
         .await
         .map_err(|e| e.to_string())?
         .map_err(|e| format!("waiting for pg_restore: {e}"))?;
@@ -380,9 +370,7 @@ pub async fn run(
     let counters = Arc::new(Counters::default());
 
     if job.mode == RestoreMode::List as i32 {
-        reporter
-            .phase("list", "reading the archive's table of contents")
-            .await;
+        reporter.phase("list", "reading the archive's table of contents");
         let ticker = reporter.start_ticker("list", counters.clone());
         let out = stream_into(
             tools.pg_restore_list(db),
@@ -428,9 +416,7 @@ pub async fn run(
     } else {
         db.dbname.clone()
     };
-    reporter
-        .phase("prepare", &format!("preparing database {name}"))
-        .await;
+    reporter.phase("prepare", &format!("preparing database {name}"));
     let exists = tools
         .psql(
             db,
@@ -498,12 +484,10 @@ pub async fn run(
             .await
             .map_err(|e| format!("cannot create database {restore_into}: {e}"))?;
     }
-    reporter
-        .phase(
-            "restore",
-            &format!("restoring {} into {restore_into}", job.backup_id),
-        )
-        .await;
+    reporter.phase(
+        "restore",
+        &format!("restoring {} into {restore_into}", job.backup_id),
+    );
     let ticker = reporter.start_ticker("restore", counters.clone());
     let restored = stream_into(
         tools.pg_restore_into(db, &restore_into),

@@ -9,27 +9,16 @@ use anyhow::{anyhow, bail, Context, Result};
 use datasaver_common::proto::operator_service_client::OperatorServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut parts = vec![e.to_string()];
-    let mut cur = e.source();
-    while let Some(s) = cur {
-        let t = s.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = s.source();
-    }
-    parts.join(": ")
-}
-
 /// Set when dsctl connects without a client certificate, so the inevitable
 /// refusal can say what is missing.
 static NO_CLIENT_CERT: AtomicBool = AtomicBool::new(false);
 
+const NEEDS_CLIENT_CERT: &str = " (the coordinator requires a client certificate: set DATASAVER_TLS_CERT and DATASAVER_TLS_KEY to an operator certificate)";
+
 fn hint(text: &str) -> &'static str {
     let t = text.to_ascii_lowercase();
     if t.contains("certificaterequired") || t.contains("certificate required") {
-        " (the coordinator requires a client certificate: set DATASAVER_TLS_CERT and DATASAVER_TLS_KEY to an operator certificate)"
+        NEEDS_CLIENT_CERT
     } else if t.contains("unknownca")
         || t.contains("unknown ca")
         || t.contains("badcertificate")
@@ -51,22 +40,14 @@ pub fn status_error(url: &str, s: tonic::Status) -> anyhow::Error {
     use tonic::Code;
     // A status with a source came from the transport (TCP, TLS, HTTP/2),
     // not from the coordinator's own answer.
-    let mut parts: Vec<String> = vec![s.message().to_string()];
-    let mut cur = std::error::Error::source(&s);
-    while let Some(e) = cur {
-        let t = e.to_string();
-        if !parts.iter().any(|p| p.contains(&t)) {
-            parts.push(t);
-        }
-        cur = e.source();
-    }
-    if parts.len() > 1
+    let source = std::error::Error::source(&s);
+    if source.is_some()
         || (s.code() == Code::Cancelled && s.message().contains("operation was canceled"))
     {
-        let text = parts.join(": ");
+        let text = datasaver_common::error_chain_after(s.message(), source);
         let mut h = hint(&text);
         if NO_CLIENT_CERT.load(Ordering::Relaxed) {
-            h = " (the coordinator requires a client certificate: set DATASAVER_TLS_CERT and DATASAVER_TLS_KEY to an operator certificate)";
+            h = NEEDS_CLIENT_CERT;
         } else if h.is_empty() {
             h = " (the connection was dropped during the TLS handshake or the request: check that DATASAVER_TLS_CERT/KEY were issued by the fleet CA)";
         }
@@ -120,10 +101,10 @@ pub async fn connect(
     let endpoint = Endpoint::from_shared(url.to_string())
         .with_context(|| format!("--coordinator {url:?} is not a valid URL"))?
         .tls_config(tls)
-        .map_err(|e| anyhow!("TLS configuration: {}", chain(&e)))?
+        .map_err(|e| anyhow!("TLS configuration: {}", datasaver_common::error_chain(&e)))?
         .connect_timeout(Duration::from_secs(10));
     let channel = endpoint.connect().await.map_err(|e| {
-        let text = chain(&e);
+        let text = datasaver_common::error_chain(&e);
         anyhow!(
             "cannot connect to the coordinator at {url}: {text}{}",
             hint(&text)

@@ -375,17 +375,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(fail)?
                 .into_inner();
             let done = follow(stream, &cli.coordinator).await?;
-            if cli.json {
-                let v = serde_json::json!({
-                    "ok": true,
-                    "message": done.message,
-                    "target_db": if done.target_db.is_empty() { serde_json::Value::Null } else { done.target_db.clone().into() },
-                    "backup": done.backup.as_ref().map(output::backup_json),
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{}", done.message);
-            }
+            output::job_done(&done, cli.json, true);
             Ok(())
         }
         Cmd::Verify { id } => {
@@ -395,16 +385,7 @@ async fn run(cli: Cli) -> Result<()> {
                 .map_err(fail)?
                 .into_inner();
             let done = follow(stream, &cli.coordinator).await?;
-            if cli.json {
-                let v = serde_json::json!({
-                    "ok": true,
-                    "message": done.message,
-                    "backup": done.backup.as_ref().map(output::backup_json),
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!("{}", done.message);
-            }
+            output::job_done(&done, cli.json, false);
             Ok(())
         }
     }

@@ -2,7 +2,7 @@
 
 use std::io::{IsTerminal, Write};
 
-use datasaver_common::proto::{AgentInfo, Backup, JobProgress};
+use datasaver_common::proto::{AgentInfo, Backup, JobDone, JobProgress};
 use serde_json::{json, Value};
 
 pub fn human_bytes(n: u64) -> String {
@@ -53,6 +53,28 @@ pub fn backup_json(b: &Backup) -> Value {
         "verified_at": opt(&b.verified_at),
         "verify_result": opt(&b.verify_result),
     })
+}
+
+/// The result of a restore or verify: its message, or JSON with the backup
+/// (and, for restores, the database written).
+pub fn job_done(done: &JobDone, as_json: bool, with_target_db: bool) {
+    if !as_json {
+        println!("{}", done.message);
+        return;
+    }
+    let mut v = json!({
+        "ok": true,
+        "message": done.message,
+        "backup": done.backup.as_ref().map(backup_json),
+    });
+    if with_target_db {
+        v["target_db"] = if done.target_db.is_empty() {
+            Value::Null
+        } else {
+            done.target_db.clone().into()
+        };
+    }
+    println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
 }
 
 fn short_time(rfc: &str) -> String {

@@ -1,7 +1,7 @@
-//! Compression codecs for backup streams, as push-style transformers: feed
-//! input chunks in, take output bytes out. Used by the agent on both the
-//! backup path (encode) and the restore path (decode); never buffers more than
-//! the codec's own window.
+//! Compression codecs for backup streams: a push-style [`Encoder`] (feed
+//! input chunks in, take output bytes out) for the backup path, and a
+//! pull-style [`decode_reader`] for the restore path. Neither buffers more
+//! than the codec's own window.
 
 use std::fmt;
 use std::io::Write;
@@ -206,90 +206,60 @@ impl Encoder {
     }
 }
 
-enum DecInner {
-    Zstd(zstd::stream::write::Decoder<'static, Vec<u8>>),
-    Gzip(flate2::write::GzDecoder<Vec<u8>>),
-    None(Vec<u8>),
-}
-
-/// Streaming decompressor, the mirror of [`Encoder`].
-pub struct Decoder {
+/// Wraps a reader of stored bytes in a reader of the original stream; the
+/// mirror of [`Encoder`]. Pull-style so it can sit behind decryption and in
+/// front of any consumer without buffering the stream.
+pub fn decode_reader<'a, R: std::io::Read + 'a>(
     codec: Compression,
-    inner: DecInner,
-}
-
-impl Decoder {
-    /// A decompressor for `codec`.
-    pub fn new(codec: Compression) -> Result<Self, CodecError> {
-        let inner = match codec {
-            Compression::Zstd => DecInner::Zstd(
-                zstd::stream::write::Decoder::new(Vec::new()).map_err(|source| CodecError::Io {
-                    codec: codec.name(),
-                    op: "decompression",
-                    source,
-                })?,
-            ),
-            Compression::Gzip => DecInner::Gzip(flate2::write::GzDecoder::new(Vec::new())),
-            Compression::None => DecInner::None(Vec::new()),
-        };
-        Ok(Self { codec, inner })
-    }
-
-    fn err(&self, source: std::io::Error) -> CodecError {
-        CodecError::Io {
-            codec: self.codec.name(),
-            op: "decompression",
-            source,
-        }
-    }
-
-    /// Feeds compressed input.
-    pub fn push(&mut self, data: &[u8]) -> Result<(), CodecError> {
-        let r = match &mut self.inner {
-            DecInner::Zstd(d) => d.write_all(data).and_then(|_| d.flush()),
-            DecInner::Gzip(d) => d.write_all(data),
-            DecInner::None(v) => {
-                v.extend_from_slice(data);
-                Ok(())
-            }
-        };
-        r.map_err(|e| self.err(e))
-    }
-
-    /// Takes the decompressed bytes produced so far.
-    pub fn take(&mut self) -> Vec<u8> {
-        match &mut self.inner {
-            DecInner::Zstd(d) => std::mem::take(d.get_mut()),
-            DecInner::Gzip(d) => std::mem::take(d.get_mut()),
-            DecInner::None(v) => std::mem::take(v),
-        }
-    }
-
-    /// Ends the stream; fails if the input was truncated.
-    pub fn finish(mut self) -> Result<Vec<u8>, CodecError> {
-        let codec = self.codec;
-        let err = |source| CodecError::Io {
-            codec: codec.name(),
-            op: "decompression",
-            source,
-        };
-        match self.inner {
-            // Truncation is caught by the BLAKE3 check over the stored bytes
-            // and by pg_restore, which needs the archive's end marker.
-            DecInner::Zstd(ref mut d) => {
-                d.flush().map_err(err)?;
-                Ok(std::mem::take(d.get_mut()))
-            }
-            DecInner::Gzip(d) => d.finish().map_err(err),
-            DecInner::None(v) => Ok(v),
-        }
-    }
+    input: R,
+) -> Result<Box<dyn std::io::Read + 'a>, CodecError> {
+    Ok(match codec {
+        Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(input).map_err(
+            |source| CodecError::Io {
+                codec: codec.name(),
+                op: "decompression",
+                source,
+            },
+        )?),
+        Compression::Gzip => Box::new(flate2::read::GzDecoder::new(input)),
+        Compression::None => Box::new(input),
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use proptest::prelude::*;
+    use std::io::Read;
+
+    /// Hands out at most `chunk` bytes per read, like a network stream.
+    struct Chunked<'a> {
+        data: &'a [u8],
+        chunk: usize,
+    }
+
+    impl Read for Chunked<'_> {
+        fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
+            let n = out.len().min(self.chunk).min(self.data.len());
+            out[..n].copy_from_slice(&self.data[..n]);
+            self.data = &self.data[n..];
+            Ok(n)
+        }
+    }
+
+    fn decode(codec: Compression, stored: &[u8], chunk: usize) -> std::io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        decode_reader(
+            codec,
+            Chunked {
+                data: stored,
+                chunk: chunk.max(1),
+            },
+        )
+        .unwrap()
+        .read_to_end(&mut out)?;
+        Ok(out)
+    }
 
     fn roundtrip(codec: Compression, data: &[u8], chunk: usize) -> Vec<u8> {
         let mut enc = Encoder::new(codec, None).unwrap();
@@ -299,14 +269,7 @@ mod tests {
             stored.extend(enc.take());
         }
         stored.extend(enc.finish().unwrap());
-        let mut dec = Decoder::new(codec).unwrap();
-        let mut out = Vec::new();
-        for part in stored.chunks(chunk.max(1)) {
-            dec.push(part).unwrap();
-            out.extend(dec.take());
-        }
-        out.extend(dec.finish().unwrap());
-        out
+        decode(codec, &stored, chunk).unwrap()
     }
 
     #[test]
@@ -333,10 +296,7 @@ mod tests {
         }
         stored.extend(enc.finish().unwrap());
         assert!(stored.len() < data.len());
-        let mut dec = Decoder::new(Compression::Zstd).unwrap();
-        dec.push(&stored).unwrap();
-        let mut out = dec.take();
-        out.extend(dec.finish().unwrap());
+        let out = decode(Compression::Zstd, &stored, 1 << 20).unwrap();
         assert_eq!(out, data);
     }
 
@@ -358,8 +318,7 @@ mod tests {
         stored.extend(enc.finish().unwrap());
         let mid = stored.len() / 2;
         stored[mid] ^= 0xff;
-        let mut dec = Decoder::new(Compression::Zstd).unwrap();
-        let r = dec.push(&stored).and_then(|_| dec.finish().map(|_| ()));
+        let r = decode(Compression::Zstd, &stored, stored.len());
         assert!(r.is_err());
     }
 

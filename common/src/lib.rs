@@ -17,6 +17,27 @@ pub mod proto {
     tonic::include_proto!("datasaver.v1");
 }
 
+/// Flattens an error and its causes into one line, skipping causes whose
+/// text an earlier part already contains (tonic and hyper repeat themselves).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    error_chain_after(&e.to_string(), e.source())
+}
+
+/// Like [`error_chain`], starting from `head` (for errors whose own text is
+/// not the useful part, such as a gRPC status) and then `source`'s chain.
+pub fn error_chain_after(head: &str, source: Option<&(dyn std::error::Error + 'static)>) -> String {
+    let mut parts = vec![head.to_string()];
+    let mut cur = source;
+    while let Some(s) = cur {
+        let t = s.to_string();
+        if !parts.iter().any(|p| p.contains(&t)) {
+            parts.push(t);
+        }
+        cur = s.source();
+    }
+    parts.join(": ")
+}
+
 /// Version of this build, reported by agents and the coordinator.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 

@@ -22,7 +22,7 @@ use crate::catalog::{status, BackupRow};
 use crate::fleet::{AgentConn, JobKind, Report};
 use crate::meta::Meta;
 use crate::storage::{logical_meta_key, logical_object_key, ObjectWriter};
-use crate::{now_rfc3339, peer, Core};
+use crate::{internal, now_rfc3339, peer, Core};
 
 pub struct AgentSvc {
     pub core: Arc<Core>,
@@ -147,17 +147,18 @@ impl AgentService for AgentSvc {
                 ))
             }
         };
-        let (kind, target, backup_id, _, agent_name) = self
+        let job = self
             .core
             .fleet
             .job(&header.job_id)
             .ok_or_else(|| Status::not_found(format!("no running job {}", header.job_id)))?;
-        if kind != JobKind::Backup || backup_id != header.backup_id || target != header.target {
+        let (target, backup_id) = (job.target, job.backup_id);
+        if job.kind != JobKind::Backup || backup_id != header.backup_id || target != header.target {
             return Err(Status::invalid_argument(
                 "upload header does not match its job",
             ));
         }
-        if agent_name != who.name {
+        if job.agent_name != who.name {
             return Err(Status::permission_denied(format!(
                 "agent {} may not upload for target {target}",
                 who.name
@@ -190,17 +191,18 @@ impl AgentService for AgentSvc {
     ) -> Result<Response<Self::DownloadStream>, Status> {
         let who = peer(&req, Role::Agent)?;
         let req = req.into_inner();
-        let (kind, _target, backup_id, object_key, agent_name) =
-            self.core
-                .fleet
-                .job(&req.job_id)
-                .ok_or_else(|| Status::not_found(format!("no running job {}", req.job_id)))?;
-        if kind == JobKind::Backup || backup_id != req.backup_id {
+        let job = self
+            .core
+            .fleet
+            .job(&req.job_id)
+            .ok_or_else(|| Status::not_found(format!("no running job {}", req.job_id)))?;
+        let (backup_id, object_key) = (job.backup_id, job.object_key);
+        if job.kind == JobKind::Backup || backup_id != req.backup_id {
             return Err(Status::invalid_argument(
                 "download request does not match its job",
             ));
         }
-        if agent_name != who.name {
+        if job.agent_name != who.name {
             return Err(Status::permission_denied(format!(
                 "agent {} may not read backup {backup_id}",
                 who.name
@@ -221,10 +223,6 @@ impl AgentService for AgentSvc {
         });
         Ok(Response::new(Box::pin(out)))
     }
-}
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
 }
 
 impl AgentSvc {
@@ -261,55 +259,39 @@ impl AgentSvc {
             .create(&object_key)
             .await
             .map_err(|e| e.to_string())?;
-        let mut hasher = Some(Checksum::new());
-        let trailer = loop {
-            let msg = tokio::select! {
-                _ = self.core.cancel.cancelled() => {
-                    let _ = writer.abort().await;
-                    return Err("coordinator shutting down".into());
-                }
-                m = inbound.message() => m,
-            };
-            match msg {
-                Err(e) => {
-                    let _ = writer.abort().await;
-                    return Err(format!("upload interrupted: {}", e.message()));
-                }
-                Ok(None) => {
-                    let _ = writer.abort().await;
-                    return Err("upload ended without a trailer (agent stopped?)".into());
-                }
-                Ok(Some(m)) => match m.msg {
+        let mut hasher = Checksum::new();
+        let received: Result<_, String> = async {
+            loop {
+                let msg = tokio::select! {
+                    _ = self.core.cancel.cancelled() => return Err("coordinator shutting down".to_string()),
+                    m = inbound.message() => m,
+                };
+                let m = match msg {
+                    Err(e) => return Err(format!("upload interrupted: {}", e.message())),
+                    Ok(None) => return Err("upload ended without a trailer (agent stopped?)".into()),
+                    Ok(Some(m)) => m,
+                };
+                match m.msg {
                     Some(upload_request::Msg::Chunk(data)) => {
                         let data = Bytes::from(data);
-                        // hash off the async threads: chunks are up to 1 MiB
-                        let mut h = hasher.take().unwrap_or_default();
-                        let d2 = data.clone();
-                        let h = tokio::task::spawn_blocking(move || {
-                            h.update(&d2);
-                            h
-                        })
-                        .await
-                        .map_err(|e| e.to_string())?;
-                        hasher = Some(h);
-                        if let Err(e) = writer.write(data).await {
-                            let _ = writer.abort().await;
-                            return Err(e.to_string());
-                        }
+                        crate::hash_off_thread(&mut hasher, data.clone()).await?;
+                        writer.write(data).await.map_err(|e| e.to_string())?;
                     }
-                    Some(upload_request::Msg::Trailer(t)) => break t,
-                    Some(upload_request::Msg::Abort(a)) => {
-                        let _ = writer.abort().await;
-                        return Err(a.reason);
-                    }
-                    _ => {
-                        let _ = writer.abort().await;
-                        return Err("unexpected message in upload stream".into());
-                    }
-                },
+                    Some(upload_request::Msg::Trailer(t)) => return Ok(t),
+                    Some(upload_request::Msg::Abort(a)) => return Err(a.reason),
+                    _ => return Err("unexpected message in upload stream".into()),
+                }
+            }
+        }
+        .await;
+        // One place undoes the partial object, whatever went wrong.
+        let trailer = match received {
+            Ok(t) => t,
+            Err(e) => {
+                let _ = writer.abort().await;
+                return Err(e);
             }
         };
-        let hasher = hasher.unwrap_or_default();
         let ours = hasher.finish();
         if trailer.checksum != ours || trailer.stored_bytes != hasher.len() {
             let _ = writer.abort().await;

@@ -228,6 +228,12 @@ impl Catalog {
         .await
     }
 
+    /// Whether the catalog holds any backup row at all.
+    pub async fn has_backups(&self) -> Result<bool, CatalogError> {
+        self.call(|c| Ok(c.query_row("SELECT EXISTS(SELECT 1 FROM backups)", [], |r| r.get(0))?))
+            .await
+    }
+
     /// Picks an id for a new backup: the base id, or `<base>_2`, `_3`...
     pub async fn unused_id(&self, base: String) -> Result<String, CatalogError> {
         self.call(move |c| {

@@ -25,13 +25,20 @@ pub enum JobKind {
     List,
 }
 
-pub struct Job {
+/// What a transfer request is checked against.
+#[derive(Debug, Clone)]
+pub struct JobRef {
     pub kind: JobKind,
     pub target: String,
     pub backup_id: String,
+    /// empty for backups (the key is chosen when the upload arrives)
     pub object_key: String,
-    pub conn_id: u64,
     pub agent_name: String,
+}
+
+pub struct Job {
+    info: JobRef,
+    conn_id: u64,
     reports: mpsc::Sender<Report>,
 }
 
@@ -175,12 +182,14 @@ impl Fleet {
         lock!(self.inner).jobs.insert(
             job_id.to_string(),
             Job {
-                kind,
-                target: target.to_string(),
-                backup_id: backup_id.to_string(),
-                object_key: object_key.to_string(),
+                info: JobRef {
+                    kind,
+                    target: target.to_string(),
+                    backup_id: backup_id.to_string(),
+                    object_key: object_key.to_string(),
+                    agent_name: agent_name.to_string(),
+                },
                 conn_id,
-                agent_name: agent_name.to_string(),
                 reports: tx,
             },
         );
@@ -192,17 +201,8 @@ impl Fleet {
     }
 
     /// Facts about a job for checking an upload/download request.
-    pub fn job(&self, job_id: &str) -> Option<(JobKind, String, String, String, String)> {
-        let g = lock!(self.inner);
-        g.jobs.get(job_id).map(|j| {
-            (
-                j.kind,
-                j.target.clone(),
-                j.backup_id.clone(),
-                j.object_key.clone(),
-                j.agent_name.clone(),
-            )
-        })
+    pub fn job(&self, job_id: &str) -> Option<JobRef> {
+        lock!(self.inner).jobs.get(job_id).map(|j| j.info.clone())
     }
 
     /// Routes an agent's report to its job, if the job is still waiting and
@@ -228,14 +228,5 @@ impl Fleet {
                 }
             }
         }
-    }
-
-    /// Ids of backups currently being uploaded, restored or verified.
-    pub fn backups_in_use(&self) -> HashSet<String> {
-        lock!(self.inner)
-            .jobs
-            .values()
-            .map(|j| j.backup_id.clone())
-            .collect()
     }
 }

@@ -55,6 +55,27 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
 }
 
+/// Adds `data` to a checksum on the blocking pool (chunks are up to 1 MiB:
+/// too much hashing for an async worker thread).
+pub async fn hash_off_thread(
+    h: &mut datasaver_common::checksum::Checksum,
+    data: bytes::Bytes,
+) -> Result<(), String> {
+    let mut taken = std::mem::take(h);
+    *h = tokio::task::spawn_blocking(move || {
+        taken.update(&data);
+        taken
+    })
+    .await
+    .map_err(|e| format!("hashing worker failed: {e}"))?;
+    Ok(())
+}
+
+/// A failure inside the coordinator, as a gRPC status.
+pub fn internal(e: impl std::fmt::Display) -> Status {
+    Status::internal(e.to_string())
+}
+
 pub fn now_rfc3339() -> String {
     chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
@@ -153,9 +174,9 @@ pub async fn run(
     });
     // Losing the backup host must not lose the backups: an empty catalog over
     // a non-empty storage is rebuilt from the meta files before serving.
-    let empty = core.catalog.list(None).await?.is_empty();
-    if empty && !core.storage.list("").await?.is_empty() {
+    if !core.catalog.has_backups().await? {
         match rebuild::rebuild(&core).await {
+            Ok(r) if r.imported.is_empty() && r.problems.is_empty() => {}
             Ok(r) => {
                 tracing::warn!(
                     imported = r.imported.len(),

@@ -21,17 +21,13 @@ use tonic::{Request, Response, Status};
 
 use crate::catalog::{status, BackupRow};
 use crate::fleet::{JobKind, Report};
-use crate::{now_rfc3339, peer, to_proto, Core};
+use crate::{internal, now_rfc3339, peer, to_proto, Core};
 
 pub struct OperatorSvc {
     pub core: Arc<Core>,
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
-
-fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
 
 fn progress(phase: &str, message: String) -> JobEvent {
     JobEvent {
@@ -121,7 +117,10 @@ impl OperatorService for OperatorSvc {
         }
         let core = self.core.clone();
         let target = req.target.clone();
-        let release = scopeguard(core.clone(), target.clone());
+        let release = SlotGuard {
+            core: core.clone(),
+            target: target.clone(),
+        };
         let now = chrono::Utc::now();
         let id = core
             .catalog
@@ -311,10 +310,6 @@ impl Drop for SlotGuard {
     }
 }
 
-fn scopeguard(core: Arc<Core>, target: String) -> SlotGuard {
-    SlotGuard { core, target }
-}
-
 fn parse_time(s: &str) -> Result<String, Status> {
     let t = chrono::DateTime::parse_from_rfc3339(s)
         .map(|d| d.with_timezone(&chrono::Utc))
@@ -369,13 +364,7 @@ pub async fn check_object(core: &Core, row: &BackupRow) -> Result<(), String> {
     while let Some(chunk) = stream.next().await {
         let chunk = chunk
             .map_err(|e| format!("backup {}: reading {} failed: {e}", row.id, row.object_key))?;
-        let mut hh = std::mem::take(&mut h);
-        h = tokio::task::spawn_blocking(move || {
-            hh.update(&chunk);
-            hh
-        })
-        .await
-        .map_err(|e| e.to_string())?;
+        crate::hash_off_thread(&mut h, chunk).await?;
     }
     let got = h.finish();
     if got != row.checksum || h.len() != row.stored_bytes {

@@ -265,13 +265,22 @@ impl Fleet {
     /// `dsctl certs issue --ca CERTS --agent NAME --out OUT`; returns OUT (holding NAME.crt,
     /// NAME.key, ca.crt).
     pub fn issue_agent_cert(&self, name: &str) -> PathBuf {
-        let out_dir = self.dir.path().join("agents").join(name);
+        self.issue_cert("agent", "agents", name)
+    }
+
+    /// `dsctl certs issue --ca CERTS --operator NAME --out OUT`; returns OUT.
+    pub fn issue_operator_cert(&self, name: &str) -> PathBuf {
+        self.issue_cert("operator", "operators", name)
+    }
+
+    fn issue_cert(&self, role: &str, subdir: &str, name: &str) -> PathBuf {
+        let out_dir = self.dir.path().join(subdir).join(name);
         let mut cmd = clean_command(bin_path("dsctl"));
         cmd.args(["certs", "issue", "--ca"])
             .arg(&self.certs)
-            .args(["--agent", name, "--out"])
+            .args([&format!("--{role}"), name, "--out"])
             .arg(&out_dir);
-        run(cmd, Duration::from_secs(60)).expect_success("dsctl certs issue --agent");
+        run(cmd, Duration::from_secs(60)).expect_success(&format!("dsctl certs issue --{role}"));
         for f in [
             format!("{name}.crt"),
             format!("{name}.key"),
@@ -283,18 +292,6 @@ impl Fleet {
                 out_dir.display()
             );
         }
-        out_dir
-    }
-
-    /// `dsctl certs issue --ca CERTS --operator NAME --out OUT`; returns OUT.
-    pub fn issue_operator_cert(&self, name: &str) -> PathBuf {
-        let out_dir = self.dir.path().join("operators").join(name);
-        let mut cmd = clean_command(bin_path("dsctl"));
-        cmd.args(["certs", "issue", "--ca"])
-            .arg(&self.certs)
-            .args(["--operator", name, "--out"])
-            .arg(&out_dir);
-        run(cmd, Duration::from_secs(60)).expect_success("dsctl certs issue --operator");
         out_dir
     }
 

@@ -34,6 +34,46 @@ fn one_line(s: &str) -> String {
     lines[0].to_string()
 }
 
+/// A fleet backing up a ~150 MB database (slow enough to interrupt), with a
+/// `dsctl backup` running in a thread; returns once the upload's temp file
+/// holds more than `min_bytes`.
+fn backup_in_flight(
+    min_bytes: u64,
+) -> (
+    PgCluster,
+    Fleet,
+    std::thread::JoinHandle<datasaver_tests::Output>,
+) {
+    let pg = PgCluster::new();
+    pg.create_db("big");
+    pg.psql(
+        "big",
+        "CREATE TABLE blobs AS SELECT g AS id,
+            (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 16) i) AS payload
+         FROM generate_series(1, 300000) g;",
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent("big", &pg, "big");
+    let storage = fleet.storage_dir();
+    let mut cmd = fleet.dsctl_command();
+    cmd.args(["backup", "big"]);
+    let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
+    let started = wait_until(Duration::from_secs(120), || {
+        files_under(&storage).iter().any(|f| {
+            f.contains(".tmp-")
+                && std::fs::metadata(f)
+                    .map(|m| m.len() >= min_bytes)
+                    .unwrap_or(false)
+        })
+    });
+    assert!(
+        started,
+        "the upload never started: {:?}",
+        files_under(&fleet.storage_dir())
+    );
+    (pg, fleet, handle)
+}
+
 fn small_db(pg: &PgCluster, db: &str) {
     pg.create_db(db);
     pg.psql(db, "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g;");
@@ -109,36 +149,8 @@ fn clients_without_a_fleet_certificate_are_refused() {
 
 #[test]
 fn agent_killed_mid_upload_leaves_nothing() {
-    let pg = PgCluster::new();
-    pg.create_db("big");
-    // ~150 MB of hex: slow enough to kill the agent part-way through.
-    pg.psql(
-        "big",
-        "CREATE TABLE blobs AS SELECT g AS id,
-            (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 16) i) AS payload
-         FROM generate_series(1, 300000) g;",
-    );
-    let mut fleet = Fleet::start();
-    fleet.add_agent("big", &pg, "big");
-    let storage = fleet.storage_dir();
-
-    let mut cmd = fleet.dsctl_command();
-    cmd.args(["backup", "big"]);
-    let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
-    // wait until part of the object is on disk, then kill the agent
-    let started = wait_until(Duration::from_secs(120), || {
-        files_under(&storage).iter().any(|f| {
-            f.contains(".tmp-")
-                && std::fs::metadata(f)
-                    .map(|m| m.len() > 1_000_000)
-                    .unwrap_or(false)
-        })
-    });
-    assert!(
-        started,
-        "the upload never started: {:?}",
-        files_under(&fleet.storage_dir())
-    );
+    let (_pg, mut fleet, handle) = backup_in_flight(1_000_000);
+    // part of the object is on disk: kill the agent
     fleet.agent_mut("big").proc.kill(Sig::Kill);
     let out = handle
         .join()
@@ -175,24 +187,7 @@ fn agent_killed_mid_upload_leaves_nothing() {
 
 #[test]
 fn coordinator_killed_mid_upload_recovers_on_restart() {
-    let pg = PgCluster::new();
-    pg.create_db("big");
-    pg.psql(
-        "big",
-        "CREATE TABLE blobs AS SELECT g AS id,
-            (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 16) i) AS payload
-         FROM generate_series(1, 300000) g;",
-    );
-    let mut fleet = Fleet::start();
-    fleet.add_agent("big", &pg, "big");
-    let storage = fleet.storage_dir();
-    let mut cmd = fleet.dsctl_command();
-    cmd.args(["backup", "big"]);
-    let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
-    let started = wait_until(Duration::from_secs(120), || {
-        files_under(&storage).iter().any(|f| f.contains(".tmp-"))
-    });
-    assert!(started, "the upload never started");
+    let (_pg, mut fleet, handle) = backup_in_flight(0);
     fleet.kill_coordinator();
     handle
         .join()

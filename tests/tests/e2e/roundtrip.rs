@@ -113,22 +113,9 @@ fn backup_restore_roundtrip_is_faithful() {
     assert_eq!(pg.query_one("shop_restored", "SELECT x FROM marker"), "7");
 
     // --force replaces it, even with a client connected
-    let mut holder = std::process::Command::new(pg.client_bindir().join("psql"));
+    let mut holder = pg.client_command("psql");
     holder
-        .args([
-            "-X",
-            "-h",
-            pg.host(),
-            "-p",
-            &pg.port().to_string(),
-            "-U",
-            "postgres",
-            "-d",
-            "shop_restored",
-            "-c",
-            "SELECT pg_sleep(60)",
-        ])
-        .env("PGPASSWORD", pg.password())
+        .args(["-X", "-d", "shop_restored", "-c", "SELECT pg_sleep(60)"])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null());
     let mut holder = holder.spawn().expect("start a client holding a connection");
