@@ -7,7 +7,9 @@
 # Steps: install missing system packages (scripts/install-deps.sh) and a newer
 # PostgreSQL for the e2e tests (tests/install-newer-pg.sh, into
 # $DATASAVER_TEST_PG_NEWER_DIR, default /opt/datasaver-test-pg; skipped when
-# DATASAVER_TEST_PG_NEWER_BINDIR is already set), then
+# DATASAVER_TEST_PG_NEWER_BINDIR is already set) and the S3-compatible test
+# server (tests/install-s3-server.sh: s3s-fs into /opt/datasaver-test-s3;
+# skipped when DATASAVER_TEST_S3S_FS is already set), then
 #   cargo fmt --all -- --check
 #   cargo clippy --workspace --all-targets -- -D warnings
 #   cargo build --workspace           (the integration tests run these binaries)
@@ -78,6 +80,17 @@ newer_pg() {
 }
 if ((deps)) && [[ -z "${DATASAVER_TEST_PG_NEWER_BINDIR:-}" && -f tests/install-newer-pg.sh ]]; then
     run_step "newer PostgreSQL for the e2e tests (tests/install-newer-pg.sh)" newer_pg
+fi
+# The S3-compatible server the storage tests run against (s3s-fs from
+# crates.io).  Without it the S3 tests fail, saying how to install it.
+s3_server() {
+    local bin
+    bin=$(bash tests/install-s3-server.sh "${DATASAVER_TEST_S3_DIR:-/opt/datasaver-test-s3}")
+    export DATASAVER_TEST_S3S_FS=$bin
+    echo "DATASAVER_TEST_S3S_FS=$bin"
+}
+if ((deps)) && [[ -z "${DATASAVER_TEST_S3S_FS:-}" ]]; then
+    run_step "S3 test server (tests/install-s3-server.sh)" s3_server
 fi
 echo "DATASAVER_TEST_DISALLOW_SKIP=${DATASAVER_TEST_DISALLOW_SKIP:-<unset>}"
 run_step "cargo fmt --all -- --check" cargo fmt --all -- --check

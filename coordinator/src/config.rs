@@ -5,8 +5,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use datasaver_common::config::SettingError;
+use datasaver_common::config::{parse_bool, Env, SettingError};
 use datasaver_common::tls::TlsPaths;
+
+use crate::storage::s3::{S3Settings, Sse, MAX_PART_SIZE, MIN_PART_SIZE};
 
 #[derive(Debug, Clone, Parser)]
 #[command(
@@ -14,8 +16,11 @@ use datasaver_common::tls::TlsPaths;
     version,
     about = "datasaver coordinator: receives backups from agents, stores them and keeps the catalog",
     long_about = "datasaver coordinator: receives backups from agents over mutual TLS, stores them \
-                  (local directory), keeps the SQLite catalog and serves dsctl.\n\n\
-                  Every flag can also be given as the DATASAVER_* variable shown."
+                  (a local directory or an S3-compatible bucket), keeps the SQLite catalog and \
+                  serves dsctl.\n\n\
+                  Every flag can also be given as the DATASAVER_* variable shown. Secrets \
+                  (DATASAVER_S3_SECRET_KEY) are read only from the environment or from a file \
+                  named by the *_FILE variable, never from the command line."
 )]
 pub struct Args {
     /// gRPC address for agents and dsctl.
@@ -27,12 +32,48 @@ pub struct Args {
     /// Directory for catalog.db and (local backend) backups.
     #[arg(long, env = "DATASAVER_DATA_DIR", default_value = "./datasaver-data")]
     pub data_dir: PathBuf,
-    /// Storage backend: local.
+    /// Storage backend: local or s3.
     #[arg(long, env = "DATASAVER_STORAGE_BACKEND", default_value = "local")]
     pub storage_backend: String,
     /// Root of the local backend (default: DATA_DIR/backups).
     #[arg(long, env = "DATASAVER_STORAGE_PATH")]
     pub storage_path: Option<PathBuf>,
+    /// S3: bucket name (must exist).
+    #[arg(long, env = "DATASAVER_S3_BUCKET")]
+    pub s3_bucket: Option<String>,
+    /// S3: endpoint URL for S3-compatible servers (MinIO, B2, R2, Wasabi); unset = AWS.
+    #[arg(long, env = "DATASAVER_S3_ENDPOINT")]
+    pub s3_endpoint: Option<String>,
+    /// S3: region.
+    #[arg(long, env = "DATASAVER_S3_REGION", default_value = "us-east-1")]
+    pub s3_region: String,
+    /// S3: key prefix under which everything is stored (e.g. "datasaver/").
+    #[arg(long, env = "DATASAVER_S3_PREFIX", default_value = "")]
+    pub s3_prefix: String,
+    /// S3: path-style requests (http://host/bucket/key), needed by MinIO-like servers.
+    #[arg(long, env = "DATASAVER_S3_FORCE_PATH_STYLE", default_value = "false")]
+    pub s3_force_path_style: String,
+    /// S3: multipart part size in MiB (5..=5120).
+    #[arg(long, env = "DATASAVER_S3_PART_SIZE_MB", default_value_t = 16)]
+    pub s3_part_size_mb: u64,
+    /// S3: parts uploaded at the same time per backup (memory ≈ (this + 1) × part size).
+    #[arg(long, env = "DATASAVER_S3_PARTS_IN_FLIGHT", default_value_t = 2)]
+    pub s3_parts_in_flight: usize,
+    /// S3: attempts per request before a transient error (5xx, throttling, network) fails.
+    #[arg(long, env = "DATASAVER_S3_MAX_ATTEMPTS", default_value_t = 5)]
+    pub s3_max_attempts: u32,
+    /// S3: server-side encryption: AES256 or aws:kms.
+    #[arg(long, env = "DATASAVER_S3_SSE")]
+    pub s3_sse: Option<String>,
+    /// S3: KMS key id for DATASAVER_S3_SSE=aws:kms (default: the bucket's AWS-managed key).
+    #[arg(long, env = "DATASAVER_S3_SSE_KMS_KEY_ID")]
+    pub s3_sse_kms_key_id: Option<String>,
+    /// S3: storage class of backup objects (e.g. STANDARD_IA); meta files stay STANDARD.
+    #[arg(long, env = "DATASAVER_S3_STORAGE_CLASS")]
+    pub s3_storage_class: Option<String>,
+    /// S3: extra CA certificate (PEM) to trust for an endpoint with a private CA.
+    #[arg(long, env = "DATASAVER_S3_CA_FILE")]
+    pub s3_ca_file: Option<PathBuf>,
     /// Fleet CA certificate (PEM).
     #[arg(long, env = "DATASAVER_TLS_CA")]
     pub tls_ca: Option<PathBuf>,
@@ -50,6 +91,7 @@ pub struct Args {
 #[derive(Debug, Clone)]
 pub enum Backend {
     Local { path: PathBuf },
+    S3(Box<S3Settings>),
 }
 
 #[derive(Debug, Clone)]
@@ -63,7 +105,8 @@ pub struct Config {
 }
 
 impl Args {
-    pub fn validate(self) -> Result<Config, SettingError> {
+    /// Checks every setting; secrets come from `env` (`NAME` or `NAME_FILE`).
+    pub fn validate(self, env: &Env) -> Result<Config, SettingError> {
         let addr = |name: &str, v: &str| {
             v.parse::<SocketAddr>().map_err(|_| {
                 SettingError::new(name, format!("{v:?} is not an address like 0.0.0.0:50051"))
@@ -78,12 +121,7 @@ impl Args {
                     .clone()
                     .unwrap_or_else(|| self.data_dir.join("backups")),
             },
-            "s3" => {
-                return Err(SettingError::new(
-                    "DATASAVER_STORAGE_BACKEND",
-                    "the s3 backend is not available in this build yet; use local",
-                ))
-            }
+            "s3" => Backend::S3(Box::new(self.s3_settings(env)?)),
             other => {
                 return Err(SettingError::new(
                     "DATASAVER_STORAGE_BACKEND",
@@ -109,6 +147,151 @@ impl Args {
             backend,
             tls,
             log_json,
+        })
+    }
+}
+
+impl Args {
+    fn s3_settings(&self, env: &Env) -> Result<S3Settings, SettingError> {
+        let nonempty = |v: &Option<String>| {
+            v.as_deref()
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(str::to_string)
+        };
+        let bucket = nonempty(&self.s3_bucket).ok_or_else(|| {
+            SettingError::new(
+                "DATASAVER_S3_BUCKET",
+                "required with DATASAVER_STORAGE_BACKEND=s3",
+            )
+        })?;
+        let endpoint = nonempty(&self.s3_endpoint);
+        if let Some(e) = &endpoint {
+            if !(e.starts_with("http://") || e.starts_with("https://")) {
+                return Err(SettingError::new(
+                    "DATASAVER_S3_ENDPOINT",
+                    format!("{e:?} is not a URL like https://s3.example.com"),
+                ));
+            }
+        }
+        let access_key = env.secret("DATASAVER_S3_ACCESS_KEY")?.ok_or_else(|| {
+            SettingError::new(
+                "DATASAVER_S3_ACCESS_KEY",
+                "required with DATASAVER_STORAGE_BACKEND=s3 (or DATASAVER_S3_ACCESS_KEY_FILE)",
+            )
+        })?;
+        let secret_key = env.secret("DATASAVER_S3_SECRET_KEY")?.ok_or_else(|| {
+            SettingError::new(
+                "DATASAVER_S3_SECRET_KEY",
+                "required with DATASAVER_STORAGE_BACKEND=s3 (or DATASAVER_S3_SECRET_KEY_FILE)",
+            )
+        })?;
+        let mut prefix = self.s3_prefix.trim().trim_matches('/').to_string();
+        if !prefix.is_empty() {
+            if prefix
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == "..")
+            {
+                return Err(SettingError::new(
+                    "DATASAVER_S3_PREFIX",
+                    format!("{:?} has an empty, . or .. part", self.s3_prefix),
+                ));
+            }
+            prefix.push('/');
+        }
+        let part_size =
+            usize::try_from(self.s3_part_size_mb.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX);
+        if !(MIN_PART_SIZE..=MAX_PART_SIZE).contains(&part_size) {
+            return Err(SettingError::new(
+                "DATASAVER_S3_PART_SIZE_MB",
+                format!(
+                    "{} is outside 5..=5120 (S3's limits on a part)",
+                    self.s3_part_size_mb
+                ),
+            ));
+        }
+        if !(1..=64).contains(&self.s3_parts_in_flight) {
+            return Err(SettingError::new(
+                "DATASAVER_S3_PARTS_IN_FLIGHT",
+                format!("{} is outside 1..=64", self.s3_parts_in_flight),
+            ));
+        }
+        if !(1..=20).contains(&self.s3_max_attempts) {
+            return Err(SettingError::new(
+                "DATASAVER_S3_MAX_ATTEMPTS",
+                format!("{} is outside 1..=20", self.s3_max_attempts),
+            ));
+        }
+        let kms_key = nonempty(&self.s3_sse_kms_key_id);
+        let sse = match nonempty(&self.s3_sse).as_deref() {
+            None => None,
+            Some(v) if v.eq_ignore_ascii_case("AES256") => Some(Sse::Aes256),
+            Some(v) if v.eq_ignore_ascii_case("aws:kms") => Some(Sse::Kms {
+                key_id: kms_key.clone(),
+            }),
+            Some(v) => {
+                return Err(SettingError::new(
+                    "DATASAVER_S3_SSE",
+                    format!("{v:?} is not AES256 or aws:kms"),
+                ))
+            }
+        };
+        if kms_key.is_some() && !matches!(sse, Some(Sse::Kms { .. })) {
+            return Err(SettingError::new(
+                "DATASAVER_S3_SSE_KMS_KEY_ID",
+                "set only together with DATASAVER_S3_SSE=aws:kms",
+            ));
+        }
+        let storage_class = match nonempty(&self.s3_storage_class) {
+            None => None,
+            Some(c) => {
+                let c = c.to_ascii_uppercase();
+                match c.as_str() {
+                    "STANDARD" | "STANDARD_IA" | "ONEZONE_IA" | "INTELLIGENT_TIERING"
+                    | "REDUCED_REDUNDANCY" | "GLACIER_IR" | "EXPRESS_ONEZONE" => Some(c),
+                    "GLACIER" | "DEEP_ARCHIVE" => {
+                        return Err(SettingError::new(
+                            "DATASAVER_S3_STORAGE_CLASS",
+                            format!(
+                                "{c} objects cannot be read without a Glacier restore first, so restores and verifies would fail; use GLACIER_IR or a bucket lifecycle rule"
+                            ),
+                        ))
+                    }
+                    _ => {
+                        return Err(SettingError::new(
+                            "DATASAVER_S3_STORAGE_CLASS",
+                            format!("{c:?} is not an S3 storage class (e.g. STANDARD, STANDARD_IA, INTELLIGENT_TIERING)"),
+                        ))
+                    }
+                }
+            }
+        };
+        let ca_pem = match &self.s3_ca_file {
+            None => None,
+            Some(p) => Some(std::fs::read(p).map_err(|e| {
+                SettingError::new(
+                    "DATASAVER_S3_CA_FILE",
+                    format!("cannot read {}: {e}", p.display()),
+                )
+            })?),
+        };
+        Ok(S3Settings {
+            bucket,
+            endpoint: endpoint.map(|e| e.trim_end_matches('/').to_string()),
+            region: self.s3_region.trim().to_string(),
+            access_key,
+            secret_key,
+            prefix,
+            force_path_style: parse_bool(
+                "DATASAVER_S3_FORCE_PATH_STYLE",
+                &self.s3_force_path_style,
+            )?,
+            part_size,
+            parts_in_flight: self.s3_parts_in_flight,
+            max_attempts: self.s3_max_attempts,
+            sse,
+            storage_class,
+            ca_pem,
         })
     }
 }

@@ -44,6 +44,8 @@ pub enum StartError {
     Storage(#[from] storage::StorageError),
     #[error("{0}")]
     Catalog(#[from] catalog::CatalogError),
+    #[error("storage check failed (the coordinator must be able to write, read, list and delete before it accepts backups): {0}")]
+    Probe(storage::StorageError),
     #[error("data directory {path}: {source}")]
     DataDir {
         path: String,
@@ -146,6 +148,11 @@ pub async fn run(
     })?;
     let storage: Arc<dyn Storage> = match &config.backend {
         Backend::Local { path } => Arc::new(storage::local::LocalStorage::open(path.clone())?),
+        Backend::S3(settings) => {
+            let s3 = storage::s3::S3Storage::new((**settings).clone())?;
+            s3.probe().await.map_err(StartError::Probe)?;
+            Arc::new(s3)
+        }
     };
     let catalog = Catalog::open(&config.data_dir.join("catalog.db"))?;
 

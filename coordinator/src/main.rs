@@ -21,7 +21,7 @@ fn init_logging(json: bool) {
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let config = match args.validate() {
+    let config = match args.validate(&datasaver_common::config::Env::from_process()) {
         Ok(c) => c,
         Err(e) => {
             eprintln!("datasaver-coordinator: {e}");

@@ -14,6 +14,8 @@
 //! - `DATASAVER_TEST_PG_NEWER_BINDIR`: bindir of a *newer* PostgreSQL major version, used by
 //!   tests that need a server newer than `pg_dump` (default: what `tests/install-newer-pg.sh`
 //!   installed into `/opt/datasaver-test-pg`).
+//! - `DATASAVER_TEST_S3S_FS`: the s3s-fs binary for [`S3Server`] (default: what
+//!   `tests/install-s3-server.sh` installed into `/opt/datasaver-test-s3`).
 //! - `DATASAVER_TEST_DISALLOW_SKIP=1` (set by scripts/test.sh under CI): [`skip`] fails
 //!   instead of skipping.
 //! - `DATASAVER_TEST_KEEP=1`: keep temp dirs (clusters, fleets, logs) for inspection.
@@ -25,6 +27,7 @@ pub mod fidelity;
 pub mod fleet;
 pub mod pg;
 pub mod procs;
+pub mod s3;
 
 pub use fidelity::{
     compare_databases, compare_databases_min_rows, dump_restore, load_fidelity, FIDELITY_MIN_ROWS,
@@ -36,6 +39,7 @@ pub use procs::{
     bin_dir, bin_path, clean_command, cmdline, run, run_with_input, send_signal, Output, Proc,
     ProcSpec, Sig,
 };
+pub use s3::S3Server;
 
 use std::collections::HashSet;
 use std::net::{TcpListener, TcpStream};

@@ -13,5 +13,6 @@ mod e2e {
     mod harness_selftest;
     mod rebuild;
     mod roundtrip;
+    mod s3;
     mod two_agents;
 }

@@ -4,6 +4,7 @@
 //! broken upload never leaves a partial object under its final name.
 
 pub mod local;
+pub mod s3;
 
 use std::pin::Pin;
 
