@@ -2,14 +2,15 @@
 # datasaver backup/restore benchmark (not a test): datasaver against plain
 # pg_dump / pg_restore on the same database, in the same run.
 #
-#   bash bench/backup.sh [--size-mb N] [--level N] [--keep] [--workdir DIR]
-#                        [--no-deps] [--no-build] [--baselines-only]
+#   bash bench/backup.sh [--size-mb N] [--level N] [--storage local|s3] [--keep]
+#                        [--workdir DIR] [--no-deps] [--no-build] [--baselines-only]
 #
 # Builds a throwaway PostgreSQL 15 cluster with a database `bench` of about
 # N MB (default 1000) of data with realistic entropy (prose-like text, jsonb,
 # numerics, timestamps, random bytea; generated inside Postgres), starts a
-# coordinator (local storage) and an agent (release binaries; built if
-# missing), and times, wall clock:
+# coordinator (local storage, or with --storage s3 an S3-compatible server:
+# s3s-fs from tests/install-s3-server.sh, SigV4 on, 16 MiB parts) and an agent
+# (release binaries; built if missing), and times, wall clock:
 #   (a) pg_dump -Fc -Z0 > /dev/null          pg_dump's own speed  (a, d: best of two)
 #   (b) pg_dump -Fc > file                   plain pg_dump, default gzip
 #   (c) pg_dump -Fc -Z0 | zstd -3 > file
@@ -25,6 +26,7 @@
 # Options:
 #   --size-mb N       approximate table data size in MB (default 1000; 100 is a quick run)
 #   --level N         DATASAVER_COMPRESSION_LEVEL for the agent (default: the agent's)
+#   --storage KIND    local (default) or s3: where the coordinator stores backups
 #   --workdir DIR     dumps, certs, coordinator storage, logs (default: a new
 #                     ${TMPDIR:-/tmp}/datasaver-bench.XXXXXX; wiped at start, deleted
 #                     at the end unless --keep)
@@ -49,6 +51,7 @@ keep=0
 deps=1
 build=1
 baselines_only=0
+storage=local
 workdir=""
 abspath() { if [[ "$1" = /* ]]; then echo "$1"; else echo "$ORIG_PWD/$1"; fi; }
 while (($#)); do
@@ -65,6 +68,12 @@ while (($#)); do
             shift
             ;;
         --level=*) level=${1#--level=} ;;
+        --storage)
+            [[ $# -ge 2 ]] || die "--storage needs local or s3"
+            storage=$2
+            shift
+            ;;
+        --storage=*) storage=${1#--storage=} ;;
         --workdir)
             [[ $# -ge 2 ]] || die "--workdir needs a directory"
             workdir=$(abspath "$2")
@@ -90,6 +99,7 @@ if ! [[ "$size_mb" =~ ^[0-9]+$ ]] || ((size_mb < 1)); then
     die "--size-mb must be a positive integer"
 fi
 [[ -z "$level" || "$level" =~ ^-?[0-9]+$ ]] || die "--level must be an integer"
+[[ "$storage" == local || "$storage" == s3 ]] || die "--storage must be local or s3"
 
 TARGET=bench
 AGENT_NAME=bench-agent
@@ -193,7 +203,31 @@ info "table data $((DATA_BYTES / 1048576)) MiB, database $((DB_BYTES / 1048576))
 if ((!baselines_only)); then
     step "Starting coordinator and agent"
     ds_certs "$WORK/certs" "$AGENT_NAME" >/dev/null
-    ds_start_coordinator "$WORK/coordinator" "$WORK/coordinator.log"
+    coord_env=()
+    if [[ "$storage" == s3 ]]; then
+        S3FS=$(bash tests/install-s3-server.sh)
+        mkdir -p "$WORK/s3/bench"
+        S3_PORT=$(ds_free_ports 1)
+        S3_SECRET_FILE="$WORK/s3-secret"
+        (
+            umask 077
+            od -An -tx1 -N20 /dev/urandom | tr -d ' \n' >"$S3_SECRET_FILE"
+        )
+        # A throwaway local test server: its keys on its own argv are acceptable here.
+        "$S3FS" --host 127.0.0.1 --port "$S3_PORT" --access-key benchkey \
+            --secret-key "$(<"$S3_SECRET_FILE")" "$WORK/s3" </dev/null >"$WORK/s3s-fs.log" 2>&1 &
+        S3_PID=$!
+        ds_register_cleanup ds_stop_pid "$S3_PID" s3s-fs TERM 5
+        for _ in $(seq 100); do
+            (exec 3<>"/dev/tcp/127.0.0.1/$S3_PORT") 2>/dev/null && break
+            sleep 0.1
+        done
+        info "s3s-fs pid $S3_PID on 127.0.0.1:$S3_PORT (bucket 'bench' under $WORK/s3)"
+        coord_env+=(DATASAVER_STORAGE_BACKEND=s3 DATASAVER_S3_BUCKET=bench
+            DATASAVER_S3_ENDPOINT="http://127.0.0.1:$S3_PORT" DATASAVER_S3_FORCE_PATH_STYLE=true
+            DATASAVER_S3_ACCESS_KEY=benchkey DATASAVER_S3_SECRET_KEY_FILE="$S3_SECRET_FILE")
+    fi
+    ds_start_coordinator "$WORK/coordinator" "$WORK/coordinator.log" "${coord_env[@]}"
     agent_env=()
     [[ -n "$level" ]] && agent_env+=("DATASAVER_COMPRESSION_LEVEL=$level")
     ds_start_agent "$AGENT_NAME" "$TARGET" "$TARGET" "$PWFILE" "$WORK/agent.log" "${agent_env[@]}"
@@ -264,11 +298,11 @@ print(b["id"], b["stored_bytes"], b["raw_bytes"], b.get("status"))' "$WORK/d.jso
         die "cannot read id/stored_bytes/raw_bytes from dsctl backup --json: $(head -c 500 "$WORK/d.json")"
     BYTES[d]=$STORED_D
     info "backup $BACKUP_ID status $STATUS_D raw $RAW_D stored $STORED_D"
-    obj=$(find "$WORK/coordinator" -type f -path "*/$TARGET/logical/$BACKUP_ID.dump*" | head -n1)
+    obj=$(find "$WORK/coordinator" "$WORK/s3" -type f -path "*/$TARGET/logical/$BACKUP_ID.dump*" 2>/dev/null | head -n1)
     if [[ -n "$obj" ]]; then
         info "stored object ${obj#"$WORK"/}: $(stat -c %s "$obj") bytes"
     else
-        warn "no stored object found for $BACKUP_ID under $WORK/coordinator"
+        warn "no stored object found for $BACKUP_ID under $WORK/coordinator or $WORK/s3"
     fi
     if [[ "$RAW_D" != "${BYTES[a]}" ]]; then
         info "note: raw_bytes $RAW_D vs pg_dump -Z0 size ${BYTES[a]} (archives differ slightly in their headers)"
@@ -346,8 +380,8 @@ T[d]=${T[d]:-}
 T[f]=${T[f]:-}
 BYTES[d]=${BYTES[d]:-}
 {
-    printf '\n==> Results (%s MB requested; table data %s MiB, database %s MiB; %s)\n\n' \
-        "$size_mb" "$((DATA_BYTES / 1048576))" "$((DB_BYTES / 1048576))" "$(date -u +%FT%TZ)"
+    printf '\n==> Results (%s MB requested; table data %s MiB, database %s MiB; storage %s; %s)\n\n' \
+        "$size_mb" "$((DATA_BYTES / 1048576))" "$((DB_BYTES / 1048576))" "$storage" "$(date -u +%FT%TZ)"
     printf '    %-42s %9s %16s %12s %12s\n' "" "wall s" "output bytes" "ds/this time" "ds/this size"
     row() { printf '    %-42s %9s %16s %12s %12s\n' "$1" "$2" "$3" "$4" "$5"; }
     row "(a) pg_dump -Fc -Z0 > /dev/null" "${T[a]}" "$(fmt_bytes "${BYTES[a]}")" "$(ratio "${T[d]}" "${T[a]}")" "$(ratio "${BYTES[d]}" "${BYTES[a]}")"

@@ -12,8 +12,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use datasaver_common::proto::{
-    job_event, GetBackupRequest, JobDone, ListAgentsRequest, ListBackupsRequest, RestoreRequest,
-    StartBackupRequest, VerifyRequest,
+    job_event, CleanupRequest, DeleteBackupRequest, GetBackupRequest, HealthRequest, JobDone,
+    ListAgentsRequest, ListBackupsRequest, PinRequest, RestoreRequest, StartBackupRequest,
+    VerifyRequest,
 };
 
 #[derive(Parser)]
@@ -80,6 +81,34 @@ enum Cmd {
     /// Catalog maintenance.
     #[command(subcommand)]
     Catalog(CatalogCmd),
+    /// Apply retention now: delete what the GFS policy no longer keeps.
+    ///
+    /// With --dry-run, print every backup with the rule that keeps it or the
+    /// reason it would go, and delete nothing.
+    Cleanup {
+        /// Only this target.
+        #[arg(long)]
+        target: Option<String>,
+        /// Show what would be deleted and why; change nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Pin a backup: retention never deletes it.
+    Pin { id: String },
+    /// Unpin a backup: retention applies to it again.
+    Unpin { id: String },
+    /// Delete one backup (object, meta file and catalog row).
+    Delete {
+        id: String,
+        /// Do not ask for confirmation.
+        #[arg(long, short = 'y')]
+        yes: bool,
+        /// Also delete the newest completed backup of its target.
+        #[arg(long)]
+        force: bool,
+    },
+    /// Per target: schedule, last and next backup, number of backups, storage used.
+    Health,
     /// Print a new age identity (AGE-SECRET-KEY-1…) and its recipient (age1…) for backup encryption.
     ///
     /// Give the recipient to agents as DATASAVER_ENCRYPTION_RECIPIENT; keep the identity
@@ -378,6 +407,79 @@ async fn run(cli: Cli) -> Result<()> {
             output::job_done(&done, cli.json, true);
             Ok(())
         }
+        Cmd::Cleanup { target, dry_run } => {
+            let r = c
+                .cleanup(CleanupRequest {
+                    target: target.unwrap_or_default(),
+                    dry_run,
+                })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            output::cleanup(&r, cli.json);
+            if !r.errors.is_empty() {
+                bail!(
+                    "{} backup(s) could not be deleted: {}",
+                    r.errors.len(),
+                    r.errors.join("; ")
+                );
+            }
+            Ok(())
+        }
+        cmd @ (Cmd::Pin { .. } | Cmd::Unpin { .. }) => {
+            let (id, pinned) = match cmd {
+                Cmd::Pin { id } => (id, true),
+                Cmd::Unpin { id } => (id, false),
+                _ => unreachable!("matched Pin or Unpin above"),
+            };
+            let b = c
+                .pin(PinRequest { id, pinned })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if cli.json {
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&output::backup_json(&b))?
+                );
+            } else {
+                println!("{} {}", if pinned { "pinned" } else { "unpinned" }, b.id);
+            }
+            Ok(())
+        }
+        Cmd::Delete { id, yes, force } => {
+            let b = c
+                .get_backup(GetBackupRequest { id: id.clone() })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if !yes {
+                confirm(&format!(
+                    "delete backup {} of {} ({}, {}, {})?",
+                    b.id,
+                    b.target,
+                    b.created_at,
+                    output::human_bytes(b.stored_bytes),
+                    b.status
+                ))?;
+            }
+            let r = c
+                .delete_backup(DeleteBackupRequest { id, force })
+                .await
+                .map_err(fail)?
+                .into_inner();
+            if cli.json {
+                println!("{}", serde_json::json!({ "deleted": r.id }));
+            } else {
+                println!("deleted {}", r.id);
+            }
+            Ok(())
+        }
+        Cmd::Health => {
+            let h = c.health(HealthRequest {}).await.map_err(fail)?.into_inner();
+            output::health(&h, cli.json);
+            Ok(())
+        }
         Cmd::Verify { id } => {
             let stream = c
                 .verify(VerifyRequest { id })
@@ -388,6 +490,25 @@ async fn run(cli: Cli) -> Result<()> {
             output::job_done(&done, cli.json, false);
             Ok(())
         }
+    }
+}
+
+/// Asks on the terminal; without one, refuses (a script must say --yes).
+fn confirm(question: &str) -> Result<()> {
+    use std::io::{BufRead, IsTerminal, Write};
+    if !std::io::stdin().is_terminal() {
+        bail!(
+            "{question} not confirmed: stdin is not a terminal; add --yes to delete without asking"
+        );
+    }
+    eprint!("{question} [y/N] ");
+    std::io::stderr().flush().ok();
+    let mut line = String::new();
+    std::io::stdin().lock().read_line(&mut line)?;
+    if matches!(line.trim().to_ascii_lowercase().as_str(), "y" | "yes") {
+        Ok(())
+    } else {
+        bail!("not deleted");
     }
 }
 

@@ -2,7 +2,9 @@
 
 use std::io::{IsTerminal, Write};
 
-use datasaver_common::proto::{AgentInfo, Backup, JobDone, JobProgress};
+use datasaver_common::proto::{
+    AgentInfo, Backup, CleanupResponse, HealthResponse, JobDone, JobProgress,
+};
 use serde_json::{json, Value};
 
 pub fn human_bytes(n: u64) -> String {
@@ -52,7 +54,141 @@ pub fn backup_json(b: &Backup) -> Value {
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
         "verify_result": opt(&b.verify_result),
+        "next_scheduled_run": opt(&b.next_scheduled_run),
     })
+}
+
+pub fn cleanup(r: &CleanupResponse, as_json: bool) {
+    if as_json {
+        let targets: Vec<Value> = r
+            .targets
+            .iter()
+            .map(|t| {
+                json!({
+                    "target": t.target,
+                    "policy": t.policy,
+                    "backups": t.items.iter().map(|i| json!({
+                        "id": i.id,
+                        "created_at": i.created_at,
+                        "status": i.status,
+                        "action": if i.keep { "keep" } else { "delete" },
+                        "reasons": i.reasons,
+                        "tags": i.tags,
+                        "label": opt(&i.label),
+                        "pinned": i.pinned,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        let v = json!({
+            "dry_run": r.dry_run,
+            "targets": targets,
+            "deleted": r.deleted,
+            "finished": r.finished,
+            "errors": r.errors,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    let verb = if r.dry_run { "would delete" } else { "delete" };
+    for t in &r.targets {
+        println!("{}  ({})", t.target, t.policy);
+        for i in &t.items {
+            let action = if i.keep { "keep" } else { verb };
+            println!("  {action:<12} {:<40} {}", i.id, i.reasons.join("; "));
+        }
+    }
+    let gone = r
+        .targets
+        .iter()
+        .flat_map(|t| &t.items)
+        .filter(|i| !i.keep)
+        .count();
+    if r.dry_run {
+        println!("dry run: {gone} backup(s) would be deleted, nothing changed");
+    } else {
+        println!("deleted {} backup(s)", r.deleted.len());
+    }
+    for f in &r.finished {
+        println!("finished an interrupted deletion of {f}");
+    }
+    for e in &r.errors {
+        println!("not deleted: {e}");
+    }
+}
+
+pub fn health(h: &HealthResponse, as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = h
+            .targets
+            .iter()
+            .map(|t| {
+                json!({
+                    "target": t.target,
+                    "schedule": if t.schedule.is_empty() { Value::Null } else { t.schedule.clone().into() },
+                    "next_run": opt(&t.next_run),
+                    "last_backup_at": opt(&t.last_backup_at),
+                    "last_status": opt(&t.last_status),
+                    "last_error": opt(&t.last_error),
+                    "last_success_at": opt(&t.last_success_at),
+                    "backups": t.backups,
+                    "stored_bytes": t.stored_bytes,
+                    "agent_connected": t.agent_connected,
+                })
+            })
+            .collect();
+        let out = json!({ "time_zone": h.time_zone, "targets": v });
+        println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
+        return;
+    }
+    if h.targets.is_empty() {
+        println!("no targets yet");
+        return;
+    }
+    let total: u64 = h.targets.iter().map(|t| t.stored_bytes).sum();
+    let count: u32 = h.targets.iter().map(|t| t.backups).sum();
+    let rows = h
+        .targets
+        .iter()
+        .map(|t| {
+            vec![
+                t.target.clone(),
+                t.last_status.clone().unwrap_or_else(|| "-".into()),
+                t.last_backup_at
+                    .as_deref()
+                    .map(short_time)
+                    .unwrap_or_else(|| "-".into()),
+                t.next_run
+                    .as_deref()
+                    .map(short_time)
+                    .unwrap_or_else(|| "-".into()),
+                t.backups.to_string(),
+                human_bytes(t.stored_bytes),
+                if t.agent_connected {
+                    "yes".into()
+                } else {
+                    "no".into()
+                },
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "TARGET",
+            "LAST STATUS",
+            "LAST BACKUP",
+            "NEXT BACKUP",
+            "BACKUPS",
+            "STORED",
+            "AGENT",
+        ],
+        rows,
+    );
+    println!(
+        "{} target(s), {count} backup(s), {} stored; times UTC",
+        h.targets.len(),
+        human_bytes(total)
+    );
 }
 
 /// The result of a restore or verify: its message, or JSON with the backup
@@ -184,6 +320,12 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ("object", b.object_key.clone()),
         ("tags", b.tags.join(",")),
         ("pinned", b.pinned.to_string()),
+        (
+            "next run",
+            b.next_scheduled_run
+                .clone()
+                .unwrap_or_else(|| "not scheduled".into()),
+        ),
     ];
     if let Some(e) = &b.error {
         rows.push(("error", e.clone()));

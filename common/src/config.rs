@@ -115,6 +115,35 @@ pub fn parse_bool(setting: &str, v: &str) -> Result<bool, SettingError> {
     }
 }
 
+/// Parses a duration such as `90s`, `15m`, `26h`, `1.5h` or `7d` (a unit is
+/// required: a bare number would be ambiguous).
+pub fn parse_duration(setting: &str, v: &str) -> Result<std::time::Duration, SettingError> {
+    let v = v.trim();
+    let bad = || {
+        SettingError::new(
+            setting,
+            format!(
+                "{v:?} is not a duration (use a number with s, m, h or d, e.g. 90s, 26h, 1.5h)"
+            ),
+        )
+    };
+    let split = v.find(|c: char| c.is_ascii_alphabetic()).ok_or_else(bad)?;
+    let (num, unit) = v.split_at(split);
+    let n: f64 = num.trim().parse().map_err(|_| bad())?;
+    let secs = match unit.trim() {
+        "s" | "sec" | "secs" => 1.0,
+        "m" | "min" | "mins" => 60.0,
+        "h" | "hour" | "hours" => 3600.0,
+        "d" | "day" | "days" => 86400.0,
+        _ => return Err(bad()),
+    };
+    let total = n * secs;
+    if !total.is_finite() || !(0.0..=100.0 * 365.0 * 86400.0).contains(&total) {
+        return Err(bad());
+    }
+    Ok(std::time::Duration::from_secs_f64(total))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -151,5 +180,19 @@ mod tests {
         assert!(err.to_string().starts_with("N: "), "{err}");
         assert_eq!(env(&[]).parse_or::<u32>("N", 7).unwrap(), 7);
         assert!(parse_bool("B", "maybe").is_err());
+    }
+
+    #[test]
+    fn durations() {
+        let d = |v| parse_duration("D", v).map(|d| d.as_secs_f64());
+        assert_eq!(d("90s").unwrap(), 90.0);
+        assert_eq!(d("15m").unwrap(), 900.0);
+        assert_eq!(d("26h").unwrap(), 93600.0);
+        assert_eq!(d("1.5h").unwrap(), 5400.0);
+        assert_eq!(d("7d").unwrap(), 604800.0);
+        for bad in ["90", "h", "-1h", "1w", "abc", ""] {
+            let e = parse_duration("D", bad).unwrap_err();
+            assert_eq!(e.setting, "D", "{bad}");
+        }
     }
 }

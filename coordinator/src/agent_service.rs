@@ -77,6 +77,7 @@ impl AgentService for AgentSvc {
         let conn_id = self.core.fleet.next_conn_id();
         let now = chrono::Utc::now();
         let names: Vec<String> = reg.targets.iter().map(|t| t.name.clone()).collect();
+        let requested = reg.targets.clone();
         tx.send(Ok(CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Registered(Registered {
                 agent_name: who.name.clone(),
@@ -96,6 +97,28 @@ impl AgentService for AgentSvc {
             tx,
         });
         tracing::info!(agent = %who, peer = %addr, targets = ?names, version = %reg.agent_version, "agent connected");
+        // What the agent asks for is remembered, so schedules and retention
+        // hold while it is away.
+        for t in &requested {
+            let retention = t
+                .retention
+                .as_ref()
+                .map(crate::policy::RetentionSpec::from_proto)
+                .and_then(|r| serde_json::to_string(&r).ok());
+            let schedule = Some(t.schedule.clone()).filter(|s| !s.trim().is_empty());
+            if let Err(e) = self
+                .core
+                .catalog
+                .set_target_request(&t.name, schedule.clone(), retention)
+                .await
+            {
+                tracing::error!(target = %t.name, error = %e, "could not record the agent's settings");
+            }
+            self.core
+                .scheduler
+                .update_target(&self.core, &t.name, schedule.as_deref())
+                .await;
+        }
 
         let core = self.core.clone();
         tokio::spawn(async move {
@@ -309,10 +332,7 @@ impl AgentSvc {
         let created = chrono::DateTime::parse_from_rfc3339(&row.created_at)
             .map(|d| d.with_timezone(&chrono::Utc))
             .unwrap_or(finished);
-        let mut tags = Vec::new();
-        if row.trigger == "manual" {
-            tags.push("manual".to_string());
-        }
+        let tags = crate::retention::cleanup::tags_for_new(&self.core, &row).await;
         let done = BackupRow {
             status: status::COMPLETED.into(),
             finished_at: Some(finished.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),

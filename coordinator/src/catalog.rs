@@ -29,6 +29,22 @@ pub mod status {
     pub const RUNNING: &str = "running";
     pub const COMPLETED: &str = "completed";
     pub const FAILED: &str = "failed";
+    /// Chosen for deletion by cleanup; the row goes once its objects are gone
+    /// (a crash in between is finished by the next cleanup).
+    pub const DELETING: &str = "deleting";
+}
+
+/// What the catalog remembers about a target between restarts.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TargetRecord {
+    pub name: String,
+    pub agent: String,
+    /// The schedule the agent asked for (may be overridden by the config).
+    pub schedule: Option<String>,
+    /// The retention the agent asked for, as JSON of `policy::RetentionSpec`.
+    pub retention: Option<String>,
+    /// The last cron slot the scheduler acted on (RFC 3339).
+    pub last_slot: Option<String>,
 }
 
 /// One backup as the catalog knows it.
@@ -103,6 +119,10 @@ const MIGRATIONS: &[&str] = &[
         first_seen TEXT NOT NULL,
         last_seen TEXT NOT NULL
     );",
+    // 2: what agents ask for, and the scheduler's progress
+    "ALTER TABLE targets ADD COLUMN schedule TEXT;
+    ALTER TABLE targets ADD COLUMN retention TEXT;
+    ALTER TABLE targets ADD COLUMN last_slot TEXT;",
 ];
 
 const COLUMNS: &str =
@@ -382,6 +402,107 @@ impl Catalog {
                 params![id, at, result],
             )?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Records the schedule and retention an agent asks for its target.
+    pub async fn set_target_request(
+        &self,
+        target: &str,
+        schedule: Option<String>,
+        retention: Option<String>,
+    ) -> Result<(), CatalogError> {
+        let target = target.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE targets SET schedule = ?2, retention = ?3 WHERE name = ?1",
+                params![target, schedule, retention],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_last_slot(&self, target: &str, slot: String) -> Result<(), CatalogError> {
+        let target = target.to_string();
+        self.call(move |c| {
+            c.execute(
+                "UPDATE targets SET last_slot = ?2 WHERE name = ?1",
+                params![target, slot],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn targets(&self) -> Result<Vec<TargetRecord>, CatalogError> {
+        self.call(|c| {
+            let mut st = c.prepare(
+                "SELECT name, agent, schedule, retention, last_slot FROM targets ORDER BY name",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(TargetRecord {
+                    name: r.get(0)?,
+                    agent: r.get(1)?,
+                    schedule: r.get(2)?,
+                    retention: r.get(3)?,
+                    last_slot: r.get(4)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Every target that has a backup row (a target whose agent is gone
+    /// still has backups to rotate).
+    pub async fn backup_targets(&self) -> Result<Vec<String>, CatalogError> {
+        self.call(|c| {
+            let mut st = c.prepare("SELECT DISTINCT target FROM backups ORDER BY target")?;
+            let rows = st.query_map([], |r| r.get(0))?;
+            Ok(rows.collect::<Result<Vec<String>, _>>()?)
+        })
+        .await
+    }
+
+    /// First step of a deletion: the row says it is going (and why), so a
+    /// crash before the objects are gone is finished later. Returns false if
+    /// the row changed meanwhile (pinned, or gone).
+    pub async fn mark_deleting(&self, id: &str, reason: &str) -> Result<bool, CatalogError> {
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE backups SET status = 'deleting', error = ?2
+                 WHERE id = ?1 AND pinned = 0 AND status IN ('completed', 'failed', 'deleting')",
+                params![id, reason],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Last step of a deletion, once the objects are gone.
+    pub async fn delete_row(&self, id: &str) -> Result<(), CatalogError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            c.execute(
+                "DELETE FROM backups WHERE id = ?1 AND status = 'deleting'",
+                [id],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn set_pinned(&self, id: &str, pinned: bool) -> Result<bool, CatalogError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE backups SET pinned = ?2 WHERE id = ?1 AND status <> 'deleting'",
+                params![id, pinned],
+            )?;
+            Ok(n == 1)
         })
         .await
     }

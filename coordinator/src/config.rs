@@ -8,6 +8,7 @@ use clap::Parser;
 use datasaver_common::config::{parse_bool, Env, SettingError};
 use datasaver_common::tls::TlsPaths;
 
+use crate::policy::Policies;
 use crate::storage::s3::{S3Settings, Sse, MAX_PART_SIZE, MIN_PART_SIZE};
 
 #[derive(Debug, Clone, Parser)]
@@ -83,6 +84,9 @@ pub struct Args {
     /// This coordinator's private key (PEM).
     #[arg(long, env = "DATASAVER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// YAML file with per-target schedules and retention, time zone, limits.
+    #[arg(long, env = "DATASAVER_CONFIG")]
+    pub config: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "DATASAVER_LOG_FORMAT", default_value = "text")]
     pub log_format: String,
@@ -102,6 +106,7 @@ pub struct Config {
     pub backend: Backend,
     pub tls: TlsPaths,
     pub log_json: bool,
+    pub policies: Policies,
 }
 
 impl Args {
@@ -140,7 +145,9 @@ impl Args {
                 ))
             }
         };
+        let policies = Policies::load(self.config.as_deref(), env)?;
         Ok(Config {
+            policies,
             grpc_listen,
             http_listen,
             data_dir: self.data_dir,

@@ -196,6 +196,21 @@ impl Fleet {
         rx
     }
 
+    /// Backups a restore or verify is reading now: retention must keep them.
+    pub fn backups_in_use(&self) -> HashSet<String> {
+        lock!(self.inner)
+            .jobs
+            .values()
+            .filter(|j| j.info.kind != JobKind::Backup)
+            .map(|j| j.info.backup_id.clone())
+            .collect()
+    }
+
+    /// Whether an agent serving `target` is connected.
+    pub fn is_connected(&self, target: &str) -> bool {
+        self.agent_for(target).is_some()
+    }
+
     pub fn remove_job(&self, job_id: &str) {
         lock!(self.inner).jobs.remove(job_id);
     }

@@ -5,12 +5,17 @@
 
 pub mod agent_service;
 pub mod catalog;
+pub mod clock;
 pub mod config;
 pub mod fleet;
+pub mod jobs;
 pub mod listener;
 pub mod meta;
 pub mod operator_service;
+pub mod policy;
 pub mod rebuild;
+pub mod retention;
+pub mod schedule;
 pub mod storage;
 
 use std::sync::Arc;
@@ -34,6 +39,9 @@ pub struct Core {
     pub storage: Arc<dyn Storage>,
     pub fleet: Fleet,
     pub cancel: CancellationToken,
+    pub policies: policy::Policies,
+    pub clock: Arc<dyn clock::Clock>,
+    pub scheduler: schedule::driver::Scheduler,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,6 +84,11 @@ pub async fn hash_off_thread(
 /// A failure inside the coordinator, as a gRPC status.
 pub fn internal(e: impl std::fmt::Display) -> Status {
     Status::internal(e.to_string())
+}
+
+/// RFC 3339 in UTC, to the second: how the API shows times.
+pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
 pub fn now_rfc3339() -> String {
@@ -127,6 +140,7 @@ pub fn to_proto(b: &BackupRow) -> datasaver_common::proto::Backup {
         encryption_recipient: b.encryption_recipient.clone(),
         verified_at: b.verified_at.clone(),
         verify_result: b.verify_result.clone(),
+        next_scheduled_run: None,
     }
 }
 
@@ -178,6 +192,9 @@ pub async fn run(
         storage,
         fleet: Fleet::default(),
         cancel: cancel.clone(),
+        scheduler: schedule::driver::Scheduler::new(&config.policies),
+        policies: config.policies.clone(),
+        clock: Arc::new(clock::SystemClock),
     });
     // Losing the backup host must not lose the backups: an empty catalog over
     // a non-empty storage is rebuilt from the meta files before serving.
@@ -199,6 +216,18 @@ pub async fn run(
             }
         }
     }
+    // A cleanup killed half-way left rows marked `deleting`: finish them.
+    match retention::cleanup::finish_interrupted(&core).await {
+        Ok(0) => {}
+        Ok(n) => tracing::warn!(
+            finished = n,
+            "finished deletions an interrupted cleanup had started"
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "could not finish interrupted deletions; `dsctl cleanup` retries")
+        }
+    }
+    let sched = tokio::spawn(schedule::driver::run(core.clone()));
     let addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(grpc = %addr, storage = %core.storage.describe(), identity = %tls.identity, "coordinator ready");
 
@@ -220,6 +249,7 @@ pub async fn run(
         .add_service(op_svc)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await?;
+    let _ = sched.await;
 
     let failed = core
         .catalog

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use datasaver_common::checksum::Checksum;
 use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
-    coordinator_message, job_event, BackupJob, CoordinatorMessage, GetBackupRequest, JobDone,
-    JobEvent, JobProgress, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
-    ListBackupsResponse, RebuildCatalogRequest, RebuildCatalogResponse, RestoreJob, RestoreMode,
-    RestoreRequest, StartBackupRequest, VerifyRequest,
+    coordinator_message, CleanupItem, CleanupRequest, CleanupResponse, CoordinatorMessage,
+    DeleteBackupRequest, DeleteBackupResponse, GetBackupRequest, HealthRequest, HealthResponse,
+    JobDone, JobEvent, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
+    ListBackupsResponse, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse, RestoreJob,
+    RestoreMode, RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth, VerifyRequest,
 };
 use datasaver_common::tls::Role;
 use futures::{Stream, StreamExt};
@@ -20,7 +21,8 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::catalog::{status, BackupRow};
-use crate::fleet::{JobKind, Report};
+use crate::fleet::JobKind;
+use crate::jobs::{self, done, failed, progress, wait_result, StartError, Trigger};
 use crate::{internal, now_rfc3339, peer, to_proto, Core};
 
 pub struct OperatorSvc {
@@ -28,30 +30,6 @@ pub struct OperatorSvc {
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
-
-fn progress(phase: &str, message: String) -> JobEvent {
-    JobEvent {
-        event: Some(job_event::Event::Progress(JobProgress {
-            phase: phase.into(),
-            message,
-            ..Default::default()
-        })),
-    }
-}
-
-fn done(d: JobDone) -> JobEvent {
-    JobEvent {
-        event: Some(job_event::Event::Done(d)),
-    }
-}
-
-fn failed(error: String) -> JobEvent {
-    done(JobDone {
-        ok: false,
-        error,
-        ..Default::default()
-    })
-}
 
 #[tonic::async_trait]
 impl OperatorService for OperatorSvc {
@@ -91,7 +69,13 @@ impl OperatorService for OperatorSvc {
         let id = req.into_inner().id;
         tracing::info!(operator = %who, backup = %id, "get backup");
         let row = self.find(&id).await?;
-        Ok(Response::new(to_proto(&row)))
+        let mut b = to_proto(&row);
+        b.next_scheduled_run = self
+            .core
+            .scheduler
+            .next_run(&row.target)
+            .map(crate::rfc3339);
+        Ok(Response::new(b))
     }
 
     async fn start_backup(
@@ -102,116 +86,16 @@ impl OperatorService for OperatorSvc {
         let req = req.into_inner();
         datasaver_common::names::validate_target(&req.target)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let (conn_id, agent_name, agent_tx) =
-            self.core.fleet.agent_for(&req.target).ok_or_else(|| {
-                Status::failed_precondition(format!(
-                    "no agent is connected for target {} (see `dsctl agents`)",
-                    req.target
-                ))
+        tracing::info!(operator = %who, target = %req.target, "backup requested");
+        let started = jobs::start_backup(&self.core, &req.target, Trigger::Manual, req.label)
+            .await
+            .map_err(|e| match e {
+                StartError::NoAgent(_) | StartError::Busy(_) => {
+                    Status::failed_precondition(e.to_string())
+                }
+                StartError::Internal(m) => Status::internal(m),
             })?;
-        if !self.core.fleet.start_backup_slot(&req.target) {
-            return Err(Status::failed_precondition(format!(
-                "a backup of {} is already running; wait for it to finish",
-                req.target
-            )));
-        }
-        let core = self.core.clone();
-        let target = req.target.clone();
-        let release = SlotGuard {
-            core: core.clone(),
-            target: target.clone(),
-        };
-        let now = chrono::Utc::now();
-        let id = core
-            .catalog
-            .unused_id(datasaver_common::names::backup_id(&target, now))
-            .await
-            .map_err(internal)?;
-        let label = req.label.filter(|l| !l.trim().is_empty());
-        core.catalog
-            .insert(BackupRow {
-                id: id.clone(),
-                target: target.clone(),
-                kind: "logical".into(),
-                status: status::RUNNING.into(),
-                trigger: "manual".into(),
-                label,
-                created_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                agent: agent_name.clone(),
-                ..Default::default()
-            })
-            .await
-            .map_err(internal)?;
-        tracing::info!(operator = %who, target = %target, backup = %id, "backup requested");
-
-        let job_id = format!("job-{}", rand::random::<u64>());
-        let mut reports = core.fleet.add_job(
-            &job_id,
-            JobKind::Backup,
-            &target,
-            &id,
-            "",
-            conn_id,
-            &agent_name,
-        );
-        let (tx, rx) = mpsc::channel(16);
-        let sent = agent_tx
-            .send(Ok(CoordinatorMessage {
-                msg: Some(coordinator_message::Msg::Backup(BackupJob {
-                    job_id: job_id.clone(),
-                    backup_id: id.clone(),
-                    target: target.clone(),
-                })),
-            }))
-            .await;
-        tokio::spawn(async move {
-            let _release = release;
-            let outcome = if sent.is_err() {
-                Err(format!(
-                    "agent {agent_name} disconnected before the job could be sent"
-                ))
-            } else {
-                let _ = tx
-                    .send(Ok(progress("started", format!("backup {id} started"))))
-                    .await;
-                wait_result(&mut reports, &tx, &core).await
-            };
-            core.fleet.remove_job(&job_id);
-            let row = core.catalog.get(&id).await.ok().flatten();
-            let event = match (outcome, row) {
-                (Ok(_), Some(row)) if row.status == status::COMPLETED => {
-                    tracing::info!(backup = %id, "backup completed");
-                    done(JobDone {
-                        ok: true,
-                        message: format!("backup {id} completed"),
-                        backup: Some(to_proto(&row)),
-                        ..Default::default()
-                    })
-                }
-                (outcome, row) => {
-                    // Prefer the first recorded reason (e.g. the upload's own
-                    // error) over the agent's summary of it.
-                    let agent_error = match outcome {
-                        Err(e) => e,
-                        Ok(_) => "agent reported success but the backup was not stored".into(),
-                    };
-                    let _ = core.catalog.fail(&id, &agent_error, now_rfc3339()).await;
-                    let error = core
-                        .catalog
-                        .get(&id)
-                        .await
-                        .ok()
-                        .flatten()
-                        .and_then(|r| r.error)
-                        .or(row.and_then(|r| r.error))
-                        .unwrap_or(agent_error);
-                    tracing::warn!(backup = %id, %error, "backup failed");
-                    failed(format!("backup {id} failed: {error}"))
-                }
-            };
-            let _ = tx.send(Ok(event)).await;
-        });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
     }
 
     async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<EventStream>, Status> {
@@ -296,17 +180,197 @@ impl OperatorService for OperatorSvc {
         self.run_agent_read(row, RestoreMode::List, String::new(), false, true)
             .await
     }
-}
 
-/// Releases the per-target backup slot when the job task ends, however it ends.
-struct SlotGuard {
-    core: Arc<Core>,
-    target: String,
-}
+    async fn cleanup(
+        &self,
+        req: Request<CleanupRequest>,
+    ) -> Result<Response<CleanupResponse>, Status> {
+        let who = peer(&req, Role::Operator)?;
+        let req = req.into_inner();
+        let target = Some(req.target).filter(|t| !t.is_empty());
+        if let Some(t) = &target {
+            datasaver_common::names::validate_target(t)
+                .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        }
+        tracing::info!(operator = %who, target = ?target, dry_run = req.dry_run, "cleanup requested");
+        let r = crate::retention::cleanup::run(&self.core, target.as_deref(), req.dry_run)
+            .await
+            .map_err(Status::unavailable)?;
+        let targets = r
+            .plans
+            .iter()
+            .map(|p| TargetCleanup {
+                target: p.target.clone(),
+                policy: crate::retention::cleanup::describe_policy(&p.policy),
+                items: p
+                    .decisions
+                    .iter()
+                    .map(|(row, d)| CleanupItem {
+                        id: row.id.clone(),
+                        created_at: row.created_at.clone(),
+                        status: row.status.clone(),
+                        keep: d.keep,
+                        reasons: d.reasons.iter().map(|r| r.to_string()).collect(),
+                        tags: d.tags.iter().map(|t| t.as_str().to_string()).collect(),
+                        label: row.label.clone(),
+                        pinned: row.pinned,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(CleanupResponse {
+            targets,
+            dry_run: req.dry_run,
+            deleted: r.deleted,
+            finished: r.finished,
+            errors: r.errors,
+        }))
+    }
 
-impl Drop for SlotGuard {
-    fn drop(&mut self) {
-        self.core.fleet.end_backup_slot(&self.target);
+    async fn pin(
+        &self,
+        req: Request<PinRequest>,
+    ) -> Result<Response<datasaver_common::proto::Backup>, Status> {
+        let who = peer(&req, Role::Operator)?;
+        let req = req.into_inner();
+        let row = self.find(&req.id).await?;
+        if row.status != status::COMPLETED {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is {}; only completed backups can be pinned",
+                row.id, row.status
+            )));
+        }
+        if !self
+            .core
+            .catalog
+            .set_pinned(&row.id, req.pinned)
+            .await
+            .map_err(internal)?
+        {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is being deleted",
+                row.id
+            )));
+        }
+        tracing::info!(operator = %who, backup = %row.id, pinned = req.pinned, "pin changed");
+        let updated = self.find(&row.id).await?;
+        // The meta file too, so a rebuilt catalog still knows it is pinned.
+        let meta = crate::meta::Meta::from_row(&updated).to_json();
+        self.core
+            .storage
+            .put(&updated.meta_key, bytes::Bytes::from(meta))
+            .await
+            .map_err(|e| {
+                Status::unavailable(format!(
+                    "pin recorded in the catalog, but the meta file could not be updated: {e}"
+                ))
+            })?;
+        Ok(Response::new(to_proto(&updated)))
+    }
+
+    async fn delete_backup(
+        &self,
+        req: Request<DeleteBackupRequest>,
+    ) -> Result<Response<DeleteBackupResponse>, Status> {
+        let who = peer(&req, Role::Operator)?;
+        let req = req.into_inner();
+        let row = self.find(&req.id).await?;
+        if row.pinned {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is pinned; `dsctl unpin {}` first",
+                row.id, row.id
+            )));
+        }
+        if row.status == status::RUNNING {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is still running",
+                row.id
+            )));
+        }
+        if self.core.fleet.backups_in_use().contains(&row.id) {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is in use by a restore or verify",
+                row.id
+            )));
+        }
+        if row.status == status::COMPLETED && !req.force {
+            let newest = self
+                .core
+                .catalog
+                .latest_completed(&row.target, None)
+                .await
+                .map_err(internal)?;
+            if newest.is_some_and(|n| n.id == row.id) {
+                return Err(Status::failed_precondition(format!(
+                    "backup {} is the newest completed backup of {}; add --force to delete it anyway",
+                    row.id, row.target
+                )));
+            }
+        }
+        tracing::info!(operator = %who, backup = %row.id, force = req.force, "delete requested");
+        let reason = format!("deleted by operator {}", who.name);
+        match crate::retention::cleanup::delete(&self.core, &row, &reason).await {
+            Ok(true) => Ok(Response::new(DeleteBackupResponse { id: row.id })),
+            Ok(false) => Err(Status::failed_precondition(format!(
+                "backup {} changed meanwhile (pinned?); nothing deleted",
+                row.id
+            ))),
+            Err(e) => Err(Status::unavailable(format!(
+                "backup {} is marked for deletion but {e}; `dsctl cleanup` finishes it",
+                row.id
+            ))),
+        }
+    }
+
+    async fn health(
+        &self,
+        req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        let _who = peer(&req, Role::Operator)?;
+        let core = &self.core;
+        let mut names: Vec<String> = core
+            .catalog
+            .targets()
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        names.extend(core.catalog.backup_targets().await.map_err(internal)?);
+        names.extend(core.policies.targets.keys().cloned());
+        names.sort();
+        names.dedup();
+        let mut targets = Vec::new();
+        for name in names {
+            let rows = core
+                .catalog
+                .list(Some(name.clone()))
+                .await
+                .map_err(internal)?;
+            let last = rows.iter().find(|r| r.status != status::DELETING);
+            let last_ok = rows.iter().find(|r| r.status == status::COMPLETED);
+            let completed: Vec<_> = rows
+                .iter()
+                .filter(|r| r.status == status::COMPLETED)
+                .collect();
+            targets.push(TargetHealth {
+                schedule: core.scheduler.schedule_of(&name).unwrap_or_default(),
+                next_run: core.scheduler.next_run(&name).map(crate::rfc3339),
+                last_backup_at: last.map(|r| r.created_at.clone()),
+                last_status: last.map(|r| r.status.clone()),
+                last_error: last.and_then(|r| r.error.clone()),
+                last_success_at: last_ok
+                    .map(|r| r.finished_at.clone().unwrap_or(r.created_at.clone())),
+                backups: completed.len() as u32,
+                stored_bytes: completed.iter().map(|r| r.stored_bytes).sum(),
+                agent_connected: core.fleet.is_connected(&name),
+                target: name,
+            });
+        }
+        Ok(Response::new(HealthResponse {
+            targets,
+            time_zone: core.policies.tz.name().to_string(),
+        }))
     }
 }
 
@@ -326,31 +390,6 @@ fn parse_time(s: &str) -> Result<String, Status> {
             ))
         })?;
     Ok(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
-}
-
-/// Waits for the agent's result, forwarding progress to the operator.
-async fn wait_result(
-    reports: &mut mpsc::Receiver<Report>,
-    tx: &mpsc::Sender<Result<JobEvent, Status>>,
-    core: &Core,
-) -> Result<datasaver_common::proto::JobResult, String> {
-    loop {
-        let r = tokio::select! {
-            _ = core.cancel.cancelled() => return Err("coordinator shutting down".into()),
-            r = reports.recv() => r,
-        };
-        match r {
-            None => return Err("job ended without a result".into()),
-            Some(Report::Progress(p)) => {
-                let _ = tx.try_send(Ok(JobEvent {
-                    event: Some(job_event::Event::Progress(p)),
-                }));
-            }
-            Some(Report::Result(r)) if r.ok => return Ok(r),
-            Some(Report::Result(r)) => return Err(r.error),
-            Some(Report::Lost(why)) => return Err(why),
-        }
-    }
 }
 
 /// Re-reads a stored object and checks it against the catalog.

@@ -168,3 +168,133 @@ fn walk(dir: &Path, rel: &str, out: &mut Vec<String>) {
         }
     }
 }
+
+/// A loopback TCP proxy in front of a server that keeps a copy of everything clients send,
+/// so a test can check which HTTP headers really went over the wire (S3 servers like s3s-fs
+/// accept but do not keep some of them, e.g. server-side encryption).
+pub struct RecordingProxy {
+    port: u16,
+    sent: std::sync::Arc<std::sync::Mutex<Vec<u8>>>,
+    stall: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>>,
+}
+
+impl RecordingProxy {
+    /// Forwards every connection on a new port to `127.0.0.1:upstream_port`.
+    pub fn start(upstream_port: u16) -> RecordingProxy {
+        use std::io::{Read, Write};
+        use std::net::{TcpListener, TcpStream};
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind proxy");
+        let port = listener.local_addr().expect("proxy addr").port();
+        let sent = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let record = sent.clone();
+        let stall: std::sync::Arc<std::sync::Mutex<Option<Vec<u8>>>> = Default::default();
+        let stall_outer = stall.clone();
+        std::thread::spawn(move || {
+            for client in listener.incoming() {
+                let Ok(client) = client else { continue };
+                let Ok(server) = TcpStream::connect(("127.0.0.1", upstream_port)) else {
+                    continue;
+                };
+                let (mut c_read, mut s_write) = (
+                    client.try_clone().expect("clone client"),
+                    server.try_clone().expect("clone server"),
+                );
+                let record = record.clone();
+                let stall = stall.clone();
+                std::thread::spawn(move || {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    loop {
+                        match c_read.read(&mut buf) {
+                            Ok(0) | Err(_) => break,
+                            Ok(n) => {
+                                // Hold requests that contain the stall pattern for as long
+                                // as it is set: a server that stops answering them.
+                                while let Some(p) =
+                                    stall.lock().unwrap_or_else(|e| e.into_inner()).clone()
+                                {
+                                    if !buf[..n].windows(p.len()).any(|w| w == p.as_slice()) {
+                                        break;
+                                    }
+                                    std::thread::sleep(Duration::from_millis(50));
+                                }
+                                record
+                                    .lock()
+                                    .unwrap_or_else(|e| e.into_inner())
+                                    .extend_from_slice(&buf[..n]);
+                                if s_write.write_all(&buf[..n]).is_err() {
+                                    break;
+                                }
+                            }
+                        }
+                    }
+                    let _ = s_write.shutdown(std::net::Shutdown::Write);
+                });
+                let (mut s_read, mut c_write) = (server, client);
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut s_read, &mut c_write);
+                    let _ = c_write.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        });
+        RecordingProxy {
+            port,
+            sent,
+            stall: stall_outer,
+        }
+    }
+
+    /// From now on, requests whose bytes contain `pattern` are held (not forwarded) until
+    /// [`RecordingProxy::release`].
+    pub fn stall_on(&self, pattern: &[u8]) {
+        *self.stall.lock().unwrap_or_else(|e| e.into_inner()) = Some(pattern.to_vec());
+    }
+
+    pub fn release(&self) {
+        *self.stall.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// The request line and headers of every request sent so far, in order (bodies dropped;
+    /// header names lower-cased).
+    pub fn requests(&self) -> Vec<(String, Vec<(String, String)>)> {
+        let data = self.sent.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut out = Vec::new();
+        let mut i = 0;
+        while i < data.len() {
+            // A request starts with an upper-case method at a line start.
+            let starts = ["GET ", "PUT ", "POST ", "HEAD ", "DELETE "]
+                .iter()
+                .any(|m| data[i..].starts_with(m.as_bytes()));
+            if !starts {
+                i += 1;
+                continue;
+            }
+            let Some(end) = find(&data[i..], b"\r\n\r\n") else {
+                break;
+            };
+            let head = String::from_utf8_lossy(&data[i..i + end]).into_owned();
+            let mut lines = head.split("\r\n");
+            let line = lines.next().unwrap_or_default().to_string();
+            let headers: Vec<(String, String)> = lines
+                .filter_map(|l| l.split_once(':'))
+                .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+                .collect();
+            // Skip the body by its length, so body bytes are never taken for a request.
+            let body = headers
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .and_then(|(_, v)| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            out.push((line, headers));
+            i += end + 4 + body;
+        }
+        out
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}

@@ -12,6 +12,7 @@ mod e2e {
     mod faults;
     mod harness_selftest;
     mod rebuild;
+    mod retention;
     mod roundtrip;
     mod s3;
     mod two_agents;

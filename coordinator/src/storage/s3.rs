@@ -1151,6 +1151,130 @@ mod tests {
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn listing_paginates_and_deletes_in_batches() {
+        let srv = S3Server::start();
+        let s = std::sync::Arc::new(S3Storage::new(settings(&srv, "x/")).unwrap());
+        let keys: Vec<String> = (0..1005)
+            .map(|i| format!("t/logical/o{i:04}.meta.json"))
+            .collect();
+        for batch in keys.chunks(32) {
+            let puts = batch.iter().map(|k| {
+                let s = s.clone();
+                let k = k.clone();
+                async move { s.put(&k, Bytes::from(k.clone())).await }
+            });
+            for r in futures::future::join_all(puts).await {
+                r.unwrap();
+            }
+        }
+        s.put("u/logical/other.meta.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        // More than one page of ListObjectsV2 (1000 keys per page).
+        let mut listed: Vec<String> = s
+            .list("t/")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        listed.sort();
+        assert_eq!(listed, keys);
+        // More than one DeleteObjects batch (1000 keys per request).
+        s.delete(&keys).await.unwrap();
+        let left: Vec<String> = s
+            .list("")
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|o| o.key)
+            .collect();
+        assert_eq!(left, vec!["u/logical/other.meta.json".to_string()]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn uploads_ride_out_a_short_server_outage() {
+        let mut srv = S3Server::start();
+        let mut cfg = settings(&srv, "");
+        cfg.max_attempts = 8;
+        let s = S3Storage::new(cfg).unwrap();
+        let data = pattern(4 * MIN_PART_SIZE + 99, 5);
+        let (first, rest) = data.split_at(2 * MIN_PART_SIZE + 10);
+        let mut w = s.create("t/logical/outage.dump").await.unwrap();
+        w.write(Bytes::copy_from_slice(first)).await.unwrap();
+        // The server goes away for a second while parts are still to be sent; the SDK's
+        // retries with backoff must carry the upload through.
+        srv.kill();
+        let back = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(1));
+            srv.restart();
+            srv
+        });
+        w.write(Bytes::copy_from_slice(rest)).await.unwrap();
+        w.commit().await.unwrap();
+        let srv = back.join().unwrap();
+        assert!(read_all(&s, "t/logical/outage.dump").await == data);
+        assert!(srv.pending_upload_parts().is_empty());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sse_and_storage_class_are_sent_with_every_upload() {
+        let srv = S3Server::start();
+        let proxy = datasaver_tests::s3::RecordingProxy::start(srv.port());
+        let mut cfg = settings(&srv, "");
+        cfg.endpoint = Some(proxy.endpoint());
+        cfg.sse = Some(Sse::Aes256);
+        cfg.storage_class = Some("REDUCED_REDUNDANCY".into());
+        let s = S3Storage::new(cfg).unwrap();
+        // one object small enough for PutObject, one multipart, one meta file
+        let mut w = s.create("t/logical/small.dump.zst").await.unwrap();
+        w.write(Bytes::from_static(b"small")).await.unwrap();
+        w.commit().await.unwrap();
+        let mut w = s.create("t/logical/big.dump.zst").await.unwrap();
+        w.write(Bytes::from(pattern(MIN_PART_SIZE + 5, 9)))
+            .await
+            .unwrap();
+        w.commit().await.unwrap();
+        s.put("t/logical/big.meta.json", Bytes::from_static(b"{}"))
+            .await
+            .unwrap();
+        assert_eq!(read_all(&s, "t/logical/small.dump.zst").await, b"small");
+
+        let header = |h: &[(String, String)], name: &str| {
+            h.iter().find(|(k, _)| k == name).map(|(_, v)| v.clone())
+        };
+        let mut uploads = Vec::new();
+        for (line, h) in proxy.requests() {
+            let starts_object = (line.starts_with("PUT ") && !line.contains("partNumber="))
+                || (line.starts_with("POST ") && line.contains("?uploads"));
+            if !starts_object {
+                continue;
+            }
+            assert_eq!(
+                header(&h, "x-amz-server-side-encryption").as_deref(),
+                Some("AES256"),
+                "{line}"
+            );
+            let class = header(&h, "x-amz-storage-class");
+            if line.contains(".dump.zst") {
+                assert_eq!(class.as_deref(), Some("REDUCED_REDUNDANCY"), "{line}");
+            } else {
+                // meta files must stay readable at once for a catalog rebuild
+                assert_eq!(class, None, "{line}");
+            }
+            uploads.push(line);
+        }
+        let path = |k: &str| uploads.iter().any(|l| l.contains(k));
+        assert!(
+            uploads.len() == 3
+                && path("small.dump.zst")
+                && path("big.dump.zst?uploads")
+                && path("big.meta.json"),
+            "{uploads:?}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn probe_errors_name_the_cause() {
         let srv = S3Server::start();
         let mut bad = settings(&srv, "");

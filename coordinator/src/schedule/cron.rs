@@ -1,0 +1,130 @@
+//! Cron expressions: standard 5 fields (minute hour day-of-month month
+//! day-of-week) or 6 with a leading seconds field, evaluated in a time zone
+//! (UTC unless one is configured), through `croner`.
+
+use chrono::{DateTime, Utc};
+use chrono_tz::Tz;
+use croner::parser::{CronParser, Seconds, Year};
+
+/// A parsed schedule.
+#[derive(Clone, Debug)]
+pub struct Schedule {
+    expr: String,
+    cron: croner::Cron,
+    tz: Tz,
+}
+
+impl PartialEq for Schedule {
+    fn eq(&self, other: &Self) -> bool {
+        self.expr == other.expr && self.tz == other.tz
+    }
+}
+
+impl Schedule {
+    /// Parses `expr`; the error says what is wrong with it.
+    pub fn parse(expr: &str, tz: Tz) -> Result<Schedule, String> {
+        let expr = expr.split_whitespace().collect::<Vec<_>>().join(" ");
+        let fields = expr.split(' ').count();
+        if !(5..=6).contains(&fields) {
+            return Err(format!(
+                "{expr:?} has {fields} fields; use 5 (minute hour day month weekday, e.g. \"0 2 * * *\") or 6 with leading seconds"
+            ));
+        }
+        let cron = CronParser::builder()
+            .seconds(Seconds::Optional)
+            .year(Year::Disallowed)
+            .build()
+            .parse(&expr)
+            .map_err(|e| format!("{expr:?} is not a valid cron expression: {e}"))?;
+        let s = Schedule { expr, cron, tz };
+        // An expression that never fires (e.g. 30 February) is a mistake.
+        if s.next_after(Utc::now()).is_none() {
+            return Err(format!("{:?} never fires", s.expr));
+        }
+        Ok(s)
+    }
+
+    pub fn expr(&self) -> &str {
+        &self.expr
+    }
+
+    pub fn tz(&self) -> Tz {
+        self.tz
+    }
+
+    /// The first slot strictly after `t`.
+    pub fn next_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_next_occurrence(&t.with_timezone(&self.tz), false)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+    }
+
+    /// The last slot at or before `t`.
+    pub fn last_at_or_before(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        self.cron
+            .find_previous_occurrence(&t.with_timezone(&self.tz), true)
+            .ok()
+            .map(|d| d.with_timezone(&Utc))
+    }
+}
+
+/// Parses a time zone name such as `Europe/Berlin` or `UTC`.
+pub fn parse_tz(name: &str) -> Result<Tz, String> {
+    name.trim().parse::<Tz>().map_err(|_| {
+        format!("{name:?} is not a time zone name from the IANA database (e.g. UTC, Europe/Berlin)")
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn utc(y: i32, mo: u32, d: u32, h: u32, mi: u32, s: u32) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(y, mo, d, h, mi, s).unwrap()
+    }
+
+    #[test]
+    fn five_and_six_fields() {
+        let s = Schedule::parse("0 2 * * *", Tz::UTC).unwrap();
+        assert_eq!(
+            s.next_after(utc(2024, 1, 1, 2, 0, 0)),
+            Some(utc(2024, 1, 2, 2, 0, 0))
+        );
+        assert_eq!(
+            s.last_at_or_before(utc(2024, 1, 1, 2, 0, 0)),
+            Some(utc(2024, 1, 1, 2, 0, 0))
+        );
+        let s = Schedule::parse("*/5 * * * * *", Tz::UTC).unwrap();
+        assert_eq!(
+            s.next_after(utc(2024, 1, 1, 0, 0, 3)),
+            Some(utc(2024, 1, 1, 0, 0, 5))
+        );
+    }
+
+    #[test]
+    fn time_zone_and_dst() {
+        let tz = parse_tz("Europe/Berlin").unwrap();
+        let s = Schedule::parse("30 2 * * *", tz).unwrap();
+        // 02:30 Berlin in winter is 01:30 UTC
+        assert_eq!(
+            s.next_after(utc(2024, 1, 10, 0, 0, 0)),
+            Some(utc(2024, 1, 10, 1, 30, 0))
+        );
+        // and in summer 00:30 UTC
+        assert_eq!(
+            s.next_after(utc(2024, 7, 10, 0, 0, 0)),
+            Some(utc(2024, 7, 10, 0, 30, 0))
+        );
+    }
+
+    #[test]
+    fn bad_expressions_say_why() {
+        for bad in ["", "* * *", "61 * * * *", "0 2 * * * * *", "daily"] {
+            let e = Schedule::parse(bad, Tz::UTC).unwrap_err();
+            assert!(e.contains("cron") || e.contains("fields"), "{bad:?}: {e}");
+        }
+        assert!(parse_tz("Mars/Olympus").is_err());
+    }
+}
