@@ -134,10 +134,12 @@ pub fn health(h: &HealthResponse, as_json: bool) {
                     "backups": t.backups,
                     "stored_bytes": t.stored_bytes,
                     "agent_connected": t.agent_connected,
+                    "status": t.status,
+                    "alerts": t.alerts,
                 })
             })
             .collect();
-        let out = json!({ "time_zone": h.time_zone, "targets": v });
+        let out = json!({ "status": h.status, "time_zone": h.time_zone, "targets": v });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return;
     }
@@ -153,6 +155,7 @@ pub fn health(h: &HealthResponse, as_json: bool) {
         .map(|t| {
             vec![
                 t.target.clone(),
+                t.status.clone(),
                 t.last_status.clone().unwrap_or_else(|| "-".into()),
                 t.last_backup_at
                     .as_deref()

@@ -297,6 +297,7 @@ impl AgentSvc {
                 match m.msg {
                     Some(upload_request::Msg::Chunk(data)) => {
                         let data = Bytes::from(data);
+                        self.core.metrics.uploaded(&h.target, data.len() as u64);
                         crate::hash_off_thread(&mut hasher, data.clone()).await?;
                         writer.write(data).await.map_err(|e| e.to_string())?;
                     }

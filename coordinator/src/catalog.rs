@@ -45,6 +45,7 @@ pub struct TargetRecord {
     pub retention: Option<String>,
     /// The last cron slot the scheduler acted on (RFC 3339).
     pub last_slot: Option<String>,
+    pub first_seen: String,
 }
 
 /// One backup as the catalog knows it.
@@ -123,7 +124,49 @@ const MIGRATIONS: &[&str] = &[
     "ALTER TABLE targets ADD COLUMN schedule TEXT;
     ALTER TABLE targets ADD COLUMN retention TEXT;
     ALTER TABLE targets ADD COLUMN last_slot TEXT;",
+    // 3: alert state (one open row per target and kind) and the webhook outbox
+    "CREATE TABLE alerts (
+        id INTEGER PRIMARY KEY,
+        target TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        message TEXT NOT NULL,
+        backup_id TEXT,
+        opened_at TEXT NOT NULL,
+        resolved_at TEXT
+    );
+    CREATE UNIQUE INDEX alerts_open ON alerts(target, kind) WHERE resolved_at IS NULL;
+    CREATE TABLE deliveries (
+        id INTEGER PRIMARY KEY,
+        url TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created_at TEXT NOT NULL,
+        attempts INTEGER NOT NULL DEFAULT 0,
+        next_at TEXT NOT NULL,
+        delivered_at TEXT,
+        last_error TEXT
+    );
+    CREATE INDEX deliveries_pending ON deliveries(next_at) WHERE delivered_at IS NULL;",
 ];
+
+/// An alert as stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AlertRow {
+    pub id: i64,
+    pub target: String,
+    pub kind: String,
+    pub message: String,
+    pub backup_id: Option<String>,
+    pub opened_at: String,
+}
+
+/// A webhook delivery waiting to be sent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub id: i64,
+    pub url: String,
+    pub body: String,
+    pub attempts: u32,
+}
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
@@ -439,7 +482,7 @@ impl Catalog {
     pub async fn targets(&self) -> Result<Vec<TargetRecord>, CatalogError> {
         self.call(|c| {
             let mut st = c.prepare(
-                "SELECT name, agent, schedule, retention, last_slot FROM targets ORDER BY name",
+                "SELECT name, agent, schedule, retention, last_slot, first_seen FROM targets ORDER BY name",
             )?;
             let rows = st.query_map([], |r| {
                 Ok(TargetRecord {
@@ -448,6 +491,7 @@ impl Catalog {
                     schedule: r.get(2)?,
                     retention: r.get(3)?,
                     last_slot: r.get(4)?,
+                    first_seen: r.get(5)?,
                 })
             })?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
@@ -507,6 +551,128 @@ impl Catalog {
         .await
     }
 
+    /// Open alerts, oldest first.
+    pub async fn open_alerts(&self) -> Result<Vec<AlertRow>, CatalogError> {
+        self.call(|c| {
+            let mut st = c.prepare(
+                "SELECT id, target, kind, message, backup_id, opened_at FROM alerts
+                 WHERE resolved_at IS NULL ORDER BY id",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(AlertRow {
+                    id: r.get(0)?,
+                    target: r.get(1)?,
+                    kind: r.get(2)?,
+                    message: r.get(3)?,
+                    backup_id: r.get(4)?,
+                    opened_at: r.get(5)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// Opens an alert and queues its notifications in one transaction, so a
+    /// crash can neither notify without the alert nor open it silently.
+    pub async fn open_alert(
+        &self,
+        a: AlertRow,
+        notify: Vec<(String, String)>,
+    ) -> Result<(), CatalogError> {
+        self.call(move |c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
+                "INSERT INTO alerts(target, kind, message, backup_id, opened_at) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![a.target, a.kind, a.message, a.backup_id, a.opened_at],
+            )?;
+            queue(&tx, &notify, &a.opened_at)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Resolves an alert and queues its notifications, atomically.
+    pub async fn resolve_alert(
+        &self,
+        id: i64,
+        at: String,
+        notify: Vec<(String, String)>,
+    ) -> Result<(), CatalogError> {
+        self.call(move |c| {
+            let tx = c.unchecked_transaction()?;
+            tx.execute(
+                "UPDATE alerts SET resolved_at = ?2 WHERE id = ?1 AND resolved_at IS NULL",
+                params![id, at],
+            )?;
+            queue(&tx, &notify, &at)?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Deliveries due at `now` (RFC 3339), oldest first.
+    pub async fn due_deliveries(&self, now: String) -> Result<Vec<Delivery>, CatalogError> {
+        self.call(move |c| {
+            let mut st = c.prepare(
+                "SELECT id, url, body, attempts FROM deliveries
+                 WHERE delivered_at IS NULL AND next_at <= ?1 ORDER BY id LIMIT 100",
+            )?;
+            let rows = st.query_map([now], |r| {
+                Ok(Delivery {
+                    id: r.get(0)?,
+                    url: r.get(1)?,
+                    body: r.get(2)?,
+                    attempts: r.get(3)?,
+                })
+            })?;
+            Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// When the next undelivered notification is due.
+    pub async fn next_delivery_at(&self) -> Result<Option<String>, CatalogError> {
+        self.call(|c| {
+            Ok(c.query_row(
+                "SELECT min(next_at) FROM deliveries WHERE delivered_at IS NULL",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .await
+    }
+
+    pub async fn delivery_done(
+        &self,
+        id: i64,
+        at: String,
+        error: Option<String>,
+        next_at: Option<String>,
+    ) -> Result<(), CatalogError> {
+        self.call(move |c| {
+            match next_at {
+                None if error.is_none() => c.execute(
+                    "UPDATE deliveries SET delivered_at = ?2, attempts = attempts + 1, last_error = NULL WHERE id = ?1",
+                    params![id, at],
+                )?,
+                None => c.execute(
+                    // given up: kept, with the reason, for whoever looks
+                    "UPDATE deliveries SET delivered_at = 'never', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
+                    params![id, error],
+                )?,
+                Some(next) => c.execute(
+                    "UPDATE deliveries SET attempts = attempts + 1, last_error = ?2, next_at = ?3 WHERE id = ?1",
+                    params![id, error, next],
+                )?,
+            };
+            Ok(())
+        })
+        .await
+    }
+
     /// Binds `target` to `agent` on first sight. Returns the owning agent if
     /// another agent already owns it.
     pub async fn claim_target(
@@ -537,6 +703,16 @@ impl Catalog {
         })
         .await
     }
+}
+
+fn queue(c: &Connection, notify: &[(String, String)], at: &str) -> Result<(), CatalogError> {
+    for (url, body) in notify {
+        c.execute(
+            "INSERT INTO deliveries(url, body, created_at, next_at) VALUES (?1, ?2, ?3, ?3)",
+            params![url, body, at],
+        )?;
+    }
+    Ok(())
 }
 
 fn migrate(c: &Connection) -> Result<(), CatalogError> {

@@ -107,6 +107,7 @@ pub struct Config {
     pub tls: TlsPaths,
     pub log_json: bool,
     pub policies: Policies,
+    pub alerts: crate::alerts::AlertConfig,
 }
 
 impl Args {
@@ -146,7 +147,9 @@ impl Args {
             }
         };
         let policies = Policies::load(self.config.as_deref(), env)?;
+        let alerts = alert_config(env, &policies)?;
         Ok(Config {
+            alerts,
             policies,
             grpc_listen,
             http_listen,
@@ -301,4 +304,97 @@ impl Args {
             ca_pem,
         })
     }
+}
+
+fn alert_config(
+    env: &Env,
+    policies: &Policies,
+) -> Result<crate::alerts::AlertConfig, SettingError> {
+    use datasaver_common::config::parse_duration;
+    let to_chrono = |setting: &str, d: std::time::Duration| {
+        chrono::Duration::from_std(d).map_err(|_| SettingError::new(setting, "is too long"))
+    };
+    let webhook_urls: Vec<String> = env
+        .secret("DATASAVER_WEBHOOK_URL")?
+        .map(|v| {
+            v.split(|c: char| c == ',' || c.is_whitespace())
+                .filter(|u| !u.is_empty())
+                .map(str::to_string)
+                .collect()
+        })
+        .unwrap_or_default();
+    for u in &webhook_urls {
+        let ok = (u.starts_with("https://") || u.starts_with("http://"))
+            && u.parse::<hyper::Uri>().is_ok_and(|p| p.host().is_some());
+        if !ok {
+            // The URL itself is not echoed: webhook URLs often embed a token.
+            return Err(SettingError::new(
+                "DATASAVER_WEBHOOK_URL",
+                format!(
+                    "{} is not an http(s) URL with a host",
+                    crate::alerts::webhook::redact(u)
+                ),
+            ));
+        }
+    }
+    let secret = env.secret("DATASAVER_WEBHOOK_SECRET")?;
+    let mut rules = crate::alerts::rules::Rules::default();
+    rules.alert_after =
+        match (
+            env.get("DATASAVER_ALERT_AFTER"),
+            env.get("DATASAVER_ALERT_AFTER_HOURS"),
+        ) {
+            (Some(_), Some(_)) => return Err(SettingError::new(
+                "DATASAVER_ALERT_AFTER",
+                "both DATASAVER_ALERT_AFTER and DATASAVER_ALERT_AFTER_HOURS are set; set only one",
+            )),
+            (Some(v), None) => Some(to_chrono(
+                "DATASAVER_ALERT_AFTER",
+                parse_duration("DATASAVER_ALERT_AFTER", v)?,
+            )?),
+            (None, Some(h)) => {
+                let hours: f64 = h.trim().parse().map_err(|_| {
+                    SettingError::new(
+                        "DATASAVER_ALERT_AFTER_HOURS",
+                        format!("{h:?} is not a number of hours (e.g. 26 or 1.5)"),
+                    )
+                })?;
+                if !(hours > 0.0 && hours < 24.0 * 3650.0) {
+                    return Err(SettingError::new(
+                        "DATASAVER_ALERT_AFTER_HOURS",
+                        format!("{h} is not a positive number of hours"),
+                    ));
+                }
+                Some(to_chrono(
+                    "DATASAVER_ALERT_AFTER_HOURS",
+                    std::time::Duration::from_secs_f64(hours * 3600.0),
+                )?)
+            }
+            (None, None) => None,
+        };
+    if let Some(n) = env.parse_opt::<u32>("DATASAVER_ALERT_CONSECUTIVE_FAILURES")? {
+        rules.consecutive_failures = n;
+    }
+    if let Some(v) = env.get("DATASAVER_ALERT_AGENT_GRACE") {
+        rules.agent_grace = to_chrono(
+            "DATASAVER_ALERT_AGENT_GRACE",
+            parse_duration("DATASAVER_ALERT_AGENT_GRACE", v)?,
+        )?;
+    }
+    let mut alert_after = std::collections::HashMap::new();
+    for (name, t) in &policies.targets {
+        if let Some(a) = &t.alert_after {
+            let setting = format!("DATASAVER_CONFIG: targets.{name}.alert_after");
+            alert_after.insert(
+                name.clone(),
+                to_chrono(&setting, parse_duration(&setting, a)?)?,
+            );
+        }
+    }
+    Ok(crate::alerts::AlertConfig {
+        webhook_urls,
+        secret,
+        rules,
+        alert_after,
+    })
 }

@@ -63,6 +63,8 @@ struct Inner {
     targets: HashMap<String, u64>,
     jobs: HashMap<String, Job>,
     running_backups: HashSet<String>,
+    /// target -> when its agent went away (for the disconnect alert)
+    disconnected: HashMap<String, DateTime<Utc>>,
 }
 
 #[derive(Default)]
@@ -91,6 +93,7 @@ impl Fleet {
         {
             let mut g = lock!(self.inner);
             for t in &conn.targets {
+                g.disconnected.remove(&t.name);
                 if let Some(old) = g.targets.insert(t.name.clone(), conn.conn_id) {
                     if old != conn.conn_id {
                         lost.push(old);
@@ -110,7 +113,17 @@ impl Fleet {
         {
             let mut g = lock!(self.inner);
             g.agents.remove(&conn_id);
-            g.targets.retain(|_, c| *c != conn_id);
+            let gone: Vec<String> = g
+                .targets
+                .iter()
+                .filter(|(_, c)| **c == conn_id)
+                .map(|(t, _)| t.clone())
+                .collect();
+            let now = Utc::now();
+            for t in gone {
+                g.targets.remove(&t);
+                g.disconnected.insert(t, now);
+            }
             for job in g.jobs.values() {
                 if job.conn_id == conn_id {
                     senders.push(job.reports.clone());
@@ -204,6 +217,12 @@ impl Fleet {
             .filter(|j| j.info.kind != JobKind::Backup)
             .map(|j| j.info.backup_id.clone())
             .collect()
+    }
+
+    /// When the agent serving `target` went away (`None`: connected, or not
+    /// seen since this coordinator started).
+    pub fn disconnected_since(&self, target: &str) -> Option<DateTime<Utc>> {
+        lock!(self.inner).disconnected.get(target).copied()
     }
 
     /// Whether an agent serving `target` is connected.

@@ -126,6 +126,8 @@ pub async fn record_failed_attempt(
         .fail(&id, error, now_rfc3339())
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?;
+    core.metrics.backup_failed(target, error);
+    core.alerter.wake.notify_one();
     Ok(id)
 }
 
@@ -194,6 +196,12 @@ pub async fn start_backup(
         let event = match (outcome, row) {
             (Ok(_), Some(row)) if row.status == status::COMPLETED => {
                 tracing::info!(backup = %id, "backup completed");
+                core.metrics.backup_succeeded(
+                    &target,
+                    row.duration_ms as f64 / 1000.0,
+                    row.stored_bytes,
+                    row.raw_bytes,
+                );
                 done(JobDone {
                     ok: true,
                     message: format!("backup {id} completed"),
@@ -219,10 +227,12 @@ pub async fn start_backup(
                     .or(row.and_then(|r| r.error))
                     .unwrap_or(agent_error);
                 tracing::warn!(backup = %id, %error, "backup failed");
+                core.metrics.backup_failed(&target, &error);
                 failed(format!("backup {id} failed: {error}"))
             }
         };
         let _ = tx.send(Ok(event)).await;
+        core.alerter.wake.notify_one();
         // Retention after every successful backup, still holding the target's
         // slot so it never races the next backup of the same target.
         if completed {

@@ -4,13 +4,17 @@
 //! their certificates.
 
 pub mod agent_service;
+pub mod alerts;
 pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod fleet;
+pub mod health;
+pub mod http;
 pub mod jobs;
 pub mod listener;
 pub mod meta;
+pub mod metrics;
 pub mod operator_service;
 pub mod policy;
 pub mod rebuild;
@@ -42,6 +46,9 @@ pub struct Core {
     pub policies: policy::Policies,
     pub clock: Arc<dyn clock::Clock>,
     pub scheduler: schedule::driver::Scheduler,
+    pub metrics: metrics::Metrics,
+    pub alert_config: alerts::AlertConfig,
+    pub alerter: alerts::Alerter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +68,11 @@ pub enum StartError {
     },
     #[error("DATASAVER_TLS_CERT: the certificate's role is {0}, not coordinator (use coordinator.crt from `dsctl certs init`)")]
     WrongRole(String),
+    #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
+    Http {
+        addr: String,
+        source: std::io::Error,
+    },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
 }
@@ -195,6 +207,9 @@ pub async fn run(
         scheduler: schedule::driver::Scheduler::new(&config.policies),
         policies: config.policies.clone(),
         clock: Arc::new(clock::SystemClock),
+        metrics: metrics::Metrics::new(),
+        alert_config: config.alerts.clone(),
+        alerter: alerts::Alerter::new(chrono::Utc::now()),
     });
     // Losing the backup host must not lose the backups: an empty catalog over
     // a non-empty storage is rebuilt from the meta files before serving.
@@ -227,9 +242,21 @@ pub async fn run(
             tracing::error!(error = %e, "could not finish interrupted deletions; `dsctl cleanup` retries")
         }
     }
+    let http = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| StartError::Http {
+            addr: config.http_listen.to_string(),
+            source,
+        })?;
+    let http_addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let sched = tokio::spawn(schedule::driver::run(core.clone()));
+    let background = [
+        tokio::spawn(http::serve(core.clone(), http)),
+        tokio::spawn(alerts::run(core.clone())),
+        tokio::spawn(alerts::webhook::run(core.clone())),
+    ];
     let addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(grpc = %addr, storage = %core.storage.describe(), identity = %tls.identity, "coordinator ready");
+    tracing::info!(grpc = %addr, http = %http_addr, storage = %core.storage.describe(), identity = %tls.identity, webhooks = core.alert_config.webhook_urls.len(), "coordinator ready");
 
     let incoming = listener::incoming(grpc, server_tls, cancel.clone());
     let max = datasaver_common::MAX_MESSAGE_SIZE;
@@ -250,6 +277,9 @@ pub async fn run(
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await?;
     let _ = sched.await;
+    for b in background {
+        let _ = b.await;
+    }
 
     let failed = core
         .catalog

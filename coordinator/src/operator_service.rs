@@ -327,49 +327,35 @@ impl OperatorService for OperatorSvc {
         req: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
         let _who = peer(&req, Role::Operator)?;
-        let core = &self.core;
-        let mut names: Vec<String> = core
-            .catalog
-            .targets()
+        let r = crate::health::report(&self.core)
             .await
-            .map_err(internal)?
+            .map_err(Status::unavailable)?;
+        let targets = r
+            .targets
             .into_iter()
-            .map(|t| t.name)
+            .map(|t| TargetHealth {
+                target: t.target,
+                schedule: t.schedule.unwrap_or_default(),
+                next_run: t.next_run,
+                last_backup_at: t.last_backup_at,
+                last_status: t.last_result,
+                last_success_at: t.last_success_at,
+                backups: t.backups,
+                stored_bytes: t.bytes_stored,
+                agent_connected: t.agent_connected,
+                last_error: t.last_error,
+                status: t.status.as_str().into(),
+                alerts: t
+                    .alerts
+                    .into_iter()
+                    .map(|a| format!("{}: {}", a.event, a.message))
+                    .collect(),
+            })
             .collect();
-        names.extend(core.catalog.backup_targets().await.map_err(internal)?);
-        names.extend(core.policies.targets.keys().cloned());
-        names.sort();
-        names.dedup();
-        let mut targets = Vec::new();
-        for name in names {
-            let rows = core
-                .catalog
-                .list(Some(name.clone()))
-                .await
-                .map_err(internal)?;
-            let last = rows.iter().find(|r| r.status != status::DELETING);
-            let last_ok = rows.iter().find(|r| r.status == status::COMPLETED);
-            let completed: Vec<_> = rows
-                .iter()
-                .filter(|r| r.status == status::COMPLETED)
-                .collect();
-            targets.push(TargetHealth {
-                schedule: core.scheduler.schedule_of(&name).unwrap_or_default(),
-                next_run: core.scheduler.next_run(&name).map(crate::rfc3339),
-                last_backup_at: last.map(|r| r.created_at.clone()),
-                last_status: last.map(|r| r.status.clone()),
-                last_error: last.and_then(|r| r.error.clone()),
-                last_success_at: last_ok
-                    .map(|r| r.finished_at.clone().unwrap_or(r.created_at.clone())),
-                backups: completed.len() as u32,
-                stored_bytes: completed.iter().map(|r| r.stored_bytes).sum(),
-                agent_connected: core.fleet.is_connected(&name),
-                target: name,
-            });
-        }
         Ok(Response::new(HealthResponse {
             targets,
-            time_zone: core.policies.tz.name().to_string(),
+            time_zone: r.time_zone,
+            status: r.status.as_str().into(),
         }))
     }
 }
@@ -507,6 +493,11 @@ impl OperatorSvc {
             .await;
             core.fleet.remove_job(&job_id);
             if record_verify {
+                core.metrics.verify_finished(&row.target, result.is_ok());
+            } else if mode == RestoreMode::Restore {
+                core.metrics.restore_finished(&row.target, result.is_ok());
+            }
+            if record_verify {
                 let verdict = match &result {
                     Ok(r) => format!("ok: checksum matches, {} archive entries", r.toc_entries),
                     Err(e) => format!("failed: {e}"),
@@ -551,6 +542,7 @@ impl OperatorSvc {
                 }
             };
             let _ = tx.send(Ok(event)).await;
+            core.alerter.wake.notify_one();
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -96,6 +96,8 @@ pub const DEFAULT_FAILED_GRACE: chrono::Duration = chrono::Duration::days(7);
 pub struct TargetFile {
     /// Overrides the agent's DATASAVER_SCHEDULE; "off" disables scheduling.
     pub schedule: Option<String>,
+    /// Dead man's switch for this target, e.g. "26h" (overrides DATASAVER_ALERT_AFTER).
+    pub alert_after: Option<String>,
     #[serde(default)]
     pub retention: RetentionSpec,
 }
@@ -238,6 +240,9 @@ impl Policies {
                         )
                     })?;
                 }
+            }
+            if let Some(a) = &t.alert_after {
+                parse_duration(&format!("DATASAVER_CONFIG: targets.{name}.alert_after"), a)?;
             }
             t.retention.check(&format!(
                 "DATASAVER_CONFIG: targets.{name}.retention.failed_grace"

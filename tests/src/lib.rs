@@ -28,6 +28,7 @@ pub mod fleet;
 pub mod pg;
 pub mod procs;
 pub mod s3;
+pub mod webhook;
 
 pub use fidelity::{
     compare_databases, compare_databases_min_rows, dump_restore, load_fidelity, FIDELITY_MIN_ROWS,

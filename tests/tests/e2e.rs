@@ -11,6 +11,7 @@ mod e2e {
     mod codecs;
     mod faults;
     mod harness_selftest;
+    mod monitoring;
     mod rebuild;
     mod retention;
     mod roundtrip;

@@ -1,0 +1,278 @@
+//! Alerting: the rules (pure, `rules`), the state of each alert (open or
+//! resolved, kept in the catalog so a restart neither repeats nor forgets one)
+//! and the webhooks (`webhook`), delivered from an outbox with retries, never
+//! in the way of a backup.
+
+pub mod rules;
+pub mod webhook;
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio::sync::Notify;
+
+use crate::catalog::{status, AlertRow};
+use crate::Core;
+use rules::{Attempt, Condition, Facts, Kind, Rules};
+
+/// Alerting settings, checked at start-up.
+#[derive(Clone, Default)]
+pub struct AlertConfig {
+    pub webhook_urls: Vec<String>,
+    pub secret: Option<String>,
+    pub rules: Rules,
+    /// Per-target dead man's switch windows (from the YAML file).
+    pub alert_after: HashMap<String, chrono::Duration>,
+}
+
+impl std::fmt::Debug for AlertConfig {
+    // Webhook URLs often carry tokens (Slack's do) and the secret is one:
+    // neither may reach a log through `{:?}`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AlertConfig")
+            .field("webhooks", &self.webhook_urls.len())
+            .field("signed", &self.secret.is_some())
+            .field("rules", &self.rules)
+            .finish()
+    }
+}
+
+impl AlertConfig {
+    pub fn rules_for(&self, target: &str) -> Rules {
+        let mut r = self.rules.clone();
+        if let Some(a) = self.alert_after.get(target) {
+            r.alert_after = Some(*a);
+        }
+        r
+    }
+}
+
+pub struct Alerter {
+    pub wake: Notify,
+    pub deliver: Notify,
+    started: DateTime<Utc>,
+}
+
+impl Alerter {
+    pub fn new(started: DateTime<Utc>) -> Self {
+        Self {
+            wake: Notify::new(),
+            deliver: Notify::new(),
+            started,
+        }
+    }
+}
+
+fn parse(t: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(t)
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+pub fn stamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Every target alerting looks at: known to the catalog, with backups, or
+/// named in the configuration.
+pub async fn targets(core: &Core) -> Vec<String> {
+    let mut names: BTreeSet<String> = BTreeSet::new();
+    if let Ok(ts) = core.catalog.targets().await {
+        names.extend(ts.into_iter().map(|t| t.name));
+    }
+    if let Ok(ts) = core.catalog.backup_targets().await {
+        names.extend(ts);
+    }
+    names.extend(core.policies.targets.keys().cloned());
+    names.into_iter().collect()
+}
+
+/// The facts the rules need about one target.
+pub async fn facts(core: &Core, target: &str) -> Facts {
+    let rows = core
+        .catalog
+        .list(Some(target.to_string()))
+        .await
+        .unwrap_or_default();
+    let recent: Vec<Attempt> = rows
+        .iter()
+        .filter(|r| r.status == status::COMPLETED || r.status == status::FAILED)
+        .filter_map(|r| {
+            let created_at = parse(&r.created_at)?;
+            let finished_at = r
+                .finished_at
+                .as_deref()
+                .and_then(parse)
+                .unwrap_or(created_at);
+            Some(Attempt {
+                id: r.id.clone(),
+                created_at,
+                finished_at,
+                ok: r.status == status::COMPLETED,
+                raw_bytes: r.raw_bytes,
+                error: r.error.clone(),
+            })
+        })
+        .take(50)
+        .collect();
+    let first_seen = core
+        .catalog
+        .targets()
+        .await
+        .ok()
+        .and_then(|ts| ts.into_iter().find(|t| t.name == target))
+        .and_then(|t| parse(&t.first_seen));
+    // A target known from before this start counts from the start: its
+    // earlier history is in the backups themselves.
+    let started = core.alerter.started;
+    let known_since = first_seen.map(|f| f.max(started)).unwrap_or(started);
+    let disconnected_since = if core.fleet.is_connected(target) {
+        None
+    } else {
+        Some(core.fleet.disconnected_since(target).unwrap_or(started))
+    };
+    let last_verify = rows
+        .iter()
+        .filter(|r| r.verified_at.is_some())
+        .max_by(|a, b| a.verified_at.cmp(&b.verified_at))
+        .and_then(|r| {
+            let v = r.verify_result.clone()?;
+            Some((v.starts_with("ok"), r.id.clone(), v))
+        });
+    Facts {
+        target: target.to_string(),
+        recent,
+        known_since,
+        disconnected_since,
+        last_verify,
+    }
+}
+
+fn body(
+    event: &str,
+    alert: Kind,
+    target: &str,
+    c: &Condition,
+    at: DateTime<Utc>,
+    resolved: bool,
+) -> String {
+    let text = if resolved {
+        format!("[datasaver] resolved: {} on {target}", alert.event())
+    } else {
+        format!("[datasaver] {}: {}", alert.event(), c.message)
+    };
+    json!({
+        "event": event,
+        "alert": alert.event(),
+        "status": if resolved { "resolved" } else { "firing" },
+        "target": target,
+        "backup_id": c.backup_id,
+        "message": c.message,
+        "at": at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        // Slack, Discord (/slack) and Mattermost incoming webhooks show this.
+        "text": text,
+    })
+    .to_string()
+}
+
+/// One evaluation: opens alerts whose condition now holds, resolves those
+/// whose condition cleared, and queues one notification per change.
+pub async fn evaluate(core: &Core) -> Result<(), String> {
+    let now = core.clock.now();
+    let open = core
+        .catalog
+        .open_alerts()
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut changed = false;
+    for target in targets(core).await {
+        let f = facts(core, &target).await;
+        let holds = rules::conditions(&f, &core.alert_config.rules_for(&target), now);
+        for c in &holds {
+            let already = open
+                .iter()
+                .any(|a| a.target == target && a.kind == c.kind.event());
+            if already {
+                continue;
+            }
+            let notify: Vec<(String, String)> = core
+                .alert_config
+                .webhook_urls
+                .iter()
+                .map(|u| {
+                    (
+                        u.clone(),
+                        body(c.kind.event(), c.kind, &target, c, now, false),
+                    )
+                })
+                .collect();
+            tracing::warn!(target = %target, alert = c.kind.event(), message = %c.message, "alert");
+            core.catalog
+                .open_alert(
+                    AlertRow {
+                        id: 0,
+                        target: target.clone(),
+                        kind: c.kind.event().to_string(),
+                        message: c.message.clone(),
+                        backup_id: c.backup_id.clone(),
+                        opened_at: stamp(now),
+                    },
+                    notify,
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+            changed = true;
+        }
+        for a in open.iter().filter(|a| a.target == target) {
+            let Some(kind) = Kind::from_event(&a.kind) else {
+                continue;
+            };
+            if holds.iter().any(|c| c.kind == kind) {
+                continue;
+            }
+            let c = Condition {
+                kind,
+                message: format!(
+                    "{} on {target} cleared (open since {})",
+                    kind.event(),
+                    a.opened_at
+                ),
+                backup_id: a.backup_id.clone(),
+            };
+            let notify: Vec<(String, String)> = core
+                .alert_config
+                .webhook_urls
+                .iter()
+                .map(|u| (u.clone(), body("resolved", kind, &target, &c, now, true)))
+                .collect();
+            tracing::info!(target = %target, alert = %a.kind, "alert resolved");
+            core.catalog
+                .resolve_alert(a.id, stamp(now), notify)
+                .await
+                .map_err(|e| e.to_string())?;
+            changed = true;
+        }
+    }
+    if changed {
+        core.alerter.deliver.notify_one();
+    }
+    Ok(())
+}
+
+/// Evaluates every few seconds and whenever something happened, until shutdown.
+pub async fn run(core: Arc<Core>) {
+    let every = Duration::from_secs(5);
+    loop {
+        if let Err(e) = evaluate(&core).await {
+            tracing::error!(error = %e, "alert evaluation failed");
+        }
+        tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            _ = core.alerter.wake.notified() => {}
+            _ = tokio::time::sleep(every) => {}
+        }
+    }
+}

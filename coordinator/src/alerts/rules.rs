@@ -1,0 +1,352 @@
+//! Which alert conditions hold for a target, as a pure function of facts and
+//! a clock reading. The stateful part (open/resolve, one notification per
+//! change, persistence) is in `alerts::Alerter`; keeping the rules pure lets
+//! them be tested over simulated days in microseconds.
+
+use chrono::{DateTime, Duration, Utc};
+
+/// What kind of trouble; the `event` name of its webhook.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Kind {
+    BackupFailed,
+    BackupOverdue,
+    ConsecutiveFailures,
+    SizeAnomaly,
+    AgentDisconnected,
+    VerifyFailed,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 6] = [
+        Kind::BackupFailed,
+        Kind::BackupOverdue,
+        Kind::ConsecutiveFailures,
+        Kind::SizeAnomaly,
+        Kind::AgentDisconnected,
+        Kind::VerifyFailed,
+    ];
+
+    pub fn event(self) -> &'static str {
+        match self {
+            Kind::BackupFailed => "backup.failed",
+            Kind::BackupOverdue => "backup.overdue",
+            Kind::ConsecutiveFailures => "backup.consecutive_failures",
+            Kind::SizeAnomaly => "backup.size_anomaly",
+            Kind::AgentDisconnected => "agent.disconnected",
+            Kind::VerifyFailed => "verify.failed",
+        }
+    }
+
+    pub fn from_event(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.event() == s)
+    }
+
+    /// Whether this makes a target unhealthy (not just degraded).
+    pub fn is_critical(self) -> bool {
+        matches!(self, Kind::BackupOverdue | Kind::ConsecutiveFailures)
+    }
+}
+
+/// One finished backup attempt, newest first in [`Facts::recent`].
+#[derive(Clone, Debug)]
+pub struct Attempt {
+    pub id: String,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: DateTime<Utc>,
+    pub ok: bool,
+    pub raw_bytes: u64,
+    pub error: Option<String>,
+}
+
+#[derive(Clone, Debug)]
+pub struct Facts {
+    pub target: String,
+    /// Finished attempts (completed or failed), newest first.
+    pub recent: Vec<Attempt>,
+    /// Since when the target has existed for us (first agent registration,
+    /// or coordinator start): the dead man's switch counts from here when no
+    /// backup ever succeeded.
+    pub known_since: DateTime<Utc>,
+    /// `None` while an agent serving it is connected.
+    pub disconnected_since: Option<DateTime<Utc>>,
+    /// Latest verify: (ok, backup id, message).
+    pub last_verify: Option<(bool, String, String)>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rules {
+    /// Dead man's switch: alert when no success for this long. `None` = off.
+    pub alert_after: Option<Duration>,
+    /// Alert after this many failures in a row.
+    pub consecutive_failures: u32,
+    /// Fraction off the median of recent successful sizes that is an anomaly.
+    pub size_tolerance: f64,
+    /// How many earlier successful backups make the median.
+    pub size_window: usize,
+    /// Agent away longer than this is an alert.
+    pub agent_grace: Duration,
+}
+
+impl Default for Rules {
+    fn default() -> Self {
+        Self {
+            alert_after: None,
+            consecutive_failures: 3,
+            size_tolerance: 0.5,
+            size_window: 5,
+            agent_grace: Duration::minutes(5),
+        }
+    }
+}
+
+/// A condition that holds now.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Condition {
+    pub kind: Kind,
+    pub message: String,
+    pub backup_id: Option<String>,
+}
+
+fn hours(d: Duration) -> String {
+    let s = d.num_seconds();
+    if s % 3600 == 0 {
+        format!("{} h", s / 3600)
+    } else if s >= 3600 {
+        format!("{:.1} h", s as f64 / 3600.0)
+    } else {
+        format!("{s} s")
+    }
+}
+
+fn median(mut v: Vec<u64>) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    v.sort_unstable();
+    let n = v.len();
+    Some(if n % 2 == 1 {
+        v[n / 2] as f64
+    } else {
+        (v[n / 2 - 1] as f64 + v[n / 2] as f64) / 2.0
+    })
+}
+
+/// Every condition that holds for `f` at `now`.
+pub fn conditions(f: &Facts, r: &Rules, now: DateTime<Utc>) -> Vec<Condition> {
+    let mut out = Vec::new();
+    let t = &f.target;
+    if let Some(last) = f.recent.first() {
+        if !last.ok {
+            out.push(Condition {
+                kind: Kind::BackupFailed,
+                message: format!(
+                    "backup {} of {t} failed: {}",
+                    last.id,
+                    last.error.as_deref().unwrap_or("no reason recorded")
+                ),
+                backup_id: Some(last.id.clone()),
+            });
+        }
+    }
+    let failures = f.recent.iter().take_while(|a| !a.ok).count() as u32;
+    if r.consecutive_failures > 0 && failures >= r.consecutive_failures {
+        out.push(Condition {
+            kind: Kind::ConsecutiveFailures,
+            message: format!("the last {failures} backups of {t} failed"),
+            backup_id: f.recent.first().map(|a| a.id.clone()),
+        });
+    }
+    let last_ok = f.recent.iter().find(|a| a.ok);
+    if let Some(after) = r.alert_after {
+        let since = last_ok.map(|a| a.finished_at).unwrap_or(f.known_since);
+        if now - since > after {
+            out.push(Condition {
+                kind: Kind::BackupOverdue,
+                message: match last_ok {
+                    Some(a) => format!(
+                        "no successful backup of {t} for {} (last: {} at {}); the limit is {}",
+                        hours(now - a.finished_at),
+                        a.id,
+                        a.finished_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        hours(after)
+                    ),
+                    None => format!(
+                        "{t} has had no successful backup in the {} since it was first seen; the limit is {}",
+                        hours(now - since),
+                        hours(after)
+                    ),
+                },
+                backup_id: last_ok.map(|a| a.id.clone()),
+            });
+        }
+    }
+    // Size: the newest success against the median of the ones before it.
+    let oks: Vec<&Attempt> = f.recent.iter().filter(|a| a.ok).collect();
+    if let Some((newest, earlier)) = oks.split_first() {
+        let window: Vec<u64> = earlier
+            .iter()
+            .take(r.size_window)
+            .map(|a| a.raw_bytes)
+            .collect();
+        if let Some(m) = median(window) {
+            if m > 0.0 {
+                let off = (newest.raw_bytes as f64 - m) / m;
+                if off.abs() > r.size_tolerance {
+                    out.push(Condition {
+                        kind: Kind::SizeAnomaly,
+                        message: format!(
+                            "backup {} of {t} is {} bytes, {:+.0}% off the median {} of the {} before it",
+                            newest.id,
+                            newest.raw_bytes,
+                            off * 100.0,
+                            m as u64,
+                            earlier.len().min(r.size_window)
+                        ),
+                        backup_id: Some(newest.id.clone()),
+                    });
+                }
+            }
+        }
+    }
+    if let Some(since) = f.disconnected_since {
+        if now - since > r.agent_grace {
+            out.push(Condition {
+                kind: Kind::AgentDisconnected,
+                message: format!(
+                    "no agent serving {t} has been connected for {}",
+                    hours(now - since)
+                ),
+                backup_id: None,
+            });
+        }
+    }
+    if let Some((false, id, msg)) = &f.last_verify {
+        out.push(Condition {
+            kind: Kind::VerifyFailed,
+            message: format!("verify of {id} failed: {msg}"),
+            backup_id: Some(id.clone()),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    fn at(h: i64) -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap() + Duration::hours(h)
+    }
+
+    fn attempt(i: i64, ok: bool, size: u64) -> Attempt {
+        Attempt {
+            id: format!("b{i}"),
+            created_at: at(i),
+            finished_at: at(i),
+            ok,
+            raw_bytes: size,
+            error: (!ok).then(|| "pg_dump failed".to_string()),
+        }
+    }
+
+    fn facts(mut recent: Vec<Attempt>) -> Facts {
+        recent.reverse();
+        Facts {
+            target: "t".into(),
+            recent,
+            known_since: at(0),
+            disconnected_since: None,
+            last_verify: None,
+        }
+    }
+
+    fn kinds(c: &[Condition]) -> Vec<Kind> {
+        c.iter().map(|c| c.kind).collect()
+    }
+
+    #[test]
+    fn overdue_after_the_window_and_cleared_by_a_success() {
+        let r = Rules {
+            alert_after: Some(Duration::hours(26)),
+            ..Default::default()
+        };
+        let f = facts(vec![attempt(1, true, 100)]);
+        assert!(conditions(&f, &r, at(27)).is_empty());
+        let c = conditions(&f, &r, at(28));
+        assert_eq!(kinds(&c), vec![Kind::BackupOverdue]);
+        assert!(c[0].message.contains("26 h"), "{}", c[0].message);
+        // never succeeded: counted from when the target was first seen
+        let f = facts(vec![]);
+        assert_eq!(
+            kinds(&conditions(&f, &r, at(27))),
+            vec![Kind::BackupOverdue]
+        );
+        assert!(conditions(&f, &r, at(25)).is_empty());
+        // off when not configured
+        assert!(conditions(&f, &Rules::default(), at(1000)).is_empty());
+    }
+
+    #[test]
+    fn failures_single_and_consecutive() {
+        let r = Rules::default();
+        let f = facts(vec![attempt(1, true, 100), attempt(2, false, 0)]);
+        assert_eq!(kinds(&conditions(&f, &r, at(3))), vec![Kind::BackupFailed]);
+        let f = facts(vec![
+            attempt(1, true, 100),
+            attempt(2, false, 0),
+            attempt(3, false, 0),
+            attempt(4, false, 0),
+        ]);
+        assert_eq!(
+            kinds(&conditions(&f, &r, at(5))),
+            vec![Kind::BackupFailed, Kind::ConsecutiveFailures]
+        );
+        let f = facts(vec![attempt(1, false, 0), attempt(2, true, 100)]);
+        assert!(conditions(&f, &r, at(3)).is_empty());
+    }
+
+    #[test]
+    fn size_anomaly_on_a_drop_not_on_growth() {
+        let r = Rules::default();
+        // steady growth of 10% a day: fine
+        let grow: Vec<Attempt> = (1..=8)
+            .map(|i| attempt(i, true, (1000.0 * 1.1f64.powi(i as i32)) as u64))
+            .collect();
+        assert!(conditions(&facts(grow.clone()), &r, at(9)).is_empty());
+        // a truncated table: the newest is a third of the median
+        let mut drop = grow.clone();
+        drop.push(attempt(9, true, 700));
+        let c = conditions(&facts(drop.clone()), &r, at(10));
+        assert_eq!(kinds(&c), vec![Kind::SizeAnomaly]);
+        assert!(c[0].message.contains("b9"), "{}", c[0].message);
+        // a failed attempt after it does not hide it, a normal one clears it
+        drop.push(attempt(10, true, 2000));
+        assert!(conditions(&facts(drop), &r, at(11)).is_empty());
+        // with one earlier backup it already compares
+        let two = vec![attempt(1, true, 1000), attempt(2, true, 100)];
+        assert_eq!(
+            kinds(&conditions(&facts(two), &r, at(3))),
+            vec![Kind::SizeAnomaly]
+        );
+        // a first backup has nothing to compare with
+        assert!(conditions(&facts(vec![attempt(1, true, 5)]), &r, at(2)).is_empty());
+    }
+
+    #[test]
+    fn agent_away_and_verify() {
+        let r = Rules::default();
+        let mut f = facts(vec![attempt(1, true, 100)]);
+        f.disconnected_since = Some(at(2));
+        assert!(conditions(&f, &r, at(2) + Duration::minutes(4)).is_empty());
+        assert_eq!(
+            kinds(&conditions(&f, &r, at(2) + Duration::minutes(6))),
+            vec![Kind::AgentDisconnected]
+        );
+        f.disconnected_since = None;
+        f.last_verify = Some((false, "b1".into(), "checksum mismatch".into()));
+        assert_eq!(kinds(&conditions(&f, &r, at(3))), vec![Kind::VerifyFailed]);
+        f.last_verify = Some((true, "b1".into(), "ok".into()));
+        assert!(conditions(&f, &r, at(3)).is_empty());
+    }
+}

@@ -1,0 +1,258 @@
+//! Prometheus metrics (`GET /metrics`). Counters and the duration histogram
+//! move as events happen; gauges that describe state (bytes stored, last
+//! success, agents connected) are refreshed from the catalog and the fleet at
+//! each scrape, so they are right after a restart too.
+
+use std::sync::atomic::AtomicU64;
+
+use prometheus_client::encoding::text::encode;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+type Labels = Vec<(String, String)>;
+
+fn labels(pairs: &[(&str, &str)]) -> Labels {
+    pairs
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+pub struct Metrics {
+    registry: Registry,
+    backups: Family<Labels, Counter>,
+    backup_duration: Family<Labels, Histogram>,
+    backup_size: Family<Labels, Gauge<f64, AtomicU64>>,
+    backup_raw_size: Family<Labels, Gauge<f64, AtomicU64>>,
+    upload_bytes: Family<Labels, Counter>,
+    restores: Family<Labels, Counter>,
+    verifies: Family<Labels, Counter>,
+    last_success: Family<Labels, Gauge<f64, AtomicU64>>,
+    stored_bytes: Family<Labels, Gauge<f64, AtomicU64>>,
+    backups_stored: Family<Labels, Gauge>,
+    agents_connected: Gauge,
+    alerts_open: Family<Labels, Gauge>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("datasaver");
+        let backups = Family::<Labels, Counter>::default();
+        registry.register(
+            "backups",
+            "Backups finished, by target and result (success, failure) and failure reason",
+            backups.clone(),
+        );
+        let backup_duration = Family::<Labels, Histogram>::new_with_constructor(|| {
+            // 1 s .. ~4.5 h
+            Histogram::new(exponential_buckets(1.0, 2.0, 15))
+        });
+        registry.register_with_unit(
+            "backup_duration",
+            "Duration of successful backups",
+            prometheus_client::registry::Unit::Seconds,
+            backup_duration.clone(),
+        );
+        let backup_size = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "backup_size",
+            "Stored size of the latest successful backup",
+            prometheus_client::registry::Unit::Bytes,
+            backup_size.clone(),
+        );
+        let backup_raw_size = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "backup_raw_size",
+            "Size of the latest successful backup as pg_dump wrote it, before compression",
+            prometheus_client::registry::Unit::Bytes,
+            backup_raw_size.clone(),
+        );
+        let upload_bytes = Family::<Labels, Counter>::default();
+        registry.register_with_unit(
+            "upload",
+            "Bytes received from agents and written to storage (rate() gives throughput)",
+            prometheus_client::registry::Unit::Bytes,
+            upload_bytes.clone(),
+        );
+        let restores = Family::<Labels, Counter>::default();
+        registry.register(
+            "restores",
+            "Restores finished, by target and result",
+            restores.clone(),
+        );
+        let verifies = Family::<Labels, Counter>::default();
+        registry.register(
+            "verifies",
+            "Verifies finished, by target and result",
+            verifies.clone(),
+        );
+        let last_success = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "last_success_timestamp",
+            "Unix time of the latest successful backup",
+            prometheus_client::registry::Unit::Seconds,
+            last_success.clone(),
+        );
+        let stored_bytes = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "stored",
+            "Bytes of completed backups held in storage",
+            prometheus_client::registry::Unit::Bytes,
+            stored_bytes.clone(),
+        );
+        let backups_stored = Family::<Labels, Gauge>::default();
+        registry.register(
+            "backups_stored",
+            "Completed backups held in storage",
+            backups_stored.clone(),
+        );
+        let agents_connected = Gauge::default();
+        registry.register(
+            "agents_connected",
+            "Agents connected to the coordinator now",
+            agents_connected.clone(),
+        );
+        let alerts_open = Family::<Labels, Gauge>::default();
+        registry.register(
+            "alerts_open",
+            "Open alerts, by target and kind",
+            alerts_open.clone(),
+        );
+        Self {
+            registry,
+            backups,
+            backup_duration,
+            backup_size,
+            backup_raw_size,
+            upload_bytes,
+            restores,
+            verifies,
+            last_success,
+            stored_bytes,
+            backups_stored,
+            agents_connected,
+            alerts_open,
+        }
+    }
+
+    pub fn backup_succeeded(&self, target: &str, seconds: f64, stored: u64, raw: u64) {
+        self.backups
+            .get_or_create(&labels(&[
+                ("target", target),
+                ("result", "success"),
+                ("reason", ""),
+            ]))
+            .inc();
+        self.backup_duration
+            .get_or_create(&labels(&[("target", target)]))
+            .observe(seconds);
+        self.backup_size
+            .get_or_create(&labels(&[("target", target)]))
+            .set(stored as f64);
+        self.backup_raw_size
+            .get_or_create(&labels(&[("target", target)]))
+            .set(raw as f64);
+    }
+
+    pub fn backup_failed(&self, target: &str, error: &str) {
+        self.backups
+            .get_or_create(&labels(&[
+                ("target", target),
+                ("result", "failure"),
+                ("reason", failure_reason(error)),
+            ]))
+            .inc();
+    }
+
+    pub fn uploaded(&self, target: &str, bytes: u64) {
+        self.upload_bytes
+            .get_or_create(&labels(&[("target", target)]))
+            .inc_by(bytes);
+    }
+
+    pub fn restore_finished(&self, target: &str, ok: bool) {
+        self.restores
+            .get_or_create(&labels(&[("target", target), ("result", result(ok))]))
+            .inc();
+    }
+
+    pub fn verify_finished(&self, target: &str, ok: bool) {
+        self.verifies
+            .get_or_create(&labels(&[("target", target), ("result", result(ok))]))
+            .inc();
+    }
+
+    /// Sets the state gauges from a fresh look at catalog and fleet.
+    pub fn refresh(
+        &self,
+        targets: &[crate::health::TargetStatus],
+        agents: usize,
+        alerts: &[(String, String)],
+    ) {
+        self.agents_connected.set(agents as i64);
+        for t in targets {
+            let l = labels(&[("target", &t.target)]);
+            self.stored_bytes
+                .get_or_create(&l)
+                .set(t.bytes_stored as f64);
+            self.backups_stored.get_or_create(&l).set(t.backups as i64);
+            if let Some(ts) = t.last_success_unix {
+                self.last_success.get_or_create(&l).set(ts as f64);
+            }
+        }
+        self.alerts_open.clear();
+        for (target, kind) in alerts {
+            self.alerts_open
+                .get_or_create(&labels(&[("target", target), ("kind", kind)]))
+                .inc();
+        }
+    }
+
+    /// The text exposition format.
+    pub fn encode(&self) -> String {
+        let mut out = String::new();
+        if encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}
+
+fn result(ok: bool) -> &'static str {
+    if ok {
+        "success"
+    } else {
+        "failure"
+    }
+}
+
+/// A short, fixed set of failure reasons (label values must stay few).
+pub fn failure_reason(error: &str) -> &'static str {
+    let e = error.to_ascii_lowercase();
+    if e.contains("agent not connected") || e.contains("no agent is connected") {
+        "agent_not_connected"
+    } else if e.contains("interrupted") || e.contains("shut down") || e.contains("shutting down") {
+        "interrupted"
+    } else if e.contains("cannot connect to database") || e.contains("password") {
+        "database_unreachable"
+    } else if e.contains("pg_dump") {
+        "pg_dump"
+    } else if e.contains("checksum") {
+        "checksum"
+    } else if e.contains("storage") || e.contains("s3") {
+        "storage"
+    } else if e.contains("disconnected") || e.contains("upload") {
+        "agent_lost"
+    } else {
+        "other"
+    }
+}
