@@ -116,6 +116,8 @@ pub struct AgentConfig {
     pub tls: TlsPaths,
     pub pg_bin_dir: PathBuf,
     pub log_json: bool,
+    /// `GET /health` here, when set.
+    pub http_listen: Option<std::net::SocketAddr>,
 }
 
 /// Reads and checks every setting; returns all problems, not just the first.
@@ -249,6 +251,16 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         }
     };
 
+    let http_listen = match env.get("DATASAVER_HTTP_LISTEN") {
+        None => None,
+        Some(v) => take!(v.trim().parse::<std::net::SocketAddr>().map_err(|_| {
+            SettingError::new(
+                "DATASAVER_HTTP_LISTEN",
+                format!("{v:?} is not an address like 127.0.0.1:9091"),
+            )
+        })),
+    };
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -292,6 +304,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
             tls,
             pg_bin_dir: bin,
             log_json,
+            http_listen,
         }),
         _ => Err(vec![SettingError::new("configuration", "incomplete")]),
     }

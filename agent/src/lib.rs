@@ -6,10 +6,12 @@
 pub mod backup;
 pub mod child;
 pub mod config;
+pub mod health;
 pub mod pg;
 pub mod progress;
 pub mod restore;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
@@ -32,6 +34,11 @@ pub enum AgentError {
     Tls(#[from] datasaver_common::tls::TlsError),
     #[error("DATASAVER_TLS_CERT: the certificate's role is {0}, not agent (issue one with `dsctl certs issue --agent NAME`)")]
     WrongRole(String),
+    #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
+    Http {
+        addr: String,
+        source: std::io::Error,
+    },
 }
 
 /// Connects, serves, and reconnects until `cancel` fires.
@@ -48,10 +55,30 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         pg_bin_dir = %config.pg_bin_dir.display(),
         "agent starting"
     );
+    let state = Arc::new(health::State::default());
+    let config = Arc::new(config);
+    if let Some(addr) = config.http_listen {
+        let l = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|source| AgentError::Http {
+                addr: addr.to_string(),
+                source,
+            })?;
+        tracing::info!(http = %addr, "health endpoint listening");
+        tokio::spawn(health::serve(
+            l,
+            config.clone(),
+            state.clone(),
+            cancel.clone(),
+        ));
+    }
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
-        let result = session(&config, &tls, &cancel).await;
+        let result = session(&config, &tls, &cancel, &state).await;
+        state
+            .connected
+            .store(false, std::sync::atomic::Ordering::Relaxed);
         if cancel.is_cancelled() {
             tracing::info!("agent stopped");
             return Ok(());
@@ -96,6 +123,7 @@ async fn session(
     config: &AgentConfig,
     tls: &TlsMaterial,
     cancel: &CancellationToken,
+    state: &health::State,
 ) -> Result<(), String> {
     let channel = connect(config, tls).await?;
     let max = datasaver_common::MAX_MESSAGE_SIZE;
@@ -153,6 +181,9 @@ async fn session(
         match msg.msg {
             Some(coordinator_message::Msg::Registered(r)) => {
                 tracing::info!(as_agent = %r.agent_name, coordinator_version = %r.coordinator_version, "connected to the coordinator");
+                state
+                    .connected
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Some(coordinator_message::Msg::Backup(job)) => {
                 let (client, target, tools, tx, cancel) = (

@@ -338,8 +338,7 @@ fn alert_config(
         }
     }
     let secret = env.secret("DATASAVER_WEBHOOK_SECRET")?;
-    let mut rules = crate::alerts::rules::Rules::default();
-    rules.alert_after =
+    let alert_after_all =
         match (
             env.get("DATASAVER_ALERT_AFTER"),
             env.get("DATASAVER_ALERT_AFTER_HOURS"),
@@ -372,6 +371,10 @@ fn alert_config(
             }
             (None, None) => None,
         };
+    let mut rules = crate::alerts::rules::Rules {
+        alert_after: alert_after_all,
+        ..Default::default()
+    };
     if let Some(n) = env.parse_opt::<u32>("DATASAVER_ALERT_CONSECUTIVE_FAILURES")? {
         rules.consecutive_failures = n;
     }

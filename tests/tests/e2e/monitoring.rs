@@ -120,8 +120,14 @@ fn a_failed_backup_is_announced_once_signed_and_retried() {
     std::thread::sleep(Duration::from_secs(7));
     let after = hook.received();
     assert_eq!(after.len(), before, "{:?}", &after[before..]);
-    // The secret never reaches the logs.
-    assert!(!fleet.coordinator().log().contains(SECRET));
+    // Neither the webhook secret nor the database password reaches any log.
+    let logs = format!(
+        "{}{}",
+        fleet.coordinator().log(),
+        fleet.agent("app").proc.log()
+    );
+    assert!(!logs.contains(SECRET));
+    assert!(!logs.contains(pg.password()));
 }
 
 #[test]
@@ -275,4 +281,46 @@ fn metrics_count_each_backup_once_and_sizes_flag_a_truncated_table() {
         &[("target", "app"), ("result", "failure")],
     );
     assert_eq!(failures, 0.0);
+}
+
+#[test]
+fn agent_health_reports_coordinator_and_database() {
+    let mut pg = PgCluster::new();
+    small_db(&pg, "app");
+    let mut fleet = Fleet::start();
+    let port = datasaver_tests::free_port();
+    let spec = fleet
+        .agent_spec("app", &pg, "app")
+        .env("DATASAVER_HTTP_LISTEN", format!("127.0.0.1:{port}"));
+    fleet.add_agent_spec("app", spec);
+    let get = || {
+        let r = datasaver_tests::http_get(port, "/health").expect("GET agent /health");
+        let v: serde_json::Value = serde_json::from_str(&r.body).expect("agent health JSON");
+        (r.status, v)
+    };
+    assert!(
+        wait_until(Duration::from_secs(20), || get().0 == 200),
+        "{:?}",
+        get()
+    );
+    let (_, v) = get();
+    assert_eq!(v["coordinator_connected"], true);
+    assert_eq!(v["database_reachable"], true);
+    assert_eq!(v["target"], "app");
+
+    pg.stop();
+    let (code, v) = get();
+    assert_eq!(code, 503, "{v}");
+    assert_eq!(v["database_reachable"], false);
+    assert!(!v.to_string().contains(pg.password()));
+    pg.start();
+
+    fleet.kill_coordinator();
+    assert!(
+        wait_until(Duration::from_secs(30), || get().0 == 503),
+        "{:?}",
+        get()
+    );
+    assert_eq!(get().1["coordinator_connected"], false);
+    assert_eq!(get().1["database_reachable"], true);
 }
