@@ -222,7 +222,15 @@ pub async fn run(
     .await
     .map_err(|_| "upload channel closed".to_string())?;
     let mut upload_client = client.clone();
-    let upload = tokio::spawn(async move { upload_client.upload(ReceiverStream::new(rx)).await });
+    // The upload carries this span's trace context, so the coordinator's
+    // spans for storing it join the same trace.
+    let upload_span = tracing::info_span!("agent.upload", backup = %job.backup_id);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    datasaver_common::telemetry::inject_metadata(&upload_span, request.metadata_mut());
+    let upload = tokio::spawn(tracing::Instrument::instrument(
+        async move { upload_client.upload(request).await },
+        upload_span,
+    ));
 
     let counters = Arc::new(Counters::default());
     let progress = reporter.start_ticker("dump", counters.clone());

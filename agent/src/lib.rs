@@ -193,41 +193,46 @@ async fn session(
                     tx.clone(),
                     session_cancel.clone(),
                 );
-                tokio::spawn(async move {
-                    let job_id = job.job_id.clone();
-                    let backup_id = job.backup_id.clone();
-                    tracing::info!(backup = %backup_id, "backup started");
-                    let reporter = Reporter {
-                        job_id: job_id.clone(),
-                        tx: tx.clone(),
-                    };
-                    let r = backup::run(client, job, target, tools, reporter, cancel).await;
-                    let result = match r {
-                        Ok(msg) => {
-                            tracing::info!(backup = %backup_id, "{msg}");
-                            JobResult {
-                                job_id,
-                                ok: true,
-                                message: msg,
-                                ..Default::default()
+                let span = tracing::info_span!("agent.backup", target = %job.target, backup = %job.backup_id);
+                datasaver_common::telemetry::set_parent(&span, &job.trace_context);
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let job_id = job.job_id.clone();
+                        let backup_id = job.backup_id.clone();
+                        tracing::info!(backup = %backup_id, "backup started");
+                        let reporter = Reporter {
+                            job_id: job_id.clone(),
+                            tx: tx.clone(),
+                        };
+                        let r = backup::run(client, job, target, tools, reporter, cancel).await;
+                        let result = match r {
+                            Ok(msg) => {
+                                tracing::info!(backup = %backup_id, "{msg}");
+                                JobResult {
+                                    job_id,
+                                    ok: true,
+                                    message: msg,
+                                    ..Default::default()
+                                }
                             }
-                        }
-                        Err(e) => {
-                            tracing::warn!(backup = %backup_id, error = %e, "backup failed");
-                            JobResult {
-                                job_id,
-                                ok: false,
-                                error: e,
-                                ..Default::default()
+                            Err(e) => {
+                                tracing::warn!(backup = %backup_id, error = %e, "backup failed");
+                                JobResult {
+                                    job_id,
+                                    ok: false,
+                                    error: e,
+                                    ..Default::default()
+                                }
                             }
-                        }
-                    };
-                    let _ = tx
-                        .send(AgentMessage {
-                            msg: Some(agent_message::Msg::Result(result)),
-                        })
-                        .await;
-                });
+                        };
+                        let _ = tx
+                            .send(AgentMessage {
+                                msg: Some(agent_message::Msg::Result(result)),
+                            })
+                            .await;
+                    },
+                    span,
+                ));
             }
             Some(coordinator_message::Msg::Restore(job)) => {
                 let (client, target, tools, tx, cancel) = (
@@ -237,44 +242,51 @@ async fn session(
                     tx.clone(),
                     session_cancel.clone(),
                 );
-                tokio::spawn(async move {
-                    let job_id = job.job_id.clone();
-                    let backup_id = job.backup_id.clone();
-                    tracing::info!(backup = %backup_id, mode = job.mode, "restore job started");
-                    let reporter = Reporter {
-                        job_id: job_id.clone(),
-                        tx: tx.clone(),
-                    };
-                    let result = match restore::run(client, job, target, tools, reporter, cancel)
+                let span = tracing::info_span!("agent.restore", target = %job.target, backup = %job.backup_id);
+                datasaver_common::telemetry::set_parent(&span, &job.trace_context);
+                tokio::spawn(tracing::Instrument::instrument(
+                    async move {
+                        let job_id = job.job_id.clone();
+                        let backup_id = job.backup_id.clone();
+                        tracing::info!(backup = %backup_id, mode = job.mode, "restore job started");
+                        let reporter = Reporter {
+                            job_id: job_id.clone(),
+                            tx: tx.clone(),
+                        };
+                        let result = match restore::run(
+                            client, job, target, tools, reporter, cancel,
+                        )
                         .await
-                    {
-                        Ok(o) => {
-                            tracing::info!(backup = %backup_id, "{}", o.message);
-                            JobResult {
-                                job_id,
-                                ok: true,
-                                message: o.message,
-                                target_db: o.target_db,
-                                toc_entries: o.toc_entries,
-                                ..Default::default()
+                        {
+                            Ok(o) => {
+                                tracing::info!(backup = %backup_id, "{}", o.message);
+                                JobResult {
+                                    job_id,
+                                    ok: true,
+                                    message: o.message,
+                                    target_db: o.target_db,
+                                    toc_entries: o.toc_entries,
+                                    ..Default::default()
+                                }
                             }
-                        }
-                        Err(e) => {
-                            tracing::warn!(backup = %backup_id, error = %e, "restore job failed");
-                            JobResult {
-                                job_id,
-                                ok: false,
-                                error: e,
-                                ..Default::default()
+                            Err(e) => {
+                                tracing::warn!(backup = %backup_id, error = %e, "restore job failed");
+                                JobResult {
+                                    job_id,
+                                    ok: false,
+                                    error: e,
+                                    ..Default::default()
+                                }
                             }
-                        }
-                    };
-                    let _ = tx
-                        .send(AgentMessage {
-                            msg: Some(agent_message::Msg::Result(result)),
-                        })
-                        .await;
-                });
+                        };
+                        let _ = tx
+                            .send(AgentMessage {
+                                msg: Some(agent_message::Msg::Result(result)),
+                            })
+                            .await;
+                    },
+                    span,
+                ));
             }
             Some(coordinator_message::Msg::Cancel(c)) => {
                 tracing::warn!(job = %c.job_id, reason = %c.reason, "job cancel requested; cancelling this session's jobs");

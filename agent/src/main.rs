@@ -21,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 ///   DATASAVER_HTTP_LISTEN       serve GET /health here (e.g. 127.0.0.1:9091): 200 when
 ///                               connected to the coordinator and the database answers
 ///   DATASAVER_LOG_FORMAT        text (default) or json; DATASAVER_LOG sets the level
+///   OTEL_EXPORTER_OTLP_ENDPOINT export traces over OTLP/gRPC (e.g. http://collector:4317)
 #[derive(Parser)]
 #[command(name = "datasaver-agent", version, verbatim_doc_comment)]
 struct Args {}
@@ -37,15 +38,11 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DATASAVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if config.log_json {
-        builder.json().init();
-    } else {
-        builder.with_ansi(false).init();
+    // Kept until the end of main: flushes exported spans on the way out.
+    let (_telemetry, warning) =
+        datasaver_common::telemetry::init("datasaver-agent", config.log_json);
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
     }
     datasaver_common::tls::install_crypto_provider();
     let cancel = CancellationToken::new();

@@ -9,6 +9,8 @@ pub mod codec;
 pub mod config;
 pub mod crypt;
 pub mod names;
+#[cfg(feature = "telemetry")]
+pub mod telemetry;
 pub mod tls;
 
 /// Generated code for the `datasaver.v1` protocol.

@@ -161,6 +161,7 @@ impl AgentService for AgentSvc {
         req: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
         let who = peer(&req, Role::Agent)?;
+        let remote = datasaver_common::telemetry::from_metadata(req.metadata());
         let mut inbound = req.into_inner();
         let header = match inbound.message().await?.and_then(|m| m.msg) {
             Some(upload_request::Msg::Header(h)) => h,
@@ -187,8 +188,13 @@ impl AgentService for AgentSvc {
                 who.name
             )));
         }
-        tracing::info!(agent = %who, backup = %backup_id, "upload started");
-        match self.receive(&header, &who.name, &mut inbound).await {
+        // A child of the agent's upload span, so both sides share one trace.
+        let span = tracing::info_span!("upload", target = %target, backup = %backup_id);
+        datasaver_common::telemetry::set_parent(&span, &remote);
+        span.in_scope(|| tracing::info!(agent = %who, backup = %backup_id, "upload started"));
+        match tracing::Instrument::instrument(self.receive(&header, &who.name, &mut inbound), span)
+            .await
+        {
             Ok(resp) => {
                 tracing::info!(agent = %who, backup = %backup_id, bytes = resp.stored_bytes, "backup stored");
                 Ok(Response::new(resp))
@@ -327,7 +333,12 @@ impl AgentSvc {
                 hasher.len()
             ));
         }
-        let info = writer.commit().await.map_err(|e| e.to_string())?;
+        let info = tracing::Instrument::instrument(
+            writer.commit(),
+            tracing::info_span!("storage.commit", key = %object_key),
+        )
+        .await
+        .map_err(|e| e.to_string())?;
 
         let finished = chrono::Utc::now();
         let created = chrono::DateTime::parse_from_rfc3339(&row.created_at)

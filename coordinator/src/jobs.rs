@@ -9,6 +9,7 @@ use datasaver_common::proto::{
 };
 use tokio::sync::mpsc;
 use tonic::Status;
+use tracing::Instrument;
 
 use crate::catalog::{status, BackupRow};
 use crate::fleet::{JobKind, Report};
@@ -151,7 +152,10 @@ pub async fn start_backup(
     };
     let label = label.filter(|l| !l.trim().is_empty());
     let id = new_row(core, target, trigger, label, agent_name.clone()).await?;
-    tracing::info!(target = %target, backup = %id, trigger = trigger.as_str(), "backup started");
+    // The job's span: a child of the schedule's when the scheduler started it.
+    let span =
+        tracing::info_span!("backup", target = %target, backup = %id, trigger = trigger.as_str());
+    span.in_scope(|| tracing::info!(target = %target, backup = %id, trigger = trigger.as_str(), "backup started"));
 
     let job_id = format!("job-{}", rand::random::<u64>());
     let mut reports = core.fleet.add_job(
@@ -170,6 +174,7 @@ pub async fn start_backup(
                 job_id: job_id.clone(),
                 backup_id: id.clone(),
                 target: target.to_string(),
+                trace_context: datasaver_common::telemetry::context_of(&span),
             })),
         }))
         .await;
@@ -236,11 +241,15 @@ pub async fn start_backup(
         // Retention after every successful backup, still holding the target's
         // slot so it never races the next backup of the same target.
         if completed {
-            if let Err(e) = crate::retention::cleanup::run(&core, Some(&target), false).await {
+            let rotation = tracing::info_span!("rotation", target = %target);
+            if let Err(e) = crate::retention::cleanup::run(&core, Some(&target), false)
+                .instrument(rotation)
+                .await
+            {
                 tracing::error!(target = %target, error = %e, "cleanup after the backup failed");
             }
         }
-    });
+    }.instrument(span));
     Ok(Started { id, events: rx })
 }
 

@@ -5,19 +5,6 @@ use clap::Parser;
 use datasaver_coordinator::config::Args;
 use tokio_util::sync::CancellationToken;
 
-fn init_logging(json: bool) {
-    let filter = tracing_subscriber::EnvFilter::try_from_env("DATASAVER_LOG")
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if json {
-        builder.json().init();
-    } else {
-        builder.with_ansi(false).init();
-    }
-}
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
@@ -28,7 +15,12 @@ async fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    init_logging(config.log_json);
+    // Kept until the end of main: flushes exported spans on the way out.
+    let (_telemetry, warning) =
+        datasaver_common::telemetry::init("datasaver-coordinator", config.log_json);
+    if let Some(w) = warning {
+        tracing::warn!("{w}");
+    }
     datasaver_common::tls::install_crypto_provider();
     let listener = match tokio::net::TcpListener::bind(config.grpc_listen).await {
         Ok(l) => l,

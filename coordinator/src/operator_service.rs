@@ -19,6 +19,7 @@ use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use crate::catalog::{status, BackupRow};
 use crate::fleet::JobKind;
@@ -441,6 +442,12 @@ impl OperatorSvc {
         } else {
             JobKind::Restore
         };
+        let span = tracing::info_span!(
+            "restore",
+            target = %row.target,
+            backup = %row.id,
+            mode = if record_verify { "verify" } else if mode == RestoreMode::List { "list" } else { "restore" }
+        );
         // Registered now so the backup counts as in use from the start.
         let mut reports = core.fleet.add_job(
             &job_id,
@@ -470,6 +477,7 @@ impl OperatorSvc {
                     )))
                     .await;
                 let job = RestoreJob {
+                    trace_context: datasaver_common::telemetry::context_of(&tracing::Span::current()),
                     job_id: job_id.clone(),
                     backup_id: row.id.clone(),
                     target: row.target.clone(),
@@ -543,7 +551,7 @@ impl OperatorSvc {
             };
             let _ = tx.send(Ok(event)).await;
             core.alerter.wake.notify_one();
-        });
+        }.instrument(span));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }

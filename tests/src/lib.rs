@@ -25,6 +25,7 @@
 
 pub mod fidelity;
 pub mod fleet;
+pub mod otlp;
 pub mod pg;
 pub mod procs;
 pub mod s3;

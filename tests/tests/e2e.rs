@@ -16,5 +16,6 @@ mod e2e {
     mod retention;
     mod roundtrip;
     mod s3;
+    mod traces;
     mod two_agents;
 }

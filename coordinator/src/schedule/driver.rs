@@ -137,7 +137,11 @@ pub async fn run(core: Arc<Core>) {
             }
         }
         for s in starts {
-            tokio::spawn(run_one(core.clone(), s, done_tx.clone()));
+            let span = tracing::info_span!("schedule", target = %s.target, slot = %crate::rfc3339(s.slot), attempt = s.attempt);
+            tokio::spawn(tracing::Instrument::instrument(
+                run_one(core.clone(), s, done_tx.clone()),
+                span,
+            ));
         }
         let wait = next
             .map(|n| (n - core.clock.now()).to_std().unwrap_or(Duration::ZERO))
