@@ -119,6 +119,47 @@ async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, Str
         .map_err(|e| datasaver_common::error_chain(&e))
 }
 
+/// Runs one job on its own task (inside `span`) and reports its result on
+/// the control stream, whatever the outcome.
+fn spawn_job<F>(
+    span: tracing::Span,
+    tx: mpsc::Sender<AgentMessage>,
+    job_id: String,
+    what: &'static str,
+    work: F,
+) where
+    F: std::future::Future<Output = Result<JobResult, String>> + Send + 'static,
+{
+    let task = async move {
+        tracing::info!("{what} started");
+        let result = match work.await {
+            Ok(r) => {
+                tracing::info!("{}", r.message);
+                JobResult {
+                    job_id,
+                    ok: true,
+                    ..r
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "{what} failed");
+                JobResult {
+                    job_id,
+                    ok: false,
+                    error: e,
+                    ..Default::default()
+                }
+            }
+        };
+        let _ = tx
+            .send(AgentMessage {
+                msg: Some(agent_message::Msg::Result(result)),
+            })
+            .await;
+    };
+    tokio::spawn(tracing::Instrument::instrument(task, span));
+}
+
 async fn session(
     config: &AgentConfig,
     tls: &TlsMaterial,
@@ -186,107 +227,52 @@ async fn session(
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Some(coordinator_message::Msg::Backup(job)) => {
-                let (client, target, tools, tx, cancel) = (
-                    client.clone(),
-                    config.target.clone(),
-                    tools.clone(),
-                    tx.clone(),
-                    session_cancel.clone(),
-                );
                 let span = tracing::info_span!("agent.backup", target = %job.target, backup = %job.backup_id);
                 datasaver_common::telemetry::set_parent(&span, &job.trace_context);
-                tokio::spawn(tracing::Instrument::instrument(
-                    async move {
-                        let job_id = job.job_id.clone();
-                        let backup_id = job.backup_id.clone();
-                        tracing::info!(backup = %backup_id, "backup started");
-                        let reporter = Reporter {
-                            job_id: job_id.clone(),
-                            tx: tx.clone(),
-                        };
-                        let r = backup::run(client, job, target, tools, reporter, cancel).await;
-                        let result = match r {
-                            Ok(msg) => {
-                                tracing::info!(backup = %backup_id, "{msg}");
-                                JobResult {
-                                    job_id,
-                                    ok: true,
-                                    message: msg,
-                                    ..Default::default()
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(backup = %backup_id, error = %e, "backup failed");
-                                JobResult {
-                                    job_id,
-                                    ok: false,
-                                    error: e,
-                                    ..Default::default()
-                                }
-                            }
-                        };
-                        let _ = tx
-                            .send(AgentMessage {
-                                msg: Some(agent_message::Msg::Result(result)),
-                            })
-                            .await;
-                    },
-                    span,
-                ));
-            }
-            Some(coordinator_message::Msg::Restore(job)) => {
-                let (client, target, tools, tx, cancel) = (
+                let reporter = Reporter {
+                    job_id: job.job_id.clone(),
+                    tx: tx.clone(),
+                };
+                let job_id = job.job_id.clone();
+                let work = backup::run(
                     client.clone(),
+                    job,
                     config.target.clone(),
                     tools.clone(),
-                    tx.clone(),
+                    reporter,
                     session_cancel.clone(),
                 );
-                let span = tracing::info_span!("agent.restore", target = %job.target, backup = %job.backup_id);
+                spawn_job(span, tx.clone(), job_id, "backup", async move {
+                    work.await.map(|message| JobResult {
+                        message,
+                        ..Default::default()
+                    })
+                });
+            }
+            Some(coordinator_message::Msg::Restore(job)) => {
+                let span = tracing::info_span!("agent.restore", target = %job.target, backup = %job.backup_id, mode = job.mode);
                 datasaver_common::telemetry::set_parent(&span, &job.trace_context);
-                tokio::spawn(tracing::Instrument::instrument(
-                    async move {
-                        let job_id = job.job_id.clone();
-                        let backup_id = job.backup_id.clone();
-                        tracing::info!(backup = %backup_id, mode = job.mode, "restore job started");
-                        let reporter = Reporter {
-                            job_id: job_id.clone(),
-                            tx: tx.clone(),
-                        };
-                        let result = match restore::run(
-                            client, job, target, tools, reporter, cancel,
-                        )
-                        .await
-                        {
-                            Ok(o) => {
-                                tracing::info!(backup = %backup_id, "{}", o.message);
-                                JobResult {
-                                    job_id,
-                                    ok: true,
-                                    message: o.message,
-                                    target_db: o.target_db,
-                                    toc_entries: o.toc_entries,
-                                    ..Default::default()
-                                }
-                            }
-                            Err(e) => {
-                                tracing::warn!(backup = %backup_id, error = %e, "restore job failed");
-                                JobResult {
-                                    job_id,
-                                    ok: false,
-                                    error: e,
-                                    ..Default::default()
-                                }
-                            }
-                        };
-                        let _ = tx
-                            .send(AgentMessage {
-                                msg: Some(agent_message::Msg::Result(result)),
-                            })
-                            .await;
-                    },
-                    span,
-                ));
+                let reporter = Reporter {
+                    job_id: job.job_id.clone(),
+                    tx: tx.clone(),
+                };
+                let job_id = job.job_id.clone();
+                let work = restore::run(
+                    client.clone(),
+                    job,
+                    config.target.clone(),
+                    tools.clone(),
+                    reporter,
+                    session_cancel.clone(),
+                );
+                spawn_job(span, tx.clone(), job_id, "restore job", async move {
+                    work.await.map(|o| JobResult {
+                        message: o.message,
+                        target_db: o.target_db,
+                        toc_entries: o.toc_entries,
+                        ..Default::default()
+                    })
+                });
             }
             Some(coordinator_message::Msg::Cancel(c)) => {
                 tracing::warn!(job = %c.job_id, reason = %c.reason, "job cancel requested; cancelling this session's jobs");

@@ -35,6 +35,16 @@ impl Env {
         Self(std::env::vars().collect())
     }
 
+    /// An environment with exactly these variables (tests, tools).
+    pub fn from_pairs(pairs: &[(&str, &str)]) -> Self {
+        Self(
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        )
+    }
+
     /// A non-empty value of `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
@@ -149,10 +159,7 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> Env {
-        Env(pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect())
+        Env::from_pairs(pairs)
     }
 
     #[test]

@@ -239,6 +239,26 @@ impl Fleet {
         &mut self.coordinator
     }
 
+    /// A `datasaver-coordinator` command using this fleet's certificates, fresh loopback ports
+    /// and `data_dir`, for tests that run a second coordinator to completion (bad settings,
+    /// refused start-ups).
+    pub fn coordinator_command(&self, data_dir: &Path) -> std::process::Command {
+        let mut cmd = clean_command(bin_path("datasaver-coordinator"));
+        cmd.env("DATASAVER_TLS_CA", self.certs.join("ca.crt"))
+            .env("DATASAVER_TLS_CERT", self.certs.join("coordinator.crt"))
+            .env("DATASAVER_TLS_KEY", self.certs.join("coordinator.key"))
+            .env(
+                "DATASAVER_GRPC_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env(
+                "DATASAVER_HTTP_LISTEN",
+                format!("127.0.0.1:{}", free_port()),
+            )
+            .env("DATASAVER_DATA_DIR", data_dir);
+        cmd
+    }
+
     /// SIGTERM the coordinator and wait for it (SIGKILL after 20 s).
     pub fn stop_coordinator(&mut self) {
         self.coordinator.stop(Duration::from_secs(20));

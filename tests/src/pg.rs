@@ -570,6 +570,20 @@ impl PgCluster {
         );
     }
 
+    /// A new database `name` holding one table `t (id int PRIMARY KEY, v text)` of `rows`
+    /// rows (`v` = md5 of `id`): small, known content for tests that count or compare rows.
+    #[track_caller]
+    pub fn create_small_db(&self, name: &str, rows: u32) {
+        self.create_db(name);
+        self.psql(
+            name,
+            &format!(
+                "CREATE TABLE t (id int PRIMARY KEY, v text);
+                 INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, {rows}) g;"
+            ),
+        );
+    }
+
     /// `DROP DATABASE IF EXISTS "name" WITH (FORCE)`.
     #[track_caller]
     pub fn drop_db(&self, name: &str) {

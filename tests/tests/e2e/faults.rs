@@ -75,8 +75,7 @@ fn backup_in_flight(
 }
 
 fn small_db(pg: &PgCluster, db: &str) {
-    pg.create_db(db);
-    pg.psql(db, "CREATE TABLE t (id int PRIMARY KEY, v text); INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g;");
+    pg.create_small_db(db, 20000);
 }
 
 #[test]
@@ -377,22 +376,8 @@ fn bad_configuration_stops_with_one_line_naming_the_setting() {
     ];
     let data = datasaver_tests::short_tempdir("dscfg");
     for (key, value, setting) in coord_cases {
-        let mut cmd = clean_command(datasaver_tests::bin_path("datasaver-coordinator"));
-        cmd.env("DATASAVER_TLS_CA", fleet.certs_dir().join("ca.crt"))
-            .env(
-                "DATASAVER_TLS_CERT",
-                fleet.certs_dir().join("coordinator.crt"),
-            )
-            .env(
-                "DATASAVER_TLS_KEY",
-                fleet.certs_dir().join("coordinator.key"),
-            )
-            .env(
-                "DATASAVER_GRPC_LISTEN",
-                format!("127.0.0.1:{}", datasaver_tests::free_port()),
-            )
-            .env("DATASAVER_DATA_DIR", data.path())
-            .env(key, value);
+        let mut cmd = fleet.coordinator_command(data.path());
+        cmd.env(key, value);
         let out = run(cmd, Duration::from_secs(30));
         assert!(
             !out.timed_out,

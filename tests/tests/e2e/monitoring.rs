@@ -10,12 +10,7 @@ use datasaver_tests::{wait_until, Fleet, FleetOptions, PgCluster};
 const SECRET: &str = "whsec-test-0123456789";
 
 fn small_db(pg: &PgCluster, db: &str) {
-    pg.create_db(db);
-    pg.psql(
-        db,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 20000) g;",
-    );
+    pg.create_small_db(db, 20000);
 }
 
 fn fleet_with(hook: &WebhookReceiver, extra: &[(&str, &str)]) -> Fleet {

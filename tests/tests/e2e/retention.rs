@@ -11,12 +11,7 @@ use datasaver_tests::s3::RecordingProxy;
 use datasaver_tests::{run, wait_until, Fleet, FleetOptions, PgCluster, S3Server};
 
 fn small_db(pg: &PgCluster, db: &str) {
-    pg.create_db(db);
-    pg.psql(
-        db,
-        "CREATE TABLE t (id int PRIMARY KEY, v text);
-         INSERT INTO t SELECT g, md5(g::text) FROM generate_series(1, 2000) g;",
-    );
+    pg.create_small_db(db, 2000);
 }
 
 fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {

@@ -6,9 +6,7 @@
 use std::time::Duration;
 
 use datasaver_tests::fidelity::{compare_databases, load_fidelity};
-use datasaver_tests::{
-    clean_command, free_port, run, wait_until, Fleet, FleetOptions, PgCluster, S3Server,
-};
+use datasaver_tests::{free_port, run, wait_until, Fleet, FleetOptions, PgCluster, S3Server};
 
 /// 5 MiB parts (S3's minimum) so a modest database needs several.
 const PART_MB: &str = "5";
@@ -105,21 +103,7 @@ fn s3_start_up_check_refuses_with_distinct_messages() {
     let data = datasaver_tests::short_tempdir("dss3cfg");
     // Exit 1: the storage check failed; exit 2: a setting is wrong.
     let attempt_code = |code: i32, overrides: &[(&str, String)]| {
-        let mut cmd = clean_command(datasaver_tests::bin_path("datasaver-coordinator"));
-        cmd.env("DATASAVER_TLS_CA", certs.certs_dir().join("ca.crt"))
-            .env(
-                "DATASAVER_TLS_CERT",
-                certs.certs_dir().join("coordinator.crt"),
-            )
-            .env(
-                "DATASAVER_TLS_KEY",
-                certs.certs_dir().join("coordinator.key"),
-            )
-            .env(
-                "DATASAVER_GRPC_LISTEN",
-                format!("127.0.0.1:{}", free_port()),
-            )
-            .env("DATASAVER_DATA_DIR", data.path());
+        let mut cmd = certs.coordinator_command(data.path());
         for (k, v) in srv.coordinator_env("") {
             cmd.env(k, v);
         }
