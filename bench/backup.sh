@@ -298,7 +298,9 @@ print(b["id"], b["stored_bytes"], b["raw_bytes"], b.get("status"))' "$WORK/d.jso
         die "cannot read id/stored_bytes/raw_bytes from dsctl backup --json: $(head -c 500 "$WORK/d.json")"
     BYTES[d]=$STORED_D
     info "backup $BACKUP_ID status $STATUS_D raw $RAW_D stored $STORED_D"
-    obj=$(find "$WORK/coordinator" "$WORK/s3" -type f -path "*/$TARGET/logical/$BACKUP_ID.dump*" 2>/dev/null | head -n1)
+    stores=("$WORK/coordinator")
+    [[ -d "$WORK/s3" ]] && stores+=("$WORK/s3")
+    obj=$(find "${stores[@]}" -type f -path "*/$TARGET/logical/$BACKUP_ID.dump*" | head -n1)
     if [[ -n "$obj" ]]; then
         info "stored object ${obj#"$WORK"/}: $(stat -c %s "$obj") bytes"
     else
