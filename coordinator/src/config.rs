@@ -21,7 +21,16 @@ use crate::storage::s3::{S3Settings, Sse, MAX_PART_SIZE, MIN_PART_SIZE};
                   serves dsctl.\n\n\
                   Every flag can also be given as the DATASAVER_* variable shown. Secrets \
                   (DATASAVER_S3_SECRET_KEY) are read only from the environment or from a file \
-                  named by the *_FILE variable, never from the command line."
+                  named by the *_FILE variable, never from the command line.\n\n\
+                  From the environment only (see the README): retention \
+                  DATASAVER_KEEP_LAST / _DAILY / _WEEKLY / _MONTHLY, DATASAVER_MAX_AGE_DAYS, \
+                  DATASAVER_KEEP_MANUAL_DAYS, DATASAVER_FAILED_GRACE; scheduling \
+                  DATASAVER_TIMEZONE, DATASAVER_MAX_CONCURRENT_BACKUPS, DATASAVER_RETRY_ATTEMPTS, \
+                  DATASAVER_RETRY_BACKOFF, DATASAVER_AGENT_GRACE; alerting DATASAVER_WEBHOOK_URL, \
+                  DATASAVER_WEBHOOK_SECRET (both also *_FILE), DATASAVER_ALERT_AFTER or \
+                  DATASAVER_ALERT_AFTER_HOURS, DATASAVER_ALERT_CONSECUTIVE_FAILURES, \
+                  DATASAVER_ALERT_AGENT_GRACE; OTEL_EXPORTER_OTLP_ENDPOINT for traces; \
+                  DATASAVER_LOG for the log level."
 )]
 pub struct Args {
     /// gRPC address for agents and dsctl.
