@@ -481,20 +481,25 @@ impl Catalog {
 
     pub async fn targets(&self) -> Result<Vec<TargetRecord>, CatalogError> {
         self.call(|c| {
-            let mut st = c.prepare(
-                "SELECT name, agent, schedule, retention, last_slot, first_seen FROM targets ORDER BY name",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(TargetRecord {
-                    name: r.get(0)?,
-                    agent: r.get(1)?,
-                    schedule: r.get(2)?,
-                    retention: r.get(3)?,
-                    last_slot: r.get(4)?,
-                    first_seen: r.get(5)?,
-                })
-            })?;
+            let mut st = c.prepare(&format!(
+                "SELECT {TARGET_COLUMNS} FROM targets ORDER BY name"
+            ))?;
+            let rows = st.query_map([], row_to_target)?;
             Ok(rows.collect::<Result<Vec<_>, _>>()?)
+        })
+        .await
+    }
+
+    /// One target's record, if the catalog knows it.
+    pub async fn target(&self, name: &str) -> Result<Option<TargetRecord>, CatalogError> {
+        let name = name.to_string();
+        self.call(move |c| {
+            Ok(c.query_row(
+                &format!("SELECT {TARGET_COLUMNS} FROM targets WHERE name = ?1"),
+                [name],
+                row_to_target,
+            )
+            .optional()?)
         })
         .await
     }
@@ -703,6 +708,19 @@ impl Catalog {
         })
         .await
     }
+}
+
+const TARGET_COLUMNS: &str = "name, agent, schedule, retention, last_slot, first_seen";
+
+fn row_to_target(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
+    Ok(TargetRecord {
+        name: r.get(0)?,
+        agent: r.get(1)?,
+        schedule: r.get(2)?,
+        retention: r.get(3)?,
+        last_slot: r.get(4)?,
+        first_seen: r.get(5)?,
+    })
 }
 
 fn queue(c: &Connection, notify: &[(String, String)], at: &str) -> Result<(), CatalogError> {

@@ -149,6 +149,11 @@ impl Fleet {
         Some((a.conn_id, a.name.clone(), a.tx.clone()))
     }
 
+    /// How many agents are connected.
+    pub fn agent_count(&self) -> usize {
+        lock!(self.inner).agents.len()
+    }
+
     pub fn agents(&self) -> Vec<proto::AgentInfo> {
         let g = lock!(self.inner);
         let mut v: Vec<_> = g

@@ -133,7 +133,7 @@ pub async fn report(core: &Core) -> Result<Report, String> {
     Ok(Report {
         status,
         time_zone: core.policies.tz.name().to_string(),
-        agents_connected: core.fleet.agents().len(),
+        agents_connected: core.fleet.agent_count(),
         targets,
     })
 }

@@ -196,10 +196,10 @@ pub async fn start_backup(
         };
         core.fleet.remove_job(&job_id);
         let row = core.catalog.get(&id).await.ok().flatten();
-        let completed =
-            matches!((&outcome, &row), (Ok(_), Some(r)) if r.status == status::COMPLETED);
+        let mut completed = false;
         let event = match (outcome, row) {
             (Ok(_), Some(row)) if row.status == status::COMPLETED => {
+                completed = true;
                 tracing::info!(backup = %id, "backup completed");
                 core.metrics.backup_succeeded(
                     &target,

@@ -365,14 +365,7 @@ impl Fleet {
             self.agents.iter().all(|a| a.target != target),
             "agent for target {target:?} already added"
         );
-        let cert_dir = self.dir.path().join("agents").join(target);
-        let log = self.dir.path().join(format!("agent-{target}.log"));
-        let proc = Proc::spawn(&format!("agent {target}"), spec, log);
-        self.agents.push(Agent {
-            target: target.to_string(),
-            proc,
-            cert_dir,
-        });
+        self.spawn_agent_unchecked(target, spec);
         self.wait_agent_listed(target, READY_TIMEOUT);
         self.agent_mut(target)
     }

@@ -584,6 +584,19 @@ impl PgCluster {
         );
     }
 
+    /// A new database `name` with one ~150 MB table of incompressible text (300k rows): big
+    /// enough that a backup can be interrupted while its upload is in flight.
+    #[track_caller]
+    pub fn create_big_db(&self, name: &str) {
+        self.create_db(name);
+        self.psql(
+            name,
+            "CREATE TABLE blobs AS SELECT g AS id,
+                (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 16) i) AS payload
+             FROM generate_series(1, 300000) g;",
+        );
+    }
+
     /// `DROP DATABASE IF EXISTS "name" WITH (FORCE)`.
     #[track_caller]
     pub fn drop_db(&self, name: &str) {

@@ -120,10 +120,10 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         .collect();
     let first_seen = core
         .catalog
-        .targets()
+        .target(target)
         .await
         .ok()
-        .and_then(|ts| ts.into_iter().find(|t| t.name == target))
+        .flatten()
         .and_then(|t| parse(&t.first_seen));
     // A target known from before this start counts from the start: its
     // earlier history is in the backups themselves.

@@ -67,10 +67,10 @@ pub fn is_manual(b: &BackupRow) -> bool {
 pub async fn policy_for(core: &Core, target: &str) -> gfs::Policy {
     let requested: Option<RetentionSpec> = core
         .catalog
-        .targets()
+        .target(target)
         .await
         .ok()
-        .and_then(|ts| ts.into_iter().find(|t| t.name == target))
+        .flatten()
         .and_then(|t| t.retention)
         .and_then(|j| serde_json::from_str(&j).ok());
     core.policies.retention_for(target, requested.as_ref())

@@ -67,10 +67,10 @@ impl Scheduler {
         };
         let last_slot = core
             .catalog
-            .targets()
+            .target(target)
             .await
             .ok()
-            .and_then(|ts| ts.into_iter().find(|t| t.name == target))
+            .flatten()
             .and_then(|t| t.last_slot)
             .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
             .map(|d| d.with_timezone(&Utc));

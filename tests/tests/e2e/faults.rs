@@ -45,13 +45,7 @@ fn backup_in_flight(
     std::thread::JoinHandle<datasaver_tests::Output>,
 ) {
     let pg = PgCluster::new();
-    pg.create_db("big");
-    pg.psql(
-        "big",
-        "CREATE TABLE blobs AS SELECT g AS id,
-            (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 16) i) AS payload
-         FROM generate_series(1, 300000) g;",
-    );
+    pg.create_big_db("big");
     let mut fleet = Fleet::start();
     fleet.add_agent("big", &pg, "big");
     let storage = fleet.storage_dir();

@@ -173,13 +173,7 @@ fn s3_start_up_check_refuses_with_distinct_messages() {
 fn s3_server_dying_mid_upload_fails_cleanly_then_recovers() {
     let mut srv = S3Server::start();
     let pg = PgCluster::new();
-    pg.create_db("big");
-    pg.psql(
-        "big",
-        "CREATE TABLE blobs AS SELECT g AS id,
-            (SELECT string_agg(md5(random()::text || g || i), '') FROM generate_series(1, 16) i) AS payload
-         FROM generate_series(1, 300000) g;",
-    );
+    pg.create_big_db("big");
     let mut fleet = s3_fleet(&srv, "");
     let spec = fleet
         .agent_spec("big", &pg, "big")
