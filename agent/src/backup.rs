@@ -32,6 +32,8 @@ enum DumpError {
     Failed(String),
     /// The upload stream went away; its own error says why.
     UploadClosed,
+    /// Stopped because the agent is stopping on purpose.
+    Interrupted(String),
 }
 
 fn fill(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
@@ -194,6 +196,7 @@ pub async fn run(
     tools: PgTools,
     reporter: Reporter,
     cancel: CancellationToken,
+    stopping: CancellationToken,
 ) -> Result<String, String> {
     reporter.phase("probe", "checking the database and pg_dump versions");
     let (dump_v, server_v) = tools.probe(&target.db).await?;
@@ -251,7 +254,11 @@ pub async fn run(
                 child::kill(c);
             }
             let _ = dump.await;
-            Err(DumpError::Failed("backup cancelled (agent shutting down or connection lost)".into()))
+            if stopping.is_cancelled() {
+                Err(DumpError::Interrupted("backup interrupted: the agent is stopping".into()))
+            } else {
+                Err(DumpError::Failed("backup cancelled (connection to the coordinator lost)".into()))
+            }
         }
     };
     progress.abort();
@@ -269,6 +276,18 @@ pub async fn run(
                 .send(UploadRequest {
                     msg: Some(upload_request::Msg::Abort(UploadAbort {
                         reason: msg.clone(),
+                        interrupted: false,
+                    })),
+                })
+                .await;
+            Some(msg)
+        }
+        Err(DumpError::Interrupted(msg)) => {
+            let _ = tx
+                .send(UploadRequest {
+                    msg: Some(upload_request::Msg::Abort(UploadAbort {
+                        reason: msg.clone(),
+                        interrupted: true,
                     })),
                 })
                 .await;

@@ -118,7 +118,14 @@ pub struct AgentConfig {
     pub log_json: bool,
     /// `GET /health` here, when set.
     pub http_listen: Option<std::net::SocketAddr>,
+    /// How long a SIGTERM may take: running jobs are interrupted and reported,
+    /// the control stream is closed, then the process exits.
+    pub shutdown_grace: std::time::Duration,
 }
+
+/// Docker's default stop timeout: the agent has finished (its own work ends a
+/// second earlier) before `docker stop` resorts to SIGKILL.
+pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Reads and checks every setting; returns all problems, not just the first.
 pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
@@ -261,6 +268,14 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         })),
     };
 
+    let shutdown_grace = match env.get("DATASAVER_SHUTDOWN_GRACE") {
+        None => Some(DEFAULT_SHUTDOWN_GRACE),
+        Some(v) => take!(datasaver_common::config::parse_duration(
+            "DATASAVER_SHUTDOWN_GRACE",
+            v
+        )),
+    };
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -305,6 +320,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
             pg_bin_dir: bin,
             log_json,
             http_listen,
+            shutdown_grace: shutdown_grace.unwrap_or(DEFAULT_SHUTDOWN_GRACE),
         }),
         _ => Err(vec![SettingError::new("configuration", "incomplete")]),
     }

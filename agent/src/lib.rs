@@ -16,7 +16,8 @@ use std::time::{Duration, Instant};
 
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
 use datasaver_common::proto::{
-    agent_message, coordinator_message, AgentMessage, Heartbeat, JobResult, Register, TargetInfo,
+    agent_message, coordinator_message, AgentMessage, Goodbye, Heartbeat, JobResult, Register,
+    TargetInfo,
 };
 use datasaver_common::tls::{Role, TlsMaterial};
 use tokio::sync::mpsc;
@@ -119,45 +120,66 @@ async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, Str
         .map_err(|e| datasaver_common::error_chain(&e))
 }
 
-/// Runs one job on its own task (inside `span`) and reports its result on
-/// the control stream, whatever the outcome.
-fn spawn_job<F>(
-    span: tracing::Span,
+/// What a session's jobs share: where they report, how they are stopped, and
+/// the tracker the session waits on before it leaves.
+struct Jobs {
     tx: mpsc::Sender<AgentMessage>,
-    job_id: String,
-    what: &'static str,
-    work: F,
-) where
-    F: std::future::Future<Output = Result<JobResult, String>> + Send + 'static,
-{
-    let task = async move {
-        tracing::info!("{what} started");
-        let result = match work.await {
-            Ok(r) => {
-                tracing::info!("{}", r.message);
-                JobResult {
-                    job_id,
-                    ok: true,
-                    ..r
+    /// Ends this session's jobs (agent stopping, or the session ended).
+    cancel: CancellationToken,
+    /// The agent is stopping on purpose: a job that ends now was interrupted.
+    stopping: CancellationToken,
+    tracker: tokio_util::task::TaskTracker,
+}
+
+impl Jobs {
+    /// Runs one job on its own task (inside `span`) and reports its result on
+    /// the control stream, whatever the outcome.
+    fn spawn<F>(&self, span: tracing::Span, job_id: String, what: &'static str, work: F)
+    where
+        F: std::future::Future<Output = Result<JobResult, String>> + Send + 'static,
+    {
+        let tx = self.tx.clone();
+        let stopping = self.stopping.clone();
+        let task = async move {
+            tracing::info!("{what} started");
+            let result = match work.await {
+                Ok(r) => {
+                    tracing::info!("{}", r.message);
+                    JobResult {
+                        job_id,
+                        ok: true,
+                        ..r
+                    }
                 }
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "{what} failed");
-                JobResult {
-                    job_id,
-                    ok: false,
-                    error: e,
-                    ..Default::default()
+                Err(e) if stopping.is_cancelled() => {
+                    tracing::info!(reason = %e, "{what} interrupted: the agent is stopping");
+                    JobResult {
+                        job_id,
+                        ok: false,
+                        interrupted: true,
+                        error: format!("the agent was stopped during the {what} ({e})"),
+                        ..Default::default()
+                    }
                 }
-            }
+                Err(e) => {
+                    tracing::warn!(error = %e, "{what} failed");
+                    JobResult {
+                        job_id,
+                        ok: false,
+                        error: e,
+                        ..Default::default()
+                    }
+                }
+            };
+            let _ = tx
+                .send(AgentMessage {
+                    msg: Some(agent_message::Msg::Result(result)),
+                })
+                .await;
         };
-        let _ = tx
-            .send(AgentMessage {
-                msg: Some(agent_message::Msg::Result(result)),
-            })
-            .await;
-    };
-    tokio::spawn(tracing::Instrument::instrument(task, span));
+        self.tracker
+            .spawn(tracing::Instrument::instrument(task, span));
+    }
 }
 
 async fn session(
@@ -195,14 +217,23 @@ async fn session(
         .map_err(|s| format!("coordinator refused the control stream: {}", s.message()))?
         .into_inner();
     // Jobs of this session stop when it ends: the coordinator has already
-    // failed them, and a dump nobody receives only loads the database.
-    let session_cancel = cancel.child_token();
-    let _guard = session_cancel.clone().drop_guard();
+    // failed them, and a dump nobody receives only loads the database. Not a
+    // child of `cancel`: on SIGTERM the goodbye goes out before jobs stop.
+    let jobs = Jobs {
+        tx: tx.clone(),
+        cancel: CancellationToken::new(),
+        stopping: cancel.clone(),
+        tracker: tokio_util::task::TaskTracker::new(),
+    };
+    let _guard = jobs.cancel.clone().drop_guard();
     let tools = PgTools::new(config.pg_bin_dir.clone());
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     loop {
         let msg = tokio::select! {
-            _ = cancel.cancelled() => return Ok(()),
+            _ = cancel.cancelled() => {
+                leave(config, jobs, tx, inbound).await;
+                return Ok(());
+            }
             _ = heartbeat.tick() => {
                 let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
                     unix_ms: chrono::Utc::now().timestamp_millis(),
@@ -240,9 +271,10 @@ async fn session(
                     config.target.clone(),
                     tools.clone(),
                     reporter,
-                    session_cancel.clone(),
+                    jobs.cancel.clone(),
+                    jobs.stopping.clone(),
                 );
-                spawn_job(span, tx.clone(), job_id, "backup", async move {
+                jobs.spawn(span, job_id, "backup", async move {
                     work.await.map(|message| JobResult {
                         message,
                         ..Default::default()
@@ -263,9 +295,9 @@ async fn session(
                     config.target.clone(),
                     tools.clone(),
                     reporter,
-                    session_cancel.clone(),
+                    jobs.cancel.clone(),
                 );
-                spawn_job(span, tx.clone(), job_id, "restore job", async move {
+                jobs.spawn(span, job_id, "restore job", async move {
                     work.await.map(|o| JobResult {
                         message: o.message,
                         target_db: o.target_db,
@@ -276,10 +308,71 @@ async fn session(
             }
             Some(coordinator_message::Msg::Cancel(c)) => {
                 tracing::warn!(job = %c.job_id, reason = %c.reason, "job cancel requested; cancelling this session's jobs");
-                session_cancel.cancel();
+                jobs.cancel.cancel();
                 return Err("jobs cancelled by the coordinator".into());
             }
             None => {}
+        }
+    }
+}
+
+/// A planned stop (SIGTERM): say goodbye, interrupt the running jobs and let
+/// them report, end the control stream and wait for the coordinator to end
+/// its side — all within the shutdown grace (less a second for the exit), so
+/// the coordinator records an interruption, not a failure or a broken
+/// connection.
+async fn leave(
+    config: &AgentConfig,
+    jobs: Jobs,
+    tx: mpsc::Sender<AgentMessage>,
+    mut inbound: tonic::Streaming<datasaver_common::proto::CoordinatorMessage>,
+) {
+    let deadline = tokio::time::Instant::now()
+        + config
+            .shutdown_grace
+            .saturating_sub(Duration::from_secs(1))
+            .max(Duration::from_millis(500));
+    let running = jobs.tracker.len();
+    tracing::info!(
+        running_jobs = running,
+        "stopping: interrupting running jobs and leaving the coordinator"
+    );
+    let _ = tx
+        .send(AgentMessage {
+            msg: Some(agent_message::Msg::Goodbye(Goodbye {
+                reason: "the agent received SIGTERM".into(),
+            })),
+        })
+        .await;
+    jobs.cancel.cancel();
+    jobs.tracker.close();
+    if tokio::time::timeout_at(deadline, jobs.tracker.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("jobs did not finish within DATASAVER_SHUTDOWN_GRACE; leaving anyway");
+    }
+    // The request stream ends when the last sender is gone; the coordinator
+    // then ends its response stream.
+    drop(jobs);
+    drop(tx);
+    loop {
+        match tokio::time::timeout_at(deadline, inbound.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(Ok(None)) => {
+                tracing::info!("left the coordinator");
+                break;
+            }
+            Ok(Err(s)) => {
+                tracing::warn!(error = %s.message(), "control stream ended with an error while leaving");
+                break;
+            }
+            Err(_) => {
+                tracing::warn!(
+                    "the coordinator did not close the control stream in time; leaving anyway"
+                );
+                break;
+            }
         }
     }
 }

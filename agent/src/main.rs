@@ -20,6 +20,9 @@ use tokio_util::sync::CancellationToken;
 ///   DATASAVER_SCHEDULE, DATASAVER_KEEP_*  schedule and retention this agent asks for
 ///   DATASAVER_HTTP_LISTEN       serve GET /health here (e.g. 127.0.0.1:9091): 200 when
 ///                               connected to the coordinator and the database answers
+///   DATASAVER_SHUTDOWN_GRACE    how long SIGTERM may take (default 10s): the running backup
+///                               is interrupted (retried once the agent is back), the
+///                               coordinator told, then the agent exits
 ///   DATASAVER_LOG_FORMAT        text (default) or json; DATASAVER_LOG sets the level
 ///   OTEL_EXPORTER_OTLP_ENDPOINT export traces over OTLP/gRPC (e.g. http://collector:4317)
 #[derive(Parser)]
@@ -60,10 +63,23 @@ async fn main() -> std::process::ExitCode {
         tracing::info!("shutdown requested");
         c2.cancel();
     });
-    match datasaver_agent::run(config, cancel).await {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("datasaver-agent: {e}");
+    // A stop never takes longer than the grace: whatever is still running
+    // then is abandoned (the coordinator sees the connection drop).
+    let grace = config.shutdown_grace;
+    let deadline = async {
+        cancel.cancelled().await;
+        tokio::time::sleep(grace).await;
+    };
+    tokio::select! {
+        r = datasaver_agent::run(config, cancel.clone()) => match r {
+            Ok(()) => std::process::ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("datasaver-agent: {e}");
+                std::process::ExitCode::from(1)
+            }
+        },
+        _ = deadline => {
+            tracing::warn!(grace = ?grace, "DATASAVER_SHUTDOWN_GRACE passed before the agent finished stopping; exiting now");
             std::process::ExitCode::from(1)
         }
     }

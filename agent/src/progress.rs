@@ -50,7 +50,7 @@ impl Reporter {
                         phase: phase.into(),
                         raw_bytes: counters.raw.load(Ordering::Relaxed),
                         stored_bytes: counters.stored.load(Ordering::Relaxed),
-                        message: String::new(),
+                        ..Default::default()
                     })),
                 });
             }

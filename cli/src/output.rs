@@ -1,9 +1,9 @@
-//! Human and JSON renderings. The JSON shape is a stable interface (SPEC §13).
-
-use std::io::{IsTerminal, Write};
+//! Human and JSON renderings. The JSON shape is a stable interface (SPEC §13);
+//! the human tables are for reading and grepping: plain columns separated by
+//! spaces, one header row, no colours, no box drawing.
 
 use datasaver_common::proto::{
-    AgentInfo, Backup, CleanupResponse, HealthResponse, JobDone, JobProgress,
+    AgentInfo, Backup, CleanupResponse, HealthResponse, JobDone, TargetHealth,
 };
 use serde_json::{json, Value};
 
@@ -22,10 +22,57 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
+/// `n thing` or `n things`.
+fn count(n: impl Into<u64>, thing: &str) -> String {
+    let n = n.into();
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
 fn opt(s: &Option<String>) -> Value {
     s.as_ref()
         .map(|v| Value::String(v.clone()))
         .unwrap_or(Value::Null)
+}
+
+/// One table column: its header and how a row's cell is made. Header and
+/// cells come from the same list, so a row can never have more or fewer
+/// cells than the header.
+pub struct Col<'a, T> {
+    header: &'static str,
+    cell: Box<dyn Fn(&T) -> String + 'a>,
+}
+
+pub fn col<'a, T>(header: &'static str, cell: impl Fn(&T) -> String + 'a) -> Col<'a, T> {
+    Col {
+        header,
+        cell: Box::new(cell),
+    }
+}
+
+/// Renders `items` as a plain table (no trailing newline, no trailing spaces).
+/// An empty header list makes a table without a header row.
+pub fn table<T>(items: &[T], cols: &[Col<'_, T>], with_header: bool) -> String {
+    let mut t = comfy_table::Table::new();
+    // Spaces only: no borders, no lines between header and rows.
+    t.load_preset(comfy_table::presets::NOTHING);
+    if with_header {
+        t.set_header(cols.iter().map(|c| c.header).collect::<Vec<_>>());
+    }
+    for item in items {
+        t.add_row(cols.iter().map(|c| (c.cell)(item)).collect::<Vec<_>>());
+    }
+    for c in t.column_iter_mut() {
+        c.set_padding((0, 2));
+    }
+    t.trim_fmt()
+}
+
+fn print_table<T>(items: &[T], cols: &[Col<'_, T>]) {
+    println!("{}", table(items, cols, true));
 }
 
 pub fn backup_json(b: &Backup) -> Value {
@@ -54,7 +101,7 @@ pub fn backup_json(b: &Backup) -> Value {
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
         "verify_result": opt(&b.verify_result),
-        "next_scheduled_run": opt(&b.next_scheduled_run),
+        "next_backup_at": opt(&b.next_backup_at),
     })
 }
 
@@ -90,13 +137,32 @@ pub fn cleanup(r: &CleanupResponse, as_json: bool) {
         println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
         return;
     }
-    let verb = if r.dry_run { "would delete" } else { "delete" };
+    println!("{}", cleanup_text(r));
+}
+
+fn cleanup_text(r: &CleanupResponse) -> String {
+    let verb = if r.dry_run { "would delete" } else { "deleted" };
+    let mut out = Vec::new();
     for t in &r.targets {
-        println!("{}  ({})", t.target, t.policy);
-        for i in &t.items {
-            let action = if i.keep { "keep" } else { verb };
-            println!("  {action:<12} {:<40} {}", i.id, i.reasons.join("; "));
+        out.push(format!("target {}: keep {}", t.target, t.policy));
+        if t.items.is_empty() {
+            out.push("  no backups".into());
+            continue;
         }
+        let rows = table(
+            &t.items,
+            &[
+                col("ACTION", |i: &datasaver_common::proto::CleanupItem| {
+                    if i.keep { "keep" } else { verb }.to_string()
+                }),
+                col("ID", |i| i.id.clone()),
+                col("CREATED", |i| short_time(&i.created_at)),
+                col("STATUS", |i| i.status.clone()),
+                col("WHY", |i| i.reasons.join("; ")),
+            ],
+            true,
+        );
+        out.extend(rows.lines().map(|l| format!("  {l}")));
     }
     let gone = r
         .targets
@@ -105,16 +171,23 @@ pub fn cleanup(r: &CleanupResponse, as_json: bool) {
         .filter(|i| !i.keep)
         .count();
     if r.dry_run {
-        println!("dry run: {gone} backup(s) would be deleted, nothing changed");
+        out.push(format!(
+            "dry run: {} would be deleted, nothing changed",
+            count(gone as u64, "backup")
+        ));
     } else {
-        println!("deleted {} backup(s)", r.deleted.len());
+        out.push(format!(
+            "deleted {}",
+            count(r.deleted.len() as u64, "backup")
+        ));
     }
     for f in &r.finished {
-        println!("finished an interrupted deletion of {f}");
+        out.push(format!("finished an interrupted deletion of {f}"));
     }
     for e in &r.errors {
-        println!("not deleted: {e}");
+        out.push(format!("not deleted: {e}"));
     }
+    out.join("\n")
 }
 
 pub fn health(h: &HealthResponse, as_json: bool) {
@@ -125,73 +198,115 @@ pub fn health(h: &HealthResponse, as_json: bool) {
             .map(|t| {
                 json!({
                     "target": t.target,
+                    "status": t.status,
+                    "status_reason": t.status_reason,
                     "schedule": if t.schedule.is_empty() { Value::Null } else { t.schedule.clone().into() },
-                    "next_run": opt(&t.next_run),
+                    "next_backup_at": opt(&t.next_backup_at),
                     "last_backup_at": opt(&t.last_backup_at),
-                    "last_status": opt(&t.last_status),
-                    "last_error": opt(&t.last_error),
+                    "last_backup_id": opt(&t.last_backup_id),
+                    "last_backup_status": opt(&t.last_backup_status),
+                    "last_backup_error": opt(&t.last_backup_error),
                     "last_success_at": opt(&t.last_success_at),
                     "backups": t.backups,
                     "stored_bytes": t.stored_bytes,
                     "agent_connected": t.agent_connected,
-                    "status": t.status,
-                    "alerts": t.alerts,
+                    "missed_slots": t.missed_slots,
+                    "alerts": t.alerts.iter().map(|a| json!({
+                        "event": a.event,
+                        "message": a.message,
+                        "since": a.since,
+                        "backup_id": opt(&a.backup_id),
+                    })).collect::<Vec<_>>(),
                 })
             })
             .collect();
-        let out = json!({ "status": h.status, "time_zone": h.time_zone, "targets": v });
+        let queue = h.queue.unwrap_or_default();
+        let out = json!({
+            "status": h.status,
+            "time_zone": h.time_zone,
+            "agents_connected": h.agents_connected,
+            "queue": { "running": queue.running, "waiting": queue.waiting, "limit": queue.limit },
+            "targets": v,
+        });
         println!("{}", serde_json::to_string_pretty(&out).unwrap_or_default());
         return;
     }
-    if h.targets.is_empty() {
-        println!("no targets yet");
-        return;
+    println!("{}", health_text(h));
+}
+
+fn health_text(h: &HealthResponse) -> String {
+    let mut cols: Vec<Col<'_, TargetHealth>> = vec![
+        col("TARGET", |t: &TargetHealth| t.target.clone()),
+        col("STATUS", |t| t.status.clone()),
+        col("LAST BACKUP", |t| {
+            t.last_backup_at
+                .as_deref()
+                .map(short_time)
+                .unwrap_or_else(|| "no backup yet".into())
+        }),
+        col("RESULT", |t| {
+            t.last_backup_status.clone().unwrap_or_else(|| "-".into())
+        }),
+        col("NEXT BACKUP", |t| {
+            t.next_backup_at
+                .as_deref()
+                .map(short_time)
+                .unwrap_or_else(|| "not scheduled".into())
+        }),
+        col("BACKUPS", |t| t.backups.to_string()),
+        col("STORED", |t| human_bytes(t.stored_bytes)),
+        col("AGENT", |t| {
+            if t.agent_connected { "yes" } else { "no" }.to_string()
+        }),
+    ];
+    if h.targets.iter().any(|t| !t.status_reason.is_empty()) {
+        cols.push(col("NOTE", |t| t.status_reason.clone()));
     }
-    let total: u64 = h.targets.iter().map(|t| t.stored_bytes).sum();
-    let count: u32 = h.targets.iter().map(|t| t.backups).sum();
-    let rows = h
-        .targets
-        .iter()
-        .map(|t| {
-            vec![
-                t.target.clone(),
-                t.status.clone(),
-                t.last_status.clone().unwrap_or_else(|| "-".into()),
-                t.last_backup_at
-                    .as_deref()
-                    .map(short_time)
-                    .unwrap_or_else(|| "-".into()),
-                t.next_run
-                    .as_deref()
-                    .map(short_time)
-                    .unwrap_or_else(|| "-".into()),
-                t.backups.to_string(),
-                human_bytes(t.stored_bytes),
-                if t.agent_connected {
-                    "yes".into()
-                } else {
-                    "no".into()
-                },
-            ]
-        })
-        .collect();
-    table(
-        &[
-            "TARGET",
-            "LAST STATUS",
-            "LAST BACKUP",
-            "NEXT BACKUP",
-            "BACKUPS",
-            "STORED",
-            "AGENT",
-        ],
-        rows,
-    );
-    println!(
-        "{} target(s), {count} backup(s), {} stored; times UTC",
-        h.targets.len(),
-        human_bytes(total)
-    );
+    let mut out = Vec::new();
+    if h.targets.is_empty() {
+        out.push("no targets yet".to_string());
+    } else {
+        out.push(table(&h.targets, &cols, true));
+    }
+    out.push(health_summary(h));
+    out.join("\n")
+}
+
+/// One line for the whole fleet, e.g. `3 targets: 1 healthy, 2 degraded, 0
+/// unhealthy; 14 backups, 24.6 MiB stored; 2 agents connected; queue: 1
+/// running, 0 waiting (limit 4); times UTC`.
+fn health_summary(h: &HealthResponse) -> String {
+    let of = |s: &str| h.targets.iter().filter(|t| t.status == s).count();
+    let backups: u64 = h.targets.iter().map(|t| u64::from(t.backups)).sum();
+    let stored: u64 = h.targets.iter().map(|t| t.stored_bytes).sum();
+    let agents = if h.agents_connected == 1 {
+        "1 agent connected".to_string()
+    } else {
+        format!("{} agents connected", h.agents_connected)
+    };
+    let mut parts = vec![
+        format!(
+            "{}: {} healthy, {} degraded, {} unhealthy",
+            count(h.targets.len() as u64, "target"),
+            of("healthy"),
+            of("degraded"),
+            of("unhealthy")
+        ),
+        format!(
+            "{}, {} stored",
+            count(backups, "backup"),
+            human_bytes(stored)
+        ),
+        agents,
+    ];
+    if let Some(q) = h.queue {
+        parts.push(format!(
+            "queue: {} running, {} waiting (limit {})",
+            q.running, q.waiting, q.limit
+        ));
+    }
+    parts.push("times UTC".into());
+    parts.join("; ")
 }
 
 /// The result of a restore or verify: its message, or JSON with the backup
@@ -226,30 +341,6 @@ fn short_time(rfc: &str) -> String {
         .unwrap_or_else(|_| rfc.to_string())
 }
 
-fn table(header: &[&str], rows: Vec<Vec<String>>) {
-    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
-    for r in &rows {
-        for (i, c) in r.iter().enumerate() {
-            widths[i] = widths[i].max(c.chars().count());
-        }
-    }
-    let line = |cells: Vec<String>| {
-        let mut s = String::new();
-        for (i, c) in cells.iter().enumerate() {
-            if i + 1 == cells.len() {
-                s.push_str(c);
-            } else {
-                s.push_str(&format!("{c:<w$}  ", w = widths[i]));
-            }
-        }
-        println!("{}", s.trim_end());
-    };
-    line(header.iter().map(|s| s.to_string()).collect());
-    for r in rows {
-        line(r);
-    }
-}
-
 pub fn backups(list: &[Backup], as_json: bool) {
     if as_json {
         let v: Vec<Value> = list.iter().map(backup_json).collect();
@@ -260,23 +351,19 @@ pub fn backups(list: &[Backup], as_json: bool) {
         println!("no backups");
         return;
     }
-    let rows = list
-        .iter()
-        .map(|b| {
-            vec![
-                b.id.clone(),
-                b.target.clone(),
-                short_time(&b.created_at),
-                human_bytes(b.stored_bytes),
-                b.kind.clone(),
-                b.status.clone(),
-                b.tags.join(","),
-            ]
-        })
-        .collect();
-    table(
-        &["ID", "TARGET", "DATE", "SIZE", "TYPE", "STATUS", "TAGS"],
-        rows,
+    print_table(
+        list,
+        &[
+            col("ID", |b: &Backup| b.id.clone()),
+            col("TARGET", |b| b.target.clone()),
+            col("DATE", |b| short_time(&b.created_at)),
+            col("SIZE", |b| human_bytes(b.stored_bytes)),
+            col("TYPE", |b| b.kind.clone()),
+            col("STATUS", |b| b.status.clone()),
+            col("TAGS", |b| b.tags.join(",")),
+            col("PINNED", |b| if b.pinned { "yes" } else { "" }.to_string()),
+            col("LABEL", |b| b.label.clone().unwrap_or_default()),
+        ],
     );
 }
 
@@ -324,8 +411,8 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ("tags", b.tags.join(",")),
         ("pinned", b.pinned.to_string()),
         (
-            "next run",
-            b.next_scheduled_run
+            "next backup",
+            b.next_backup_at
                 .clone()
                 .unwrap_or_else(|| "not scheduled".into()),
         ),
@@ -339,9 +426,17 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
             format!("{v}: {}", b.verify_result.clone().unwrap_or_default()),
         ));
     }
-    for (k, v) in rows {
-        println!("{k:<12} {v}");
-    }
+    println!(
+        "{}",
+        table(
+            &rows,
+            &[
+                col("", |r: &(&str, String)| r.0.to_string()),
+                col("", |r| r.1.clone())
+            ],
+            false,
+        )
+    );
 }
 
 pub fn agents(list: &[AgentInfo], as_json: bool) {
@@ -366,80 +461,151 @@ pub fn agents(list: &[AgentInfo], as_json: bool) {
         println!("no agents connected");
         return;
     }
-    let rows = list
-        .iter()
-        .map(|a| {
-            vec![
-                a.name.clone(),
-                a.targets.join(","),
-                a.version.clone(),
-                short_time(&a.connected_since),
-                short_time(&a.last_seen),
-                a.peer_addr.clone(),
-            ]
-        })
-        .collect();
-    table(
+    print_table(
+        list,
         &[
-            "AGENT",
-            "TARGETS",
-            "VERSION",
-            "CONNECTED SINCE",
-            "LAST SEEN",
-            "ADDRESS",
+            col("AGENT", |a: &AgentInfo| a.name.clone()),
+            col("TARGETS", |a| a.targets.join(",")),
+            col("VERSION", |a| a.version.clone()),
+            col("CONNECTED SINCE", |a| short_time(&a.connected_since)),
+            col("LAST SEEN", |a| short_time(&a.last_seen)),
+            col("ADDRESS", |a| a.peer_addr.clone()),
         ],
-        rows,
     );
 }
 
-/// Progress on stderr, only when it is a terminal: scripts and logs get the
-/// result (stdout) and, on failure, one error line (stderr), nothing else.
-pub struct Progress {
-    tty: bool,
-    live: bool,
-    last_phase: String,
+/// Catalog rebuild: what was imported and what was not.
+pub fn rebuild(imported: &[String], already_known: u32, problems: &[String], as_json: bool) {
+    if as_json {
+        let v = json!({
+            "imported": imported,
+            "already_known": already_known,
+            "problems": problems,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!(
+        "imported {}, {} already in the catalog, {}",
+        count(imported.len() as u64, "backup"),
+        already_known,
+        count(problems.len() as u64, "problem")
+    );
+    for id in imported {
+        println!("imported  {id}");
+    }
+    for p in problems {
+        println!("problem   {p}");
+    }
 }
 
-impl Progress {
-    pub fn new() -> Self {
-        Self {
-            tty: std::io::stderr().is_terminal(),
-            live: false,
-            last_phase: String::new(),
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use datasaver_common::proto::{JobQueue, OpenAlert};
+
+    fn target(name: &str, status: &str, reason: &str, backups: u32) -> TargetHealth {
+        TargetHealth {
+            target: name.into(),
+            status: status.into(),
+            status_reason: reason.into(),
+            backups,
+            stored_bytes: u64::from(backups) * 1024 * 1024,
+            agent_connected: backups > 0,
+            last_backup_at: (backups > 0).then(|| "2026-12-02T01:02:03Z".into()),
+            last_backup_status: (backups > 0).then(|| "completed".into()),
+            next_backup_at: Some("2026-12-03T01:00:00+00:00".into()),
+            ..Default::default()
         }
     }
 
-    pub fn update(&mut self, p: &JobProgress) {
-        if !self.tty {
-            return;
-        }
-        let mut err = std::io::stderr();
-        if !p.message.is_empty() {
-            if self.live {
-                let _ = writeln!(err);
-                self.live = false;
-            }
-            let _ = writeln!(err, "{}", p.message);
-            self.last_phase = p.phase.clone();
-            return;
-        }
-        {
-            let _ = write!(
-                err,
-                "\r{}: {} read, {} transferred   ",
-                p.phase,
-                human_bytes(p.raw_bytes),
-                human_bytes(p.stored_bytes)
-            );
-            let _ = err.flush();
-            self.live = true;
-        }
+    #[test]
+    fn health_table_has_a_cell_for_every_header_and_one_summary_line() {
+        let h = HealthResponse {
+            targets: vec![
+                target("app", "healthy", "", 3),
+                target("crm", "degraded", "no backup yet", 0),
+                TargetHealth {
+                    alerts: vec![OpenAlert {
+                        event: "backup.failed".into(),
+                        ..Default::default()
+                    }],
+                    ..target("erp", "unhealthy", "backup.failed", 11)
+                },
+            ],
+            time_zone: "UTC".into(),
+            status: "unhealthy".into(),
+            agents_connected: 2,
+            queue: Some(JobQueue {
+                running: 1,
+                waiting: 0,
+                limit: 4,
+            }),
+        };
+        let text = health_text(&h);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 5, "{text}");
+        let header: Vec<&str> = lines[0].split("  ").filter(|c| !c.is_empty()).collect();
+        assert_eq!(
+            header.iter().map(|c| c.trim()).collect::<Vec<_>>(),
+            [
+                "TARGET",
+                "STATUS",
+                "LAST BACKUP",
+                "RESULT",
+                "NEXT BACKUP",
+                "BACKUPS",
+                "STORED",
+                "AGENT",
+                "NOTE"
+            ]
+        );
+        assert!(lines[1].starts_with("app  ") && lines[1].contains("healthy"));
+        assert!(lines[2].contains("no backup yet") && lines[2].contains("degraded"));
+        assert!(lines[3].ends_with("backup.failed"), "{}", lines[3]);
+        assert_eq!(
+            lines[4],
+            "3 targets: 1 healthy, 1 degraded, 1 unhealthy; 14 backups, 14.0 MiB stored; \
+             2 agents connected; queue: 1 running, 0 waiting (limit 4); times UTC"
+        );
+        assert!(text.lines().all(|l| l == l.trim_end()));
     }
 
-    pub fn finish(&mut self) {
-        if self.live {
-            let _ = writeln!(std::io::stderr());
-            self.live = false;
-        }
+    #[test]
+    fn health_without_notes_has_no_note_column() {
+        let h = HealthResponse {
+            targets: vec![target("app", "healthy", "", 1)],
+            agents_connected: 1,
+            ..Default::default()
+        };
+        let text = health_text(&h);
+        assert!(!text.contains("NOTE"), "{text}");
+        assert!(
+            text.ends_with("1 target: 1 healthy, 0 degraded, 0 unhealthy; 1 backup, 1.0 MiB stored; 1 agent connected; times UTC"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn empty_fleet_still_says_so_in_one_summary() {
+        let text = health_text(&HealthResponse::default());
+        assert_eq!(
+            text,
+            "no targets yet\n0 targets: 0 healthy, 0 degraded, 0 unhealthy; 0 backups, 0 B stored; 0 agents connected; times UTC"
+        );
+    }
+
+    #[test]
+    fn tables_align_columns_with_spaces_only() {
+        let rows = vec![("a", "1"), ("long-name", "22")];
+        let t = table(
+            &rows,
+            &[
+                col("NAME", |r: &(&str, &str)| r.0.to_string()),
+                col("N", |r| r.1.to_string()),
+            ],
+            true,
+        );
+        assert_eq!(t, "NAME       N\na          1\nlong-name  22");
     }
 }

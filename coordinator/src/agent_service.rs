@@ -14,6 +14,7 @@ use datasaver_common::proto::{
 };
 use datasaver_common::tls::Role;
 use futures::{Stream, StreamExt};
+
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -26,6 +27,19 @@ use crate::{internal, now_rfc3339, peer, Core};
 
 pub struct AgentSvc {
     pub core: Arc<Core>,
+}
+
+/// Why an upload did not store a backup.
+enum UploadFailure {
+    Failed(String),
+    /// The agent aborted it because it is stopping on purpose.
+    Interrupted(String),
+}
+
+impl From<String> for UploadFailure {
+    fn from(s: String) -> Self {
+        UploadFailure::Failed(s)
+    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -95,6 +109,7 @@ impl AgentService for AgentSvc {
             connected_since: now,
             last_seen: now,
             tx,
+            leaving: None,
         });
         tracing::info!(agent = %who, peer = %addr, targets = ?names, version = %reg.agent_version, "agent connected");
         // What the agent asks for is remembered, so schedules and retention
@@ -121,7 +136,13 @@ impl AgentService for AgentSvc {
         }
 
         let core = self.core.clone();
+        // Ends the response stream when the agent's side ends, so a planned
+        // stop closes the call cleanly on both sides (no reset, no "h2
+        // protocol error" in either log).
+        let closed = tokio_util::sync::CancellationToken::new();
+        let close = closed.clone();
         tokio::spawn(async move {
+            let _close = close.drop_guard();
             let why = loop {
                 let msg = tokio::select! {
                     _ = core.cancel.cancelled() => break "coordinator shutting down".to_string(),
@@ -144,16 +165,26 @@ impl AgentService for AgentSvc {
                                 let id = r.job_id.clone();
                                 core.fleet.report(conn_id, &id, Report::Result(r));
                             }
+                            Some(agent_message::Msg::Goodbye(g)) => {
+                                tracing::info!(agent = %who, reason = %g.reason, "agent is stopping (planned)");
+                                core.fleet.mark_leaving(conn_id, &g.reason);
+                            }
                             _ => {}
                         }
                     }
                 }
             };
-            tracing::info!(agent = %who, reason = %why, "agent disconnected");
+            match core.fleet.leaving(conn_id) {
+                Some(reason) => {
+                    tracing::info!(agent = %who, reason = %reason, "agent disconnected (planned stop)")
+                }
+                None => tracing::info!(agent = %who, reason = %why, "agent disconnected"),
+            }
             core.fleet
                 .remove_agent(conn_id, &format!("agent {} disconnected ({why})", who.name));
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        let outbound = ReceiverStream::new(rx).take_until(closed.cancelled_owned());
+        Ok(Response::new(Box::pin(outbound)))
     }
 
     async fn upload(
@@ -199,14 +230,18 @@ impl AgentService for AgentSvc {
                 tracing::info!(agent = %who, backup = %backup_id, bytes = resp.stored_bytes, "backup stored");
                 Ok(Response::new(resp))
             }
-            Err(msg) => {
+            Err(UploadFailure::Interrupted(msg)) => {
+                tracing::info!(agent = %who, backup = %backup_id, reason = %msg, "upload interrupted: the agent is stopping");
+                let msg = format!("interrupted: {msg}");
+                if let Err(e) = self.core.catalog.note_error(&backup_id, &msg).await {
+                    tracing::error!(backup = %backup_id, error = %e, "could not record the interruption");
+                }
+                Err(Status::aborted(msg))
+            }
+            Err(UploadFailure::Failed(msg)) => {
                 tracing::warn!(agent = %who, backup = %backup_id, error = %msg, "upload failed");
-                if let Err(e) = self
-                    .core
-                    .catalog
-                    .fail(&backup_id, &msg, now_rfc3339())
-                    .await
-                {
+                // The job decides failed or interrupted; the reason is kept.
+                if let Err(e) = self.core.catalog.note_error(&backup_id, &msg).await {
                     tracing::error!(backup = %backup_id, error = %e, "could not record the failure");
                 }
                 Err(Status::aborted(msg))
@@ -263,7 +298,7 @@ impl AgentSvc {
         h: &UploadHeader,
         agent: &str,
         inbound: &mut Streaming<UploadRequest>,
-    ) -> Result<UploadResponse, String> {
+    ) -> Result<UploadResponse, UploadFailure> {
         let row = self
             .core
             .catalog
@@ -289,15 +324,15 @@ impl AgentSvc {
             .await
             .map_err(|e| e.to_string())?;
         let mut hasher = Checksum::new();
-        let received: Result<_, String> = async {
+        let received: Result<_, UploadFailure> = async {
             loop {
                 let msg = tokio::select! {
-                    _ = self.core.cancel.cancelled() => return Err("coordinator shutting down".to_string()),
+                    _ = self.core.cancel.cancelled() => return Err("coordinator shutting down".to_string().into()),
                     m = inbound.message() => m,
                 };
                 let m = match msg {
-                    Err(e) => return Err(format!("upload interrupted: {}", e.message())),
-                    Ok(None) => return Err("upload ended without a trailer (agent stopped?)".into()),
+                    Err(e) => return Err(format!("upload interrupted: {}", e.message()).into()),
+                    Ok(None) => return Err(String::from("upload ended without a trailer (agent stopped?)").into()),
                     Ok(Some(m)) => m,
                 };
                 match m.msg {
@@ -308,8 +343,9 @@ impl AgentSvc {
                         writer.write(data).await.map_err(|e| e.to_string())?;
                     }
                     Some(upload_request::Msg::Trailer(t)) => return Ok(t),
-                    Some(upload_request::Msg::Abort(a)) => return Err(a.reason),
-                    _ => return Err("unexpected message in upload stream".into()),
+                    Some(upload_request::Msg::Abort(a)) if a.interrupted => return Err(UploadFailure::Interrupted(a.reason)),
+                    Some(upload_request::Msg::Abort(a)) => return Err(a.reason.into()),
+                    _ => return Err(String::from("unexpected message in upload stream").into()),
                 }
             }
         }
@@ -325,13 +361,13 @@ impl AgentSvc {
         let ours = hasher.finish();
         if trailer.checksum != ours || trailer.stored_bytes != hasher.len() {
             let _ = writer.abort().await;
-            return Err(format!(
+            return Err(UploadFailure::Failed(format!(
                 "checksum mismatch on upload: agent sent {} ({} bytes), coordinator received {} ({} bytes)",
                 trailer.checksum,
                 trailer.stored_bytes,
                 ours,
                 hasher.len()
-            ));
+            )));
         }
         let info = tracing::Instrument::instrument(
             writer.commit(),
@@ -374,13 +410,13 @@ impl AgentSvc {
         let meta = Meta::from_row(&done).to_json();
         if let Err(e) = storage.put(&meta_key, Bytes::from(meta)).await {
             let _ = storage.delete(std::slice::from_ref(&object_key)).await;
-            return Err(format!("writing meta file failed: {e}"));
+            return Err(format!("writing meta file failed: {e}").into());
         }
         if let Err(e) = self.core.catalog.complete(done).await {
             let _ = storage
                 .delete(&[object_key.clone(), meta_key.clone()])
                 .await;
-            return Err(format!("recording the backup in the catalog failed: {e}"));
+            return Err(format!("recording the backup in the catalog failed: {e}").into());
         }
         Ok(UploadResponse {
             backup_id: h.backup_id.clone(),

@@ -29,6 +29,9 @@ pub mod status {
     pub const RUNNING: &str = "running";
     pub const COMPLETED: &str = "completed";
     pub const FAILED: &str = "failed";
+    /// Stopped by a planned agent stop (SIGTERM): not a failure of the
+    /// backup; the request is tried again once the agent is back.
+    pub const INTERRUPTED: &str = "interrupted";
     /// Chosen for deletion by cleanup; the row goes once its objects are gone
     /// (a crash in between is finished by the next cleanup).
     pub const DELETING: &str = "deleting";
@@ -46,6 +49,10 @@ pub struct TargetRecord {
     /// The last cron slot the scheduler acted on (RFC 3339).
     pub last_slot: Option<String>,
     pub first_seen: String,
+    /// Scheduled slots that could not start before the next one came.
+    pub missed_slots: u64,
+    /// When the last slot was missed (RFC 3339).
+    pub last_missed_at: Option<String>,
 }
 
 /// One backup as the catalog knows it.
@@ -146,6 +153,9 @@ const MIGRATIONS: &[&str] = &[
         last_error TEXT
     );
     CREATE INDEX deliveries_pending ON deliveries(next_at) WHERE delivered_at IS NULL;",
+    // 4: missed scheduled slots (the schedule.missed alert survives a restart)
+    "ALTER TABLE targets ADD COLUMN missed_slots INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE targets ADD COLUMN last_missed_at TEXT;",
 ];
 
 /// An alert as stored.
@@ -360,6 +370,8 @@ impl Catalog {
     }
 
     /// Marks a running backup failed; returns false if it was not running.
+    /// A reason noted earlier (`note_error`, e.g. the upload's own error) is
+    /// kept: it is the first and most precise one.
     pub async fn fail(
         &self,
         id: &str,
@@ -369,10 +381,64 @@ impl Catalog {
         let (id, error) = (id.to_string(), error.to_string());
         self.call(move |c| {
             let n = c.execute(
-                "UPDATE backups SET status = 'failed', error = ?2, finished_at = ?3 WHERE id = ?1 AND status = 'running'",
+                "UPDATE backups SET status = 'failed', error = COALESCE(error, ?2), finished_at = ?3
+                 WHERE id = ?1 AND status = 'running'",
                 params![id, error, finished_at],
             )?;
             Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Marks a running backup interrupted (a planned agent stop); returns
+    /// false if it was not running.
+    pub async fn interrupt(
+        &self,
+        id: &str,
+        reason: &str,
+        finished_at: String,
+    ) -> Result<bool, CatalogError> {
+        let (id, reason) = (id.to_string(), reason.to_string());
+        self.call(move |c| {
+            let n = c.execute(
+                "UPDATE backups SET status = 'interrupted', error = ?2, finished_at = ?3
+                 WHERE id = ?1 AND status = 'running'",
+                params![id, reason, finished_at],
+            )?;
+            Ok(n == 1)
+        })
+        .await
+    }
+
+    /// Remembers why a running backup went wrong without deciding its
+    /// outcome (the job does that); the first reason noted wins.
+    pub async fn note_error(&self, id: &str, error: &str) -> Result<(), CatalogError> {
+        let (id, error) = (id.to_string(), error.to_string());
+        self.call(move |c| {
+            c.execute(
+                "UPDATE backups SET error = ?2 WHERE id = ?1 AND status = 'running' AND error IS NULL",
+                params![id, error],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Counts a missed scheduled slot of `target`.
+    pub async fn record_missed(&self, target: &str, at: String) -> Result<(), CatalogError> {
+        let target = target.to_string();
+        self.call(move |c| {
+            // A target only the config file names has no row yet.
+            c.execute(
+                "INSERT INTO targets(name, agent, first_seen, last_seen) VALUES (?1, '', ?2, ?2)
+                 ON CONFLICT(name) DO NOTHING",
+                params![target, at],
+            )?;
+            c.execute(
+                "UPDATE targets SET missed_slots = missed_slots + 1, last_missed_at = ?2 WHERE name = ?1",
+                params![target, at],
+            )?;
+            Ok(())
         })
         .await
     }
@@ -523,7 +589,7 @@ impl Catalog {
         self.call(move |c| {
             let n = c.execute(
                 "UPDATE backups SET status = 'deleting', error = ?2
-                 WHERE id = ?1 AND pinned = 0 AND status IN ('completed', 'failed', 'deleting')",
+                 WHERE id = ?1 AND pinned = 0 AND status IN ('completed', 'failed', 'interrupted', 'deleting')",
                 params![id, reason],
             )?;
             Ok(n == 1)
@@ -692,9 +758,13 @@ impl Catalog {
                 .query_row("SELECT agent FROM targets WHERE name = ?1", [&target], |r| r.get(0))
                 .optional()?;
             match owner {
-                Some(o) if o != agent => Ok(Some(o)),
+                // An empty owner: a target first known from the config file.
+                Some(o) if !o.is_empty() && o != agent => Ok(Some(o)),
                 Some(_) => {
-                    c.execute("UPDATE targets SET last_seen = ?2 WHERE name = ?1", params![target, now])?;
+                    c.execute(
+                        "UPDATE targets SET agent = ?2, last_seen = ?3 WHERE name = ?1",
+                        params![target, agent, now],
+                    )?;
                     Ok(None)
                 }
                 None => {
@@ -710,7 +780,8 @@ impl Catalog {
     }
 }
 
-const TARGET_COLUMNS: &str = "name, agent, schedule, retention, last_slot, first_seen";
+const TARGET_COLUMNS: &str =
+    "name, agent, schedule, retention, last_slot, first_seen, missed_slots, last_missed_at";
 
 fn row_to_target(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
     Ok(TargetRecord {
@@ -720,6 +791,8 @@ fn row_to_target(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
         retention: r.get(3)?,
         last_slot: r.get(4)?,
         first_seen: r.get(5)?,
+        missed_slots: r.get::<_, i64>(6)? as u64,
+        last_missed_at: r.get(7)?,
     })
 }
 

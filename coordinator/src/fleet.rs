@@ -15,7 +15,12 @@ use tonic::Status;
 pub enum Report {
     Progress(JobProgress),
     Result(JobResult),
-    Lost(String),
+    /// The agent's connection went away. `planned`: it said goodbye first
+    /// (SIGTERM), so its jobs were interrupted rather than failed.
+    Lost {
+        why: String,
+        planned: bool,
+    },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -54,6 +59,8 @@ pub struct AgentConn {
     pub connected_since: DateTime<Utc>,
     pub last_seen: DateTime<Utc>,
     pub tx: mpsc::Sender<Result<CoordinatorMessage, Status>>,
+    /// The agent said goodbye: it is stopping on purpose.
+    pub leaving: Option<String>,
 }
 
 #[derive(Default)]
@@ -107,12 +114,32 @@ impl Fleet {
         }
     }
 
-    /// Removes a connection and fails every job it was running.
+    /// The agent on `conn_id` said it is stopping on purpose.
+    pub fn mark_leaving(&self, conn_id: u64, reason: &str) {
+        if let Some(a) = lock!(self.inner).agents.get_mut(&conn_id) {
+            a.leaving = Some(reason.to_string());
+        }
+    }
+
+    /// Why the agent on `conn_id` is leaving, if it said so.
+    pub fn leaving(&self, conn_id: u64) -> Option<String> {
+        lock!(self.inner)
+            .agents
+            .get(&conn_id)
+            .and_then(|a| a.leaving.clone())
+    }
+
+    /// Removes a connection and ends every job it was running: interrupted
+    /// if the agent said goodbye first, failed otherwise.
     pub fn remove_agent(&self, conn_id: u64, why: &str) {
         let mut senders = Vec::new();
+        let planned;
         {
             let mut g = lock!(self.inner);
-            g.agents.remove(&conn_id);
+            planned = g
+                .agents
+                .remove(&conn_id)
+                .is_some_and(|a| a.leaving.is_some());
             let gone: Vec<String> = g
                 .targets
                 .iter()
@@ -131,7 +158,10 @@ impl Fleet {
             }
         }
         for s in senders {
-            let _ = s.try_send(Report::Lost(why.to_string()));
+            let _ = s.try_send(Report::Lost {
+                why: why.to_string(),
+                planned,
+            });
         }
     }
 

@@ -1,6 +1,9 @@
 //! The fleet's health, per target and overall: what `GET /health`,
-//! `dsctl health` and the metrics' state gauges report.
+//! `dsctl health` and the metrics' state gauges report. The JSON field names
+//! here are the shared vocabulary (README "Field names"): `dsctl health
+//! --json` prints the same ones.
 
+use chrono::{DateTime, Utc};
 use serde::Serialize;
 
 use crate::catalog::status;
@@ -8,7 +11,8 @@ use crate::Core;
 
 /// Overall and per-target level. Unhealthy: backups are not happening (the
 /// dead man's switch fired, or failures in a row). Degraded: something needs a
-/// look (a failed backup, an agent away, a size anomaly, a failed verify).
+/// look (a failed backup, an agent away, a missed slot, a size anomaly, a
+/// failed verify, a scheduled target that has no backup yet).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Level {
@@ -27,29 +31,44 @@ impl Level {
     }
 }
 
+/// What a target's status says when it has never had a successful backup.
+pub const NO_BACKUP_YET: &str = "no backup yet";
+
 #[derive(Clone, Debug, Serialize)]
 pub struct OpenAlert {
     pub event: String,
     pub message: String,
     pub since: String,
+    pub backup_id: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetStatus {
     pub target: String,
     pub status: Level,
+    /// Why the status is what it is ("" when healthy and backed up).
+    pub status_reason: String,
     pub schedule: Option<String>,
-    pub next_run: Option<String>,
+    pub next_backup_at: Option<String>,
     pub last_backup_at: Option<String>,
-    pub last_result: Option<String>,
-    pub last_error: Option<String>,
+    pub last_backup_id: Option<String>,
+    pub last_backup_status: Option<String>,
+    pub last_backup_error: Option<String>,
     pub last_success_at: Option<String>,
     #[serde(skip)]
     pub last_success_unix: Option<i64>,
     pub backups: u32,
-    pub bytes_stored: u64,
+    pub stored_bytes: u64,
     pub agent_connected: bool,
+    pub missed_slots: u64,
     pub alerts: Vec<OpenAlert>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Queue {
+    pub running: usize,
+    pub waiting: usize,
+    pub limit: usize,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -57,10 +76,18 @@ pub struct Report {
     pub status: Level,
     pub time_zone: String,
     pub agents_connected: usize,
+    pub queue: Queue,
     pub targets: Vec<TargetStatus>,
 }
 
+fn parse(t: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(t)
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
 pub async fn report(core: &Core) -> Result<Report, String> {
+    let now = core.clock.now();
     let open = core
         .catalog
         .open_alerts()
@@ -73,9 +100,16 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             .list(Some(name.clone()))
             .await
             .map_err(|e| e.to_string())?;
-        let last = rows
-            .iter()
-            .find(|r| r.status == status::COMPLETED || r.status == status::FAILED);
+        let record = core
+            .catalog
+            .target(&name)
+            .await
+            .map_err(|e| e.to_string())?;
+        let last = rows.iter().find(|r| {
+            r.status == status::COMPLETED
+                || r.status == status::FAILED
+                || r.status == status::INTERRUPTED
+        });
         let last_ok = rows.iter().find(|r| r.status == status::COMPLETED);
         let completed: Vec<_> = rows
             .iter()
@@ -88,10 +122,12 @@ pub async fn report(core: &Core) -> Result<Report, String> {
                 event: a.kind.clone(),
                 message: a.message.clone(),
                 since: a.opened_at.clone(),
+                backup_id: a.backup_id.clone(),
             })
             .collect();
         let connected = core.fleet.is_connected(&name);
         let mut level = Level::Healthy;
+        let mut reasons: Vec<String> = Vec::new();
         for a in &alerts {
             let critical =
                 crate::alerts::rules::Kind::from_event(&a.event).is_some_and(|k| k.is_critical());
@@ -100,28 +136,45 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             } else {
                 Level::Degraded
             });
+            reasons.push(a.event.clone());
         }
         if last.is_some_and(|r| r.status == status::FAILED) {
             level = level.max(Level::Degraded);
+            if !reasons.iter().any(|r| r == "backup.failed") {
+                reasons.push("last backup failed".into());
+            }
+        }
+        if last_ok.is_none() {
+            // A scheduled target whose first slot has passed without a
+            // success is not healthy, whatever else is configured.
+            let first_seen = record.as_ref().and_then(|r| parse(&r.first_seen));
+            let first_due = first_seen.and_then(|f| core.scheduler.first_slot_after(&name, f));
+            if first_due.is_some_and(|d| d <= now) {
+                level = level.max(Level::Degraded);
+            }
+            reasons.push(NO_BACKUP_YET.into());
         }
         let last_success_at =
             last_ok.map(|r| r.finished_at.clone().unwrap_or(r.created_at.clone()));
         targets.push(TargetStatus {
             schedule: core.scheduler.schedule_of(&name),
-            next_run: core.scheduler.next_run(&name).map(crate::rfc3339),
+            next_backup_at: core.scheduler.next_run(&name).map(crate::rfc3339),
             last_backup_at: last.map(|r| r.created_at.clone()),
-            last_result: last.map(|r| r.status.clone()),
-            last_error: last.and_then(|r| r.error.clone()),
+            last_backup_id: last.map(|r| r.id.clone()),
+            last_backup_status: last.map(|r| r.status.clone()),
+            last_backup_error: last.and_then(|r| r.error.clone()),
             last_success_unix: last_success_at
                 .as_deref()
-                .and_then(|t| chrono::DateTime::parse_from_rfc3339(t).ok())
+                .and_then(parse)
                 .map(|d| d.timestamp()),
             last_success_at,
             backups: completed.len() as u32,
-            bytes_stored: completed.iter().map(|r| r.stored_bytes).sum(),
+            stored_bytes: completed.iter().map(|r| r.stored_bytes).sum(),
             agent_connected: connected,
+            missed_slots: record.as_ref().map(|r| r.missed_slots).unwrap_or(0),
             alerts,
             status: level,
+            status_reason: reasons.join("; "),
             target: name,
         });
     }
@@ -130,10 +183,16 @@ pub async fn report(core: &Core) -> Result<Report, String> {
         .map(|t| t.status)
         .max()
         .unwrap_or(Level::Healthy);
+    let (running, waiting, limit) = core.scheduler.queue_counts();
     Ok(Report {
         status,
         time_zone: core.policies.tz.name().to_string(),
         agents_connected: core.fleet.agent_count(),
+        queue: Queue {
+            running,
+            waiting,
+            limit,
+        },
         targets,
     })
 }

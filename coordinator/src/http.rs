@@ -54,7 +54,8 @@ async fn handle(core: Arc<Core>, req: Request<hyper::body::Incoming>) -> Respons
                     .iter()
                     .flat_map(|t| t.alerts.iter().map(|a| (t.target.clone(), a.event.clone())))
                     .collect();
-                core.metrics.refresh(&r.targets, r.agents_connected, &open);
+                core.metrics
+                    .refresh(&r.targets, r.agents_connected, &r.queue, &open);
             }
             reply(
                 StatusCode::OK,

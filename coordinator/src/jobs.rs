@@ -1,19 +1,23 @@
-//! Backups as jobs: the one path both `dsctl backup` and the scheduler take.
-//! A detached task owns each backup's outcome (an operator who disconnects
-//! does not leave it half-recorded) and runs retention after a success.
+//! Backups as jobs: the one path every backup takes once the scheduler's
+//! queue lets it start (scheduled or `dsctl backup`). A detached task owns
+//! each backup's outcome — completed, failed or interrupted, decided here and
+//! nowhere else — so an operator who disconnects does not leave it
+//! half-recorded; it runs retention after a success.
 
 use std::sync::Arc;
 
 use datasaver_common::proto::{
     coordinator_message, job_event, BackupJob, CoordinatorMessage, JobDone, JobEvent, JobProgress,
+    JobResult,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::Instrument;
 
 use crate::catalog::{status, BackupRow};
 use crate::fleet::{JobKind, Report};
-use crate::{now_rfc3339, to_proto, Core};
+use crate::schedule::planner::Outcome;
+use crate::{to_proto, Core};
 
 /// Who asked for a backup.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,11 +45,12 @@ pub enum StartError {
     Internal(String),
 }
 
-/// A backup that was started: its id and its events (progress, then one
-/// `Done`).
+/// A backup that was started: its id, its events (progress, then one
+/// `Done`) and, once it ended, its outcome.
 pub struct Started {
     pub id: String,
     pub events: mpsc::Receiver<Result<JobEvent, Status>>,
+    pub outcome: oneshot::Receiver<Outcome>,
 }
 
 pub fn progress(phase: &str, message: String) -> JobEvent {
@@ -72,6 +77,23 @@ pub fn failed(error: String) -> JobEvent {
     })
 }
 
+/// Why an agent job did not succeed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobFailure {
+    pub message: String,
+    /// A planned agent stop, not a failure of the job itself.
+    pub interrupted: bool,
+}
+
+impl JobFailure {
+    fn failed(message: impl Into<String>) -> Self {
+        Self {
+            message: message.into(),
+            interrupted: false,
+        }
+    }
+}
+
 /// Releases the per-target backup slot when the job task ends, however it ends.
 struct SlotGuard {
     core: Arc<Core>,
@@ -91,7 +113,7 @@ async fn new_row(
     label: Option<String>,
     agent: String,
 ) -> Result<String, StartError> {
-    let now = chrono::Utc::now();
+    let now = core.clock.now();
     let id = core
         .catalog
         .unused_id(datasaver_common::names::backup_id(target, now))
@@ -114,6 +136,12 @@ async fn new_row(
     Ok(id)
 }
 
+fn stamp(core: &Core) -> String {
+    core.clock
+        .now()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
 /// Records an attempt that could not even start (no agent connected), so a
 /// missed scheduled backup is visible as a failure, never silently skipped.
 pub async fn record_failed_attempt(
@@ -124,7 +152,7 @@ pub async fn record_failed_attempt(
 ) -> Result<String, StartError> {
     let id = new_row(core, target, trigger, None, String::new()).await?;
     core.catalog
-        .fail(&id, error, now_rfc3339())
+        .fail(&id, error, stamp(core))
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?;
     core.metrics.backup_failed(target, error);
@@ -132,7 +160,8 @@ pub async fn record_failed_attempt(
     Ok(id)
 }
 
-/// Starts a backup of `target` on its agent.
+/// Starts a backup of `target` on its agent now. Callers go through the
+/// scheduler's queue (`schedule::driver`), which keeps the global limit.
 pub async fn start_backup(
     core: &Arc<Core>,
     target: &str,
@@ -152,6 +181,16 @@ pub async fn start_backup(
     };
     let label = label.filter(|l| !l.trim().is_empty());
     let id = new_row(core, target, trigger, label, agent_name.clone()).await?;
+    // What this backup will roughly read: the previous one's pg_dump size
+    // (for dsctl's progress bar; 0 when there is none).
+    let expected_raw = core
+        .catalog
+        .latest_completed(target, None)
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.raw_bytes)
+        .unwrap_or(0);
     // The job's span: a child of the schedule's when the scheduler started it.
     let span =
         tracing::info_span!("backup", target = %target, backup = %id, trigger = trigger.as_str());
@@ -168,6 +207,7 @@ pub async fn start_backup(
         &agent_name,
     );
     let (tx, rx) = mpsc::channel(16);
+    let (outcome_tx, outcome_rx) = oneshot::channel();
     let sent = agent_tx
         .send(Ok(CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Backup(BackupJob {
@@ -184,63 +224,28 @@ pub async fn start_backup(
     tokio::spawn(async move {
         let _release = release;
         let id = backup_id;
-        let outcome = if sent.is_err() {
-            Err(format!(
+        let result = if sent.is_err() {
+            Err(JobFailure::failed(format!(
                 "agent {agent_name} disconnected before the job could be sent"
-            ))
+            )))
         } else {
             let _ = tx
                 .send(Ok(progress("started", format!("backup {id} started"))))
                 .await;
-            wait_result(&mut reports, &tx, &core).await
+            let expected = Expected {
+                raw: expected_raw,
+                stored: 0,
+            };
+            wait_result(&mut reports, &tx, &core, expected).await
         };
         core.fleet.remove_job(&job_id);
-        let row = core.catalog.get(&id).await.ok().flatten();
-        let mut completed = false;
-        let event = match (outcome, row) {
-            (Ok(_), Some(row)) if row.status == status::COMPLETED => {
-                completed = true;
-                tracing::info!(backup = %id, "backup completed");
-                core.metrics.backup_succeeded(
-                    &target,
-                    row.duration_ms as f64 / 1000.0,
-                    row.stored_bytes,
-                    row.raw_bytes,
-                );
-                done(JobDone {
-                    ok: true,
-                    message: format!("backup {id} completed"),
-                    backup: Some(to_proto(&row)),
-                    ..Default::default()
-                })
-            }
-            (outcome, row) => {
-                // Prefer the first recorded reason (e.g. the upload's own
-                // error) over the agent's summary of it.
-                let agent_error = match outcome {
-                    Err(e) => e,
-                    Ok(_) => "agent reported success but the backup was not stored".into(),
-                };
-                let _ = core.catalog.fail(&id, &agent_error, now_rfc3339()).await;
-                let error = core
-                    .catalog
-                    .get(&id)
-                    .await
-                    .ok()
-                    .flatten()
-                    .and_then(|r| r.error)
-                    .or(row.and_then(|r| r.error))
-                    .unwrap_or(agent_error);
-                tracing::warn!(backup = %id, %error, "backup failed");
-                core.metrics.backup_failed(&target, &error);
-                failed(format!("backup {id} failed: {error}"))
-            }
-        };
+        let (outcome, event) = decide(&core, &id, &target, result).await;
+        let _ = outcome_tx.send(outcome);
         let _ = tx.send(Ok(event)).await;
         core.alerter.wake.notify_one();
         // Retention after every successful backup, still holding the target's
         // slot so it never races the next backup of the same target.
-        if completed {
+        if outcome == Outcome::Succeeded {
             let rotation = tracing::info_span!("rotation", target = %target);
             if let Err(e) = crate::retention::cleanup::run(&core, Some(&target), false)
                 .instrument(rotation)
@@ -250,7 +255,83 @@ pub async fn start_backup(
             }
         }
     }.instrument(span));
-    Ok(Started { id, events: rx })
+    Ok(Started {
+        id,
+        events: rx,
+        outcome: outcome_rx,
+    })
+}
+
+/// The one place a backup's outcome is decided, from what the agent said and
+/// what was stored: a stored backup is completed whatever the agent said
+/// afterwards; a planned agent stop is an interruption; anything else fails.
+async fn decide(
+    core: &Core,
+    id: &str,
+    target: &str,
+    result: Result<JobResult, JobFailure>,
+) -> (Outcome, JobEvent) {
+    let row = core.catalog.get(id).await.ok().flatten();
+    if let Some(row) = row.filter(|r| r.status == status::COMPLETED) {
+        tracing::info!(backup = %id, "backup completed");
+        core.metrics.backup_succeeded(
+            target,
+            row.duration_ms as f64 / 1000.0,
+            row.stored_bytes,
+            row.raw_bytes,
+        );
+        let event = done(JobDone {
+            ok: true,
+            message: format!("backup {id} completed"),
+            backup: Some(to_proto(&row)),
+            ..Default::default()
+        });
+        return (Outcome::Succeeded, event);
+    }
+    let failure = match result {
+        Err(f) => f,
+        Ok(_) => JobFailure::failed("agent reported success but the backup was not stored"),
+    };
+    if failure.interrupted {
+        let reason = format!("interrupted: {}", failure.message);
+        if let Err(e) = core.catalog.interrupt(id, &reason, stamp(core)).await {
+            tracing::error!(backup = %id, error = %e, "could not record the interruption");
+        }
+        tracing::info!(backup = %id, reason = %failure.message, "backup interrupted by a planned agent stop");
+        core.metrics.backup_interrupted(target);
+        return (
+            Outcome::Interrupted,
+            failed(format!("backup {id} {reason}")),
+        );
+    }
+    if let Err(e) = core.catalog.fail(id, &failure.message, stamp(core)).await {
+        tracing::error!(backup = %id, error = %e, "could not record the failure");
+    }
+    // The first recorded reason (e.g. the upload's own error) is kept by the
+    // catalog; show that one.
+    let error = core
+        .catalog
+        .get(id)
+        .await
+        .ok()
+        .flatten()
+        .and_then(|r| r.error)
+        .unwrap_or(failure.message);
+    tracing::warn!(backup = %id, %error, "backup failed");
+    core.metrics.backup_failed(target, &error);
+    (
+        Outcome::Failed,
+        failed(format!("backup {id} failed: {error}")),
+    )
+}
+
+/// What a job's byte counters are heading for, for dsctl's progress bar.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Expected {
+    /// Backups: the previous backup's pg_dump size (an estimate).
+    pub raw: u64,
+    /// Restores and verifies: the stored object's size.
+    pub stored: u64,
 }
 
 /// Waits for the agent's result, forwarding progress to the operator.
@@ -258,22 +339,39 @@ pub async fn wait_result(
     reports: &mut mpsc::Receiver<Report>,
     tx: &mpsc::Sender<Result<JobEvent, Status>>,
     core: &Core,
-) -> Result<datasaver_common::proto::JobResult, String> {
+    expected: Expected,
+) -> Result<JobResult, JobFailure> {
     loop {
         let r = tokio::select! {
-            _ = core.cancel.cancelled() => return Err("coordinator shutting down".into()),
+            _ = core.cancel.cancelled() => return Err(JobFailure::failed("coordinator shutting down")),
             r = reports.recv() => r,
         };
         match r {
-            None => return Err("job ended without a result".into()),
-            Some(Report::Progress(p)) => {
+            None => return Err(JobFailure::failed("job ended without a result")),
+            Some(Report::Progress(mut p)) => {
+                if p.expected_raw_bytes == 0 {
+                    p.expected_raw_bytes = expected.raw;
+                }
+                if p.expected_stored_bytes == 0 {
+                    p.expected_stored_bytes = expected.stored;
+                }
                 let _ = tx.try_send(Ok(JobEvent {
                     event: Some(job_event::Event::Progress(p)),
                 }));
             }
             Some(Report::Result(r)) if r.ok => return Ok(r),
-            Some(Report::Result(r)) => return Err(r.error),
-            Some(Report::Lost(why)) => return Err(why),
+            Some(Report::Result(r)) => {
+                return Err(JobFailure {
+                    message: r.error,
+                    interrupted: r.interrupted,
+                })
+            }
+            Some(Report::Lost { why, planned }) => {
+                return Err(JobFailure {
+                    message: why,
+                    interrupted: planned,
+                })
+            }
         }
     }
 }

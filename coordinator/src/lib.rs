@@ -152,7 +152,7 @@ pub fn to_proto(b: &BackupRow) -> datasaver_common::proto::Backup {
         encryption_recipient: b.encryption_recipient.clone(),
         verified_at: b.verified_at.clone(),
         verify_result: b.verify_result.clone(),
-        next_scheduled_run: None,
+        next_backup_at: None,
     }
 }
 

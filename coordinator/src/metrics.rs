@@ -35,6 +35,9 @@ pub struct Metrics {
     backups_stored: Family<Labels, Gauge>,
     agents_connected: Gauge,
     alerts_open: Family<Labels, Gauge>,
+    schedule_missed: Family<Labels, Counter>,
+    queue_running: Gauge,
+    queue_waiting: Gauge,
 }
 
 impl Default for Metrics {
@@ -127,8 +130,29 @@ impl Metrics {
             "Open alerts, by target and kind",
             alerts_open.clone(),
         );
+        let schedule_missed = Family::<Labels, Counter>::default();
+        registry.register(
+            "schedule_missed",
+            "Scheduled slots that could not start before the target's next slot (the queue was full)",
+            schedule_missed.clone(),
+        );
+        let queue_running = Gauge::default();
+        registry.register(
+            "queue_running",
+            "Backups running now (at most DATASAVER_MAX_CONCURRENT_BACKUPS)",
+            queue_running.clone(),
+        );
+        let queue_waiting = Gauge::default();
+        registry.register(
+            "queue_waiting",
+            "Backups waiting in the queue (scheduled, retries and dsctl backup)",
+            queue_waiting.clone(),
+        );
         Self {
             registry,
+            schedule_missed,
+            queue_running,
+            queue_waiting,
             backups,
             backup_duration,
             backup_size,
@@ -173,6 +197,23 @@ impl Metrics {
             .inc();
     }
 
+    /// A backup stopped by a planned agent stop: neither success nor failure.
+    pub fn backup_interrupted(&self, target: &str) {
+        self.backups
+            .get_or_create(&labels(&[
+                ("target", target),
+                ("result", "interrupted"),
+                ("reason", ""),
+            ]))
+            .inc();
+    }
+
+    pub fn schedule_missed(&self, target: &str) {
+        self.schedule_missed
+            .get_or_create(&labels(&[("target", target)]))
+            .inc();
+    }
+
     pub fn uploaded(&self, target: &str, bytes: u64) {
         self.upload_bytes
             .get_or_create(&labels(&[("target", target)]))
@@ -196,14 +237,17 @@ impl Metrics {
         &self,
         targets: &[crate::health::TargetStatus],
         agents: usize,
+        queue: &crate::health::Queue,
         alerts: &[(String, String)],
     ) {
         self.agents_connected.set(agents as i64);
+        self.queue_running.set(queue.running as i64);
+        self.queue_waiting.set(queue.waiting as i64);
         for t in targets {
             let l = labels(&[("target", &t.target)]);
             self.stored_bytes
                 .get_or_create(&l)
-                .set(t.bytes_stored as f64);
+                .set(t.stored_bytes as f64);
             self.backups_stored.get_or_create(&l).set(t.backups as i64);
             if let Some(ts) = t.last_success_unix {
                 self.last_success.get_or_create(&l).set(ts as f64);

@@ -10,9 +10,10 @@ use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
     coordinator_message, CleanupItem, CleanupRequest, CleanupResponse, CoordinatorMessage,
     DeleteBackupRequest, DeleteBackupResponse, GetBackupRequest, HealthRequest, HealthResponse,
-    JobDone, JobEvent, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
-    ListBackupsResponse, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse, RestoreJob,
-    RestoreMode, RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth, VerifyRequest,
+    JobDone, JobEvent, JobQueue, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
+    ListBackupsResponse, OpenAlert, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse,
+    RestoreJob, RestoreMode, RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth,
+    VerifyRequest,
 };
 use datasaver_common::tls::Role;
 use futures::{Stream, StreamExt};
@@ -23,7 +24,7 @@ use tracing::Instrument;
 
 use crate::catalog::{status, BackupRow};
 use crate::fleet::JobKind;
-use crate::jobs::{self, done, failed, progress, wait_result, StartError, Trigger};
+use crate::jobs::{self, done, failed, progress, wait_result, StartError};
 use crate::{internal, now_rfc3339, peer, to_proto, Core};
 
 pub struct OperatorSvc {
@@ -71,7 +72,7 @@ impl OperatorService for OperatorSvc {
         tracing::info!(operator = %who, backup = %id, "get backup");
         let row = self.find(&id).await?;
         let mut b = to_proto(&row);
-        b.next_scheduled_run = self
+        b.next_backup_at = self
             .core
             .scheduler
             .next_run(&row.target)
@@ -88,15 +89,19 @@ impl OperatorService for OperatorSvc {
         datasaver_common::names::validate_target(&req.target)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
         tracing::info!(operator = %who, target = %req.target, "backup requested");
-        let started = jobs::start_backup(&self.core, &req.target, Trigger::Manual, req.label)
-            .await
+        // Manual backups wait in the same queue as scheduled ones, under the
+        // same limit; the stream says `queued (N ahead)` meanwhile.
+        let events = self
+            .core
+            .scheduler
+            .request_backup(&self.core, &req.target, req.label)
             .map_err(|e| match e {
                 StartError::NoAgent(_) | StartError::Busy(_) => {
                     Status::failed_precondition(e.to_string())
                 }
                 StartError::Internal(m) => Status::internal(m),
             })?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }
 
     async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<EventStream>, Status> {
@@ -337,19 +342,27 @@ impl OperatorService for OperatorSvc {
             .map(|t| TargetHealth {
                 target: t.target,
                 schedule: t.schedule.unwrap_or_default(),
-                next_run: t.next_run,
+                next_backup_at: t.next_backup_at,
                 last_backup_at: t.last_backup_at,
-                last_status: t.last_result,
+                last_backup_id: t.last_backup_id,
+                last_backup_status: t.last_backup_status,
+                last_backup_error: t.last_backup_error,
                 last_success_at: t.last_success_at,
                 backups: t.backups,
-                stored_bytes: t.bytes_stored,
+                stored_bytes: t.stored_bytes,
                 agent_connected: t.agent_connected,
-                last_error: t.last_error,
+                missed_slots: t.missed_slots,
                 status: t.status.as_str().into(),
+                status_reason: t.status_reason,
                 alerts: t
                     .alerts
                     .into_iter()
-                    .map(|a| format!("{}: {}", a.event, a.message))
+                    .map(|a| OpenAlert {
+                        event: a.event,
+                        message: a.message,
+                        since: a.since,
+                        backup_id: a.backup_id,
+                    })
                     .collect(),
             })
             .collect();
@@ -357,6 +370,12 @@ impl OperatorService for OperatorSvc {
             targets,
             time_zone: r.time_zone,
             status: r.status.as_str().into(),
+            agents_connected: r.agents_connected as u32,
+            queue: Some(JobQueue {
+                running: r.queue.running as u32,
+                waiting: r.queue.waiting as u32,
+                limit: r.queue.limit as u32,
+            }),
         }))
     }
 }
@@ -496,7 +515,10 @@ impl OperatorSvc {
                     }))
                     .await
                     .map_err(|_| format!("agent {agent_name} disconnected"))?;
-                wait_result(&mut reports, &tx, &core).await
+                let expected = jobs::Expected { raw: 0, stored: row.stored_bytes };
+                wait_result(&mut reports, &tx, &core, expected)
+                    .await
+                    .map_err(|f| f.message)
             }
             .await;
             core.fleet.remove_job(&job_id);

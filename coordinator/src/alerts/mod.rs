@@ -90,6 +90,21 @@ pub async fn targets(core: &Core) -> Vec<String> {
     names.into_iter().collect()
 }
 
+/// The rules for one target. A scheduled target without a dead man's switch
+/// (neither `DATASAVER_ALERT_AFTER` nor its own `alert_after`) gets one: twice
+/// the longest gap of its schedule plus an hour, so a schedule that silently
+/// stops running is noticed even when nobody configured alerting.
+pub fn rules_for(core: &Core, target: &str, now: DateTime<Utc>) -> Rules {
+    let mut r = core.alert_config.rules_for(target);
+    if r.alert_after.is_none() {
+        r.alert_after = core
+            .scheduler
+            .longest_gap(target, now)
+            .map(|gap| gap * 2 + chrono::Duration::hours(1));
+    }
+    r
+}
+
 /// The facts the rules need about one target.
 pub async fn facts(core: &Core, target: &str) -> Facts {
     let rows = core
@@ -97,6 +112,8 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         .list(Some(target.to_string()))
         .await
         .unwrap_or_default();
+    // Interrupted attempts (a planned agent stop) are neither successes nor
+    // failures: only their retry counts.
     let recent: Vec<Attempt> = rows
         .iter()
         .filter(|r| r.status == status::COMPLETED || r.status == status::FAILED)
@@ -118,13 +135,8 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         })
         .take(50)
         .collect();
-    let first_seen = core
-        .catalog
-        .target(target)
-        .await
-        .ok()
-        .flatten()
-        .and_then(|t| parse(&t.first_seen));
+    let record = core.catalog.target(target).await.ok().flatten();
+    let first_seen = record.as_ref().and_then(|t| parse(&t.first_seen));
     // A target known from before this start counts from the start: its
     // earlier history is in the backups themselves.
     let started = core.alerter.started;
@@ -142,12 +154,17 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
             let v = r.verify_result.clone()?;
             Some((v.starts_with("ok"), r.id.clone(), v))
         });
+    let last_missed = record.as_ref().and_then(|r| {
+        let at = parse(r.last_missed_at.as_deref()?)?;
+        Some((at, r.missed_slots))
+    });
     Facts {
         target: target.to_string(),
         recent,
         known_since,
         disconnected_since,
         last_verify,
+        last_missed,
     }
 }
 
@@ -190,7 +207,7 @@ pub async fn evaluate(core: &Core) -> Result<(), String> {
     let mut changed = false;
     for target in targets(core).await {
         let f = facts(core, &target).await;
-        let holds = rules::conditions(&f, &core.alert_config.rules_for(&target), now);
+        let holds = rules::conditions(&f, &rules_for(core, &target, now), now);
         for c in &holds {
             let already = open
                 .iter()

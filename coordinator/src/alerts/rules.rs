@@ -14,16 +14,18 @@ pub enum Kind {
     SizeAnomaly,
     AgentDisconnected,
     VerifyFailed,
+    ScheduleMissed,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [
+    pub const ALL: [Kind; 7] = [
         Kind::BackupFailed,
         Kind::BackupOverdue,
         Kind::ConsecutiveFailures,
         Kind::SizeAnomaly,
         Kind::AgentDisconnected,
         Kind::VerifyFailed,
+        Kind::ScheduleMissed,
     ];
 
     pub fn event(self) -> &'static str {
@@ -34,6 +36,7 @@ impl Kind {
             Kind::SizeAnomaly => "backup.size_anomaly",
             Kind::AgentDisconnected => "agent.disconnected",
             Kind::VerifyFailed => "verify.failed",
+            Kind::ScheduleMissed => "schedule.missed",
         }
     }
 
@@ -71,6 +74,9 @@ pub struct Facts {
     pub disconnected_since: Option<DateTime<Utc>>,
     /// Latest verify: (ok, backup id, message).
     pub last_verify: Option<(bool, String, String)>,
+    /// The last scheduled slot that could not start before the next one,
+    /// and how many were missed in all.
+    pub last_missed: Option<(DateTime<Utc>, u64)>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -220,6 +226,19 @@ pub fn conditions(f: &Facts, r: &Rules, now: DateTime<Utc>) -> Vec<Condition> {
             });
         }
     }
+    // Missed slots: open until a backup succeeds after the last one missed.
+    if let Some((missed_at, total)) = f.last_missed {
+        if last_ok.is_none_or(|a| a.finished_at < missed_at) {
+            out.push(Condition {
+                kind: Kind::ScheduleMissed,
+                message: format!(
+                    "a scheduled backup of {t} could not start before its next slot (last at {}; {total} missed in all): the queue is full — raise DATASAVER_MAX_CONCURRENT_BACKUPS or spread the schedules",
+                    missed_at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                ),
+                backup_id: None,
+            });
+        }
+    }
     if let Some((false, id, msg)) = &f.last_verify {
         out.push(Condition {
             kind: Kind::VerifyFailed,
@@ -258,6 +277,7 @@ mod tests {
             known_since: at(0),
             disconnected_since: None,
             last_verify: None,
+            last_missed: None,
         }
     }
 
@@ -331,6 +351,27 @@ mod tests {
         );
         // a first backup has nothing to compare with
         assert!(conditions(&facts(vec![attempt(1, true, 5)]), &r, at(2)).is_empty());
+    }
+
+    #[test]
+    fn missed_slots_alert_until_the_next_success() {
+        let r = Rules::default();
+        let mut f = facts(vec![attempt(1, true, 100)]);
+        f.last_missed = Some((at(2), 3));
+        let c = conditions(&f, &r, at(3));
+        assert_eq!(kinds(&c), vec![Kind::ScheduleMissed]);
+        assert!(c[0].message.contains("3 missed"), "{}", c[0].message);
+        // a success after the miss clears it
+        let mut f = facts(vec![attempt(1, true, 100), attempt(3, true, 100)]);
+        f.last_missed = Some((at(2), 3));
+        assert!(conditions(&f, &r, at(4)).is_empty());
+        // never succeeded: it holds
+        let mut f = facts(vec![]);
+        f.last_missed = Some((at(2), 1));
+        assert_eq!(
+            kinds(&conditions(&f, &r, at(3))),
+            vec![Kind::ScheduleMissed]
+        );
     }
 
     #[test]

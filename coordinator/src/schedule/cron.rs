@@ -67,6 +67,22 @@ impl Schedule {
             .ok()
             .map(|d| d.with_timezone(&Utc))
     }
+
+    /// The longest gap between consecutive slots over the next 32 from `t`
+    /// (a weekday schedule's weekend, a monthly one's longest month): how
+    /// long a healthy target can go without a backup.
+    pub fn longest_gap(&self, t: DateTime<Utc>) -> Option<chrono::Duration> {
+        let mut prev = self.next_after(t)?;
+        let mut longest = chrono::Duration::zero();
+        for _ in 0..32 {
+            let Some(next) = self.next_after(prev) else {
+                break;
+            };
+            longest = longest.max(next - prev);
+            prev = next;
+        }
+        Some(longest).filter(|d| *d > chrono::Duration::zero())
+    }
 }
 
 /// Parses a time zone name such as `Europe/Berlin` or `UTC`.
@@ -116,6 +132,25 @@ mod tests {
         assert_eq!(
             s.next_after(utc(2024, 7, 10, 0, 0, 0)),
             Some(utc(2024, 7, 10, 0, 30, 0))
+        );
+    }
+
+    #[test]
+    fn longest_gap_covers_weekends_and_months() {
+        let s = Schedule::parse("0 2 * * 1-5", Tz::UTC).unwrap();
+        assert_eq!(
+            s.longest_gap(utc(2024, 1, 1, 0, 0, 0)),
+            Some(chrono::Duration::days(3))
+        );
+        let s = Schedule::parse("*/5 * * * * *", Tz::UTC).unwrap();
+        assert_eq!(
+            s.longest_gap(utc(2024, 1, 1, 0, 0, 0)),
+            Some(chrono::Duration::seconds(5))
+        );
+        let s = Schedule::parse("0 3 1 * *", Tz::UTC).unwrap();
+        assert_eq!(
+            s.longest_gap(utc(2024, 1, 1, 0, 0, 0)),
+            Some(chrono::Duration::days(31))
         );
     }
 

@@ -1,58 +1,120 @@
-//! Runs the planner against the real fleet: feeds it the clock, starts the
-//! backups it asks for, reports their outcomes back, and persists how far it
-//! got so a restart neither repeats nor forgets a slot.
+//! Runs the planner against the real fleet: feeds it the clock and which
+//! agents are connected, starts the backups it lets through (scheduled and
+//! manual alike), reports their outcomes back, records missed slots, tells
+//! each waiting `dsctl backup` its place in the queue, and persists how far
+//! the schedules got so a restart neither repeats nor forgets a slot.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
-use datasaver_common::proto::job_event;
+use datasaver_common::proto::{job_event, JobEvent, JobProgress};
 use tokio::sync::{mpsc, Notify};
+use tonic::Status;
 
-use super::planner::{Planner, Start};
+use super::planner::{After, Expired, JobKind, Missed, Outcome, Planner, Start, Ticket};
 use crate::jobs::{self, StartError, Trigger};
 use crate::policy::Policies;
 use crate::Core;
 
-/// How long a run whose target is busy (a manual backup) waits.
-const BUSY_RETRY: chrono::Duration = chrono::Duration::seconds(15);
+type Events = mpsc::Sender<Result<JobEvent, Status>>;
+
+/// A `dsctl backup` waiting for its backup.
+struct Waiter {
+    target: String,
+    label: Option<String>,
+    events: Events,
+    /// The last `queued (N ahead)` sent, to send only changes.
+    told_ahead: Option<usize>,
+}
 
 pub struct Scheduler {
     planner: Mutex<Planner>,
+    waiters: Mutex<HashMap<Ticket, Waiter>>,
     wake: Notify,
 }
 
-enum Outcome {
-    Ok,
-    Failed,
-    Busy,
+/// A started job's end, sent back to the loop.
+struct Finished {
+    ticket: Ticket,
+    target: String,
+    outcome: Outcome,
+    /// The final event for a waiting `dsctl backup`, unless it is retried.
+    done: Option<JobEvent>,
 }
 
-macro_rules! planner {
-    ($s:expr) => {
-        $s.planner.lock().unwrap_or_else(|p| p.into_inner())
+macro_rules! lock {
+    ($m:expr) => {
+        $m.lock().unwrap_or_else(|p| p.into_inner())
     };
 }
 
 impl Scheduler {
     pub fn new(p: &Policies) -> Self {
+        let grace = chrono::Duration::from_std(p.agent_grace)
+            .unwrap_or_else(|_| chrono::Duration::seconds(30));
         Self {
-            planner: Mutex::new(Planner::new(p.max_concurrent, p.retry.clone())),
+            planner: Mutex::new(Planner::new(p.max_concurrent, p.retry.clone(), grace)),
+            waiters: Mutex::new(HashMap::new()),
             wake: Notify::new(),
         }
     }
 
     /// When the target's next scheduled backup starts, if it has a schedule.
     pub fn next_run(&self, target: &str) -> Option<DateTime<Utc>> {
-        planner!(self).next_run(target)
+        lock!(self.planner).next_run(target)
     }
 
     /// The cron expression a target runs on.
     pub fn schedule_of(&self, target: &str) -> Option<String> {
-        planner!(self)
+        lock!(self.planner)
             .schedule(target)
             .map(|s| s.expr().to_string())
+    }
+
+    /// The first slot of the target's schedule after `t`.
+    pub fn first_slot_after(&self, target: &str, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        lock!(self.planner).schedule(target)?.next_after(t)
+    }
+
+    /// The longest time between two slots of the target's schedule.
+    pub fn longest_gap(&self, target: &str, now: DateTime<Utc>) -> Option<chrono::Duration> {
+        lock!(self.planner).schedule(target)?.longest_gap(now)
+    }
+
+    /// (running, waiting, limit) of the job queue.
+    pub fn queue_counts(&self) -> (usize, usize, usize) {
+        let p = lock!(self.planner);
+        (p.running_count(), p.waiting_count(), p.max_concurrent())
+    }
+
+    /// Queues a manual backup of `target`; the returned stream says
+    /// `queued (N ahead)` while it waits, then carries the backup's progress
+    /// and its result. An interrupted backup (its agent was stopped) is tried
+    /// again when the agent is back, on the same stream.
+    pub fn request_backup(
+        &self,
+        core: &Core,
+        target: &str,
+        label: Option<String>,
+    ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, StartError> {
+        if !core.fleet.is_connected(target) {
+            return Err(StartError::NoAgent(target.to_string()));
+        }
+        let (tx, rx) = mpsc::channel(32);
+        let ticket = lock!(self.planner).enqueue_manual(target, core.clock.now());
+        lock!(self.waiters).insert(
+            ticket,
+            Waiter {
+                target: target.to_string(),
+                label,
+                events: tx,
+                told_ahead: None,
+            },
+        );
+        self.wake.notify_one();
+        Ok(rx)
     }
 
     /// (Re)computes a target's schedule from the configuration and what its
@@ -76,7 +138,7 @@ impl Scheduler {
             .map(|d| d.with_timezone(&Utc));
         let now = core.clock.now();
         let accounted = {
-            let mut p = planner!(self);
+            let mut p = lock!(self.planner);
             p.set_schedule(target, schedule, last_slot, now);
             p.accounted(target)
         };
@@ -85,12 +147,28 @@ impl Scheduler {
         }
         self.wake.notify_one();
     }
+
+    /// Wakes the loop (an agent connected, say).
+    pub fn nudge(&self) {
+        self.wake.notify_one();
+    }
 }
 
 async fn persist(core: &Core, target: &str, slot: DateTime<Utc>) {
     let s = slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     if let Err(e) = core.catalog.set_last_slot(target, s).await {
         tracing::error!(target = %target, error = %e, "could not record the scheduler's progress");
+    }
+}
+
+fn queued_event(ahead: usize) -> JobEvent {
+    JobEvent {
+        event: Some(job_event::Event::Progress(JobProgress {
+            phase: "queued".into(),
+            message: format!("queued ({ahead} ahead)"),
+            queue_ahead: Some(ahead as u32),
+            ..Default::default()
+        })),
     }
 }
 
@@ -116,19 +194,20 @@ pub async fn run(core: Arc<Core>) {
             .update_target(&core, name, schedule.as_deref())
             .await;
     }
-    let (done_tx, mut done_rx) = mpsc::channel::<(String, Outcome)>(64);
+    let (done_tx, mut done_rx) = mpsc::channel::<Finished>(64);
     let mut persisted: HashMap<String, DateTime<Utc>> = HashMap::new();
     loop {
         let now = core.clock.now();
-        let (starts, accounted, next) = {
-            let mut p = planner!(core.scheduler);
-            let starts = p.poll(now);
+        let connected = |t: &str| core.fleet.is_connected(t);
+        let (poll, accounted, next) = {
+            let mut p = lock!(core.scheduler.planner);
+            let poll = p.poll(now, &connected);
             let accounted: Vec<(String, DateTime<Utc>)> = p
                 .targets()
                 .into_iter()
                 .filter_map(|t| p.accounted(&t).map(|a| (t, a)))
                 .collect();
-            (starts, accounted, p.next_wakeup())
+            (poll, accounted, p.next_wakeup())
         };
         for (t, a) in accounted {
             if persisted.get(&t) != Some(&a) {
@@ -136,13 +215,16 @@ pub async fn run(core: Arc<Core>) {
                 persisted.insert(t, a);
             }
         }
-        for s in starts {
-            let span = tracing::info_span!("schedule", target = %s.target, slot = %crate::rfc3339(s.slot), attempt = s.attempt);
-            tokio::spawn(tracing::Instrument::instrument(
-                run_one(core.clone(), s, done_tx.clone()),
-                span,
-            ));
+        for m in poll.missed {
+            missed(&core, m).await;
         }
+        for e in poll.expired {
+            expired(&core, e).await;
+        }
+        for s in poll.starts {
+            admitted(&core, s, done_tx.clone());
+        }
+        tell_waiters(&core);
         let wait = next
             .map(|n| (n - core.clock.now()).to_std().unwrap_or(Duration::ZERO))
             .unwrap_or(Duration::from_secs(60))
@@ -151,66 +233,208 @@ pub async fn run(core: Arc<Core>) {
             _ = core.cancel.cancelled() => break,
             _ = core.scheduler.wake.notified() => {}
             _ = tokio::time::sleep(wait) => {}
-            Some((target, outcome)) = done_rx.recv() => {
-                let now = core.clock.now();
-                let mut p = planner!(core.scheduler);
-                match outcome {
-                    Outcome::Ok => { p.finished(&target, true, now); }
-                    Outcome::Failed => {
-                        if let Some(at) = p.finished(&target, false, now) {
-                            tracing::info!(target = %target, retry_at = %at, "scheduled backup failed; will retry");
-                        }
-                    }
-                    Outcome::Busy => p.postpone(&target, now + BUSY_RETRY),
-                }
+            Some(f) = done_rx.recv() => finished(&core, f),
+        }
+    }
+}
+
+async fn missed(core: &Core, m: Missed) {
+    tracing::warn!(
+        target = %m.target,
+        slot = %crate::rfc3339(m.slot),
+        next = %crate::rfc3339(m.next),
+        "scheduled backup missed: it could not start before the next slot (the queue is full; see `dsctl health` and DATASAVER_MAX_CONCURRENT_BACKUPS)"
+    );
+    core.metrics.schedule_missed(&m.target);
+    let at = core
+        .clock
+        .now()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
+    if let Err(e) = core.catalog.record_missed(&m.target, at).await {
+        tracing::error!(target = %m.target, error = %e, "could not record the missed slot");
+    }
+    core.alerter.wake.notify_one();
+}
+
+async fn expired(core: &Core, e: Expired) {
+    let grace = core.policies.agent_grace.as_secs();
+    match e.kind {
+        JobKind::Scheduled { slot } => {
+            let why = format!(
+                "agent not connected: no agent serving {} was connected when its scheduled backup was due (waited {grace} s)",
+                e.target
+            );
+            tracing::warn!(target = %e.target, slot = %crate::rfc3339(slot), attempt = e.attempt, retry_at = ?e.retry_at.map(crate::rfc3339), "{why}");
+            if let Err(err) =
+                jobs::record_failed_attempt(core, &e.target, Trigger::Scheduled, &why).await
+            {
+                tracing::error!(target = %e.target, error = %err, "could not record the failed attempt");
+            }
+        }
+        JobKind::Manual => {
+            let why = format!(
+                "no agent serving {} was connected for {grace} s while the backup waited; nothing was started (see `dsctl agents`)",
+                e.target
+            );
+            tracing::warn!(target = %e.target, "{why}");
+            if let Some(w) = lock!(core.scheduler.waiters).remove(&e.ticket) {
+                let _ = w.events.try_send(Ok(jobs::failed(why)));
             }
         }
     }
 }
 
-async fn run_one(core: Arc<Core>, s: Start, done: mpsc::Sender<(String, Outcome)>) {
-    tracing::info!(target = %s.target, slot = %crate::rfc3339(s.slot), attempt = s.attempt, "scheduled backup due");
-    let deadline = tokio::time::Instant::now() + core.policies.agent_grace;
-    while !core.fleet.is_connected(&s.target) && tokio::time::Instant::now() < deadline {
-        tokio::select! {
-            _ = core.cancel.cancelled() => return,
-            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+fn admitted(core: &Arc<Core>, s: Start, done: mpsc::Sender<Finished>) {
+    let (running, waiting, limit) = core.scheduler.queue_counts();
+    let waited = (core.clock.now() - s.due).num_milliseconds().max(0) as f64 / 1000.0;
+    let (trigger, label, events) = match s.kind {
+        JobKind::Scheduled { .. } => (Trigger::Scheduled, None, None),
+        JobKind::Manual => {
+            let w = lock!(core.scheduler.waiters);
+            let waiter = w.get(&s.ticket);
+            (
+                Trigger::Manual,
+                waiter.and_then(|w| w.label.clone()),
+                waiter.map(|w| w.events.clone()),
+            )
         }
+    };
+    tracing::info!(target = %s.target, trigger = trigger.as_str(), attempt = s.attempt, waited_s = waited, running, waiting, limit, "backup admitted");
+    let span = match s.kind {
+        JobKind::Scheduled { slot } => {
+            tracing::info_span!("schedule", target = %s.target, slot = %crate::rfc3339(slot), attempt = s.attempt)
+        }
+        JobKind::Manual => tracing::Span::current(),
+    };
+    if let JobKind::Scheduled { slot } = s.kind {
+        span.in_scope(|| tracing::info!(target = %s.target, slot = %crate::rfc3339(slot), attempt = s.attempt, "scheduled backup due"));
     }
-    let outcome = match jobs::start_backup(&core, &s.target, Trigger::Scheduled, None).await {
+    tokio::spawn(tracing::Instrument::instrument(
+        run_one(core.clone(), s, trigger, label, events, done),
+        span,
+    ));
+}
+
+async fn run_one(
+    core: Arc<Core>,
+    s: Start,
+    trigger: Trigger,
+    label: Option<String>,
+    events: Option<Events>,
+    done: mpsc::Sender<Finished>,
+) {
+    let (outcome, final_event) = match jobs::start_backup(&core, &s.target, trigger, label).await {
         Ok(mut started) => {
-            let mut ok = false;
+            let mut last = None;
             while let Some(ev) = started.events.recv().await {
-                if let Ok(ev) = ev {
-                    if let Some(job_event::Event::Done(d)) = ev.event {
-                        ok = d.ok;
+                let is_done = matches!(
+                    &ev,
+                    Ok(JobEvent {
+                        event: Some(job_event::Event::Done(_))
+                    })
+                );
+                match (is_done, &events) {
+                    (true, _) => last = ev.ok(),
+                    (false, Some(tx)) => {
+                        let _ = tx.try_send(ev);
                     }
+                    (false, None) => {}
                 }
             }
-            if ok {
-                Outcome::Ok
-            } else {
-                Outcome::Failed
-            }
+            let outcome = started.outcome.await.unwrap_or(Outcome::Failed);
+            (outcome, last)
         }
-        Err(StartError::Busy(_)) => Outcome::Busy,
-        Err(StartError::NoAgent(_)) => {
+        Err(StartError::NoAgent(_)) if trigger == Trigger::Scheduled => {
             let why = format!(
                 "agent not connected: no agent serving {} was connected when its scheduled backup was due",
                 s.target
             );
             tracing::warn!(target = %s.target, "{why}");
-            if let Err(e) =
-                jobs::record_failed_attempt(&core, &s.target, Trigger::Scheduled, &why).await
-            {
+            if let Err(e) = jobs::record_failed_attempt(&core, &s.target, trigger, &why).await {
                 tracing::error!(target = %s.target, error = %e, "could not record the failed attempt");
             }
-            Outcome::Failed
+            (Outcome::Failed, None)
         }
-        Err(StartError::Internal(e)) => {
-            tracing::error!(target = %s.target, error = %e, "scheduled backup could not start");
-            Outcome::Failed
+        Err(e) => {
+            tracing::error!(target = %s.target, error = %e, "backup could not start");
+            (Outcome::Failed, Some(jobs::failed(e.to_string())))
         }
     };
-    let _ = done.send((s.target, outcome)).await;
+    let _ = done
+        .send(Finished {
+            ticket: s.ticket,
+            target: s.target,
+            outcome,
+            done: final_event,
+        })
+        .await;
+}
+
+fn finished(core: &Core, f: Finished) {
+    let now = core.clock.now();
+    let after = lock!(core.scheduler.planner).finished(f.ticket, f.outcome, now);
+    match (&after, f.outcome) {
+        (After::Retry { at, attempt }, Outcome::Interrupted) => {
+            tracing::info!(target = %f.target, attempt, "backup interrupted by a planned agent stop; it runs again when the agent is back");
+            let _ = at;
+        }
+        (After::Retry { at, .. }, _) => {
+            tracing::info!(target = %f.target, retry_at = %crate::rfc3339(*at), "scheduled backup failed; will retry");
+        }
+        (After::Done, _) => {}
+    }
+    let mut waiters = lock!(core.scheduler.waiters);
+    match after {
+        After::Retry { attempt, .. } => {
+            if let Some(w) = waiters.get_mut(&f.ticket) {
+                w.told_ahead = None;
+                let _ = w.events.try_send(Ok(jobs::progress(
+                    "queued",
+                    format!(
+                        "the backup was interrupted (its agent stopped); attempt {attempt} starts when the agent is back"
+                    ),
+                )));
+            }
+        }
+        After::Done => {
+            if let Some(w) = waiters.remove(&f.ticket) {
+                let event = f.done.unwrap_or_else(|| {
+                    jobs::failed(format!("backup of {} ended without a result", w.target))
+                });
+                let _ = w.events.try_send(Ok(event));
+            }
+        }
+    }
+}
+
+/// Sends each waiting `dsctl backup` its place when it changed; a requester
+/// that went away before its backup started is taken out of the queue.
+fn tell_waiters(core: &Core) {
+    let now = core.clock.now();
+    let connected = |t: &str| core.fleet.is_connected(t);
+    let mut gone = Vec::new();
+    {
+        let planner = lock!(core.scheduler.planner);
+        let mut waiters = lock!(core.scheduler.waiters);
+        for ticket in planner.waiting_manual() {
+            let Some(w) = waiters.get_mut(&ticket) else {
+                continue;
+            };
+            if w.events.is_closed() {
+                gone.push(ticket);
+                continue;
+            }
+            let ahead = planner.ahead_of(ticket, now, &connected).unwrap_or(0);
+            if w.told_ahead != Some(ahead) {
+                w.told_ahead = Some(ahead);
+                let _ = w.events.try_send(Ok(queued_event(ahead)));
+            }
+        }
+    }
+    for ticket in gone {
+        lock!(core.scheduler.planner).withdraw(ticket);
+        if let Some(w) = lock!(core.scheduler.waiters).remove(&ticket) {
+            tracing::info!(target = %w.target, "manual backup withdrawn: dsctl went away before it started");
+        }
+    }
 }

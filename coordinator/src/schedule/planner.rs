@@ -1,8 +1,17 @@
 //! The scheduler's decisions as a pure state machine over an injected "now":
-//! which target's backup to start, when to retry, what waits for a free slot.
-//! The async driver (`schedule::driver`) only feeds it the clock and the
-//! outcomes, so missed-run catch-up, the concurrency limit and retries are
-//! tested over simulated time without sleeping.
+//! the one queue every backup waits in (scheduled slots, their retries and
+//! manual `dsctl backup` requests), the global concurrency limit, fair
+//! ordering, missed slots and retries. The async driver (`schedule::driver`)
+//! only feeds it the clock, which agents are connected and the outcomes, so
+//! catch-up, the limit, fairness and retries are tested over simulated time
+//! without sleeping.
+//!
+//! Order: a waiting job keeps the time it became due (a scheduled slot keeps
+//! its slot time even when the next slot of the same target comes), jobs
+//! start oldest-due first, and jobs that became due at the same moment start
+//! in the order of their targets' last start (never started first, then the
+//! longest ago), so when demand exceeds capacity every target gets its turn
+//! instead of the same ones winning every tie.
 
 use std::collections::BTreeMap;
 
@@ -38,21 +47,97 @@ impl RetryPolicy {
     }
 }
 
+/// Identifies one request (a scheduled slot or a manual backup) across its
+/// attempts.
+pub type Ticket = u64;
+
+/// What a queued job is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum JobKind {
+    /// The run of a cron slot.
+    Scheduled { slot: DateTime<Utc> },
+    /// `dsctl backup`.
+    Manual,
+}
+
 /// A backup the driver should start now.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Start {
+    pub ticket: Ticket,
     pub target: String,
-    /// The cron slot this run belongs to.
-    pub slot: DateTime<Utc>,
-    /// 1 for the first attempt of the slot.
+    pub kind: JobKind,
+    /// 1 for the first attempt.
     pub attempt: u32,
+    /// When it became due; `now - due` is how long it waited.
+    pub due: DateTime<Utc>,
 }
 
+/// A scheduled slot that could not start before the next slot of the same
+/// target came due.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Run {
-    slot: DateTime<Utc>,
+pub struct Missed {
+    pub target: String,
+    pub slot: DateTime<Utc>,
+    /// The slot that took its place in the queue.
+    pub next: DateTime<Utc>,
+}
+
+/// A waiting job given up because no agent serving its target was connected
+/// for the agent grace.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Expired {
+    pub ticket: Ticket,
+    pub target: String,
+    pub kind: JobKind,
+    pub attempt: u32,
+    /// When it is tried again, if it is.
+    pub retry_at: Option<DateTime<Utc>>,
+}
+
+/// Everything one `poll` decided.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Poll {
+    pub starts: Vec<Start>,
+    pub missed: Vec<Missed>,
+    pub expired: Vec<Expired>,
+}
+
+/// How a started job ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Outcome {
+    Succeeded,
+    Failed,
+    /// Stopped by a planned agent stop: tried again once the agent is back.
+    Interrupted,
+}
+
+/// What `finished` decided.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Nothing more for this request.
+    Done,
+    /// Queued again; attempt `attempt` starts at `at` at the earliest.
+    Retry { at: DateTime<Utc>, attempt: u32 },
+}
+
+#[derive(Clone, Debug)]
+struct Waiting {
+    ticket: Ticket,
+    target: String,
+    kind: JobKind,
     attempt: u32,
+    due: DateTime<Utc>,
     not_before: DateTime<Utc>,
+    /// Since when it has been ready but its target had no agent.
+    unreachable_since: Option<DateTime<Utc>>,
+}
+
+#[derive(Clone, Debug)]
+struct Running {
+    target: String,
+    kind: JobKind,
+    attempt: u32,
+    due: DateTime<Utc>,
 }
 
 #[derive(Clone, Debug, Default)]
@@ -61,26 +146,44 @@ struct Entry {
     next_slot: Option<DateTime<Utc>>,
     /// Every slot up to this one has been acted on (persisted by the driver).
     accounted: Option<DateTime<Utc>>,
-    /// A run waiting to start: a new slot, a retry, or one held back by the
-    /// concurrency limit.
-    pending: Option<Run>,
-    running: Option<Run>,
+    /// When a backup of this target last started: the tie-breaker.
+    last_started: Option<DateTime<Utc>>,
 }
 
 #[derive(Debug)]
 pub struct Planner {
     entries: BTreeMap<String, Entry>,
+    waiting: Vec<Waiting>,
+    running: BTreeMap<Ticket, Running>,
+    next_ticket: Ticket,
     max_concurrent: usize,
     retry: RetryPolicy,
+    agent_grace: Duration,
 }
 
 impl Planner {
-    pub fn new(max_concurrent: usize, retry: RetryPolicy) -> Self {
+    pub fn new(max_concurrent: usize, retry: RetryPolicy, agent_grace: Duration) -> Self {
         Self {
             entries: BTreeMap::new(),
+            waiting: Vec::new(),
+            running: BTreeMap::new(),
+            next_ticket: 1,
             max_concurrent: max_concurrent.max(1),
             retry,
+            agent_grace,
         }
+    }
+
+    fn ticket(&mut self) -> Ticket {
+        let t = self.next_ticket;
+        self.next_ticket += 1;
+        t
+    }
+
+    fn waiting_scheduled(&self, target: &str) -> Option<usize> {
+        self.waiting
+            .iter()
+            .position(|w| w.target == target && matches!(w.kind, JobKind::Scheduled { .. }))
     }
 
     /// Sets or changes a target's schedule. `accounted` is the last slot acted
@@ -100,37 +203,57 @@ impl Planner {
             return;
         }
         e.schedule = schedule;
-        let Some(s) = &e.schedule else {
+        let Some(s) = e.schedule.clone() else {
             e.next_slot = None;
-            e.pending = None;
+            self.drop_waiting_scheduled(target);
             return;
         };
         e.next_slot = s.next_after(now);
         let last = s.last_at_or_before(now);
         let accounted = accounted.or(e.accounted);
-        match (accounted, last) {
+        let catch_up = match (accounted, last) {
             (Some(acc), Some(last)) if last > acc => {
-                if e.pending.is_none() {
-                    e.pending = Some(Run {
-                        slot: last,
-                        attempt: 1,
-                        not_before: now,
-                    });
-                }
                 e.accounted = Some(last);
+                Some(last)
             }
-            (Some(acc), _) => e.accounted = Some(acc),
-            (None, last) => e.accounted = last,
+            (Some(acc), _) => {
+                e.accounted = Some(acc);
+                None
+            }
+            (None, last) => {
+                e.accounted = last;
+                None
+            }
+        };
+        if let Some(slot) = catch_up {
+            if self.waiting_scheduled(target).is_none() {
+                let ticket = self.ticket();
+                self.waiting.push(Waiting {
+                    ticket,
+                    target: target.to_string(),
+                    kind: JobKind::Scheduled { slot },
+                    attempt: 1,
+                    due: slot,
+                    not_before: now,
+                    unreachable_since: None,
+                });
+            }
         }
     }
 
-    /// Removes a target's schedule (keeps a running job's bookkeeping).
+    fn drop_waiting_scheduled(&mut self, target: &str) {
+        self.waiting
+            .retain(|w| !(w.target == target && matches!(w.kind, JobKind::Scheduled { .. })));
+    }
+
+    /// Removes a target's schedule and its waiting scheduled run (a running
+    /// one and manual requests are kept).
     pub fn unschedule(&mut self, target: &str) {
         if let Some(e) = self.entries.get_mut(target) {
             e.schedule = None;
             e.next_slot = None;
-            e.pending = None;
         }
+        self.drop_waiting_scheduled(target);
     }
 
     /// The last slot acted on, for the driver to persist.
@@ -138,118 +261,305 @@ impl Planner {
         self.entries.get(target).and_then(|e| e.accounted)
     }
 
-    /// Advances to `now`: slots that came due become pending (one per target,
-    /// however many passed), and pending runs start while fewer than
-    /// `max_concurrent` run, oldest first.
-    pub fn poll(&mut self, now: DateTime<Utc>) -> Vec<Start> {
-        for e in self.entries.values_mut() {
-            let (Some(s), Some(next)) = (&e.schedule, e.next_slot) else {
-                continue;
-            };
-            if next > now {
-                continue;
-            }
-            let slot = s.last_at_or_before(now).unwrap_or(next).max(next);
-            e.accounted = Some(slot);
-            e.next_slot = s.next_after(now);
-            // A new slot supersedes a retry of an older one.
-            e.pending = Some(Run {
-                slot,
-                attempt: 1,
-                not_before: slot.min(now),
-            });
-        }
-        let mut running = self
+    /// Queues a manual backup of `target`; it waits its turn like any other.
+    pub fn enqueue_manual(&mut self, target: &str, now: DateTime<Utc>) -> Ticket {
+        self.entries.entry(target.to_string()).or_default();
+        let ticket = self.ticket();
+        self.waiting.push(Waiting {
+            ticket,
+            target: target.to_string(),
+            kind: JobKind::Manual,
+            attempt: 1,
+            due: now,
+            not_before: now,
+            unreachable_since: None,
+        });
+        ticket
+    }
+
+    /// Takes a request that has not started out of the queue (its requester
+    /// went away). Returns whether it was waiting.
+    pub fn withdraw(&mut self, ticket: Ticket) -> bool {
+        let before = self.waiting.len();
+        self.waiting.retain(|w| w.ticket != ticket);
+        self.waiting.len() != before
+    }
+
+    fn order_key(&self, w: &Waiting) -> (DateTime<Utc>, Option<DateTime<Utc>>, Ticket) {
+        let last = self.entries.get(&w.target).and_then(|e| e.last_started);
+        (w.due, last, w.ticket)
+    }
+
+    fn target_running(&self, target: &str) -> bool {
+        self.running.values().any(|r| r.target == target)
+    }
+
+    /// Advances to `now`: slots that came due join the queue (one waiting run
+    /// per target: a slot still waiting when the next one comes is missed),
+    /// jobs whose agent stayed away for the grace are given up, and ready jobs
+    /// start, oldest-due first, while fewer than the limit run. `connected`
+    /// says whether an agent serving a target is connected: a job of a target
+    /// without one never takes a slot.
+    pub fn poll(&mut self, now: DateTime<Utc>, connected: &dyn Fn(&str) -> bool) -> Poll {
+        let mut out = Poll::default();
+        let due_slots: Vec<(String, DateTime<Utc>)> = self
             .entries
-            .values()
-            .filter(|e| e.running.is_some())
-            .count();
-        let mut ready: Vec<(DateTime<Utc>, String)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.running.is_none())
+            .iter_mut()
             .filter_map(|(t, e)| {
-                e.pending
-                    .as_ref()
-                    .filter(|p| p.not_before <= now)
-                    .map(|p| (p.not_before, t.clone()))
+                let (Some(s), Some(next)) = (&e.schedule, e.next_slot) else {
+                    return None;
+                };
+                if next > now {
+                    return None;
+                }
+                let slot = s.last_at_or_before(now).unwrap_or(next).max(next);
+                e.accounted = Some(slot);
+                e.next_slot = s.next_after(now);
+                Some((t.clone(), slot))
             })
             .collect();
+        for (target, slot) in due_slots {
+            match self.waiting_scheduled(&target) {
+                Some(i) if self.waiting[i].attempt == 1 => {
+                    // Never started: that slot is missed. The queued run now
+                    // stands for the new slot and keeps its place.
+                    let w = &mut self.waiting[i];
+                    if let JobKind::Scheduled { slot: old } = w.kind {
+                        out.missed.push(Missed {
+                            target: target.clone(),
+                            slot: old,
+                            next: slot,
+                        });
+                    }
+                    w.kind = JobKind::Scheduled { slot };
+                }
+                Some(i) => {
+                    // A retry of an older slot waiting for its backoff: the
+                    // new slot supersedes it.
+                    let ticket = self.waiting[i].ticket;
+                    self.waiting[i] = Waiting {
+                        ticket,
+                        target: target.clone(),
+                        kind: JobKind::Scheduled { slot },
+                        attempt: 1,
+                        due: slot,
+                        not_before: slot,
+                        unreachable_since: None,
+                    };
+                }
+                None => {
+                    let ticket = self.ticket();
+                    self.waiting.push(Waiting {
+                        ticket,
+                        target,
+                        kind: JobKind::Scheduled { slot },
+                        attempt: 1,
+                        due: slot,
+                        not_before: slot,
+                        unreachable_since: None,
+                    });
+                }
+            }
+        }
+
+        // Jobs whose target has no agent: wait for it, up to the grace.
+        let grace = self.agent_grace;
+        let mut expired = Vec::new();
+        for w in self.waiting.iter_mut().filter(|w| w.not_before <= now) {
+            if connected(&w.target) {
+                w.unreachable_since = None;
+            } else {
+                let since = *w.unreachable_since.get_or_insert(now);
+                if now - since >= grace {
+                    expired.push(w.ticket);
+                }
+            }
+        }
+        for ticket in expired {
+            let Some(i) = self.waiting.iter().position(|w| w.ticket == ticket) else {
+                continue;
+            };
+            let w = self.waiting.remove(i);
+            let retry_at = match w.kind {
+                JobKind::Scheduled { .. }
+                    if w.attempt < self.retry.attempts
+                        && self
+                            .entries
+                            .get(&w.target)
+                            .is_some_and(|e| e.schedule.is_some()) =>
+                {
+                    let at = now + self.retry.backoff(w.attempt);
+                    self.waiting.push(Waiting {
+                        attempt: w.attempt + 1,
+                        due: at,
+                        not_before: at,
+                        unreachable_since: None,
+                        ..w.clone()
+                    });
+                    Some(at)
+                }
+                _ => None,
+            };
+            out.expired.push(Expired {
+                ticket: w.ticket,
+                target: w.target,
+                kind: w.kind,
+                attempt: w.attempt,
+                retry_at,
+            });
+        }
+
+        // Admission, oldest due first, fair among equals.
+        let mut ready: Vec<(_, Ticket)> = self
+            .waiting
+            .iter()
+            .filter(|w| w.not_before <= now && connected(&w.target))
+            .map(|w| (self.order_key(w), w.ticket))
+            .collect();
         ready.sort();
-        let mut out = Vec::new();
-        for (_, target) in ready {
-            if running >= self.max_concurrent {
+        for (_, ticket) in ready {
+            if self.running.len() >= self.max_concurrent {
                 break;
             }
-            let Some(e) = self.entries.get_mut(&target) else {
+            let Some(i) = self.waiting.iter().position(|w| w.ticket == ticket) else {
                 continue;
             };
-            let Some(run) = e.pending.take() else {
+            if self.target_running(&self.waiting[i].target) {
                 continue;
-            };
-            out.push(Start {
-                target: target.clone(),
-                slot: run.slot,
-                attempt: run.attempt,
+            }
+            let w = self.waiting.remove(i);
+            if let Some(e) = self.entries.get_mut(&w.target) {
+                e.last_started = Some(now);
+            }
+            self.running.insert(
+                w.ticket,
+                Running {
+                    target: w.target.clone(),
+                    kind: w.kind,
+                    attempt: w.attempt,
+                    due: w.due,
+                },
+            );
+            out.starts.push(Start {
+                ticket: w.ticket,
+                target: w.target,
+                kind: w.kind,
+                attempt: w.attempt,
+                due: w.due,
             });
-            e.running = Some(run);
-            running += 1;
         }
         out
     }
 
-    /// Records the outcome of a started run; a failure is retried with
-    /// exponential backoff until the attempts are used up. Returns when the
-    /// retry is due, if there is one.
-    pub fn finished(
-        &mut self,
-        target: &str,
-        ok: bool,
-        now: DateTime<Utc>,
-    ) -> Option<DateTime<Utc>> {
-        let e = self.entries.get_mut(target)?;
-        let run = e.running.take()?;
-        if ok || run.attempt >= self.retry.attempts || e.pending.is_some() || e.schedule.is_none() {
-            return None;
+    /// Records how a started job ended. A failed scheduled run is retried with
+    /// exponential backoff until the attempts are used up (unless a newer
+    /// slot already waits); an interrupted one, scheduled or manual, is queued
+    /// again at its old place and starts once its agent is back.
+    pub fn finished(&mut self, ticket: Ticket, outcome: Outcome, now: DateTime<Utc>) -> After {
+        let Some(run) = self.running.remove(&ticket) else {
+            return After::Done;
+        };
+        if outcome == Outcome::Succeeded || run.attempt >= self.retry.attempts {
+            return After::Done;
         }
-        let at = now + self.retry.backoff(run.attempt);
-        e.pending = Some(Run {
-            slot: run.slot,
-            attempt: run.attempt + 1,
-            not_before: at,
-        });
-        Some(at)
-    }
-
-    /// Puts a started run back without using up an attempt (the target was
-    /// busy with a manual backup, say), to be tried again at `at`.
-    pub fn postpone(&mut self, target: &str, at: DateTime<Utc>) {
-        if let Some(e) = self.entries.get_mut(target) {
-            if let Some(mut run) = e.running.take() {
-                if e.pending.is_none() {
-                    run.not_before = at;
-                    e.pending = Some(run);
-                }
+        let scheduled = matches!(run.kind, JobKind::Scheduled { .. });
+        if scheduled {
+            let still_scheduled = self
+                .entries
+                .get(&run.target)
+                .is_some_and(|e| e.schedule.is_some());
+            if !still_scheduled || self.waiting_scheduled(&run.target).is_some() {
+                return After::Done;
             }
         }
+        let (due, at) = match (outcome, scheduled) {
+            (Outcome::Interrupted, _) => (run.due, now),
+            (Outcome::Failed, true) => {
+                let at = now + self.retry.backoff(run.attempt);
+                (at, at)
+            }
+            // A manual backup that failed is reported, not retried.
+            _ => return After::Done,
+        };
+        self.waiting.push(Waiting {
+            ticket,
+            target: run.target,
+            kind: run.kind,
+            attempt: run.attempt + 1,
+            due,
+            not_before: at,
+            unreachable_since: None,
+        });
+        After::Retry {
+            at,
+            attempt: run.attempt + 1,
+        }
     }
 
-    /// When `poll` next has something to do.
+    /// How many ready jobs would start before `ticket` (`None`: it is not
+    /// waiting).
+    pub fn ahead_of(
+        &self,
+        ticket: Ticket,
+        now: DateTime<Utc>,
+        connected: &dyn Fn(&str) -> bool,
+    ) -> Option<usize> {
+        let me = self.waiting.iter().find(|w| w.ticket == ticket)?;
+        let key = self.order_key(me);
+        Some(
+            self.waiting
+                .iter()
+                .filter(|w| w.ticket != ticket && w.not_before <= now && connected(&w.target))
+                .filter(|w| self.order_key(w) < key)
+                .count(),
+        )
+    }
+
+    /// Tickets of the manual requests still waiting.
+    pub fn waiting_manual(&self) -> Vec<Ticket> {
+        self.waiting
+            .iter()
+            .filter(|w| w.kind == JobKind::Manual)
+            .map(|w| w.ticket)
+            .collect()
+    }
+
+    /// Jobs running now.
+    pub fn running_count(&self) -> usize {
+        self.running.len()
+    }
+
+    /// Jobs waiting (ready or not).
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.len()
+    }
+
+    pub fn max_concurrent(&self) -> usize {
+        self.max_concurrent
+    }
+
+    /// When `poll` next has something to do (a finished job also wakes it).
     pub fn next_wakeup(&self) -> Option<DateTime<Utc>> {
-        self.entries
-            .values()
-            .flat_map(|e| [e.next_slot, e.pending.as_ref().map(|p| p.not_before)])
-            .flatten()
-            .min()
+        let slots = self.entries.values().filter_map(|e| e.next_slot);
+        let waits = self.waiting.iter().map(|w| match w.unreachable_since {
+            Some(since) => since + self.agent_grace,
+            None => w.not_before,
+        });
+        slots.chain(waits).min()
     }
 
-    /// When the target's next scheduled backup will start (at the earliest).
+    /// When the target's next scheduled backup starts (at the earliest).
     pub fn next_run(&self, target: &str) -> Option<DateTime<Utc>> {
         let e = self.entries.get(target)?;
-        match (&e.pending, e.next_slot) {
-            (Some(p), Some(n)) => Some(p.not_before.min(n)),
-            (Some(p), None) => Some(p.not_before),
-            (None, n) => n,
+        let waiting = self
+            .waiting
+            .iter()
+            .filter(|w| w.target == target && matches!(w.kind, JobKind::Scheduled { .. }))
+            .map(|w| w.not_before)
+            .min();
+        match (waiting, e.next_slot) {
+            (Some(w), Some(n)) => Some(w.min(n)),
+            (w, n) => w.or(n),
         }
     }
 
@@ -263,9 +573,7 @@ impl Planner {
     }
 
     pub fn is_running(&self, target: &str) -> bool {
-        self.entries
-            .get(target)
-            .is_some_and(|e| e.running.is_some())
+        self.target_running(target)
     }
 }
 
@@ -274,6 +582,7 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
     use chrono_tz::Tz;
+    use std::collections::{BTreeMap, HashMap};
 
     fn t(d: u32, h: u32, m: u32, s: u32) -> DateTime<Utc> {
         Utc.with_ymd_and_hms(2024, 3, d, h, m, s).unwrap()
@@ -283,32 +592,62 @@ mod tests {
         Schedule::parse("0 2 * * *", Tz::UTC).unwrap()
     }
 
+    fn planner(max: usize) -> Planner {
+        Planner::new(max, RetryPolicy::default(), Duration::seconds(30))
+    }
+
+    const ALL: &dyn Fn(&str) -> bool = &|_| true;
+
+    fn starts(p: &mut Planner, now: DateTime<Utc>) -> Vec<Start> {
+        p.poll(now, ALL).starts
+    }
+
+    fn names(s: &[Start]) -> Vec<&str> {
+        s.iter().map(|s| s.target.as_str()).collect()
+    }
+
+    fn ticket_of(p: &Planner, target: &str) -> Ticket {
+        *p.running
+            .iter()
+            .find(|(_, r)| r.target == target)
+            .map(|(t, _)| t)
+            .unwrap_or_else(|| panic!("{target} is not running"))
+    }
+
+    fn finish(p: &mut Planner, target: &str, o: Outcome, now: DateTime<Utc>) -> After {
+        let ticket = ticket_of(p, target);
+        p.finished(ticket, o, now)
+    }
+
     #[test]
     fn missed_slots_run_once_at_start_up() {
-        let mut p = Planner::new(4, RetryPolicy::default());
+        let mut p = planner(4);
         // last run was on the 1st; the coordinator comes back on the 4th at 10:00
         p.set_schedule("a", Some(daily()), Some(t(1, 2, 0, 0)), t(4, 10, 0, 0));
-        let starts = p.poll(t(4, 10, 0, 0));
+        let s = starts(&mut p, t(4, 10, 0, 0));
+        assert_eq!(s.len(), 1);
         assert_eq!(
-            starts,
-            vec![Start {
-                target: "a".into(),
-                slot: t(4, 2, 0, 0),
-                attempt: 1
-            }]
+            (s[0].target.as_str(), s[0].kind, s[0].attempt),
+            (
+                "a",
+                JobKind::Scheduled {
+                    slot: t(4, 2, 0, 0)
+                },
+                1
+            )
         );
         assert_eq!(p.accounted("a"), Some(t(4, 2, 0, 0)));
-        p.finished("a", true, t(4, 10, 5, 0));
-        assert!(p.poll(t(4, 10, 6, 0)).is_empty());
+        finish(&mut p, "a", Outcome::Succeeded, t(4, 10, 5, 0));
+        assert!(starts(&mut p, t(4, 10, 6, 0)).is_empty());
         assert_eq!(p.next_wakeup(), Some(t(5, 2, 0, 0)));
 
         // nothing missed: no catch-up
-        let mut p = Planner::new(4, RetryPolicy::default());
+        let mut p = planner(4);
         p.set_schedule("a", Some(daily()), Some(t(4, 2, 0, 0)), t(4, 10, 0, 0));
-        assert!(p.poll(t(4, 10, 0, 0)).is_empty());
+        assert!(starts(&mut p, t(4, 10, 0, 0)).is_empty());
         // a new target starts from now
         p.set_schedule("b", Some(daily()), None, t(4, 10, 0, 0));
-        assert!(p.poll(t(4, 10, 0, 0)).is_empty());
+        assert!(starts(&mut p, t(4, 10, 0, 0)).is_empty());
         assert_eq!(p.accounted("b"), Some(t(4, 2, 0, 0)));
         assert_eq!(p.next_run("b"), Some(t(5, 2, 0, 0)));
     }
@@ -316,7 +655,7 @@ mod tests {
     #[test]
     fn every_slot_runs_exactly_once_however_often_it_is_polled() {
         let every10 = Schedule::parse("*/10 * * * * *", Tz::UTC).unwrap();
-        let mut p = Planner::new(4, RetryPolicy::default());
+        let mut p = planner(4);
         let start = t(1, 0, 0, 1);
         p.set_schedule("a", Some(every10), None, start);
         let mut now = start;
@@ -324,11 +663,16 @@ mod tests {
         // an hour, polled at irregular intervals of 1..7 s; runs take 2 s
         let mut i = 0u64;
         while now < start + Duration::hours(1) {
-            for s in p.poll(now) {
-                slots.push(s.slot);
+            let poll = p.poll(now, ALL);
+            assert!(poll.missed.is_empty(), "{:?}", poll.missed);
+            for s in poll.starts {
+                match s.kind {
+                    JobKind::Scheduled { slot } => slots.push(slot),
+                    JobKind::Manual => panic!("no manual jobs here"),
+                }
             }
             if p.is_running("a") {
-                p.finished("a", true, now + Duration::seconds(2));
+                finish(&mut p, "a", Outcome::Succeeded, now + Duration::seconds(2));
             }
             i += 1;
             now += Duration::seconds(1 + (i * 7919 % 7) as i64);
@@ -343,85 +687,234 @@ mod tests {
 
     #[test]
     fn concurrency_limit_queues_the_rest() {
-        let mut p = Planner::new(2, RetryPolicy::default());
+        let mut p = planner(2);
         let now = t(1, 1, 0, 0);
         for name in ["a", "b", "c", "d"] {
             p.set_schedule(name, Some(daily()), None, now);
         }
-        let first = p.poll(t(1, 2, 0, 0));
-        assert_eq!(
-            first.iter().map(|s| s.target.as_str()).collect::<Vec<_>>(),
-            vec!["a", "b"]
+        let first = starts(&mut p, t(1, 2, 0, 0));
+        assert_eq!(first.len(), 2);
+        assert!(
+            starts(&mut p, t(1, 2, 0, 30)).is_empty(),
+            "limit of 2 is held"
         );
-        assert!(p.poll(t(1, 2, 0, 30)).is_empty(), "limit of 2 is held");
-        assert_eq!(p.next_run("c"), Some(t(1, 2, 0, 0)), "c waits, due");
-        p.finished("a", true, t(1, 2, 1, 0));
-        let next = p.poll(t(1, 2, 1, 0));
+        assert_eq!((p.running_count(), p.waiting_count()), (2, 2));
+        let first_done = first[0].target.clone();
+        finish(&mut p, &first_done, Outcome::Succeeded, t(1, 2, 1, 0));
+        let next = starts(&mut p, t(1, 2, 1, 0));
         assert_eq!(next.len(), 1);
-        assert_eq!(next[0].target, "c");
-        assert_eq!(next[0].slot, t(1, 2, 0, 0));
-        p.finished("b", true, t(1, 2, 2, 0));
-        p.finished("c", true, t(1, 2, 2, 0));
-        assert_eq!(p.poll(t(1, 2, 2, 0))[0].target, "d");
-        assert!(p.poll(t(1, 3, 0, 0)).is_empty());
+        assert_eq!(
+            next[0].kind,
+            JobKind::Scheduled {
+                slot: t(1, 2, 0, 0)
+            }
+        );
+        assert_eq!(next[0].due, t(1, 2, 0, 0), "it kept its due time");
+        finish(&mut p, &first[1].target, Outcome::Succeeded, t(1, 2, 2, 0));
+        finish(&mut p, &next[0].target, Outcome::Succeeded, t(1, 2, 2, 0));
+        let last = starts(&mut p, t(1, 2, 2, 0));
+        let mut all: Vec<&str> = names(&first);
+        all.extend(names(&next));
+        all.extend(names(&last));
+        all.sort();
+        assert_eq!(all, vec!["a", "b", "c", "d"]);
+        assert!(starts(&mut p, t(1, 3, 0, 0)).is_empty());
+    }
+
+    #[test]
+    fn manual_and_scheduled_share_the_limit_in_due_order() {
+        let mut p = planner(1);
+        p.set_schedule("s", Some(daily()), None, t(1, 1, 0, 0));
+        let m1 = p.enqueue_manual("m", t(1, 1, 59, 0));
+        let m2 = p.enqueue_manual("n", t(1, 2, 0, 30));
+        // m became due first
+        let s = starts(&mut p, t(1, 2, 1, 0));
+        assert_eq!(names(&s), vec!["m"]);
+        assert_eq!(s[0].ticket, m1);
+        assert_eq!(
+            p.ahead_of(m2, t(1, 2, 1, 0), ALL),
+            Some(1),
+            "the 2:00 slot is ahead"
+        );
+        assert_eq!(
+            p.finished(m1, Outcome::Succeeded, t(1, 2, 2, 0)),
+            After::Done
+        );
+        assert_eq!(names(&starts(&mut p, t(1, 2, 2, 0))), vec!["s"]);
+        assert_eq!(p.ahead_of(m2, t(1, 2, 2, 0), ALL), Some(0));
+        finish(&mut p, "s", Outcome::Succeeded, t(1, 2, 3, 0));
+        let s = starts(&mut p, t(1, 2, 3, 0));
+        assert_eq!((s[0].ticket, s[0].kind), (m2, JobKind::Manual));
+        // a failed manual backup is reported, not retried
+        assert_eq!(p.finished(m2, Outcome::Failed, t(1, 2, 4, 0)), After::Done);
+        assert_eq!(p.waiting_count(), 0);
+    }
+
+    #[test]
+    fn one_backup_per_target_at_a_time() {
+        let mut p = planner(4);
+        let a1 = p.enqueue_manual("a", t(1, 0, 0, 0));
+        let a2 = p.enqueue_manual("a", t(1, 0, 0, 1));
+        let b = p.enqueue_manual("b", t(1, 0, 0, 2));
+        let s = starts(&mut p, t(1, 0, 0, 3));
+        assert_eq!(s.iter().map(|s| s.ticket).collect::<Vec<_>>(), vec![a1, b]);
+        assert!(starts(&mut p, t(1, 0, 0, 4)).is_empty());
+        p.finished(a1, Outcome::Succeeded, t(1, 0, 0, 5));
+        assert_eq!(starts(&mut p, t(1, 0, 0, 5))[0].ticket, a2);
+    }
+
+    #[test]
+    fn a_withdrawn_request_never_starts() {
+        let mut p = planner(1);
+        let a = p.enqueue_manual("a", t(1, 0, 0, 0));
+        let b = p.enqueue_manual("b", t(1, 0, 0, 1));
+        assert_eq!(starts(&mut p, t(1, 0, 0, 2))[0].ticket, a);
+        assert!(p.withdraw(b));
+        assert!(!p.withdraw(b));
+        p.finished(a, Outcome::Succeeded, t(1, 0, 0, 3));
+        assert!(starts(&mut p, t(1, 0, 0, 3)).is_empty());
     }
 
     #[test]
     fn failures_retry_with_backoff_then_give_up() {
-        let retry = RetryPolicy {
-            attempts: 3,
-            first_backoff: Duration::seconds(60),
-            max_backoff: Duration::minutes(30),
-        };
-        let mut p = Planner::new(4, retry);
+        let mut p = planner(4);
         p.set_schedule("a", Some(daily()), None, t(1, 1, 0, 0));
-        let s = p.poll(t(1, 2, 0, 0));
+        let s = starts(&mut p, t(1, 2, 0, 0));
         assert_eq!(s[0].attempt, 1);
-        assert_eq!(p.finished("a", false, t(1, 2, 0, 10)), Some(t(1, 2, 1, 10)));
-        assert!(p.poll(t(1, 2, 1, 9)).is_empty(), "not before the backoff");
-        let s = p.poll(t(1, 2, 1, 10));
-        assert_eq!((s[0].attempt, s[0].slot), (2, t(1, 2, 0, 0)));
-        assert_eq!(p.finished("a", false, t(1, 2, 1, 20)), Some(t(1, 2, 3, 20)));
-        let s = p.poll(t(1, 2, 3, 20));
+        assert_eq!(
+            finish(&mut p, "a", Outcome::Failed, t(1, 2, 0, 10)),
+            After::Retry {
+                at: t(1, 2, 1, 10),
+                attempt: 2
+            }
+        );
+        assert!(
+            starts(&mut p, t(1, 2, 1, 9)).is_empty(),
+            "not before the backoff"
+        );
+        let s = starts(&mut p, t(1, 2, 1, 10));
+        assert_eq!(
+            (s[0].attempt, s[0].kind),
+            (
+                2,
+                JobKind::Scheduled {
+                    slot: t(1, 2, 0, 0)
+                }
+            )
+        );
+        assert_eq!(
+            finish(&mut p, "a", Outcome::Failed, t(1, 2, 1, 20)),
+            After::Retry {
+                at: t(1, 2, 3, 20),
+                attempt: 3
+            }
+        );
+        let s = starts(&mut p, t(1, 2, 3, 20));
         assert_eq!(s[0].attempt, 3);
         assert_eq!(
-            p.finished("a", false, t(1, 2, 3, 30)),
-            None,
+            finish(&mut p, "a", Outcome::Failed, t(1, 2, 3, 30)),
+            After::Done,
             "3 attempts used"
         );
-        assert!(p.poll(t(1, 12, 0, 0)).is_empty());
+        assert!(starts(&mut p, t(1, 12, 0, 0)).is_empty());
         // the next slot starts afresh
-        assert_eq!(p.poll(t(2, 2, 0, 0))[0].attempt, 1);
+        assert_eq!(starts(&mut p, t(2, 2, 0, 0))[0].attempt, 1);
         // a success stops retrying
-        assert_eq!(p.finished("a", true, t(2, 2, 0, 5)), None);
-        assert!(p.poll(t(2, 3, 0, 0)).is_empty());
+        assert_eq!(
+            finish(&mut p, "a", Outcome::Succeeded, t(2, 2, 0, 5)),
+            After::Done
+        );
+        assert!(starts(&mut p, t(2, 3, 0, 0)).is_empty());
     }
 
     #[test]
     fn a_slot_that_comes_while_running_waits_for_the_run() {
         let hourly = Schedule::parse("0 * * * *", Tz::UTC).unwrap();
-        let mut p = Planner::new(4, RetryPolicy::default());
+        let mut p = planner(4);
         p.set_schedule("a", Some(hourly), None, t(1, 0, 30, 0));
-        assert_eq!(p.poll(t(1, 1, 0, 0)).len(), 1);
-        // still running at 2:00 and 3:00: one run queued, not two
-        assert!(p.poll(t(1, 2, 0, 0)).is_empty());
-        assert!(p.poll(t(1, 3, 0, 0)).is_empty());
-        p.finished("a", true, t(1, 3, 10, 0));
-        let s = p.poll(t(1, 3, 10, 0));
+        assert_eq!(starts(&mut p, t(1, 1, 0, 0)).len(), 1);
+        // still running at 2:00 and 3:00: one run queued, not two; the 2:00
+        // slot never started before 3:00 came, so it is missed
+        let two = p.poll(t(1, 2, 0, 0), ALL);
+        assert!(two.starts.is_empty() && two.missed.is_empty());
+        let three = p.poll(t(1, 3, 0, 0), ALL);
+        assert!(three.starts.is_empty());
+        assert_eq!(
+            three.missed,
+            vec![Missed {
+                target: "a".into(),
+                slot: t(1, 2, 0, 0),
+                next: t(1, 3, 0, 0)
+            }]
+        );
+        finish(&mut p, "a", Outcome::Succeeded, t(1, 3, 10, 0));
+        let s = starts(&mut p, t(1, 3, 10, 0));
         assert_eq!(s.len(), 1);
-        assert_eq!(s[0].slot, t(1, 3, 0, 0));
-        assert!(p.poll(t(1, 3, 20, 0)).is_empty());
+        assert_eq!(
+            s[0].kind,
+            JobKind::Scheduled {
+                slot: t(1, 3, 0, 0)
+            }
+        );
+        assert_eq!(s[0].due, t(1, 2, 0, 0), "kept the place of the 2:00 slot");
+        assert!(starts(&mut p, t(1, 3, 20, 0)).is_empty());
     }
 
     #[test]
-    fn postponed_runs_keep_their_attempt() {
-        let mut p = Planner::new(4, RetryPolicy::default());
+    fn interrupted_runs_wait_for_their_agent_and_keep_their_place() {
+        let mut p = planner(1);
         p.set_schedule("a", Some(daily()), None, t(1, 1, 0, 0));
-        assert_eq!(p.poll(t(1, 2, 0, 0))[0].attempt, 1);
-        p.postpone("a", t(1, 2, 0, 30));
-        assert!(p.poll(t(1, 2, 0, 29)).is_empty());
-        let s = p.poll(t(1, 2, 0, 30));
-        assert_eq!((s[0].attempt, s[0].slot), (1, t(1, 2, 0, 0)));
+        let s = starts(&mut p, t(1, 2, 0, 0));
+        let m = p.enqueue_manual("b", t(1, 2, 0, 5));
+        // the agent of a stops on purpose mid-backup
+        assert_eq!(
+            p.finished(s[0].ticket, Outcome::Interrupted, t(1, 2, 0, 10)),
+            After::Retry {
+                at: t(1, 2, 0, 10),
+                attempt: 2
+            }
+        );
+        // while it is away, b goes first (a never takes the slot)
+        let away: &dyn Fn(&str) -> bool = &|t| t != "a";
+        let s2 = p.poll(t(1, 2, 0, 11), away).starts;
+        assert_eq!(s2[0].ticket, m);
+        p.finished(m, Outcome::Succeeded, t(1, 2, 0, 20));
+        // back within the grace: a runs again, the same request, attempt 2
+        let s3 = starts(&mut p, t(1, 2, 0, 25));
+        assert_eq!(
+            (s3[0].ticket, s3[0].attempt, s3[0].due),
+            (s[0].ticket, 2, t(1, 2, 0, 0))
+        );
+        // an interrupted manual backup is queued again too
+        let m2 = p.enqueue_manual("b", t(1, 2, 1, 0));
+        p.finished(s3[0].ticket, Outcome::Succeeded, t(1, 2, 1, 0));
+        assert_eq!(starts(&mut p, t(1, 2, 1, 0))[0].ticket, m2);
+        assert!(matches!(
+            p.finished(m2, Outcome::Interrupted, t(1, 2, 1, 5)),
+            After::Retry { attempt: 2, .. }
+        ));
+        assert_eq!(starts(&mut p, t(1, 2, 1, 6))[0].ticket, m2);
+    }
+
+    #[test]
+    fn a_job_whose_agent_stays_away_is_given_up_after_the_grace() {
+        let mut p = planner(2);
+        p.set_schedule("a", Some(daily()), None, t(1, 1, 0, 0));
+        let m = p.enqueue_manual("a", t(1, 1, 59, 50));
+        let none: &dyn Fn(&str) -> bool = &|_| false;
+        let first = p.poll(t(1, 2, 0, 0), none);
+        assert!(first.starts.is_empty() && first.expired.is_empty());
+        assert_eq!(p.next_wakeup(), Some(t(1, 2, 0, 0) + Duration::seconds(30)));
+        assert!(p.poll(t(1, 2, 0, 29), none).expired.is_empty());
+        let gone = p.poll(t(1, 2, 0, 31), none).expired;
+        let kinds: Vec<_> = gone.iter().map(|e| (e.ticket == m, e.retry_at)).collect();
+        assert_eq!(
+            kinds,
+            vec![(true, None), (false, Some(t(1, 2, 1, 31)))],
+            "the manual request is dropped, the slot retried after the backoff"
+        );
+        assert_eq!(p.waiting_count(), 1);
+        assert_eq!(p.running_count(), 0, "nothing took a slot");
     }
 
     #[test]
@@ -433,5 +926,88 @@ mod tests {
         };
         let waits: Vec<i64> = (1..=6).map(|a| r.backoff(a).num_seconds()).collect();
         assert_eq!(waits, vec![10, 20, 40, 80, 100, 100]);
+    }
+
+    /// The fleet of the issue: 60 targets on a 5-second schedule, far more
+    /// work than the limit allows. Every target is served in turn, nobody
+    /// starves, and each slot is exactly either started or counted missed.
+    #[test]
+    fn when_demand_exceeds_capacity_no_target_starves_and_missed_slots_are_exact() {
+        let every5 = Schedule::parse("*/5 * * * * *", Tz::UTC).unwrap();
+        let names: Vec<String> = (0..60).map(|i| format!("t{i:02}")).collect();
+        let start = t(1, 0, 0, 1);
+        let mut p = planner(4);
+        for n in &names {
+            p.set_schedule(n, Some(every5.clone()), None, start);
+        }
+        let mut slots: HashMap<String, u32> = HashMap::new();
+        let mut started: HashMap<String, u32> = HashMap::new();
+        let mut missed: HashMap<String, u32> = HashMap::new();
+        let mut max_wait = Duration::zero();
+        // running: ticket -> (target, ends at); runs take 1..3 s
+        let mut running: BTreeMap<Ticket, (String, DateTime<Utc>)> = BTreeMap::new();
+        let mut now = start;
+        let end = start + Duration::seconds(600);
+        let mut k = 0u64;
+        let mut last_slot: Option<DateTime<Utc>> = None;
+        while now < end {
+            // finish what is done
+            let done: Vec<Ticket> = running
+                .iter()
+                .filter(|(_, (_, until))| *until <= now)
+                .map(|(t, _)| *t)
+                .collect();
+            for ticket in done {
+                running.remove(&ticket);
+                p.finished(ticket, Outcome::Succeeded, now);
+            }
+            let poll = p.poll(now, ALL);
+            let this_slot = every5.last_at_or_before(now);
+            if this_slot != last_slot && this_slot.is_some_and(|s| s > start) {
+                for n in &names {
+                    *slots.entry(n.clone()).or_default() += 1;
+                }
+                last_slot = this_slot;
+            }
+            for m in poll.missed {
+                *missed.entry(m.target).or_default() += 1;
+            }
+            assert!(p.running_count() <= 4);
+            for s in poll.starts {
+                max_wait = max_wait.max(now - s.due);
+                *started.entry(s.target.clone()).or_default() += 1;
+                k += 1;
+                running.insert(
+                    s.ticket,
+                    (s.target, now + Duration::seconds(1 + (k * 7919 % 3) as i64)),
+                );
+            }
+            now += Duration::milliseconds(250);
+        }
+        let counts: Vec<u32> = names
+            .iter()
+            .map(|n| started.get(n).copied().unwrap_or(0))
+            .collect();
+        let (min, max) = (
+            counts.iter().copied().min().unwrap_or(0),
+            counts.iter().copied().max().unwrap_or(0),
+        );
+        assert!(min >= 10, "a target starved: {counts:?}");
+        assert!(max - min <= 1, "unfair: {counts:?}");
+        // Every slot of every target either started, was missed, or is the one
+        // still waiting (or running) at the end.
+        for n in &names {
+            let s = slots[n];
+            let st = started.get(n).copied().unwrap_or(0);
+            let mi = missed.get(n).copied().unwrap_or(0);
+            let pending = p.waiting.iter().filter(|w| &w.target == n).count() as u32;
+            assert_eq!(
+                s,
+                st + mi + pending,
+                "{n}: slots {s}, started {st}, missed {mi}, waiting {pending}"
+            );
+        }
+        // Nothing waits much longer than one round of the whole fleet.
+        assert!(max_wait <= Duration::seconds(60), "waited {max_wait}");
     }
 }

@@ -189,7 +189,7 @@ fn due_backup_without_its_agent_is_recorded_failed() {
     assert_eq!(app["target"], "app", "{health}");
     assert_eq!(app["agent_connected"], false);
     assert_eq!(app["schedule"], "*/2 * * * * *");
-    assert!(app["next_run"].is_string(), "{health}");
+    assert!(app["next_backup_at"].is_string(), "{health}");
 }
 
 #[test]
