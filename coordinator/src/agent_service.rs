@@ -89,7 +89,7 @@ impl AgentService for AgentSvc {
         }
         let (tx, rx) = mpsc::channel(32);
         let conn_id = self.core.fleet.next_conn_id();
-        let now = chrono::Utc::now();
+        let now = self.core.clock.now();
         let names: Vec<String> = reg.targets.iter().map(|t| t.name.clone()).collect();
         let requested = reg.targets.clone();
         tx.send(Ok(CoordinatorMessage {
@@ -376,14 +376,14 @@ impl AgentSvc {
         .await
         .map_err(|e| e.to_string())?;
 
-        let finished = chrono::Utc::now();
+        let finished = self.core.clock.now();
         let created = chrono::DateTime::parse_from_rfc3339(&row.created_at)
             .map(|d| d.with_timezone(&chrono::Utc))
             .unwrap_or(finished);
         let tags = crate::retention::cleanup::tags_for_new(&self.core, &row).await;
         let done = BackupRow {
             status: status::COMPLETED.into(),
-            finished_at: Some(finished.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)),
+            finished_at: Some(finished.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
             duration_ms: (finished - created).num_milliseconds().max(0) as u64,
             raw_bytes: trailer.raw_bytes,
             stored_bytes: info.size,

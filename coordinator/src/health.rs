@@ -147,8 +147,12 @@ pub async fn report(core: &Core) -> Result<Report, String> {
         if last_ok.is_none() {
             // A scheduled target whose first slot has passed without a
             // success is not healthy, whatever else is configured.
-            let first_seen = record.as_ref().and_then(|r| parse(&r.first_seen));
-            let first_due = first_seen.and_then(|f| core.scheduler.first_slot_after(&name, f));
+            // A target only the config file names counts from this start.
+            let first_seen = record
+                .as_ref()
+                .and_then(|r| parse(&r.first_seen))
+                .unwrap_or(core.alerter.started());
+            let first_due = core.scheduler.first_slot_after(&name, first_seen);
             if first_due.is_some_and(|d| d <= now) {
                 level = level.max(Level::Degraded);
             }

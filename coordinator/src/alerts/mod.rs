@@ -64,6 +64,11 @@ impl Alerter {
             started,
         }
     }
+
+    /// When this coordinator started.
+    pub fn started(&self) -> DateTime<Utc> {
+        self.started
+    }
 }
 
 fn parse(t: &str) -> Option<DateTime<Utc>> {

@@ -103,8 +103,11 @@ impl Scheduler {
             return Err(StartError::NoAgent(target.to_string()));
         }
         let (tx, rx) = mpsc::channel(32);
+        // The waiter is in place before the loop can see the request: lock
+        // order waiters -> planner (nothing locks them the other way round).
+        let mut waiters = lock!(self.waiters);
         let ticket = lock!(self.planner).enqueue_manual(target, core.clock.now());
-        lock!(self.waiters).insert(
+        waiters.insert(
             ticket,
             Waiter {
                 target: target.to_string(),
@@ -113,6 +116,7 @@ impl Scheduler {
                 told_ahead: None,
             },
         );
+        drop(waiters);
         self.wake.notify_one();
         Ok(rx)
     }
@@ -412,29 +416,35 @@ fn finished(core: &Core, f: Finished) {
 fn tell_waiters(core: &Core) {
     let now = core.clock.now();
     let connected = |t: &str| core.fleet.is_connected(t);
+    let places: Vec<(Ticket, usize)> = {
+        let planner = lock!(core.scheduler.planner);
+        planner
+            .waiting_manual()
+            .into_iter()
+            .map(|t| (t, planner.ahead_of(t, now, &connected).unwrap_or(0)))
+            .collect()
+    };
     let mut gone = Vec::new();
     {
-        let planner = lock!(core.scheduler.planner);
         let mut waiters = lock!(core.scheduler.waiters);
-        for ticket in planner.waiting_manual() {
+        for (ticket, ahead) in places {
             let Some(w) = waiters.get_mut(&ticket) else {
                 continue;
             };
             if w.events.is_closed() {
                 gone.push(ticket);
-                continue;
-            }
-            let ahead = planner.ahead_of(ticket, now, &connected).unwrap_or(0);
-            if w.told_ahead != Some(ahead) {
+            } else if w.told_ahead != Some(ahead) {
                 w.told_ahead = Some(ahead);
                 let _ = w.events.try_send(Ok(queued_event(ahead)));
             }
         }
     }
     for ticket in gone {
-        lock!(core.scheduler.planner).withdraw(ticket);
-        if let Some(w) = lock!(core.scheduler.waiters).remove(&ticket) {
-            tracing::info!(target = %w.target, "manual backup withdrawn: dsctl went away before it started");
+        let mut waiters = lock!(core.scheduler.waiters);
+        if lock!(core.scheduler.planner).withdraw(ticket) {
+            if let Some(w) = waiters.remove(&ticket) {
+                tracing::info!(target = %w.target, "manual backup withdrawn: dsctl went away before it started");
+            }
         }
     }
 }

@@ -322,9 +322,12 @@ impl Planner {
             match self.waiting_scheduled(&target) {
                 Some(i) if self.waiting[i].attempt == 1 => {
                     // Never started: that slot is missed. The queued run now
-                    // stands for the new slot and keeps its place.
+                    // stands for the new slot and keeps its place. A run that
+                    // waits for its agent is not a queue miss: the agent
+                    // grace decides what becomes of it.
                     let w = &mut self.waiting[i];
-                    if let JobKind::Scheduled { slot: old } = w.kind {
+                    if let (JobKind::Scheduled { slot: old }, None) = (w.kind, w.unreachable_since)
+                    {
                         out.missed.push(Missed {
                             target: target.clone(),
                             slot: old,
@@ -915,6 +918,20 @@ mod tests {
         );
         assert_eq!(p.waiting_count(), 1);
         assert_eq!(p.running_count(), 0, "nothing took a slot");
+    }
+
+    #[test]
+    fn slots_of_a_target_waiting_for_its_agent_are_not_queue_misses() {
+        let every10 = Schedule::parse("*/10 * * * * *", Tz::UTC).unwrap();
+        let mut p = planner(1);
+        p.set_schedule("a", Some(every10), None, t(1, 0, 0, 1));
+        let none: &dyn Fn(&str) -> bool = &|_| false;
+        let mut missed = 0;
+        for s in (10..=25).step_by(5) {
+            missed += p.poll(t(1, 0, 0, s), none).missed.len();
+        }
+        assert_eq!(missed, 0);
+        assert_eq!(p.waiting_count(), 1, "one run still waits for the agent");
     }
 
     #[test]
