@@ -32,7 +32,7 @@ impl Reporter {
         });
     }
 
-    /// Sends byte counts every two seconds until the handle is aborted.
+    /// Sends byte counts every second until the handle is aborted.
     pub fn start_ticker(
         &self,
         phase: &'static str,
@@ -40,7 +40,7 @@ impl Reporter {
     ) -> tokio::task::JoinHandle<()> {
         let me = self.clone();
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(2));
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.tick().await;
             loop {
                 tick.tick().await;

@@ -5,17 +5,19 @@
 mod certs;
 mod client;
 mod output;
+mod progress;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use datasaver_common::proto::{
     job_event, CleanupRequest, DeleteBackupRequest, GetBackupRequest, HealthRequest, JobDone,
     ListAgentsRequest, ListBackupsRequest, PinRequest, RestoreRequest, StartBackupRequest,
     VerifyRequest,
 };
+use progress::Progress;
 
 #[derive(Parser)]
 #[command(
@@ -25,29 +27,36 @@ use datasaver_common::proto::{
     long_about = "Operate datasaver: list, back up, restore and verify PostgreSQL backups.\n\n\
                   dsctl talks to the coordinator over mutual TLS with an operator certificate \
                   (create one with `dsctl certs init`).\n\
-                  Exit status: 0 success, 1 the operation failed, 2 usage error."
+                  Results go to stdout, progress and errors to stderr: `id=$(dsctl backup app)` \
+                  gets just the new id.\n\
+                  Exit status: 0 success, 1 the operation failed, 2 usage error.",
+    after_help = "Shell completion: `dsctl completion bash > /etc/bash_completion.d/dsctl` (or zsh, fish)."
 )]
 struct Cli {
-    /// Coordinator address.
+    /// Coordinator address (https://HOST:PORT).
     #[arg(
         long,
+        value_name = "URL",
         global = true,
         env = "DATASAVER_COORDINATOR_URL",
         default_value = "https://localhost:50051"
     )]
     coordinator: String,
-    /// Fleet CA certificate (PEM).
-    #[arg(long, global = true, env = "DATASAVER_TLS_CA")]
+    /// Fleet CA certificate (PEM), to check the coordinator's certificate.
+    #[arg(long, global = true, env = "DATASAVER_TLS_CA", value_name = "FILE")]
     tls_ca: Option<PathBuf>,
-    /// Operator certificate (PEM).
-    #[arg(long, global = true, env = "DATASAVER_TLS_CERT")]
+    /// Operator certificate (PEM), issued by the fleet CA (`dsctl certs`).
+    #[arg(long, global = true, env = "DATASAVER_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// Operator private key (PEM).
-    #[arg(long, global = true, env = "DATASAVER_TLS_KEY")]
+    #[arg(long, global = true, env = "DATASAVER_TLS_KEY", value_name = "FILE")]
     tls_key: Option<PathBuf>,
-    /// Machine-readable JSON output.
+    /// Machine-readable JSON output on stdout (a stable interface); no progress lines.
     #[arg(long, global = true)]
     json: bool,
+    /// No progress on stderr: only the result (stdout) and, on failure, one error line.
+    #[arg(long, short = 'q', global = true)]
+    quiet: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -59,26 +68,33 @@ enum Cmd {
     Certs(CertsCmd),
     /// Show connected agents and their targets.
     Agents,
-    /// List backups: ID TARGET DATE SIZE TYPE STATUS.
+    /// List backups: ID TARGET DATE SIZE TYPE STATUS TAGS PINNED LABEL.
     List {
         /// Only this target.
-        #[arg(long)]
+        #[arg(long, value_name = "TARGET")]
         target: Option<String>,
     },
     /// Show one backup in full.
-    Get { id: String },
-    /// Back up a target now; waits, shows progress, prints the new id.
+    Get {
+        /// Backup id, e.g. app_20261202_010203.
+        id: String,
+    },
+    /// Back up a target now; waits, shows progress on stderr, prints the new id on stdout.
     Backup {
+        /// The target to back up (see `dsctl agents` or `dsctl health`).
         target: String,
-        /// A note kept with the backup.
-        #[arg(long)]
+        /// A note kept with the backup (shown by `list` and `get`).
+        #[arg(long, value_name = "TEXT")]
         label: Option<String>,
     },
     /// Restore a backup into a new database (default <dbname>_restored_<time>).
     Restore(RestoreArgs),
     /// Re-read a backup from storage, check its BLAKE3 checksum and its archive's table of contents.
-    Verify { id: String },
-    /// Catalog maintenance.
+    Verify {
+        /// Backup id.
+        id: String,
+    },
+    /// Catalog maintenance: rebuild the catalog from the meta files in storage.
     #[command(subcommand)]
     Catalog(CatalogCmd),
     /// Apply retention now: delete what the GFS policy no longer keeps.
@@ -94,11 +110,18 @@ enum Cmd {
         dry_run: bool,
     },
     /// Pin a backup: retention never deletes it.
-    Pin { id: String },
+    Pin {
+        /// Backup id.
+        id: String,
+    },
     /// Unpin a backup: retention applies to it again.
-    Unpin { id: String },
+    Unpin {
+        /// Backup id.
+        id: String,
+    },
     /// Delete one backup (object, meta file and catalog row).
     Delete {
+        /// Backup id.
         id: String,
         /// Do not ask for confirmation.
         #[arg(long, short = 'y')]
@@ -107,7 +130,12 @@ enum Cmd {
         #[arg(long)]
         force: bool,
     },
-    /// Per target: schedule, last and next backup, number of backups, storage used.
+    /// Per target: status, last and next backup, number of backups, storage used; then the fleet.
+    ///
+    /// STATUS is healthy, degraded or unhealthy; NOTE says why when it is not
+    /// healthy (or that there is no backup yet). The last line sums up the
+    /// fleet: targets by status, backups, bytes stored, agents connected and
+    /// the backup queue. Times are UTC.
     Health,
     /// Print a new age identity (AGE-SECRET-KEY-1…) and its recipient (age1…) for backup encryption.
     ///
@@ -116,8 +144,19 @@ enum Cmd {
     /// Without it, encrypted backups cannot be restored by anyone.
     Keygen {
         /// Write the identity to this file (created 0600, never overwritten) instead of stdout.
-        #[arg(long)]
+        #[arg(long, value_name = "FILE")]
         out: Option<PathBuf>,
+    },
+    /// Print a shell completion script for dsctl on stdout.
+    ///
+    /// bash: dsctl completion bash > /etc/bash_completion.d/dsctl
+    ///
+    /// zsh:  dsctl completion zsh > "${fpath[1]}/_dsctl"
+    ///
+    /// fish: dsctl completion fish > ~/.config/fish/completions/dsctl.fish
+    Completion {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
     },
 }
 
@@ -132,10 +171,10 @@ struct RestoreArgs {
     #[arg(long, requires = "target", conflicts_with = "at")]
     latest: bool,
     /// With --target: the newest completed backup at or before this time (RFC 3339 or YYYY-MM-DD).
-    #[arg(long, requires = "target")]
+    #[arg(long, requires = "target", value_name = "TIME")]
     at: Option<String>,
     /// Database to restore into (created if missing).
-    #[arg(long)]
+    #[arg(long, value_name = "NAME")]
     target_db: Option<String>,
     /// Replace an existing non-empty database (its connections are terminated).
     #[arg(long)]
@@ -158,13 +197,14 @@ enum CatalogCmd {
 enum CertsCmd {
     /// Create a fleet CA plus coordinator and operator certificates in DIR.
     Init {
-        #[arg(long)]
+        /// Directory to write ca.crt, ca.key, coordinator.crt/.key and operator.crt/.key to.
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Coordinator host names / IPs (default: localhost, 127.0.0.1).
-        #[arg(long)]
+        #[arg(long, value_name = "NAME")]
         san: Vec<String>,
         /// Name in the operator certificate.
-        #[arg(long, default_value = "admin")]
+        #[arg(long, default_value = "admin", value_name = "NAME")]
         operator: String,
         /// Validity of the issued certificates, in days.
         #[arg(long, default_value_t = 825)]
@@ -175,22 +215,27 @@ enum CertsCmd {
     },
     /// Issue an agent or operator certificate from the CA in --ca DIR.
     Issue {
-        #[arg(long)]
+        /// Directory holding the fleet's ca.crt and ca.key.
+        #[arg(long, value_name = "DIR")]
         ca: PathBuf,
         /// Agent name (the identity its targets are bound to).
         #[arg(
             long,
+            value_name = "NAME",
             conflicts_with = "operator",
             required_unless_present = "operator"
         )]
         agent: Option<String>,
-        /// Operator name.
-        #[arg(long)]
+        /// Operator name (a person or a script that runs dsctl).
+        #[arg(long, value_name = "NAME")]
         operator: Option<String>,
-        #[arg(long)]
+        /// Directory to write NAME.crt, NAME.key and ca.crt to.
+        #[arg(long, value_name = "DIR")]
         out: PathBuf,
+        /// Validity of the certificate, in days.
         #[arg(long, default_value_t = 825)]
         days: i64,
+        /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
@@ -244,6 +289,11 @@ async fn run(cli: Cli) -> Result<()> {
             }
         };
     }
+    if let Cmd::Completion { shell } = cli.cmd {
+        let mut cmd = Cli::command();
+        clap_complete::generate(shell, &mut cmd, "dsctl", &mut std::io::stdout());
+        return Ok(());
+    }
     if let Cmd::Keygen { out } = &cli.cmd {
         let (secret, public) = datasaver_common::crypt::generate();
         let created = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
@@ -284,101 +334,77 @@ async fn run(cli: Cli) -> Result<()> {
         }
         return Ok(());
     }
-    let mut c = client::connect(
+    let (mut c, why) = client::connect(
         &cli.coordinator,
         cli.tls_ca.clone(),
         cli.tls_cert.clone(),
         cli.tls_key.clone(),
     )
     .await?;
-    let url = cli.coordinator.clone();
-    let fail = |s: tonic::Status| client::status_error(&url, s);
+    let mode = progress::Mode::choose(cli.quiet, cli.json);
     match cli.cmd {
-        Cmd::Certs(_) | Cmd::Keygen { .. } => Ok(()),
+        Cmd::Certs(_) | Cmd::Keygen { .. } | Cmd::Completion { .. } => Ok(()),
         Cmd::Catalog(CatalogCmd::Rebuild) => {
-            let r = c
-                .rebuild_catalog(datasaver_common::proto::RebuildCatalogRequest {})
-                .await
-                .map_err(fail)?
-                .into_inner();
-            if cli.json {
-                let v = serde_json::json!({
-                    "imported": r.imported,
-                    "already_known": r.already_known,
-                    "problems": r.problems,
-                });
-                println!("{}", serde_json::to_string_pretty(&v)?);
-            } else {
-                println!(
-                    "imported {} backup(s), {} already in the catalog, {} problem(s)",
-                    r.imported.len(),
-                    r.already_known,
-                    r.problems.len()
-                );
-                for id in &r.imported {
-                    println!("imported  {id}");
-                }
-                for p in &r.problems {
-                    println!("problem   {p}");
-                }
-            }
+            let r = why
+                .answer(
+                    c.rebuild_catalog(datasaver_common::proto::RebuildCatalogRequest {})
+                        .await,
+                )
+                .await?;
+            output::rebuild(&r.imported, r.already_known, &r.problems, cli.json);
             Ok(())
         }
         Cmd::Agents => {
-            let agents = c
-                .list_agents(ListAgentsRequest {})
-                .await
-                .map_err(fail)?
-                .into_inner()
+            let agents = why
+                .answer(c.list_agents(ListAgentsRequest {}).await)
+                .await?
                 .agents;
             output::agents(&agents, cli.json);
             Ok(())
         }
         Cmd::List { target } => {
-            let backups = c
-                .list_backups(ListBackupsRequest {
-                    target: target.unwrap_or_default(),
-                })
-                .await
-                .map_err(fail)?
-                .into_inner()
+            let backups = why
+                .answer(
+                    c.list_backups(ListBackupsRequest {
+                        target: target.unwrap_or_default(),
+                    })
+                    .await,
+                )
+                .await?
                 .backups;
             output::backups(&backups, cli.json);
             Ok(())
         }
         Cmd::Get { id } => {
-            let b = c
-                .get_backup(GetBackupRequest { id })
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let b = why
+                .answer(c.get_backup(GetBackupRequest { id }).await)
+                .await?;
             output::backup_detail(&b, cli.json);
             Ok(())
         }
         Cmd::Backup { target, label } => {
-            let stream = c
-                .start_backup(StartBackupRequest { target, label })
-                .await
-                .map_err(fail)?
-                .into_inner();
-            let done = follow(stream, &cli.coordinator).await?;
-            let b = done
-                .backup
-                .context("coordinator reported success without the backup")?;
+            let stream = why
+                .answer(c.start_backup(StartBackupRequest { target, label }).await)
+                .await?;
+            let mut p = Progress::new(mode, progress::Counter::Raw);
+            let done = follow(stream, &why, &mut p).await?;
+            let Some(b) = done.backup else {
+                p.failed();
+                bail!("the coordinator reported success without the backup: see `dsctl list`");
+            };
+            p.done(Some(format!(
+                "backup {} completed: {} stored ({} from pg_dump) in {:.1} s",
+                b.id,
+                output::human_bytes(b.stored_bytes),
+                output::human_bytes(b.raw_bytes),
+                b.duration_ms as f64 / 1000.0
+            )));
             if cli.json {
                 println!(
                     "{}",
                     serde_json::to_string_pretty(&output::backup_json(&b))?
                 );
             } else {
-                if std::io::IsTerminal::is_terminal(&std::io::stderr()) {
-                    eprintln!(
-                        "backup {} completed: {} stored ({} from pg_dump)",
-                        b.id,
-                        output::human_bytes(b.stored_bytes),
-                        output::human_bytes(b.raw_bytes)
-                    );
-                }
                 println!("{}", b.id);
             }
             Ok(())
@@ -390,32 +416,36 @@ async fn run(cli: Cli) -> Result<()> {
             if a.target.is_some() && !a.latest && a.at.is_none() {
                 bail!("--target needs --latest or --at TIME");
             }
-            let stream = c
-                .restore(RestoreRequest {
-                    id: a.id.unwrap_or_default(),
-                    target: a.target.unwrap_or_default(),
-                    latest: a.latest,
-                    at: a.at.unwrap_or_default(),
-                    target_db: a.target_db.unwrap_or_default(),
-                    force: a.force,
-                    dry_run: a.dry_run,
-                })
-                .await
-                .map_err(fail)?
-                .into_inner();
-            let done = follow(stream, &cli.coordinator).await?;
+            let stream = why
+                .answer(
+                    c.restore(RestoreRequest {
+                        id: a.id.unwrap_or_default(),
+                        target: a.target.unwrap_or_default(),
+                        latest: a.latest,
+                        at: a.at.unwrap_or_default(),
+                        target_db: a.target_db.unwrap_or_default(),
+                        force: a.force,
+                        dry_run: a.dry_run,
+                    })
+                    .await,
+                )
+                .await?;
+            let mut p = Progress::new(mode, progress::Counter::Stored);
+            let done = follow(stream, &why, &mut p).await?;
+            p.done(None);
             output::job_done(&done, cli.json, true);
             Ok(())
         }
         Cmd::Cleanup { target, dry_run } => {
-            let r = c
-                .cleanup(CleanupRequest {
-                    target: target.unwrap_or_default(),
-                    dry_run,
-                })
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let r = why
+                .answer(
+                    c.cleanup(CleanupRequest {
+                        target: target.unwrap_or_default(),
+                        dry_run,
+                    })
+                    .await,
+                )
+                .await?;
             output::cleanup(&r, cli.json);
             if !r.errors.is_empty() {
                 bail!(
@@ -432,11 +462,7 @@ async fn run(cli: Cli) -> Result<()> {
                 Cmd::Unpin { id } => (id, false),
                 _ => unreachable!("matched Pin or Unpin above"),
             };
-            let b = c
-                .pin(PinRequest { id, pinned })
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let b = why.answer(c.pin(PinRequest { id, pinned }).await).await?;
             if cli.json {
                 println!(
                     "{}",
@@ -448,11 +474,9 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Delete { id, yes, force } => {
-            let b = c
-                .get_backup(GetBackupRequest { id: id.clone() })
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let b = why
+                .answer(c.get_backup(GetBackupRequest { id: id.clone() }).await)
+                .await?;
             if !yes {
                 confirm(&format!(
                     "delete backup {} of {} ({}, {}, {})?",
@@ -463,11 +487,9 @@ async fn run(cli: Cli) -> Result<()> {
                     b.status
                 ))?;
             }
-            let r = c
-                .delete_backup(DeleteBackupRequest { id, force })
-                .await
-                .map_err(fail)?
-                .into_inner();
+            let r = why
+                .answer(c.delete_backup(DeleteBackupRequest { id, force }).await)
+                .await?;
             if cli.json {
                 println!("{}", serde_json::json!({ "deleted": r.id }));
             } else {
@@ -476,17 +498,15 @@ async fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Health => {
-            let h = c.health(HealthRequest {}).await.map_err(fail)?.into_inner();
+            let h = why.answer(c.health(HealthRequest {}).await).await?;
             output::health(&h, cli.json);
             Ok(())
         }
         Cmd::Verify { id } => {
-            let stream = c
-                .verify(VerifyRequest { id })
-                .await
-                .map_err(fail)?
-                .into_inner();
-            let done = follow(stream, &cli.coordinator).await?;
+            let stream = why.answer(c.verify(VerifyRequest { id }).await).await?;
+            let mut p = Progress::new(mode, progress::Counter::Stored);
+            let done = follow(stream, &why, &mut p).await?;
+            p.done(None);
             output::job_done(&done, cli.json, false);
             Ok(())
         }
@@ -515,22 +535,30 @@ fn confirm(question: &str) -> Result<()> {
 /// Shows progress of a job until it ends; a failed job is an error.
 async fn follow(
     mut stream: tonic::Streaming<datasaver_common::proto::JobEvent>,
-    url: &str,
+    why: &client::Explainer,
+    p: &mut Progress,
 ) -> Result<JobDone> {
-    let mut p = output::Progress::new();
     loop {
-        let ev = stream
-            .message()
-            .await
-            .map_err(|s| client::status_error(url, s))?
-            .context("the coordinator ended the job stream without a result")?;
+        let ev = match stream.message().await {
+            Ok(Some(ev)) => ev,
+            // The coordinator had answered, so TLS was fine: the connection
+            // itself went away (a killed or restarting coordinator).
+            Err(s) => {
+                p.failed();
+                return Err(why.stream_error(s));
+            }
+            Ok(None) => {
+                p.failed();
+                return Err(why.stream_ended());
+            }
+        };
         match ev.event {
             Some(job_event::Event::Progress(pr)) => p.update(&pr),
             Some(job_event::Event::Done(d)) => {
-                p.finish();
                 if d.ok {
                     return Ok(d);
                 }
+                p.failed();
                 bail!("{}", d.error);
             }
             None => {}

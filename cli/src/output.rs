@@ -3,7 +3,7 @@
 //! spaces, one header row, no colours, no box drawing.
 
 use datasaver_common::proto::{
-    AgentInfo, Backup, CleanupResponse, HealthResponse, JobDone, TargetHealth,
+    AgentInfo, Backup, CleanupItem, CleanupResponse, HealthResponse, JobDone, TargetHealth,
 };
 use serde_json::{json, Value};
 
@@ -38,41 +38,47 @@ fn opt(s: &Option<String>) -> Value {
         .unwrap_or(Value::Null)
 }
 
-/// One table column: its header and how a row's cell is made. Header and
-/// cells come from the same list, so a row can never have more or fewer
-/// cells than the header.
-pub struct Col<'a, T> {
-    header: &'static str,
-    cell: Box<dyn Fn(&T) -> String + 'a>,
+/// The columns of a table: each one's header and how a row's cell is made.
+/// Header and cells come from the same list, so a row can never have more or
+/// fewer cells than the header.
+pub struct Columns<'a, T> {
+    cols: Vec<(&'static str, Cell<'a, T>)>,
 }
 
-pub fn col<'a, T>(header: &'static str, cell: impl Fn(&T) -> String + 'a) -> Col<'a, T> {
-    Col {
-        header,
-        cell: Box::new(cell),
-    }
-}
+/// Makes one cell of a column from a row's item.
+type Cell<'a, T> = Box<dyn Fn(&T) -> String + 'a>;
 
-/// Renders `items` as a plain table (no trailing newline, no trailing spaces).
-/// An empty header list makes a table without a header row.
-pub fn table<T>(items: &[T], cols: &[Col<'_, T>], with_header: bool) -> String {
-    let mut t = comfy_table::Table::new();
-    // Spaces only: no borders, no lines between header and rows.
-    t.load_preset(comfy_table::presets::NOTHING);
-    if with_header {
-        t.set_header(cols.iter().map(|c| c.header).collect::<Vec<_>>());
+impl<'a, T> Columns<'a, T> {
+    pub fn new() -> Self {
+        Self { cols: Vec::new() }
     }
-    for item in items {
-        t.add_row(cols.iter().map(|c| (c.cell)(item)).collect::<Vec<_>>());
-    }
-    for c in t.column_iter_mut() {
-        c.set_padding((0, 2));
-    }
-    t.trim_fmt()
-}
 
-fn print_table<T>(items: &[T], cols: &[Col<'_, T>]) {
-    println!("{}", table(items, cols, true));
+    pub fn col(mut self, header: &'static str, cell: impl Fn(&T) -> String + 'a) -> Self {
+        self.cols.push((header, Box::new(cell)));
+        self
+    }
+
+    /// Renders `items` as a plain table: columns separated by two spaces, no
+    /// trailing spaces, no trailing newline.
+    pub fn render(&self, items: &[T], with_header: bool) -> String {
+        let mut t = comfy_table::Table::new();
+        // Spaces only: no borders, no line under the header.
+        t.load_preset(comfy_table::presets::NOTHING);
+        if with_header {
+            t.set_header(self.cols.iter().map(|c| c.0).collect::<Vec<_>>());
+        }
+        for item in items {
+            t.add_row(self.cols.iter().map(|c| (c.1)(item)).collect::<Vec<_>>());
+        }
+        for c in t.column_iter_mut() {
+            c.set_padding((0, 2));
+        }
+        t.trim_fmt()
+    }
+
+    fn print(&self, items: &[T]) {
+        println!("{}", self.render(items, true));
+    }
 }
 
 pub fn backup_json(b: &Backup) -> Value {
@@ -149,19 +155,13 @@ fn cleanup_text(r: &CleanupResponse) -> String {
             out.push("  no backups".into());
             continue;
         }
-        let rows = table(
-            &t.items,
-            &[
-                col("ACTION", |i: &datasaver_common::proto::CleanupItem| {
-                    if i.keep { "keep" } else { verb }.to_string()
-                }),
-                col("ID", |i| i.id.clone()),
-                col("CREATED", |i| short_time(&i.created_at)),
-                col("STATUS", |i| i.status.clone()),
-                col("WHY", |i| i.reasons.join("; ")),
-            ],
-            true,
-        );
+        let rows = Columns::<CleanupItem>::new()
+            .col("ACTION", |i| if i.keep { "keep" } else { verb }.to_string())
+            .col("ID", |i| i.id.clone())
+            .col("CREATED", |i| short_time(&i.created_at))
+            .col("STATUS", |i| i.status.clone())
+            .col("WHY", |i| i.reasons.join("; "))
+            .render(&t.items, true);
         out.extend(rows.lines().map(|l| format!("  {l}")));
     }
     let gone = r
@@ -235,38 +235,37 @@ pub fn health(h: &HealthResponse, as_json: bool) {
 }
 
 fn health_text(h: &HealthResponse) -> String {
-    let mut cols: Vec<Col<'_, TargetHealth>> = vec![
-        col("TARGET", |t: &TargetHealth| t.target.clone()),
-        col("STATUS", |t| t.status.clone()),
-        col("LAST BACKUP", |t| {
+    let mut cols = Columns::<TargetHealth>::new()
+        .col("TARGET", |t| t.target.clone())
+        .col("STATUS", |t| t.status.clone())
+        .col("LAST BACKUP", |t| {
             t.last_backup_at
                 .as_deref()
                 .map(short_time)
                 .unwrap_or_else(|| "no backup yet".into())
-        }),
-        col("RESULT", |t| {
+        })
+        .col("RESULT", |t| {
             t.last_backup_status.clone().unwrap_or_else(|| "-".into())
-        }),
-        col("NEXT BACKUP", |t| {
+        })
+        .col("NEXT BACKUP", |t| {
             t.next_backup_at
                 .as_deref()
                 .map(short_time)
                 .unwrap_or_else(|| "not scheduled".into())
-        }),
-        col("BACKUPS", |t| t.backups.to_string()),
-        col("STORED", |t| human_bytes(t.stored_bytes)),
-        col("AGENT", |t| {
+        })
+        .col("BACKUPS", |t| t.backups.to_string())
+        .col("STORED", |t| human_bytes(t.stored_bytes))
+        .col("AGENT", |t| {
             if t.agent_connected { "yes" } else { "no" }.to_string()
-        }),
-    ];
+        });
     if h.targets.iter().any(|t| !t.status_reason.is_empty()) {
-        cols.push(col("NOTE", |t| t.status_reason.clone()));
+        cols = cols.col("NOTE", |t| t.status_reason.clone());
     }
     let mut out = Vec::new();
     if h.targets.is_empty() {
         out.push("no targets yet".to_string());
     } else {
-        out.push(table(&h.targets, &cols, true));
+        out.push(cols.render(&h.targets, true));
     }
     out.push(health_summary(h));
     out.join("\n")
@@ -351,20 +350,17 @@ pub fn backups(list: &[Backup], as_json: bool) {
         println!("no backups");
         return;
     }
-    print_table(
-        list,
-        &[
-            col("ID", |b: &Backup| b.id.clone()),
-            col("TARGET", |b| b.target.clone()),
-            col("DATE", |b| short_time(&b.created_at)),
-            col("SIZE", |b| human_bytes(b.stored_bytes)),
-            col("TYPE", |b| b.kind.clone()),
-            col("STATUS", |b| b.status.clone()),
-            col("TAGS", |b| b.tags.join(",")),
-            col("PINNED", |b| if b.pinned { "yes" } else { "" }.to_string()),
-            col("LABEL", |b| b.label.clone().unwrap_or_default()),
-        ],
-    );
+    Columns::<Backup>::new()
+        .col("ID", |b| b.id.clone())
+        .col("TARGET", |b| b.target.clone())
+        .col("DATE", |b| short_time(&b.created_at))
+        .col("SIZE", |b| human_bytes(b.stored_bytes))
+        .col("TYPE", |b| b.kind.clone())
+        .col("STATUS", |b| b.status.clone())
+        .col("TAGS", |b| b.tags.join(","))
+        .col("PINNED", |b| if b.pinned { "yes" } else { "" }.to_string())
+        .col("LABEL", |b| b.label.clone().unwrap_or_default())
+        .print(list);
 }
 
 pub fn backup_detail(b: &Backup, as_json: bool) {
@@ -426,17 +422,10 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
             format!("{v}: {}", b.verify_result.clone().unwrap_or_default()),
         ));
     }
-    println!(
-        "{}",
-        table(
-            &rows,
-            &[
-                col("", |r: &(&str, String)| r.0.to_string()),
-                col("", |r| r.1.clone())
-            ],
-            false,
-        )
-    );
+    let kv = Columns::<(&str, String)>::new()
+        .col("", |r| r.0.to_string())
+        .col("", |r| r.1.clone());
+    println!("{}", kv.render(&rows, false));
 }
 
 pub fn agents(list: &[AgentInfo], as_json: bool) {
@@ -461,17 +450,14 @@ pub fn agents(list: &[AgentInfo], as_json: bool) {
         println!("no agents connected");
         return;
     }
-    print_table(
-        list,
-        &[
-            col("AGENT", |a: &AgentInfo| a.name.clone()),
-            col("TARGETS", |a| a.targets.join(",")),
-            col("VERSION", |a| a.version.clone()),
-            col("CONNECTED SINCE", |a| short_time(&a.connected_since)),
-            col("LAST SEEN", |a| short_time(&a.last_seen)),
-            col("ADDRESS", |a| a.peer_addr.clone()),
-        ],
-    );
+    Columns::<AgentInfo>::new()
+        .col("AGENT", |a| a.name.clone())
+        .col("TARGETS", |a| a.targets.join(","))
+        .col("VERSION", |a| a.version.clone())
+        .col("CONNECTED SINCE", |a| short_time(&a.connected_since))
+        .col("LAST SEEN", |a| short_time(&a.last_seen))
+        .col("ADDRESS", |a| a.peer_addr.clone())
+        .print(list);
 }
 
 /// Catalog rebuild: what was imported and what was not.
@@ -598,14 +584,10 @@ mod tests {
     #[test]
     fn tables_align_columns_with_spaces_only() {
         let rows = vec![("a", "1"), ("long-name", "22")];
-        let t = table(
-            &rows,
-            &[
-                col("NAME", |r: &(&str, &str)| r.0.to_string()),
-                col("N", |r| r.1.to_string()),
-            ],
-            true,
-        );
+        let t = Columns::<(&str, &str)>::new()
+            .col("NAME", |r| r.0.to_string())
+            .col("N", |r| r.1.to_string())
+            .render(&rows, true);
         assert_eq!(t, "NAME       N\na          1\nlong-name  22");
     }
 }

@@ -29,6 +29,7 @@ pub mod otlp;
 pub mod pg;
 pub mod procs;
 pub mod s3;
+pub mod text;
 pub mod webhook;
 
 pub use fidelity::{

@@ -8,10 +8,13 @@
 //! `datasaver_tests::bin_dir`.
 
 mod e2e {
+    mod agent_stop;
+    mod cli_text;
     mod codecs;
     mod faults;
     mod harness_selftest;
     mod monitoring;
+    mod queue;
     mod rebuild;
     mod retention;
     mod roundtrip;

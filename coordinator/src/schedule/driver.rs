@@ -203,15 +203,23 @@ pub async fn run(core: Arc<Core>) {
     loop {
         let now = core.clock.now();
         let connected = |t: &str| core.fleet.is_connected(t);
-        let (poll, accounted, next) = {
+        let (poll, accounted, next, places) = {
             let mut p = lock!(core.scheduler.planner);
             let poll = p.poll(now, &connected);
+            // Places of the manual requests this poll could not start (one
+            // that arrives after it is told on the next turn, when it may
+            // simply start).
+            let places: Vec<(Ticket, usize)> = p
+                .waiting_manual()
+                .into_iter()
+                .map(|t| (t, p.ahead_of(t, now, &connected).unwrap_or(0)))
+                .collect();
             let accounted: Vec<(String, DateTime<Utc>)> = p
                 .targets()
                 .into_iter()
                 .filter_map(|t| p.accounted(&t).map(|a| (t, a)))
                 .collect();
-            (poll, accounted, p.next_wakeup())
+            (poll, accounted, p.next_wakeup(), places)
         };
         for (t, a) in accounted {
             if persisted.get(&t) != Some(&a) {
@@ -228,7 +236,7 @@ pub async fn run(core: Arc<Core>) {
         for s in poll.starts {
             admitted(&core, s, done_tx.clone());
         }
-        tell_waiters(&core);
+        tell_waiters(&core, places);
         let wait = next
             .map(|n| (n - core.clock.now()).to_std().unwrap_or(Duration::ZERO))
             .unwrap_or(Duration::from_secs(60))
@@ -413,17 +421,7 @@ fn finished(core: &Core, f: Finished) {
 
 /// Sends each waiting `dsctl backup` its place when it changed; a requester
 /// that went away before its backup started is taken out of the queue.
-fn tell_waiters(core: &Core) {
-    let now = core.clock.now();
-    let connected = |t: &str| core.fleet.is_connected(t);
-    let places: Vec<(Ticket, usize)> = {
-        let planner = lock!(core.scheduler.planner);
-        planner
-            .waiting_manual()
-            .into_iter()
-            .map(|t| (t, planner.ahead_of(t, now, &connected).unwrap_or(0)))
-            .collect()
-    };
+fn tell_waiters(core: &Core, places: Vec<(Ticket, usize)>) {
     let mut gone = Vec::new();
     {
         let mut waiters = lock!(core.scheduler.waiters);

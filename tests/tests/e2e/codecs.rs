@@ -130,7 +130,7 @@ fn encrypted_backups_need_the_identity() {
         .env("DATASAVER_ENCRYPTION_IDENTITY_FILE", &wrong_file);
     fleet.add_agent_spec("vault", wrong);
     let out = fleet
-        .dsctl(&["restore", &b.id, "--target-db", "shop_wrong"])
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop_wrong"])
         .expect_code(1, "restore with the wrong identity");
     assert!(
         out.stderr.contains(&fp),
@@ -147,7 +147,7 @@ fn encrypted_backups_need_the_identity() {
     fleet.add_agent_spec("vault", none);
     let out = fleet
         .dsctl_with(
-            &["restore", &b.id, "--target-db", "shop_none"],
+            &["--quiet", "restore", &b.id, "--target-db", "shop_none"],
             &[],
             Duration::from_secs(120),
         )

@@ -50,7 +50,7 @@ fn backup_in_flight(
     fleet.add_agent("big", &pg, "big");
     let storage = fleet.storage_dir();
     let mut cmd = fleet.dsctl_command();
-    cmd.args(["backup", "big"]);
+    cmd.args(["--quiet", "backup", "big"]);
     let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
     let started = wait_until(Duration::from_secs(120), || {
         files_under(&storage).iter().any(|f| {
@@ -218,13 +218,13 @@ fn corrupted_object_is_caught_before_any_restore() {
     std::fs::write(&object, &bytes).expect("flip one byte");
 
     let out = fleet
-        .dsctl(&["verify", &b.id])
+        .dsctl(&["--quiet", "verify", &b.id])
         .expect_code(1, "verify of a corrupted object");
     let line = one_line(&out.stderr);
     assert!(line.contains(&b.id) && line.contains("checksum"), "{line}");
 
     let out = fleet
-        .dsctl(&["restore", &b.id, "--target-db", "app_restored"])
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "app_restored"])
         .expect_code(1, "restore of a corrupted object");
     let line = one_line(&out.stderr);
     assert!(
@@ -265,7 +265,7 @@ fn database_down_or_wrong_password_fails_clearly() {
     fleet.add_agent("app", &pg, "app");
 
     let out = fleet
-        .dsctl(&["backup", "badpw"])
+        .dsctl(&["--quiet", "backup", "badpw"])
         .expect_code(1, "backup with a wrong password");
     let line = one_line(&out.stderr);
     assert!(line.contains("password authentication failed"), "{line}");
@@ -290,7 +290,7 @@ fn database_down_or_wrong_password_fails_clearly() {
 
     pg.stop();
     let out = fleet
-        .dsctl(&["backup", "app"])
+        .dsctl(&["--quiet", "backup", "app"])
         .expect_code(1, "backup with the database down");
     let line = one_line(&out.stderr);
     assert!(line.contains("cannot connect to database"), "{line}");
@@ -392,7 +392,7 @@ fn restore_of_unknown_id_touches_nothing() {
     let before = pg.databases();
     for id in ["app_20200101_000000", "../../etc/passwd"] {
         let out = fleet
-            .dsctl(&["restore", id, "--target-db", "app_x"])
+            .dsctl(&["--quiet", "restore", id, "--target-db", "app_x"])
             .expect_code(1, "restore of an unknown id");
         let line = one_line(&out.stderr);
         assert!(
@@ -421,7 +421,7 @@ fn pg_dump_older_than_the_server_never_completes() {
         .env("DATASAVER_PG_BIN_DIR", &old_tools);
     fleet.add_agent_spec("newer", spec);
     let out = fleet
-        .dsctl(&["backup", "newer"])
+        .dsctl(&["--quiet", "backup", "newer"])
         .expect_code(1, "backup with an old pg_dump");
     let line = one_line(&out.stderr);
     let server_major = pg.major().to_string();

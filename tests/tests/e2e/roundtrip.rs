@@ -107,7 +107,7 @@ fn backup_restore_roundtrip_is_faithful() {
         "CREATE TABLE marker (x int); INSERT INTO marker VALUES (7)",
     );
     let refused = fleet
-        .dsctl(&["restore", &b.id, "--target-db", "shop_restored"])
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop_restored"])
         .expect_code(1, "restore over a non-empty database without --force");
     assert!(refused.stderr.contains("--force"), "{}", refused.describe());
     assert_eq!(pg.query_one("shop_restored", "SELECT x FROM marker"), "7");

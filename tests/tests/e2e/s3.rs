@@ -181,7 +181,7 @@ fn s3_server_dying_mid_upload_fails_cleanly_then_recovers() {
     fleet.add_agent_spec("big", spec);
 
     let mut cmd = fleet.dsctl_command();
-    cmd.args(["backup", "big"]);
+    cmd.args(["--quiet", "backup", "big"]);
     let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
     assert!(
         wait_until(Duration::from_secs(120), || !srv
