@@ -6,6 +6,7 @@
 #   step / info / warn / die         uniform output ("==> ..." for steps)
 #   ds_register_cleanup CMD...       run CMD at exit (LIFO), also on error and Ctrl-C
 #   ds_stop_pid PID NAME [SIG] [T]   stop a process this script started, by its PID
+#   ds_stop_children NAME T PID...   stop many of this shell's children at once
 #   ds_free_ports N                  N distinct free loopback TCP ports
 #   ds_pg_*                          a throwaway PostgreSQL cluster (initdb, start, stop)
 #   ds_now / ds_elapsed START        wall-clock timing
@@ -150,6 +151,49 @@ PY
     fi
 }
 
+# ds_is_child PID: true while PID is a live (not zombie) child of this shell.
+# pid_max can be as small as 32768, so a PID is soon reused once its process
+# exited: checking the parent first means never signalling a stranger.
+ds_is_child() {
+    local stat rest state ppid
+    stat=$(cat "/proc/$1/stat" 2>/dev/null) || return 1
+    rest=${stat##*) }
+    read -r state ppid _ <<<"$rest"
+    [[ "$state" != Z && "$ppid" == "$$" ]]
+}
+
+# ds_stop_children NAME TIMEOUT PID...: stop many processes this shell started,
+# all at once: TERM to each PID still a child of this shell (ds_is_child), wait
+# up to TIMEOUT seconds for all of them, KILL the rest, then reap them.
+ds_stop_children() {
+    local name=$1 timeout=$2
+    shift 2
+    local pid live=() left=()
+    for pid in "$@"; do
+        if ds_is_child "$pid" && kill -TERM "$pid" 2>/dev/null; then
+            live+=("$pid")
+        fi
+    done
+    ((${#live[@]} == 0)) || info "stopping ${#live[@]} $name"
+    local deadline=$((SECONDS + timeout))
+    while ((${#live[@]})); do
+        left=()
+        for pid in "${live[@]}"; do
+            if ds_is_child "$pid"; then left+=("$pid"); fi
+        done
+        live=("${left[@]}")
+        ((${#live[@]})) || break
+        if ((SECONDS >= deadline)); then
+            warn "${#live[@]} $name did not stop after ${timeout}s; sending KILL"
+            for pid in "${live[@]}"; do kill -KILL "$pid" 2>/dev/null || true; done
+            break
+        fi
+        sleep 0.1
+    done
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+    return 0
+}
+
 # ---------------------------------------------------------------- timing
 
 ds_now() { date +%s.%N; }
@@ -158,6 +202,8 @@ ds_elapsed() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.3f", e - s
 
 # ds_vm_hwm_kib PID: peak resident set size (VmHWM) in KiB, or empty.
 ds_vm_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || true; }
+# ds_vm_rss_kib PID: current resident set size (VmRSS) in KiB, or empty.
+ds_vm_rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status" 2>/dev/null || true; }
 
 # ---------------------------------------------------------------- binaries
 
