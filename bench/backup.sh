@@ -121,26 +121,7 @@ if ((!baselines_only)); then
 fi
 
 # ------------------------------------------------------------------ work dir
-MARKER=.datasaver-bench
-if [[ -z "$workdir" ]]; then
-    workdir=$(mktemp -d "${TMPDIR:-/tmp}/datasaver-bench.XXXXXX")
-fi
-step "Preparing work dir $workdir"
-if [[ -e "$workdir" ]]; then
-    if [[ -e "$workdir/$MARKER" ]] || [[ -d "$workdir" && -z "$(ls -A "$workdir")" ]]; then
-        rm -rf "$workdir"
-    else
-        die "$workdir exists and was not made by this script; refusing to wipe it"
-    fi
-fi
-mkdir -p "$workdir"
-WORK=$(cd "$workdir" && pwd)
-touch "$WORK/$MARKER"
-if ((keep)); then
-    ds_register_cleanup info "work dir kept: $WORK"
-else
-    ds_register_cleanup rm -rf "$WORK"
-fi
+ds_prepare_workdir "$workdir" .datasaver-bench "$keep"
 
 # ------------------------------------------------------------------ Postgres + data
 step "Starting a throwaway PostgreSQL 15 cluster"

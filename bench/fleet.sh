@@ -139,26 +139,7 @@ ds_find_bins release || die "datasaver binaries missing in $DS_BIN_DIR"
 info "binaries: $DS_BIN_DIR"
 
 # ------------------------------------------------------------------ work dir
-MARKER=.datasaver-fleet-bench
-if [[ -z "$workdir" ]]; then
-    workdir=$(mktemp -d "${TMPDIR:-/tmp}/datasaver-fleet.XXXXXX")
-fi
-step "Preparing work dir $workdir"
-if [[ -e "$workdir" ]]; then
-    if [[ -e "$workdir/$MARKER" ]] || [[ -d "$workdir" && -z "$(ls -A "$workdir")" ]]; then
-        rm -rf "$workdir"
-    else
-        die "$workdir exists and was not made by this script; refusing to wipe it"
-    fi
-fi
-mkdir -p "$workdir"
-WORK=$(cd "$workdir" && pwd)
-touch "$WORK/$MARKER"
-if ((keep)); then
-    ds_register_cleanup info "work dir kept: $WORK"
-else
-    ds_register_cleanup rm -rf "$WORK"
-fi
+ds_prepare_workdir "$workdir" .datasaver-fleet-bench "$keep"
 
 # Processes started here run as direct children of this shell and are stopped
 # through ds_stop_children (which checks that each PID is still our child), not
@@ -300,19 +281,7 @@ start_coordinator() {
         DATASAVER_TLS_KEY="$DS_CERTS/coordinator.key" \
         "$DS_COORDINATOR" </dev/null >"$DS_COORDINATOR_LOG" 2>&1 &
     COORD_PID=$!
-    local deadline=$((SECONDS + 30)) out
-    until out=$(ds_dsctl agents 2>&1); do
-        if ! ds_alive "$COORD_PID"; then
-            ds_tail_log "$DS_COORDINATOR_LOG"
-            die "the coordinator exited during start-up (log: $DS_COORDINATOR_LOG)"
-        fi
-        if ((SECONDS >= deadline)); then
-            printf '%s\n' "$out" | sed 's/^/    /' >&2
-            ds_tail_log "$DS_COORDINATOR_LOG"
-            die "the coordinator does not answer 'dsctl agents' after 30 s"
-        fi
-        sleep 0.2
-    done
+    ds_wait_coordinator "$COORD_PID" "$DS_COORDINATOR_LOG"
 }
 
 # start_agents DIR: one agent per target (environment as ds_start_agent), then

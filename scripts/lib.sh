@@ -8,6 +8,8 @@
 #   ds_stop_pid PID NAME [SIG] [T]   stop a process this script started, by its PID
 #   ds_stop_children NAME T PID...   stop many of this shell's children at once
 #   ds_free_ports N                  N distinct free loopback TCP ports
+#   ds_prepare_workdir DIR MARKER K  a work dir (WORK), wiped only if ours, kept if K=1
+#   ds_wait_coordinator PID LOG      until the coordinator answers dsctl
 #   ds_pg_*                          a throwaway PostgreSQL cluster (initdb, start, stop)
 #   ds_now / ds_elapsed START        wall-clock timing
 
@@ -192,6 +194,33 @@ ds_stop_children() {
     done
     for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
     return 0
+}
+
+# ds_prepare_workdir DIR MARKER KEEP: make DIR (default: a new temp dir) the
+# work dir and set WORK to its absolute path. A DIR that exists is wiped only
+# if an earlier run of the same script made it (MARKER file) or it is empty;
+# anything else is refused. Removed at exit unless KEEP is 1.
+ds_prepare_workdir() {
+    local dir=$1 marker=$2 keep=$3
+    if [[ -z "$dir" ]]; then
+        dir=$(mktemp -d "${TMPDIR:-/tmp}/datasaver-${marker#.datasaver-}.XXXXXX")
+    fi
+    step "Preparing work dir $dir"
+    if [[ -e "$dir" ]]; then
+        if [[ -e "$dir/$marker" ]] || [[ -d "$dir" && -z "$(ls -A "$dir")" ]]; then
+            rm -rf "$dir"
+        else
+            die "$dir exists and was not made by this script; refusing to wipe it"
+        fi
+    fi
+    mkdir -p "$dir"
+    WORK=$(cd "$dir" && pwd)
+    touch "$WORK/$marker"
+    if ((keep)); then
+        ds_register_cleanup info "work dir kept: $WORK"
+    else
+        ds_register_cleanup rm -rf "$WORK"
+    fi
 }
 
 # ---------------------------------------------------------------- timing
@@ -380,11 +409,17 @@ ds_start_coordinator() {
         "$@" "$DS_COORDINATOR" </dev/null >"$log" 2>&1 &
     DS_COORDINATOR_PID=$!
     ds_register_cleanup ds_stop_pid "$DS_COORDINATOR_PID" coordinator TERM 15
-    # Ready when an operator call over mTLS succeeds (a bare TCP probe would
-    # only make the coordinator log a failed TLS handshake).
+    ds_wait_coordinator "$DS_COORDINATOR_PID" "$log"
+}
+
+# ds_wait_coordinator PID LOG: wait until the coordinator answers an operator
+# call over mTLS (a bare TCP probe would only make it log a failed TLS
+# handshake); die with its log if it exits or does not answer within 30 s.
+ds_wait_coordinator() {
+    local pid=$1 log=$2
     local deadline=$((SECONDS + 30)) out
     until out=$(ds_dsctl agents 2>&1); do
-        if ! ds_alive "$DS_COORDINATOR_PID"; then
+        if ! ds_alive "$pid"; then
             ds_tail_log "$log"
             die "the coordinator exited during start-up (log: $log)"
         fi

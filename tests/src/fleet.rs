@@ -526,6 +526,30 @@ impl Fleet {
         self.dsctl(&args).expect_success(&what)
     }
 
+    /// Runs `dsctl ARGS...` (e.g. `backup big`) in a thread and returns once the upload it
+    /// started holds at least `min_bytes` in local storage: a backup in flight, to interrupt.
+    /// Panics if no upload gets there within 120 s.
+    #[track_caller]
+    pub fn dsctl_in_flight(
+        &self,
+        args: &[&str],
+        min_bytes: u64,
+    ) -> std::thread::JoinHandle<Output> {
+        let mut cmd = self.dsctl_command();
+        cmd.args(args);
+        let handle = std::thread::spawn(move || run(cmd, DSCTL_TIMEOUT));
+        let storage = self.storage_dir();
+        let started = wait_until(Duration::from_secs(120), || {
+            upload_in_progress(&storage).is_some_and(|n| n >= min_bytes)
+        });
+        assert!(
+            started,
+            "the upload never started: {:?}",
+            files_under(&storage)
+        );
+        handle
+    }
+
     /// `GET path` on the coordinator's HTTP port.
     pub fn http_get(&self, path: &str) -> std::io::Result<HttpResponse> {
         http_get(self.http_port, path)
@@ -548,6 +572,41 @@ impl Drop for Fleet {
             eprintln!("harness: keeping fleet dir {}", self.dir.path().display());
         }
     }
+}
+
+/// Every file under `dir`, recursively, sorted (paths as strings).
+pub fn files_under(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
+            let p = e.path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                out.push(p.display().to_string());
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+/// How far an upload into local storage under `dir` got: the bytes in its temp files
+/// (`.tmp-`), or `None` while there is none.
+pub fn upload_in_progress(dir: &Path) -> Option<u64> {
+    let tmp: Vec<String> = files_under(dir)
+        .into_iter()
+        .filter(|f| f.contains(".tmp-"))
+        .collect();
+    if tmp.is_empty() {
+        return None;
+    }
+    Some(
+        tmp.iter()
+            .map(|f| std::fs::metadata(f).map(|m| m.len()).unwrap_or(0))
+            .sum(),
+    )
 }
 
 /// Whether a JSON value contains the string `needle` anywhere (as a string value or key).

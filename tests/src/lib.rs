@@ -36,7 +36,9 @@ pub use fidelity::{
     compare_databases, compare_databases_min_rows, dump_restore, load_fidelity, FIDELITY_MIN_ROWS,
     FIDELITY_SQL,
 };
-pub use fleet::{http_get, Agent, Backup, Fleet, FleetOptions, HttpResponse};
+pub use fleet::{
+    files_under, http_get, upload_in_progress, Agent, Backup, Fleet, FleetOptions, HttpResponse,
+};
 pub use pg::{PgCluster, PgOptions};
 pub use procs::{
     bin_dir, bin_path, clean_command, cmdline, run, run_with_input, send_signal, Output, Proc,

@@ -3,24 +3,10 @@
 //! goodbye and closes its streams cleanly within DATASAVER_SHUTDOWN_GRACE, and
 //! the backup is tried again once the agent is back — no failure alert.
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use datasaver_tests::webhook::WebhookReceiver;
-use datasaver_tests::{run, wait_until, Fleet, FleetOptions, PgCluster, Sig};
-
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(files_under(&p));
-        } else {
-            out.push(p.display().to_string());
-        }
-    }
-    out
-}
+use datasaver_tests::{files_under, wait_until, Fleet, FleetOptions, PgCluster, Sig};
 
 /// Sends SIGTERM and returns how long the agent took to exit, and its status.
 fn sigterm(fleet: &mut Fleet, target: &str) -> (Duration, Option<std::process::ExitStatus>) {
@@ -42,15 +28,7 @@ fn sigterm_mid_backup_interrupts_it_and_the_retry_completes_without_an_alert() {
     });
     fleet.add_agent("big", &pg, "big");
     let storage = fleet.storage_dir();
-    let mut cmd = fleet.dsctl_command();
-    cmd.args(["backup", "big"]);
-    let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
-    let uploading = wait_until(Duration::from_secs(120), || {
-        files_under(&storage).iter().any(|f| {
-            f.contains(".tmp-") && std::fs::metadata(f).is_ok_and(|m| m.len() >= 1_000_000)
-        })
-    });
-    assert!(uploading, "the upload never started");
+    let handle = fleet.dsctl_in_flight(&["backup", "big"], 1_000_000);
 
     // docker stop: SIGTERM, then SIGKILL after 10 s. The agent is gone well
     // before, and cleanly.

@@ -11,9 +11,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use datasaver_tests::text::{without_byte_counts, Redactor};
-use datasaver_tests::{
-    bin_path, clean_command, run, wait_until, Fleet, FleetOptions, Output, PgCluster,
-};
+use datasaver_tests::{bin_path, clean_command, run, Fleet, FleetOptions, Output, PgCluster};
 
 /// Compares `text` with the snapshot `name`; the snapshot's header names the command.
 #[track_caller]
@@ -492,14 +490,7 @@ fn cli_text_coordinator_killed_mid_backup_says_the_connection_closed() {
     pg.create_big_db("big");
     let mut fleet = Fleet::start();
     fleet.add_agent("big", &pg, "big");
-    let storage = fleet.storage_dir();
-    let mut cmd = fleet.dsctl_command();
-    cmd.args(["--quiet", "backup", "big"]);
-    let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
-    let started = wait_until(Duration::from_secs(120), || {
-        upload_bytes(&storage) > 1_000_000
-    });
-    assert!(started, "the upload never started");
+    let handle = fleet.dsctl_in_flight(&["--quiet", "backup", "big"], 1_000_000);
     fleet.kill_coordinator();
     let out = handle
         .join()
@@ -516,21 +507,4 @@ fn cli_text_coordinator_killed_mid_backup_says_the_connection_closed() {
     );
     assert!(!line.to_lowercase().contains("certificate"), "{line}");
     assert_eq!(out.stdout, "", "no id for a backup that did not complete");
-}
-
-/// Bytes in the storage's upload temp files (`.tmp-…`).
-fn upload_bytes(dir: &Path) -> u64 {
-    let mut total = 0;
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).into_iter().flatten().flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.to_string_lossy().contains(".tmp-") {
-                total += e.metadata().map(|m| m.len()).unwrap_or(0);
-            }
-        }
-    }
-    total
 }

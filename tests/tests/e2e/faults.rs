@@ -2,31 +2,10 @@
 //! leave nothing half-done behind (no completed row, no stray object, no
 //! touched database).
 
-use std::path::Path;
 use std::time::Duration;
 
 use datasaver_tests::procs::Sig;
-use datasaver_tests::{clean_command, run, wait_until, Fleet, PgCluster, ProcSpec};
-
-/// Every file under `dir` (recursively).
-fn files_under(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        if let Ok(rd) = std::fs::read_dir(&d) {
-            for e in rd.flatten() {
-                let p = e.path();
-                if p.is_dir() {
-                    stack.push(p);
-                } else {
-                    out.push(p.display().to_string());
-                }
-            }
-        }
-    }
-    out.sort();
-    out
-}
+use datasaver_tests::{clean_command, files_under, run, wait_until, Fleet, PgCluster, ProcSpec};
 
 fn one_line(s: &str) -> String {
     let lines: Vec<&str> = s.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -36,7 +15,7 @@ fn one_line(s: &str) -> String {
 
 /// A fleet backing up a ~150 MB database (slow enough to interrupt), with a
 /// `dsctl backup` running in a thread; returns once the upload's temp file
-/// holds more than `min_bytes`.
+/// holds at least `min_bytes`.
 fn backup_in_flight(
     min_bytes: u64,
 ) -> (
@@ -48,23 +27,7 @@ fn backup_in_flight(
     pg.create_big_db("big");
     let mut fleet = Fleet::start();
     fleet.add_agent("big", &pg, "big");
-    let storage = fleet.storage_dir();
-    let mut cmd = fleet.dsctl_command();
-    cmd.args(["--quiet", "backup", "big"]);
-    let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
-    let started = wait_until(Duration::from_secs(120), || {
-        files_under(&storage).iter().any(|f| {
-            f.contains(".tmp-")
-                && std::fs::metadata(f)
-                    .map(|m| m.len() >= min_bytes)
-                    .unwrap_or(false)
-        })
-    });
-    assert!(
-        started,
-        "the upload never started: {:?}",
-        files_under(&fleet.storage_dir())
-    );
+    let handle = fleet.dsctl_in_flight(&["--quiet", "backup", "big"], min_bytes);
     (pg, fleet, handle)
 }
 
