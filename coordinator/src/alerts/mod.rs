@@ -105,7 +105,7 @@ pub fn rules_for(core: &Core, target: &str, now: DateTime<Utc>) -> Rules {
         r.alert_after = core
             .scheduler
             .longest_gap(target, now)
-            .map(|gap| gap * 2 + chrono::Duration::hours(1));
+            .map(rules::default_alert_after);
     }
     r
 }

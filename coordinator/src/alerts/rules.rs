@@ -105,6 +105,13 @@ impl Default for Rules {
     }
 }
 
+/// The dead man's switch of a scheduled target nobody configured one for:
+/// twice the longest gap between its slots plus an hour, so one late or
+/// failed run is not yet an alarm but a schedule that stopped running is.
+pub fn default_alert_after(longest_gap: Duration) -> Duration {
+    longest_gap * 2 + Duration::hours(1)
+}
+
 /// A condition that holds now.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Condition {
@@ -351,6 +358,30 @@ mod tests {
         );
         // a first backup has nothing to compare with
         assert!(conditions(&facts(vec![attempt(1, true, 5)]), &r, at(2)).is_empty());
+    }
+
+    #[test]
+    fn a_schedule_gets_a_dead_mans_switch_of_twice_its_gap_plus_an_hour() {
+        // nightly: overdue after 49 h without a success, not after 48
+        let r = Rules {
+            alert_after: Some(default_alert_after(Duration::days(1))),
+            ..Default::default()
+        };
+        let f = facts(vec![attempt(1, true, 100)]);
+        assert!(conditions(&f, &r, at(1 + 48)).is_empty());
+        assert_eq!(
+            kinds(&conditions(&f, &r, at(1 + 50))),
+            vec![Kind::BackupOverdue]
+        );
+        // never succeeded: counted from when the target was first seen
+        assert_eq!(
+            kinds(&conditions(&facts(vec![]), &r, at(50))),
+            vec![Kind::BackupOverdue]
+        );
+        assert_eq!(
+            default_alert_after(Duration::seconds(5)),
+            Duration::seconds(3610)
+        );
     }
 
     #[test]
