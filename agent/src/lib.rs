@@ -16,8 +16,8 @@ use std::time::{Duration, Instant};
 
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
 use datasaver_common::proto::{
-    agent_message, coordinator_message, AgentMessage, Goodbye, Heartbeat, JobResult, Register,
-    TargetInfo,
+    agent_message, coordinator_message, AgentMessage, Goodbye, Heartbeat, JobErrorKind, JobResult,
+    Register, TargetInfo,
 };
 use datasaver_common::tls::{Role, TlsMaterial};
 use tokio::sync::mpsc;
@@ -120,6 +120,39 @@ async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, Str
         .map_err(|e| datasaver_common::error_chain(&e))
 }
 
+/// Why a job failed: one line for the operator, and the kind where the
+/// coordinator acts on it (a corrupt object names the next good backup).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobError {
+    pub message: String,
+    pub kind: JobErrorKind,
+}
+
+impl JobError {
+    /// The stored bytes do not match their recorded checksum.
+    pub fn checksum_mismatch(message: String) -> Self {
+        Self {
+            message,
+            kind: JobErrorKind::ChecksumMismatch,
+        }
+    }
+}
+
+impl From<String> for JobError {
+    fn from(message: String) -> Self {
+        Self {
+            message,
+            kind: JobErrorKind::Unspecified,
+        }
+    }
+}
+
+impl From<&str> for JobError {
+    fn from(message: &str) -> Self {
+        message.to_string().into()
+    }
+}
+
 /// What a session's jobs share: where they report, how they are stopped, and
 /// the tracker the session waits on before it leaves.
 struct Jobs {
@@ -136,7 +169,7 @@ impl Jobs {
     /// the control stream, whatever the outcome.
     fn spawn<F>(&self, span: tracing::Span, job_id: String, what: &'static str, work: F)
     where
-        F: std::future::Future<Output = Result<JobResult, String>> + Send + 'static,
+        F: std::future::Future<Output = Result<JobResult, JobError>> + Send + 'static,
     {
         let tx = self.tx.clone();
         let stopping = self.stopping.clone();
@@ -152,6 +185,7 @@ impl Jobs {
                     }
                 }
                 Err(e) if stopping.is_cancelled() => {
+                    let e = e.message;
                     tracing::info!(reason = %e, "{what} interrupted: the agent is stopping");
                     JobResult {
                         job_id,
@@ -162,11 +196,12 @@ impl Jobs {
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(error = %e, "{what} failed");
+                    tracing::warn!(error = %e.message, kind = ?e.kind, "{what} failed");
                     JobResult {
                         job_id,
                         ok: false,
-                        error: e,
+                        error: e.message,
+                        error_kind: e.kind as i32,
                         ..Default::default()
                     }
                 }
@@ -275,7 +310,7 @@ async fn session(
                     jobs.stopping.clone(),
                 );
                 jobs.spawn(span, job_id, "backup", async move {
-                    work.await.map(|message| JobResult {
+                    work.await.map_err(JobError::from).map(|message| JobResult {
                         message,
                         ..Default::default()
                     })

@@ -1,8 +1,9 @@
-//! The restore path: download → BLAKE3 → decompress → pg_restore. The
-//! coordinator checks the stored bytes before sending anything; the agent
-//! checks them again as they arrive and holds back the tail of the archive
-//! until the checksum is confirmed, so pg_restore (in one transaction) can
-//! never commit a restore of bytes that do not match.
+//! The restore path: download → BLAKE3 → decompress → pg_restore, reading
+//! the stored object once. The agent checks the checksum as the bytes arrive
+//! and holds back the tail of the archive until it is confirmed, so
+//! pg_restore (in one transaction) can never commit a restore of bytes that
+//! do not match; a mismatch is reported as such (`ChecksumMismatch`), and the
+//! database a failed restore created is dropped.
 
 use std::io::{Read, Write};
 use std::process::Stdio;
@@ -21,6 +22,8 @@ use crate::child;
 use crate::config::{Identities, TargetConfig};
 use crate::pg::{quote_ident, summarize_stderr, PgTools};
 use crate::progress::{Counters, Reporter};
+use crate::JobError;
+use datasaver_common::proto::JobErrorKind;
 
 /// Bytes of decompressed archive withheld from pg_restore until the whole
 /// download is verified. The archive's last block is always in here.
@@ -51,19 +54,23 @@ struct VerifyingReader<'a> {
     expected: &'a str,
     expected_len: u64,
     counters: &'a Counters,
+    /// Set when the whole object was read and does not match its checksum.
+    mismatch: Option<String>,
 }
 
 impl VerifyingReader<'_> {
     fn verify(&mut self) -> std::io::Result<()> {
         let got = self.hash.finish();
         if got != self.expected || self.hash.len() != self.expected_len {
-            return Err(std::io::Error::other(format!(
-                "backup {} failed its checksum while downloading: got {got} ({} bytes), expected {} ({} bytes); nothing was committed",
+            let m = format!(
+                "backup {} is corrupt: its stored bytes have checksum {got} ({} bytes) but {} ({} bytes) was recorded when it was stored; nothing was committed",
                 self.backup_id,
                 self.hash.len(),
                 self.expected,
                 self.expected_len
-            )));
+            );
+            self.mismatch = Some(m.clone());
+            return Err(std::io::Error::other(m));
         }
         self.verified = true;
         Ok(())
@@ -115,6 +122,14 @@ struct Unpack {
     identities: Option<Identities>,
 }
 
+/// How feeding a child failed: on the reading side (download, decryption,
+/// decompression — possibly a corrupt object) or on the writing side (the
+/// child stopped reading).
+enum FeedError {
+    Read(String),
+    Write(String),
+}
+
 /// Feeds verified, decrypted, decompressed bytes to a child's stdin.
 #[allow(clippy::too_many_arguments)]
 fn feed(
@@ -127,7 +142,7 @@ fn feed(
     expected_len: u64,
     counters: &Counters,
     reads_prefix_only: bool,
-) -> Result<(), String> {
+) -> Result<(), JobError> {
     let mut source = VerifyingReader {
         rx,
         buf: Vec::new(),
@@ -139,6 +154,7 @@ fn feed(
         expected,
         expected_len,
         counters,
+        mismatch: None,
     };
     // `pg_restore --list` stops reading after the table of contents; the
     // rest of the stream is still read and hashed so the whole object is
@@ -147,7 +163,7 @@ fn feed(
     let write = |stdin: &mut std::process::ChildStdin,
                  data: &[u8],
                  closed: &mut bool|
-     -> Result<(), String> {
+     -> Result<(), FeedError> {
         if *closed {
             return Ok(());
         }
@@ -157,17 +173,21 @@ fn feed(
                 *closed = true;
                 Ok(())
             }
-            Err(e) => Err(format!("pg_restore stopped reading its input ({e})")),
+            Err(e) => Err(FeedError::Write(format!(
+                "pg_restore stopped reading its input ({e})"
+            ))),
         }
     };
     let unreadable = |e: std::io::Error| {
         // the verifying reader's own errors are already complete sentences
         let m = e.to_string();
-        if m.contains("checksum") || m.contains("download interrupted") {
-            m
-        } else {
-            format!("backup {backup_id} cannot be read: {m}")
-        }
+        FeedError::Read(
+            if m.contains("corrupt") || m.contains("download interrupted") {
+                m
+            } else {
+                format!("backup {backup_id} cannot be read: {m}")
+            },
+        )
     };
     let result = (|| {
         let mut pending: Vec<u8> = Vec::new();
@@ -176,11 +196,11 @@ fn feed(
                 None => Box::new(&mut source),
                 Some(ids) => Box::new(
                     datasaver_common::crypt::decrypt_reader(&mut source, &ids.0)
-                        .map_err(|m| format!("backup {backup_id}: {m}"))?,
+                        .map_err(|m| FeedError::Read(format!("backup {backup_id}: {m}")))?,
                 ),
             };
             let mut plain = datasaver_common::codec::decode_reader(unpack.codec, decrypted)
-                .map_err(|e| format!("backup {backup_id} cannot be read: {e}"))?;
+                .map_err(|e| FeedError::Read(format!("backup {backup_id} cannot be read: {e}")))?;
             let mut buf = vec![0u8; 256 * 1024];
             loop {
                 let n = plain.read(&mut buf).map_err(unreadable)?;
@@ -202,9 +222,9 @@ fn feed(
         // archive's tail reach pg_restore.
         source.drain().map_err(unreadable)?;
         if !source.verified {
-            return Err(format!(
+            return Err(FeedError::Read(format!(
                 "backup {backup_id}: the download ended without being verified"
-            ));
+            )));
         }
         write(&mut stdin, &pending, &mut sink_closed)?;
         counters
@@ -217,7 +237,21 @@ fn feed(
         child::kill(child);
     }
     drop(stdin);
-    result
+    match result {
+        Ok(()) => Ok(()),
+        Err(FeedError::Write(m)) => Err(m.into()),
+        Err(FeedError::Read(m)) => {
+            // A decoder that chokes mid-stream usually means damaged bytes:
+            // read the rest so the checksum, not a codec message, says so.
+            if source.mismatch.is_none() && !source.ended {
+                let _ = source.drain();
+            }
+            match source.mismatch.take() {
+                Some(corrupt) => Err(JobError::checksum_mismatch(corrupt)),
+                None => Err(m.into()),
+            }
+        }
+    }
 }
 
 /// Streams the backup into a freshly spawned child (pg_restore); returns
@@ -231,7 +265,7 @@ async fn stream_into(
     counters: Arc<Counters>,
     cancel: &CancellationToken,
     reads_prefix_only: bool,
-) -> Result<String, String> {
+) -> Result<String, JobError> {
     let mut download = client
         .download(DownloadRequest {
             job_id: job.job_id.clone(),
@@ -270,7 +304,7 @@ async fn stream_into(
             reads_prefix_only,
         )
     });
-    let transfer: Result<(), String> = loop {
+    let transfer: Result<(), JobError> = loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => break Err("restore cancelled (agent shutting down or connection lost)".into()),
             m = download.message() => m,
@@ -285,7 +319,7 @@ async fn stream_into(
                 let _ = tx.send(Piece::End).await;
                 break Ok(());
             }
-            Err(s) => break Err(format!("download interrupted: {}", s.message())),
+            Err(s) => break Err(format!("download interrupted: {}", s.message()).into()),
         }
     };
     drop(tx);
@@ -309,10 +343,16 @@ async fn stream_into(
     let stdout = tokio::task::spawn_blocking(move || out_reader.join().unwrap_or_default())
         .await
         .unwrap_or_default();
+    // A corrupt object is the cause whatever else went wrong after it.
+    if let Err(e) = &fed {
+        if e.kind == JobErrorKind::ChecksumMismatch {
+            return Err(e.clone());
+        }
+    }
     transfer?;
     fed?;
     if !status.success() {
-        return Err(format!("pg_restore failed: {}", summarize_stderr(&stderr)));
+        return Err(format!("pg_restore failed: {}", summarize_stderr(&stderr)).into());
     }
     Ok(stdout)
 }
@@ -339,7 +379,7 @@ pub async fn run(
     tools: PgTools,
     reporter: Reporter,
     cancel: CancellationToken,
-) -> Result<Outcome, String> {
+) -> Result<Outcome, JobError> {
     let codec: Compression = job
         .compression
         .parse()
@@ -351,7 +391,7 @@ pub async fn run(
             return Err(format!(
                 "backup {} is encrypted to recipient {}; set DATASAVER_ENCRYPTION_IDENTITY_FILE on the agent to the matching identity (nothing was changed)",
                 job.backup_id, job.encryption_recipient
-            ));
+            ).into());
         }
         if !job.encryption_recipient.is_empty() && !fps.contains(&job.encryption_recipient) {
             return Err(format!(
@@ -359,7 +399,7 @@ pub async fn run(
                 job.backup_id,
                 job.encryption_recipient,
                 fps.join(", ")
-            ));
+            ).into());
         }
         Some(target.identities.clone())
     } else {
@@ -392,7 +432,8 @@ pub async fn run(
             return Err(format!(
                 "backup {}: the archive's table of contents is empty",
                 job.backup_id
-            ));
+            )
+            .into());
         }
         return Ok(Outcome {
             message: format!(
@@ -454,7 +495,7 @@ pub async fn run(
     if nonempty && !job.force {
         return Err(format!(
             "database {name} already exists and is not empty; nothing was changed. Restore into a new database with --target-db, or pass --force to replace it"
-        ));
+        ).into());
     }
     // With --force the backup goes into a scratch database first; the
     // existing one is replaced only after the restore fully succeeded.

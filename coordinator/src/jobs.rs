@@ -7,8 +7,8 @@
 use std::sync::Arc;
 
 use datasaver_common::proto::{
-    coordinator_message, job_event, BackupJob, CoordinatorMessage, JobDone, JobEvent, JobProgress,
-    JobResult,
+    coordinator_message, job_event, BackupJob, CoordinatorMessage, JobDone, JobErrorKind, JobEvent,
+    JobProgress, JobResult,
 };
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
@@ -83,13 +83,16 @@ pub struct JobFailure {
     pub message: String,
     /// A planned agent stop, not a failure of the job itself.
     pub interrupted: bool,
+    /// The stored object does not match its recorded checksum.
+    pub corrupt: bool,
 }
 
 impl JobFailure {
-    fn failed(message: impl Into<String>) -> Self {
+    pub fn failed(message: impl Into<String>) -> Self {
         Self {
             message: message.into(),
             interrupted: false,
+            corrupt: false,
         }
     }
 }
@@ -362,6 +365,7 @@ pub async fn wait_result(
             Some(Report::Result(r)) if r.ok => return Ok(r),
             Some(Report::Result(r)) => {
                 return Err(JobFailure {
+                    corrupt: r.error_kind == JobErrorKind::ChecksumMismatch as i32,
                     message: r.error,
                     interrupted: r.interrupted,
                 })
@@ -370,6 +374,7 @@ pub async fn wait_result(
                 return Err(JobFailure {
                     message: why,
                     interrupted: planned,
+                    corrupt: false,
                 })
             }
         }

@@ -5,7 +5,6 @@
 use std::pin::Pin;
 use std::sync::Arc;
 
-use datasaver_common::checksum::Checksum;
 use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
     coordinator_message, CleanupItem, CleanupRequest, CleanupResponse, CoordinatorMessage,
@@ -16,7 +15,7 @@ use datasaver_common::proto::{
     VerifyRequest,
 };
 use datasaver_common::tls::Role;
-use futures::{Stream, StreamExt};
+use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -24,7 +23,7 @@ use tracing::Instrument;
 
 use crate::catalog::{status, BackupRow};
 use crate::fleet::JobKind;
-use crate::jobs::{self, done, failed, progress, wait_result, StartError};
+use crate::jobs::{self, done, failed, progress, wait_result, JobFailure, StartError};
 use crate::{internal, now_rfc3339, peer, to_proto, Core};
 
 pub struct OperatorSvc {
@@ -398,33 +397,6 @@ fn parse_time(s: &str) -> Result<String, Status> {
     Ok(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
 }
 
-/// Re-reads a stored object and checks it against the catalog.
-pub async fn check_object(core: &Core, row: &BackupRow) -> Result<(), String> {
-    let mut stream = core
-        .storage
-        .get(&row.object_key)
-        .await
-        .map_err(|e| format!("backup {}: cannot read {}: {e}", row.id, row.object_key))?;
-    let mut h = Checksum::new();
-    while let Some(chunk) = stream.next().await {
-        let chunk = chunk
-            .map_err(|e| format!("backup {}: reading {} failed: {e}", row.id, row.object_key))?;
-        crate::hash_off_thread(&mut h, chunk).await?;
-    }
-    let got = h.finish();
-    if got != row.checksum || h.len() != row.stored_bytes {
-        return Err(format!(
-            "backup {} is corrupt: {} has checksum {got} ({} bytes) but {} ({} bytes) was recorded when it was stored",
-            row.id,
-            row.object_key,
-            h.len(),
-            row.checksum,
-            row.stored_bytes
-        ));
-    }
-    Ok(())
-}
-
 impl OperatorSvc {
     async fn find(&self, id: &str) -> Result<BackupRow, Status> {
         datasaver_common::names::validate_backup_id(id).map_err(Status::invalid_argument)?;
@@ -436,9 +408,10 @@ impl OperatorSvc {
             .ok_or_else(|| Status::not_found(format!("no backup with id {id} (see `dsctl list`)")))
     }
 
-    /// Restore, dry-run and verify share one shape: check the stored bytes
-    /// first (so a corrupt object never reaches a database), then have the
-    /// agent stream the object into pg_restore.
+    /// Restore, dry-run and verify share one shape: the agent streams the
+    /// object once into pg_restore, checking its checksum on the way (a
+    /// corrupt object never commits anything and is reported with the next
+    /// good backup).
     async fn run_agent_read(
         &self,
         row: BackupRow,
@@ -478,23 +451,19 @@ impl OperatorSvc {
             &agent_name,
         );
         tokio::spawn(async move {
+            // The object is read once: the agent checks its checksum as the
+            // bytes arrive and holds back the archive's tail until it
+            // matches, so a corrupt object never commits anything.
             let _ = tx
                 .send(Ok(progress(
-                    "checksum",
-                    format!("checking the stored bytes of {}", row.id),
+                    "download",
+                    format!(
+                        "reading {} from storage; the agent checks it against {} as it arrives",
+                        row.id, row.checksum
+                    ),
                 )))
                 .await;
             let result = async {
-                if let Err(e) = check_object(&core, &row).await {
-                    let next = next_good(&core, &row).await;
-                    return Err(format!("{e}; {next}"));
-                }
-                let _ = tx
-                    .send(Ok(progress(
-                        "checksum",
-                        format!("{} checksum ok ({})", row.id, row.checksum),
-                    )))
-                    .await;
                 let job = RestoreJob {
                     trace_context: datasaver_common::telemetry::context_of(&tracing::Span::current()),
                     job_id: job_id.clone(),
@@ -514,11 +483,9 @@ impl OperatorSvc {
                         msg: Some(coordinator_message::Msg::Restore(job)),
                     }))
                     .await
-                    .map_err(|_| format!("agent {agent_name} disconnected"))?;
+                    .map_err(|_| JobFailure::failed(format!("agent {agent_name} disconnected")))?;
                 let expected = jobs::Expected { raw: 0, stored: row.stored_bytes };
-                wait_result(&mut reports, &tx, &core, expected)
-                    .await
-                    .map_err(|f| f.message)
+                wait_result(&mut reports, &tx, &core, expected).await
             }
             .await;
             core.fleet.remove_job(&job_id);
@@ -527,10 +494,14 @@ impl OperatorSvc {
             } else if mode == RestoreMode::Restore {
                 core.metrics.restore_finished(&row.target, result.is_ok());
             }
-            if record_verify {
+            let corrupt = matches!(&result, Err(f) if f.corrupt);
+            // A verify, and any read that found the object corrupt, is kept
+            // with the backup (catalog and meta file), so the next restore
+            // and `dsctl list` know.
+            if record_verify || corrupt {
                 let verdict = match &result {
                     Ok(r) => format!("ok: checksum matches, {} archive entries", r.toc_entries),
-                    Err(e) => format!("failed: {e}"),
+                    Err(f) => format!("failed: {}", f.message),
                 };
                 let _ = core
                     .catalog
@@ -548,6 +519,11 @@ impl OperatorSvc {
                     }
                 }
             }
+            let result = match result {
+                Err(f) if f.corrupt => Err(format!("{}; {}", f.message, next_good(&core, &row).await)),
+                Err(f) => Err(f.message),
+                Ok(r) => Ok(r),
+            };
             let event = match result {
                 Ok(r) => {
                     tracing::info!(backup = %row.id, message = %r.message, "agent job finished");
@@ -578,20 +554,31 @@ impl OperatorSvc {
     }
 }
 
-/// Names the newest older backup of the same target whose bytes check out.
+/// Names the backup to restore instead of a corrupt one, from the catalog
+/// alone (no extra reads): the newest older completed backup of the same
+/// target not known to be bad, saying whether it was verified.
 async fn next_good(core: &Core, row: &BackupRow) -> String {
     let older = core
         .catalog
         .older_completed(&row.target, &row.id)
         .await
         .unwrap_or_default();
-    for candidate in older.iter().take(5) {
-        if check_object(core, candidate).await.is_ok() {
-            return format!(
-                "the next-oldest good backup is {} (dsctl restore {})",
-                candidate.id, candidate.id
-            );
-        }
+    let candidate = older.iter().find(|b| {
+        !b.verify_result
+            .as_deref()
+            .is_some_and(|v| v.starts_with("failed"))
+    });
+    match candidate {
+        Some(b) => match (&b.verified_at, &b.verify_result) {
+            (Some(at), Some(v)) if v.starts_with("ok") => format!(
+                "the next-oldest good backup is {} (verified {at}; dsctl restore {})",
+                b.id, b.id
+            ),
+            _ => format!(
+                "the next-oldest good backup is {} (not verified since it was stored: `dsctl verify {}`, then `dsctl restore {}`)",
+                b.id, b.id, b.id
+            ),
+        },
+        None => format!("no older good backup of {} is known", row.target),
     }
-    format!("no older good backup of {} was found", row.target)
 }

@@ -215,6 +215,71 @@ fn corrupted_object_is_caught_before_any_restore() {
     );
 }
 
+/// A truncated object is read once, refused before anything is committed — the live
+/// database a `--force` restore would replace keeps its rows, no scratch database is left —
+/// and the error names the next good backup from the catalog's verify results.
+#[test]
+fn truncated_object_never_replaces_a_database() {
+    let pg = PgCluster::new();
+    small_db(&pg, "app");
+    let mut fleet = Fleet::start();
+    fleet.add_agent("app", &pg, "app");
+    let good = fleet.backup("app", None);
+    fleet
+        .dsctl(&["verify", &good.id])
+        .expect_success("verify of the good backup");
+    std::thread::sleep(Duration::from_millis(1100));
+    pg.psql(
+        "app",
+        "INSERT INTO t SELECT g, md5(g::text) FROM generate_series(20001, 30000) g;",
+    );
+    let b = fleet.backup("app", None);
+    let object = fleet
+        .storage_dir()
+        .join(format!("app/logical/{}.dump.zst", b.id));
+    let bytes = std::fs::read(&object).expect("object");
+    std::fs::write(&object, &bytes[..bytes.len() * 6 / 10]).expect("truncate the object");
+
+    let out = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "app", "--force"])
+        .expect_code(1, "forced restore of a truncated object");
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains("corrupt") && line.contains(&b.id) && line.contains(&good.id),
+        "should say the backup is corrupt and name the next good one: {line}"
+    );
+    assert!(line.contains("verified"), "{line}");
+    assert_eq!(
+        pg.query_one("app", "SELECT count(*) FROM t"),
+        "30000",
+        "the live database must be untouched"
+    );
+    let scratch: Vec<String> = pg
+        .databases()
+        .into_iter()
+        .filter(|d| d.contains("dsrestore"))
+        .collect();
+    assert!(scratch.is_empty(), "scratch databases left: {scratch:?}");
+
+    let out = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "app_new"])
+        .expect_code(1, "restore of a truncated object into a new database");
+    assert!(one_line(&out.stderr).contains(&good.id), "{}", out.stderr);
+    assert!(
+        !pg.db_exists("app_new"),
+        "the new database must not be left"
+    );
+    // The finding is kept with the backup.
+    let got = fleet.get_backup(&b.id);
+    assert!(
+        got.raw["verify_result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("failed") && r.contains("corrupt")),
+        "{}",
+        got.raw
+    );
+}
+
 #[test]
 fn database_down_or_wrong_password_fails_clearly() {
     let mut pg = PgCluster::new();

@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use datasaver_tests::fidelity::{compare_databases, load_fidelity};
+use datasaver_tests::s3::RecordingProxy;
 use datasaver_tests::{free_port, run, wait_until, Fleet, FleetOptions, PgCluster, S3Server};
 
 /// 5 MiB parts (S3's minimum) so a modest database needs several.
@@ -33,10 +34,19 @@ fn add_bulk(pg: &PgCluster, db: &str) {
 #[test]
 fn s3_round_trip_multipart_and_rebuild() {
     let srv = S3Server::start();
+    // Every request goes through a recording proxy, to count the reads.
+    let proxy = RecordingProxy::start(srv.port());
     let pg = PgCluster::new();
     load_fidelity(&pg, "shop");
     add_bulk(&pg, "shop");
-    let mut fleet = s3_fleet(&srv, "prod/eu");
+    let mut env = srv.coordinator_env("prod/eu");
+    env.retain(|(k, _)| k != "DATASAVER_S3_ENDPOINT");
+    env.push(("DATASAVER_S3_ENDPOINT".into(), proxy.endpoint()));
+    env.push(("DATASAVER_S3_PART_SIZE_MB".into(), PART_MB.into()));
+    let mut fleet = Fleet::start_with(FleetOptions {
+        coordinator_env: env,
+        ..Default::default()
+    });
     assert!(
         fleet
             .coordinator()
@@ -66,14 +76,34 @@ fn s3_round_trip_multipart_and_rebuild() {
     assert_eq!(on_disk, stored);
     assert!(srv.pending_upload_parts().is_empty());
 
+    // Verify and restore each read the object once (GETs of its key).
+    let gets_of_object = || {
+        proxy
+            .requests()
+            .iter()
+            .filter(|(line, _)| line.starts_with("GET ") && line.contains(&object))
+            .count()
+    };
+    let before = gets_of_object();
     let v = fleet
         .dsctl(&["verify", &b.id])
         .expect_success("dsctl verify on S3");
     assert!(v.stdout.contains("verified"), "{}", v.describe());
+    assert_eq!(
+        gets_of_object() - before,
+        1,
+        "verify read the object more than once"
+    );
 
+    let before = gets_of_object();
     fleet.restore(&b.id, "shop_restored", &[]);
     compare_databases(&pg, "shop", &pg, "shop_restored")
         .expect("database restored from S3 equals the source");
+    assert_eq!(
+        gets_of_object() - before,
+        1,
+        "restore read the object more than once"
+    );
 
     // The catalog is only an index: lose it, and the bucket gives it back.
     let before = fleet
