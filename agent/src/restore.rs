@@ -319,6 +319,14 @@ async fn stream_into(
                 let _ = tx.send(Piece::End).await;
                 break Ok(());
             }
+            // The coordinator checks the bytes as it reads them too, and says
+            // DATA_LOSS when they do not match what was stored.
+            Err(s) if s.code() == tonic::Code::DataLoss => {
+                break Err(JobError::checksum_mismatch(format!(
+                    "{}; nothing was committed",
+                    s.message()
+                )))
+            }
             Err(s) => break Err(format!("download interrupted: {}", s.message()).into()),
         }
     };

@@ -5,12 +5,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use datasaver_common::checksum::Checksum;
-use datasaver_common::codec::Compression;
 use datasaver_common::proto::agent_service_server::AgentService;
 use datasaver_common::proto::{
     agent_message, coordinator_message, upload_request, AgentMessage, CoordinatorMessage,
-    DownloadChunk, DownloadRequest, Registered, UploadHeader, UploadRequest, UploadResponse,
+    DownloadChunk, DownloadRequest, Registered, UploadRequest, UploadResponse,
 };
 use datasaver_common::tls::Role;
 use futures::{Stream, StreamExt};
@@ -19,27 +17,14 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use crate::catalog::{status, BackupRow};
 use crate::fleet::{AgentConn, JobKind, Report};
-use crate::meta::Meta;
-use crate::storage::{logical_meta_key, logical_object_key, ObjectWriter};
+use crate::repo::ingest::{IngestError, IngestMeta, Piece, Trailer};
+use crate::repo::RepoError;
+use crate::storage::ErrorKind;
 use crate::{internal, now_rfc3339, peer, Core};
 
 pub struct AgentSvc {
     pub core: Arc<Core>,
-}
-
-/// Why an upload did not store a backup.
-enum UploadFailure {
-    Failed(String),
-    /// The agent aborted it because it is stopping on purpose.
-    Interrupted(String),
-}
-
-impl From<String> for UploadFailure {
-    fn from(s: String) -> Self {
-        UploadFailure::Failed(s)
-    }
 }
 
 type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -223,28 +208,37 @@ impl AgentService for AgentSvc {
         let span = tracing::info_span!("upload", target = %target, backup = %backup_id);
         datasaver_common::telemetry::set_parent(&span, &remote);
         span.in_scope(|| tracing::info!(agent = %who, backup = %backup_id, "upload started"));
-        match tracing::Instrument::instrument(self.receive(&header, &who.name, &mut inbound), span)
-            .await
-        {
-            Ok(resp) => {
-                tracing::info!(agent = %who, backup = %backup_id, bytes = resp.stored_bytes, "backup stored");
-                Ok(Response::new(resp))
+        let meta = IngestMeta {
+            compression: header.compression.clone(),
+            encrypted: header.encrypted,
+            encryption_recipient: header.encryption_recipient.clone(),
+            format: header.format.clone(),
+            database: header.database.clone(),
+            db_host: header.db_host.clone(),
+            server_version: header.server_version.clone(),
+            pg_dump_version: header.pg_dump_version.clone(),
+        };
+        let stored = tracing::Instrument::instrument(
+            crate::jobs::store_upload(&self.core, &backup_id, meta, pieces(inbound)),
+            span,
+        )
+        .await;
+        match stored {
+            Ok(b) => {
+                tracing::info!(agent = %who, backup = %backup_id, bytes = b.stored_bytes, "backup stored");
+                Ok(Response::new(UploadResponse {
+                    backup_id: b.id,
+                    checksum: b.checksum,
+                    stored_bytes: b.stored_bytes,
+                }))
             }
-            Err(UploadFailure::Interrupted(msg)) => {
-                tracing::info!(agent = %who, backup = %backup_id, reason = %msg, "upload interrupted: the agent is stopping");
-                let msg = format!("interrupted: {msg}");
-                if let Err(e) = self.core.catalog.note_error(&backup_id, &msg).await {
-                    tracing::error!(backup = %backup_id, error = %e, "could not record the interruption");
-                }
-                Err(Status::aborted(msg))
+            Err(e @ IngestError::Interrupted(_)) => {
+                tracing::info!(agent = %who, backup = %backup_id, reason = %e, "upload interrupted: the agent is stopping");
+                Err(Status::aborted(e.to_string()))
             }
-            Err(UploadFailure::Failed(msg)) => {
-                tracing::warn!(agent = %who, backup = %backup_id, error = %msg, "upload failed");
-                // The job decides failed or interrupted; the reason is kept.
-                if let Err(e) = self.core.catalog.note_error(&backup_id, &msg).await {
-                    tracing::error!(backup = %backup_id, error = %e, "could not record the failure");
-                }
-                Err(Status::aborted(msg))
+            Err(e) => {
+                tracing::warn!(agent = %who, backup = %backup_id, error = %e, "upload failed");
+                Err(Status::aborted(e.to_string()))
             }
         }
     }
@@ -260,7 +254,7 @@ impl AgentService for AgentSvc {
             .fleet
             .job(&req.job_id)
             .ok_or_else(|| Status::not_found(format!("no running job {}", req.job_id)))?;
-        let (backup_id, object_key) = (job.backup_id, job.object_key);
+        let backup_id = job.backup_id;
         if job.kind == JobKind::Backup || backup_id != req.backup_id {
             return Err(Status::invalid_argument(
                 "download request does not match its job",
@@ -273,155 +267,59 @@ impl AgentService for AgentSvc {
             )));
         }
         tracing::info!(agent = %who, backup = %backup_id, "download started");
+        let backup = self.core.repo.find(&backup_id).await.map_err(|e| match e {
+            RepoError::NotFound(_) => Status::not_found(e.to_string()),
+            _ => Status::unavailable(e.to_string()),
+        })?;
+        // Verified as it streams: bytes that do not match end the stream with
+        // DATA_LOSS instead of a clean end.
         let stream = self
             .core
-            .storage
-            .get(&object_key)
+            .repo
+            .open_verified(&backup)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
         let out = stream.map(|r| match r {
             Ok(data) => Ok(DownloadChunk {
                 data: data.to_vec(),
             }),
+            Err(e) if e.kind == ErrorKind::Corrupt => Err(Status::data_loss(e.message)),
             Err(e) => Err(Status::unavailable(e.to_string())),
         });
         Ok(Response::new(Box::pin(out)))
     }
 }
 
-impl AgentSvc {
-    /// Streams an upload into storage. The object becomes visible only when
-    /// every byte arrived and both checksums agree; then the meta file, then
-    /// the catalog row. Any failure undoes what was written.
-    async fn receive(
-        &self,
-        h: &UploadHeader,
-        agent: &str,
-        inbound: &mut Streaming<UploadRequest>,
-    ) -> Result<UploadResponse, UploadFailure> {
-        let row = self
-            .core
-            .catalog
-            .get(&h.backup_id)
-            .await
-            .map_err(|e| e.to_string())?
-            .filter(|r| r.status == status::RUNNING)
-            .ok_or_else(|| format!("backup {} is not running", h.backup_id))?;
-        let codec: Compression = h
-            .compression
-            .parse()
-            .map_err(|e| format!("upload header: {e}"))?;
-        let extension = if h.encrypted {
-            format!("{}.age", codec.extension())
-        } else {
-            codec.extension().to_string()
-        };
-        let object_key = logical_object_key(&h.target, &h.backup_id, &extension);
-        let meta_key = logical_meta_key(&h.target, &h.backup_id);
-        let storage = &self.core.storage;
-        let mut writer: Box<dyn ObjectWriter> = storage
-            .create(&object_key)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut hasher = Checksum::new();
-        let received: Result<_, UploadFailure> = async {
-            loop {
-                let msg = tokio::select! {
-                    _ = self.core.cancel.cancelled() => return Err("coordinator shutting down".to_string().into()),
-                    m = inbound.message() => m,
-                };
-                let m = match msg {
-                    Err(e) => return Err(format!("upload interrupted: {}", e.message()).into()),
-                    Ok(None) => return Err(String::from("upload ended without a trailer (agent stopped?)").into()),
-                    Ok(Some(m)) => m,
-                };
-                match m.msg {
-                    Some(upload_request::Msg::Chunk(data)) => {
-                        let data = Bytes::from(data);
-                        self.core.metrics.uploaded(&h.target, data.len() as u64);
-                        crate::hash_off_thread(&mut hasher, data.clone()).await?;
-                        writer.write(data).await.map_err(|e| e.to_string())?;
-                    }
-                    Some(upload_request::Msg::Trailer(t)) => return Ok(t),
-                    Some(upload_request::Msg::Abort(a)) if a.interrupted => return Err(UploadFailure::Interrupted(a.reason)),
-                    Some(upload_request::Msg::Abort(a)) => return Err(a.reason.into()),
-                    _ => return Err(String::from("unexpected message in upload stream").into()),
+/// The upload's messages after the header, as the repository takes them.
+fn pieces(
+    inbound: Streaming<UploadRequest>,
+) -> impl Stream<Item = Result<Piece, IngestError>> + Send {
+    futures::stream::unfold(Some(inbound), |state| async move {
+        let mut inbound = state?;
+        let item = match inbound.message().await {
+            Err(e) => Err(IngestError::Failed(format!(
+                "upload interrupted: {}",
+                e.message()
+            ))),
+            Ok(None) => return None,
+            Ok(Some(m)) => match m.msg {
+                Some(upload_request::Msg::Chunk(data)) => Ok(Piece::Data(Bytes::from(data))),
+                Some(upload_request::Msg::Trailer(t)) => Ok(Piece::End(Trailer {
+                    checksum: t.checksum,
+                    raw_bytes: t.raw_bytes,
+                    stored_bytes: t.stored_bytes,
+                })),
+                Some(upload_request::Msg::Abort(a)) if a.interrupted => {
+                    Err(IngestError::Interrupted(a.reason))
                 }
-            }
-        }
-        .await;
-        // One place undoes the partial object, whatever went wrong.
-        let trailer = match received {
-            Ok(t) => t,
-            Err(e) => {
-                let _ = writer.abort().await;
-                return Err(e);
-            }
-        };
-        let ours = hasher.finish();
-        if trailer.checksum != ours || trailer.stored_bytes != hasher.len() {
-            let _ = writer.abort().await;
-            return Err(UploadFailure::Failed(format!(
-                "checksum mismatch on upload: agent sent {} ({} bytes), coordinator received {} ({} bytes)",
-                trailer.checksum,
-                trailer.stored_bytes,
-                ours,
-                hasher.len()
-            )));
-        }
-        let info = tracing::Instrument::instrument(
-            writer.commit(),
-            tracing::info_span!("storage.commit", key = %object_key),
-        )
-        .await
-        .map_err(|e| e.to_string())?;
-
-        let finished = self.core.clock.now();
-        let created = chrono::DateTime::parse_from_rfc3339(&row.created_at)
-            .map(|d| d.with_timezone(&chrono::Utc))
-            .unwrap_or(finished);
-        let tags = crate::retention::cleanup::tags_for_new(&self.core, &row).await;
-        let done = BackupRow {
-            status: status::COMPLETED.into(),
-            finished_at: Some(finished.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)),
-            duration_ms: (finished - created).num_milliseconds().max(0) as u64,
-            raw_bytes: trailer.raw_bytes,
-            stored_bytes: info.size,
-            checksum: ours.clone(),
-            compression: codec.name().into(),
-            encrypted: h.encrypted,
-            encryption_recipient: h.encryption_recipient.clone(),
-            format: if h.format.is_empty() {
-                "pg_dump-custom".into()
-            } else {
-                h.format.clone()
+                Some(upload_request::Msg::Abort(a)) => Err(IngestError::Failed(a.reason)),
+                _ => Err(IngestError::Failed(
+                    "unexpected message in upload stream".into(),
+                )),
             },
-            object_key: object_key.clone(),
-            meta_key: meta_key.clone(),
-            database: h.database.clone(),
-            db_host: h.db_host.clone(),
-            server_version: h.server_version.clone(),
-            pg_dump_version: h.pg_dump_version.clone(),
-            tags,
-            agent: agent.to_string(),
-            error: None,
-            ..row
         };
-        let meta = Meta::from_row(&done).to_json();
-        if let Err(e) = storage.put(&meta_key, Bytes::from(meta)).await {
-            let _ = storage.delete(std::slice::from_ref(&object_key)).await;
-            return Err(format!("writing meta file failed: {e}").into());
-        }
-        if let Err(e) = self.core.catalog.complete(done).await {
-            let _ = storage
-                .delete(&[object_key.clone(), meta_key.clone()])
-                .await;
-            return Err(format!("recording the backup in the catalog failed: {e}").into());
-        }
-        Ok(UploadResponse {
-            backup_id: h.backup_id.clone(),
-            checksum: ours,
-            stored_bytes: info.size,
-        })
-    }
+        // Nothing after an error or the trailer is read.
+        let more = matches!(item, Ok(Piece::Data(_)));
+        Some((item, more.then_some(inbound)))
+    })
 }

@@ -1,5 +1,7 @@
-//! The SQLite catalog: an index of backups (rebuildable from the `.meta.json`
-//! files in storage) plus which agent owns which target. All calls run on
+//! The SQLite catalog: the connection and its migrations, which agent owns
+//! which target (with the scheduler's progress), alert state and the webhook
+//! outbox. The backup table is the repository's (`repo::store`): an index
+//! rebuildable from the `.meta.json` files in storage. All calls run on
 //! tokio's blocking pool; the connection is in WAL mode and migrated by
 //! `PRAGMA user_version`.
 
@@ -7,7 +9,6 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
-use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -22,19 +23,6 @@ pub enum CatalogError {
     Worker(String),
     #[error("catalog was written by a newer datasaver (schema {found}, this build knows {known}); upgrade the coordinator")]
     TooNew { found: i64, known: i64 },
-}
-
-/// Status values stored in `backups.status`.
-pub mod status {
-    pub const RUNNING: &str = "running";
-    pub const COMPLETED: &str = "completed";
-    pub const FAILED: &str = "failed";
-    /// Stopped by a planned agent stop (SIGTERM): not a failure of the
-    /// backup; the request is tried again once the agent is back.
-    pub const INTERRUPTED: &str = "interrupted";
-    /// Chosen for deletion by cleanup; the row goes once its objects are gone
-    /// (a crash in between is finished by the next cleanup).
-    pub const DELETING: &str = "deleting";
 }
 
 /// What the catalog remembers about a target between restarts.
@@ -53,39 +41,6 @@ pub struct TargetRecord {
     pub missed_slots: u64,
     /// When the last slot was missed (RFC 3339).
     pub last_missed_at: Option<String>,
-}
-
-/// One backup as the catalog knows it.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct BackupRow {
-    pub id: String,
-    pub target: String,
-    pub kind: String,
-    pub status: String,
-    pub trigger: String,
-    pub label: Option<String>,
-    pub created_at: String,
-    pub finished_at: Option<String>,
-    pub duration_ms: u64,
-    pub raw_bytes: u64,
-    pub stored_bytes: u64,
-    pub checksum: String,
-    pub compression: String,
-    pub encrypted: bool,
-    pub encryption_recipient: String,
-    pub format: String,
-    pub object_key: String,
-    pub meta_key: String,
-    pub database: String,
-    pub db_host: String,
-    pub server_version: String,
-    pub pg_dump_version: String,
-    pub error: Option<String>,
-    pub pinned: bool,
-    pub tags: Vec<String>,
-    pub agent: String,
-    pub verified_at: Option<String>,
-    pub verify_result: Option<String>,
 }
 
 const MIGRATIONS: &[&str] = &[
@@ -178,50 +133,6 @@ pub struct Delivery {
     pub attempts: u32,
 }
 
-const COLUMNS: &str =
-    "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
-    raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
-    object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result";
-
-fn row_to_backup(r: &Row<'_>) -> rusqlite::Result<BackupRow> {
-    let tags: String = r.get(24)?;
-    Ok(BackupRow {
-        id: r.get(0)?,
-        target: r.get(1)?,
-        kind: r.get(2)?,
-        status: r.get(3)?,
-        trigger: r.get(4)?,
-        label: r.get(5)?,
-        created_at: r.get(6)?,
-        finished_at: r.get(7)?,
-        duration_ms: r.get::<_, i64>(8)? as u64,
-        raw_bytes: r.get::<_, i64>(9)? as u64,
-        stored_bytes: r.get::<_, i64>(10)? as u64,
-        checksum: r.get(11)?,
-        compression: r.get(12)?,
-        encrypted: r.get(13)?,
-        encryption_recipient: r.get(14)?,
-        format: r.get(15)?,
-        object_key: r.get(16)?,
-        meta_key: r.get(17)?,
-        database: r.get(18)?,
-        db_host: r.get(19)?,
-        server_version: r.get(20)?,
-        pg_dump_version: r.get(21)?,
-        error: r.get(22)?,
-        pinned: r.get(23)?,
-        tags: tags
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
-        agent: r.get(25)?,
-        verified_at: r.get(26)?,
-        verify_result: r.get(27)?,
-    })
-}
-
 #[derive(Clone)]
 pub struct Catalog {
     conn: Arc<Mutex<Connection>>,
@@ -279,151 +190,6 @@ impl Catalog {
         .map_err(|e| CatalogError::Worker(e.to_string()))?
     }
 
-    pub async fn insert(&self, b: BackupRow) -> Result<(), CatalogError> {
-        self.call(move |c| insert(c, &b)).await
-    }
-
-    pub async fn get(&self, id: &str) -> Result<Option<BackupRow>, CatalogError> {
-        let id = id.to_string();
-        self.call(move |c| get(c, &id)).await
-    }
-
-    /// Backups, newest first, optionally of one target.
-    pub async fn list(&self, target: Option<String>) -> Result<Vec<BackupRow>, CatalogError> {
-        self.call(move |c| {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM backups WHERE (?1 IS NULL OR target = ?1) ORDER BY created_at DESC, id DESC"
-            );
-            let mut st = c.prepare(&sql)?;
-            let rows = st.query_map(params![target], row_to_backup)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
-    /// Whether the catalog holds any backup row at all.
-    pub async fn has_backups(&self) -> Result<bool, CatalogError> {
-        self.call(|c| Ok(c.query_row("SELECT EXISTS(SELECT 1 FROM backups)", [], |r| r.get(0))?))
-            .await
-    }
-
-    /// Picks an id for a new backup: the base id, or `<base>_2`, `_3`...
-    pub async fn unused_id(&self, base: String) -> Result<String, CatalogError> {
-        self.call(move |c| {
-            let mut n = 1;
-            loop {
-                let id = if n == 1 {
-                    base.clone()
-                } else {
-                    format!("{base}_{n}")
-                };
-                let taken: bool = c.query_row(
-                    "SELECT EXISTS(SELECT 1 FROM backups WHERE id = ?1)",
-                    [&id],
-                    |r| r.get(0),
-                )?;
-                if !taken {
-                    return Ok(id);
-                }
-                n += 1;
-            }
-        })
-        .await
-    }
-
-    /// Replaces a running row with its completed form.
-    pub async fn complete(&self, b: BackupRow) -> Result<(), CatalogError> {
-        self.call(move |c| {
-            let n = c.execute(
-                "UPDATE backups SET status = 'completed', finished_at = ?2, duration_ms = ?3, raw_bytes = ?4,
-                   stored_bytes = ?5, checksum = ?6, compression = ?7, encrypted = ?8, encryption_recipient = ?9,
-                   format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
-                   server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL
-                 WHERE id = ?1 AND status = 'running'",
-                params![
-                    b.id,
-                    b.finished_at,
-                    b.duration_ms as i64,
-                    b.raw_bytes as i64,
-                    b.stored_bytes as i64,
-                    b.checksum,
-                    b.compression,
-                    b.encrypted,
-                    b.encryption_recipient,
-                    b.format,
-                    b.object_key,
-                    b.meta_key,
-                    b.database,
-                    b.db_host,
-                    b.server_version,
-                    b.pg_dump_version,
-                    b.tags.join(","),
-                ],
-            )?;
-            if n == 1 {
-                Ok(())
-            } else {
-                Err(CatalogError::Worker(format!("backup {} is no longer running", b.id)))
-            }
-        })
-        .await
-    }
-
-    /// Marks a running backup failed; returns false if it was not running.
-    /// A reason noted earlier (`note_error`, e.g. the upload's own error) is
-    /// kept: it is the first and most precise one.
-    pub async fn fail(
-        &self,
-        id: &str,
-        error: &str,
-        finished_at: String,
-    ) -> Result<bool, CatalogError> {
-        let (id, error) = (id.to_string(), error.to_string());
-        self.call(move |c| {
-            let n = c.execute(
-                "UPDATE backups SET status = 'failed', error = COALESCE(error, ?2), finished_at = ?3
-                 WHERE id = ?1 AND status = 'running'",
-                params![id, error, finished_at],
-            )?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    /// Marks a running backup interrupted (a planned agent stop); returns
-    /// false if it was not running.
-    pub async fn interrupt(
-        &self,
-        id: &str,
-        reason: &str,
-        finished_at: String,
-    ) -> Result<bool, CatalogError> {
-        let (id, reason) = (id.to_string(), reason.to_string());
-        self.call(move |c| {
-            let n = c.execute(
-                "UPDATE backups SET status = 'interrupted', error = ?2, finished_at = ?3
-                 WHERE id = ?1 AND status = 'running'",
-                params![id, reason, finished_at],
-            )?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    /// Remembers why a running backup went wrong without deciding its
-    /// outcome (the job does that); the first reason noted wins.
-    pub async fn note_error(&self, id: &str, error: &str) -> Result<(), CatalogError> {
-        let (id, error) = (id.to_string(), error.to_string());
-        self.call(move |c| {
-            c.execute(
-                "UPDATE backups SET error = ?2 WHERE id = ?1 AND status = 'running' AND error IS NULL",
-                params![id, error],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
     /// Counts a missed scheduled slot of `target`.
     pub async fn record_missed(&self, target: &str, at: String) -> Result<(), CatalogError> {
         let target = target.to_string();
@@ -437,78 +203,6 @@ impl Catalog {
             c.execute(
                 "UPDATE targets SET missed_slots = missed_slots + 1, last_missed_at = ?2 WHERE name = ?1",
                 params![target, at],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// At start-up: nothing can still be running, so every running row is an
-    /// interrupted attempt.
-    pub async fn fail_all_running(
-        &self,
-        error: &str,
-        finished_at: String,
-    ) -> Result<usize, CatalogError> {
-        let error = error.to_string();
-        self.call(move |c| {
-            Ok(c.execute(
-                "UPDATE backups SET status = 'failed', error = ?1, finished_at = ?2 WHERE status = 'running'",
-                params![error, finished_at],
-            )?)
-        })
-        .await
-    }
-
-    /// Newest completed backup of `target` created at or before `at` (RFC 3339).
-    pub async fn latest_completed(
-        &self,
-        target: &str,
-        at: Option<String>,
-    ) -> Result<Option<BackupRow>, CatalogError> {
-        let target = target.to_string();
-        self.call(move |c| {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM backups WHERE target = ?1 AND status = 'completed'
-                   AND (?2 IS NULL OR created_at <= ?2) ORDER BY created_at DESC, id DESC LIMIT 1"
-            );
-            Ok(c.query_row(&sql, params![target, at], row_to_backup)
-                .optional()?)
-        })
-        .await
-    }
-
-    /// Completed backups of `target` older than `id`, newest first.
-    pub async fn older_completed(
-        &self,
-        target: &str,
-        id: &str,
-    ) -> Result<Vec<BackupRow>, CatalogError> {
-        let (target, id) = (target.to_string(), id.to_string());
-        self.call(move |c| {
-            let sql = format!(
-                "SELECT {COLUMNS} FROM backups WHERE target = ?1 AND status = 'completed' AND id <> ?2
-                   AND created_at <= (SELECT created_at FROM backups WHERE id = ?2)
-                 ORDER BY created_at DESC, id DESC"
-            );
-            let mut st = c.prepare(&sql)?;
-            let rows = st.query_map(params![target, id], row_to_backup)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
-    pub async fn set_verified(
-        &self,
-        id: &str,
-        at: String,
-        result: String,
-    ) -> Result<(), CatalogError> {
-        let id = id.to_string();
-        self.call(move |c| {
-            c.execute(
-                "UPDATE backups SET verified_at = ?2, verify_result = ?3 WHERE id = ?1",
-                params![id, at, result],
             )?;
             Ok(())
         })
@@ -566,58 +260,6 @@ impl Catalog {
                 row_to_target,
             )
             .optional()?)
-        })
-        .await
-    }
-
-    /// Every target that has a backup row (a target whose agent is gone
-    /// still has backups to rotate).
-    pub async fn backup_targets(&self) -> Result<Vec<String>, CatalogError> {
-        self.call(|c| {
-            let mut st = c.prepare("SELECT DISTINCT target FROM backups ORDER BY target")?;
-            let rows = st.query_map([], |r| r.get(0))?;
-            Ok(rows.collect::<Result<Vec<String>, _>>()?)
-        })
-        .await
-    }
-
-    /// First step of a deletion: the row says it is going (and why), so a
-    /// crash before the objects are gone is finished later. Returns false if
-    /// the row changed meanwhile (pinned, or gone).
-    pub async fn mark_deleting(&self, id: &str, reason: &str) -> Result<bool, CatalogError> {
-        let (id, reason) = (id.to_string(), reason.to_string());
-        self.call(move |c| {
-            let n = c.execute(
-                "UPDATE backups SET status = 'deleting', error = ?2
-                 WHERE id = ?1 AND pinned = 0 AND status IN ('completed', 'failed', 'interrupted', 'deleting')",
-                params![id, reason],
-            )?;
-            Ok(n == 1)
-        })
-        .await
-    }
-
-    /// Last step of a deletion, once the objects are gone.
-    pub async fn delete_row(&self, id: &str) -> Result<(), CatalogError> {
-        let id = id.to_string();
-        self.call(move |c| {
-            c.execute(
-                "DELETE FROM backups WHERE id = ?1 AND status = 'deleting'",
-                [id],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn set_pinned(&self, id: &str, pinned: bool) -> Result<bool, CatalogError> {
-        let id = id.to_string();
-        self.call(move |c| {
-            let n = c.execute(
-                "UPDATE backups SET pinned = ?2 WHERE id = ?1 AND status <> 'deleting'",
-                params![id, pinned],
-            )?;
-            Ok(n == 1)
         })
         .await
     }
@@ -824,110 +466,15 @@ fn migrate(c: &Connection) -> Result<(), CatalogError> {
     Ok(())
 }
 
-fn insert(c: &Connection, b: &BackupRow) -> Result<(), CatalogError> {
-    c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)"),
-        params![
-            b.id,
-            b.target,
-            b.kind,
-            b.status,
-            b.trigger,
-            b.label,
-            b.created_at,
-            b.finished_at,
-            b.duration_ms as i64,
-            b.raw_bytes as i64,
-            b.stored_bytes as i64,
-            b.checksum,
-            b.compression,
-            b.encrypted,
-            b.encryption_recipient,
-            b.format,
-            b.object_key,
-            b.meta_key,
-            b.database,
-            b.db_host,
-            b.server_version,
-            b.pg_dump_version,
-            b.error,
-            b.pinned,
-            b.tags.join(","),
-            b.agent,
-            b.verified_at,
-            b.verify_result,
-        ],
-    )?;
-    Ok(())
-}
-
-fn get(c: &Connection, id: &str) -> Result<Option<BackupRow>, CatalogError> {
-    let sql = format!("SELECT {COLUMNS} FROM backups WHERE id = ?1");
-    Ok(c.query_row(&sql, [id], row_to_backup).optional()?)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn row(id: &str, target: &str, at: &str) -> BackupRow {
-        BackupRow {
-            id: id.into(),
-            target: target.into(),
-            kind: "logical".into(),
-            status: status::RUNNING.into(),
-            trigger: "manual".into(),
-            created_at: at.into(),
-            ..Default::default()
-        }
-    }
-
     #[tokio::test]
-    async fn lifecycle() {
+    async fn targets_are_claimed_once_and_the_file_is_private() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.db");
         let cat = Catalog::open(&path).unwrap();
-        cat.insert(row("a_1", "a", "2024-01-01T00:00:00Z"))
-            .await
-            .unwrap();
-        cat.insert(row("a_2", "a", "2024-01-02T00:00:00Z"))
-            .await
-            .unwrap();
-        cat.insert(row("b_1", "b", "2024-01-03T00:00:00Z"))
-            .await
-            .unwrap();
-        assert_eq!(cat.unused_id("a_1".into()).await.unwrap(), "a_1_2");
-        assert_eq!(cat.unused_id("a_9".into()).await.unwrap(), "a_9");
-
-        let mut done = row("a_1", "a", "2024-01-01T00:00:00Z");
-        done.checksum = "blake3:00".into();
-        done.tags = vec!["manual".into()];
-        cat.complete(done).await.unwrap();
-        assert!(
-            !cat.fail("a_1", "x", "t".into()).await.unwrap(),
-            "completed rows cannot fail"
-        );
-        assert_eq!(
-            cat.fail_all_running("interrupted", "t".into())
-                .await
-                .unwrap(),
-            2
-        );
-
-        let got = cat.get("a_1").await.unwrap().unwrap();
-        assert_eq!(got.status, "completed");
-        assert_eq!(got.tags, vec!["manual"]);
-        assert_eq!(cat.get("a_2").await.unwrap().unwrap().status, "failed");
-        assert_eq!(cat.list(Some("a".into())).await.unwrap().len(), 2);
-        assert_eq!(cat.list(None).await.unwrap()[0].id, "b_1");
-        let latest = cat.latest_completed("a", None).await.unwrap().unwrap();
-        assert_eq!(latest.id, "a_1");
-        assert!(cat
-            .latest_completed("a", Some("2023-12-31T00:00:00Z".into()))
-            .await
-            .unwrap()
-            .is_none());
-
         assert_eq!(
             cat.claim_target("a", "agent1", "t".into()).await.unwrap(),
             None
@@ -943,11 +490,18 @@ mod tests {
                 .as_deref(),
             Some("agent1")
         );
+        // a target only the config file named (no owner yet) is claimable
+        cat.record_missed("cfg", "t".into()).await.unwrap();
+        assert_eq!(
+            cat.claim_target("cfg", "agent2", "t".into()).await.unwrap(),
+            None
+        );
+        assert_eq!(cat.target("cfg").await.unwrap().unwrap().missed_slots, 1);
 
         // reopening keeps everything and does not re-run migrations
         drop(cat);
         let cat = Catalog::open(&path).unwrap();
-        assert_eq!(cat.list(None).await.unwrap().len(), 3);
+        assert_eq!(cat.targets().await.unwrap().len(), 2);
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,

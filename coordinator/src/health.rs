@@ -6,7 +6,7 @@
 use chrono::{DateTime, Utc};
 use serde::Serialize;
 
-use crate::catalog::status;
+use crate::repo::{record::format_time, Status};
 use crate::Core;
 
 /// Overall and per-target level. Unhealthy: backups are not happening (the
@@ -96,8 +96,8 @@ pub async fn report(core: &Core) -> Result<Report, String> {
     let mut targets = Vec::new();
     for name in crate::alerts::targets(core).await {
         let rows = core
-            .catalog
-            .list(Some(name.clone()))
+            .repo
+            .list(Some(&name))
             .await
             .map_err(|e| e.to_string())?;
         let record = core
@@ -105,15 +105,11 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             .target(&name)
             .await
             .map_err(|e| e.to_string())?;
-        let last = rows.iter().find(|r| {
-            r.status == status::COMPLETED
-                || r.status == status::FAILED
-                || r.status == status::INTERRUPTED
-        });
-        let last_ok = rows.iter().find(|r| r.status == status::COMPLETED);
+        let last = rows.iter().find(|r| r.status.is_finished());
+        let last_ok = rows.iter().find(|r| r.status == Status::Completed);
         let completed: Vec<_> = rows
             .iter()
-            .filter(|r| r.status == status::COMPLETED)
+            .filter(|r| r.status == Status::Completed)
             .collect();
         let alerts: Vec<OpenAlert> = open
             .iter()
@@ -138,7 +134,7 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             });
             reasons.push(a.event.clone());
         }
-        if last.is_some_and(|r| r.status == status::FAILED) {
+        if last.is_some_and(|r| r.status == Status::Failed) {
             level = level.max(Level::Degraded);
             if !reasons.iter().any(|r| r == "backup.failed") {
                 reasons.push("last backup failed".into());
@@ -158,20 +154,16 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             }
             reasons.push(NO_BACKUP_YET.into());
         }
-        let last_success_at =
-            last_ok.map(|r| r.finished_at.clone().unwrap_or(r.created_at.clone()));
+        let last_success = last_ok.map(|r| r.finished_at.unwrap_or(r.created_at));
         targets.push(TargetStatus {
             schedule: core.scheduler.schedule_of(&name),
             next_backup_at: core.scheduler.next_run(&name).map(crate::rfc3339),
-            last_backup_at: last.map(|r| r.created_at.clone()),
+            last_backup_at: last.map(|r| format_time(r.created_at)),
             last_backup_id: last.map(|r| r.id.clone()),
-            last_backup_status: last.map(|r| r.status.clone()),
+            last_backup_status: last.map(|r| r.status.as_str().to_string()),
             last_backup_error: last.and_then(|r| r.error.clone()),
-            last_success_unix: last_success_at
-                .as_deref()
-                .and_then(parse)
-                .map(|d| d.timestamp()),
-            last_success_at,
+            last_success_unix: last_success.map(|d| d.timestamp()),
+            last_success_at: last_success.map(format_time),
             backups: completed.len() as u32,
             stored_bytes: completed.iter().map(|r| r.stored_bytes).sum(),
             agent_connected: connected,

@@ -14,26 +14,12 @@ use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 use tracing::Instrument;
 
-use crate::catalog::{status, BackupRow};
 use crate::fleet::{JobKind, Report};
+use crate::repo::{self, BackupRecord};
 use crate::schedule::planner::Outcome;
 use crate::{to_proto, Core};
 
-/// Who asked for a backup.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Trigger {
-    Manual,
-    Scheduled,
-}
-
-impl Trigger {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Trigger::Manual => "manual",
-            Trigger::Scheduled => "scheduled",
-        }
-    }
-}
+pub use crate::repo::Trigger;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -109,42 +95,6 @@ impl Drop for SlotGuard {
     }
 }
 
-async fn new_row(
-    core: &Core,
-    target: &str,
-    trigger: Trigger,
-    label: Option<String>,
-    agent: String,
-) -> Result<String, StartError> {
-    let now = core.clock.now();
-    let id = core
-        .catalog
-        .unused_id(datasaver_common::names::backup_id(target, now))
-        .await
-        .map_err(|e| StartError::Internal(e.to_string()))?;
-    core.catalog
-        .insert(BackupRow {
-            id: id.clone(),
-            target: target.to_string(),
-            kind: "logical".into(),
-            status: status::RUNNING.into(),
-            trigger: trigger.as_str().into(),
-            label,
-            created_at: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-            agent,
-            ..Default::default()
-        })
-        .await
-        .map_err(|e| StartError::Internal(e.to_string()))?;
-    Ok(id)
-}
-
-fn stamp(core: &Core) -> String {
-    core.clock
-        .now()
-        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 /// Records an attempt that could not even start (no agent connected), so a
 /// missed scheduled backup is visible as a failure, never silently skipped.
 pub async fn record_failed_attempt(
@@ -152,15 +102,15 @@ pub async fn record_failed_attempt(
     target: &str,
     trigger: Trigger,
     error: &str,
-) -> Result<String, StartError> {
-    let id = new_row(core, target, trigger, None, String::new()).await?;
-    core.catalog
-        .fail(&id, error, stamp(core))
+) -> Result<BackupRecord, StartError> {
+    let b = core
+        .repo
+        .record_failed_attempt(target, trigger, error)
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?;
     core.metrics.backup_failed(target, error);
     core.alerter.wake.notify_one();
-    Ok(id)
+    Ok(b)
 }
 
 /// Starts a backup of `target` on its agent now. Callers go through the
@@ -183,11 +133,16 @@ pub async fn start_backup(
         target: target.to_string(),
     };
     let label = label.filter(|l| !l.trim().is_empty());
-    let id = new_row(core, target, trigger, label, agent_name.clone()).await?;
+    let id = core
+        .repo
+        .begin(target, trigger, label, &agent_name)
+        .await
+        .map_err(|e| StartError::Internal(e.to_string()))?
+        .id;
     // What this backup will roughly read: the previous one's pg_dump size
     // (for dsctl's progress bar; 0 when there is none).
     let expected_raw = core
-        .catalog
+        .repo
         .latest_completed(target, None)
         .await
         .ok()
@@ -274,8 +229,8 @@ async fn decide(
     target: &str,
     result: Result<JobResult, JobFailure>,
 ) -> (Outcome, JobEvent) {
-    let row = core.catalog.get(id).await.ok().flatten();
-    if let Some(row) = row.filter(|r| r.status == status::COMPLETED) {
+    let row = core.repo.get(id).await.ok().flatten();
+    if let Some(row) = row.filter(|r| r.status == repo::Status::Completed) {
         tracing::info!(backup = %id, "backup completed");
         core.metrics.backup_succeeded(
             target,
@@ -297,7 +252,11 @@ async fn decide(
     };
     if failure.interrupted {
         let reason = format!("interrupted: {}", failure.message);
-        if let Err(e) = core.catalog.interrupt(id, &reason, stamp(core)).await {
+        if let Err(e) = core
+            .repo
+            .finish(id, repo::Status::Interrupted, &reason)
+            .await
+        {
             tracing::error!(backup = %id, error = %e, "could not record the interruption");
         }
         tracing::info!(backup = %id, reason = %failure.message, "backup interrupted by a planned agent stop");
@@ -307,13 +266,17 @@ async fn decide(
             failed(format!("backup {id} {reason}")),
         );
     }
-    if let Err(e) = core.catalog.fail(id, &failure.message, stamp(core)).await {
+    if let Err(e) = core
+        .repo
+        .finish(id, repo::Status::Failed, &failure.message)
+        .await
+    {
         tracing::error!(backup = %id, error = %e, "could not record the failure");
     }
     // The first recorded reason (e.g. the upload's own error) is kept by the
-    // catalog; show that one.
+    // repository; show that one.
     let error = core
-        .catalog
+        .repo
         .get(id)
         .await
         .ok()
@@ -379,4 +342,73 @@ pub async fn wait_result(
             }
         }
     }
+}
+
+/// Stores the bytes of running backup `backup_id` as they arrive from its
+/// agent (the agent's `Upload` call): GFS tags for its completion, the
+/// repository's all-or-nothing ingest, and — when it does not complete — the
+/// reason kept with the backup (the job's outcome is still decided in
+/// `decide`, once the agent reports).
+pub async fn store_upload<S>(
+    core: &Core,
+    backup_id: &str,
+    meta: repo::ingest::IngestMeta,
+    pieces: S,
+) -> Result<BackupRecord, repo::ingest::IngestError>
+where
+    S: futures::Stream<Item = Result<repo::ingest::Piece, repo::ingest::IngestError>>
+        + Send
+        + 'static,
+{
+    use futures::StreamExt;
+    use repo::ingest::{IngestError, Piece};
+    let running = core
+        .repo
+        .find(backup_id)
+        .await
+        .map_err(|e| IngestError::Failed(e.to_string()))?;
+    let target = running.target.clone();
+    let tags = crate::retention::cleanup::tags_for_new(core, &running).await;
+    // Counted as they arrive (throughput in /metrics), and cut off with a
+    // reason when the coordinator shuts down.
+    let metrics = &core.metrics;
+    let counted = pieces.inspect(|p| {
+        if let Ok(Piece::Data(d)) = p {
+            metrics.uploaded(&target, d.len() as u64);
+        }
+    });
+    let body = until_shutdown(counted, core.cancel.clone());
+    let result = core.repo.ingest(backup_id, meta, body, tags).await;
+    if let Err(e) = &result {
+        if let Err(ne) = core.repo.note_error(backup_id, &e.to_string()).await {
+            tracing::error!(backup = %backup_id, error = %ne, "could not record why the upload failed");
+        }
+    }
+    result
+}
+
+/// `s`, ending with an error item when `cancel` fires.
+fn until_shutdown<S>(
+    s: S,
+    cancel: tokio_util::sync::CancellationToken,
+) -> impl futures::Stream<Item = Result<repo::ingest::Piece, repo::ingest::IngestError>> + Send
+where
+    S: futures::Stream<Item = Result<repo::ingest::Piece, repo::ingest::IngestError>> + Send,
+{
+    use futures::StreamExt;
+    futures::stream::unfold(
+        (Box::pin(s), cancel, false),
+        |(mut s, cancel, ended)| async move {
+            if ended {
+                return None;
+            }
+            tokio::select! {
+                _ = cancel.cancelled() => Some((
+                    Err(repo::ingest::IngestError::Failed("coordinator shutting down".into())),
+                    (s, cancel, true),
+                )),
+                item = s.next() => item.map(|i| (i, (s, cancel, false))),
+            }
+        },
+    )
 }

@@ -13,11 +13,10 @@ pub mod health;
 pub mod http;
 pub mod jobs;
 pub mod listener;
-pub mod meta;
 pub mod metrics;
 pub mod operator_service;
 pub mod policy;
-pub mod rebuild;
+pub mod repo;
 pub mod retention;
 pub mod schedule;
 pub mod storage;
@@ -32,15 +31,18 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Status};
 
-use crate::catalog::{BackupRow, Catalog};
+use crate::catalog::Catalog;
 use crate::config::{Backend, Config};
 use crate::fleet::Fleet;
+use crate::repo::{BackupRecord, Repository};
 use crate::storage::Storage;
 
 /// Everything the services share.
 pub struct Core {
+    /// Targets and scheduler progress, alert state, the webhook outbox.
     pub catalog: Catalog,
-    pub storage: Arc<dyn Storage>,
+    /// Everything stored about backups: the only way to storage.
+    pub repo: Repository,
     pub fleet: Fleet,
     pub cancel: CancellationToken,
     pub policies: policy::Policies,
@@ -49,6 +51,8 @@ pub struct Core {
     pub metrics: metrics::Metrics,
     pub alert_config: alerts::AlertConfig,
     pub alerter: alerts::Alerter,
+    /// One retention run at a time (see `retention::cleanup::run`).
+    pub cleanup: tokio::sync::Mutex<()>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -59,6 +63,8 @@ pub enum StartError {
     Storage(#[from] storage::StorageError),
     #[error("{0}")]
     Catalog(#[from] catalog::CatalogError),
+    #[error("{0}")]
+    Repo(repo::RepoError),
     #[error("storage check failed (the coordinator must be able to write, read, list and delete before it accepts backups): {0}")]
     Probe(storage::StorageError),
     #[error("data directory {path}: {source}")]
@@ -75,22 +81,6 @@ pub enum StartError {
     },
     #[error("gRPC server failed: {0}")]
     Serve(#[from] tonic::transport::Error),
-}
-
-/// Adds `data` to a checksum on the blocking pool (chunks are up to 1 MiB:
-/// too much hashing for an async worker thread).
-pub async fn hash_off_thread(
-    h: &mut datasaver_common::checksum::Checksum,
-    data: bytes::Bytes,
-) -> Result<(), String> {
-    let mut taken = std::mem::take(h);
-    *h = tokio::task::spawn_blocking(move || {
-        taken.update(&data);
-        taken
-    })
-    .await
-    .map_err(|e| format!("hashing worker failed: {e}"))?;
-    Ok(())
 }
 
 /// A failure inside the coordinator, as a gRPC status.
@@ -125,13 +115,13 @@ pub fn peer<T>(req: &Request<T>, role: Role) -> Result<PeerIdentity, Status> {
     Ok(id)
 }
 
-pub fn to_proto(b: &BackupRow) -> datasaver_common::proto::Backup {
+pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
     datasaver_common::proto::Backup {
         id: b.id.clone(),
         target: b.target.clone(),
-        created_at: b.created_at.clone(),
-        kind: b.kind.clone(),
-        status: b.status.clone(),
+        created_at: repo::record::format_time(b.created_at),
+        kind: b.kind.as_str().into(),
+        status: b.status.as_str().into(),
         raw_bytes: b.raw_bytes,
         stored_bytes: b.stored_bytes,
         checksum: b.checksum.clone(),
@@ -140,8 +130,8 @@ pub fn to_proto(b: &BackupRow) -> datasaver_common::proto::Backup {
         tags: b.tags.clone(),
         label: b.label.clone(),
         pinned: b.pinned,
-        trigger: b.trigger.clone(),
-        finished_at: b.finished_at.clone(),
+        trigger: b.trigger.as_str().into(),
+        finished_at: b.finished_at.map(repo::record::format_time),
         duration_ms: b.duration_ms,
         database: b.database.clone(),
         db_host: b.db_host.clone(),
@@ -150,8 +140,11 @@ pub fn to_proto(b: &BackupRow) -> datasaver_common::proto::Backup {
         object_key: b.object_key.clone(),
         error: b.error.clone(),
         encryption_recipient: b.encryption_recipient.clone(),
-        verified_at: b.verified_at.clone(),
-        verify_result: b.verify_result.clone(),
+        verified_at: b
+            .verification
+            .as_ref()
+            .map(|v| repo::record::format_time(v.at)),
+        verify_result: b.verification.as_ref().map(repo::Verification::result),
         next_backup_at: None,
     }
 }
@@ -181,40 +174,48 @@ pub async fn run(
         }
     };
     let catalog = Catalog::open(&config.data_dir.join("catalog.db"))?;
+    let clock: Arc<dyn clock::Clock> = Arc::new(clock::SystemClock);
+    let repo = Repository::new(catalog.clone(), storage, clock.clone());
 
-    let removed = storage.cleanup_incomplete().await?;
-    if removed > 0 {
+    // What a crash or kill left: partial objects, attempts cut off anywhere
+    // in object -> meta -> row (adopted if whole and verified, else removed).
+    let r = repo
+        .reconcile("interrupted: the coordinator stopped while this backup was running")
+        .await
+        .map_err(StartError::Repo)?;
+    if r.removed_partial > 0 {
         tracing::warn!(
-            removed,
+            removed = r.removed_partial,
             "removed partial objects left by an interrupted upload"
         );
     }
-    let failed = catalog
-        .fail_all_running(
-            "interrupted: the coordinator stopped while this backup was running",
-            now_rfc3339(),
-        )
-        .await?;
-    if failed > 0 {
-        tracing::warn!(failed, "marked interrupted backups as failed");
+    if !r.failed.is_empty() {
+        tracing::warn!(failed = ?r.failed, removed = ?r.removed, "marked interrupted backups as failed");
+    }
+    if !r.adopted.is_empty() {
+        tracing::warn!(adopted = ?r.adopted, "completed backups whose object and meta file were stored before the coordinator stopped");
+    }
+    for p in &r.problems {
+        tracing::error!(problem = %p, "could not reconcile storage with the catalog");
     }
 
     let core = Arc::new(Core {
         catalog,
-        storage,
+        repo,
         fleet: Fleet::default(),
         cancel: cancel.clone(),
         scheduler: schedule::driver::Scheduler::new(&config.policies),
         policies: config.policies.clone(),
-        clock: Arc::new(clock::SystemClock),
+        clock,
         metrics: metrics::Metrics::new(),
         alert_config: config.alerts.clone(),
         alerter: alerts::Alerter::new(chrono::Utc::now()),
+        cleanup: tokio::sync::Mutex::new(()),
     });
     // Losing the backup host must not lose the backups: an empty catalog over
     // a non-empty storage is rebuilt from the meta files before serving.
-    if !core.catalog.has_backups().await? {
-        match rebuild::rebuild(&core).await {
+    if !core.repo.has_backups().await.map_err(StartError::Repo)? {
+        match core.repo.rebuild().await {
             Ok(r) if r.imported.is_empty() && r.problems.is_empty() => {}
             Ok(r) => {
                 tracing::warn!(
@@ -232,12 +233,18 @@ pub async fn run(
         }
     }
     // A cleanup killed half-way left rows marked `deleting`: finish them.
-    match retention::cleanup::finish_interrupted(&core).await {
-        Ok(0) => {}
-        Ok(n) => tracing::warn!(
-            finished = n,
-            "finished deletions an interrupted cleanup had started"
-        ),
+    match core.repo.finish_deletions(None).await {
+        Ok((done, errors)) => {
+            if !done.is_empty() {
+                tracing::warn!(
+                    finished = done.len(),
+                    "finished deletions an interrupted cleanup had started"
+                );
+            }
+            for e in errors {
+                tracing::error!(error = %e, "could not finish an interrupted deletion; `dsctl cleanup` retries");
+            }
+        }
         Err(e) => {
             tracing::error!(error = %e, "could not finish interrupted deletions; `dsctl cleanup` retries")
         }
@@ -256,7 +263,7 @@ pub async fn run(
         tokio::spawn(alerts::webhook::run(core.clone())),
     ];
     let addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    tracing::info!(grpc = %addr, http = %http_addr, storage = %core.storage.describe(), identity = %tls.identity, webhooks = core.alert_config.webhook_urls.len(), "coordinator ready");
+    tracing::info!(grpc = %addr, http = %http_addr, storage = %core.repo.describe_storage(), identity = %tls.identity, webhooks = core.alert_config.webhook_urls.len(), "coordinator ready");
 
     let incoming = listener::incoming(grpc, server_tls, cancel.clone());
     let max = datasaver_common::MAX_MESSAGE_SIZE;
@@ -282,14 +289,15 @@ pub async fn run(
     }
 
     let failed = core
-        .catalog
-        .fail_all_running(
-            "interrupted: the coordinator shut down while this backup was running",
-            now_rfc3339(),
-        )
-        .await?;
-    if failed > 0 {
-        tracing::warn!(failed, "marked in-flight backups as failed at shutdown");
+        .repo
+        .fail_all_running("interrupted: the coordinator shut down while this backup was running")
+        .await
+        .map_err(StartError::Repo)?;
+    if !failed.is_empty() {
+        tracing::warn!(
+            failed = failed.len(),
+            "marked in-flight backups as failed at shutdown"
+        );
     }
     tracing::info!("coordinator stopped");
     Ok(())

@@ -21,10 +21,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
-use crate::catalog::{status, BackupRow};
 use crate::fleet::JobKind;
 use crate::jobs::{self, done, failed, progress, wait_result, JobFailure, StartError};
-use crate::{internal, now_rfc3339, peer, to_proto, Core};
+use crate::repo::{self, BackupRecord, RepoError};
+use crate::{internal, peer, to_proto, Core};
 
 pub struct OperatorSvc {
     pub core: Arc<Core>,
@@ -56,7 +56,12 @@ impl OperatorService for OperatorSvc {
         let who = peer(&req, Role::Operator)?;
         let target = Some(req.into_inner().target).filter(|t| !t.is_empty());
         tracing::info!(operator = %who, target = ?target, "list backups");
-        let rows = self.core.catalog.list(target).await.map_err(internal)?;
+        let rows = self
+            .core
+            .repo
+            .list(target.as_deref())
+            .await
+            .map_err(internal)?;
         Ok(Response::new(ListBackupsResponse {
             backups: rows.iter().map(to_proto).collect(),
         }))
@@ -119,15 +124,16 @@ impl OperatorService for OperatorSvc {
                 ));
             };
             self.core
-                .catalog
-                .latest_completed(&req.target, at.clone())
+                .repo
+                .latest_completed(&req.target, at)
                 .await
                 .map_err(internal)?
                 .ok_or_else(|| {
                     Status::not_found(match at {
                         Some(at) => format!(
-                            "target {} has no completed backup at or before {at}",
-                            req.target
+                            "target {} has no completed backup at or before {}",
+                            req.target,
+                            crate::rfc3339(at)
                         ),
                         None => format!("target {} has no completed backup", req.target),
                     })
@@ -137,7 +143,7 @@ impl OperatorService for OperatorSvc {
                 "give a backup id, or --target with --latest or --at",
             ));
         };
-        if row.status != status::COMPLETED {
+        if row.status != repo::Status::Completed {
             return Err(Status::failed_precondition(format!(
                 "backup {} is {}, not completed; it cannot be restored",
                 row.id, row.status
@@ -159,9 +165,12 @@ impl OperatorService for OperatorSvc {
     ) -> Result<Response<RebuildCatalogResponse>, Status> {
         let who = peer(&req, Role::Operator)?;
         tracing::info!(operator = %who, "catalog rebuild requested");
-        let r = crate::rebuild::rebuild(&self.core)
+        let r = self
+            .core
+            .repo
+            .rebuild()
             .await
-            .map_err(Status::unavailable)?;
+            .map_err(|e| Status::unavailable(e.to_string()))?;
         for p in &r.problems {
             tracing::warn!(problem = %p, "not imported during catalog rebuild");
         }
@@ -175,7 +184,7 @@ impl OperatorService for OperatorSvc {
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<EventStream>, Status> {
         let who = peer(&req, Role::Operator)?;
         let row = self.find(&req.into_inner().id).await?;
-        if row.status != status::COMPLETED {
+        if row.status != repo::Status::Completed {
             return Err(Status::failed_precondition(format!(
                 "backup {} is {}, not completed; there is nothing to verify",
                 row.id, row.status
@@ -212,8 +221,8 @@ impl OperatorService for OperatorSvc {
                     .iter()
                     .map(|(row, d)| CleanupItem {
                         id: row.id.clone(),
-                        created_at: row.created_at.clone(),
-                        status: row.status.clone(),
+                        created_at: crate::repo::record::format_time(row.created_at),
+                        status: row.status.as_str().into(),
                         keep: d.keep,
                         reasons: d.reasons.iter().map(|r| r.to_string()).collect(),
                         tags: d.tags.iter().map(|t| t.as_str().to_string()).collect(),
@@ -238,38 +247,13 @@ impl OperatorService for OperatorSvc {
     ) -> Result<Response<datasaver_common::proto::Backup>, Status> {
         let who = peer(&req, Role::Operator)?;
         let req = req.into_inner();
-        let row = self.find(&req.id).await?;
-        if row.status != status::COMPLETED {
-            return Err(Status::failed_precondition(format!(
-                "backup {} is {}; only completed backups can be pinned",
-                row.id, row.status
-            )));
-        }
-        if !self
+        let updated = self
             .core
-            .catalog
-            .set_pinned(&row.id, req.pinned)
+            .repo
+            .set_pinned(&req.id, req.pinned)
             .await
-            .map_err(internal)?
-        {
-            return Err(Status::failed_precondition(format!(
-                "backup {} is being deleted",
-                row.id
-            )));
-        }
-        tracing::info!(operator = %who, backup = %row.id, pinned = req.pinned, "pin changed");
-        let updated = self.find(&row.id).await?;
-        // The meta file too, so a rebuilt catalog still knows it is pinned.
-        let meta = crate::meta::Meta::from_row(&updated).to_json();
-        self.core
-            .storage
-            .put(&updated.meta_key, bytes::Bytes::from(meta))
-            .await
-            .map_err(|e| {
-                Status::unavailable(format!(
-                    "pin recorded in the catalog, but the meta file could not be updated: {e}"
-                ))
-            })?;
+            .map_err(repo_status)?;
+        tracing::info!(operator = %who, backup = %updated.id, pinned = req.pinned, "pin changed");
         Ok(Response::new(to_proto(&updated)))
     }
 
@@ -286,7 +270,7 @@ impl OperatorService for OperatorSvc {
                 row.id, row.id
             )));
         }
-        if row.status == status::RUNNING {
+        if row.status == repo::Status::Running {
             return Err(Status::failed_precondition(format!(
                 "backup {} is still running",
                 row.id
@@ -298,10 +282,10 @@ impl OperatorService for OperatorSvc {
                 row.id
             )));
         }
-        if row.status == status::COMPLETED && !req.force {
+        if row.status == repo::Status::Completed && !req.force {
             let newest = self
                 .core
-                .catalog
+                .repo
                 .latest_completed(&row.target, None)
                 .await
                 .map_err(internal)?;
@@ -314,7 +298,7 @@ impl OperatorService for OperatorSvc {
         }
         tracing::info!(operator = %who, backup = %row.id, force = req.force, "delete requested");
         let reason = format!("deleted by operator {}", who.name);
-        match crate::retention::cleanup::delete(&self.core, &row, &reason).await {
+        match self.core.repo.delete(&row, &reason).await {
             Ok(true) => Ok(Response::new(DeleteBackupResponse { id: row.id })),
             Ok(false) => Err(Status::failed_precondition(format!(
                 "backup {} changed meanwhile (pinned?); nothing deleted",
@@ -379,8 +363,8 @@ impl OperatorService for OperatorSvc {
     }
 }
 
-fn parse_time(s: &str) -> Result<String, Status> {
-    let t = chrono::DateTime::parse_from_rfc3339(s)
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
+    chrono::DateTime::parse_from_rfc3339(s)
         .map(|d| d.with_timezone(&chrono::Utc))
         .or_else(|_| {
             chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").map(|n| n.and_utc())
@@ -393,19 +377,13 @@ fn parse_time(s: &str) -> Result<String, Status> {
             Status::invalid_argument(format!(
                 "--at {s:?} is not a time (use RFC 3339 like 2024-01-11T02:00:00Z, or 2024-01-11)"
             ))
-        })?;
-    Ok(t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true))
+        })
 }
 
 impl OperatorSvc {
-    async fn find(&self, id: &str) -> Result<BackupRow, Status> {
+    async fn find(&self, id: &str) -> Result<BackupRecord, Status> {
         datasaver_common::names::validate_backup_id(id).map_err(Status::invalid_argument)?;
-        self.core
-            .catalog
-            .get(id)
-            .await
-            .map_err(internal)?
-            .ok_or_else(|| Status::not_found(format!("no backup with id {id} (see `dsctl list`)")))
+        self.core.repo.find(id).await.map_err(repo_status)
     }
 
     /// Restore, dry-run and verify share one shape: the agent streams the
@@ -414,7 +392,7 @@ impl OperatorSvc {
     /// good backup).
     async fn run_agent_read(
         &self,
-        row: BackupRow,
+        row: BackupRecord,
         mode: RestoreMode,
         target_db: String,
         force: bool,
@@ -499,24 +477,12 @@ impl OperatorSvc {
             // with the backup (catalog and meta file), so the next restore
             // and `dsctl list` know.
             if record_verify || corrupt {
-                let verdict = match &result {
-                    Ok(r) => format!("ok: checksum matches, {} archive entries", r.toc_entries),
-                    Err(f) => format!("failed: {}", f.message),
+                let (ok, detail) = match &result {
+                    Ok(r) => (true, format!("checksum matches, {} archive entries", r.toc_entries)),
+                    Err(f) => (false, f.message.clone()),
                 };
-                let _ = core
-                    .catalog
-                    .set_verified(&row.id, now_rfc3339(), verdict)
-                    .await;
-                // keep the meta file in step, so a rebuilt catalog knows it too
-                if let Ok(Some(updated)) = core.catalog.get(&row.id).await {
-                    let meta = crate::meta::Meta::from_row(&updated).to_json();
-                    if let Err(e) = core
-                        .storage
-                        .put(&updated.meta_key, bytes::Bytes::from(meta))
-                        .await
-                    {
-                        tracing::warn!(backup = %row.id, error = %e, "could not update the meta file with the verify result");
-                    }
+                if let Err(e) = core.repo.record_verification(&row.id, ok, &detail).await {
+                    tracing::warn!(backup = %row.id, error = %e, "could not record the verify result");
                 }
             }
             let result = match result {
@@ -528,7 +494,7 @@ impl OperatorSvc {
                 Ok(r) => {
                     tracing::info!(backup = %row.id, message = %r.message, "agent job finished");
                     let backup = core
-                        .catalog
+                        .repo
                         .get(&row.id)
                         .await
                         .ok()
@@ -555,30 +521,31 @@ impl OperatorSvc {
 }
 
 /// Names the backup to restore instead of a corrupt one, from the catalog
-/// alone (no extra reads): the newest older completed backup of the same
-/// target not known to be bad, saying whether it was verified.
-async fn next_good(core: &Core, row: &BackupRow) -> String {
-    let older = core
-        .catalog
-        .older_completed(&row.target, &row.id)
-        .await
-        .unwrap_or_default();
-    let candidate = older.iter().find(|b| {
-        !b.verify_result
-            .as_deref()
-            .is_some_and(|v| v.starts_with("failed"))
-    });
-    match candidate {
-        Some(b) => match (&b.verified_at, &b.verify_result) {
-            (Some(at), Some(v)) if v.starts_with("ok") => format!(
-                "the next-oldest good backup is {} (verified {at}; dsctl restore {})",
-                b.id, b.id
+/// alone (no extra reads), saying whether it was verified.
+async fn next_good(core: &Core, row: &BackupRecord) -> String {
+    match core.repo.next_good(row).await {
+        Ok(Some(b)) => match &b.verification {
+            Some(v) if v.ok => format!(
+                "the next-oldest good backup is {} (verified {}; dsctl restore {})",
+                b.id,
+                crate::rfc3339(v.at),
+                b.id
             ),
             _ => format!(
                 "the next-oldest good backup is {} (not verified since it was stored: `dsctl verify {}`, then `dsctl restore {}`)",
                 b.id, b.id, b.id
             ),
         },
-        None => format!("no older good backup of {} is known", row.target),
+        Ok(None) => format!("no older good backup of {} is known", row.target),
+        Err(e) => format!("the catalog could not name an older backup: {e}"),
+    }
+}
+
+/// A repository error as a gRPC status.
+fn repo_status(e: RepoError) -> Status {
+    match e {
+        RepoError::NotFound(_) => Status::not_found(e.to_string()),
+        RepoError::Conflict(_) => Status::failed_precondition(e.to_string()),
+        _ => Status::unavailable(e.to_string()),
     }
 }

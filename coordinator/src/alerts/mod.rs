@@ -14,7 +14,8 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::catalog::{status, AlertRow};
+use crate::catalog::AlertRow;
+use crate::repo::Status;
 use crate::Core;
 use rules::{Attempt, Condition, Facts, Kind, Rules};
 
@@ -88,7 +89,7 @@ pub async fn targets(core: &Core) -> Vec<String> {
     if let Ok(ts) = core.catalog.targets().await {
         names.extend(ts.into_iter().map(|t| t.name));
     }
-    if let Ok(ts) = core.catalog.backup_targets().await {
+    if let Ok(ts) = core.repo.targets().await {
         names.extend(ts);
     }
     names.extend(core.policies.targets.keys().cloned());
@@ -112,31 +113,19 @@ pub fn rules_for(core: &Core, target: &str, now: DateTime<Utc>) -> Rules {
 
 /// The facts the rules need about one target.
 pub async fn facts(core: &Core, target: &str) -> Facts {
-    let rows = core
-        .catalog
-        .list(Some(target.to_string()))
-        .await
-        .unwrap_or_default();
+    let rows = core.repo.list(Some(target)).await.unwrap_or_default();
     // Interrupted attempts (a planned agent stop) are neither successes nor
     // failures: only their retry counts.
     let recent: Vec<Attempt> = rows
         .iter()
-        .filter(|r| r.status == status::COMPLETED || r.status == status::FAILED)
-        .filter_map(|r| {
-            let created_at = parse(&r.created_at)?;
-            let finished_at = r
-                .finished_at
-                .as_deref()
-                .and_then(parse)
-                .unwrap_or(created_at);
-            Some(Attempt {
-                id: r.id.clone(),
-                created_at,
-                finished_at,
-                ok: r.status == status::COMPLETED,
-                raw_bytes: r.raw_bytes,
-                error: r.error.clone(),
-            })
+        .filter(|r| r.status == Status::Completed || r.status == Status::Failed)
+        .map(|r| Attempt {
+            id: r.id.clone(),
+            created_at: r.created_at,
+            finished_at: r.finished_at.unwrap_or(r.created_at),
+            ok: r.status == Status::Completed,
+            raw_bytes: r.raw_bytes,
+            error: r.error.clone(),
         })
         .take(50)
         .collect();
@@ -153,12 +142,9 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
     };
     let last_verify = rows
         .iter()
-        .filter(|r| r.verified_at.is_some())
-        .max_by(|a, b| a.verified_at.cmp(&b.verified_at))
-        .and_then(|r| {
-            let v = r.verify_result.clone()?;
-            Some((v.starts_with("ok"), r.id.clone(), v))
-        });
+        .filter_map(|r| r.verification.as_ref().map(|v| (r, v)))
+        .max_by_key(|(_, v)| v.at)
+        .map(|(r, v)| (v.ok, r.id.clone(), v.result()));
     let last_missed = record.as_ref().and_then(|r| {
         let at = parse(r.last_missed_at.as_deref()?)?;
         Some((at, r.missed_slots))

@@ -7,8 +7,8 @@ use std::collections::HashSet;
 
 use chrono::{DateTime, Utc};
 
-use crate::catalog::{status, BackupRow};
 use crate::policy::RetentionSpec;
+use crate::repo::{BackupRecord, Status};
 use crate::retention::gfs::{self, Candidate, Decision};
 use crate::Core;
 
@@ -18,7 +18,7 @@ pub struct TargetPlan {
     pub target: String,
     pub policy: gfs::Policy,
     /// Every backup of the target with its verdict, newest first.
-    pub decisions: Vec<(BackupRow, Decision)>,
+    pub decisions: Vec<(BackupRecord, Decision)>,
 }
 
 /// What a cleanup did (or, dry, would do).
@@ -33,34 +33,22 @@ pub struct Report {
     pub errors: Vec<String>,
 }
 
-/// One cleanup at a time: two would race on the same rows.
-static LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-fn candidate(b: &BackupRow, in_use: &HashSet<String>) -> Option<Candidate> {
-    let status = match b.status.as_str() {
-        status::COMPLETED => gfs::Status::Completed,
-        status::FAILED => gfs::Status::Failed,
-        status::RUNNING => gfs::Status::Running,
-        _ => return None,
+fn candidate(b: &BackupRecord, in_use: &HashSet<String>) -> Option<Candidate> {
+    let status = match b.status {
+        Status::Completed => gfs::Status::Completed,
+        // An interrupted attempt is kept like a failed one, for its grace.
+        Status::Failed | Status::Interrupted => gfs::Status::Failed,
+        Status::Running => gfs::Status::Running,
+        Status::Deleting => return None,
     };
-    let created_at = DateTime::parse_from_rfc3339(&b.created_at)
-        .ok()?
-        .with_timezone(&Utc);
     Some(Candidate {
         id: b.id.clone(),
-        created_at,
+        created_at: b.created_at,
         status,
         pinned: b.pinned,
-        manual: is_manual(b),
+        manual: b.is_manual(),
         in_use: in_use.contains(&b.id),
     })
-}
-
-/// A manual backup in the GFS sense: asked for by hand with a label. An
-/// unlabelled `dsctl backup` (from an operator's own cron, say) rotates like
-/// a scheduled one.
-pub fn is_manual(b: &BackupRow) -> bool {
-    b.trigger == "manual" && b.label.is_some()
 }
 
 /// The retention that applies to `target` now.
@@ -77,20 +65,16 @@ pub async fn policy_for(core: &Core, target: &str) -> gfs::Policy {
 }
 
 /// GFS tags a newly completed backup gets, given the target's other backups.
-pub async fn tags_for_new(core: &Core, row: &BackupRow) -> Vec<String> {
+pub async fn tags_for_new(core: &Core, row: &BackupRecord) -> Vec<String> {
     let mut tags = Vec::new();
-    if is_manual(row) {
+    if row.is_manual() {
         tags.push("manual".to_string());
         return tags;
     }
-    let mut rows = core
-        .catalog
-        .list(Some(row.target.clone()))
-        .await
-        .unwrap_or_default();
+    let mut rows = core.repo.list(Some(&row.target)).await.unwrap_or_default();
     rows.retain(|r| r.id != row.id);
     let mut completed = row.clone();
-    completed.status = status::COMPLETED.into();
+    completed.status = Status::Completed;
     rows.push(completed);
     let none = HashSet::new();
     let candidates: Vec<Candidate> = rows.iter().filter_map(|r| candidate(r, &none)).collect();
@@ -102,31 +86,27 @@ pub async fn tags_for_new(core: &Core, row: &BackupRow) -> Vec<String> {
 
 /// Plans (and unless `dry_run`, carries out) retention for one target or all.
 pub async fn run(core: &Core, target: Option<&str>, dry_run: bool) -> Result<Report, String> {
-    let _one = LOCK.lock().await;
+    // One cleanup at a time: two plans made side by side could each delete
+    // what the other counted on keeping.
+    let _one = core.cleanup.lock().await;
     let targets = match target {
         Some(t) => vec![t.to_string()],
-        None => core
-            .catalog
-            .backup_targets()
-            .await
-            .map_err(|e| e.to_string())?,
+        None => core.repo.targets().await.map_err(|e| e.to_string())?,
     };
     let now = core.clock.now();
     let mut report = Report::default();
     for t in targets {
-        let rows = core
-            .catalog
-            .list(Some(t.clone()))
-            .await
-            .map_err(|e| e.to_string())?;
         if !dry_run {
-            for r in rows.iter().filter(|r| r.status == status::DELETING) {
-                match delete_objects(core, r).await {
-                    Ok(()) => report.finished.push(r.id.clone()),
-                    Err(e) => report.errors.push(format!("{}: {e}", r.id)),
-                }
-            }
+            // Deletions a crash or a storage error left half-done go first.
+            let (done, errors) = core
+                .repo
+                .finish_deletions(Some(&t))
+                .await
+                .map_err(|e| e.to_string())?;
+            report.finished.extend(done);
+            report.errors.extend(errors);
         }
+        let rows = core.repo.list(Some(&t)).await.map_err(|e| e.to_string())?;
         let plan = plan_target(core, &t, rows, now).await;
         if !dry_run {
             for (row, d) in &plan.decisions {
@@ -141,7 +121,7 @@ pub async fn run(core: &Core, target: Option<&str>, dry_run: bool) -> Result<Rep
                         .push(format!("{}: in use by a restore or verify, kept", row.id));
                     continue;
                 }
-                match delete(core, row, &reason).await {
+                match core.repo.delete(row, &reason).await {
                     Ok(true) => {
                         tracing::info!(target = %t, backup = %row.id, reason = %reason, "deleted by retention");
                         report.deleted.push(row.id.clone());
@@ -179,27 +159,15 @@ pub fn describe_policy(p: &gfs::Policy) -> String {
     s
 }
 
-/// Finishes deletions an interrupted cleanup started (rows left `deleting`).
-pub async fn finish_interrupted(core: &Core) -> Result<usize, String> {
-    let _one = LOCK.lock().await;
-    let rows = core.catalog.list(None).await.map_err(|e| e.to_string())?;
-    let mut n = 0;
-    for r in rows.iter().filter(|r| r.status == status::DELETING) {
-        delete_objects(core, r).await?;
-        n += 1;
-    }
-    Ok(n)
-}
-
 async fn plan_target(
     core: &Core,
     target: &str,
-    rows: Vec<BackupRow>,
+    rows: Vec<BackupRecord>,
     now: DateTime<Utc>,
 ) -> TargetPlan {
     let policy = policy_for(core, target).await;
     let in_use = core.fleet.backups_in_use();
-    let (rows, candidates): (Vec<BackupRow>, Vec<Candidate>) = rows
+    let (rows, candidates): (Vec<BackupRecord>, Vec<Candidate>) = rows
         .into_iter()
         .filter_map(|r| candidate(&r, &in_use).map(|c| (r, c)))
         .unzip();
@@ -209,39 +177,4 @@ async fn plan_target(
         policy,
         decisions: rows.into_iter().zip(decisions).collect(),
     }
-}
-
-/// Deletes one backup: mark, objects, row. Returns false if the row changed
-/// under us (pinned meanwhile), in which case nothing was deleted.
-pub async fn delete(core: &Core, row: &BackupRow, reason: &str) -> Result<bool, String> {
-    if !core
-        .catalog
-        .mark_deleting(&row.id, reason)
-        .await
-        .map_err(|e| e.to_string())?
-    {
-        return Ok(false);
-    }
-    delete_objects(core, row).await?;
-    Ok(true)
-}
-
-/// The object and meta file, then the row. Deleting what is already gone is
-/// not an error, so this can be repeated.
-async fn delete_objects(core: &Core, row: &BackupRow) -> Result<(), String> {
-    let keys: Vec<String> = [&row.meta_key, &row.object_key]
-        .into_iter()
-        .filter(|k| !k.is_empty())
-        .cloned()
-        .collect();
-    if !keys.is_empty() {
-        core.storage
-            .delete(&keys)
-            .await
-            .map_err(|e| format!("deleting its objects failed (will retry): {e}"))?;
-    }
-    core.catalog
-        .delete_row(&row.id)
-        .await
-        .map_err(|e| e.to_string())
 }

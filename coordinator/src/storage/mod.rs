@@ -25,6 +25,9 @@ pub enum ErrorKind {
     PermissionDenied,
     /// Worth retrying (network, throttling, 5xx).
     Transient,
+    /// The object's bytes do not match what was recorded when it was stored
+    /// (a verified read, see `repo::Repository::open_verified`).
+    Corrupt,
     /// Anything else.
     Other,
 }
@@ -118,16 +121,6 @@ pub trait ObjectWriter: Send {
     async fn commit(self: Box<Self>) -> Result<ObjectInfo, StorageError>;
     /// Discards everything written.
     async fn abort(self: Box<Self>) -> Result<(), StorageError>;
-}
-
-/// Object key of a logical backup.
-pub fn logical_object_key(target: &str, id: &str, extension: &str) -> String {
-    format!("{target}/logical/{id}.dump{extension}")
-}
-
-/// Meta file key of a logical backup.
-pub fn logical_meta_key(target: &str, id: &str) -> String {
-    format!("{target}/logical/{id}.meta.json")
 }
 
 /// Keys must be relative, `/`-separated, without `.`/`..` parts, so no

@@ -1,0 +1,205 @@
+//! The `<id>.meta.json` file written beside each backup object: the one
+//! mapping between a [`BackupRecord`] and its JSON. It holds everything the
+//! catalog knows about a completed backup, so the catalog can be rebuilt from
+//! storage alone. It never contains key material.
+
+use serde::{Deserialize, Serialize};
+
+use super::record::{format_time, parse_time, BackupRecord, Kind, Status, Trigger, Verification};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DatabaseInfo {
+    pub name: String,
+    pub host: String,
+    pub server_version: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionInfo {
+    /// The public recipient the agent encrypted to (never a secret).
+    pub recipient: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub meta_version: u32,
+    pub id: String,
+    pub target: String,
+    pub created_at: String,
+    pub finished_at: Option<String>,
+    pub kind: String,
+    pub trigger: String,
+    pub label: Option<String>,
+    pub database: DatabaseInfo,
+    pub pg_dump_version: String,
+    pub format: String,
+    pub compression: String,
+    pub encryption: Option<EncryptionInfo>,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    pub duration_ms: u64,
+    pub checksum: String,
+    pub tags: Vec<String>,
+    pub object_key: String,
+    pub meta_key: String,
+    pub agent: String,
+    #[serde(default)]
+    pub pinned: bool,
+    #[serde(default)]
+    pub verified_at: Option<String>,
+    #[serde(default)]
+    pub verify_result: Option<String>,
+}
+
+impl Meta {
+    pub fn from_record(b: &BackupRecord) -> Self {
+        Self {
+            meta_version: 1,
+            id: b.id.clone(),
+            target: b.target.clone(),
+            created_at: format_time(b.created_at),
+            finished_at: b.finished_at.map(format_time),
+            kind: b.kind.as_str().into(),
+            trigger: b.trigger.as_str().into(),
+            label: b.label.clone(),
+            database: DatabaseInfo {
+                name: b.database.clone(),
+                host: b.db_host.clone(),
+                server_version: b.server_version.clone(),
+            },
+            pg_dump_version: b.pg_dump_version.clone(),
+            format: b.format.clone(),
+            compression: b.compression.clone(),
+            encryption: b.encrypted.then(|| EncryptionInfo {
+                recipient: b.encryption_recipient.clone(),
+            }),
+            raw_bytes: b.raw_bytes,
+            stored_bytes: b.stored_bytes,
+            duration_ms: b.duration_ms,
+            checksum: b.checksum.clone(),
+            tags: b.tags.clone(),
+            object_key: b.object_key.clone(),
+            meta_key: b.meta_key.clone(),
+            agent: b.agent.clone(),
+            pinned: b.pinned,
+            verified_at: b.verification.as_ref().map(|v| format_time(v.at)),
+            verify_result: b.verification.as_ref().map(Verification::result),
+        }
+    }
+
+    /// The completed backup this file describes; `Err` says what does not
+    /// add up (a field this build does not know, a bad time).
+    pub fn to_record(&self) -> Result<BackupRecord, String> {
+        let time = |what: &str, s: &str| {
+            parse_time(s).ok_or_else(|| format!("{what} {s:?} is not an RFC 3339 time"))
+        };
+        Ok(BackupRecord {
+            id: self.id.clone(),
+            target: self.target.clone(),
+            kind: Kind::parse(&self.kind).ok_or_else(|| format!("unknown kind {:?}", self.kind))?,
+            status: Status::Completed,
+            trigger: Trigger::parse(&self.trigger)
+                .ok_or_else(|| format!("unknown trigger {:?}", self.trigger))?,
+            label: self.label.clone(),
+            created_at: time("created_at", &self.created_at)?,
+            finished_at: self
+                .finished_at
+                .as_deref()
+                .map(|f| time("finished_at", f))
+                .transpose()?,
+            duration_ms: self.duration_ms,
+            raw_bytes: self.raw_bytes,
+            stored_bytes: self.stored_bytes,
+            checksum: self.checksum.clone(),
+            compression: self.compression.clone(),
+            encrypted: self.encryption.is_some(),
+            encryption_recipient: self
+                .encryption
+                .as_ref()
+                .map(|e| e.recipient.clone())
+                .unwrap_or_default(),
+            format: self.format.clone(),
+            object_key: self.object_key.clone(),
+            meta_key: self.meta_key.clone(),
+            database: self.database.name.clone(),
+            db_host: self.database.host.clone(),
+            server_version: self.database.server_version.clone(),
+            pg_dump_version: self.pg_dump_version.clone(),
+            error: None,
+            pinned: self.pinned,
+            tags: self.tags.clone(),
+            agent: self.agent.clone(),
+            verification: Verification::parse(
+                self.verified_at.as_deref(),
+                self.verify_result.as_deref(),
+            ),
+        })
+    }
+
+    pub fn to_json(&self) -> Vec<u8> {
+        let mut v = serde_json::to_vec_pretty(self).unwrap_or_default();
+        v.push(b'\n');
+        v
+    }
+
+    pub fn parse(bytes: &[u8]) -> Result<Meta, String> {
+        serde_json::from_slice(bytes).map_err(|e| format!("not a datasaver meta file: {e}"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::TimeZone;
+
+    #[test]
+    fn json_has_the_documented_fields_no_secret_and_reads_back() {
+        let mut b = BackupRecord::running(
+            "a_20240101_000000".into(),
+            "a",
+            Trigger::Manual,
+            Some("before upgrade".into()),
+            "agent1",
+            chrono::Utc.with_ymd_and_hms(2024, 1, 1, 0, 0, 0).unwrap(),
+        );
+        b.status = Status::Completed;
+        b.encrypted = true;
+        b.encryption_recipient = "age1xyz".into();
+        b.checksum = "blake3:ab".into();
+        b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
+        b.verification = Some(Verification {
+            at: b.created_at,
+            ok: true,
+            detail: "checksum matches".into(),
+        });
+        let v: serde_json::Value =
+            serde_json::from_slice(&Meta::from_record(&b).to_json()).unwrap();
+        for field in [
+            "id",
+            "target",
+            "created_at",
+            "kind",
+            "trigger",
+            "label",
+            "database",
+            "pg_dump_version",
+            "format",
+            "compression",
+            "encryption",
+            "raw_bytes",
+            "stored_bytes",
+            "duration_ms",
+            "checksum",
+            "tags",
+            "object_key",
+        ] {
+            assert!(v.get(field).is_some(), "missing {field}");
+        }
+        assert_eq!(v["encryption"]["recipient"], "age1xyz");
+        let back = Meta::parse(&serde_json::to_vec(&v).unwrap())
+            .unwrap()
+            .to_record()
+            .unwrap();
+        assert_eq!(back, b, "the meta file gives back the same record");
+    }
+}

@@ -1,0 +1,266 @@
+//! The typed backup record: what the repository stores about one backup, in
+//! one shape. The catalog row (`store`) and the meta file (`meta`) are its two
+//! encodings, each written in exactly one place.
+
+use chrono::{DateTime, Utc};
+
+/// Where a backup is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Status {
+    Running,
+    Completed,
+    Failed,
+    /// Stopped by a planned agent stop (SIGTERM): not a failure of the
+    /// backup; the request is tried again once the agent is back.
+    Interrupted,
+    /// Chosen for deletion; the row goes once its objects are gone (a crash
+    /// in between is finished later).
+    Deleting,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Running => "running",
+            Status::Completed => "completed",
+            Status::Failed => "failed",
+            Status::Interrupted => "interrupted",
+            Status::Deleting => "deleting",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Status> {
+        [
+            Status::Running,
+            Status::Completed,
+            Status::Failed,
+            Status::Interrupted,
+            Status::Deleting,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+
+    /// An attempt that ended (the newest of these is a target's last backup).
+    pub fn is_finished(self) -> bool {
+        matches!(
+            self,
+            Status::Completed | Status::Failed | Status::Interrupted
+        )
+    }
+}
+
+impl std::fmt::Display for Status {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// What kind of artifact a backup is. One kind today; globals, base backups
+/// and WAL segments join here without new copies of the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    /// A `pg_dump` custom-format archive of one database.
+    Logical,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Logical => "logical",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Kind> {
+        (s == "logical").then_some(Kind::Logical)
+    }
+}
+
+/// Who asked for a backup.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    Manual,
+    Scheduled,
+}
+
+impl Trigger {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Trigger::Manual => "manual",
+            Trigger::Scheduled => "scheduled",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Trigger> {
+        match s {
+            "manual" => Some(Trigger::Manual),
+            "scheduled" => Some(Trigger::Scheduled),
+            _ => None,
+        }
+    }
+}
+
+/// The outcome of the last read of a stored object that checked it (a
+/// verify, or a restore that found it corrupt).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verification {
+    pub at: DateTime<Utc>,
+    pub ok: bool,
+    /// What was found, e.g. "checksum matches, 42 archive entries".
+    pub detail: String,
+}
+
+impl Verification {
+    /// As the API and the catalog show it: `ok: …` or `failed: …`.
+    pub fn result(&self) -> String {
+        format!("{}: {}", if self.ok { "ok" } else { "failed" }, self.detail)
+    }
+
+    /// From the stored pair; `None` when never verified.
+    pub fn parse(at: Option<&str>, result: Option<&str>) -> Option<Verification> {
+        let at = parse_time(at?)?;
+        let result = result?;
+        let (ok, detail) = match result.split_once(": ") {
+            Some(("ok", d)) => (true, d),
+            Some(("failed", d)) => (false, d),
+            _ => (result.starts_with("ok"), result),
+        };
+        Some(Verification {
+            at,
+            ok,
+            detail: detail.to_string(),
+        })
+    }
+}
+
+/// One backup, as the repository knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupRecord {
+    pub id: String,
+    pub target: String,
+    pub kind: Kind,
+    pub status: Status,
+    pub trigger: Trigger,
+    pub label: Option<String>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub duration_ms: u64,
+    pub raw_bytes: u64,
+    pub stored_bytes: u64,
+    /// `blake3:<hex>` of the stored bytes.
+    pub checksum: String,
+    pub compression: String,
+    pub encrypted: bool,
+    /// Fingerprint of the public recipient (`age:…`), never key material.
+    pub encryption_recipient: String,
+    pub format: String,
+    pub object_key: String,
+    pub meta_key: String,
+    pub database: String,
+    pub db_host: String,
+    pub server_version: String,
+    pub pg_dump_version: String,
+    pub error: Option<String>,
+    pub pinned: bool,
+    pub tags: Vec<String>,
+    /// The agent that made it.
+    pub agent: String,
+    pub verification: Option<Verification>,
+}
+
+impl BackupRecord {
+    /// A backup that is about to run.
+    pub fn running(
+        id: String,
+        target: &str,
+        trigger: Trigger,
+        label: Option<String>,
+        agent: &str,
+        created_at: DateTime<Utc>,
+    ) -> BackupRecord {
+        BackupRecord {
+            id,
+            target: target.to_string(),
+            kind: Kind::Logical,
+            status: Status::Running,
+            trigger,
+            label,
+            created_at,
+            finished_at: None,
+            duration_ms: 0,
+            raw_bytes: 0,
+            stored_bytes: 0,
+            checksum: String::new(),
+            compression: String::new(),
+            encrypted: false,
+            encryption_recipient: String::new(),
+            format: String::new(),
+            object_key: String::new(),
+            meta_key: String::new(),
+            database: String::new(),
+            db_host: String::new(),
+            server_version: String::new(),
+            pg_dump_version: String::new(),
+            error: None,
+            pinned: false,
+            tags: Vec::new(),
+            agent: agent.to_string(),
+            verification: None,
+        }
+    }
+
+    /// A manual backup in the GFS sense: asked for by hand with a label. An
+    /// unlabelled `dsctl backup` (from an operator's own cron, say) rotates
+    /// like a scheduled one.
+    pub fn is_manual(&self) -> bool {
+        self.trigger == Trigger::Manual && self.label.is_some()
+    }
+
+    /// Whether the last check of its stored bytes found them bad.
+    pub fn known_bad(&self) -> bool {
+        self.verification.as_ref().is_some_and(|v| !v.ok)
+    }
+}
+
+/// RFC 3339 in UTC with milliseconds: how records store and show times.
+pub fn format_time(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+/// Parses an RFC 3339 time (any offset) into UTC.
+pub fn parse_time(s: &str) -> Option<DateTime<Utc>> {
+    DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|d| d.with_timezone(&Utc))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for s in ["running", "completed", "failed", "interrupted", "deleting"] {
+            assert_eq!(Status::parse(s).map(Status::as_str), Some(s));
+        }
+        assert_eq!(Status::parse("done"), None);
+        assert_eq!(Trigger::parse("scheduled"), Some(Trigger::Scheduled));
+        assert_eq!(Kind::parse("logical"), Some(Kind::Logical));
+    }
+
+    #[test]
+    fn verification_results_parse_back() {
+        let v = Verification::parse(
+            Some("2024-01-01T00:00:00Z"),
+            Some("failed: backup x is corrupt: got a, expected b"),
+        )
+        .unwrap();
+        assert!(!v.ok);
+        assert_eq!(v.detail, "backup x is corrupt: got a, expected b");
+        assert_eq!(v.result(), "failed: backup x is corrupt: got a, expected b");
+        let ok = Verification::parse(Some("2024-01-01T00:00:00Z"), Some("ok: 5 entries")).unwrap();
+        assert!(ok.ok);
+        assert_eq!(ok.result(), "ok: 5 entries");
+        assert!(Verification::parse(None, Some("ok")).is_none());
+    }
+}
