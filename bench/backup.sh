@@ -2,7 +2,7 @@
 # datasaver backup/restore benchmark (not a test): datasaver against plain
 # pg_dump / pg_restore on the same database, in the same run.
 #
-#   bash bench/backup.sh [--size-mb N] [--level N] [--storage local|s3] [--keep]
+#   bash bench/backup.sh [--size-mb N] [--runs K] [--level N] [--storage local|s3] [--keep]
 #                        [--workdir DIR] [--no-deps] [--no-build] [--baselines-only]
 #
 # Builds a throwaway PostgreSQL 15 cluster (autovacuum off, see below) with a database `bench` of about
@@ -10,21 +10,36 @@
 # numerics, timestamps, random bytea; generated inside Postgres), starts a
 # coordinator (local storage, or with --storage s3 an S3-compatible server:
 # s3s-fs from tests/install-s3-server.sh, SigV4 on, 16 MiB parts) and an agent
-# (release binaries; built if missing), and times, wall clock:
-#   (a) pg_dump -Fc -Z0 > /dev/null          pg_dump's own speed  (a, d: best of two)
+# (release binaries; built if missing), and times, wall clock, K runs of each of:
+#   (a) pg_dump -Fc -Z0 > /dev/null          pg_dump's own speed
 #   (b) pg_dump -Fc > file                   plain pg_dump, default gzip
 #   (c) pg_dump -Fc -Z0 | zstd -3 > file
 #   (d) dsctl backup bench                   datasaver, end to end
-#   (e) createdb + pg_restore -d DB (b)'s file   (restores: best of two, alternating order)
-#   (f) dsctl restore ID --target-db DB      datasaver, end to end
-# and reads the agent's and the coordinator's peak RSS (VmHWM) after the
-# backup.  All clients connect the way the agent does (TCP, password).
+#   (e) createdb + pg_restore -d DB (b)'s file
+#   (f) dsctl restore ID --target-db DB      datasaver, end to end (the last (d) backup)
+# Every figure is the median of its K runs (the runs are printed next to it);
+# every ratio and PASS/FAIL is computed from the medians. Output bytes are
+# the last run's.
+# After an untimed warm-up dump, backup run i times (a), (b), (c), (d) in that
+# order, for i = 1..K; then restore run i times (e), (f) (odd i) or (f), (e)
+# (even i): the server's state after one restore slows the next, so restores
+# alternate and each starts from a CHECKPOINT. Every restored database is
+# checked against `bench` (row counts and a hash of every row) and dropped
+# before the next restore. Every timed run starts after `sync`, so none pays
+# for writing back an earlier run's files.
+# Peak RSS (VmHWM) of the agent and the coordinator, which run through all the
+# runs: the max of the readings after every backup (the target's figure), and
+# of those and the readings after every datasaver restore.  All clients connect the way
+# the agent does (TCP, password).
 # Prints a table with ratios and PASS/FAIL for the targets:
 #   backup <= 1.10 x (a); backup >= 2.5 x faster than (b); stored bytes <= (b);
-#   restore <= 1.05 x (e); agent peak RSS < 64 MiB; coordinator < 128 MiB.
+#   restore <= 1.05 x (e); agent peak RSS < 64 MiB; coordinator < 128 MiB;
+#   every restored database identical to the source.
 #
 # Options:
 #   --size-mb N       approximate table data size in MB (default 1000; 100 is a quick run)
+#   --runs K          timed runs of every measurement, K >= 1 (default 3); the
+#                     median is reported (with K = 1 just that run)
 #   --level N         DATASAVER_COMPRESSION_LEVEL for the agent (default: the agent's)
 #   --storage KIND    local (default) or s3: where the coordinator stores backups
 #   --workdir DIR     dumps, certs, coordinator storage, logs (default: a new
@@ -36,7 +51,8 @@
 #   --baselines-only  only the pg_dump/pg_restore baselines (no datasaver)
 #
 # Environment: DATASAVER_BIN_DIR=DIR uses the binaries in DIR (no cargo build).
-# Needs free disk of about 4 x N MB (the cluster lives under /tmp).
+# Needs free disk of about 4 x N MB (the cluster lives under /tmp), plus about
+# N/4 MB per run for datasaver's stored backups (all K are kept until the end).
 # Exit status: 0 all targets met, 3 some target FAILed, 1 error.
 set -euo pipefail
 
@@ -46,6 +62,7 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
 size_mb=1000
+runs=3
 level=""
 keep=0
 deps=1
@@ -62,6 +79,12 @@ while (($#)); do
             shift
             ;;
         --size-mb=*) size_mb=${1#--size-mb=} ;;
+        --runs)
+            [[ $# -ge 2 ]] || die "--runs needs a number"
+            runs=$2
+            shift
+            ;;
+        --runs=*) runs=${1#--runs=} ;;
         --level)
             [[ $# -ge 2 ]] || die "--level needs a number"
             level=$2
@@ -98,6 +121,10 @@ done
 if ! [[ "$size_mb" =~ ^[0-9]+$ ]] || ((size_mb < 1)); then
     die "--size-mb must be a positive integer"
 fi
+if ! [[ "$runs" =~ ^[0-9]+$ ]] || ((10#$runs < 1)); then
+    die "--runs must be a positive integer"
+fi
+runs=$((10#$runs))
 [[ -z "$level" || "$level" =~ ^-?[0-9]+$ ]] || die "--level must be an integer"
 [[ "$storage" == local || "$storage" == s3 ]] || die "--storage must be local or s3"
 
@@ -221,73 +248,129 @@ if ((!baselines_only)); then
 fi
 
 # ------------------------------------------------------------------ measurements
-declare -A T BYTES
-min_of() { python3 -c 'import sys; print(min(float(x) for x in sys.argv[1:]))' "$@"; }
-# timed KEY CMD...: run CMD, record wall seconds in T[KEY].
+# T[KEY,RUN]: wall seconds of one run; T[KEY]: the median of the runs;
+# RUNS_OF[KEY]: the runs in order.  BYTES[KEY]: output bytes (of the last run).
+declare -A T BYTES RUNS_OF LABEL
+LABEL[a]="pg_dump -Fc -Z0 > /dev/null"
+LABEL[b]="pg_dump -Fc > file (gzip)"
+LABEL[c]="pg_dump -Fc -Z0 | zstd -3 > file"
+LABEL[d]="datasaver: dsctl backup"
+LABEL[e]="createdb + pg_restore (b)'s file"
+LABEL[f]="datasaver: dsctl restore"
+mib() { awk -v k="$1" 'BEGIN { if (k == "") print "-"; else printf "%.1f", k / 1024 }'; }
+# note_peak VAR PID: VAR = the larger of VAR and PID's VmHWM now.  A later
+# VmHWM reading can be lower than an earlier one (the kernel updates the
+# high-water mark lazily and adds the live RSS only when it is read), so the
+# peak figures are the max of readings taken after every run.
+note_peak() {
+    local -n peak=$1
+    local v
+    v=$(ds_vm_hwm_kib "$2")
+    [[ -n "$v" ]] || return 0
+    if [[ -z "$peak" ]] || ((v > peak)); then peak=$v; fi
+}
+# timed KEY RUN CMD...: run CMD, record its wall seconds in T[KEY,RUN].
 timed() {
-    local key=$1
-    shift
+    local key=$1 run=$2
+    shift 2
     local start
     start=$(ds_now)
     "$@"
-    T[$key]=$(ds_elapsed "$start")
-    info "($key) ${T[$key]} s"
+    T[$key,$run]=$(ds_elapsed "$start")
+    info "($key) ${LABEL[$key]}, run $run/$runs: ${T[$key,$run]} s"
 }
+# summarize KEY: the median of KEY's runs into T[KEY], the runs into RUNS_OF[KEY].
+summarize() {
+    local key=$1 r vals=()
+    for ((r = 1; r <= runs; r++)); do vals+=("${T[$key,$r]}"); done
+    T[$key]=$(ds_median "${vals[@]}")
+    RUNS_OF[$key]=${vals[*]}
+    info "($key) ${LABEL[$key]}: median ${T[$key]} s (runs: ${RUNS_OF[$key]})"
+}
+# Every timed run starts with no dirty page cache: (b) and (c) leave ~N/4 MB
+# of file data to be written back in the background, which would otherwise
+# land in whichever run comes next.
+settle() { sync; }
+# The server's state after one restore (dirty buffers, WAL) slows the next, so
+# restores start from a checkpoint and alternate their order.
+checkpoint() { ds_psql postgres -c CHECKPOINT >/dev/null; }
+
 dump_a() { pgc pg_dump -Fc -Z0 "$TARGET" >/dev/null; }
 dump_b() { pgc pg_dump -Fc -f "$WORK/b.dump" "$TARGET"; }
-dump_c() { pgc pg_dump -Fc -Z0 "$TARGET" | zstd -q -3 -o "$WORK/c.dump.zst"; }
+dump_c() { pgc pg_dump -Fc -Z0 "$TARGET" | zstd -q -f -3 -o "$WORK/c.dump.zst"; }
+# d_run RUN: one datasaver backup; its JSON in $WORK/d-RUN.json.
+d_run() {
+    ds_dsctl --json backup "$TARGET" --label bench >"$WORK/d-$1.json" 2>"$WORK/d-$1.stderr" ||
+        {
+            cat "$WORK/d-$1.stderr" >&2
+            ds_fail_with_logs "dsctl backup failed"
+        }
+}
 restore_e() {
     pgc createdb "$1"
     pgc pg_restore -d "$1" "$WORK/b.dump"
 }
-# The server's state after one restore (dirty buffers, WAL) slows the next, so
-# restores start from a checkpoint and run twice in alternating order.
-checkpoint() { ds_psql postgres -c CHECKPOINT >/dev/null; }
+f_run() {
+    ds_dsctl restore "$BACKUP_ID" --target-db "$1" >"$WORK/f-$1.out" 2>&1 ||
+        {
+            cat "$WORK/f-$1.out" >&2
+            ds_fail_with_logs "dsctl restore failed"
+        }
+}
 
 step "Warm-up: pg_dump -Fc -Z0 > /dev/null (untimed)"
 dump_a
 
-step "(a) pg_dump -Fc -Z0 > /dev/null   (best of two)"
-timed a1 dump_a
-timed a2 dump_a
-T[a]=$(min_of "${T[a1]}" "${T[a2]}")
-step "(b) pg_dump -Fc -f FILE   (default gzip)"
-timed b dump_b
-BYTES[b]=$(stat -c %s "$WORK/b.dump")
-step "(c) pg_dump -Fc -Z0 | zstd -3 -o FILE"
-timed c dump_c
-BYTES[c]=$(stat -c %s "$WORK/c.dump.zst")
-BYTES[a]=$(zstd -dc "$WORK/c.dump.zst" | wc -c)
-
 RSS_AGENT=""
 RSS_COORD=""
-if ((!baselines_only)); then
-    step "(d) dsctl backup $TARGET"
-    d_run() {
-        ds_dsctl --json backup "$TARGET" --label bench >"$WORK/d.json" 2>"$WORK/d.stderr" ||
-            {
-                cat "$WORK/d.stderr" >&2
-                ds_fail_with_logs "dsctl backup failed"
-            }
-    }
-    # best of two, like (a)
-    timed d1 d_run
-    timed d2 d_run
-    T[d]=$(min_of "${T[d1]}" "${T[d2]}")
-    RSS_AGENT=$(ds_vm_hwm_kib "$DS_AGENT_PID")
-    RSS_COORD=$(ds_vm_hwm_kib "$DS_COORDINATOR_PID")
+RSS_AGENT_ALL=""
+RSS_COORD_ALL=""
+BACKUP_ID=""
+for ((run = 1; run <= runs; run++)); do
+    if ((baselines_only)); then
+        step "Backup run $run/$runs: (a), (b), (c)"
+    else
+        step "Backup run $run/$runs: (a), (b), (c), (d) dsctl backup $TARGET"
+    fi
+    settle
+    timed a "$run" dump_a
+    settle
+    timed b "$run" dump_b
+    BYTES[b]=$(stat -c %s "$WORK/b.dump")
+    settle
+    timed c "$run" dump_c
+    BYTES[c]=$(stat -c %s "$WORK/c.dump.zst")
+    ((baselines_only)) && continue
+    settle
+    timed d "$run" d_run "$run"
     read -r BACKUP_ID STORED_D RAW_D STATUS_D < <(python3 -c '
 import json, sys
 b = json.load(open(sys.argv[1]))
-print(b["id"], b["stored_bytes"], b["raw_bytes"], b.get("status"))' "$WORK/d.json") ||
-        die "cannot read id/stored_bytes/raw_bytes from dsctl backup --json: $(head -c 500 "$WORK/d.json")"
+print(b["id"], b["stored_bytes"], b["raw_bytes"], b.get("status"))' "$WORK/d-$run.json") ||
+        die "cannot read id/stored_bytes/raw_bytes from dsctl backup --json: $(head -c 500 "$WORK/d-$run.json")"
     BYTES[d]=$STORED_D
     info "backup $BACKUP_ID status $STATUS_D raw $RAW_D stored $STORED_D"
+    info "VmHWM now: agent $(mib "$(ds_vm_hwm_kib "$DS_AGENT_PID")") MiB" \
+        "(VmRSS $(mib "$(ds_vm_rss_kib "$DS_AGENT_PID")")), coordinator" \
+        "$(mib "$(ds_vm_hwm_kib "$DS_COORDINATOR_PID")") MiB (VmRSS $(mib "$(ds_vm_rss_kib "$DS_COORDINATOR_PID")"))"
+    note_peak RSS_AGENT "$DS_AGENT_PID"
+    note_peak RSS_COORD "$DS_COORDINATOR_PID"
+done
+step "Backups: medians of $runs run(s)"
+BYTES[a]=$(zstd -dc "$WORK/c.dump.zst" | wc -c)
+summarize a
+summarize b
+summarize c
+if ((!baselines_only)); then
+    summarize d
+    # The agent and the coordinator ran through all the backups: the max over them.
+    RSS_AGENT_ALL=$RSS_AGENT
+    RSS_COORD_ALL=$RSS_COORD
     stores=("$WORK/coordinator")
     [[ -d "$WORK/s3" ]] && stores+=("$WORK/s3")
     obj=$(find "${stores[@]}" -type f -path "*/$TARGET/logical/$BACKUP_ID.dump*" | head -n1)
     if [[ -n "$obj" ]]; then
-        info "stored object ${obj#"$WORK"/}: $(stat -c %s "$obj") bytes"
+        info "stored object of the last backup ${obj#"$WORK"/}: $(stat -c %s "$obj") bytes"
     else
         warn "no stored object found for $BACKUP_ID under $WORK/coordinator or $WORK/s3"
     fi
@@ -296,39 +379,6 @@ print(b["id"], b["stored_bytes"], b["raw_bytes"], b.get("status"))' "$WORK/d.jso
     fi
 fi
 
-f_run() {
-    ds_dsctl restore "$BACKUP_ID" --target-db "$1" >"$WORK/f.out" 2>&1 ||
-        {
-            cat "$WORK/f.out" >&2
-            ds_fail_with_logs "dsctl restore failed"
-        }
-}
-step "(e) createdb + pg_restore -d restore_e (b)'s file"
-checkpoint
-timed e1 restore_e restore_e
-if ((!baselines_only)); then
-    step "(f) dsctl restore $BACKUP_ID --target-db restore_f"
-    checkpoint
-    timed f1 f_run restore_f
-    step "(f) again, first this time: dsctl restore $BACKUP_ID --target-db restore_f2"
-    checkpoint
-    timed f2 f_run restore_f2
-    RSS_AGENT_ALL=$(ds_vm_hwm_kib "$DS_AGENT_PID")
-    RSS_COORD_ALL=$(ds_vm_hwm_kib "$DS_COORDINATOR_PID")
-fi
-step "(e) again: createdb + pg_restore -d restore_e2"
-checkpoint
-timed e2 restore_e restore_e2
-T[e]=$(min_of "${T[e1]}" "${T[e2]}")
-info "(e) best of two: ${T[e]} s"
-if ((!baselines_only)); then
-    T[f]=$(min_of "${T[f1]}" "${T[f2]}")
-    info "(f) best of two: ${T[f]} s"
-    ds_psql postgres -c "DROP DATABASE restore_f2" >/dev/null
-fi
-ds_psql postgres -c "DROP DATABASE restore_e2" >/dev/null
-
-step "Checking the restored databases (row counts and a hash of every row)"
 table_sig() {
     ds_psql_val "$1" "
         SELECT string_agg(s, ' ' ORDER BY s) FROM (
@@ -339,20 +389,61 @@ table_sig() {
           UNION ALL SELECT 'blobs:' || count(*) || ':' || sum(hashtext(x::text)::bigint) FROM blobs x) q"
 }
 SIG_SRC=$(table_sig "$TARGET")
-restore_ok=1
-dbs=(restore_e)
-((baselines_only)) || dbs+=(restore_f)
-for db in "${dbs[@]}"; do
-    if [[ "$(table_sig "$db")" == "$SIG_SRC" ]]; then
-        info "$db: identical to $TARGET"
+restored=0
+identical=0
+# check_and_drop DB: compare DB with the source (untimed), then drop it, so
+# every restore starts with only the source database in the cluster.
+check_and_drop() {
+    local start sig
+    start=$(ds_now)
+    sig=$(table_sig "$1")
+    restored=$((restored + 1))
+    if [[ "$sig" == "$SIG_SRC" ]]; then
+        identical=$((identical + 1))
+        info "$1: identical to $TARGET (row counts and a hash of every row; checked in $(ds_elapsed "$start") s); dropping it"
     else
-        info "$db: DIFFERENT from $TARGET"
-        restore_ok=0
+        info "$1: DIFFERENT from $TARGET; dropping it"
     fi
+    ds_psql postgres -c "DROP DATABASE $1" >/dev/null
+}
+
+for ((run = 1; run <= runs; run++)); do
+    if ((baselines_only)); then
+        order=(e)
+    elif ((run % 2)); then
+        order=(e f)
+    else
+        order=(f e)
+    fi
+    for key in "${order[@]}"; do
+        db=restore_${key}_$run
+        if [[ "$key" == e ]]; then
+            step "Restore run $run/$runs: (e) createdb + pg_restore -d $db (b)'s file"
+        else
+            step "Restore run $run/$runs: (f) dsctl restore $BACKUP_ID --target-db $db"
+        fi
+        checkpoint
+        settle
+        if [[ "$key" == e ]]; then
+            timed e "$run" restore_e "$db"
+        else
+            timed f "$run" f_run "$db"
+            note_peak RSS_AGENT_ALL "$DS_AGENT_PID"
+            note_peak RSS_COORD_ALL "$DS_COORDINATOR_PID"
+        fi
+        check_and_drop "$db"
+    done
 done
+step "Restores: medians of $runs run(s)"
+summarize e
+if ((!baselines_only)); then
+    summarize f
+    note_peak RSS_AGENT_ALL "$DS_AGENT_PID"
+    note_peak RSS_COORD_ALL "$DS_COORDINATOR_PID"
+fi
+restore_ok=$((identical == restored ? 1 : 0))
 
 # ------------------------------------------------------------------ report
-mib() { awk -v k="$1" 'BEGIN { if (k == "") print "-"; else printf "%.1f", k / 1024 }'; }
 ratio() { awk -v x="$1" -v y="$2" 'BEGIN { if (x == "" || y == "" || y == 0) print "-"; else printf "%.2f", x / y }'; }
 fmt_bytes() { if [[ -z "$1" ]]; then echo -; else sed ':a;s/\B[0-9]\{3\}\>/,&/;ta' <<<"$1"; fi; }
 verdict() { awk -v ok="$1" 'BEGIN { print (ok == "" ? "n/a" : (ok ? "PASS" : "FAIL")) }'; }
@@ -367,32 +458,34 @@ T[d]=${T[d]:-}
 T[f]=${T[f]:-}
 BYTES[d]=${BYTES[d]:-}
 {
-    printf '\n==> Results (%s MB requested; table data %s MiB, database %s MiB; storage %s; %s)\n\n' \
-        "$size_mb" "$((DATA_BYTES / 1048576))" "$((DB_BYTES / 1048576))" "$storage" "$(date -u +%FT%TZ)"
-    printf '    %-42s %9s %16s %12s %12s\n' "" "wall s" "output bytes" "ds/this time" "ds/this size"
-    row() { printf '    %-42s %9s %16s %12s %12s\n' "$1" "$2" "$3" "$4" "$5"; }
-    row "(a) pg_dump -Fc -Z0 > /dev/null" "${T[a]}" "$(fmt_bytes "${BYTES[a]}")" "$(ratio "${T[d]}" "${T[a]}")" "$(ratio "${BYTES[d]}" "${BYTES[a]}")"
-    row "(b) pg_dump -Fc > file (gzip)" "${T[b]}" "$(fmt_bytes "${BYTES[b]}")" "$(ratio "${T[d]}" "${T[b]}")" "$(ratio "${BYTES[d]}" "${BYTES[b]}")"
-    row "(c) pg_dump -Fc -Z0 | zstd -3 > file" "${T[c]}" "$(fmt_bytes "${BYTES[c]}")" "$(ratio "${T[d]}" "${T[c]}")" "$(ratio "${BYTES[d]}" "${BYTES[c]}")"
-    row "(d) datasaver: dsctl backup" "${T[d]:--}" "$(fmt_bytes "${BYTES[d]}")" "" ""
-    row "(e) createdb + pg_restore (b)'s file" "${T[e]}" "" "$(ratio "${T[f]}" "${T[e]}")" ""
-    row "(f) datasaver: dsctl restore" "${T[f]:--}" "" "" ""
-    printf '\n    peak RSS (VmHWM) after the backup:  agent %s MiB, coordinator %s MiB\n' "$(mib "$RSS_AGENT")" "$(mib "$RSS_COORD")"
+    printf '\n==> Results (%s MB requested; table data %s MiB, database %s MiB; storage %s; median of %s run(s); %s)\n\n' \
+        "$size_mb" "$((DATA_BYTES / 1048576))" "$((DB_BYTES / 1048576))" "$storage" "$runs" "$(date -u +%FT%TZ)"
+    row() { printf '    %-42s %9s %16s %12s %12s   %s\n' "$@"; }
+    row "" "median s" "output bytes" "ds/this time" "ds/this size" "runs (wall s, in order)"
+    row "(a) ${LABEL[a]}" "${T[a]}" "$(fmt_bytes "${BYTES[a]}")" "$(ratio "${T[d]}" "${T[a]}")" "$(ratio "${BYTES[d]}" "${BYTES[a]}")" "${RUNS_OF[a]}"
+    row "(b) ${LABEL[b]}" "${T[b]}" "$(fmt_bytes "${BYTES[b]}")" "$(ratio "${T[d]}" "${T[b]}")" "$(ratio "${BYTES[d]}" "${BYTES[b]}")" "${RUNS_OF[b]}"
+    row "(c) ${LABEL[c]}" "${T[c]}" "$(fmt_bytes "${BYTES[c]}")" "$(ratio "${T[d]}" "${T[c]}")" "$(ratio "${BYTES[d]}" "${BYTES[c]}")" "${RUNS_OF[c]}"
+    row "(d) ${LABEL[d]}" "${T[d]:--}" "$(fmt_bytes "${BYTES[d]}")" "" "" "${RUNS_OF[d]:-}"
+    row "(e) ${LABEL[e]}" "${T[e]}" "" "$(ratio "${T[f]}" "${T[e]}")" "" "${RUNS_OF[e]}"
+    row "(f) ${LABEL[f]}" "${T[f]:--}" "" "" "" "${RUNS_OF[f]:-}"
     if ((!baselines_only)); then
-        printf '    peak RSS after backup + restore:    agent %s MiB, coordinator %s MiB\n' "$(mib "$RSS_AGENT_ALL")" "$(mib "$RSS_COORD_ALL")"
+        printf '\n    peak RSS (VmHWM), max over the %s backup(s):                agent %s MiB, coordinator %s MiB\n' \
+            "$runs" "$(mib "$RSS_AGENT")" "$(mib "$RSS_COORD")"
+        printf '    peak RSS (VmHWM), max over the %s backup(s) + restore(s):   agent %s MiB, coordinator %s MiB\n' \
+            "$runs" "$(mib "$RSS_AGENT_ALL")" "$(mib "$RSS_COORD_ALL")"
     fi
-    printf '    compression ratio (raw/stored): (b) %s  (c) %s  (d) %s\n' \
+    printf '\n    compression ratio (raw/stored): (b) %s  (c) %s  (d) %s\n' \
         "$(ratio "${BYTES[a]}" "${BYTES[b]}")" "$(ratio "${BYTES[a]}" "${BYTES[c]}")" "$(ratio "${BYTES[a]}" "${BYTES[d]}")"
 
-    printf '\n    %-46s %-22s %s\n' "target" "measured" "result"
+    printf '\n    %-46s %-22s %s\n' "target (times: medians)" "measured" "result"
     trow() { printf '    %-46s %-22s %s\n' "$1" "$2" "$3"; }
     trow "backup time <= 1.10 x (a)" "d/a = $(ratio "${T[d]}" "${T[a]}")" "$(verdict "$(check "$(ratio "${T[d]}" "${T[a]}")" '<=' 1.10)")"
     trow "backup >= 2.5 x faster than (b)" "b/d = $(ratio "${T[b]}" "${T[d]}")" "$(verdict "$(check "$(ratio "${T[b]}" "${T[d]}")" '>=' 2.5)")"
     trow "stored bytes <= (b)'s file" "d/b = $(ratio "${BYTES[d]}" "${BYTES[b]}")" "$(verdict "$(check "${BYTES[d]}" '<=' "${BYTES[b]}")")"
     trow "restore time <= 1.05 x (e)" "f/e = $(ratio "${T[f]}" "${T[e]}")" "$(verdict "$(check "$(ratio "${T[f]}" "${T[e]}")" '<=' 1.05)")"
-    trow "agent peak RSS < 64 MiB" "$(mib "$RSS_AGENT") MiB" "$(verdict "$(check "$RSS_AGENT" '<' 65536)")"
-    trow "coordinator peak RSS < 128 MiB" "$(mib "$RSS_COORD") MiB" "$(verdict "$(check "$RSS_COORD" '<' 131072)")"
-    trow "restored databases identical to source" "" "$(verdict "$restore_ok")"
+    trow "agent peak RSS < 64 MiB (max, backups)" "$(mib "$RSS_AGENT") MiB" "$(verdict "$(check "$RSS_AGENT" '<' 65536)")"
+    trow "coordinator peak RSS < 128 MiB (max, backups)" "$(mib "$RSS_COORD") MiB" "$(verdict "$(check "$RSS_COORD" '<' 131072)")"
+    trow "restored databases identical to source" "$identical of $restored" "$(verdict "$restore_ok")"
 } | tee "$WORK/results.txt"
 
 if grep -q ' FAIL$' "$WORK/results.txt"; then

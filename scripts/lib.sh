@@ -12,6 +12,7 @@
 #   ds_wait_coordinator PID LOG      until the coordinator answers dsctl
 #   ds_pg_*                          a throwaway PostgreSQL cluster (initdb, start, stop)
 #   ds_now / ds_elapsed START        wall-clock timing
+#   ds_median X...                   the median of some numbers
 
 if [[ -n "${_DS_LIB_LOADED:-}" ]]; then
     return 0
@@ -228,6 +229,23 @@ ds_prepare_workdir() {
 ds_now() { date +%s.%N; }
 # ds_elapsed START: seconds since START (from ds_now), 3 decimals.
 ds_elapsed() { awk -v s="$1" -v e="$(date +%s.%N)" 'BEGIN { printf "%.3f", e - s }'; }
+# ds_median X...: the median of the numbers X: for an odd count the middle one
+# exactly as given, for an even count the mean of the middle two (3 decimals);
+# nothing without arguments.
+ds_median() {
+    (($#)) || return 0
+    awk 'BEGIN {
+        n = ARGC - 1
+        for (i = 1; i <= n; i++) v[i] = ARGV[i]
+        for (i = 2; i <= n; i++) {
+            x = v[i]
+            for (j = i - 1; j >= 1 && v[j] + 0 > x + 0; j--) v[j + 1] = v[j]
+            v[j + 1] = x
+        }
+        if (n % 2) print v[(n + 1) / 2]
+        else printf "%.3f\n", (v[n / 2] + v[n / 2 + 1]) / 2
+    }' "$@"
+}
 
 # ds_vm_hwm_kib PID: peak resident set size (VmHWM) in KiB, or empty.
 ds_vm_hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || true; }
