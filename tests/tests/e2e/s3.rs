@@ -249,3 +249,100 @@ fn s3_server_dying_mid_upload_fails_cleanly_then_recovers() {
     assert!(b.is_completed(), "{}", b.raw);
     assert_eq!(srv.objects().len(), 2, "{:?}", srv.objects());
 }
+
+/// The coordinator is killed after a backup's object is stored and before its catalog row is
+/// completed: start-up reconciles storage with the catalog, so there is neither an orphan
+/// object nor a completed row without its object. Which of the two correct ends it reaches
+/// depends on whether the held meta-file PUT still reaches the server after the kill: a
+/// whole, verified backup is adopted; a cut-off one is removed and its row failed.
+#[test]
+fn killed_between_object_and_row_leaves_no_orphan() {
+    let srv = S3Server::start();
+    let proxy = RecordingProxy::start(srv.port());
+    let pg = PgCluster::new();
+    pg.create_small_db("app", 20000);
+    let mut env = srv.coordinator_env("");
+    env.retain(|(k, _)| k != "DATASAVER_S3_ENDPOINT");
+    env.push(("DATASAVER_S3_ENDPOINT".into(), proxy.endpoint()));
+    let mut fleet = Fleet::start_with(FleetOptions {
+        coordinator_env: env,
+        ..Default::default()
+    });
+    fleet.add_agent("app", &pg, "app");
+    // The meta file's PUT is held by the proxy: the coordinator waits on it with the object
+    // already stored, and is killed there.
+    proxy.stall_on(b".meta.json");
+    let mut cmd = fleet.dsctl_command();
+    cmd.args(["--quiet", "backup", "app"]);
+    let handle = std::thread::spawn(move || run(cmd, Duration::from_secs(300)));
+    assert!(
+        wait_until(Duration::from_secs(60), || srv
+            .objects()
+            .iter()
+            .any(|o| o.ends_with(".dump.zst"))),
+        "the object was never stored: {:?}",
+        srv.objects()
+    );
+    assert!(
+        srv.objects().iter().all(|o| !o.ends_with(".meta.json")),
+        "{:?}",
+        srv.objects()
+    );
+    fleet.kill_coordinator();
+    handle
+        .join()
+        .expect("dsctl thread")
+        .expect_code(1, "backup whose coordinator was killed");
+    // Let go of what the proxy holds (so start-up's own reads pass), then see what the
+    // kill left in storage.
+    proxy.release();
+    std::thread::sleep(Duration::from_secs(3));
+    let meta_landed = srv.objects().iter().any(|o| o.ends_with(".meta.json"));
+
+    fleet.start_coordinator();
+    let rows = fleet.list_backups(Some("app"));
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    let b = &rows[0];
+    let log = fleet.coordinator().log();
+    if meta_landed {
+        // Object and meta file were whole: adopted, and really whole.
+        assert_eq!(b.status, "completed", "{}", b.raw);
+        let mut objects = srv.objects();
+        objects.sort();
+        let mut want = vec![
+            b.raw["object_key"].as_str().unwrap_or_default().to_string(),
+            format!("app/logical/{}.meta.json", b.id),
+        ];
+        want.sort();
+        assert_eq!(objects, want, "storage holds exactly the adopted backup");
+        assert!(
+            log.contains("completed backups whose object and meta file"),
+            "{log}"
+        );
+        fleet.wait_agent_listed("app", Duration::from_secs(60));
+        fleet.restore(&b.id, "app_adopted", &[]);
+        assert_eq!(
+            pg.query_one("app_adopted", "SELECT count(*) FROM t"),
+            "20000"
+        );
+    } else {
+        // The object alone: removed, the attempt failed.
+        assert_eq!(b.status, "failed", "{}", b.raw);
+        assert!(
+            b.raw["error"]
+                .as_str()
+                .is_some_and(|e| e.contains("coordinator stopped")),
+            "{}",
+            b.raw
+        );
+        assert!(
+            srv.objects().is_empty(),
+            "the cut-off attempt left {:?}",
+            srv.objects()
+        );
+        assert!(
+            log.contains("marked interrupted backups as failed"),
+            "{log}"
+        );
+    }
+}
