@@ -19,9 +19,8 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::fleet::{AgentConn, JobKind, Report};
 use crate::repo::ingest::{IngestError, IngestMeta, Piece, Trailer};
-use crate::repo::RepoError;
-use crate::storage::ErrorKind;
-use crate::{internal, now_rfc3339, peer, Core};
+use crate::repo::{ReadError, RepoError};
+use crate::{internal, peer, repo, Core};
 
 pub struct AgentSvc {
     pub core: Arc<Core>,
@@ -61,7 +60,11 @@ impl AgentService for AgentSvc {
             let owner = self
                 .core
                 .catalog
-                .claim_target(&t.name, &who.name, now_rfc3339())
+                .claim_target(
+                    &t.name,
+                    &who.name,
+                    repo::record::format_time(self.core.clock.now()),
+                )
                 .await
                 .map_err(internal)?;
             if let Some(owner) = owner {
@@ -283,8 +286,8 @@ impl AgentService for AgentSvc {
             Ok(data) => Ok(DownloadChunk {
                 data: data.to_vec(),
             }),
-            Err(e) if e.kind == ErrorKind::Corrupt => Err(Status::data_loss(e.message)),
-            Err(e) => Err(Status::unavailable(e.to_string())),
+            Err(ReadError::Corrupt(m)) => Err(Status::data_loss(m)),
+            Err(ReadError::Storage(m)) => Err(Status::unavailable(m)),
         });
         Ok(Response::new(Box::pin(out)))
     }

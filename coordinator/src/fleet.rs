@@ -74,10 +74,10 @@ struct Inner {
     disconnected: HashMap<String, DateTime<Utc>>,
 }
 
-#[derive(Default)]
 pub struct Fleet {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
+    clock: std::sync::Arc<dyn crate::clock::Clock>,
 }
 
 /// Takes the lock even if a panicking thread poisoned it: the maps stay
@@ -89,6 +89,14 @@ macro_rules! lock {
 }
 
 impl Fleet {
+    pub fn new(clock: std::sync::Arc<dyn crate::clock::Clock>) -> Self {
+        Self {
+            inner: Mutex::default(),
+            next_id: AtomicU64::new(0),
+            clock,
+        }
+    }
+
     pub fn next_conn_id(&self) -> u64 {
         self.next_id.fetch_add(1, Ordering::Relaxed) + 1
     }
@@ -146,7 +154,7 @@ impl Fleet {
                 .filter(|(_, c)| **c == conn_id)
                 .map(|(t, _)| t.clone())
                 .collect();
-            let now = Utc::now();
+            let now = self.clock.now();
             for t in gone {
                 g.targets.remove(&t);
                 g.disconnected.insert(t, now);
@@ -167,7 +175,7 @@ impl Fleet {
 
     pub fn touch(&self, conn_id: u64) {
         if let Some(a) = lock!(self.inner).agents.get_mut(&conn_id) {
-            a.last_seen = Utc::now();
+            a.last_seen = self.clock.now();
         }
     }
 

@@ -93,10 +93,6 @@ pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
 }
 
-pub fn now_rfc3339() -> String {
-    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
-}
-
 /// The identity from the client certificate, required to have `role`.
 pub fn peer<T>(req: &Request<T>, role: Role) -> Result<PeerIdentity, Status> {
     let certs = req
@@ -175,6 +171,7 @@ pub async fn run(
     };
     let catalog = Catalog::open(&config.data_dir.join("catalog.db"))?;
     let clock: Arc<dyn clock::Clock> = Arc::new(clock::SystemClock);
+    let started = clock.now();
     let repo = Repository::new(catalog.clone(), storage, clock.clone());
 
     // What a crash or kill left: partial objects, attempts cut off anywhere
@@ -202,14 +199,14 @@ pub async fn run(
     let core = Arc::new(Core {
         catalog,
         repo,
-        fleet: Fleet::default(),
+        fleet: Fleet::new(clock.clone()),
         cancel: cancel.clone(),
         scheduler: schedule::driver::Scheduler::new(&config.policies),
         policies: config.policies.clone(),
         clock,
         metrics: metrics::Metrics::new(),
         alert_config: config.alerts.clone(),
-        alerter: alerts::Alerter::new(chrono::Utc::now()),
+        alerter: alerts::Alerter::new(started),
         cleanup: tokio::sync::Mutex::new(()),
     });
     // Losing the backup host must not lose the backups: an empty catalog over

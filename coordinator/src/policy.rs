@@ -87,9 +87,7 @@ impl RetentionSpec {
 /// right then must not fail for that.
 pub const DEFAULT_AGENT_GRACE: std::time::Duration = std::time::Duration::from_secs(30);
 
-/// Failed attempts stay visible this long by default (a week of history for
-/// whoever looks into why backups failed).
-pub const DEFAULT_FAILED_GRACE: chrono::Duration = chrono::Duration::days(7);
+pub use crate::retention::gfs::DEFAULT_FAILED_GRACE;
 
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -25,9 +25,24 @@ use futures::StreamExt;
 
 use crate::catalog::{Catalog, CatalogError};
 use crate::clock::Clock;
-use crate::storage::{ByteStream, ErrorKind, Storage, StorageError};
+use crate::storage::{ByteStream, Storage, StorageError};
 pub use record::{BackupRecord, Kind, Status, Trigger, Verification};
 use store::BackupStore;
+
+/// Why a verified read did not deliver the whole object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ReadError {
+    /// The bytes do not match what was recorded when they were stored.
+    #[error("{0}")]
+    Corrupt(String),
+    /// Storage could not be read (worth trying again later).
+    #[error("{0}")]
+    Storage(String),
+}
+
+/// The bytes of a stored object, checked as they stream.
+pub type VerifiedStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = Result<Bytes, ReadError>> + Send>>;
 
 /// A repository failure a caller can act on.
 #[derive(Debug, thiserror::Error)]
@@ -190,9 +205,9 @@ impl Repository {
 
     /// Streams a completed backup's object, hashing it on the way: if the
     /// bytes do not match the recorded checksum and size, the stream ends
-    /// with an error of kind `Corrupt` instead of a clean end, so no reader
-    /// can take a damaged object for a good one.
-    pub async fn open_verified(&self, b: &BackupRecord) -> Result<ByteStream, RepoError> {
+    /// with `ReadError::Corrupt` instead of a clean end, so no reader can take
+    /// a damaged object for a good one.
+    pub async fn open_verified(&self, b: &BackupRecord) -> Result<VerifiedStream, RepoError> {
         if b.status != Status::Completed {
             return Err(RepoError::Conflict(format!(
                 "backup {} is {}; only completed backups can be read",
@@ -212,37 +227,31 @@ impl Repository {
             state,
             |mut s| async move {
                 let mut hash = s.hash.take()?;
-                match s.inner.next().await {
-                    Some(Ok(chunk)) => {
-                        let item = match hash_off_thread(&mut hash, chunk.clone()).await {
-                            Ok(()) => Ok(chunk),
-                            Err(e) => Err(StorageError::new(ErrorKind::Other, "read", &s.key, e)),
-                        };
-                        s.hash = Some(hash).filter(|_| item.is_ok());
-                        Some((item, s))
-                    }
-                    Some(Err(e)) => Some((Err(e), s)),
+                let item = match s.inner.next().await {
+                    Some(Ok(chunk)) => match hash_off_thread(&mut hash, chunk.clone()).await {
+                        Ok(()) => {
+                            s.hash = Some(hash);
+                            Ok(chunk)
+                        }
+                        Err(e) => Err(ReadError::Storage(e)),
+                    },
+                    Some(Err(e)) => Err(ReadError::Storage(e.to_string())),
                     None => {
                         let got = hash.finish();
                         if got == s.checksum && hash.len() == s.size {
-                            None
-                        } else {
-                            let e = StorageError::new(
-                            ErrorKind::Corrupt,
-                            "read",
-                            &s.key,
-                            format!(
-                                "backup {} is corrupt: its stored bytes have checksum {got} ({} bytes) but {} ({} bytes) was recorded when it was stored",
-                                s.id,
-                                hash.len(),
-                                s.checksum,
-                                s.size
-                            ),
-                        );
-                            Some((Err(e), s))
+                            return None;
                         }
+                        Err(ReadError::Corrupt(format!(
+                        "backup {} is corrupt: {} has checksum {got} ({} bytes) but {} ({} bytes) was recorded when it was stored",
+                        s.id,
+                        s.key,
+                        hash.len(),
+                        s.checksum,
+                        s.size
+                    )))
                     }
-                }
+                };
+                Some((item, s))
             },
         )))
     }
@@ -408,8 +417,10 @@ mod tests {
             .try_collect::<Vec<Bytes>>()
             .await
             .unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Corrupt);
-        assert!(err.message.contains("corrupt"), "{err}");
+        assert!(
+            matches!(&err, ReadError::Corrupt(m) if m.contains("corrupt")),
+            "{err}"
+        );
         storage.inner_put_raw(&b.object_key, b"the archive").await;
         let err = repo
             .open_verified(&b)
@@ -418,7 +429,10 @@ mod tests {
             .try_collect::<Vec<Bytes>>()
             .await
             .unwrap_err();
-        assert_eq!(err.kind, ErrorKind::Corrupt, "a truncated object too");
+        assert!(
+            matches!(err, ReadError::Corrupt(_)),
+            "a truncated object too"
+        );
     }
 
     #[tokio::test]

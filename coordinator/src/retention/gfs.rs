@@ -36,6 +36,11 @@ pub struct Policy {
     pub failed_grace: TimeDelta,
 }
 
+/// Failed attempts stay visible this long by default (a week of history for
+/// whoever looks into why backups failed). The one default: the policy
+/// layers (`crate::policy`) fall back to it too.
+pub const DEFAULT_FAILED_GRACE: TimeDelta = TimeDelta::days(7);
+
 impl Default for Policy {
     fn default() -> Self {
         Self {
@@ -45,7 +50,7 @@ impl Default for Policy {
             keep_monthly: 6,
             max_age_days: None,
             manual_keep_days: None,
-            failed_grace: TimeDelta::hours(24),
+            failed_grace: DEFAULT_FAILED_GRACE,
         }
     }
 }
@@ -802,12 +807,11 @@ mod tests {
             }),
             completed("ok", "2024-01-01T03:00:00Z"),
         ];
-        let ds = plan(
-            &backups,
-            &Policy::default(),
-            at("2024-01-02T01:30:00Z"),
-            &Utc,
-        );
+        let day = Policy {
+            failed_grace: TimeDelta::hours(24),
+            ..Policy::default()
+        };
+        let ds = plan(&backups, &day, at("2024-01-02T01:30:00Z"), &Utc);
         assert_eq!(deleted(&ds), vec!["f-old"]);
         assert_eq!(
             texts(decision(&ds, "f-old")),

@@ -25,9 +25,6 @@ pub enum ErrorKind {
     PermissionDenied,
     /// Worth retrying (network, throttling, 5xx).
     Transient,
-    /// The object's bytes do not match what was recorded when it was stored
-    /// (a verified read, see `repo::Repository::open_verified`).
-    Corrupt,
     /// Anything else.
     Other,
 }
