@@ -154,9 +154,36 @@ pub fn parse_duration(setting: &str, v: &str) -> Result<std::time::Duration, Set
     Ok(std::time::Duration::from_secs_f64(total))
 }
 
+/// A duration the way `parse_duration` reads it, in the largest unit that
+/// states it exactly (`12h`, `90s`, `7d`); sub-second parts are dropped.
+pub fn format_duration(d: std::time::Duration) -> String {
+    let s = d.as_secs();
+    for (unit, n) in [("d", 86400), ("h", 3600), ("m", 60)] {
+        if s >= n && s.is_multiple_of(n) {
+            return format!("{}{unit}", s / n);
+        }
+    }
+    format!("{s}s")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formatted_durations_read_back() {
+        for (secs, text) in [
+            (43200, "12h"),
+            (90, "90s"),
+            (604800, "7d"),
+            (900, "15m"),
+            (0, "0s"),
+        ] {
+            let d = std::time::Duration::from_secs(secs);
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration("X", text).unwrap(), d);
+        }
+    }
 
     fn env(pairs: &[(&str, &str)]) -> Env {
         Env::from_pairs(pairs)

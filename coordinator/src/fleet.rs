@@ -8,7 +8,16 @@ use std::sync::Mutex;
 use chrono::{DateTime, Utc};
 use datasaver_common::proto::{self, CoordinatorMessage, JobProgress, JobResult};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
+
+/// Takes the lock even if a panicking thread poisoned it: the maps stay
+/// consistent because every update is a single insert/remove.
+macro_rules! lock {
+    ($m:expr) => {
+        $m.lock().unwrap_or_else(|p| p.into_inner())
+    };
+}
 
 /// What an agent said (or what happened to it) about a job.
 #[derive(Debug)]
@@ -45,6 +54,26 @@ pub struct Job {
     info: JobRef,
     conn_id: u64,
     reports: mpsc::Sender<Report>,
+    cancel: CancellationToken,
+    /// Why it was cancelled (set before `cancel` fires).
+    cancel_reason: std::sync::Arc<Mutex<Option<String>>>,
+}
+
+/// A job's place in the fleet: where the agent's reports arrive, and how an
+/// operator (or shutdown) asks it to stop.
+pub struct JobTicket {
+    pub reports: mpsc::Receiver<Report>,
+    pub cancel: CancellationToken,
+    cancel_reason: std::sync::Arc<Mutex<Option<String>>>,
+}
+
+impl JobTicket {
+    /// Why the job was cancelled, once `cancel` fired.
+    pub fn cancel_reason(&self) -> String {
+        lock!(self.cancel_reason)
+            .clone()
+            .unwrap_or_else(|| "cancelled".into())
+    }
 }
 
 /// Sends control messages to one agent connection.
@@ -78,14 +107,6 @@ pub struct Fleet {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     clock: std::sync::Arc<dyn crate::clock::Clock>,
-}
-
-/// Takes the lock even if a panicking thread poisoned it: the maps stay
-/// consistent because every update is a single insert/remove.
-macro_rules! lock {
-    ($m:expr) => {
-        $m.lock().unwrap_or_else(|p| p.into_inner())
-    };
 }
 
 impl Fleet {
@@ -233,8 +254,10 @@ impl Fleet {
         object_key: &str,
         conn_id: u64,
         agent_name: &str,
-    ) -> mpsc::Receiver<Report> {
+    ) -> JobTicket {
         let (tx, rx) = mpsc::channel(64);
+        let cancel = CancellationToken::new();
+        let cancel_reason = std::sync::Arc::new(Mutex::new(None));
         lock!(self.inner).jobs.insert(
             job_id.to_string(),
             Job {
@@ -247,9 +270,39 @@ impl Fleet {
                 },
                 conn_id,
                 reports: tx,
+                cancel: cancel.clone(),
+                cancel_reason: cancel_reason.clone(),
             },
         );
-        rx
+        JobTicket {
+            reports: rx,
+            cancel,
+            cancel_reason,
+        }
+    }
+
+    /// Asks job `job_id` to stop (its task tells the agent and records the
+    /// outcome). False when no such job is running.
+    pub fn cancel_job(&self, job_id: &str, reason: &str) -> bool {
+        let g = lock!(self.inner);
+        let Some(job) = g.jobs.get(job_id) else {
+            return false;
+        };
+        lock!(job.cancel_reason).get_or_insert_with(|| reason.to_string());
+        job.cancel.cancel();
+        true
+    }
+
+    /// The running jobs of `target`, by id.
+    pub fn jobs_of(&self, target: &str) -> Vec<(String, JobRef)> {
+        let mut v: Vec<_> = lock!(self.inner)
+            .jobs
+            .iter()
+            .filter(|(_, j)| j.info.target == target)
+            .map(|(id, j)| (id.clone(), j.info.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// Backups a restore or verify is reading now: retention must keep them.

@@ -3,18 +3,17 @@
 //! operators reach it over gRPC with mutual TLS; who they are comes from
 //! their certificates.
 
-pub mod agent_service;
 pub mod alerts;
+pub mod api;
+pub mod backups;
 pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod fleet;
 pub mod health;
-pub mod http;
 pub mod jobs;
 pub mod listener;
 pub mod metrics;
-pub mod operator_service;
 pub mod policy;
 pub mod repo;
 pub mod retention;
@@ -26,10 +25,10 @@ use std::time::Duration;
 
 use datasaver_common::proto::agent_service_server::AgentServiceServer;
 use datasaver_common::proto::operator_service_server::OperatorServiceServer;
-use datasaver_common::tls::{identity_from_der, PeerIdentity, Role};
+use datasaver_common::tls::Role;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tonic::{Request, Status};
+use tonic::service::interceptor::InterceptedService;
 
 use crate::catalog::Catalog;
 use crate::config::{Backend, Config};
@@ -53,6 +52,8 @@ pub struct Core {
     pub alerter: alerts::Alerter,
     /// One retention run at a time (see `retention::cleanup::run`).
     pub cleanup: tokio::sync::Mutex<()>,
+    /// Every job's task: shutdown waits here for them to record their end.
+    pub tasks: tokio_util::task::TaskTracker,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -83,32 +84,9 @@ pub enum StartError {
     Serve(#[from] tonic::transport::Error),
 }
 
-/// A failure inside the coordinator, as a gRPC status.
-pub fn internal(e: impl std::fmt::Display) -> Status {
-    Status::internal(e.to_string())
-}
-
 /// RFC 3339 in UTC, to the second: how the API shows times.
 pub fn rfc3339(t: chrono::DateTime<chrono::Utc>) -> String {
     t.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
-}
-
-/// The identity from the client certificate, required to have `role`.
-pub fn peer<T>(req: &Request<T>, role: Role) -> Result<PeerIdentity, Status> {
-    let certs = req
-        .peer_certs()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let first = certs
-        .first()
-        .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
-    let id = identity_from_der(first.as_ref()).map_err(Status::unauthenticated)?;
-    if id.role != role {
-        return Err(Status::permission_denied(format!(
-            "{id} may not call this service (it needs a {} certificate)",
-            role.as_str()
-        )));
-    }
-    Ok(id)
 }
 
 pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
@@ -208,6 +186,7 @@ pub async fn run(
         alert_config: config.alerts.clone(),
         alerter: alerts::Alerter::new(started),
         cleanup: tokio::sync::Mutex::new(()),
+        tasks: tokio_util::task::TaskTracker::new(),
     });
     // Losing the backup host must not lose the backups: an empty catalog over
     // a non-empty storage is rebuilt from the meta files before serving.
@@ -255,7 +234,7 @@ pub async fn run(
     let http_addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let sched = tokio::spawn(schedule::driver::run(core.clone()));
     let background = [
-        tokio::spawn(http::serve(core.clone(), http)),
+        tokio::spawn(api::http::serve(core.clone(), http)),
         tokio::spawn(alerts::run(core.clone())),
         tokio::spawn(alerts::webhook::run(core.clone())),
     ];
@@ -264,12 +243,20 @@ pub async fn run(
 
     let incoming = listener::incoming(grpc, server_tls, cancel.clone());
     let max = datasaver_common::MAX_MESSAGE_SIZE;
-    let agent_svc = AgentServiceServer::new(agent_service::AgentSvc { core: core.clone() })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
-    let op_svc = OperatorServiceServer::new(operator_service::OperatorSvc { core: core.clone() })
-        .max_decoding_message_size(max)
-        .max_encoding_message_size(max);
+    // Who calls is read from the certificate once, by each service's
+    // interceptor, and passed down as a typed `api::Caller`.
+    let agent_svc = InterceptedService::new(
+        AgentServiceServer::new(api::agent::AgentSvc { core: core.clone() })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        api::require(Role::Agent),
+    );
+    let op_svc = InterceptedService::new(
+        OperatorServiceServer::new(api::operator::OperatorSvc { core: core.clone() })
+            .max_decoding_message_size(max)
+            .max_encoding_message_size(max),
+        api::require(Role::Operator),
+    );
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -285,6 +272,18 @@ pub async fn run(
         let _ = b.await;
     }
 
+    // Every job saw the cancel, told its agent to stop and records how it
+    // ended; wait for that (within the grace), then fail what did not.
+    core.tasks.close();
+    if tokio::time::timeout(core.policies.shutdown_grace, core.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            grace = %datasaver_common::config::format_duration(core.policies.shutdown_grace),
+            "jobs still running after DATASAVER_SHUTDOWN_GRACE"
+        );
+    }
     let failed = core
         .repo
         .fail_all_running("interrupted: the coordinator shut down while this backup was running")
@@ -293,7 +292,7 @@ pub async fn run(
     if !failed.is_empty() {
         tracing::warn!(
             failed = failed.len(),
-            "marked in-flight backups as failed at shutdown"
+            "marked backups still running at shutdown as failed"
         );
     }
     tracing::info!("coordinator stopped");

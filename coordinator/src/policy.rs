@@ -89,6 +89,15 @@ pub const DEFAULT_AGENT_GRACE: std::time::Duration = std::time::Duration::from_s
 
 pub use crate::retention::gfs::DEFAULT_FAILED_GRACE;
 
+/// The longest a backup, restore or verify may run before it is cancelled
+/// (`DATASAVER_JOB_TIMEOUT`): generous for big databases, but a `pg_dump`
+/// stuck behind a lock must not hold a slot of the queue forever.
+pub const DEFAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
+
+/// How long a stopping coordinator waits for its jobs to record how they
+/// ended (`DATASAVER_SHUTDOWN_GRACE`, the agent's setting of the same name).
+pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
+
 #[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TargetFile {
@@ -113,6 +122,8 @@ pub struct RetryFile {
 pub struct FileConfig {
     pub timezone: Option<String>,
     pub max_concurrent_backups: Option<usize>,
+    /// The longest one job may run, e.g. "12h" (DATASAVER_JOB_TIMEOUT).
+    pub job_timeout: Option<String>,
     #[serde(default)]
     pub retry: RetryFile,
     #[serde(default)]
@@ -149,6 +160,10 @@ pub struct Policies {
     pub retry: RetryPolicy,
     pub defaults: RetentionSpec,
     pub targets: BTreeMap<String, TargetFile>,
+    /// A job still running after this is cancelled and fails.
+    pub job_timeout: std::time::Duration,
+    /// How long shutdown waits for in-flight jobs to record their end.
+    pub shutdown_grace: std::time::Duration,
 }
 
 impl Default for Policies {
@@ -160,8 +175,17 @@ impl Default for Policies {
             retry: RetryPolicy::default(),
             defaults: RetentionSpec::default(),
             targets: BTreeMap::new(),
+            job_timeout: DEFAULT_JOB_TIMEOUT,
+            shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
         }
     }
+}
+
+fn positive(setting: &str, d: std::time::Duration) -> Result<std::time::Duration, SettingError> {
+    if d.is_zero() {
+        return Err(SettingError::new(setting, "must be longer than 0"));
+    }
+    Ok(d)
 }
 
 impl Policies {
@@ -250,6 +274,23 @@ impl Policies {
             Some(v) => parse_duration("DATASAVER_AGENT_GRACE", v)?,
             None => DEFAULT_AGENT_GRACE,
         };
+        let job_timeout = match env.get("DATASAVER_JOB_TIMEOUT") {
+            Some(v) => positive(
+                "DATASAVER_JOB_TIMEOUT",
+                parse_duration("DATASAVER_JOB_TIMEOUT", v)?,
+            )?,
+            None => match &f.job_timeout {
+                Some(v) => positive(
+                    "DATASAVER_CONFIG: job_timeout",
+                    parse_duration("DATASAVER_CONFIG: job_timeout", v)?,
+                )?,
+                None => DEFAULT_JOB_TIMEOUT,
+            },
+        };
+        let shutdown_grace = match env.get("DATASAVER_SHUTDOWN_GRACE") {
+            Some(v) => parse_duration("DATASAVER_SHUTDOWN_GRACE", v)?,
+            None => DEFAULT_SHUTDOWN_GRACE,
+        };
         Ok(Policies {
             tz,
             agent_grace,
@@ -257,6 +298,8 @@ impl Policies {
             retry,
             defaults,
             targets: f.targets,
+            job_timeout,
+            shutdown_grace,
         })
     }
 

@@ -21,6 +21,13 @@ pub struct TargetPlan {
     pub decisions: Vec<(BackupRecord, Decision)>,
 }
 
+impl TargetPlan {
+    /// The policy in words, as `dsctl cleanup` shows it.
+    pub fn policy_text(&self) -> String {
+        describe_policy(&self.policy)
+    }
+}
+
 /// What a cleanup did (or, dry, would do).
 #[derive(Debug, Default)]
 pub struct Report {

@@ -10,17 +10,17 @@ use datasaver_common::proto::{
     agent_message, coordinator_message, upload_request, AgentMessage, CoordinatorMessage,
     DownloadChunk, DownloadRequest, Registered, UploadRequest, UploadResponse,
 };
-use datasaver_common::tls::Role;
 use futures::{Stream, StreamExt};
 
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
+use super::{internal, Caller};
 use crate::fleet::{AgentConn, JobKind, Report};
 use crate::repo::ingest::{IngestError, IngestMeta, Piece, Trailer};
 use crate::repo::{ReadError, RepoError};
-use crate::{internal, peer, repo, Core};
+use crate::{repo, Core};
 
 pub struct AgentSvc {
     pub core: Arc<Core>,
@@ -37,7 +37,7 @@ impl AgentService for AgentSvc {
         &self,
         req: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::ControlStream>, Status> {
-        let who = peer(&req, Role::Agent)?;
+        let who = Caller::of(&req)?;
         let addr = req.remote_addr().map(|a| a.to_string()).unwrap_or_default();
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
@@ -62,7 +62,7 @@ impl AgentService for AgentSvc {
                 .catalog
                 .claim_target(
                     &t.name,
-                    &who.name,
+                    who.name(),
                     repo::record::format_time(self.core.clock.now()),
                 )
                 .await
@@ -71,7 +71,8 @@ impl AgentService for AgentSvc {
                 tracing::warn!(agent = %who, target = %t.name, %owner, "agent refused: target belongs to another agent");
                 return Err(Status::permission_denied(format!(
                     "target {} belongs to agent {owner}; agent {} may not act for it",
-                    t.name, who.name
+                    t.name,
+                    who.name()
                 )));
             }
         }
@@ -82,7 +83,7 @@ impl AgentService for AgentSvc {
         let requested = reg.targets.clone();
         tx.send(Ok(CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Registered(Registered {
-                agent_name: who.name.clone(),
+                agent_name: who.name().to_string(),
                 coordinator_version: datasaver_common::VERSION.into(),
             })),
         }))
@@ -90,7 +91,7 @@ impl AgentService for AgentSvc {
         .map_err(|_| Status::cancelled("agent went away"))?;
         self.core.fleet.add_agent(AgentConn {
             conn_id,
-            name: who.name.clone(),
+            name: who.name().to_string(),
             version: reg.agent_version.clone(),
             peer_addr: addr.clone(),
             targets: reg.targets,
@@ -168,8 +169,10 @@ impl AgentService for AgentSvc {
                 }
                 None => tracing::info!(agent = %who, reason = %why, "agent disconnected"),
             }
-            core.fleet
-                .remove_agent(conn_id, &format!("agent {} disconnected ({why})", who.name));
+            core.fleet.remove_agent(
+                conn_id,
+                &format!("agent {} disconnected ({why})", who.name()),
+            );
         });
         let outbound = ReceiverStream::new(rx).take_until(closed.cancelled_owned());
         Ok(Response::new(Box::pin(outbound)))
@@ -179,7 +182,7 @@ impl AgentService for AgentSvc {
         &self,
         req: Request<Streaming<UploadRequest>>,
     ) -> Result<Response<UploadResponse>, Status> {
-        let who = peer(&req, Role::Agent)?;
+        let who = Caller::of(&req)?;
         let remote = datasaver_common::telemetry::from_metadata(req.metadata());
         let mut inbound = req.into_inner();
         let header = match inbound.message().await?.and_then(|m| m.msg) {
@@ -201,10 +204,10 @@ impl AgentService for AgentSvc {
                 "upload header does not match its job",
             ));
         }
-        if job.agent_name != who.name {
+        if job.agent_name != who.name() {
             return Err(Status::permission_denied(format!(
                 "agent {} may not upload for target {target}",
-                who.name
+                who.name()
             )));
         }
         // A child of the agent's upload span, so both sides share one trace.
@@ -250,7 +253,7 @@ impl AgentService for AgentSvc {
         &self,
         req: Request<DownloadRequest>,
     ) -> Result<Response<Self::DownloadStream>, Status> {
-        let who = peer(&req, Role::Agent)?;
+        let who = Caller::of(&req)?;
         let req = req.into_inner();
         let job = self
             .core
@@ -263,10 +266,10 @@ impl AgentService for AgentSvc {
                 "download request does not match its job",
             ));
         }
-        if job.agent_name != who.name {
+        if job.agent_name != who.name() {
             return Err(Status::permission_denied(format!(
                 "agent {} may not read backup {backup_id}",
-                who.name
+                who.name()
             )));
         }
         tracing::info!(agent = %who, backup = %backup_id, "download started");

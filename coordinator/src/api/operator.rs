@@ -1,0 +1,336 @@
+//! The gRPC service dsctl calls: proto in, a domain call (`backups`, `jobs`,
+//! `repo`, `schedule`, `health`), proto out. Long operations run as jobs that
+//! own their outcome, so an operator who disconnects changes nothing.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use datasaver_common::proto::operator_service_server::OperatorService;
+use datasaver_common::proto::{
+    CleanupItem, CleanupRequest, CleanupResponse, DeleteBackupRequest, DeleteBackupResponse,
+    GetBackupRequest, HealthRequest, HealthResponse, JobEvent, JobQueue, ListAgentsRequest,
+    ListAgentsResponse, ListBackupsRequest, ListBackupsResponse, OpenAlert, PinRequest,
+    RebuildCatalogRequest, RebuildCatalogResponse, RestoreRequest, StartBackupRequest,
+    TargetCleanup, TargetHealth, VerifyRequest,
+};
+use futures::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::{internal, Caller};
+use crate::backups::{self, ActionError, Selector};
+use crate::jobs::{self, Read, StartError};
+use crate::{to_proto, Core};
+
+pub struct OperatorSvc {
+    pub core: Arc<Core>,
+}
+
+type EventStream = Pin<Box<dyn Stream<Item = Result<JobEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl OperatorService for OperatorSvc {
+    type StartBackupStream = EventStream;
+    type RestoreStream = EventStream;
+    type VerifyStream = EventStream;
+
+    async fn list_agents(
+        &self,
+        req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        let who = Caller::of(&req)?;
+        tracing::info!(operator = %who, "list agents");
+        Ok(Response::new(ListAgentsResponse {
+            agents: self.core.fleet.agents(),
+        }))
+    }
+
+    async fn list_backups(
+        &self,
+        req: Request<ListBackupsRequest>,
+    ) -> Result<Response<ListBackupsResponse>, Status> {
+        let who = Caller::of(&req)?;
+        let target = Some(req.into_inner().target).filter(|t| !t.is_empty());
+        tracing::info!(operator = %who, target = ?target, "list backups");
+        let rows = self
+            .core
+            .repo
+            .list(target.as_deref())
+            .await
+            .map_err(internal)?;
+        Ok(Response::new(ListBackupsResponse {
+            backups: rows.iter().map(to_proto).collect(),
+        }))
+    }
+
+    async fn get_backup(
+        &self,
+        req: Request<GetBackupRequest>,
+    ) -> Result<Response<datasaver_common::proto::Backup>, Status> {
+        let who = Caller::of(&req)?;
+        let id = req.into_inner().id;
+        tracing::info!(operator = %who, backup = %id, "get backup");
+        let row = self.find(&id).await?;
+        let mut b = to_proto(&row);
+        b.next_backup_at = self
+            .core
+            .scheduler
+            .next_run(&row.target)
+            .map(crate::rfc3339);
+        Ok(Response::new(b))
+    }
+
+    async fn start_backup(
+        &self,
+        req: Request<StartBackupRequest>,
+    ) -> Result<Response<EventStream>, Status> {
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        datasaver_common::names::validate_target(&req.target)
+            .map_err(|e| Status::invalid_argument(e.to_string()))?;
+        tracing::info!(operator = %who, target = %req.target, "backup requested");
+        // Manual backups wait in the same queue as scheduled ones, under the
+        // same limit; the stream says `queued (N ahead)` meanwhile.
+        let events = self
+            .core
+            .scheduler
+            .request_backup(&self.core, &req.target, req.label)
+            .map_err(start_status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(events))))
+    }
+
+    async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<EventStream>, Status> {
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        let sel = if !req.id.is_empty() {
+            Selector::Id(req.id.clone())
+        } else if !req.target.is_empty() {
+            let at = if req.latest {
+                None
+            } else if !req.at.is_empty() {
+                Some(parse_time(&req.at)?)
+            } else {
+                return Err(Status::invalid_argument(
+                    "with --target, give --latest or --at TIME",
+                ));
+            };
+            Selector::Latest {
+                target: req.target.clone(),
+                at,
+            }
+        } else {
+            return Err(Status::invalid_argument(
+                "give a backup id, or --target with --latest or --at",
+            ));
+        };
+        let row = backups::pick(&self.core, &sel, "restored")
+            .await
+            .map_err(action_status)?;
+        let read = if req.dry_run {
+            Read::DryRun
+        } else {
+            Read::Restore {
+                target_db: req.target_db.clone(),
+                force: req.force,
+            }
+        };
+        tracing::info!(operator = %who, backup = %row.id, dry_run = req.dry_run, target_db = %req.target_db, "restore requested");
+        let started = jobs::start_read(&self.core, row, read).map_err(start_status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
+    }
+
+    async fn rebuild_catalog(
+        &self,
+        req: Request<RebuildCatalogRequest>,
+    ) -> Result<Response<RebuildCatalogResponse>, Status> {
+        let who = Caller::of(&req)?;
+        tracing::info!(operator = %who, "catalog rebuild requested");
+        let r = self
+            .core
+            .repo
+            .rebuild()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        for p in &r.problems {
+            tracing::warn!(problem = %p, "not imported during catalog rebuild");
+        }
+        Ok(Response::new(RebuildCatalogResponse {
+            imported: r.imported,
+            already_known: r.already_known,
+            problems: r.problems,
+        }))
+    }
+
+    async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<EventStream>, Status> {
+        let who = Caller::of(&req)?;
+        let sel = Selector::Id(req.into_inner().id);
+        let row = backups::pick(&self.core, &sel, "verified")
+            .await
+            .map_err(action_status)?;
+        tracing::info!(operator = %who, backup = %row.id, "verify requested");
+        let started = jobs::start_read(&self.core, row, Read::Verify).map_err(start_status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
+    }
+
+    async fn cleanup(
+        &self,
+        req: Request<CleanupRequest>,
+    ) -> Result<Response<CleanupResponse>, Status> {
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        let target = Some(req.target).filter(|t| !t.is_empty());
+        tracing::info!(operator = %who, target = ?target, dry_run = req.dry_run, "cleanup requested");
+        let r = backups::cleanup(&self.core, target.as_deref(), req.dry_run)
+            .await
+            .map_err(action_status)?;
+        let targets = r
+            .plans
+            .iter()
+            .map(|p| TargetCleanup {
+                target: p.target.clone(),
+                policy: p.policy_text(),
+                items: p
+                    .decisions
+                    .iter()
+                    .map(|(row, d)| CleanupItem {
+                        id: row.id.clone(),
+                        created_at: crate::repo::record::format_time(row.created_at),
+                        status: row.status.as_str().into(),
+                        keep: d.keep,
+                        reasons: d.reasons.iter().map(|r| r.to_string()).collect(),
+                        tags: d.tags.iter().map(|t| t.as_str().to_string()).collect(),
+                        label: row.label.clone(),
+                        pinned: row.pinned,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(CleanupResponse {
+            targets,
+            dry_run: req.dry_run,
+            deleted: r.deleted,
+            finished: r.finished,
+            errors: r.errors,
+        }))
+    }
+
+    async fn pin(
+        &self,
+        req: Request<PinRequest>,
+    ) -> Result<Response<datasaver_common::proto::Backup>, Status> {
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        let updated = self
+            .core
+            .repo
+            .set_pinned(&req.id, req.pinned)
+            .await
+            .map_err(|e| action_status(e.into()))?;
+        tracing::info!(operator = %who, backup = %updated.id, pinned = req.pinned, "pin changed");
+        Ok(Response::new(to_proto(&updated)))
+    }
+
+    async fn delete_backup(
+        &self,
+        req: Request<DeleteBackupRequest>,
+    ) -> Result<Response<DeleteBackupResponse>, Status> {
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        let id = backups::delete(&self.core, &req.id, req.force, who.name())
+            .await
+            .map_err(action_status)?;
+        Ok(Response::new(DeleteBackupResponse { id }))
+    }
+
+    async fn health(
+        &self,
+        req: Request<HealthRequest>,
+    ) -> Result<Response<HealthResponse>, Status> {
+        let _who = Caller::of(&req)?;
+        let r = crate::health::report(&self.core)
+            .await
+            .map_err(Status::unavailable)?;
+        let targets = r
+            .targets
+            .into_iter()
+            .map(|t| TargetHealth {
+                target: t.target,
+                schedule: t.schedule.unwrap_or_default(),
+                next_backup_at: t.next_backup_at,
+                last_backup_at: t.last_backup_at,
+                last_backup_id: t.last_backup_id,
+                last_backup_status: t.last_backup_status,
+                last_backup_error: t.last_backup_error,
+                last_success_at: t.last_success_at,
+                backups: t.backups,
+                stored_bytes: t.stored_bytes,
+                agent_connected: t.agent_connected,
+                missed_slots: t.missed_slots,
+                status: t.status.as_str().into(),
+                status_reason: t.status_reason,
+                alerts: t
+                    .alerts
+                    .into_iter()
+                    .map(|a| OpenAlert {
+                        event: a.event,
+                        message: a.message,
+                        since: a.since,
+                        backup_id: a.backup_id,
+                    })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(HealthResponse {
+            targets,
+            time_zone: r.time_zone,
+            status: r.status.as_str().into(),
+            agents_connected: r.agents_connected as u32,
+            queue: Some(JobQueue {
+                running: r.queue.running as u32,
+                waiting: r.queue.waiting as u32,
+                limit: r.queue.limit as u32,
+            }),
+        }))
+    }
+}
+
+fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .map(|d| d.with_timezone(&chrono::Utc))
+        .or_else(|_| {
+            chrono::NaiveDateTime::parse_from_str(s, "%Y-%m-%d %H:%M:%S").map(|n| n.and_utc())
+        })
+        .or_else(|_| {
+            chrono::NaiveDate::parse_from_str(s, "%Y-%m-%d")
+                .map(|d| d.and_hms_opt(23, 59, 59).unwrap_or_default().and_utc())
+        })
+        .map_err(|_| {
+            Status::invalid_argument(format!(
+                "--at {s:?} is not a time (use RFC 3339 like 2024-01-11T02:00:00Z, or 2024-01-11)"
+            ))
+        })
+}
+
+impl OperatorSvc {
+    async fn find(&self, id: &str) -> Result<crate::repo::BackupRecord, Status> {
+        backups::find(&self.core, id).await.map_err(action_status)
+    }
+}
+
+/// A refused or failed operator action as a gRPC status.
+fn action_status(e: ActionError) -> Status {
+    match e {
+        ActionError::Invalid(m) => Status::invalid_argument(m),
+        ActionError::NotFound(m) => Status::not_found(m),
+        ActionError::Refused(m) => Status::failed_precondition(m),
+        ActionError::Unavailable(m) => Status::unavailable(m),
+    }
+}
+
+/// A job that could not start as a gRPC status.
+fn start_status(e: StartError) -> Status {
+    match e {
+        StartError::NoAgent(_) | StartError::Busy(_) => Status::failed_precondition(e.to_string()),
+        StartError::Internal(m) => Status::internal(m),
+    }
+}

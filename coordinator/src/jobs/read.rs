@@ -1,0 +1,180 @@
+//! Restores, dry runs and verifies: jobs that read one stored backup on its
+//! target's agent. The object is read once: the coordinator streams it
+//! verified (`repo.open_verified`), the agent checks the checksum as the
+//! bytes arrive and holds back the archive's tail until it matches, so a
+//! corrupt object never commits anything; its verify result is kept with the
+//! backup and the error names the next good backup.
+
+use std::sync::Arc;
+
+use datasaver_common::proto::{coordinator_message, JobDone, RestoreJob, RestoreMode};
+use tokio::sync::{mpsc, oneshot};
+use tracing::Instrument;
+
+use super::{done, failed, progress, AgentJob, Expected, FailureKind, StartError, Started};
+use crate::fleet::JobKind;
+use crate::repo::BackupRecord;
+use crate::schedule::planner::Outcome;
+use crate::{to_proto, Core};
+
+/// What a read job does with the backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Read {
+    /// Restore into `target_db` (empty: the agent picks a new name);
+    /// `force` replaces an existing database (through a scratch database).
+    Restore { target_db: String, force: bool },
+    /// Read the whole archive and list it; change nothing.
+    DryRun,
+    /// A dry run whose result is kept as the backup's verification.
+    Verify,
+}
+
+impl Read {
+    fn name(&self) -> &'static str {
+        match self {
+            Read::Restore { .. } => "restore",
+            Read::DryRun => "list",
+            Read::Verify => "verify",
+        }
+    }
+}
+
+/// Starts `read` of completed backup `row` on its target's agent.
+pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Started, StartError> {
+    let kind = match read {
+        Read::Restore { .. } => JobKind::Restore,
+        Read::DryRun | Read::Verify => JobKind::List,
+    };
+    // Registered now so the backup counts as in use from the start.
+    let mut job = AgentJob::register(core, kind, &row.target, &row.id, &row.object_key)?;
+    let (tx, rx) = mpsc::channel(16);
+    let (outcome_tx, outcome_rx) = oneshot::channel();
+    let span = tracing::info_span!(
+        "restore",
+        target = %row.target,
+        backup = %row.id,
+        mode = read.name()
+    );
+    let id = job.id.clone();
+    let core = core.clone();
+    core.clone().tasks.spawn(
+        async move {
+            let _ = tx
+                .send(Ok(progress(
+                    "download",
+                    format!(
+                        "reading {} from storage; the agent checks it against {} as it arrives",
+                        row.id, row.checksum
+                    ),
+                )))
+                .await;
+            let (mode, target_db, force) = match &read {
+                Read::Restore { target_db, force } => {
+                    (RestoreMode::Restore, target_db.clone(), *force)
+                }
+                Read::DryRun | Read::Verify => (RestoreMode::List, String::new(), false),
+            };
+            let msg = coordinator_message::Msg::Restore(RestoreJob {
+                trace_context: datasaver_common::telemetry::context_of(&tracing::Span::current()),
+                job_id: job.id.clone(),
+                backup_id: row.id.clone(),
+                target: row.target.clone(),
+                mode: mode as i32,
+                target_db,
+                force,
+                compression: row.compression.clone(),
+                checksum: row.checksum.clone(),
+                stored_bytes: row.stored_bytes,
+                encrypted: row.encrypted,
+                encryption_recipient: row.encryption_recipient.clone(),
+            });
+            let result = match job.send(msg).await {
+                Err(f) => Err(f),
+                Ok(()) => {
+                    let expected = Expected {
+                        raw: 0,
+                        stored: row.stored_bytes,
+                    };
+                    let what = format!("{} of backup {}", read.name(), row.id);
+                    job.wait(&tx, expected, &what).await
+                }
+            };
+            drop(job);
+            match read {
+                Read::Verify => core.metrics.verify_finished(&row.target, result.is_ok()),
+                Read::Restore { .. } => core.metrics.restore_finished(&row.target, result.is_ok()),
+                Read::DryRun => {}
+            }
+            let corrupt = matches!(&result, Err(f) if f.kind == FailureKind::Corrupt);
+            // A verify, and any read that found the object corrupt, is kept
+            // with the backup (catalog and meta file), so the next restore
+            // and `dsctl list` know.
+            if read == Read::Verify || corrupt {
+                let (ok, detail) = match &result {
+                    Ok(r) => (true, format!("checksum matches, {} archive entries", r.toc_entries)),
+                    Err(f) => (false, f.message.clone()),
+                };
+                if let Err(e) = core.repo.record_verification(&row.id, ok, &detail).await {
+                    tracing::warn!(backup = %row.id, error = %e, "could not record the verify result");
+                }
+            }
+            let outcome = match &result {
+                Ok(_) => Outcome::Succeeded,
+                Err(f) if f.kind == FailureKind::Interrupted => Outcome::Interrupted,
+                Err(_) => Outcome::Failed,
+            };
+            let event = match result {
+                Ok(r) => {
+                    tracing::info!(backup = %row.id, message = %r.message, "agent job finished");
+                    let backup = core.repo.get(&row.id).await.ok().flatten().map(|b| to_proto(&b));
+                    done(JobDone {
+                        ok: true,
+                        message: r.message,
+                        backup,
+                        target_db: r.target_db,
+                        ..Default::default()
+                    })
+                }
+                Err(f) => {
+                    let error = if f.kind == FailureKind::Corrupt {
+                        format!("{}; {}", f.message, next_good(&core, &row).await)
+                    } else {
+                        f.message
+                    };
+                    tracing::warn!(backup = %row.id, %error, "agent job failed");
+                    failed(error)
+                }
+            };
+            let _ = outcome_tx.send(outcome);
+            let _ = tx.send(Ok(event)).await;
+            core.alerter.wake.notify_one();
+        }
+        .instrument(span),
+    );
+    Ok(Started {
+        id,
+        events: rx,
+        outcome: outcome_rx,
+    })
+}
+
+/// Names the backup to restore instead of a corrupt one, from the catalog
+/// alone (no extra reads), saying whether it was verified.
+async fn next_good(core: &Core, row: &BackupRecord) -> String {
+    match core.repo.next_good(row).await {
+        Ok(Some(b)) => match &b.verification {
+            Some(v) if v.ok => format!(
+                "the next-oldest good backup is {} (verified {}; dsctl restore {})",
+                b.id,
+                crate::rfc3339(v.at),
+                b.id
+            ),
+            _ => format!(
+                "the next-oldest good backup is {} (not verified since it was stored: `dsctl verify {}`, then `dsctl restore {}`)",
+                b.id, b.id, b.id
+            ),
+        },
+        Ok(None) => format!("no older good backup of {} is known", row.target),
+        Err(e) => format!("the catalog could not name an older backup: {e}"),
+    }
+}
