@@ -1,14 +1,17 @@
-//! The SQLite catalog: the connection and its migrations, which agent owns
-//! which target (with the scheduler's progress), alert state and the webhook
-//! outbox. The backup table is the repository's (`repo::store`): an index
-//! rebuildable from the `.meta.json` files in storage. All calls run on
-//! tokio's blocking pool; the connection is in WAL mode and migrated by
-//! `PRAGMA user_version`.
+//! The SQLite catalog: one connection (WAL, owner-only file, every call on
+//! tokio's blocking pool) and the migration runner. The tables, their SQL and
+//! their migrations belong to the stores on this connection:
+//! `repo::store` (backups), `targets` (targets and scheduler progress) and
+//! `alerts::store` (alert state and the webhook outbox).
+//!
+//! Migrations are one ordered sequence tracked by `PRAGMA user_version`; each
+//! store lists its own steps as `(version, SQL)` and [`plan`] merges them by
+//! version, refusing gaps and duplicates.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension, Row};
+use rusqlite::Connection;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CatalogError {
@@ -23,29 +26,163 @@ pub enum CatalogError {
     Worker(String),
     #[error("catalog was written by a newer datasaver (schema {found}, this build knows {known}); upgrade the coordinator")]
     TooNew { found: i64, known: i64 },
+    #[error("catalog migrations are inconsistent (a bug in this build): {0}")]
+    Migrations(String),
 }
 
-/// What the catalog remembers about a target between restarts.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct TargetRecord {
-    pub name: String,
-    pub agent: String,
-    /// The schedule the agent asked for (may be overridden by the config).
-    pub schedule: Option<String>,
-    /// The retention the agent asked for, as JSON of `policy::RetentionSpec`.
-    pub retention: Option<String>,
-    /// The last cron slot the scheduler acted on (RFC 3339).
-    pub last_slot: Option<String>,
-    pub first_seen: String,
-    /// Scheduled slots that could not start before the next one came.
-    pub missed_slots: u64,
-    /// When the last slot was missed (RFC 3339).
-    pub last_missed_at: Option<String>,
+/// One store's migrations: `(version, SQL)`, in version order.
+pub(crate) type Migrations = &'static [(u32, &'static str)];
+
+/// Every store on the catalog and its migrations. A store that owns tables
+/// is listed here; the order is the order of the parts of a shared version.
+const OWNERS: &[(&str, Migrations)] = &[
+    ("repo::store", crate::repo::store::MIGRATIONS),
+    ("targets", crate::targets::MIGRATIONS),
+    ("alerts::store", crate::alerts::store::MIGRATIONS),
+];
+
+/// Version 1 predates the split into stores: it created `backups` and
+/// `targets` in one step. It stays one version, made of one part from each
+/// of those two owners, applied together (in [`OWNERS`] order) in one
+/// transaction, so a file at `user_version` 1 still has both tables. It is
+/// the only version that may have parts from more than one owner: every
+/// later version belongs to exactly one store, and two stores claiming the
+/// same version (say, added on two branches) is refused rather than merged.
+const SHARED_BASELINE: u32 = 1;
+
+/// One step of the merged sequence: its version and its parts, in order.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Step {
+    pub version: u32,
+    pub parts: Vec<&'static str>,
 }
 
-const MIGRATIONS: &[&str] = &[
-    // 1: backups and target ownership
-    "CREATE TABLE backups (
+/// Merges the owners' migrations into one sequence by version. The versions
+/// must be exactly `1..=N`: no gap, and no version claimed twice (other than
+/// [`SHARED_BASELINE`], once per owner).
+pub(crate) fn plan(owners: &[(&str, Migrations)]) -> Result<Vec<Step>, String> {
+    let mut claims: std::collections::BTreeMap<u32, Vec<(&str, &'static str)>> =
+        std::collections::BTreeMap::new();
+    for (owner, migrations) in owners {
+        for (version, sql) in migrations.iter() {
+            let parts = claims.entry(*version).or_default();
+            if let Some((other, _)) = parts
+                .iter()
+                .find(|(o, _)| *version != SHARED_BASELINE || o == owner)
+            {
+                return Err(format!(
+                    "version {version} is claimed by both {other} and {owner}"
+                ));
+            }
+            parts.push((owner, sql));
+        }
+    }
+    let mut steps = Vec::with_capacity(claims.len());
+    for (expected, (version, parts)) in (1u32..).zip(claims) {
+        if version != expected {
+            return Err(format!(
+                "version {expected} is missing (the next one is {version})"
+            ));
+        }
+        steps.push(Step {
+            version,
+            parts: parts.into_iter().map(|(_, sql)| sql).collect(),
+        });
+    }
+    Ok(steps)
+}
+
+/// The connection every store shares.
+#[derive(Clone)]
+pub struct Catalog {
+    conn: Arc<Mutex<Connection>>,
+}
+
+impl Catalog {
+    /// Opens (creating and migrating) the catalog at `path`, owner-only.
+    pub fn open(path: &Path) -> Result<Self, CatalogError> {
+        let open_err = |source| CatalogError::Open {
+            path: path.display().to_string(),
+            source,
+        };
+        if !path.exists() {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .mode(0o600)
+                .open(path)
+                .map_err(|e| CatalogError::Open {
+                    path: path.display().to_string(),
+                    source: rusqlite::Error::InvalidPath(format!("{e}").into()),
+                })?;
+        }
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.busy_timeout(std::time::Duration::from_secs(10))
+            .map_err(open_err)?;
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "synchronous", "FULL")
+            .map_err(open_err)?;
+        conn.pragma_update(None, "foreign_keys", "ON")
+            .map_err(open_err)?;
+        let steps = plan(OWNERS).map_err(CatalogError::Migrations)?;
+        migrate(&conn, &steps)?;
+        Ok(Self {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, CatalogError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&Connection) -> Result<R, CatalogError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let guard = conn
+                .lock()
+                .map_err(|_| CatalogError::Worker("catalog lock poisoned".into()))?;
+            f(&guard)
+        })
+        .await
+        .map_err(|e| CatalogError::Worker(e.to_string()))?
+    }
+}
+
+/// Applies the steps after the file's `user_version`, each (all its parts)
+/// in one transaction with its version.
+fn migrate(c: &Connection, steps: &[Step]) -> Result<(), CatalogError> {
+    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let known = steps.last().map_or(0, |s| i64::from(s.version));
+    if version > known {
+        return Err(CatalogError::TooNew {
+            found: version,
+            known,
+        });
+    }
+    for step in steps.iter().filter(|s| i64::from(s.version) > version) {
+        let tx = c.unchecked_transaction()?;
+        for sql in &step.parts {
+            tx.execute_batch(sql)?;
+        }
+        tx.pragma_update(None, "user_version", i64::from(step.version))?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The migrations exactly as the catalog ran them before the stores were
+    /// split out (files in the field are at version 4 of this).
+    const BEFORE_SPLIT: &[&str] = &[
+        // 1: backups and target ownership
+        "CREATE TABLE backups (
         id TEXT PRIMARY KEY,
         target TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -82,12 +219,12 @@ const MIGRATIONS: &[&str] = &[
         first_seen TEXT NOT NULL,
         last_seen TEXT NOT NULL
     );",
-    // 2: what agents ask for, and the scheduler's progress
-    "ALTER TABLE targets ADD COLUMN schedule TEXT;
+        // 2: what agents ask for, and the scheduler's progress
+        "ALTER TABLE targets ADD COLUMN schedule TEXT;
     ALTER TABLE targets ADD COLUMN retention TEXT;
     ALTER TABLE targets ADD COLUMN last_slot TEXT;",
-    // 3: alert state (one open row per target and kind) and the webhook outbox
-    "CREATE TABLE alerts (
+        // 3: alert state (one open row per target and kind) and the webhook outbox
+        "CREATE TABLE alerts (
         id INTEGER PRIMARY KEY,
         target TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -108,400 +245,179 @@ const MIGRATIONS: &[&str] = &[
         last_error TEXT
     );
     CREATE INDEX deliveries_pending ON deliveries(next_at) WHERE delivered_at IS NULL;",
-    // 4: missed scheduled slots (the schedule.missed alert survives a restart)
-    "ALTER TABLE targets ADD COLUMN missed_slots INTEGER NOT NULL DEFAULT 0;
+        // 4: missed scheduled slots (the schedule.missed alert survives a restart)
+        "ALTER TABLE targets ADD COLUMN missed_slots INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE targets ADD COLUMN last_missed_at TEXT;",
-];
+    ];
 
-/// An alert as stored.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct AlertRow {
-    pub id: i64,
-    pub target: String,
-    pub kind: String,
-    pub message: String,
-    pub backup_id: Option<String>,
-    pub opened_at: String,
-}
+    fn squash(sql: &str) -> String {
+        sql.split_whitespace().collect::<Vec<_>>().join(" ")
+    }
 
-/// A webhook delivery waiting to be sent.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Delivery {
-    pub id: i64,
-    pub url: String,
-    pub body: String,
-    pub attempts: u32,
-}
-
-#[derive(Clone)]
-pub struct Catalog {
-    conn: Arc<Mutex<Connection>>,
-}
-
-impl Catalog {
-    /// Opens (creating and migrating) the catalog at `path`, owner-only.
-    pub fn open(path: &Path) -> Result<Self, CatalogError> {
-        let open_err = |source| CatalogError::Open {
-            path: path.display().to_string(),
-            source,
-        };
-        if !path.exists() {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .mode(0o600)
-                .open(path)
-                .map_err(|e| CatalogError::Open {
-                    path: path.display().to_string(),
-                    source: rusqlite::Error::InvalidPath(format!("{e}").into()),
-                })?;
+    /// A catalog file as the code before the split left it at `version`.
+    fn before_split(path: &Path, version: usize) -> Connection {
+        let c = Connection::open(path).unwrap();
+        for (i, sql) in BEFORE_SPLIT.iter().enumerate().take(version) {
+            let tx = c.unchecked_transaction().unwrap();
+            tx.execute_batch(sql).unwrap();
+            tx.pragma_update(None, "user_version", (i + 1) as i64)
+                .unwrap();
+            tx.commit().unwrap();
         }
-        let conn = Connection::open(path).map_err(open_err)?;
-        conn.busy_timeout(std::time::Duration::from_secs(10))
-            .map_err(open_err)?;
-        conn.pragma_update(None, "journal_mode", "WAL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "synchronous", "FULL")
-            .map_err(open_err)?;
-        conn.pragma_update(None, "foreign_keys", "ON")
-            .map_err(open_err)?;
-        migrate(&conn)?;
-        Ok(Self {
-            conn: Arc::new(Mutex::new(conn)),
+        c
+    }
+
+    /// Every table and index with its SQL (whitespace squashed).
+    fn schema(c: &Connection) -> Vec<(String, String, Option<String>)> {
+        let mut st = c
+            .prepare("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+            .unwrap();
+        st.query_map([], |r| {
+            Ok((
+                r.get(0)?,
+                r.get(1)?,
+                r.get::<_, Option<String>>(2)?.map(|s| squash(&s)),
+            ))
         })
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
     }
 
-    /// Runs `f` with the connection on the blocking pool.
-    pub async fn call<R, F>(&self, f: F) -> Result<R, CatalogError>
-    where
-        R: Send + 'static,
-        F: FnOnce(&Connection) -> Result<R, CatalogError> + Send + 'static,
-    {
-        let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
-            let guard = conn
-                .lock()
-                .map_err(|_| CatalogError::Worker("catalog lock poisoned".into()))?;
-            f(&guard)
-        })
-        .await
-        .map_err(|e| CatalogError::Worker(e.to_string()))?
+    fn user_version(c: &Connection) -> i64 {
+        c.query_row("PRAGMA user_version", [], |r| r.get(0))
+            .unwrap()
     }
 
-    /// Counts a missed scheduled slot of `target`.
-    pub async fn record_missed(&self, target: &str, at: String) -> Result<(), CatalogError> {
-        let target = target.to_string();
-        self.call(move |c| {
-            // A target only the config file names has no row yet.
-            c.execute(
-                "INSERT INTO targets(name, agent, first_seen, last_seen) VALUES (?1, '', ?2, ?2)
-                 ON CONFLICT(name) DO NOTHING",
-                params![target, at],
-            )?;
-            c.execute(
-                "UPDATE targets SET missed_slots = missed_slots + 1, last_missed_at = ?2 WHERE name = ?1",
-                params![target, at],
-            )?;
-            Ok(())
-        })
-        .await
+    #[test]
+    fn the_stores_migrations_merge_into_the_previous_sequence() {
+        let steps = plan(OWNERS).unwrap();
+        assert_eq!(
+            steps.iter().map(|s| s.version).collect::<Vec<_>>(),
+            [1, 2, 3, 4]
+        );
+        assert_eq!(steps[0].parts.len(), 2, "version 1: backups, then targets");
+        for (step, before) in steps.iter().zip(BEFORE_SPLIT) {
+            let merged: Vec<String> = step.parts.iter().map(|p| squash(p)).collect();
+            assert_eq!(merged.join(" "), squash(before), "version {}", step.version);
+        }
     }
 
-    /// Records the schedule and retention an agent asks for its target.
-    pub async fn set_target_request(
-        &self,
-        target: &str,
-        schedule: Option<String>,
-        retention: Option<String>,
-    ) -> Result<(), CatalogError> {
-        let target = target.to_string();
-        self.call(move |c| {
-            c.execute(
-                "UPDATE targets SET schedule = ?2, retention = ?3 WHERE name = ?1",
-                params![target, schedule, retention],
-            )?;
-            Ok(())
-        })
-        .await
+    #[test]
+    fn the_plan_refuses_gaps_and_duplicates() {
+        let ok = plan(&[
+            ("a", &[(1, "a1"), (2, "a2")]),
+            ("b", &[(1, "b1"), (3, "b3")]),
+        ])
+        .unwrap();
+        assert_eq!(
+            ok,
+            vec![
+                Step {
+                    version: 1,
+                    parts: vec!["a1", "b1"]
+                },
+                Step {
+                    version: 2,
+                    parts: vec!["a2"]
+                },
+                Step {
+                    version: 3,
+                    parts: vec!["b3"]
+                },
+            ]
+        );
+        assert_eq!(plan(&[]).unwrap(), vec![]);
+
+        let err = |owners: &[(&str, Migrations)]| plan(owners).unwrap_err();
+        assert!(err(&[("a", &[(1, "x"), (3, "y")])]).contains("version 2 is missing"));
+        assert!(err(&[("a", &[(2, "x")])]).contains("version 1 is missing"));
+        assert!(err(&[("a", &[(1, "x"), (2, "y")]), ("b", &[(2, "z")])])
+            .contains("version 2 is claimed by both a and b"));
+        assert!(err(&[("a", &[(1, "x"), (2, "y"), (2, "z")])]).contains("version 2"));
+        assert!(err(&[("a", &[(1, "x"), (1, "y")])]).contains("version 1"));
     }
-
-    pub async fn set_last_slot(&self, target: &str, slot: String) -> Result<(), CatalogError> {
-        let target = target.to_string();
-        self.call(move |c| {
-            c.execute(
-                "UPDATE targets SET last_slot = ?2 WHERE name = ?1",
-                params![target, slot],
-            )?;
-            Ok(())
-        })
-        .await
-    }
-
-    pub async fn targets(&self) -> Result<Vec<TargetRecord>, CatalogError> {
-        self.call(|c| {
-            let mut st = c.prepare(&format!(
-                "SELECT {TARGET_COLUMNS} FROM targets ORDER BY name"
-            ))?;
-            let rows = st.query_map([], row_to_target)?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
-    /// One target's record, if the catalog knows it.
-    pub async fn target(&self, name: &str) -> Result<Option<TargetRecord>, CatalogError> {
-        let name = name.to_string();
-        self.call(move |c| {
-            Ok(c.query_row(
-                &format!("SELECT {TARGET_COLUMNS} FROM targets WHERE name = ?1"),
-                [name],
-                row_to_target,
-            )
-            .optional()?)
-        })
-        .await
-    }
-
-    /// Open alerts, oldest first.
-    pub async fn open_alerts(&self) -> Result<Vec<AlertRow>, CatalogError> {
-        self.call(|c| {
-            let mut st = c.prepare(
-                "SELECT id, target, kind, message, backup_id, opened_at FROM alerts
-                 WHERE resolved_at IS NULL ORDER BY id",
-            )?;
-            let rows = st.query_map([], |r| {
-                Ok(AlertRow {
-                    id: r.get(0)?,
-                    target: r.get(1)?,
-                    kind: r.get(2)?,
-                    message: r.get(3)?,
-                    backup_id: r.get(4)?,
-                    opened_at: r.get(5)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
-    /// Opens an alert and queues its notifications in one transaction, so a
-    /// crash can neither notify without the alert nor open it silently.
-    pub async fn open_alert(
-        &self,
-        a: AlertRow,
-        notify: Vec<(String, String)>,
-    ) -> Result<(), CatalogError> {
-        self.call(move |c| {
-            let tx = c.unchecked_transaction()?;
-            tx.execute(
-                "INSERT INTO alerts(target, kind, message, backup_id, opened_at) VALUES (?1, ?2, ?3, ?4, ?5)",
-                params![a.target, a.kind, a.message, a.backup_id, a.opened_at],
-            )?;
-            queue(&tx, &notify, &a.opened_at)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Resolves an alert and queues its notifications, atomically.
-    pub async fn resolve_alert(
-        &self,
-        id: i64,
-        at: String,
-        notify: Vec<(String, String)>,
-    ) -> Result<(), CatalogError> {
-        self.call(move |c| {
-            let tx = c.unchecked_transaction()?;
-            tx.execute(
-                "UPDATE alerts SET resolved_at = ?2 WHERE id = ?1 AND resolved_at IS NULL",
-                params![id, at],
-            )?;
-            queue(&tx, &notify, &at)?;
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// Deliveries due at `now` (RFC 3339), oldest first.
-    pub async fn due_deliveries(&self, now: String) -> Result<Vec<Delivery>, CatalogError> {
-        self.call(move |c| {
-            let mut st = c.prepare(
-                "SELECT id, url, body, attempts FROM deliveries
-                 WHERE delivered_at IS NULL AND next_at <= ?1 ORDER BY id LIMIT 100",
-            )?;
-            let rows = st.query_map([now], |r| {
-                Ok(Delivery {
-                    id: r.get(0)?,
-                    url: r.get(1)?,
-                    body: r.get(2)?,
-                    attempts: r.get(3)?,
-                })
-            })?;
-            Ok(rows.collect::<Result<Vec<_>, _>>()?)
-        })
-        .await
-    }
-
-    /// When the next undelivered notification is due.
-    pub async fn next_delivery_at(&self) -> Result<Option<String>, CatalogError> {
-        self.call(|c| {
-            Ok(c.query_row(
-                "SELECT min(next_at) FROM deliveries WHERE delivered_at IS NULL",
-                [],
-                |r| r.get(0),
-            )?)
-        })
-        .await
-    }
-
-    pub async fn delivery_done(
-        &self,
-        id: i64,
-        at: String,
-        error: Option<String>,
-        next_at: Option<String>,
-    ) -> Result<(), CatalogError> {
-        self.call(move |c| {
-            match next_at {
-                None if error.is_none() => c.execute(
-                    "UPDATE deliveries SET delivered_at = ?2, attempts = attempts + 1, last_error = NULL WHERE id = ?1",
-                    params![id, at],
-                )?,
-                None => c.execute(
-                    // given up: kept, with the reason, for whoever looks
-                    "UPDATE deliveries SET delivered_at = 'never', attempts = attempts + 1, last_error = ?2 WHERE id = ?1",
-                    params![id, error],
-                )?,
-                Some(next) => c.execute(
-                    "UPDATE deliveries SET attempts = attempts + 1, last_error = ?2, next_at = ?3 WHERE id = ?1",
-                    params![id, error, next],
-                )?,
-            };
-            Ok(())
-        })
-        .await
-    }
-
-    /// Binds `target` to `agent` on first sight. Returns the owning agent if
-    /// another agent already owns it.
-    pub async fn claim_target(
-        &self,
-        target: &str,
-        agent: &str,
-        now: String,
-    ) -> Result<Option<String>, CatalogError> {
-        let (target, agent) = (target.to_string(), agent.to_string());
-        self.call(move |c| {
-            let owner: Option<String> = c
-                .query_row("SELECT agent FROM targets WHERE name = ?1", [&target], |r| r.get(0))
-                .optional()?;
-            match owner {
-                // An empty owner: a target first known from the config file.
-                Some(o) if !o.is_empty() && o != agent => Ok(Some(o)),
-                Some(_) => {
-                    c.execute(
-                        "UPDATE targets SET agent = ?2, last_seen = ?3 WHERE name = ?1",
-                        params![target, agent, now],
-                    )?;
-                    Ok(None)
-                }
-                None => {
-                    c.execute(
-                        "INSERT INTO targets(name, agent, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)",
-                        params![target, agent, now],
-                    )?;
-                    Ok(None)
-                }
-            }
-        })
-        .await
-    }
-}
-
-const TARGET_COLUMNS: &str =
-    "name, agent, schedule, retention, last_slot, first_seen, missed_slots, last_missed_at";
-
-fn row_to_target(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
-    Ok(TargetRecord {
-        name: r.get(0)?,
-        agent: r.get(1)?,
-        schedule: r.get(2)?,
-        retention: r.get(3)?,
-        last_slot: r.get(4)?,
-        first_seen: r.get(5)?,
-        missed_slots: r.get::<_, i64>(6)? as u64,
-        last_missed_at: r.get(7)?,
-    })
-}
-
-fn queue(c: &Connection, notify: &[(String, String)], at: &str) -> Result<(), CatalogError> {
-    for (url, body) in notify {
-        c.execute(
-            "INSERT INTO deliveries(url, body, created_at, next_at) VALUES (?1, ?2, ?3, ?3)",
-            params![url, body, at],
-        )?;
-    }
-    Ok(())
-}
-
-fn migrate(c: &Connection) -> Result<(), CatalogError> {
-    let version: i64 = c.query_row("PRAGMA user_version", [], |r| r.get(0))?;
-    let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(CatalogError::TooNew {
-            found: version,
-            known,
-        });
-    }
-    for (i, m) in MIGRATIONS.iter().enumerate().skip(version as usize) {
-        let tx = c.unchecked_transaction()?;
-        tx.execute_batch(m)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
-        tx.commit()?;
-    }
-    Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
 
     #[tokio::test]
-    async fn targets_are_claimed_once_and_the_file_is_private() {
+    async fn files_written_before_the_split_open_unchanged() {
+        let dir = tempfile::tempdir().unwrap();
+        let fresh = dir.path().join("fresh.db");
+        drop(Catalog::open(&fresh).unwrap());
+        let fresh = schema(&Connection::open(&fresh).unwrap());
+
+        for version in 0..=BEFORE_SPLIT.len() {
+            let path = dir.path().join(format!("v{version}.db"));
+            drop(before_split(&path, version));
+            drop(Catalog::open(&path).unwrap());
+            let c = Connection::open(&path).unwrap();
+            assert_eq!(user_version(&c), 4, "from version {version}");
+            assert_eq!(schema(&c), fresh, "from version {version}");
+        }
+
+        // A file in use at version 4 keeps every row, readable by its store.
+        let path = dir.path().join("in-use.db");
+        let old = before_split(&path, 4);
+        old.execute_batch(
+            "INSERT INTO backups(id, target, kind, status, trigger, created_at)
+                 VALUES ('app_1', 'app', 'logical', 'completed', 'scheduled', '2024-01-01T00:00:00Z');
+             INSERT INTO targets(name, agent, first_seen, last_seen, schedule, last_slot, missed_slots)
+                 VALUES ('app', 'agent1', 't0', 't1', '@daily', '2024-01-01T00:00:00Z', 2);
+             INSERT INTO alerts(target, kind, message, opened_at)
+                 VALUES ('app', 'backup.failed', 'it failed', 't2');
+             INSERT INTO deliveries(url, body, created_at, next_at)
+                 VALUES ('http://hook', '{}', 't2', 't2');",
+        )
+        .unwrap();
+        drop(old);
+        let db = Catalog::open(&path).unwrap();
+        let b = crate::repo::store::BackupStore::new(db.clone())
+            .get("app_1")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (b.target.as_str(), b.status),
+            ("app", crate::repo::Status::Completed)
+        );
+        let t = crate::targets::TargetStore::new(db.clone())
+            .get("app")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (t.agent.as_str(), t.schedule.as_deref(), t.missed_slots),
+            ("agent1", Some("@daily"), 2)
+        );
+        let alerts = crate::alerts::store::AlertStore::new(db);
+        assert_eq!(alerts.open_alerts().await.unwrap()[0].message, "it failed");
+        assert_eq!(alerts.due_deliveries("t9".into()).await.unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_newer_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.db");
-        let cat = Catalog::open(&path).unwrap();
-        assert_eq!(
-            cat.claim_target("a", "agent1", "t".into()).await.unwrap(),
-            None
-        );
-        assert_eq!(
-            cat.claim_target("a", "agent1", "t".into()).await.unwrap(),
-            None
-        );
-        assert_eq!(
-            cat.claim_target("a", "evil", "t".into())
-                .await
-                .unwrap()
-                .as_deref(),
-            Some("agent1")
-        );
-        // a target only the config file named (no owner yet) is claimable
-        cat.record_missed("cfg", "t".into()).await.unwrap();
-        assert_eq!(
-            cat.claim_target("cfg", "agent2", "t".into()).await.unwrap(),
-            None
-        );
-        assert_eq!(cat.target("cfg").await.unwrap().unwrap().missed_slots, 1);
+        let c = before_split(&path, 4);
+        c.pragma_update(None, "user_version", 5).unwrap();
+        drop(c);
+        assert!(matches!(
+            Catalog::open(&path),
+            Err(CatalogError::TooNew { found: 5, known: 4 })
+        ));
+    }
 
-        // reopening keeps everything and does not re-run migrations
-        drop(cat);
-        let cat = Catalog::open(&path).unwrap();
-        assert_eq!(cat.targets().await.unwrap().len(), 2);
+    #[tokio::test]
+    async fn the_file_is_private_and_reopening_runs_nothing_twice() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        drop(Catalog::open(&path).unwrap());
+        // a second open would fail on "table exists" if it re-ran a step
+        let db = Catalog::open(&path).unwrap();
+        let mode: String = db
+            .call(|c| Ok(c.query_row("PRAGMA journal_mode", [], |r| r.get(0))?))
+            .await
+            .unwrap();
+        assert_eq!(mode, "wal");
         use std::os::unix::fs::PermissionsExt;
         assert_eq!(
             std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,

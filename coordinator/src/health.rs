@@ -89,7 +89,8 @@ fn parse(t: &str) -> Option<DateTime<Utc>> {
 pub async fn report(core: &Core) -> Result<Report, String> {
     let now = core.clock.now();
     let open = core
-        .catalog
+        .alerter
+        .store
         .open_alerts()
         .await
         .map_err(|e| e.to_string())?;
@@ -100,11 +101,7 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             .list(Some(&name))
             .await
             .map_err(|e| e.to_string())?;
-        let record = core
-            .catalog
-            .target(&name)
-            .await
-            .map_err(|e| e.to_string())?;
+        let record = core.targets.get(&name).await.map_err(|e| e.to_string())?;
         let last = rows.iter().find(|r| r.status.is_finished());
         let last_ok = rows.iter().find(|r| r.status == Status::Completed);
         let completed: Vec<_> = rows

@@ -19,6 +19,7 @@ pub mod repo;
 pub mod retention;
 pub mod schedule;
 pub mod storage;
+pub mod targets;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,11 +36,12 @@ use crate::config::{Backend, Config};
 use crate::fleet::Fleet;
 use crate::repo::{BackupRecord, Repository};
 use crate::storage::Storage;
+use crate::targets::TargetStore;
 
 /// Everything the services share.
 pub struct Core {
-    /// Targets and scheduler progress, alert state, the webhook outbox.
-    pub catalog: Catalog,
+    /// Targets: owner agent, what it asked for, scheduler progress.
+    pub targets: TargetStore,
     /// Everything stored about backups: the only way to storage.
     pub repo: Repository,
     pub fleet: Fleet,
@@ -49,6 +51,7 @@ pub struct Core {
     pub scheduler: schedule::driver::Scheduler,
     pub metrics: metrics::Metrics,
     pub alert_config: alerts::AlertConfig,
+    /// Alert state and the webhook outbox.
     pub alerter: alerts::Alerter,
     /// One retention run at a time (see `retention::cleanup::run`).
     pub cleanup: tokio::sync::Mutex<()>,
@@ -175,7 +178,7 @@ pub async fn run(
     }
 
     let core = Arc::new(Core {
-        catalog,
+        targets: TargetStore::new(catalog.clone()),
         repo,
         fleet: Fleet::new(clock.clone()),
         cancel: cancel.clone(),
@@ -184,7 +187,7 @@ pub async fn run(
         clock,
         metrics: metrics::Metrics::new(),
         alert_config: config.alerts.clone(),
-        alerter: alerts::Alerter::new(started),
+        alerter: alerts::Alerter::new(alerts::store::AlertStore::new(catalog), started),
         cleanup: tokio::sync::Mutex::new(()),
         tasks: tokio_util::task::TaskTracker::new(),
     });

@@ -1,9 +1,10 @@
 //! Alerting: the rules (pure, `rules`), the state of each alert (open or
-//! resolved, kept in the catalog so a restart neither repeats nor forgets one)
-//! and the webhooks (`webhook`), delivered from an outbox with retries, never
-//! in the way of a backup.
+//! resolved, kept in the catalog by `store` so a restart neither repeats nor
+//! forgets one) and the webhooks (`webhook`), delivered from `store`'s outbox
+//! with retries, never in the way of a backup.
 
 pub mod rules;
+pub mod store;
 pub mod webhook;
 
 use std::collections::{BTreeSet, HashMap};
@@ -14,10 +15,10 @@ use chrono::{DateTime, Utc};
 use serde_json::json;
 use tokio::sync::Notify;
 
-use crate::catalog::AlertRow;
 use crate::repo::Status;
 use crate::Core;
 use rules::{Attempt, Condition, Facts, Kind, Rules};
+use store::{AlertRow, AlertStore};
 
 /// Alerting settings, checked at start-up.
 #[derive(Clone, Default)]
@@ -51,15 +52,19 @@ impl AlertConfig {
     }
 }
 
+/// Alert state (open alerts and the webhook outbox, in `store`) and the
+/// wake-ups of the evaluation and delivery loops.
 pub struct Alerter {
+    pub store: AlertStore,
     pub wake: Notify,
     pub deliver: Notify,
     started: DateTime<Utc>,
 }
 
 impl Alerter {
-    pub fn new(started: DateTime<Utc>) -> Self {
+    pub fn new(store: AlertStore, started: DateTime<Utc>) -> Self {
         Self {
+            store,
             wake: Notify::new(),
             deliver: Notify::new(),
             started,
@@ -86,7 +91,7 @@ pub fn stamp(t: DateTime<Utc>) -> String {
 /// named in the configuration.
 pub async fn targets(core: &Core) -> Vec<String> {
     let mut names: BTreeSet<String> = BTreeSet::new();
-    if let Ok(ts) = core.catalog.targets().await {
+    if let Ok(ts) = core.targets.list().await {
         names.extend(ts.into_iter().map(|t| t.name));
     }
     if let Ok(ts) = core.repo.targets().await {
@@ -129,7 +134,7 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         })
         .take(50)
         .collect();
-    let record = core.catalog.target(target).await.ok().flatten();
+    let record = core.targets.get(target).await.ok().flatten();
     let first_seen = record.as_ref().and_then(|t| parse(&t.first_seen));
     // A target known from before this start counts from the start: its
     // earlier history is in the backups themselves.
@@ -191,7 +196,8 @@ fn body(
 pub async fn evaluate(core: &Core) -> Result<(), String> {
     let now = core.clock.now();
     let open = core
-        .catalog
+        .alerter
+        .store
         .open_alerts()
         .await
         .map_err(|e| e.to_string())?;
@@ -218,7 +224,8 @@ pub async fn evaluate(core: &Core) -> Result<(), String> {
                 })
                 .collect();
             tracing::warn!(target = %target, alert = c.kind.event(), message = %c.message, "alert");
-            core.catalog
+            core.alerter
+                .store
                 .open_alert(
                     AlertRow {
                         id: 0,
@@ -257,7 +264,8 @@ pub async fn evaluate(core: &Core) -> Result<(), String> {
                 .map(|u| (u.clone(), body("resolved", kind, &target, &c, now, true)))
                 .collect();
             tracing::info!(target = %target, alert = %a.kind, "alert resolved");
-            core.catalog
+            core.alerter
+                .store
                 .resolve_alert(a.id, stamp(now), notify)
                 .await
                 .map_err(|e| e.to_string())?;

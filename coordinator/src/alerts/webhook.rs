@@ -1,4 +1,4 @@
-//! Webhook delivery from the catalog's outbox: JSON POSTs signed with
+//! Webhook delivery from the outbox (`alerts::store`): JSON POSTs signed with
 //! HMAC-SHA256 under `DATASAVER_WEBHOOK_SECRET`
 //! (`X-Datasaver-Signature: sha256=<hex of HMAC(timestamp + "." + body)>`,
 //! `X-Datasaver-Timestamp: <unix seconds>`), retried with exponential backoff.
@@ -13,7 +13,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use super::stamp;
-use crate::catalog::Delivery;
+use super::store::Delivery;
 use crate::Core;
 
 /// Attempts per notification before it is given up (about 1.5 h of retries).
@@ -113,7 +113,8 @@ pub async fn run(core: Arc<Core>) {
     loop {
         let now = core.clock.now();
         let due = core
-            .catalog
+            .alerter
+            .store
             .due_deliveries(stamp(now))
             .await
             .unwrap_or_default();
@@ -137,7 +138,8 @@ pub async fn run(core: Arc<Core>) {
                 }
             };
             if let Err(e) = core
-                .catalog
+                .alerter
+                .store
                 .delivery_done(d.id, stamp(at), error, next)
                 .await
             {
@@ -145,7 +147,8 @@ pub async fn run(core: Arc<Core>) {
             }
         }
         let wait = core
-            .catalog
+            .alerter
+            .store
             .next_delivery_at()
             .await
             .ok()

@@ -59,8 +59,8 @@ impl AgentService for AgentSvc {
                 .map_err(|e| Status::invalid_argument(e.to_string()))?;
             let owner = self
                 .core
-                .catalog
-                .claim_target(
+                .targets
+                .claim(
                     &t.name,
                     who.name(),
                     repo::record::format_time(self.core.clock.now()),
@@ -112,8 +112,8 @@ impl AgentService for AgentSvc {
             let schedule = Some(t.schedule.clone()).filter(|s| !s.trim().is_empty());
             if let Err(e) = self
                 .core
-                .catalog
-                .set_target_request(&t.name, schedule.clone(), retention)
+                .targets
+                .set_request(&t.name, schedule.clone(), retention)
                 .await
             {
                 tracing::error!(target = %t.name, error = %e, "could not record the agent's settings");

@@ -33,13 +33,16 @@ fn fixture(policies: Policies) -> Fixture {
         clock.clone(),
     );
     let core = Arc::new(Core {
-        catalog,
+        targets: crate::targets::TargetStore::new(catalog.clone()),
         repo,
         fleet: crate::fleet::Fleet::new(clock.clone()),
         cancel: tokio_util::sync::CancellationToken::new(),
         scheduler: crate::schedule::driver::Scheduler::new(&policies),
         policies,
-        alerter: crate::alerts::Alerter::new(clock.now()),
+        alerter: crate::alerts::Alerter::new(
+            crate::alerts::store::AlertStore::new(catalog),
+            clock.now(),
+        ),
         clock,
         metrics: crate::metrics::Metrics::new(),
         alert_config: crate::alerts::AlertConfig::default(),

@@ -1,10 +1,49 @@
-//! The catalog's backup table: the one mapping between a [`BackupRecord`] and
-//! its SQLite row, and the queries the repository needs. Only `repo` uses it.
+//! The catalog's backup table: its schema (`MIGRATIONS`), the one mapping
+//! between a [`BackupRecord`] and its SQLite row, and the queries the
+//! repository needs. Only `repo` uses it.
 
 use rusqlite::{params, Connection, OptionalExtension, Row};
 
 use super::record::{format_time, parse_time, BackupRecord, Kind, Status, Trigger, Verification};
 use crate::catalog::{Catalog, CatalogError};
+
+/// The backup table's migrations (see `catalog::plan`). Version 1 is shared
+/// with `targets`: both tables were created in one step before the stores
+/// were split.
+pub(crate) const MIGRATIONS: &[(u32, &str)] = &[(
+    1,
+    "CREATE TABLE backups (
+        id TEXT PRIMARY KEY,
+        target TEXT NOT NULL,
+        kind TEXT NOT NULL,
+        status TEXT NOT NULL,
+        trigger TEXT NOT NULL,
+        label TEXT,
+        created_at TEXT NOT NULL,
+        finished_at TEXT,
+        duration_ms INTEGER NOT NULL DEFAULT 0,
+        raw_bytes INTEGER NOT NULL DEFAULT 0,
+        stored_bytes INTEGER NOT NULL DEFAULT 0,
+        checksum TEXT NOT NULL DEFAULT '',
+        compression TEXT NOT NULL DEFAULT '',
+        encrypted INTEGER NOT NULL DEFAULT 0,
+        encryption_recipient TEXT NOT NULL DEFAULT '',
+        format TEXT NOT NULL DEFAULT '',
+        object_key TEXT NOT NULL DEFAULT '',
+        meta_key TEXT NOT NULL DEFAULT '',
+        database TEXT NOT NULL DEFAULT '',
+        db_host TEXT NOT NULL DEFAULT '',
+        server_version TEXT NOT NULL DEFAULT '',
+        pg_dump_version TEXT NOT NULL DEFAULT '',
+        error TEXT,
+        pinned INTEGER NOT NULL DEFAULT 0,
+        tags TEXT NOT NULL DEFAULT '',
+        agent TEXT NOT NULL DEFAULT '',
+        verified_at TEXT,
+        verify_result TEXT
+    );
+    CREATE INDEX backups_by_target ON backups(target, created_at);",
+)];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,

@@ -61,8 +61,8 @@ fn candidate(b: &BackupRecord, in_use: &HashSet<String>) -> Option<Candidate> {
 /// The retention that applies to `target` now.
 pub async fn policy_for(core: &Core, target: &str) -> gfs::Policy {
     let requested: Option<RetentionSpec> = core
-        .catalog
-        .target(target)
+        .targets
+        .get(target)
         .await
         .ok()
         .flatten()

@@ -132,8 +132,8 @@ impl Scheduler {
             }
         };
         let last_slot = core
-            .catalog
-            .target(target)
+            .targets
+            .get(target)
             .await
             .ok()
             .flatten()
@@ -160,7 +160,7 @@ impl Scheduler {
 
 async fn persist(core: &Core, target: &str, slot: DateTime<Utc>) {
     let s = slot.to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
-    if let Err(e) = core.catalog.set_last_slot(target, s).await {
+    if let Err(e) = core.targets.set_last_slot(target, s).await {
         tracing::error!(target = %target, error = %e, "could not record the scheduler's progress");
     }
 }
@@ -181,8 +181,8 @@ pub async fn run(core: Arc<Core>) {
     // Targets known from earlier runs (their agents may not be back yet) and
     // targets only the config file names.
     let mut known: Vec<(String, Option<String>)> = core
-        .catalog
-        .targets()
+        .targets
+        .list()
         .await
         .unwrap_or_default()
         .into_iter()
@@ -262,7 +262,7 @@ async fn missed(core: &Core, m: Missed) {
         .clock
         .now()
         .to_rfc3339_opts(chrono::SecondsFormat::Millis, true);
-    if let Err(e) = core.catalog.record_missed(&m.target, at).await {
+    if let Err(e) = core.targets.record_missed(&m.target, at).await {
         tracing::error!(target = %m.target, error = %e, "could not record the missed slot");
     }
     core.alerter.wake.notify_one();
