@@ -411,3 +411,600 @@ fn alert_config(
         alert_after,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::retention::gfs;
+    use crate::schedule::planner::RetryPolicy;
+    use std::time::Duration;
+
+    const TLS: [&str; 6] = [
+        "--tls-ca",
+        "/pki/ca.pem",
+        "--tls-cert",
+        "/pki/coordinator.pem",
+        "--tls-key",
+        "/pki/coordinator.key",
+    ];
+
+    /// Parsed the way `main` parses, so the defaults are clap's real ones
+    /// (no DATASAVER_* variable is set in the test process).
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["datasaver-coordinator"];
+        v.extend_from_slice(&TLS);
+        v.extend_from_slice(extra);
+        Args::try_parse_from(v).unwrap()
+    }
+
+    fn env(pairs: &[(&str, &str)]) -> Env {
+        Env::from_pairs(pairs)
+    }
+
+    fn addr(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn s3(c: &Config) -> &S3Settings {
+        match &c.backend {
+            Backend::S3(s) => s,
+            other => panic!("expected the S3 backend, got {other:?}"),
+        }
+    }
+
+    const S3_ARGS: [&str; 4] = ["--storage-backend", "s3", "--s3-bucket", "backups-eu"];
+    const ACCESS: &str = "AKIAEXAMPLEACCESS7Q";
+    const SECRET: &str = "wJalrXUtnFEMI/K7MDENG/bPxRfiCYzEXAMPLEKEY";
+
+    #[test]
+    fn defaults_are_the_documented_ones() {
+        let c = args(&[]).validate(&env(&[])).unwrap();
+        assert_eq!(c.grpc_listen, addr("0.0.0.0:50051"));
+        assert_eq!(c.http_listen, addr("0.0.0.0:9090"));
+        assert_eq!(c.data_dir, PathBuf::from("./datasaver-data"));
+        match &c.backend {
+            Backend::Local { path } => {
+                assert_eq!(path, &PathBuf::from("./datasaver-data/backups"))
+            }
+            other => panic!("expected the local backend, got {other:?}"),
+        }
+        assert_eq!(c.tls.ca, PathBuf::from("/pki/ca.pem"));
+        assert_eq!(c.tls.cert, PathBuf::from("/pki/coordinator.pem"));
+        assert_eq!(c.tls.key, PathBuf::from("/pki/coordinator.key"));
+        assert!(!c.log_json);
+
+        let p = &c.policies;
+        assert_eq!(p.tz, chrono_tz::Tz::UTC);
+        assert_eq!(p.max_concurrent, 4);
+        assert_eq!(
+            p.retry,
+            RetryPolicy {
+                attempts: 3,
+                first_backoff: chrono::Duration::seconds(60),
+                max_backoff: chrono::Duration::minutes(30),
+            }
+        );
+        assert_eq!(p.job_timeout, Duration::from_secs(12 * 3600));
+        assert_eq!(p.shutdown_grace, Duration::from_secs(10));
+        assert_eq!(p.agent_grace, Duration::from_secs(30));
+        assert_eq!(p.defaults, crate::policy::RetentionSpec::default());
+        assert!(p.targets.is_empty());
+        assert_eq!(
+            p.retention_for("acme", None),
+            gfs::Policy {
+                keep_last: 0,
+                keep_daily: 7,
+                keep_weekly: 4,
+                keep_monthly: 6,
+                max_age_days: None,
+                manual_keep_days: None,
+                failed_grace: chrono::Duration::days(7),
+            }
+        );
+        assert_eq!(p.schedule_for("acme", None), Ok(None));
+
+        assert!(c.alerts.webhook_urls.is_empty());
+        assert_eq!(c.alerts.secret, None);
+        assert_eq!(c.alerts.rules.alert_after, None);
+        assert!(c.alerts.alert_after.is_empty());
+    }
+
+    #[test]
+    fn flags_and_environment_reach_the_config() {
+        let c = args(&[
+            "--grpc-listen",
+            "127.0.0.1:7000",
+            "--http-listen",
+            "[::1]:7001",
+            "--data-dir",
+            "/var/lib/datasaver",
+            "--log-format",
+            "json",
+        ])
+        .validate(&env(&[
+            ("DATASAVER_TIMEZONE", "America/New_York"),
+            ("DATASAVER_MAX_CONCURRENT_BACKUPS", "2"),
+            ("DATASAVER_RETRY_ATTEMPTS", "1"),
+            ("DATASAVER_RETRY_BACKOFF", "5m"),
+            ("DATASAVER_JOB_TIMEOUT", "90m"),
+            ("DATASAVER_SHUTDOWN_GRACE", "1m"),
+            ("DATASAVER_AGENT_GRACE", "2m"),
+            ("DATASAVER_KEEP_LAST", "2"),
+            ("DATASAVER_KEEP_DAILY", "3"),
+            ("DATASAVER_KEEP_WEEKLY", "0"),
+            ("DATASAVER_KEEP_MONTHLY", "12"),
+            ("DATASAVER_MAX_AGE_DAYS", "400"),
+            ("DATASAVER_KEEP_MANUAL_DAYS", "30"),
+            ("DATASAVER_FAILED_GRACE", "36h"),
+        ]))
+        .unwrap();
+        assert_eq!(c.grpc_listen, addr("127.0.0.1:7000"));
+        assert_eq!(c.http_listen, addr("[::1]:7001"));
+        assert_eq!(c.data_dir, PathBuf::from("/var/lib/datasaver"));
+        match &c.backend {
+            // the local backend follows the data directory
+            Backend::Local { path } => {
+                assert_eq!(path, &PathBuf::from("/var/lib/datasaver/backups"))
+            }
+            other => panic!("expected the local backend, got {other:?}"),
+        }
+        assert!(c.log_json);
+        let p = &c.policies;
+        assert_eq!(p.tz, chrono_tz::America::New_York);
+        assert_eq!(p.max_concurrent, 2);
+        assert_eq!(p.retry.attempts, 1);
+        assert_eq!(p.retry.first_backoff, chrono::Duration::minutes(5));
+        assert_eq!(p.job_timeout, Duration::from_secs(90 * 60));
+        assert_eq!(p.shutdown_grace, Duration::from_secs(60));
+        assert_eq!(p.agent_grace, Duration::from_secs(120));
+        assert_eq!(
+            p.retention_for("acme", None),
+            gfs::Policy {
+                keep_last: 2,
+                keep_daily: 3,
+                keep_weekly: 0,
+                keep_monthly: 12,
+                max_age_days: Some(400),
+                manual_keep_days: Some(30),
+                failed_grace: chrono::Duration::hours(36),
+            }
+        );
+
+        let c = args(&["--storage-path", "/mnt/backups"])
+            .validate(&env(&[]))
+            .unwrap();
+        match &c.backend {
+            Backend::Local { path } => assert_eq!(path, &PathBuf::from("/mnt/backups")),
+            other => panic!("expected the local backend, got {other:?}"),
+        }
+        // the backend's name is read case-insensitively
+        let c = args(&["--storage-backend", " LOCAL "])
+            .validate(&env(&[]))
+            .unwrap();
+        assert!(matches!(c.backend, Backend::Local { .. }));
+    }
+
+    #[test]
+    fn each_bad_value_names_its_setting() {
+        let dir = tempfile::tempdir().unwrap();
+        // (flags, environment, the setting the error names)
+        type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str);
+        let cases: Vec<Case> = vec![
+            (
+                vec![],
+                vec![("DATASAVER_MAX_CONCURRENT_BACKUPS", "0")],
+                "DATASAVER_MAX_CONCURRENT_BACKUPS",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_MAX_CONCURRENT_BACKUPS", "many")],
+                "DATASAVER_MAX_CONCURRENT_BACKUPS",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_RETRY_ATTEMPTS", "0")],
+                "DATASAVER_RETRY_ATTEMPTS",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_RETRY_ATTEMPTS", "-2")],
+                "DATASAVER_RETRY_ATTEMPTS",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_RETRY_BACKOFF", "soon")],
+                "DATASAVER_RETRY_BACKOFF",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_JOB_TIMEOUT", "0s")],
+                "DATASAVER_JOB_TIMEOUT",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_JOB_TIMEOUT", "abc")],
+                "DATASAVER_JOB_TIMEOUT",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_SHUTDOWN_GRACE", "later")],
+                "DATASAVER_SHUTDOWN_GRACE",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_AGENT_GRACE", "30")],
+                "DATASAVER_AGENT_GRACE",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_TIMEZONE", "Mars/Base")],
+                "DATASAVER_TIMEZONE",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_FAILED_GRACE", "x")],
+                "DATASAVER_FAILED_GRACE",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_KEEP_DAILY", "-1")],
+                "DATASAVER_KEEP_DAILY",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_MAX_AGE_DAYS", "ninety")],
+                "DATASAVER_MAX_AGE_DAYS",
+            ),
+            (
+                vec!["--storage-backend", "ftp"],
+                vec![],
+                "DATASAVER_STORAGE_BACKEND",
+            ),
+            (
+                vec!["--grpc-listen", "localhost"],
+                vec![],
+                "DATASAVER_GRPC_LISTEN",
+            ),
+            (
+                vec!["--http-listen", "0.0.0.0:http"],
+                vec![],
+                "DATASAVER_HTTP_LISTEN",
+            ),
+            (vec!["--log-format", "xml"], vec![], "DATASAVER_LOG_FORMAT"),
+            (
+                vec!["--storage-backend", "s3"],
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_BUCKET",
+            ),
+            (
+                vec!["--storage-backend", "s3", "--s3-bucket", "  "],
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_BUCKET",
+            ),
+            (S3_ARGS.to_vec(), vec![], "DATASAVER_S3_ACCESS_KEY"),
+            (
+                S3_ARGS.to_vec(),
+                vec![("DATASAVER_S3_ACCESS_KEY", ACCESS)],
+                "DATASAVER_S3_SECRET_KEY",
+            ),
+            (
+                S3_ARGS.to_vec(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY_FILE", "/nonexistent/secret"),
+                ],
+                "DATASAVER_S3_SECRET_KEY_FILE",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-endpoint", "minio:9000"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_ENDPOINT",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-prefix", "a//b"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_PREFIX",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-part-size-mb", "4"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_PART_SIZE_MB",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-parts-in-flight", "0"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_PARTS_IN_FLIGHT",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-max-attempts", "21"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_MAX_ATTEMPTS",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-sse", "rot13"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_SSE",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-sse-kms-key-id", "alias/backups"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_SSE_KMS_KEY_ID",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-storage-class", "deep_archive"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_STORAGE_CLASS",
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-force-path-style", "maybe"]].concat(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                ],
+                "DATASAVER_S3_FORCE_PATH_STYLE",
+            ),
+            (
+                vec![],
+                vec![
+                    ("DATASAVER_ALERT_AFTER", "26h"),
+                    ("DATASAVER_ALERT_AFTER_HOURS", "26"),
+                ],
+                "DATASAVER_ALERT_AFTER",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_ALERT_AFTER_HOURS", "0")],
+                "DATASAVER_ALERT_AFTER_HOURS",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_WEBHOOK_URL", "hooks.example.com/x")],
+                "DATASAVER_WEBHOOK_URL",
+            ),
+        ];
+        for (flags, vars, setting) in cases {
+            let e = args(&flags).validate(&env(&vars)).unwrap_err();
+            assert_eq!(e.setting, setting, "{flags:?} {vars:?}: {e}");
+            assert!(
+                e.to_string().starts_with(&format!("{setting}: ")),
+                "{flags:?} {vars:?}: {e}"
+            );
+        }
+
+        // the YAML file's errors name DATASAVER_CONFIG
+        let f = dir.path().join("c.yaml");
+        std::fs::write(&f, "targets:\n  acme:\n    alert_after: soonish\n").unwrap();
+        let e = args(&["--config", f.to_str().unwrap()])
+            .validate(&env(&[]))
+            .unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_CONFIG: targets.acme.alert_after");
+
+        // without TLS the coordinator does not start
+        let e = Args::try_parse_from(["datasaver-coordinator"])
+            .unwrap()
+            .validate(&env(&[]))
+            .unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_TLS_CA");
+    }
+
+    #[test]
+    fn s3_settings_with_secrets_from_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let ak = dir.path().join("access");
+        let sk = dir.path().join("secret");
+        std::fs::write(&ak, format!("{ACCESS}\n")).unwrap();
+        std::fs::write(&sk, format!("{SECRET}\r\n")).unwrap();
+        let flags = [
+            &S3_ARGS[..],
+            &[
+                "--s3-endpoint",
+                "http://minio:9000/",
+                "--s3-region",
+                " eu-central-1 ",
+                "--s3-prefix",
+                "/datasaver/prod/",
+                "--s3-force-path-style",
+                "yes",
+                "--s3-part-size-mb",
+                "8",
+                "--s3-parts-in-flight",
+                "3",
+                "--s3-max-attempts",
+                "7",
+                "--s3-sse",
+                "AWS:KMS",
+                "--s3-sse-kms-key-id",
+                "alias/backups",
+                "--s3-storage-class",
+                "standard_ia",
+            ],
+        ]
+        .concat();
+        let vars = [
+            ("DATASAVER_S3_ACCESS_KEY_FILE", ak.to_str().unwrap()),
+            ("DATASAVER_S3_SECRET_KEY_FILE", sk.to_str().unwrap()),
+        ];
+        let c = args(&flags).validate(&env(&vars)).unwrap();
+        let s = s3(&c);
+        assert_eq!(s.bucket, "backups-eu");
+        assert_eq!(s.endpoint.as_deref(), Some("http://minio:9000"));
+        assert_eq!(s.region, "eu-central-1");
+        // one trailing newline (and its \r) is dropped, nothing else
+        assert_eq!(s.access_key, ACCESS);
+        assert_eq!(s.secret_key, SECRET);
+        assert_eq!(s.prefix, "datasaver/prod/");
+        assert!(s.force_path_style);
+        assert_eq!(s.part_size, 8 * 1024 * 1024);
+        assert_eq!(s.parts_in_flight, 3);
+        assert_eq!(s.max_attempts, 7);
+        assert_eq!(
+            s.sse,
+            Some(Sse::Kms {
+                key_id: Some("alias/backups".into())
+            })
+        );
+        assert_eq!(s.storage_class.as_deref(), Some("STANDARD_IA"));
+        assert_eq!(s.ca_pem, None);
+
+        // the whole config printed for a log names the bucket but no key
+        let printed = format!("{c:?}");
+        assert!(printed.contains("backups-eu"), "{printed}");
+        assert!(!printed.contains(SECRET), "{printed}");
+        assert!(!printed.contains(ACCESS), "{printed}");
+
+        // S3 defaults
+        let c = args(&S3_ARGS)
+            .validate(&env(&[
+                ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                ("DATASAVER_S3_SECRET_KEY", SECRET),
+            ]))
+            .unwrap();
+        let s = s3(&c);
+        assert_eq!(s.endpoint, None);
+        assert_eq!(s.region, "us-east-1");
+        assert_eq!(s.prefix, "");
+        assert!(!s.force_path_style);
+        assert_eq!(s.part_size, 16 * 1024 * 1024);
+        assert_eq!(s.parts_in_flight, 2);
+        assert_eq!(s.max_attempts, 5);
+        assert_eq!(s.sse, None);
+        assert_eq!(s.storage_class, None);
+        assert!(!format!("{c:?}").contains(SECRET));
+    }
+
+    #[test]
+    fn secrets_never_appear_in_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let sk = dir.path().join("secret");
+        std::fs::write(&sk, SECRET).unwrap();
+        let keys = [
+            ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+            ("DATASAVER_S3_SECRET_KEY", SECRET),
+        ];
+        for (flags, vars) in [
+            // both the value and a file
+            (
+                S3_ARGS.to_vec(),
+                vec![
+                    ("DATASAVER_S3_ACCESS_KEY", ACCESS),
+                    ("DATASAVER_S3_SECRET_KEY", SECRET),
+                    ("DATASAVER_S3_SECRET_KEY_FILE", sk.to_str().unwrap()),
+                ],
+            ),
+            // errors found after the keys were read
+            (
+                [&S3_ARGS[..], &["--s3-part-size-mb", "6000"]].concat(),
+                keys.to_vec(),
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-storage-class", "vault"]].concat(),
+                keys.to_vec(),
+            ),
+            (
+                [&S3_ARGS[..], &["--s3-ca-file", "/nonexistent/ca.pem"]].concat(),
+                keys.to_vec(),
+            ),
+            (
+                [&S3_ARGS[..], &["--log-format", "yaml"]].concat(),
+                keys.to_vec(),
+            ),
+        ] {
+            let e = args(&flags).validate(&env(&vars)).unwrap_err();
+            let shown = format!("{e} {e:?}");
+            assert!(e.setting.starts_with("DATASAVER_"), "{shown}");
+            assert!(!shown.contains(SECRET), "{shown}");
+            assert!(!shown.contains(ACCESS), "{shown}");
+        }
+
+        // a webhook URL's path (often a token) is not echoed, nor the secret
+        let e = args(&[])
+            .validate(&env(&[
+                (
+                    "DATASAVER_WEBHOOK_URL",
+                    "ftp://hooks.example.com/T0KEN-abc123",
+                ),
+                ("DATASAVER_WEBHOOK_SECRET", "hmac-s3cr3t"),
+            ]))
+            .unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_WEBHOOK_URL");
+        let shown = format!("{e} {e:?}");
+        assert!(shown.contains("hooks.example.com"), "{shown}");
+        assert!(!shown.contains("T0KEN-abc123"), "{shown}");
+        assert!(!shown.contains("hmac-s3cr3t"), "{shown}");
+
+        // and a valid one is kept out of the printed config too
+        let c = args(&[])
+            .validate(&env(&[
+                (
+                    "DATASAVER_WEBHOOK_URL",
+                    "https://hooks.example.com/T0KEN-abc123",
+                ),
+                ("DATASAVER_WEBHOOK_SECRET", "hmac-s3cr3t"),
+            ]))
+            .unwrap();
+        assert_eq!(
+            c.alerts.webhook_urls,
+            vec!["https://hooks.example.com/T0KEN-abc123".to_string()]
+        );
+        assert_eq!(c.alerts.secret.as_deref(), Some("hmac-s3cr3t"));
+        let printed = format!("{c:?}");
+        assert!(!printed.contains("T0KEN-abc123"), "{printed}");
+        assert!(!printed.contains("hmac-s3cr3t"), "{printed}");
+    }
+
+    #[test]
+    fn yaml_file_reaches_policies_and_alerts() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("coordinator.yaml");
+        std::fs::write(
+            &f,
+            "timezone: Europe/Berlin\nmax_concurrent_backups: 6\njob_timeout: 3h\n\
+             targets:\n  acme-main:\n    schedule: \"0 2 * * *\"\n    alert_after: 26h\n",
+        )
+        .unwrap();
+        let c = args(&["--config", f.to_str().unwrap()])
+            .validate(&env(&[("DATASAVER_MAX_CONCURRENT_BACKUPS", "3")]))
+            .unwrap();
+        assert_eq!(c.policies.tz, chrono_tz::Europe::Berlin);
+        // the environment wins over the file's top level
+        assert_eq!(c.policies.max_concurrent, 3);
+        assert_eq!(c.policies.job_timeout, Duration::from_secs(3 * 3600));
+        assert_eq!(
+            c.alerts.alert_after.get("acme-main"),
+            Some(&chrono::Duration::hours(26))
+        );
+        assert_eq!(c.alerts.alert_after.len(), 1);
+        let s = c.policies.schedule_for("acme-main", None).unwrap().unwrap();
+        assert_eq!((s.expr(), s.tz()), ("0 2 * * *", chrono_tz::Europe::Berlin));
+    }
+}

@@ -360,3 +360,456 @@ impl Fleet {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::clock::ManualClock;
+    use chrono::TimeZone;
+    use std::sync::Arc;
+    use tokio::sync::mpsc::error::TryRecvError;
+
+    type Rx = mpsc::Receiver<Result<CoordinatorMessage, Status>>;
+
+    fn t0() -> DateTime<Utc> {
+        Utc.with_ymd_and_hms(2026, 3, 1, 12, 0, 0).unwrap()
+    }
+
+    fn fleet() -> (Fleet, Arc<ManualClock>) {
+        let clock = Arc::new(ManualClock::new(t0()));
+        (Fleet::new(clock.clone()), clock)
+    }
+
+    /// Connects agent `name` serving `targets` at the clock's time; the
+    /// receiver is what the agent's control stream would carry.
+    fn connect(f: &Fleet, clock: &ManualClock, name: &str, targets: &[&str]) -> (u64, Rx) {
+        let (tx, rx) = mpsc::channel(8);
+        let id = f.next_conn_id();
+        let now = crate::clock::Clock::now(clock);
+        f.add_agent(AgentConn {
+            conn_id: id,
+            name: name.to_string(),
+            version: "1.2.3".into(),
+            peer_addr: format!("10.0.0.{id}:4000"),
+            targets: targets
+                .iter()
+                .map(|t| proto::TargetInfo {
+                    name: t.to_string(),
+                    ..Default::default()
+                })
+                .collect(),
+            connected_since: now,
+            last_seen: now,
+            tx,
+            leaving: None,
+        });
+        (id, rx)
+    }
+
+    fn lost(why: &str, planned: bool) -> String {
+        format!(
+            "{:?}",
+            Report::Lost {
+                why: why.into(),
+                planned
+            }
+        )
+    }
+
+    /// The next report already queued for a ticket, printed (Report has no
+    /// PartialEq); "empty"/"closed" when there is none.
+    fn next(t: &mut JobTicket) -> String {
+        match t.reports.try_recv() {
+            Ok(r) => format!("{r:?}"),
+            Err(TryRecvError::Empty) => "empty".into(),
+            Err(TryRecvError::Disconnected) => "closed".into(),
+        }
+    }
+
+    fn progress(raw: u64) -> Report {
+        Report::Progress(JobProgress {
+            job_id: "j".into(),
+            phase: "dump".into(),
+            raw_bytes: raw,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn connection_ids_are_distinct_and_start_at_one() {
+        let (f, _) = fleet();
+        assert_eq!(
+            (f.next_conn_id(), f.next_conn_id(), f.next_conn_id()),
+            (1, 2, 3)
+        );
+    }
+
+    #[tokio::test]
+    async fn a_connected_agent_serves_its_targets() {
+        let (f, clock) = fleet();
+        let (b, mut b_rx) = connect(&f, &clock, "node-b", &["acme", "beta"]);
+        clock.advance(chrono::Duration::minutes(5));
+        let (a, _a_rx) = connect(&f, &clock, "node-a", &["gamma"]);
+
+        let (id, name, tx) = f.agent_for("beta").unwrap();
+        assert_eq!((id, name.as_str()), (b, "node-b"));
+        // the sender is the one of that connection
+        tx.send(Ok(CoordinatorMessage::default())).await.unwrap();
+        assert!(b_rx.try_recv().is_ok());
+        assert_eq!(
+            f.agent_for("gamma").map(|(id, n, _)| (id, n)),
+            Some((a, "node-a".into()))
+        );
+        assert!(f.agent_for("delta").is_none());
+        assert_eq!(
+            ["acme", "beta", "gamma", "delta"].map(|t| f.is_connected(t)),
+            [true, true, true, false]
+        );
+        assert_eq!(f.agent_count(), 2);
+        assert_eq!(f.disconnected_since("acme"), None);
+        assert_eq!(f.leaving(b), None);
+
+        assert_eq!(
+            f.agents(),
+            vec![
+                proto::AgentInfo {
+                    name: "node-a".into(),
+                    version: "1.2.3".into(),
+                    targets: vec!["gamma".into()],
+                    connected_since: "2026-03-01T12:05:00Z".into(),
+                    last_seen: "2026-03-01T12:05:00Z".into(),
+                    peer_addr: format!("10.0.0.{a}:4000"),
+                },
+                proto::AgentInfo {
+                    name: "node-b".into(),
+                    version: "1.2.3".into(),
+                    targets: vec!["acme".into(), "beta".into()],
+                    connected_since: "2026-03-01T12:00:00Z".into(),
+                    last_seen: "2026-03-01T12:00:00Z".into(),
+                    peer_addr: format!("10.0.0.{b}:4000"),
+                },
+            ]
+        );
+    }
+
+    #[test]
+    fn touch_moves_last_seen_to_the_clocks_time() {
+        let (f, clock) = fleet();
+        let (id, _rx) = connect(&f, &clock, "node-a", &["acme"]);
+        clock.advance(chrono::Duration::seconds(90));
+        f.touch(id);
+        // an unknown connection is ignored
+        f.touch(id + 100);
+        let a = &f.agents()[0];
+        assert_eq!(
+            (a.connected_since.as_str(), a.last_seen.as_str()),
+            ("2026-03-01T12:00:00Z", "2026-03-01T12:01:30Z")
+        );
+        assert_eq!(f.agent_count(), 1);
+    }
+
+    #[test]
+    fn a_lost_connection_fails_its_jobs_and_records_when() {
+        let (f, clock) = fleet();
+        let (a, _a_rx) = connect(&f, &clock, "node-a", &["acme", "beta"]);
+        let (c, _c_rx) = connect(&f, &clock, "node-c", &["gamma"]);
+        let mut backup = f.add_job("j1", JobKind::Backup, "acme", "b1", "", a, "node-a");
+        let mut restore = f.add_job(
+            "j2",
+            JobKind::Restore,
+            "beta",
+            "b0",
+            "beta/logical/b0.dump.zst",
+            a,
+            "node-a",
+        );
+        let mut other = f.add_job("j3", JobKind::Backup, "gamma", "b2", "", c, "node-c");
+        clock.advance(chrono::Duration::minutes(7));
+
+        f.remove_agent(a, "agent node-a disconnected (stream reset)");
+
+        let want = lost("agent node-a disconnected (stream reset)", false);
+        assert_eq!(next(&mut backup), want);
+        assert_eq!(next(&mut restore), want);
+        assert_eq!(next(&mut backup), "empty");
+        assert_eq!(next(&mut other), "empty");
+        let then = t0() + chrono::Duration::minutes(7);
+        assert_eq!(f.disconnected_since("acme"), Some(then));
+        assert_eq!(f.disconnected_since("beta"), Some(then));
+        assert_eq!(f.disconnected_since("gamma"), None);
+        assert!(!f.is_connected("acme") && !f.is_connected("beta"));
+        assert!(f.is_connected("gamma"));
+        assert_eq!(f.agent_count(), 1);
+        assert_eq!(f.agents()[0].name, "node-c");
+        // the jobs stay registered until their tasks remove them
+        assert_eq!(f.job("j1").map(|j| j.target), Some("acme".to_string()));
+
+        // the agent comes back: the target is connected again
+        clock.advance(chrono::Duration::minutes(1));
+        let (a2, _a2_rx) = connect(&f, &clock, "node-a", &["acme"]);
+        assert_eq!(f.agent_for("acme").map(|(id, ..)| id), Some(a2));
+        assert_eq!(f.disconnected_since("acme"), None);
+        assert_eq!(f.disconnected_since("beta"), Some(then));
+    }
+
+    #[test]
+    fn an_agent_that_said_goodbye_interrupts_its_jobs() {
+        let (f, clock) = fleet();
+        let (a, _rx) = connect(&f, &clock, "node-a", &["acme"]);
+        let mut job = f.add_job("j1", JobKind::Backup, "acme", "b1", "", a, "node-a");
+        f.mark_leaving(a, "SIGTERM");
+        // marking an unknown connection does nothing
+        f.mark_leaving(a + 1, "nope");
+        assert_eq!(f.leaving(a).as_deref(), Some("SIGTERM"));
+        assert_eq!(f.leaving(a + 1), None);
+        // still serving until the stream ends
+        assert!(f.is_connected("acme"));
+        assert_eq!(next(&mut job), "empty");
+
+        f.remove_agent(a, "agent node-a stopped");
+        assert_eq!(next(&mut job), lost("agent node-a stopped", true));
+        assert_eq!(f.leaving(a), None);
+        assert_eq!(f.disconnected_since("acme"), Some(t0()));
+    }
+
+    #[test]
+    fn a_new_connection_takes_over_a_target() {
+        let (f, clock) = fleet();
+        let (old, _old_rx) = connect(&f, &clock, "node-a", &["acme"]);
+        let mut old_job = f.add_job("j1", JobKind::Backup, "acme", "b1", "", old, "node-a");
+        clock.advance(chrono::Duration::seconds(20));
+        let (new, _new_rx) = connect(&f, &clock, "node-a", &["acme"]);
+        assert_ne!(old, new);
+
+        assert_eq!(f.agent_for("acme").map(|(id, ..)| id), Some(new));
+        assert_eq!(
+            next(&mut old_job),
+            lost("agent reconnected on a new connection", false)
+        );
+        assert_eq!(f.agent_count(), 1);
+        assert_eq!(f.agents()[0].connected_since, "2026-03-01T12:00:20Z");
+        // taken over, never disconnected
+        assert_eq!(f.disconnected_since("acme"), None);
+
+        // the old stream ending later leaves the new connection alone
+        let mut new_job = f.add_job("j2", JobKind::Backup, "acme", "b2", "", new, "node-a");
+        f.remove_agent(old, "agent node-a disconnected (old stream)");
+        assert_eq!(f.agent_for("acme").map(|(id, ..)| id), Some(new));
+        assert_eq!(f.disconnected_since("acme"), None);
+        assert_eq!(next(&mut new_job), "empty");
+    }
+
+    #[test]
+    fn one_backup_slot_per_target() {
+        let (f, _) = fleet();
+        assert!(f.start_backup_slot("acme"));
+        assert!(!f.start_backup_slot("acme"));
+        assert!(f.start_backup_slot("beta"));
+        f.end_backup_slot("acme");
+        assert!(f.start_backup_slot("acme"));
+        assert!(!f.start_backup_slot("beta"));
+        // ending a slot that is not held is harmless
+        f.end_backup_slot("gamma");
+        assert!(f.start_backup_slot("gamma"));
+    }
+
+    #[tokio::test]
+    async fn reports_reach_the_job_only_from_its_connection() {
+        let (f, clock) = fleet();
+        let (a, _a_rx) = connect(&f, &clock, "node-a", &["acme"]);
+        let (b, _b_rx) = connect(&f, &clock, "node-b", &["beta"]);
+        let mut job = f.add_job("j1", JobKind::Backup, "acme", "b1", "", a, "node-a");
+
+        f.report(a, "j1", progress(10));
+        match job.reports.try_recv() {
+            Ok(Report::Progress(p)) => assert_eq!((p.phase.as_str(), p.raw_bytes), ("dump", 10)),
+            other => panic!("expected progress, got {other:?}"),
+        }
+        // another connection, an unknown job: dropped
+        f.report(b, "j1", progress(11));
+        f.report(a, "j9", progress(12));
+        assert_eq!(next(&mut job), "empty");
+
+        f.report(
+            b,
+            "j1",
+            Report::Result(JobResult {
+                job_id: "j1".into(),
+                ok: false,
+                error: "forged".into(),
+                ..Default::default()
+            }),
+        );
+        f.report(
+            a,
+            "j1",
+            Report::Result(JobResult {
+                job_id: "j1".into(),
+                ok: true,
+                message: "done".into(),
+                ..Default::default()
+            }),
+        );
+        let r = tokio::time::timeout(std::time::Duration::from_secs(5), job.reports.recv())
+            .await
+            .expect("the result arrives");
+        match r {
+            Some(Report::Result(r)) => {
+                assert_eq!(
+                    (r.job_id.as_str(), r.ok, r.message.as_str()),
+                    ("j1", true, "done")
+                )
+            }
+            other => panic!("expected the result, got {other:?}"),
+        }
+        // the forged result never arrives
+        let r =
+            tokio::time::timeout(std::time::Duration::from_millis(200), job.reports.recv()).await;
+        assert!(r.is_err(), "unexpected report {r:?}");
+
+        // once removed, the job hears nothing more and its channel closes
+        f.remove_job("j1");
+        f.report(a, "j1", progress(13));
+        assert_eq!(next(&mut job), "closed");
+    }
+
+    #[test]
+    fn job_facts_and_a_targets_jobs() {
+        let (f, _) = fleet();
+        let _j3 = f.add_job(
+            "j3",
+            JobKind::List,
+            "acme",
+            "b7",
+            "acme/logical/b7.dump",
+            1,
+            "node-a",
+        );
+        let _j1 = f.add_job("j1", JobKind::Backup, "acme", "b9", "", 1, "node-a");
+        let _j2 = f.add_job(
+            "j2",
+            JobKind::Restore,
+            "beta",
+            "b8",
+            "beta/logical/b8.dump.zst",
+            2,
+            "node-b",
+        );
+
+        let j = f.job("j2").unwrap();
+        assert_eq!(
+            (
+                j.kind,
+                j.target.as_str(),
+                j.backup_id.as_str(),
+                j.object_key.as_str(),
+                j.agent_name.as_str()
+            ),
+            (
+                JobKind::Restore,
+                "beta",
+                "b8",
+                "beta/logical/b8.dump.zst",
+                "node-b"
+            )
+        );
+        assert!(f.job("j4").is_none());
+
+        let ids = |v: Vec<(String, JobRef)>| {
+            v.into_iter()
+                .map(|(id, j)| (id, j.kind, j.backup_id))
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            ids(f.jobs_of("acme")),
+            vec![
+                ("j1".to_string(), JobKind::Backup, "b9".to_string()),
+                ("j3".to_string(), JobKind::List, "b7".to_string()),
+            ]
+        );
+        assert_eq!(
+            ids(f.jobs_of("beta")),
+            vec![("j2".to_string(), JobKind::Restore, "b8".to_string())]
+        );
+        assert!(f.jobs_of("gamma").is_empty());
+
+        f.remove_job("j1");
+        assert!(f.job("j1").is_none());
+        assert_eq!(
+            ids(f.jobs_of("acme")),
+            vec![("j3".to_string(), JobKind::List, "b7".to_string())]
+        );
+        // removing twice, or an unknown id, is harmless
+        f.remove_job("j1");
+        f.remove_job("nope");
+        assert_eq!(f.jobs_of("beta").len(), 1);
+    }
+
+    #[test]
+    fn backups_being_read_are_in_use_but_backups_being_written_are_not() {
+        let (f, _) = fleet();
+        let _w = f.add_job("j1", JobKind::Backup, "acme", "b-new", "", 1, "node-a");
+        let _r = f.add_job("j2", JobKind::Restore, "acme", "b-old", "k1", 1, "node-a");
+        let _l = f.add_job("j3", JobKind::List, "beta", "b-beta", "k2", 2, "node-b");
+        let _r2 = f.add_job("j4", JobKind::Restore, "acme", "b-old", "k1", 1, "node-a");
+        assert_eq!(
+            f.backups_in_use(),
+            HashSet::from(["b-old".to_string(), "b-beta".to_string()])
+        );
+        f.remove_job("j2");
+        // still read by j4
+        assert_eq!(
+            f.backups_in_use(),
+            HashSet::from(["b-old".to_string(), "b-beta".to_string()])
+        );
+        f.remove_job("j4");
+        f.remove_job("j3");
+        assert!(f.backups_in_use().is_empty());
+    }
+
+    #[test]
+    fn cancel_keeps_the_first_reason() {
+        let (f, _) = fleet();
+        let j1 = f.add_job("j1", JobKind::Backup, "acme", "b1", "", 1, "node-a");
+        let j2 = f.add_job("j2", JobKind::Restore, "acme", "b0", "k", 1, "node-a");
+        assert!(!j1.cancel.is_cancelled());
+        assert_eq!(j1.cancel_reason(), "cancelled");
+
+        assert!(f.cancel_job("j1", "cancelled by alice"));
+        assert!(j1.cancel.is_cancelled());
+        assert_eq!(j1.cancel_reason(), "cancelled by alice");
+        assert!(f.cancel_job("j1", "the coordinator is shutting down"));
+        assert_eq!(j1.cancel_reason(), "cancelled by alice");
+        // the other job is untouched
+        assert!(!j2.cancel.is_cancelled());
+        assert_eq!(j2.cancel_reason(), "cancelled");
+
+        assert!(!f.cancel_job("j9", "nope"));
+        f.remove_job("j2");
+        assert!(!f.cancel_job("j2", "too late"));
+        assert!(!j2.cancel.is_cancelled());
+    }
+
+    /// `remove_agent` hands `Report::Lost` over with `try_send` (fleet.rs:190):
+    /// when the job's channel (64) is full of progress its task has not read
+    /// yet, the loss is dropped and the job only ends at DATASAVER_JOB_TIMEOUT.
+    #[test]
+    #[ignore = "bug: fleet.rs:190 remove_agent try_send drops Report::Lost when the job's report channel is full of unread progress; the job then waits until DATASAVER_JOB_TIMEOUT"]
+    fn a_lost_connection_is_not_dropped_behind_progress() {
+        let (f, clock) = fleet();
+        let (a, _rx) = connect(&f, &clock, "node-a", &["acme"]);
+        let mut job = f.add_job("j1", JobKind::Backup, "acme", "b1", "", a, "node-a");
+        for i in 0..64 {
+            f.report(a, "j1", progress(i));
+        }
+        f.remove_agent(a, "agent node-a disconnected");
+        let mut last = String::new();
+        loop {
+            match next(&mut job) {
+                s if s == "empty" || s == "closed" => break,
+                s => last = s,
+            }
+        }
+        assert_eq!(last, lost("agent node-a disconnected", false));
+    }
+}

@@ -425,4 +425,524 @@ mod tests {
         let e = Policies::load(Some(Path::new("/nonexistent.yaml")), &env(&[])).unwrap_err();
         assert_eq!(e.setting, "DATASAVER_CONFIG");
     }
+
+    fn write(dir: &tempfile::TempDir, text: &str) -> std::path::PathBuf {
+        let f = dir.path().join("coordinator.yaml");
+        std::fs::write(&f, text).unwrap();
+        f
+    }
+
+    #[test]
+    fn defaults_without_a_file() {
+        let p = Policies::load(None, &env(&[])).unwrap();
+        assert_eq!(p.tz, Tz::UTC);
+        assert_eq!(p.max_concurrent, 4);
+        assert_eq!(p.retry, RetryPolicy::default());
+        assert_eq!(p.retry.attempts, 3);
+        assert_eq!(p.retry.first_backoff, chrono::Duration::seconds(60));
+        assert_eq!(p.job_timeout, std::time::Duration::from_secs(43200));
+        assert_eq!(p.shutdown_grace, std::time::Duration::from_secs(10));
+        assert_eq!(p.agent_grace, std::time::Duration::from_secs(30));
+        assert_eq!(p.defaults, RetentionSpec::default());
+        assert!(p.targets.is_empty());
+        // Policies::default() is the same as loading nothing
+        let d = Policies::default();
+        assert_eq!(
+            (
+                d.tz,
+                d.max_concurrent,
+                &d.retry,
+                d.job_timeout,
+                d.shutdown_grace
+            ),
+            (
+                p.tz,
+                p.max_concurrent,
+                &p.retry,
+                p.job_timeout,
+                p.shutdown_grace
+            )
+        );
+        assert_eq!(d.agent_grace, p.agent_grace);
+        assert_eq!(p.retention_for("acme", None), gfs::Policy::default());
+        assert_eq!(p.schedule_for("acme", None), Ok(None));
+        assert_eq!(p.schedule_for("acme", Some("   ")), Ok(None));
+    }
+
+    #[test]
+    fn every_file_field_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            &dir,
+            "timezone: Europe/Berlin\n\
+             max_concurrent_backups: 2\n\
+             job_timeout: 3h\n\
+             retry:\n  attempts: 5\n  backoff: 2m\n\
+             retention:\n  keep_last: 1\n  keep_daily: 10\n  keep_weekly: 5\n  keep_monthly: 12\n  \
+             max_age_days: 365\n  keep_manual_days: 30\n  failed_grace: 2d\n\
+             targets:\n  acme-main:\n    schedule: \"0 2 * * *\"\n    alert_after: 26h\n    \
+             retention:\n      keep_last: 24\n      failed_grace: 12h\n  \
+             quiet:\n    schedule: \"off\"\n  keep-only:\n    retention:\n      keep_daily: 1\n",
+        );
+        let p = Policies::load(Some(&f), &env(&[])).unwrap();
+        assert_eq!(p.tz, chrono_tz::Europe::Berlin);
+        assert_eq!(p.max_concurrent, 2);
+        assert_eq!(p.job_timeout, std::time::Duration::from_secs(3 * 3600));
+        assert_eq!(
+            p.retry,
+            RetryPolicy {
+                attempts: 5,
+                first_backoff: chrono::Duration::minutes(2),
+                max_backoff: chrono::Duration::minutes(30),
+            }
+        );
+        assert_eq!(
+            p.defaults,
+            RetentionSpec {
+                keep_last: Some(1),
+                keep_daily: Some(10),
+                keep_weekly: Some(5),
+                keep_monthly: Some(12),
+                max_age_days: Some(365),
+                keep_manual_days: Some(30),
+                failed_grace: Some("2d".into()),
+            }
+        );
+        assert_eq!(
+            p.targets.keys().collect::<Vec<_>>(),
+            ["acme-main", "keep-only", "quiet"]
+        );
+        let acme = &p.targets["acme-main"];
+        assert_eq!(acme.schedule.as_deref(), Some("0 2 * * *"));
+        assert_eq!(acme.alert_after.as_deref(), Some("26h"));
+        assert_eq!(
+            acme.retention,
+            RetentionSpec {
+                keep_last: Some(24),
+                failed_grace: Some("12h".into()),
+                ..Default::default()
+            }
+        );
+
+        // the file's defaults apply to every target, its sections on top
+        let defaults = gfs::Policy {
+            keep_last: 1,
+            keep_daily: 10,
+            keep_weekly: 5,
+            keep_monthly: 12,
+            max_age_days: Some(365),
+            manual_keep_days: Some(30),
+            failed_grace: chrono::Duration::days(2),
+        };
+        assert_eq!(p.retention_for("other", None), defaults);
+        assert_eq!(
+            p.retention_for("acme-main", None),
+            gfs::Policy {
+                keep_last: 24,
+                failed_grace: chrono::Duration::hours(12),
+                ..defaults.clone()
+            }
+        );
+        assert_eq!(
+            p.retention_for("keep-only", None),
+            gfs::Policy {
+                keep_daily: 1,
+                ..defaults
+            }
+        );
+
+        // schedules are read in the file's time zone
+        let s = p.schedule_for("acme-main", None).unwrap().unwrap();
+        assert_eq!((s.expr(), s.tz()), ("0 2 * * *", chrono_tz::Europe::Berlin));
+        assert_eq!(p.schedule_for("quiet", Some("0 3 * * *")), Ok(None));
+        // a section without a schedule leaves the agent's
+        let s = p
+            .schedule_for("keep-only", Some("0 4 * * *"))
+            .unwrap()
+            .unwrap();
+        assert_eq!((s.expr(), s.tz()), ("0 4 * * *", chrono_tz::Europe::Berlin));
+    }
+
+    #[test]
+    fn the_readme_example_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            &dir,
+            r#"timezone: Europe/Berlin           # or DATASAVER_TIMEZONE; default UTC
+max_concurrent_backups: 4
+retry: { attempts: 3, backoff: 60s }
+retention: { keep_daily: 7, keep_weekly: 4, keep_monthly: 6, max_age_days: 90 }
+targets:
+  acme-main:
+    schedule: "0 2 * * *"         # overrides the agent's DATASAVER_SCHEDULE
+    retention: { keep_last: 24 }
+"#,
+        );
+        let p = Policies::load(Some(&f), &env(&[])).unwrap();
+        assert_eq!(p.tz, chrono_tz::Europe::Berlin);
+        assert_eq!(p.max_concurrent, 4);
+        assert_eq!(p.retry, RetryPolicy::default());
+        assert_eq!(
+            p.retention_for("acme-main", None),
+            gfs::Policy {
+                keep_last: 24,
+                max_age_days: Some(90),
+                ..gfs::Policy::default()
+            }
+        );
+    }
+
+    #[test]
+    fn environment_wins_over_the_files_top_level() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            &dir,
+            "timezone: Europe/Berlin\nmax_concurrent_backups: 2\njob_timeout: 3h\n\
+             retry: { attempts: 5, backoff: 2m }\n\
+             retention: { keep_daily: 10, keep_weekly: 5, max_age_days: 365, failed_grace: 2d }\n",
+        );
+        let p = Policies::load(
+            Some(&f),
+            &env(&[
+                ("DATASAVER_TIMEZONE", "Asia/Tokyo"),
+                ("DATASAVER_MAX_CONCURRENT_BACKUPS", "8"),
+                ("DATASAVER_JOB_TIMEOUT", "45m"),
+                ("DATASAVER_RETRY_ATTEMPTS", "1"),
+                ("DATASAVER_RETRY_BACKOFF", "30s"),
+                ("DATASAVER_KEEP_DAILY", "3"),
+                ("DATASAVER_MAX_AGE_DAYS", "0"),
+                ("DATASAVER_FAILED_GRACE", "1d"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(p.tz, chrono_tz::Asia::Tokyo);
+        assert_eq!(p.max_concurrent, 8);
+        assert_eq!(p.job_timeout, std::time::Duration::from_secs(45 * 60));
+        assert_eq!(p.retry.attempts, 1);
+        assert_eq!(p.retry.first_backoff, chrono::Duration::seconds(30));
+        assert_eq!(
+            p.defaults,
+            RetentionSpec {
+                keep_daily: Some(3),
+                keep_weekly: Some(5),
+                max_age_days: Some(0),
+                failed_grace: Some("1d".into()),
+                ..Default::default()
+            }
+        );
+        // MAX_AGE_DAYS=0 switches the file's age limit off
+        assert_eq!(
+            p.retention_for("acme", None),
+            gfs::Policy {
+                keep_daily: 3,
+                keep_weekly: 5,
+                max_age_days: None,
+                failed_grace: chrono::Duration::days(1),
+                ..gfs::Policy::default()
+            }
+        );
+        // an empty variable is as if unset: the file's value stays
+        let p = Policies::load(
+            Some(&f),
+            &env(&[
+                ("DATASAVER_TIMEZONE", ""),
+                ("DATASAVER_MAX_CONCURRENT_BACKUPS", " "),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(
+            (p.tz, p.max_concurrent, p.job_timeout),
+            (
+                chrono_tz::Europe::Berlin,
+                2,
+                std::time::Duration::from_secs(3 * 3600)
+            )
+        );
+    }
+
+    #[test]
+    fn the_files_target_section_wins_over_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            &dir,
+            "retention: { keep_daily: 10, max_age_days: 90, keep_manual_days: 30 }\n\
+             targets:\n  acme:\n    schedule: \"0 1 * * *\"\n    \
+             retention: { keep_daily: 2, max_age_days: 0, keep_manual_days: 0, failed_grace: 1h }\n  \
+             beta:\n    schedule: NONE\n",
+        );
+        let p = Policies::load(Some(&f), &env(&[("DATASAVER_KEEP_WEEKLY", "3")])).unwrap();
+        let agent = RetentionSpec {
+            keep_last: Some(5),
+            keep_daily: Some(9),
+            keep_weekly: Some(8),
+            max_age_days: Some(60),
+            ..Default::default()
+        };
+        // file section > agent > environment > file top level > built-in
+        assert_eq!(
+            p.retention_for("acme", Some(&agent)),
+            gfs::Policy {
+                keep_last: 5,
+                keep_daily: 2,
+                keep_weekly: 8,
+                keep_monthly: 6,
+                max_age_days: None,
+                manual_keep_days: None,
+                failed_grace: chrono::Duration::hours(1),
+            }
+        );
+        assert_eq!(
+            p.retention_for("gamma", Some(&agent)),
+            gfs::Policy {
+                keep_last: 5,
+                keep_daily: 9,
+                keep_weekly: 8,
+                keep_monthly: 6,
+                max_age_days: Some(60),
+                manual_keep_days: Some(30),
+                failed_grace: chrono::Duration::days(7),
+            }
+        );
+        assert_eq!(
+            p.retention_for("gamma", None),
+            gfs::Policy {
+                keep_daily: 10,
+                keep_weekly: 3,
+                max_age_days: Some(90),
+                manual_keep_days: Some(30),
+                ..gfs::Policy::default()
+            }
+        );
+        // what an agent sends over the wire
+        let wire = proto::Retention {
+            keep_last: Some(4),
+            keep_daily: Some(1),
+            ..Default::default()
+        };
+        let from_wire = RetentionSpec::from_proto(&wire);
+        assert_eq!(
+            from_wire,
+            RetentionSpec {
+                keep_last: Some(4),
+                keep_daily: Some(1),
+                ..Default::default()
+            }
+        );
+        let g = p.retention_for("acme", Some(&from_wire));
+        assert_eq!((g.keep_last, g.keep_daily), (4, 2));
+
+        // schedules: the file's, then the agent's; "off" in either disables
+        let s = p.schedule_for("acme", Some("0 3 * * *")).unwrap().unwrap();
+        assert_eq!((s.expr(), s.tz()), ("0 1 * * *", Tz::UTC));
+        let s = p.schedule_for("acme", None).unwrap().unwrap();
+        assert_eq!(s.expr(), "0 1 * * *");
+        assert_eq!(p.schedule_for("beta", Some("0 3 * * *")), Ok(None));
+        let s = p
+            .schedule_for("gamma", Some(" 0  3 * * * "))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.expr(), "0 3 * * *");
+        assert_eq!(p.schedule_for("gamma", Some("off")), Ok(None));
+        assert_eq!(p.schedule_for("gamma", Some("")), Ok(None));
+        assert_eq!(p.schedule_for("gamma", None), Ok(None));
+        let e = p.schedule_for("gamma", Some("0 3 * *")).unwrap_err();
+        assert!(e.contains("4 fields"), "{e}");
+        // a bad agent expression is the agent's problem, not the file's target
+        assert!(p.schedule_for("acme", Some("0 3 * *")).is_ok());
+    }
+
+    #[test]
+    fn misspelt_keys_and_bad_values_in_the_file_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for (text, setting, needles) in [
+            (
+                "max_concurent_backups: 3\n",
+                "DATASAVER_CONFIG",
+                &["max_concurent_backups"][..],
+            ),
+            (
+                "retry:\n  attempt: 2\n",
+                "DATASAVER_CONFIG",
+                &["attempt"][..],
+            ),
+            (
+                "retention:\n  keep_dayly: 2\n",
+                "DATASAVER_CONFIG",
+                &["keep_dayly"][..],
+            ),
+            (
+                "targets:\n  acme:\n    retention:\n      keep_hourly: 2\n",
+                "DATASAVER_CONFIG",
+                &["keep_hourly"][..],
+            ),
+            (
+                "targets:\n  acme:\n    shedule: \"0 2 * * *\"\n",
+                "DATASAVER_CONFIG",
+                &["shedule"][..],
+            ),
+            (
+                "max_concurrent_backups: four\n",
+                "DATASAVER_CONFIG",
+                &["max_concurrent_backups"][..],
+            ),
+            (
+                "targets:\n  acme:\n    schedule: \"0 25 * * *\"\n",
+                "DATASAVER_CONFIG",
+                &["targets.acme.schedule"][..],
+            ),
+            (
+                "targets:\n  Acme_Prod:\n    schedule: \"0 2 * * *\"\n",
+                "DATASAVER_CONFIG",
+                &["targets.Acme_Prod"][..],
+            ),
+            (
+                "targets:\n  \"acme/main\": {}\n",
+                "DATASAVER_CONFIG",
+                &["targets.acme/main"][..],
+            ),
+            (
+                "targets:\n  acme:\n    alert_after: soon\n",
+                "DATASAVER_CONFIG: targets.acme.alert_after",
+                &[][..],
+            ),
+            (
+                "targets:\n  acme:\n    retention:\n      failed_grace: a week\n",
+                "DATASAVER_CONFIG: targets.acme.retention.failed_grace",
+                &[][..],
+            ),
+            (
+                "job_timeout: 0s\n",
+                "DATASAVER_CONFIG: job_timeout",
+                &["longer than 0"][..],
+            ),
+            (
+                "job_timeout: abc\n",
+                "DATASAVER_CONFIG: job_timeout",
+                &["\"abc\""][..],
+            ),
+            (
+                "timezone: Mars/Base\n",
+                "DATASAVER_TIMEZONE",
+                &["Mars/Base"][..],
+            ),
+            (
+                "max_concurrent_backups: 0\n",
+                "DATASAVER_MAX_CONCURRENT_BACKUPS",
+                &[][..],
+            ),
+            (
+                "retry: { attempts: 0 }\n",
+                "DATASAVER_RETRY_ATTEMPTS",
+                &[][..],
+            ),
+            (
+                "retry: { backoff: soon }\n",
+                "DATASAVER_RETRY_BACKOFF",
+                &["\"soon\""][..],
+            ),
+        ] {
+            let f = write(&dir, text);
+            let e = Policies::load(Some(&f), &env(&[])).unwrap_err();
+            assert_eq!(e.setting, setting, "{text:?}: {e}");
+            for n in needles {
+                assert!(e.message.contains(n), "{text:?}: {e}");
+            }
+            if setting == "DATASAVER_CONFIG" && !e.message.starts_with("targets.") {
+                // a file that does not parse: the message says which file
+                assert!(e.message.contains("coordinator.yaml"), "{text:?}: {e}");
+            }
+        }
+    }
+
+    #[test]
+    fn bad_environment_values_are_named() {
+        for (name, value) in [
+            ("DATASAVER_MAX_CONCURRENT_BACKUPS", "0"),
+            ("DATASAVER_RETRY_ATTEMPTS", "0"),
+            ("DATASAVER_RETRY_BACKOFF", "soon"),
+            ("DATASAVER_JOB_TIMEOUT", "0s"),
+            ("DATASAVER_JOB_TIMEOUT", "abc"),
+            ("DATASAVER_SHUTDOWN_GRACE", "10"),
+            ("DATASAVER_AGENT_GRACE", "-1m"),
+            ("DATASAVER_TIMEZONE", "Mars/Base"),
+            ("DATASAVER_FAILED_GRACE", "x"),
+            ("DATASAVER_KEEP_LAST", "many"),
+            ("DATASAVER_KEEP_WEEKLY", "1.5"),
+            ("DATASAVER_KEEP_MONTHLY", "-3"),
+            ("DATASAVER_KEEP_MANUAL_DAYS", "forever"),
+        ] {
+            let e = Policies::load(None, &env(&[(name, value)])).unwrap_err();
+            assert_eq!(e.setting, name, "{name}={value}: {e}");
+        }
+        // a bad environment value is refused even when the file has a good one
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(&dir, "timezone: UTC\njob_timeout: 1h\n");
+        let e = Policies::load(Some(&f), &env(&[("DATASAVER_JOB_TIMEOUT", "0s")])).unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_JOB_TIMEOUT");
+        // shutdown grace 0 is allowed: stop without waiting
+        let p = Policies::load(None, &env(&[("DATASAVER_SHUTDOWN_GRACE", "0s")])).unwrap();
+        assert_eq!(p.shutdown_grace, std::time::Duration::ZERO);
+    }
+
+    #[test]
+    fn retry_backoff_doubles_from_the_setting() {
+        let p = Policies::load(None, &env(&[("DATASAVER_RETRY_BACKOFF", "90s")])).unwrap();
+        assert_eq!(
+            (p.retry.backoff(1), p.retry.backoff(2), p.retry.backoff(3)),
+            (
+                chrono::Duration::seconds(90),
+                chrono::Duration::seconds(180),
+                chrono::Duration::seconds(360)
+            )
+        );
+    }
+
+    #[test]
+    fn empty_sections_and_files_mean_defaults() {
+        let dir = tempfile::tempdir().unwrap();
+        for text in ["", "# nothing yet\n", "retry:\nretention:\ntargets:\n"] {
+            let f = write(&dir, text);
+            let p = Policies::load(Some(&f), &env(&[])).unwrap();
+            assert_eq!(
+                (
+                    p.tz,
+                    p.max_concurrent,
+                    &p.retry,
+                    &p.defaults,
+                    p.targets.len()
+                ),
+                (
+                    Tz::UTC,
+                    4,
+                    &RetryPolicy::default(),
+                    &RetentionSpec::default(),
+                    0
+                ),
+                "{text:?}"
+            );
+        }
+        // a target listed with nothing under it: the agent's wishes stand
+        let f = write(&dir, "targets:\n  acme:\n");
+        let p = Policies::load(Some(&f), &env(&[])).unwrap();
+        assert_eq!(p.targets.keys().collect::<Vec<_>>(), ["acme"]);
+        let s = p.schedule_for("acme", Some("0 3 * * *")).unwrap().unwrap();
+        assert_eq!(s.expr(), "0 3 * * *");
+        let agent = RetentionSpec {
+            keep_daily: Some(2),
+            ..Default::default()
+        };
+        assert_eq!(p.retention_for("acme", Some(&agent)).keep_daily, 2);
+    }
+
+    /// DATASAVER_RETRY_BACKOFF above the planner's fixed 30-minute cap
+    /// (`RetryPolicy::default().max_backoff`, schedule/planner.rs:37) is
+    /// accepted here and then silently shortened: 2h waits 30m.
+    #[test]
+    #[ignore = "bug: policy.rs:235 Policies::load accepts DATASAVER_RETRY_BACKOFF > 30m but RetryPolicy::backoff caps every wait at the default max_backoff (30m, schedule/planner.rs:37,46), so the setting is silently shortened"]
+    fn retry_backoff_longer_than_30m_is_honoured_or_refused() {
+        match Policies::load(None, &env(&[("DATASAVER_RETRY_BACKOFF", "2h")])) {
+            Ok(p) => assert_eq!(p.retry.backoff(1), chrono::Duration::hours(2)),
+            Err(e) => assert_eq!(e.setting, "DATASAVER_RETRY_BACKOFF"),
+        }
+    }
 }
