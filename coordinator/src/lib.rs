@@ -3,6 +3,7 @@
 //! operators reach it over gRPC with mutual TLS; who they are comes from
 //! their certificates.
 
+pub mod agents;
 pub mod alerts;
 pub mod api;
 pub mod backups;
@@ -20,6 +21,8 @@ pub mod retention;
 pub mod schedule;
 pub mod storage;
 pub mod targets;
+#[cfg(test)]
+pub(crate) mod testing;
 
 use std::sync::Arc;
 use std::time::Duration;

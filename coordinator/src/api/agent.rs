@@ -16,11 +16,12 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
-use super::{internal, Caller};
+use super::Caller;
+use crate::agents::JoinError;
 use crate::fleet::{AgentConn, JobKind, Report};
 use crate::repo::ingest::{IngestError, IngestMeta, Piece, Trailer};
 use crate::repo::{ReadError, RepoError};
-use crate::{repo, Core};
+use crate::Core;
 
 pub struct AgentSvc {
     pub core: Arc<Core>,
@@ -51,31 +52,13 @@ impl AgentService for AgentSvc {
                 ))
             }
         };
-        if reg.targets.is_empty() {
-            return Err(Status::invalid_argument("agent registered no targets"));
-        }
-        for t in &reg.targets {
-            datasaver_common::names::validate_target(&t.name)
-                .map_err(|e| Status::invalid_argument(e.to_string()))?;
-            let owner = self
-                .core
-                .targets
-                .claim(
-                    &t.name,
-                    who.name(),
-                    repo::record::format_time(self.core.clock.now()),
-                )
-                .await
-                .map_err(internal)?;
-            if let Some(owner) = owner {
-                tracing::warn!(agent = %who, target = %t.name, %owner, "agent refused: target belongs to another agent");
-                return Err(Status::permission_denied(format!(
-                    "target {} belongs to agent {owner}; agent {} may not act for it",
-                    t.name,
-                    who.name()
-                )));
-            }
-        }
+        crate::agents::claim_targets(&self.core, who.name(), &reg.targets)
+            .await
+            .map_err(|e| match e {
+                JoinError::Invalid(m) => Status::invalid_argument(m),
+                JoinError::Refused(m) => Status::permission_denied(m),
+                JoinError::Unavailable(m) => Status::internal(m),
+            })?;
         let (tx, rx) = mpsc::channel(32);
         let conn_id = self.core.fleet.next_conn_id();
         let now = self.core.clock.now();
@@ -101,28 +84,7 @@ impl AgentService for AgentSvc {
             leaving: None,
         });
         tracing::info!(agent = %who, peer = %addr, targets = ?names, version = %reg.agent_version, "agent connected");
-        // What the agent asks for is remembered, so schedules and retention
-        // hold while it is away.
-        for t in &requested {
-            let retention = t
-                .retention
-                .as_ref()
-                .map(crate::policy::RetentionSpec::from_proto)
-                .and_then(|r| serde_json::to_string(&r).ok());
-            let schedule = Some(t.schedule.clone()).filter(|s| !s.trim().is_empty());
-            if let Err(e) = self
-                .core
-                .targets
-                .set_request(&t.name, schedule.clone(), retention)
-                .await
-            {
-                tracing::error!(target = %t.name, error = %e, "could not record the agent's settings");
-            }
-            self.core
-                .scheduler
-                .update_target(&self.core, &t.name, schedule.as_deref())
-                .await;
-        }
+        crate::agents::remember_requests(&self.core, &requested).await;
 
         let core = self.core.clone();
         // Ends the response stream when the agent's side ends, so a planned

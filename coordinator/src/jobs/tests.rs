@@ -3,7 +3,6 @@
 //! deadline, cancel and shutdown each sending `CancelJob` and freeing the
 //! slot.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use datasaver_common::proto::{
@@ -15,42 +14,10 @@ use tonic::Status;
 use super::*;
 use crate::fleet::AgentConn;
 use crate::policy::Policies;
-use crate::repo::testing::{completed_backup, header, upload, FaultyStorage};
-use crate::repo::{Repository, Status as RowStatus};
+use crate::repo::testing::{completed_backup, header, upload};
+use crate::repo::Status as RowStatus;
 
-struct Fixture {
-    core: Arc<Core>,
-    _dir: tempfile::TempDir,
-}
-
-fn fixture(policies: Policies) -> Fixture {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let catalog = crate::catalog::Catalog::open(&dir.path().join("catalog.db")).expect("catalog");
-    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
-    let repo = Repository::new(
-        catalog.clone(),
-        Arc::new(FaultyStorage::new()),
-        clock.clone(),
-    );
-    let core = Arc::new(Core {
-        targets: crate::targets::TargetStore::new(catalog.clone()),
-        repo,
-        fleet: crate::fleet::Fleet::new(clock.clone()),
-        cancel: tokio_util::sync::CancellationToken::new(),
-        scheduler: crate::schedule::driver::Scheduler::new(&policies),
-        policies,
-        alerter: crate::alerts::Alerter::new(
-            crate::alerts::store::AlertStore::new(catalog),
-            clock.now(),
-        ),
-        clock,
-        metrics: crate::metrics::Metrics::new(),
-        alert_config: crate::alerts::AlertConfig::default(),
-        cleanup: tokio::sync::Mutex::new(()),
-        tasks: tokio_util::task::TaskTracker::new(),
-    });
-    Fixture { core, _dir: dir }
-}
+use crate::testing::fixture;
 
 type AgentRx = mpsc::Receiver<Result<CoordinatorMessage, Status>>;
 

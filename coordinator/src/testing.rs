@@ -1,0 +1,44 @@
+//! Test support shared by the domain modules' unit tests.
+
+use std::sync::Arc;
+
+use crate::policy::Policies;
+use crate::repo::testing::FaultyStorage;
+use crate::repo::Repository;
+use crate::Core;
+
+/// A whole `Core` on a temp-dir catalog and a failure-injecting storage,
+/// with no services running: domain code is called directly.
+pub struct Fixture {
+    pub core: Arc<Core>,
+    _dir: tempfile::TempDir,
+}
+
+pub fn fixture(policies: Policies) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = crate::catalog::Catalog::open(&dir.path().join("catalog.db")).expect("catalog");
+    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let repo = Repository::new(
+        catalog.clone(),
+        Arc::new(FaultyStorage::new()),
+        clock.clone(),
+    );
+    let core = Arc::new(Core {
+        targets: crate::targets::TargetStore::new(catalog.clone()),
+        repo,
+        fleet: crate::fleet::Fleet::new(clock.clone()),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        scheduler: crate::schedule::driver::Scheduler::new(&policies),
+        policies,
+        alerter: crate::alerts::Alerter::new(
+            crate::alerts::store::AlertStore::new(catalog),
+            clock.now(),
+        ),
+        clock,
+        metrics: crate::metrics::Metrics::new(),
+        alert_config: crate::alerts::AlertConfig::default(),
+        cleanup: tokio::sync::Mutex::new(()),
+        tasks: tokio_util::task::TaskTracker::new(),
+    });
+    Fixture { core, _dir: dir }
+}
