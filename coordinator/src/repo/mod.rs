@@ -83,6 +83,31 @@ pub(crate) async fn hash_off_thread(h: &mut Checksum, data: Bytes) -> Result<(),
     Ok(())
 }
 
+/// Chunks a verified read keeps ready ahead of its consumer.
+const READ_AHEAD: usize = 8;
+
+/// Runs `s` on its own task, up to `READ_AHEAD` chunks ahead of the reader:
+/// storage latency and hashing overlap with sending instead of taking turns
+/// (a restore is fed as fast as the database takes it). Reading stops when
+/// the reader goes away or after the first error.
+fn read_ahead<S>(s: S) -> VerifiedStream
+where
+    S: futures::Stream<Item = Result<Bytes, ReadError>> + Send + 'static,
+{
+    use futures::StreamExt;
+    let (tx, rx) = tokio::sync::mpsc::channel(READ_AHEAD);
+    tokio::spawn(async move {
+        let mut s = Box::pin(s);
+        while let Some(item) = s.next().await {
+            let last = item.is_err();
+            if tx.send(item).await.is_err() || last {
+                return;
+            }
+        }
+    });
+    Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))
+}
+
 impl Repository {
     pub fn new(db: Catalog, storage: Arc<dyn Storage>, clock: Arc<dyn Clock>) -> Self {
         Self {
@@ -223,7 +248,7 @@ impl Repository {
             checksum: b.checksum.clone(),
             size: b.stored_bytes,
         };
-        Ok(Box::pin(futures::stream::unfold(
+        Ok(read_ahead(futures::stream::unfold(
             state,
             |mut s| async move {
                 let mut hash = s.hash.take()?;
