@@ -27,11 +27,7 @@ async fn check(config: &AgentConfig, state: &State) -> (StatusCode, String) {
     let connected = state.connected.load(Ordering::Relaxed);
     let tools = PgTools::new(config.pg_bin_dir.clone());
     let db = &config.target.db;
-    let reach = tokio::time::timeout(
-        Duration::from_secs(5),
-        tools.psql(db, &db.dbname, "SELECT 1;", &[]),
-    )
-    .await;
+    let reach = tokio::time::timeout(Duration::from_secs(5), tools.ping(db)).await;
     let (reachable, error) = match reach {
         Ok(Ok(_)) => (true, None),
         Ok(Err(e)) => (false, Some(e)),

@@ -2,12 +2,21 @@
 //! to the coordinator, and runs the jobs it is sent (pg_dump up, pg_restore
 //! down). It holds no state of its own: it can be killed at any moment and
 //! restarted, and it reconnects with capped exponential backoff.
+//!
+//! Who owns what: this file the connection and the control session;
+//! [`jobs`] starting, cancelling and reporting jobs; [`backup`] and
+//! [`restore`] what each job does; [`pipeline`] the byte streams between
+//! Postgres programs and the coordinator; [`child`] the programs' processes;
+//! [`pg`] every Postgres command line and SQL statement; [`config`] the
+//! settings; [`health`] and [`progress`] what the agent tells others.
 
 pub mod backup;
 pub mod child;
 pub mod config;
 pub mod health;
+pub mod jobs;
 pub mod pg;
+pub mod pipeline;
 pub mod progress;
 pub mod restore;
 
@@ -16,8 +25,7 @@ use std::time::{Duration, Instant};
 
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
 use datasaver_common::proto::{
-    agent_message, coordinator_message, AgentMessage, Goodbye, Heartbeat, JobErrorKind, JobResult,
-    Register, TargetInfo,
+    agent_message, coordinator_message, AgentMessage, Goodbye, Heartbeat, Register, TargetInfo,
 };
 use datasaver_common::tls::{Role, TlsMaterial};
 use tokio::sync::mpsc;
@@ -26,8 +34,10 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::config::AgentConfig;
+use crate::jobs::Jobs;
 use crate::pg::PgTools;
-use crate::progress::Reporter;
+
+pub use crate::jobs::JobError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -120,103 +130,6 @@ async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, Str
         .map_err(|e| datasaver_common::error_chain(&e))
 }
 
-/// Why a job failed: one line for the operator, and the kind where the
-/// coordinator acts on it (a corrupt object names the next good backup).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct JobError {
-    pub message: String,
-    pub kind: JobErrorKind,
-}
-
-impl JobError {
-    /// The stored bytes do not match their recorded checksum.
-    pub fn checksum_mismatch(message: String) -> Self {
-        Self {
-            message,
-            kind: JobErrorKind::ChecksumMismatch,
-        }
-    }
-}
-
-impl From<String> for JobError {
-    fn from(message: String) -> Self {
-        Self {
-            message,
-            kind: JobErrorKind::Unspecified,
-        }
-    }
-}
-
-impl From<&str> for JobError {
-    fn from(message: &str) -> Self {
-        message.to_string().into()
-    }
-}
-
-/// What a session's jobs share: where they report, how they are stopped, and
-/// the tracker the session waits on before it leaves.
-struct Jobs {
-    tx: mpsc::Sender<AgentMessage>,
-    /// Ends this session's jobs (agent stopping, or the session ended).
-    cancel: CancellationToken,
-    /// The agent is stopping on purpose: a job that ends now was interrupted.
-    stopping: CancellationToken,
-    tracker: tokio_util::task::TaskTracker,
-}
-
-impl Jobs {
-    /// Runs one job on its own task (inside `span`) and reports its result on
-    /// the control stream, whatever the outcome.
-    fn spawn<F>(&self, span: tracing::Span, job_id: String, what: &'static str, work: F)
-    where
-        F: std::future::Future<Output = Result<JobResult, JobError>> + Send + 'static,
-    {
-        let tx = self.tx.clone();
-        let stopping = self.stopping.clone();
-        let task = async move {
-            tracing::info!("{what} started");
-            let result = match work.await {
-                Ok(r) => {
-                    tracing::info!("{}", r.message);
-                    JobResult {
-                        job_id,
-                        ok: true,
-                        ..r
-                    }
-                }
-                Err(e) if stopping.is_cancelled() => {
-                    let e = e.message;
-                    tracing::info!(reason = %e, "{what} interrupted: the agent is stopping");
-                    JobResult {
-                        job_id,
-                        ok: false,
-                        interrupted: true,
-                        error: format!("the agent was stopped during the {what} ({e})"),
-                        ..Default::default()
-                    }
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e.message, kind = ?e.kind, "{what} failed");
-                    JobResult {
-                        job_id,
-                        ok: false,
-                        error: e.message,
-                        error_kind: e.kind as i32,
-                        ..Default::default()
-                    }
-                }
-            };
-            let _ = tx
-                .send(AgentMessage {
-                    msg: Some(agent_message::Msg::Result(result)),
-                })
-                .await;
-        };
-        self.tracker
-            .spawn(tracing::Instrument::instrument(task, span));
-    }
-}
-
 async fn session(
     config: &AgentConfig,
     tls: &TlsMaterial,
@@ -254,13 +167,8 @@ async fn session(
     // Jobs of this session stop when it ends: the coordinator has already
     // failed them, and a dump nobody receives only loads the database. Not a
     // child of `cancel`: on SIGTERM the goodbye goes out before jobs stop.
-    let jobs = Jobs {
-        tx: tx.clone(),
-        cancel: CancellationToken::new(),
-        stopping: cancel.clone(),
-        tracker: tokio_util::task::TaskTracker::new(),
-    };
-    let _guard = jobs.cancel.clone().drop_guard();
+    let jobs = Jobs::new(tx.clone(), cancel.clone());
+    let _guard = jobs.cancel_on_drop();
     let tools = PgTools::new(config.pg_bin_dir.clone());
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     loop {
@@ -293,58 +201,17 @@ async fn session(
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Some(coordinator_message::Msg::Backup(job)) => {
-                let span = tracing::info_span!("agent.backup", target = %job.target, backup = %job.backup_id);
-                datasaver_common::telemetry::set_parent(&span, &job.trace_context);
-                let reporter = Reporter {
-                    job_id: job.job_id.clone(),
-                    tx: tx.clone(),
-                };
-                let job_id = job.job_id.clone();
-                let work = backup::run(
-                    client.clone(),
-                    job,
-                    config.target.clone(),
-                    tools.clone(),
-                    reporter,
-                    jobs.cancel.clone(),
-                    jobs.stopping.clone(),
-                );
-                jobs.spawn(span, job_id, "backup", async move {
-                    work.await.map_err(JobError::from).map(|message| JobResult {
-                        message,
-                        ..Default::default()
-                    })
-                });
+                jobs.dispatch(job, &client, &config.target, &tools);
             }
             Some(coordinator_message::Msg::Restore(job)) => {
-                let span = tracing::info_span!("agent.restore", target = %job.target, backup = %job.backup_id, mode = job.mode);
-                datasaver_common::telemetry::set_parent(&span, &job.trace_context);
-                let reporter = Reporter {
-                    job_id: job.job_id.clone(),
-                    tx: tx.clone(),
-                };
-                let job_id = job.job_id.clone();
-                let work = restore::run(
-                    client.clone(),
-                    job,
-                    config.target.clone(),
-                    tools.clone(),
-                    reporter,
-                    jobs.cancel.clone(),
-                );
-                jobs.spawn(span, job_id, "restore job", async move {
-                    work.await.map(|o| JobResult {
-                        message: o.message,
-                        target_db: o.target_db,
-                        toc_entries: o.toc_entries,
-                        ..Default::default()
-                    })
-                });
+                jobs.dispatch(job, &client, &config.target, &tools);
             }
             Some(coordinator_message::Msg::Cancel(c)) => {
-                tracing::warn!(job = %c.job_id, reason = %c.reason, "job cancel requested; cancelling this session's jobs");
-                jobs.cancel.cancel();
-                return Err("jobs cancelled by the coordinator".into());
+                if jobs.cancel_job(&c.job_id, &c.reason) {
+                    tracing::warn!(job = %c.job_id, reason = %c.reason, "job cancelled by the coordinator");
+                } else {
+                    tracing::info!(job = %c.job_id, reason = %c.reason, "cancel for a job this agent is not running; ignored");
+                }
             }
             None => {}
         }
@@ -367,7 +234,7 @@ async fn leave(
             .shutdown_grace
             .saturating_sub(Duration::from_secs(1))
             .max(Duration::from_millis(500));
-    let running = jobs.tracker.len();
+    let running = jobs.len();
     tracing::info!(
         running_jobs = running,
         "stopping: interrupting running jobs and leaving the coordinator"
@@ -379,12 +246,8 @@ async fn leave(
             })),
         })
         .await;
-    jobs.cancel.cancel();
-    jobs.tracker.close();
-    if tokio::time::timeout_at(deadline, jobs.tracker.wait())
-        .await
-        .is_err()
-    {
+    jobs.cancel_all();
+    if !jobs.wait_until(deadline).await {
         tracing::warn!("jobs did not finish within DATASAVER_SHUTDOWN_GRACE; leaving anyway");
     }
     // The request stream ends when the last sender is gone; the coordinator

@@ -1,6 +1,9 @@
-//! The Postgres client programs the agent drives (`pg_dump`, `pg_restore`,
-//! `psql`): typed argv builders, version checks, and small queries. Passwords
-//! go to children through `PGPASSWORD` in their environment only.
+//! Everything the agent says to Postgres: the client programs it drives
+//! (`pg_dump`, `pg_restore`, `psql`) as typed argv builders, version checks,
+//! and every SQL statement it runs, by name. Identifiers are quoted with
+//! [`quote_ident`]; values reach SQL only as psql variables (`:'name'`),
+//! never by interpolation. Passwords go to children through `PGPASSWORD` in
+//! their environment only.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -58,6 +61,90 @@ pub fn parse_tool_version(out: &str) -> Option<PgVersion> {
 /// Quotes an identifier for SQL.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// A SQL script and the values it reads as psql variables.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Statement {
+    pub sql: String,
+    pub vars: Vec<(&'static str, String)>,
+}
+
+impl Statement {
+    fn new(sql: impl Into<String>) -> Self {
+        Self {
+            sql: sql.into(),
+            vars: Vec::new(),
+        }
+    }
+
+    fn var(mut self, name: &'static str, value: &str) -> Self {
+        self.vars.push((name, value.to_string()));
+        self
+    }
+}
+
+/// The statements, built without a connection so they can be checked.
+pub mod sql {
+    use super::{quote_ident, Statement};
+
+    /// `server_version_num|server_version`.
+    pub fn server_version() -> Statement {
+        Statement::new(
+            "SELECT current_setting('server_version_num') || '|' || current_setting('server_version');",
+        )
+    }
+
+    /// Answers at all.
+    pub fn ping() -> Statement {
+        Statement::new("SELECT 1;")
+    }
+
+    /// `1` when a database `name` exists, else `0`.
+    pub fn database_exists(name: &str) -> Statement {
+        Statement::new("SELECT count(*) FROM pg_database WHERE datname = :'name';")
+            .var("name", name)
+    }
+
+    /// Counts, in the database connected to, what a restore would collide
+    /// with: user relations, functions and large objects.
+    pub fn user_objects() -> Statement {
+        Statement::new(
+            "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
+                        AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%')
+                  + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
+                      WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
+                  + (SELECT count(*) FROM pg_largeobject_metadata);",
+        )
+    }
+
+    /// An empty database (from template0, so nothing of template1 collides
+    /// with what a restore creates).
+    pub fn create_database(name: &str) -> Statement {
+        Statement::new(format!(
+            "CREATE DATABASE {} TEMPLATE template0;",
+            quote_ident(name)
+        ))
+    }
+
+    /// Drops `name` if it exists, ending its sessions.
+    pub fn drop_database(name: &str) -> Statement {
+        Statement::new(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE);",
+            quote_ident(name)
+        ))
+    }
+
+    /// Replaces database `name` with database `with` (renamed to `name`).
+    pub fn swap_database(name: &str, with: &str) -> Statement {
+        Statement::new(format!(
+            "DROP DATABASE {} WITH (FORCE);\nALTER DATABASE {} RENAME TO {};",
+            quote_ident(name),
+            quote_ident(with),
+            quote_ident(name)
+        ))
+    }
 }
 
 impl PgTools {
@@ -122,15 +209,11 @@ impl PgTools {
             .ok_or_else(|| format!("cannot read the version of {tool} from {s:?}"))
     }
 
-    /// Runs SQL through `psql` (script on stdin, so `:'var'` interpolation
-    /// works and nothing lands in argv) and returns unaligned output.
-    pub async fn psql(
-        &self,
-        db: &DbConn,
-        dbname: &str,
-        sql: &str,
-        vars: &[(&str, &str)],
-    ) -> Result<String, String> {
+    /// Runs a statement through `psql` in `dbname` (script on stdin, so
+    /// `:'var'` interpolation works and nothing lands in argv) and returns
+    /// unaligned output.
+    async fn psql(&self, db: &DbConn, dbname: &str, st: &Statement) -> Result<String, String> {
+        let (sql, vars) = (&st.sql, &st.vars);
         let mut c = tokio::process::Command::from(self.command("psql", db, dbname));
         c.args([
             "-X",
@@ -167,18 +250,74 @@ impl PgTools {
         }
     }
 
+    /// Connects to the database and runs a trivial query.
+    pub async fn ping(&self, db: &DbConn) -> Result<(), String> {
+        self.psql(db, &db.dbname, &sql::ping()).await.map(|_| ())
+    }
+
+    /// Whether database `name` exists, asked from `admin_db`.
+    pub async fn database_exists(
+        &self,
+        db: &DbConn,
+        admin_db: &str,
+        name: &str,
+    ) -> Result<bool, String> {
+        Ok(self
+            .psql(db, admin_db, &sql::database_exists(name))
+            .await?
+            .trim()
+            == "1")
+    }
+
+    /// Whether database `name` holds nothing a restore would collide with.
+    pub async fn is_empty(&self, db: &DbConn, name: &str) -> Result<bool, String> {
+        Ok(self.psql(db, name, &sql::user_objects()).await?.trim() == "0")
+    }
+
+    /// Creates an empty database `name`, from `admin_db`.
+    pub async fn create_database(
+        &self,
+        db: &DbConn,
+        admin_db: &str,
+        name: &str,
+    ) -> Result<(), String> {
+        self.psql(db, admin_db, &sql::create_database(name))
+            .await
+            .map(|_| ())
+    }
+
+    /// Drops database `name` (if it exists), from `admin_db`.
+    pub async fn drop_database(
+        &self,
+        db: &DbConn,
+        admin_db: &str,
+        name: &str,
+    ) -> Result<(), String> {
+        self.psql(db, admin_db, &sql::drop_database(name))
+            .await
+            .map(|_| ())
+    }
+
+    /// Replaces database `name` with database `with`, from `admin_db`.
+    pub async fn swap_database(
+        &self,
+        db: &DbConn,
+        admin_db: &str,
+        name: &str,
+        with: &str,
+    ) -> Result<(), String> {
+        self.psql(db, admin_db, &sql::swap_database(name, with))
+            .await
+            .map(|_| ())
+    }
+
     /// Connects to the database and compares versions: a pg_dump older than
     /// the server refuses to dump (or worse, in old scripts, is ignored), so
     /// it is caught here with both versions named.
     pub async fn probe(&self, db: &DbConn) -> Result<(PgVersion, PgVersion), String> {
         let dump_v = self.tool_version("pg_dump").await?;
         let out = self
-            .psql(
-                db,
-                &db.dbname,
-                "SELECT current_setting('server_version_num') || '|' || current_setting('server_version');",
-                &[],
-            )
+            .psql(db, &db.dbname, &sql::server_version())
             .await
             .map_err(|e| format!("cannot connect to database {}: {e}", db.describe()))?;
         let (num, text) = out
@@ -273,5 +412,48 @@ mod tests {
         assert!(parse_tool_version("garbage").is_none());
         assert_eq!(quote_ident("a\"b"), "\"a\"\"b\"");
         assert_eq!(summarize_stderr("a\n\nb\nc\nd\n"), "b | c | d");
+    }
+
+    /// Names with quotes, spaces and SQL in them stay one identifier.
+    #[test]
+    fn names_are_quoted_identifiers() {
+        let odd = "my \"db\"; DROP DATABASE x; --";
+        let quoted = "\"my \"\"db\"\"; DROP DATABASE x; --\"";
+        assert_eq!(quote_ident(odd), quoted);
+        assert_eq!(
+            sql::create_database(odd).sql,
+            format!("CREATE DATABASE {quoted} TEMPLATE template0;")
+        );
+        assert_eq!(
+            sql::drop_database("with space").sql,
+            "DROP DATABASE IF EXISTS \"with space\" WITH (FORCE);"
+        );
+        assert_eq!(
+            sql::swap_database("app", "app_dsrestore_1\"x").sql,
+            "DROP DATABASE \"app\" WITH (FORCE);\nALTER DATABASE \"app_dsrestore_1\"\"x\" RENAME TO \"app\";"
+        );
+        for st in [
+            sql::create_database(odd),
+            sql::drop_database(odd),
+            sql::swap_database(odd, odd),
+        ] {
+            assert!(st.vars.is_empty());
+            // every quote of the name is doubled: none ends the identifier
+            let inner = st.sql.replace(quoted, "");
+            assert!(!inner.contains("DROP DATABASE x"), "{}", st.sql);
+        }
+    }
+
+    /// Values are psql variables, never part of the SQL text.
+    #[test]
+    fn values_are_variables() {
+        let name = "it's \"odd\"";
+        let st = sql::database_exists(name);
+        assert!(!st.sql.contains("odd"), "{}", st.sql);
+        assert!(st.sql.contains(":'name'"));
+        assert_eq!(st.vars, vec![("name", name.to_string())]);
+        for st in [sql::user_objects(), sql::server_version(), sql::ping()] {
+            assert!(st.vars.is_empty() && st.sql.ends_with(';'), "{}", st.sql);
+        }
     }
 }

@@ -1,33 +1,28 @@
-//! The restore path: download → BLAKE3 → decompress → pg_restore, reading
-//! the stored object once. The agent checks the checksum as the bytes arrive
-//! and holds back the tail of the archive until it is confirmed, so
-//! pg_restore (in one transaction) can never commit a restore of bytes that
-//! do not match; a mismatch is reported as such (`ChecksumMismatch`), and the
-//! database a failed restore created is dropped.
+//! The restore job (and verify, as `pg_restore --list`): decide whether this
+//! agent can read the backup, prepare the database through [`crate::pg`],
+//! and run the pipeline from the download into pg_restore (see
+//! [`crate::pipeline`]), reading the stored object once. The checksum is
+//! checked as the bytes arrive and the archive's tail is held back until it
+//! is confirmed, so pg_restore (in one transaction) can never commit a
+//! restore of bytes that do not match; a mismatch is reported as such
+//! (`ChecksumMismatch`). A database the restore created is dropped whenever
+//! the restore does not succeed — failed, corrupt or cancelled — and with
+//! `--force` the existing database is replaced only after a full success.
 
-use std::io::{Read, Write};
-use std::process::Stdio;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use datasaver_common::checksum::Checksum;
 use datasaver_common::codec::Compression;
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
-use datasaver_common::proto::{DownloadRequest, RestoreJob, RestoreMode};
-use tokio::sync::mpsc;
-use tokio_util::sync::CancellationToken;
+use datasaver_common::proto::{DownloadRequest, JobResult, RestoreJob, RestoreMode};
 use tonic::transport::Channel;
 
-use crate::child;
-use crate::config::{Identities, TargetConfig};
-use crate::pg::{quote_ident, summarize_stderr, PgTools};
+use crate::config::TargetConfig;
+use crate::jobs::{Job, JobCancel, JobContext, JobError, Stop};
+use crate::pg::PgTools;
+use crate::pipeline::transform::{Decode, Expected};
+use crate::pipeline::{self, Feed, PipelineError};
 use crate::progress::{Counters, Reporter};
-use crate::JobError;
-use datasaver_common::proto::JobErrorKind;
-
-/// Bytes of decompressed archive withheld from pg_restore until the whole
-/// download is verified. The archive's last block is always in here.
-const HOLD_BACK: usize = 256 * 1024;
 
 pub struct Outcome {
     pub message: String,
@@ -35,334 +30,84 @@ pub struct Outcome {
     pub toc_entries: u64,
 }
 
-enum Piece {
-    Data(Vec<u8>),
-    End,
-}
+impl Job for RestoreJob {
+    const WHAT: &'static str = "restore job";
 
-/// The downloaded bytes as a `Read`, hashed as they pass. At the end of the
-/// stream it compares the checksum and length and fails the read if they do
-/// not match, so nothing downstream can see a clean end of a bad object.
-struct VerifyingReader<'a> {
-    rx: mpsc::Receiver<Piece>,
-    buf: Vec<u8>,
-    pos: usize,
-    hash: Checksum,
-    ended: bool,
-    verified: bool,
-    backup_id: &'a str,
-    expected: &'a str,
-    expected_len: u64,
-    counters: &'a Counters,
-    /// Set when the whole object was read and does not match its checksum.
-    mismatch: Option<String>,
-}
-
-impl VerifyingReader<'_> {
-    fn verify(&mut self) -> std::io::Result<()> {
-        let got = self.hash.finish();
-        if got != self.expected || self.hash.len() != self.expected_len {
-            let m = format!(
-                "backup {} is corrupt: its stored bytes have checksum {got} ({} bytes) but {} ({} bytes) was recorded when it was stored; nothing was committed",
-                self.backup_id,
-                self.hash.len(),
-                self.expected,
-                self.expected_len
-            );
-            self.mismatch = Some(m.clone());
-            return Err(std::io::Error::other(m));
-        }
-        self.verified = true;
-        Ok(())
+    fn job_id(&self) -> &str {
+        &self.job_id
     }
 
-    /// Reads whatever a decoder left unread, so the checksum covers it all.
-    fn drain(&mut self) -> std::io::Result<()> {
-        let mut sink = [0u8; 64 * 1024];
-        while self.read(&mut sink)? > 0 {}
-        Ok(())
+    fn span(&self) -> tracing::Span {
+        let span = tracing::info_span!("agent.restore", target = %self.target, backup = %self.backup_id, mode = self.mode);
+        datasaver_common::telemetry::set_parent(&span, &self.trace_context);
+        span
     }
-}
 
-impl Read for VerifyingReader<'_> {
-    fn read(&mut self, out: &mut [u8]) -> std::io::Result<usize> {
-        loop {
-            if self.pos < self.buf.len() {
-                let n = out.len().min(self.buf.len() - self.pos);
-                out[..n].copy_from_slice(&self.buf[self.pos..self.pos + n]);
-                self.pos += n;
-                return Ok(n);
-            }
-            if self.ended {
-                if !self.verified {
-                    self.verify()?;
-                }
-                return Ok(0);
-            }
-            match self.rx.blocking_recv() {
-                Some(Piece::Data(d)) => {
-                    self.hash.update(&d);
-                    self.counters
-                        .stored
-                        .store(self.hash.len(), Ordering::Relaxed);
-                    self.buf = d;
-                    self.pos = 0;
-                }
-                Some(Piece::End) => self.ended = true,
-                None => return Err(std::io::Error::other("download interrupted")),
-            }
-        }
-    }
-}
-
-/// How to turn stored bytes back into a pg_dump archive.
-#[derive(Clone)]
-struct Unpack {
-    codec: Compression,
-    identities: Option<Identities>,
-}
-
-/// How feeding a child failed: on the reading side (download, decryption,
-/// decompression — possibly a corrupt object) or on the writing side (the
-/// child stopped reading).
-enum FeedError {
-    Read(String),
-    Write(String),
-}
-
-/// Feeds verified, decrypted, decompressed bytes to a child's stdin.
-#[allow(clippy::too_many_arguments)]
-fn feed(
-    rx: mpsc::Receiver<Piece>,
-    mut stdin: std::process::ChildStdin,
-    child: &Mutex<std::process::Child>,
-    unpack: Unpack,
-    backup_id: &str,
-    expected: &str,
-    expected_len: u64,
-    counters: &Counters,
-    reads_prefix_only: bool,
-) -> Result<(), JobError> {
-    let mut source = VerifyingReader {
-        rx,
-        buf: Vec::new(),
-        pos: 0,
-        hash: Checksum::new(),
-        ended: false,
-        verified: false,
-        backup_id,
-        expected,
-        expected_len,
-        counters,
-        mismatch: None,
-    };
-    // `pg_restore --list` stops reading after the table of contents; the
-    // rest of the stream is still read and hashed so the whole object is
-    // verified.
-    let mut sink_closed = false;
-    let write = |stdin: &mut std::process::ChildStdin,
-                 data: &[u8],
-                 closed: &mut bool|
-     -> Result<(), FeedError> {
-        if *closed {
-            return Ok(());
-        }
-        match stdin.write_all(data) {
-            Ok(()) => Ok(()),
-            Err(e) if reads_prefix_only && e.kind() == std::io::ErrorKind::BrokenPipe => {
-                *closed = true;
-                Ok(())
-            }
-            Err(e) => Err(FeedError::Write(format!(
-                "pg_restore stopped reading its input ({e})"
-            ))),
-        }
-    };
-    let unreadable = |e: std::io::Error| {
-        // the verifying reader's own errors are already complete sentences
-        let m = e.to_string();
-        FeedError::Read(
-            if m.contains("corrupt") || m.contains("download interrupted") {
-                m
-            } else {
-                format!("backup {backup_id} cannot be read: {m}")
-            },
+    async fn run(self, ctx: JobContext) -> Result<JobResult, JobError> {
+        let o = run(
+            ctx.client,
+            self,
+            ctx.target,
+            ctx.tools,
+            ctx.reporter,
+            ctx.cancel,
         )
-    };
-    let result = (|| {
-        let mut pending: Vec<u8> = Vec::new();
-        {
-            let decrypted: Box<dyn Read + '_> = match &unpack.identities {
-                None => Box::new(&mut source),
-                Some(ids) => Box::new(
-                    datasaver_common::crypt::decrypt_reader(&mut source, &ids.0)
-                        .map_err(|m| FeedError::Read(format!("backup {backup_id}: {m}")))?,
-                ),
-            };
-            let mut plain = datasaver_common::codec::decode_reader(unpack.codec, decrypted)
-                .map_err(|e| FeedError::Read(format!("backup {backup_id} cannot be read: {e}")))?;
-            let mut buf = vec![0u8; 256 * 1024];
-            loop {
-                let n = plain.read(&mut buf).map_err(unreadable)?;
-                if n == 0 {
-                    break;
-                }
-                pending.extend_from_slice(&buf[..n]);
-                if pending.len() > 2 * HOLD_BACK {
-                    let keep = pending.split_off(pending.len() - HOLD_BACK);
-                    write(&mut stdin, &pending, &mut sink_closed)?;
-                    counters
-                        .raw
-                        .fetch_add(pending.len() as u64, Ordering::Relaxed);
-                    pending = keep;
-                }
-            }
-        }
-        // Only once every stored byte has been read and checked does the
-        // archive's tail reach pg_restore.
-        source.drain().map_err(unreadable)?;
-        if !source.verified {
-            return Err(FeedError::Read(format!(
-                "backup {backup_id}: the download ended without being verified"
-            )));
-        }
-        write(&mut stdin, &pending, &mut sink_closed)?;
-        counters
-            .raw
-            .fetch_add(pending.len() as u64, Ordering::Relaxed);
-        Ok(())
-    })();
-    if result.is_err() {
-        // kill before closing stdin: pg_restore must not see a clean EOF
-        child::kill(child);
-    }
-    drop(stdin);
-    match result {
-        Ok(()) => Ok(()),
-        Err(FeedError::Write(m)) => Err(m.into()),
-        Err(FeedError::Read(m)) => {
-            // A decoder that chokes mid-stream usually means damaged bytes:
-            // read the rest so the checksum, not a codec message, says so.
-            if source.mismatch.is_none() && !source.ended {
-                let _ = source.drain();
-            }
-            match source.mismatch.take() {
-                Some(corrupt) => Err(JobError::checksum_mismatch(corrupt)),
-                None => Err(m.into()),
-            }
-        }
+        .await?;
+        Ok(JobResult {
+            message: o.message,
+            target_db: o.target_db,
+            toc_entries: o.toc_entries,
+            ..Default::default()
+        })
     }
 }
 
-/// Streams the backup into a freshly spawned child (pg_restore); returns
-/// the child's stdout.
-#[allow(clippy::too_many_arguments)]
+/// The error of a restore stopped by `cancel`.
+fn stopped(cancel: &JobCancel) -> JobError {
+    match cancel.stop() {
+        Some(stop @ Stop::Coordinator(_)) => stop.message("restore").into(),
+        _ => "restore cancelled (agent shutting down or connection lost)".into(),
+    }
+}
+
+/// Streams the backup into a freshly started `cmd` (pg_restore); returns
+/// what it wrote to stdout.
 async fn stream_into(
-    mut cmd: std::process::Command,
+    cmd: std::process::Command,
     client: &mut AgentServiceClient<Channel>,
     job: &RestoreJob,
-    unpack: Unpack,
+    decode: Decode,
     counters: Arc<Counters>,
-    cancel: &CancellationToken,
+    cancel: &JobCancel,
     reads_prefix_only: bool,
 ) -> Result<String, JobError> {
-    let mut download = client
-        .download(DownloadRequest {
-            job_id: job.job_id.clone(),
-            backup_id: job.backup_id.clone(),
+    let request = DownloadRequest {
+        job_id: job.job_id.clone(),
+        backup_id: job.backup_id.clone(),
+    };
+    let download = tokio::select! {
+        r = client.download(request) => r
+            .map_err(|s| format!("download failed: {}", s.message()))?
+            .into_inner(),
+        _ = cancel.cancelled() => return Err(stopped(cancel)),
+    };
+    let expected = Expected {
+        backup_id: job.backup_id.clone(),
+        checksum: job.checksum.clone(),
+        stored_bytes: job.stored_bytes,
+    };
+    let into = Feed {
+        cmd,
+        name: "pg_restore",
+        reads_prefix_only,
+    };
+    pipeline::download_into(download, &expected, decode, into, counters, cancel.token())
+        .await
+        .map_err(|e| match e {
+            PipelineError::Corrupt(m) => JobError::checksum_mismatch(m),
+            PipelineError::Cancelled => stopped(cancel),
+            e @ (PipelineError::Failed(_) | PipelineError::UploadClosed) => e.to_string().into(),
         })
-        .await
-        .map_err(|s| format!("download failed: {}", s.message()))?
-        .into_inner();
-    cmd.stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot start pg_restore: {e}"))?;
-    let stdin = child.stdin.take().ok_or("pg_restore has no stdin")?;
-    let stdout = child.stdout.take().ok_or("pg_restore has no stdout")?;
-    let stderr = child.stderr.take().map(child::drain_stderr);
-    let out_reader = std::thread::spawn(move || {
-        let mut s = String::new();
-        let _ = std::io::BufReader::new(stdout).read_to_string(&mut s);
-        s
-    });
-    let child = Arc::new(Mutex::new(child));
-    let (tx, rx) = mpsc::channel::<Piece>(4);
-    let (child2, job2) = (child.clone(), job.clone());
-    let feeder = tokio::task::spawn_blocking(move || {
-        feed(
-            rx,
-            stdin,
-            &child2,
-            unpack,
-            &job2.backup_id,
-            &job2.checksum,
-            job2.stored_bytes,
-            &counters,
-            reads_prefix_only,
-        )
-    });
-    let transfer: Result<(), JobError> = loop {
-        let msg = tokio::select! {
-            _ = cancel.cancelled() => break Err("restore cancelled (agent shutting down or connection lost)".into()),
-            m = download.message() => m,
-        };
-        match msg {
-            Ok(Some(chunk)) => {
-                if tx.send(Piece::Data(chunk.data)).await.is_err() {
-                    break Ok(()); // the feeder stopped; its error says why
-                }
-            }
-            Ok(None) => {
-                let _ = tx.send(Piece::End).await;
-                break Ok(());
-            }
-            // The coordinator checks the bytes as it reads them too, and says
-            // DATA_LOSS when they do not match what was stored.
-            Err(s) if s.code() == tonic::Code::DataLoss => {
-                break Err(JobError::checksum_mismatch(format!(
-                    "{}; nothing was committed",
-                    s.message()
-                )))
-            }
-            Err(s) => break Err(format!("download interrupted: {}", s.message()).into()),
-        }
-    };
-    drop(tx);
-    if transfer.is_err() {
-        child::kill(&child);
-    }
-    let fed = feeder
-        .await
-        .map_err(|e| format!("restore worker failed: {e}"))?;
-    let child3 = child.clone();
-    let status = tokio::task::spawn_blocking(move || child::wait(&child3))
-        .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("waiting for pg_restore: {e}"))?;
-    let stderr = match stderr {
-        Some(h) => tokio::task::spawn_blocking(move || h.join().unwrap_or_default())
-            .await
-            .unwrap_or_default(),
-        None => String::new(),
-    };
-    let stdout = tokio::task::spawn_blocking(move || out_reader.join().unwrap_or_default())
-        .await
-        .unwrap_or_default();
-    // A corrupt object is the cause whatever else went wrong after it.
-    if let Err(e) = &fed {
-        if e.kind == JobErrorKind::ChecksumMismatch {
-            return Err(e.clone());
-        }
-    }
-    transfer?;
-    fed?;
-    if !status.success() {
-        return Err(format!("pg_restore failed: {}", summarize_stderr(&stderr)).into());
-    }
-    Ok(stdout)
 }
 
 fn valid_db_name(name: &str) -> Result<(), String> {
@@ -386,7 +131,7 @@ pub async fn run(
     target: TargetConfig,
     tools: PgTools,
     reporter: Reporter,
-    cancel: CancellationToken,
+    cancel: JobCancel,
 ) -> Result<Outcome, JobError> {
     let codec: Compression = job
         .compression
@@ -409,11 +154,11 @@ pub async fn run(
                 fps.join(", ")
             ).into());
         }
-        Some(target.identities.clone())
+        Some(target.identities.0.clone())
     } else {
         None
     };
-    let unpack = Unpack { codec, identities };
+    let decode = Decode { codec, identities };
     let db = &target.db;
     let counters = Arc::new(Counters::default());
 
@@ -424,7 +169,7 @@ pub async fn run(
             tools.pg_restore_list(db),
             &mut client,
             &job,
-            unpack.clone(),
+            decode,
             counters,
             &cancel,
             true,
@@ -466,37 +211,23 @@ pub async fn run(
         db.dbname.clone()
     };
     reporter.phase("prepare", &format!("preparing database {name}"));
-    let exists = tools
-        .psql(
-            db,
-            &admin_db,
-            "SELECT count(*) FROM pg_database WHERE datname = :'name';",
-            &[("name", &name)],
-        )
-        .await
-        .map_err(|e| {
+    // Looking is harmless to stop; creating, dropping and swapping run to
+    // their end so no database is left half done.
+    let exists = tokio::select! {
+        r = tools.database_exists(db, &admin_db, &name) => r.map_err(|e| {
             format!(
                 "cannot connect to the server at {}:{}: {e}",
                 db.host, db.port
             )
-        })?
-        == "1";
+        })?,
+        _ = cancel.cancelled() => return Err(stopped(&cancel)),
+    };
     let nonempty = if exists {
-        let n = tools
-            .psql(
-                db,
-                &name,
-                "SELECT (SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
-                          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema')
-                            AND n.nspname NOT LIKE 'pg_toast%' AND n.nspname NOT LIKE 'pg_temp%')
-                      + (SELECT count(*) FROM pg_proc p JOIN pg_namespace n ON n.oid = p.pronamespace
-                          WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
-                      + (SELECT count(*) FROM pg_largeobject_metadata);",
-                &[],
-            )
-            .await
-            .map_err(|e| format!("cannot inspect existing database {name}: {e}"))?;
-        n.trim() != "0"
+        let empty = tokio::select! {
+            r = tools.is_empty(db, &name) => r.map_err(|e| format!("cannot inspect existing database {name}: {e}"))?,
+            _ = cancel.cancelled() => return Err(stopped(&cancel)),
+        };
+        !empty
     } else {
         false
     };
@@ -519,17 +250,12 @@ pub async fn run(
     } else {
         (name.clone(), true)
     };
+    if cancel.is_cancelled() {
+        return Err(stopped(&cancel));
+    }
     if created {
         tools
-            .psql(
-                db,
-                &admin_db,
-                &format!(
-                    "CREATE DATABASE {} TEMPLATE template0;",
-                    quote_ident(&restore_into)
-                ),
-                &[],
-            )
+            .create_database(db, &admin_db, &restore_into)
             .await
             .map_err(|e| format!("cannot create database {restore_into}: {e}"))?;
     }
@@ -542,27 +268,22 @@ pub async fn run(
         tools.pg_restore_into(db, &restore_into),
         &mut client,
         &job,
-        unpack,
+        decode,
         counters.clone(),
         &cancel,
         false,
     )
     .await;
     ticker.abort();
+    // A cancel that came as pg_restore finished still wins before the swap.
+    let restored = match restored {
+        Ok(_) if nonempty && cancel.is_cancelled() => Err(stopped(&cancel)),
+        r => r,
+    };
     if let Err(e) = restored {
+        // Failed, corrupt or cancelled: a database this restore created goes.
         if created {
-            if let Err(de) = tools
-                .psql(
-                    db,
-                    &admin_db,
-                    &format!(
-                        "DROP DATABASE IF EXISTS {} WITH (FORCE);",
-                        quote_ident(&restore_into)
-                    ),
-                    &[],
-                )
-                .await
-            {
+            if let Err(de) = tools.drop_database(db, &admin_db, &restore_into).await {
                 tracing::error!(database = %restore_into, error = %de, "could not drop the incomplete restore database");
             }
         }
@@ -570,17 +291,7 @@ pub async fn run(
     }
     if nonempty {
         tools
-            .psql(
-                db,
-                &admin_db,
-                &format!(
-                    "DROP DATABASE {} WITH (FORCE);\nALTER DATABASE {} RENAME TO {};",
-                    quote_ident(&name),
-                    quote_ident(&restore_into),
-                    quote_ident(&name)
-                ),
-                &[],
-            )
+            .swap_database(db, &admin_db, &name, &restore_into)
             .await
             .map_err(|e| {
                 format!("restored into {restore_into}, but replacing {name} failed: {e}")
@@ -595,4 +306,126 @@ pub async fn run(
         target_db: name,
         toc_entries: 0,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DbConn, Identities};
+    use std::os::unix::fs::PermissionsExt;
+    use std::time::{Duration, Instant};
+    use tokio_util::sync::CancellationToken;
+
+    #[test]
+    fn database_names_accepted() {
+        for ok in ["app", "app_restored-2", &"a".repeat(63)] {
+            assert!(valid_db_name(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", "a b", "a\"b", "a;b", &"a".repeat(64)] {
+            let e = valid_db_name(bad).unwrap_err();
+            assert!(e.contains("--target-db"), "{e}");
+        }
+    }
+
+    fn script(path: &std::path::Path, body: &str) {
+        std::fs::write(path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+
+    /// A restore cancelled by the coordinator while it waits for the
+    /// download drops the database it created, and says who cancelled it.
+    /// psql is a stand-in that logs the SQL it is given; the coordinator is
+    /// a socket that never answers.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cancelled_restore_drops_the_database_it_created() {
+        let dir = std::env::temp_dir().join(format!(
+            "ds-agent-restore-{}-{}",
+            std::process::id(),
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("psql.log");
+        script(
+            &dir.join("psql"),
+            &format!(
+                "sql=$(cat)\nprintf '%s\\n' \"$sql\" >> '{}'\ncase \"$sql\" in *pg_database*) echo 0;; esac",
+                log.display()
+            ),
+        );
+        script(&dir.join("pg_restore"), "exec sleep 30");
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let channel = tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            silent.local_addr().unwrap()
+        ))
+        .unwrap()
+        .connect_lazy();
+        let target = TargetConfig {
+            name: "app".into(),
+            db: DbConn {
+                host: "127.0.0.1".into(),
+                port: 1,
+                dbname: "app".into(),
+                user: "u".into(),
+                password: None,
+                sslmode: None,
+            },
+            schedule: None,
+            retention: Default::default(),
+            compression: Compression::Zstd,
+            compression_level: 3,
+            compression_threads: 0,
+            encrypt_to: None,
+            identities: Identities::default(),
+        };
+        let job = RestoreJob {
+            job_id: "j1".into(),
+            backup_id: "app_20260101_000000".into(),
+            target: "app".into(),
+            mode: RestoreMode::Restore as i32,
+            target_db: "app_new".into(),
+            compression: "zstd".into(),
+            checksum: "blake3:00".into(),
+            stored_bytes: 10,
+            ..Default::default()
+        };
+        let (tx, _rx) = tokio::sync::mpsc::channel(64);
+        let reporter = Reporter {
+            job_id: "j1".into(),
+            tx,
+        };
+        let session = CancellationToken::new();
+        let cancel = JobCancel::new(&session, &CancellationToken::new());
+        let c2 = cancel.clone();
+        let stop = async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            c2.cancel_by_coordinator("the job's deadline passed");
+            Instant::now()
+        };
+        let restore = run(
+            AgentServiceClient::new(channel),
+            job,
+            target,
+            PgTools::new(dir.clone()),
+            reporter,
+            cancel,
+        );
+        let (r, cancelled_at) = tokio::join!(restore, stop);
+        let e = r.err().expect("a cancelled restore fails");
+        assert_eq!(
+            e.message,
+            "cancelled by the coordinator: the job's deadline passed"
+        );
+        assert!(cancelled_at.elapsed() < Duration::from_secs(2));
+        let sql = std::fs::read_to_string(&log).unwrap();
+        let created = sql
+            .find("CREATE DATABASE \"app_new\" TEMPLATE template0;")
+            .expect(&sql);
+        let dropped = sql
+            .find("DROP DATABASE IF EXISTS \"app_new\" WITH (FORCE);")
+            .expect(&sql);
+        assert!(created < dropped, "{sql}");
+        drop(silent);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
