@@ -11,6 +11,10 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
+/// How long a child stopped with SIGINT gets to send its cancel request to
+/// the server and exit before it is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(3);
+
 /// A child could not be started or waited for.
 #[derive(Debug, thiserror::Error)]
 pub enum ChildError {
@@ -139,19 +143,56 @@ impl Proc {
         let _ = c.wait();
     }
 
+    /// Stops the child the way Ctrl-C would, then kills it if it is still
+    /// there after `INTERRUPT_GRACE`, and reaps it. SIGINT makes pg_dump,
+    /// pg_restore and psql send Postgres a cancel request before they exit:
+    /// a client killed outright leaves its server session running — a
+    /// pg_dump waiting for a lock keeps waiting (and holding its connection)
+    /// until the lock is released.
+    pub fn stop_and_reap(&self) {
+        self.interrupt();
+        let deadline = std::time::Instant::now() + INTERRUPT_GRACE;
+        while std::time::Instant::now() < deadline {
+            if self.has_exited() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        self.kill_and_reap();
+    }
+
+    /// Sends SIGINT if the child still runs.
+    fn interrupt(&self) {
+        let mut c = self.lock();
+        // Under the lock nobody can reap it meanwhile, so the pid is still
+        // our child's (a zombie at worst), never a reused one.
+        if matches!(c.try_wait(), Ok(None)) {
+            if let Ok(pid) = i32::try_from(c.id()) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(pid),
+                    nix::sys::signal::Signal::SIGINT,
+                );
+            }
+        }
+    }
+
     /// Whether the child has exited (without reaping anything else).
     pub fn has_exited(&self) -> bool {
         matches!(self.lock().try_wait(), Ok(Some(_)))
     }
 
-    /// Kills the child as soon as `cancel` fires, until the guard is
-    /// dropped. This is how a job's cancellation reaches its processes: a
+    /// Stops the child as soon as `cancel` fires (SIGINT, then SIGKILL after
+    /// `INTERRUPT_GRACE`), until the guard is dropped. This is how a job's cancellation reaches its processes: a
     /// worker blocked on the child's pipes then sees them close.
     pub fn kill_on(&self, cancel: &CancellationToken) -> KillOnCancel {
         let me = self.clone();
         let cancel = cancel.clone();
         KillOnCancel(tokio::spawn(async move {
             cancel.cancelled().await;
+            // Ctrl-C first, so the server cancels the child's query too;
+            // whoever waits for the child reaps it.
+            me.interrupt();
+            tokio::time::sleep(INTERRUPT_GRACE).await;
             me.kill();
         }))
     }

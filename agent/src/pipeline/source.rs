@@ -77,9 +77,10 @@ impl ChildOutput {
         Ok(self.raw)
     }
 
-    /// Stops the child when the pipeline failed downstream.
+    /// Stops the child when the pipeline failed downstream (or was
+    /// cancelled): interrupted first, so its server session ends too.
     pub fn abort(self) {
-        self.proc.kill_and_reap();
+        self.proc.stop_and_reap();
     }
 }
 

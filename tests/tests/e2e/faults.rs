@@ -466,3 +466,90 @@ fn pg_dump_older_than_the_server_never_completes() {
     assert_eq!(list[0].status, "failed");
     assert!(files_under(&fleet.storage_dir()).is_empty());
 }
+
+/// A `psql` session holding `LOCK TABLE t IN ACCESS EXCLUSIVE MODE` in an
+/// open transaction, as an application's long migration would: `pg_dump`
+/// waits behind it. Killed on drop.
+struct LockHolder(std::process::Child);
+
+impl LockHolder {
+    fn take(pg: &PgCluster, db: &str) -> LockHolder {
+        use std::io::Write;
+        let mut cmd = pg.client_command("psql");
+        cmd.env("PGAPPNAME", "lock-holder")
+            .args(["-X", "-q", "-d", db])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let mut child = cmd.spawn().expect("start psql");
+        let stdin = child.stdin.as_mut().expect("psql stdin");
+        stdin
+            .write_all(b"BEGIN;\nLOCK TABLE t IN ACCESS EXCLUSIVE MODE;\n")
+            .expect("send the lock");
+        stdin.flush().expect("flush");
+        let held = wait_until(Duration::from_secs(30), || {
+            pg.query_one(
+                db,
+                "SELECT count(*) FROM pg_locks l JOIN pg_stat_activity a USING (pid)
+                 WHERE a.application_name = 'lock-holder' AND l.mode = 'AccessExclusiveLock'
+                   AND l.granted AND l.relation = 't'::regclass",
+            ) == "1"
+        });
+        assert!(held, "the lock holder did not get its lock");
+        LockHolder(child)
+    }
+}
+
+impl Drop for LockHolder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_backup_stuck_behind_a_lock_times_out_and_frees_its_slot() {
+    let pg = PgCluster::new();
+    small_db(&pg, "app");
+    let mut fleet = Fleet::start_with(datasaver_tests::FleetOptions {
+        coordinator_env: vec![("DATASAVER_JOB_TIMEOUT".into(), "5s".into())],
+        ..Default::default()
+    });
+    fleet.add_agent("app", &pg, "app");
+    let lock = LockHolder::take(&pg, "app");
+
+    let out = fleet
+        .dsctl(&["--quiet", "backup", "app"])
+        .expect_code(1, "a backup stuck behind a lock");
+    let line = one_line(&out.stderr);
+    assert!(
+        line.contains("timed out after 5s (DATASAVER_JOB_TIMEOUT)"),
+        "{line}"
+    );
+    // The agent was told to stop: its pg_dump is gone, not left waiting on
+    // the lock (and holding a connection) forever.
+    let dumps = || {
+        pg.query_one(
+            "postgres",
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE application_name = 'datasaver-agent' AND datname = 'app'",
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(15), || dumps() == "0"),
+        "pg_dump still connected after the job timed out: {} session(s)",
+        dumps()
+    );
+    let list = fleet.list_backups(Some("app"));
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].status, "failed");
+    let err = list[0].raw["error"].as_str().unwrap_or_default();
+    assert!(err.contains("DATASAVER_JOB_TIMEOUT"), "{err}");
+    assert!(files_under(&fleet.storage_dir()).is_empty());
+
+    // The lock goes away; the slot is free and the next backup completes.
+    drop(lock);
+    fleet.wait_agent_listed("app", Duration::from_secs(30));
+    let b = fleet.backup("app", None);
+    assert!(b.is_completed(), "{b:?}");
+}
