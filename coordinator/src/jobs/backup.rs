@@ -54,9 +54,11 @@ pub async fn start_backup(
     trigger: Trigger,
     label: Option<String>,
 ) -> Result<Started, StartError> {
-    if !core.fleet.is_connected(target) {
-        return Err(StartError::NoAgent(target.to_string()));
-    }
+    let agent_name = core
+        .fleet
+        .agent_for(target)
+        .map(|(_, name, _)| name)
+        .ok_or_else(|| StartError::NoAgent(target.to_string()))?;
     if !core.fleet.start_backup_slot(target) {
         return Err(StartError::Busy(target.to_string()));
     }
@@ -64,11 +66,6 @@ pub async fn start_backup(
         core: core.clone(),
         target: target.to_string(),
     };
-    let agent_name = core
-        .fleet
-        .agent_for(target)
-        .map(|(_, name, _)| name)
-        .ok_or_else(|| StartError::NoAgent(target.to_string()))?;
     let label = label.filter(|l| !l.trim().is_empty());
     let id = core
         .repo
