@@ -211,7 +211,10 @@ impl AgentJob {
         let deadline = tokio::time::sleep(limit);
         tokio::pin!(deadline);
         let stop = loop {
+            // Shutdown first: it also ends the agent's control stream, and
+            // the connection's loss it causes must not be taken for a failure.
             let r = tokio::select! {
+                biased;
                 _ = self.core.cancel.cancelled() => break JobFailure::new(
                     FailureKind::Interrupted,
                     "the coordinator is shutting down",

@@ -553,3 +553,34 @@ fn a_backup_stuck_behind_a_lock_times_out_and_frees_its_slot() {
     let b = fleet.backup("app", None);
     assert!(b.is_completed(), "{b:?}");
 }
+
+#[test]
+fn coordinator_stopped_mid_upload_interrupts_the_backup_and_keeps_nothing() {
+    let (_pg, mut fleet, handle) = backup_in_flight(0);
+    // SIGTERM: the job tells its agent to stop and records how it ended
+    // before the coordinator exits.
+    fleet.stop_coordinator();
+    handle
+        .join()
+        .expect("dsctl thread")
+        .expect_code(1, "dsctl backup whose coordinator stopped");
+    assert!(
+        fleet
+            .coordinator()
+            .log()
+            .contains("the coordinator is shutting down"),
+        "{}",
+        fleet.coordinator().log()
+    );
+    fleet.start_coordinator();
+    let list = fleet.list_backups(Some("big"));
+    assert_eq!(list.len(), 1, "{list:?}");
+    assert_eq!(list[0].status, "interrupted", "{}", list[0].raw);
+    assert!(
+        files_under(&fleet.storage_dir()).is_empty(),
+        "{:?}",
+        files_under(&fleet.storage_dir())
+    );
+    fleet.wait_agent_listed("big", Duration::from_secs(60));
+    assert!(fleet.backup("big", None).is_completed());
+}
