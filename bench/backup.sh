@@ -214,7 +214,7 @@ info "table data $((DATA_BYTES / 1048576)) MiB, database $((DB_BYTES / 1048576))
 # ------------------------------------------------------------------ datasaver up
 if ((!baselines_only)); then
     step "Starting coordinator and agent"
-    ds_certs "$WORK/certs" "$AGENT_NAME" >/dev/null
+    ds_certs "$WORK/certs" "$AGENT_NAME" "$TARGET" >/dev/null
     coord_env=()
     if [[ "$storage" == s3 ]]; then
         S3FS=$(bash tests/install-s3-server.sh)

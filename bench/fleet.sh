@@ -208,9 +208,9 @@ info "generated in $(ds_elapsed "$gen_start") s; each database: table data $((DA
 
 # ------------------------------------------------------------------ certificates
 step "Certificates: CA, coordinator, operator and $agents agents"
-ds_certs "$WORK/certs" "${TARGETS[0]}" >/dev/null
+ds_certs "$WORK/certs" "${TARGETS[0]}" "${TARGETS[0]}" >/dev/null
 for t in "${TARGETS[@]:1}"; do
-    "$DS_DSCTL" certs issue --ca "$DS_CERTS" --agent "$t" --out "$DS_CERTS/agent" >/dev/null
+    "$DS_DSCTL" certs issue --ca "$DS_CERTS" --agent "$t" --target "$t" --out "$DS_CERTS/agent" >/dev/null
     [[ -s "$DS_CERTS/agent/$t.crt" && -s "$DS_CERTS/agent/$t.key" ]] ||
         die "dsctl certs issue did not create $DS_CERTS/agent/$t.crt/.key"
 done

@@ -137,7 +137,7 @@ info "database size: $(ds_psql_val "$TARGET" "SELECT pg_size_pretty(pg_database_
 
 # ------------------------------------------------------------------ 3. certificates
 step "Creating the fleet CA and certificates"
-ds_certs "$WORK/certs" "$AGENT_NAME"
+ds_certs "$WORK/certs" "$AGENT_NAME" "$TARGET"
 CERTS=$DS_CERTS
 find "$CERTS" -type f -printf '    %M %s %P\n' | sort -k3
 

@@ -397,14 +397,15 @@ ds_dsctl() {
         "$DS_DSCTL" "$@"
 }
 
-# ds_certs DIR AGENT_NAME: fleet CA, coordinator, operator and agent certificates.
+# ds_certs DIR AGENT_NAME TARGET: fleet CA, coordinator, operator and agent certificates
+# (the agent's certificate names the target it may serve).
 ds_certs() {
     DS_CERTS=$1
-    local agent=$2 f
+    local agent=$2 target=$3 f
     ds_show dsctl certs init --out "$DS_CERTS"
     "$DS_DSCTL" certs init --out "$DS_CERTS"
-    ds_show dsctl certs issue --ca "$DS_CERTS" --agent "$agent" --out "$DS_CERTS/agent"
-    "$DS_DSCTL" certs issue --ca "$DS_CERTS" --agent "$agent" --out "$DS_CERTS/agent"
+    ds_show dsctl certs issue --ca "$DS_CERTS" --agent "$agent" --target "$target" --out "$DS_CERTS/agent"
+    "$DS_DSCTL" certs issue --ca "$DS_CERTS" --agent "$agent" --target "$target" --out "$DS_CERTS/agent"
     for f in ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key \
         "agent/$agent.crt" "agent/$agent.key" agent/ca.crt; do
         [[ -s "$DS_CERTS/$f" ]] || die "dsctl certs did not create $DS_CERTS/$f"

@@ -1,6 +1,8 @@
 //! `dsctl certs`: a fleet CA and the certificates issued from it. The subject
 //! OU carries the role (coordinator / agent / operator) and the CN the name;
-//! the coordinator authorizes by those. Private keys are written 0600.
+//! URI subject alternative names carry the grants (an agent's targets, an
+//! operator's access level and scope); the coordinator authorizes by those
+//! alone. Private keys are written 0600.
 
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
@@ -11,6 +13,8 @@ use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
+use datasaver_common::names::validate_pattern;
+use datasaver_common::tls::{san, Access};
 use time::{Duration, OffsetDateTime};
 
 fn write_file(path: &Path, data: &str, mode: u32, overwrite: bool) -> Result<()> {
@@ -48,6 +52,44 @@ fn name_ok(kind: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// What a certificate grants beyond its role and name.
+#[derive(Debug, Clone, Default)]
+pub struct Grants {
+    /// agent: target patterns it may serve
+    pub targets: Vec<String>,
+    /// operator: access level
+    pub access: Option<Access>,
+    /// operator: target patterns it may see and act on
+    pub scopes: Vec<String>,
+}
+
+impl Grants {
+    fn uris(&self) -> Result<Vec<SanType>> {
+        let mut out = Vec::new();
+        let mut push = |prefix: &str, v: &str| -> Result<()> {
+            let uri = format!("{prefix}{v}");
+            out.push(SanType::URI(
+                uri.clone()
+                    .try_into()
+                    .with_context(|| format!("{uri:?} cannot be written into a certificate"))?,
+            ));
+            Ok(())
+        };
+        for t in &self.targets {
+            validate_pattern(t).map_err(|e| anyhow::anyhow!("--target: {e}"))?;
+            push(san::TARGET, t)?;
+        }
+        if let Some(a) = self.access {
+            push(san::ACCESS, a.as_str())?;
+        }
+        for s in &self.scopes {
+            validate_pattern(s).map_err(|e| anyhow::anyhow!("--scope: {e}"))?;
+            push(san::SCOPE, s)?;
+        }
+        Ok(out)
+    }
+}
+
 fn leaf_params(
     role: &str,
     name: &str,
@@ -55,6 +97,9 @@ fn leaf_params(
     sans: &[String],
     server: bool,
 ) -> Result<CertificateParams> {
+    if days < 1 {
+        bail!("--days {days}: a certificate must be valid for at least 1 day");
+    }
     let mut p = CertificateParams::default();
     let mut dn = DistinguishedName::new();
     dn.push(DnType::OrganizationName, "datasaver");
@@ -119,7 +164,17 @@ pub fn init(out: &Path, sans: &[String], operator: &str, days: i64, overwrite: b
         .signed_by(&coord_key, &issuer)
         .context("signing the coordinator certificate")?;
     let op_key = KeyPair::generate()?;
-    let op = leaf_params("operator", operator, days, &[], false)?
+    let mut op = leaf_params("operator", operator, days, &[], false)?;
+    // Whoever set up the fleet may do everything; narrower certificates are
+    // issued from here with `dsctl certs issue --operator --role/--scope`.
+    op.subject_alt_names.extend(
+        Grants {
+            access: Some(Access::Admin),
+            ..Grants::default()
+        }
+        .uris()?,
+    );
+    let op = op
         .signed_by(&op_key, &issuer)
         .context("signing the operator certificate")?;
 
@@ -142,15 +197,18 @@ pub fn init(out: &Path, sans: &[String], operator: &str, days: i64, overwrite: b
     Ok(())
 }
 
+/// Issues a leaf certificate; returns its expiry.
 pub fn issue(
     ca_dir: &Path,
     role: &str,
     name: &str,
+    grants: &Grants,
     out: &Path,
     days: i64,
     overwrite: bool,
-) -> Result<()> {
+) -> Result<OffsetDateTime> {
     name_ok(role, name)?;
+    let uris = grants.uris()?;
     let ca_pem = std::fs::read_to_string(ca_dir.join("ca.crt"))
         .with_context(|| format!("cannot read {}", ca_dir.join("ca.crt").display()))?;
     let key_pem = std::fs::read_to_string(ca_dir.join("ca.key"))
@@ -160,7 +218,10 @@ pub fn issue(
         .context("ca.crt is not a usable CA certificate")?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let key = KeyPair::generate()?;
-    let cert = leaf_params(role, name, days, &[], false)?
+    let mut params = leaf_params(role, name, days, &[], false)?;
+    params.subject_alt_names.extend(uris);
+    let not_after = params.not_after;
+    let cert = params
         .signed_by(&key, &issuer)
         .context("signing the certificate")?;
     write_file(
@@ -179,5 +240,18 @@ pub fn issue(
     if ca_out != ca_dir.join("ca.crt") {
         write_file(&ca_out, &ca_pem, 0o644, true)?;
     }
-    Ok(())
+    Ok(not_after)
+}
+
+/// An expiry as `2027-12-02 07:38 UTC (in 365 days)`.
+pub fn format_expiry(at: OffsetDateTime) -> String {
+    let days = (at - OffsetDateTime::now_utc()).whole_days();
+    format!(
+        "{:04}-{:02}-{:02} {:02}:{:02} UTC (in {days} days)",
+        at.year(),
+        u8::from(at.month()),
+        at.day(),
+        at.hour(),
+        at.minute()
+    )
 }

@@ -206,14 +206,23 @@ enum CertsCmd {
         /// Name in the operator certificate.
         #[arg(long, default_value = "admin", value_name = "NAME")]
         operator: String,
-        /// Validity of the issued certificates, in days.
-        #[arg(long, default_value_t = 825)]
+        /// Validity of the coordinator and operator certificates, in days
+        /// (the CA itself is valid for at least ten years).
+        #[arg(long, default_value_t = 365)]
         days: i64,
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
     },
     /// Issue an agent or operator certificate from the CA in --ca DIR.
+    ///
+    /// An agent certificate names the targets the agent may serve (--target,
+    /// patterns like `acme-*` allowed); the coordinator refuses any other.
+    /// An operator certificate carries a role and a scope:
+    ///   viewer    agents, list, get, health, targets
+    ///   operator  also backup, verify, restore into a new database, pin/unpin, cancel
+    ///   admin     also delete, cleanup, catalog rebuild, restore --force
+    /// A scoped operator (--scope acme-*) sees and acts on matching targets only.
     Issue {
         /// Directory holding the fleet's ca.crt and ca.key.
         #[arg(long, value_name = "DIR")]
@@ -229,11 +238,20 @@ enum CertsCmd {
         /// Operator name (a person or a script that runs dsctl).
         #[arg(long, value_name = "NAME")]
         operator: Option<String>,
+        /// A target the agent may serve (repeat for more; `acme-*` matches by prefix).
+        #[arg(long, value_name = "T", requires = "agent")]
+        target: Vec<String>,
+        /// The operator's role: viewer, operator or admin.
+        #[arg(long, value_name = "ROLE", requires = "operator", default_value = "operator")]
+        role: String,
+        /// Targets the operator may see and act on (repeat for more; default `*`).
+        #[arg(long, value_name = "PATTERN", requires = "operator")]
+        scope: Vec<String>,
         /// Directory to write NAME.crt, NAME.key and ca.crt to.
         #[arg(long, value_name = "DIR")]
         out: PathBuf,
         /// Validity of the certificate, in days.
-        #[arg(long, default_value_t = 825)]
+        #[arg(long, default_value_t = 365)]
         days: i64,
         /// Overwrite existing files.
         #[arg(long)]
@@ -274,17 +292,47 @@ async fn run(cli: Cli) -> Result<()> {
                 ca,
                 agent,
                 operator,
+                target,
+                role,
+                scope,
                 out,
                 days,
                 force,
             } => {
-                let (role, name) = match (agent, operator) {
-                    (Some(a), _) => ("agent", a),
-                    (None, Some(o)) => ("operator", o),
+                let (kind, name, grants) = match (agent, operator) {
+                    (Some(a), _) => {
+                        if target.is_empty() {
+                            bail!("--agent {a} needs at least one --target T: the targets this agent may serve (a pattern like acme-* is allowed)");
+                        }
+                        let g = certs::Grants {
+                            targets: target.clone(),
+                            ..Default::default()
+                        };
+                        ("agent", a, g)
+                    }
+                    (None, Some(o)) => {
+                        let access = datasaver_common::tls::Access::parse(role).ok_or_else(|| {
+                            anyhow::anyhow!("--role {role:?} is not viewer, operator or admin")
+                        })?;
+                        let g = certs::Grants {
+                            access: Some(access),
+                            scopes: scope.clone(),
+                            ..Default::default()
+                        };
+                        ("operator", o, g)
+                    }
                     (None, None) => bail!("give --agent NAME or --operator NAME"),
                 };
-                certs::issue(ca, role, name, out, *days, *force)?;
+                let expires = certs::issue(ca, kind, name, &grants, out, *days, *force)?;
                 println!("wrote {name}.crt {name}.key ca.crt to {}", out.display());
+                match kind {
+                    "agent" => println!("agent {name} may serve: {}", grants.targets.join(", ")),
+                    _ => println!(
+                        "operator {name}: role {role}, scope {}",
+                        if grants.scopes.is_empty() { "*".to_string() } else { grants.scopes.join(", ") }
+                    ),
+                }
+                println!("expires {}", certs::format_expiry(expires));
                 Ok(())
             }
         };

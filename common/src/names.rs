@@ -39,6 +39,49 @@ pub fn validate_target(name: &str) -> Result<(), InvalidTarget> {
     Ok(())
 }
 
+/// Checks a target pattern from a certificate or the command line: a target
+/// name in which `*` stands for any run of characters (`acme-*`, `*`).
+pub fn validate_pattern(pattern: &str) -> Result<(), String> {
+    let ok = !pattern.is_empty()
+        && pattern.len() <= 63
+        && pattern
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"_-*".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "invalid target pattern {pattern:?}: use a-z, 0-9, '_', '-' and '*' (any characters), e.g. acme-*"
+        ))
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters
+/// (including none) and everything else matches itself.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let (p, n) = (pattern.as_bytes(), name.as_bytes());
+    // Greedy match with backtracking to the last star: linear for the
+    // patterns certificates hold, and no regex engine needed.
+    let (mut pi, mut ni) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while ni < n.len() {
+        if pi < p.len() && p[pi] == b'*' {
+            star = Some((pi, ni));
+            pi += 1;
+        } else if pi < p.len() && p[pi] == n[ni] {
+            pi += 1;
+            ni += 1;
+        } else if let Some((sp, sn)) = star {
+            pi = sp + 1;
+            ni = sn + 1;
+            star = Some((sp, sn + 1));
+        } else {
+            return false;
+        }
+    }
+    p[pi..].iter().all(|&b| b == b'*')
+}
+
 /// The base backup id for `target` at `at`: `<target>_<YYYYMMDD>_<HHMMSS>`.
 /// Callers append `_2`, `_3`... when that id is already taken.
 pub fn backup_id(target: &str, at: DateTime<Utc>) -> String {
@@ -78,6 +121,38 @@ pub fn default_restore_db(dbname: &str, at: DateTime<Utc>) -> String {
 mod tests {
     use super::*;
     use chrono::TimeZone;
+    use proptest::prelude::*;
+
+    #[test]
+    fn patterns() {
+        assert!(pattern_matches("*", "acme-main"));
+        assert!(pattern_matches("acme-*", "acme-main"));
+        assert!(pattern_matches("acme-*", "acme-"));
+        assert!(!pattern_matches("acme-*", "acme"));
+        assert!(!pattern_matches("acme-*", "globex-main"));
+        assert!(pattern_matches("acme-main", "acme-main"));
+        assert!(!pattern_matches("acme-main", "acme-main2"));
+        assert!(pattern_matches("*-main", "globex-main"));
+        assert!(pattern_matches("a*b*c", "axxbyyc"));
+        assert!(!pattern_matches("a*b*c", "axxbyy"));
+        assert!(validate_pattern("acme-*").is_ok());
+        assert!(validate_pattern("").is_err());
+        assert!(validate_pattern("Acme").is_err());
+        assert!(validate_pattern("a/b").is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn a_pattern_without_stars_matches_only_itself(a in "[a-z0-9_-]{1,20}", b in "[a-z0-9_-]{1,20}") {
+            prop_assert_eq!(pattern_matches(&a, &b), a == b);
+            prop_assert!(pattern_matches("*", &b));
+        }
+
+        #[test]
+        fn a_prefix_pattern_matches_exactly_the_names_with_that_prefix(p in "[a-z0-9_-]{0,8}", n in "[a-z0-9_-]{1,20}") {
+            prop_assert_eq!(pattern_matches(&format!("{p}*"), &n), n.starts_with(&p));
+        }
+    }
 
     #[test]
     fn targets() {

@@ -31,6 +31,50 @@ impl Role {
     }
 }
 
+/// What an operator certificate allows, from least to most. Each level may do
+/// everything the levels below it may.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Access {
+    /// agents, list, get, health, targets
+    Viewer,
+    /// also backup, verify, restore into a new database, pin/unpin, cancel
+    Operator,
+    /// also delete, cleanup, catalog rebuild, restore with `--force`
+    Admin,
+}
+
+impl Access {
+    /// The name used on the command line and in certificates.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Access::Viewer => "viewer",
+            Access::Operator => "operator",
+            Access::Admin => "admin",
+        }
+    }
+
+    /// Parses `viewer`, `operator` or `admin`.
+    pub fn parse(s: &str) -> Option<Access> {
+        match s {
+            "viewer" => Some(Access::Viewer),
+            "operator" => Some(Access::Operator),
+            "admin" => Some(Access::Admin),
+            _ => None,
+        }
+    }
+}
+
+/// URI subject-alternative-name prefixes that carry datasaver's grants in a
+/// certificate (URIs, so any X.509 tool shows them and no private OID is needed).
+pub mod san {
+    /// an agent may serve targets matching the pattern after the prefix
+    pub const TARGET: &str = "urn:datasaver:target:";
+    /// an operator certificate's access level
+    pub const ACCESS: &str = "urn:datasaver:role:";
+    /// an operator may see and act on targets matching the pattern
+    pub const SCOPE: &str = "urn:datasaver:scope:";
+}
+
 /// Who is on the other end of a connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct PeerIdentity {
@@ -38,6 +82,40 @@ pub struct PeerIdentity {
     pub role: Role,
     /// the name from the certificate (agent or operator name)
     pub name: String,
+    /// agents: the target patterns the certificate allows it to serve
+    /// (empty: none)
+    pub targets: Vec<String>,
+    /// operators: what the certificate allows (`Operator` when the
+    /// certificate predates roles)
+    pub access: Access,
+    /// operators: the target patterns it may see and act on (`*` when the
+    /// certificate names none)
+    pub scopes: Vec<String>,
+    /// the certificate's serial number, lowercase hex without separators
+    pub serial: String,
+    /// the certificate's expiry, Unix seconds
+    pub not_after: i64,
+}
+
+impl PeerIdentity {
+    /// Whether an agent certificate allows serving `target`.
+    pub fn may_serve(&self, target: &str) -> bool {
+        self.targets
+            .iter()
+            .any(|p| crate::names::pattern_matches(p, target))
+    }
+
+    /// Whether an operator certificate's scope covers `target`.
+    pub fn in_scope(&self, target: &str) -> bool {
+        self.scopes
+            .iter()
+            .any(|p| crate::names::pattern_matches(p, target))
+    }
+
+    /// Whether the operator scope is everything (`*`).
+    pub fn unscoped(&self) -> bool {
+        self.scopes.iter().any(|p| p == "*")
+    }
 }
 
 impl std::fmt::Display for PeerIdentity {
@@ -268,7 +346,63 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, String> {
             ))
         }
     };
-    Ok(PeerIdentity { role, name: cn })
+    let mut targets = Vec::new();
+    let mut scopes = Vec::new();
+    let mut access = None;
+    if let Ok(Some(alt)) = cert.subject_alternative_name() {
+        for n in &alt.value.general_names {
+            let x509_parser::extensions::GeneralName::URI(uri) = n else {
+                continue;
+            };
+            if let Some(p) = uri.strip_prefix(san::TARGET) {
+                crate::names::validate_pattern(p)
+                    .map_err(|e| format!("certificate target {p:?}: {e}"))?;
+                targets.push(p.to_string());
+            } else if let Some(p) = uri.strip_prefix(san::SCOPE) {
+                crate::names::validate_pattern(p)
+                    .map_err(|e| format!("certificate scope {p:?}: {e}"))?;
+                scopes.push(p.to_string());
+            } else if let Some(r) = uri.strip_prefix(san::ACCESS) {
+                access = Some(Access::parse(r).ok_or_else(|| {
+                    format!("certificate role {r:?} is not viewer, operator or admin")
+                })?);
+            }
+        }
+    }
+    if scopes.is_empty() {
+        scopes.push("*".to_string());
+    }
+    let serial = cert
+        .tbs_certificate
+        .raw_serial()
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<String>();
+    Ok(PeerIdentity {
+        role,
+        name: cn,
+        targets,
+        access: access.unwrap_or(Access::Operator),
+        scopes,
+        serial: normalize_serial(&serial),
+        not_after: cert.validity().not_after.timestamp(),
+    })
+}
+
+/// A serial number as lowercase hex with no separators and no leading zero
+/// bytes, so `00:AB:cd` from one tool and `abcd` from another compare equal.
+pub fn normalize_serial(s: &str) -> String {
+    let hex: String = s
+        .chars()
+        .filter(|c| c.is_ascii_hexdigit())
+        .map(|c| c.to_ascii_lowercase())
+        .collect();
+    let trimmed = hex.trim_start_matches('0');
+    if trimmed.is_empty() {
+        "0".to_string()
+    } else {
+        trimmed.to_string()
+    }
 }
 
 /// The host part of a URL like `https://host:port`, for SNI and name checks.

@@ -282,23 +282,40 @@ impl Fleet {
         self.start_coordinator();
     }
 
-    /// `dsctl certs issue --ca CERTS --agent NAME --out OUT`; returns OUT (holding NAME.crt,
-    /// NAME.key, ca.crt).
+    /// `dsctl certs issue --ca CERTS --agent NAME --target NAME --out OUT` (an agent
+    /// named after the one target it serves); returns OUT (holding NAME.crt, NAME.key,
+    /// ca.crt).
     pub fn issue_agent_cert(&self, name: &str) -> PathBuf {
-        self.issue_cert("agent", "agents", name)
+        self.issue_cert("agent", "agents", name, &["--target", name])
     }
 
-    /// `dsctl certs issue --ca CERTS --operator NAME --out OUT`; returns OUT.
+    /// `dsctl certs issue --ca CERTS --agent NAME --target T... --out OUT`.
+    pub fn issue_agent_cert_for(&self, name: &str, targets: &[&str]) -> PathBuf {
+        let extra: Vec<&str> = targets.iter().flat_map(|t| ["--target", t]).collect();
+        self.issue_cert("agent", "agents", name, &extra)
+    }
+
+    /// `dsctl certs issue --ca CERTS --operator NAME --out OUT` (role operator, scope *);
+    /// returns OUT.
     pub fn issue_operator_cert(&self, name: &str) -> PathBuf {
-        self.issue_cert("operator", "operators", name)
+        self.issue_cert("operator", "operators", name, &[])
     }
 
-    fn issue_cert(&self, role: &str, subdir: &str, name: &str) -> PathBuf {
+    /// `dsctl certs issue --ca CERTS --operator NAME --role ROLE [--scope S]... --out OUT`.
+    pub fn issue_operator_cert_with(&self, name: &str, role: &str, scopes: &[&str]) -> PathBuf {
+        let mut extra = vec!["--role", role];
+        extra.extend(scopes.iter().flat_map(|s| ["--scope", s]));
+        self.issue_cert("operator", "operators", name, &extra)
+    }
+
+    fn issue_cert(&self, role: &str, subdir: &str, name: &str, extra: &[&str]) -> PathBuf {
         let out_dir = self.dir.path().join(subdir).join(name);
         let mut cmd = clean_command(bin_path("dsctl"));
         cmd.args(["certs", "issue", "--ca"])
             .arg(&self.certs)
-            .args([&format!("--{role}"), name, "--out"])
+            .args([&format!("--{role}"), name])
+            .args(extra)
+            .arg("--out")
             .arg(&out_dir);
         run(cmd, Duration::from_secs(60)).expect_success(&format!("dsctl certs issue --{role}"));
         for f in [

@@ -180,3 +180,17 @@ pub fn tail_lines(text: &str, n: usize) -> String {
     let start = lines.len().saturating_sub(n);
     lines[start..].join("\n")
 }
+
+/// The single non-empty line of `stderr`, checked to contain `needle`:
+/// user-facing errors are one line naming what failed.
+#[track_caller]
+pub fn assert_one_line_error(stderr: &str, needle: &str) -> String {
+    let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
+    assert_eq!(lines.len(), 1, "expected exactly one line, got:\n{stderr}");
+    assert!(
+        lines[0].contains(needle),
+        "the error does not mention {needle:?}: {}",
+        lines[0]
+    );
+    lines[0].to_string()
+}

@@ -11,7 +11,9 @@ use std::path::Path;
 use std::time::Duration;
 
 use datasaver_tests::text::{without_byte_counts, Redactor};
-use datasaver_tests::{bin_path, clean_command, run, Fleet, FleetOptions, Output, PgCluster};
+use datasaver_tests::{
+    assert_one_line_error, bin_path, clean_command, run, Fleet, FleetOptions, Output, PgCluster,
+};
 
 /// Compares `text` with the snapshot `name`; the snapshot's header names the command.
 #[track_caller]
@@ -148,6 +150,10 @@ fn cli_text_commands_without_a_coordinator() {
             certs.to_str().expect("utf-8 path"),
             "--agent",
             "app",
+            "--target",
+            "app",
+            "--target",
+            "acme-*",
             "--out",
             agent_dir.to_str().expect("utf-8 path"),
         ],
@@ -156,8 +162,8 @@ fn cli_text_commands_without_a_coordinator() {
     .expect_success("dsctl certs issue --agent");
     snap(
         "certs_issue_agent",
-        "dsctl certs issue --ca DIR/certs --agent app --out DIR/agents",
-        &r.redact(&out.stdout),
+        "dsctl certs issue --ca DIR/certs --agent app --target app --target 'acme-*' --out DIR/agents",
+        &r.redact(&expiry_checked(&out.stdout, 365)),
     );
     assert!(agent_dir.join("app.crt").is_file() && agent_dir.join("app.key").is_file());
     let ops_dir = dir.path().join("ops");
@@ -169,6 +175,12 @@ fn cli_text_commands_without_a_coordinator() {
             certs.to_str().expect("utf-8 path"),
             "--operator",
             "alice",
+            "--role",
+            "viewer",
+            "--scope",
+            "acme-*",
+            "--days",
+            "30",
             "--out",
             ops_dir.to_str().expect("utf-8 path"),
         ],
@@ -177,9 +189,27 @@ fn cli_text_commands_without_a_coordinator() {
     .expect_success("dsctl certs issue --operator");
     snap(
         "certs_issue_operator",
-        "dsctl certs issue --ca DIR/certs --operator alice --out DIR/ops",
-        &r.redact(&out.stdout),
+        "dsctl certs issue --ca DIR/certs --operator alice --role viewer --scope 'acme-*' --days 30 --out DIR/ops",
+        &r.redact(&expiry_checked(&out.stdout, 30)),
     );
+    // An agent certificate that names no target could serve nothing: refused
+    // up front, not at the coordinator.
+    let out = dsctl_offline(
+        &[
+            "certs",
+            "issue",
+            "--ca",
+            certs.to_str().expect("utf-8 path"),
+            "--agent",
+            "lost",
+            "--out",
+            agent_dir.to_str().expect("utf-8 path"),
+        ],
+        dir.path(),
+    );
+    assert_eq!(out.code, Some(1), "{out:?}");
+    assert_one_line_error(&out.stderr, "--target");
+    assert!(!agent_dir.join("lost.crt").exists());
     assert!(ops_dir.join("alice.crt").is_file() && ops_dir.join("alice.key").is_file());
 
     let out = dsctl_offline(&["keygen"], dir.path()).expect_success("dsctl keygen");
@@ -507,4 +537,27 @@ fn cli_text_coordinator_killed_mid_backup_says_the_connection_closed() {
     );
     assert!(!line.to_lowercase().contains("certificate"), "{line}");
     assert_eq!(out.stdout, "", "no id for a backup that did not complete");
+}
+
+/// Checks the `expires YYYY-MM-DD HH:MM UTC (in N days)` line `dsctl certs issue`
+/// prints (N is `days` or one less, as the clock moved on), and returns the
+/// output with that line's varying part replaced for the snapshot.
+fn expiry_checked(stdout: &str, days: i64) -> String {
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with("expires "))
+        .unwrap_or_else(|| panic!("no expiry line in {stdout:?}"));
+    let date = chrono::NaiveDateTime::parse_from_str(&line[8..24], "%Y-%m-%d %H:%M")
+        .unwrap_or_else(|e| panic!("expiry {line:?}: {e}"))
+        .and_utc();
+    let left = (date - chrono::Utc::now()).num_hours();
+    assert!(
+        (days * 24 - 2..=days * 24).contains(&left),
+        "expiry {line:?} is not {days} days away"
+    );
+    assert!(
+        line.ends_with(&format!("(in {days} days)")) || line.ends_with(&format!("(in {} days)", days - 1)),
+        "{line:?}"
+    );
+    stdout.replace(line, "expires <DATE> (in <N> days)")
 }
