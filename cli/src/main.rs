@@ -14,8 +14,8 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use datasaver_common::proto::{
     job_event, CleanupRequest, DeleteBackupRequest, GetBackupRequest, HealthRequest, JobDone,
-    ListAgentsRequest, ListBackupsRequest, PinRequest, RestoreRequest, StartBackupRequest,
-    VerifyRequest,
+    ListAgentsRequest, ListBackupsRequest, ListTargetsRequest, PinRequest, RestoreRequest,
+    StartBackupRequest, VerifyRequest,
 };
 use progress::Progress;
 
@@ -68,6 +68,9 @@ enum Cmd {
     Certs(CertsCmd),
     /// Show connected agents and their targets.
     Agents,
+    /// List targets: the agent bound to each, whether it is connected, its
+    /// last contact and when its certificate expires.
+    Targets,
     /// List backups: ID TARGET DATE SIZE TYPE STATUS TAGS PINNED LABEL.
     List {
         /// Only this target.
@@ -242,7 +245,12 @@ enum CertsCmd {
         #[arg(long, value_name = "T", requires = "agent")]
         target: Vec<String>,
         /// The operator's role: viewer, operator or admin.
-        #[arg(long, value_name = "ROLE", requires = "operator", default_value = "operator")]
+        #[arg(
+            long,
+            value_name = "ROLE",
+            requires = "operator",
+            default_value = "operator"
+        )]
         role: String,
         /// Targets the operator may see and act on (repeat for more; default `*`).
         #[arg(long, value_name = "PATTERN", requires = "operator")]
@@ -311,9 +319,10 @@ async fn run(cli: Cli) -> Result<()> {
                         ("agent", a, g)
                     }
                     (None, Some(o)) => {
-                        let access = datasaver_common::tls::Access::parse(role).ok_or_else(|| {
-                            anyhow::anyhow!("--role {role:?} is not viewer, operator or admin")
-                        })?;
+                        let access =
+                            datasaver_common::tls::Access::parse(role).ok_or_else(|| {
+                                anyhow::anyhow!("--role {role:?} is not viewer, operator or admin")
+                            })?;
                         let g = certs::Grants {
                             access: Some(access),
                             scopes: scope.clone(),
@@ -329,7 +338,11 @@ async fn run(cli: Cli) -> Result<()> {
                     "agent" => println!("agent {name} may serve: {}", grants.targets.join(", ")),
                     _ => println!(
                         "operator {name}: role {role}, scope {}",
-                        if grants.scopes.is_empty() { "*".to_string() } else { grants.scopes.join(", ") }
+                        if grants.scopes.is_empty() {
+                            "*".to_string()
+                        } else {
+                            grants.scopes.join(", ")
+                        }
                     ),
                 }
                 println!("expires {}", certs::format_expiry(expires));
@@ -408,6 +421,14 @@ async fn run(cli: Cli) -> Result<()> {
                 .await?
                 .agents;
             output::agents(&agents, cli.json);
+            Ok(())
+        }
+        Cmd::Targets => {
+            let targets = why
+                .answer(c.list_targets(ListTargetsRequest {}).await)
+                .await?
+                .targets;
+            output::targets(&targets, cli.json);
             Ok(())
         }
         Cmd::List { target } => {

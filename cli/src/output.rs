@@ -4,6 +4,7 @@
 
 use datasaver_common::proto::{
     AgentInfo, Backup, CleanupItem, CleanupResponse, HealthResponse, JobDone, TargetHealth,
+    TargetInfoRow,
 };
 use serde_json::{json, Value};
 
@@ -85,6 +86,7 @@ pub fn backup_json(b: &Backup) -> Value {
     json!({
         "id": b.id,
         "target": b.target,
+        "agent": b.agent,
         "created_at": b.created_at,
         "finished_at": opt(&b.finished_at),
         "kind": b.kind,
@@ -374,6 +376,7 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
     let mut rows: Vec<(&str, String)> = vec![
         ("id", b.id.clone()),
         ("target", b.target.clone()),
+        ("agent", b.agent.clone()),
         ("status", b.status.clone()),
         ("kind", b.kind.clone()),
         ("trigger", b.trigger.clone()),
@@ -457,6 +460,53 @@ pub fn agents(list: &[AgentInfo], as_json: bool) {
         .col("CONNECTED SINCE", |a| short_time(&a.connected_since))
         .col("LAST SEEN", |a| short_time(&a.last_seen))
         .col("ADDRESS", |a| a.peer_addr.clone())
+        .print(list);
+}
+
+/// `dsctl targets`.
+pub fn targets(list: &[TargetInfoRow], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = list
+            .iter()
+            .map(|t| {
+                json!({
+                    "name": t.name,
+                    "agent": t.agent,
+                    "connected": t.connected,
+                    "last_contact": t.last_contact,
+                    "cert_expires": t.cert_expires,
+                    "first_seen": t.first_seen,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if list.is_empty() {
+        println!("no targets yet (an agent registers its targets when it connects)");
+        return;
+    }
+    let dash = |s: &str| {
+        if s.is_empty() {
+            "-".to_string()
+        } else {
+            short_time(s)
+        }
+    };
+    Columns::<TargetInfoRow>::new()
+        .col("TARGET", |t| t.name.clone())
+        .col("AGENT", |t| {
+            if t.agent.is_empty() {
+                "-".to_string()
+            } else {
+                t.agent.clone()
+            }
+        })
+        .col("CONNECTED", |t| {
+            if t.connected { "yes" } else { "no" }.to_string()
+        })
+        .col("LAST CONTACT", |t| dash(&t.last_contact))
+        .col("CERT EXPIRES", |t| dash(&t.cert_expires))
         .print(list);
 }
 

@@ -107,6 +107,9 @@ pub struct Fleet {
     inner: Mutex<Inner>,
     next_id: AtomicU64,
     clock: std::sync::Arc<dyn crate::clock::Clock>,
+    /// When this coordinator started: the earliest an agent can have been
+    /// seen to go away.
+    started: DateTime<Utc>,
 }
 
 impl Fleet {
@@ -114,6 +117,7 @@ impl Fleet {
         Self {
             inner: Mutex::default(),
             next_id: AtomicU64::new(0),
+            started: clock.now(),
             clock,
         }
     }
@@ -331,6 +335,22 @@ impl Fleet {
     /// seen since this coordinator started).
     pub fn disconnected_since(&self, target: &str) -> Option<DateTime<Utc>> {
         lock!(self.inner).disconnected.get(target).copied()
+    }
+
+    /// Since when nobody serves `target`: `None` while an agent serves it;
+    /// the coordinator's start when it has not been served since.
+    pub fn unserved_since(&self, target: &str) -> Option<DateTime<Utc>> {
+        if self.is_connected(target) {
+            return None;
+        }
+        Some(self.disconnected_since(target).unwrap_or(self.started))
+    }
+
+    /// When the agent serving `target` was last heard from.
+    pub fn last_seen(&self, target: &str) -> Option<DateTime<Utc>> {
+        let g = lock!(self.inner);
+        let id = g.targets.get(target)?;
+        g.agents.get(id).map(|a| a.last_seen)
     }
 
     /// Whether an agent serving `target` is connected.

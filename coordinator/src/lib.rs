@@ -6,6 +6,7 @@
 pub mod agents;
 pub mod alerts;
 pub mod api;
+pub mod authz;
 pub mod backups;
 pub mod catalog;
 pub mod clock;
@@ -126,6 +127,7 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
             .map(|v| repo::record::format_time(v.at)),
         verify_result: b.verification.as_ref().map(repo::Verification::result),
         next_backup_at: None,
+        agent: b.agent.clone(),
     }
 }
 
@@ -214,6 +216,9 @@ pub async fn run(
             }
         }
     }
+    // Targets without an owner row (a rebuilt or lost catalog) go back to the
+    // agent that made their newest backup.
+    agents::restore_owners(&core).await;
     // A cleanup killed half-way left rows marked `deleting`: finish them.
     match core.repo.finish_deletions(None).await {
         Ok((done, errors)) => {

@@ -38,6 +38,7 @@ pub struct Metrics {
     schedule_missed: Family<Labels, Counter>,
     queue_running: Gauge,
     queue_waiting: Gauge,
+    refusals: Family<Labels, Counter>,
 }
 
 impl Default for Metrics {
@@ -148,8 +149,15 @@ impl Metrics {
             "Backups waiting in the queue (scheduled, retries and dsctl backup)",
             queue_waiting.clone(),
         );
+        let refusals = Family::<Labels, Counter>::default();
+        registry.register(
+            "refusals",
+            "Requests refused for lack of a grant, by who (agent, or the operator's role) and action",
+            refusals.clone(),
+        );
         Self {
             registry,
+            refusals,
             schedule_missed,
             queue_running,
             queue_waiting,
@@ -205,6 +213,14 @@ impl Metrics {
                 ("result", "interrupted"),
                 ("reason", ""),
             ]))
+            .inc();
+    }
+
+    /// A request refused by authorization: `who` is `agent` or the
+    /// operator's role, `action` what was asked.
+    pub fn refused(&self, who: &str, action: &str) {
+        self.refusals
+            .get_or_create(&labels(&[("who", who), ("action", action)]))
             .inc();
     }
 

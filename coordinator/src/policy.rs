@@ -94,6 +94,10 @@ pub use crate::retention::gfs::DEFAULT_FAILED_GRACE;
 /// stuck behind a lock must not hold a slot of the queue forever.
 pub const DEFAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(12 * 3600);
 
+/// `DATASAVER_MAX_TARGETS_PER_AGENT`: far above the one or few targets an
+/// agent serves, far below what would let one host flood the catalog.
+pub const DEFAULT_MAX_TARGETS_PER_AGENT: usize = 64;
+
 /// How long a stopping coordinator waits for its jobs to record how they
 /// ended (`DATASAVER_SHUTDOWN_GRACE`, the agent's setting of the same name).
 pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -164,6 +168,9 @@ pub struct Policies {
     pub job_timeout: std::time::Duration,
     /// How long shutdown waits for in-flight jobs to record their end.
     pub shutdown_grace: std::time::Duration,
+    /// The most targets one agent may register (a bound on what one
+    /// compromised host can make the coordinator track).
+    pub max_targets_per_agent: usize,
 }
 
 impl Default for Policies {
@@ -177,6 +184,7 @@ impl Default for Policies {
             targets: BTreeMap::new(),
             job_timeout: DEFAULT_JOB_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
+            max_targets_per_agent: DEFAULT_MAX_TARGETS_PER_AGENT,
         }
     }
 }
@@ -294,9 +302,19 @@ impl Policies {
             Some(v) => parse_duration("DATASAVER_SHUTDOWN_GRACE", v)?,
             None => DEFAULT_SHUTDOWN_GRACE,
         };
+        let max_targets_per_agent = env
+            .parse_opt::<usize>("DATASAVER_MAX_TARGETS_PER_AGENT")?
+            .unwrap_or(DEFAULT_MAX_TARGETS_PER_AGENT);
+        if max_targets_per_agent == 0 {
+            return Err(SettingError::new(
+                "DATASAVER_MAX_TARGETS_PER_AGENT",
+                "must be at least 1",
+            ));
+        }
         Ok(Policies {
             tz,
             agent_grace,
+            max_targets_per_agent,
             max_concurrent,
             retry,
             defaults,

@@ -34,6 +34,8 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         "ALTER TABLE targets ADD COLUMN missed_slots INTEGER NOT NULL DEFAULT 0;
     ALTER TABLE targets ADD COLUMN last_missed_at TEXT;",
     ),
+    // 5: the owning agent's certificate expiry, as last seen (`dsctl targets`)
+    (5, "ALTER TABLE targets ADD COLUMN agent_cert_expires TEXT;"),
 ];
 
 /// What the catalog remembers about a target between restarts.
@@ -53,10 +55,14 @@ pub struct TargetRecord {
     pub missed_slots: u64,
     /// When the last slot was missed (RFC 3339).
     pub last_missed_at: Option<String>,
+    /// The owner's last contact (RFC 3339): its last registration.
+    pub last_seen: String,
+    /// The owner's certificate expiry as last seen (RFC 3339).
+    pub agent_cert_expires: Option<String>,
 }
 
-const COLUMNS: &str =
-    "name, agent, schedule, retention, last_slot, first_seen, missed_slots, last_missed_at";
+const COLUMNS: &str = "name, agent, schedule, retention, last_slot, first_seen, missed_slots, \
+     last_missed_at, last_seen, agent_cert_expires";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
     Ok(TargetRecord {
@@ -68,6 +74,8 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
         first_seen: r.get(5)?,
         missed_slots: r.get::<_, i64>(6)? as u64,
         last_missed_at: r.get(7)?,
+        last_seen: r.get(8)?,
+        agent_cert_expires: r.get(9)?,
     })
 }
 
@@ -116,6 +124,66 @@ impl TargetStore {
                         Ok(None)
                     }
                 }
+            })
+            .await
+    }
+
+    /// Moves `target` from agent `from` to agent `to`; false when `from` no
+    /// longer owns it (another agent took it over first).
+    pub async fn transfer(
+        &self,
+        target: &str,
+        from: &str,
+        to: &str,
+        now: String,
+    ) -> Result<bool, CatalogError> {
+        let (target, from, to) = (target.to_string(), from.to_string(), to.to_string());
+        self.db
+            .call(move |c| {
+                let n = c.execute(
+                    "UPDATE targets SET agent = ?3, last_seen = ?4 WHERE name = ?1 AND agent = ?2",
+                    params![target, from, to, now],
+                )?;
+                Ok(n == 1)
+            })
+            .await
+    }
+
+    /// Records `agent` as the owner of each target that has no row yet (a
+    /// rebuilt catalog: ownership comes back from the backups' meta files).
+    pub async fn adopt_owners(
+        &self,
+        owners: Vec<(String, String, String)>,
+    ) -> Result<usize, CatalogError> {
+        self.db
+            .call(move |c| {
+                let mut n = 0;
+                for (target, agent, seen) in owners {
+                    n += c.execute(
+                        "INSERT INTO targets(name, agent, first_seen, last_seen) VALUES (?1, ?2, ?3, ?3)
+                         ON CONFLICT(name) DO UPDATE SET agent = excluded.agent WHERE targets.agent = ''",
+                        params![target, agent, seen],
+                    )?;
+                }
+                Ok(n)
+            })
+            .await
+    }
+
+    /// Records the owning agent's certificate expiry, seen as it registered.
+    pub async fn note_certificate(
+        &self,
+        target: &str,
+        expires: String,
+    ) -> Result<(), CatalogError> {
+        let target = target.to_string();
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE targets SET agent_cert_expires = ?2 WHERE name = ?1",
+                    params![target, expires],
+                )?;
+                Ok(())
             })
             .await
     }
@@ -293,13 +361,34 @@ mod tests {
             .await
             .unwrap();
         store.claim("a", "agent1", "t9".into()).await.unwrap();
+        store
+            .note_certificate("a", "2027-01-01T00:00:00Z".into())
+            .await
+            .unwrap();
+        // a transfer only from the owner it expects
+        assert!(!store
+            .transfer("a", "agent9", "agent2", "t10".into())
+            .await
+            .unwrap());
+        // owners from meta files fill only what has no owner
+        assert_eq!(
+            store
+                .adopt_owners(vec![
+                    ("a".into(), "agent7".into(), "t1".into()),
+                    ("c".into(), "agent7".into(), "t1".into()),
+                ])
+                .await
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.get("c").await.unwrap().unwrap().agent, "agent7");
 
         drop(store);
         let store = open(&path);
         let all = store.list().await.unwrap();
         assert_eq!(
             all.iter().map(|t| t.name.as_str()).collect::<Vec<_>>(),
-            ["a", "b"]
+            ["a", "b", "c"]
         );
         assert_eq!(
             all[0],
@@ -312,6 +401,8 @@ mod tests {
                 first_seen: "t0".into(),
                 missed_slots: 2,
                 last_missed_at: Some("2024-01-04T03:00:01.000Z".into()),
+                last_seen: "t9".into(),
+                agent_cert_expires: Some("2027-01-01T00:00:00Z".into()),
             }
         );
         assert_eq!(
@@ -320,6 +411,7 @@ mod tests {
                 name: "b".into(),
                 agent: "agent1".into(),
                 first_seen: "t0".into(),
+                last_seen: "t0".into(),
                 ..Default::default()
             }
         );

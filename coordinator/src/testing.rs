@@ -11,13 +11,16 @@ use crate::Core;
 /// with no services running: domain code is called directly.
 pub struct Fixture {
     pub core: Arc<Core>,
+    /// The core's clock: it moves only when a test advances it.
+    pub clock: Arc<crate::clock::ManualClock>,
     _dir: tempfile::TempDir,
 }
 
 pub fn fixture(policies: Policies) -> Fixture {
     let dir = tempfile::tempdir().expect("temp dir");
     let catalog = crate::catalog::Catalog::open(&dir.path().join("catalog.db")).expect("catalog");
-    let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+    let manual = Arc::new(crate::clock::ManualClock::new(chrono::Utc::now()));
+    let clock: Arc<dyn crate::clock::Clock> = manual.clone();
     let repo = Repository::new(
         catalog.clone(),
         Arc::new(FaultyStorage::new()),
@@ -40,5 +43,9 @@ pub fn fixture(policies: Policies) -> Fixture {
         cleanup: tokio::sync::Mutex::new(()),
         tasks: tokio_util::task::TaskTracker::new(),
     });
-    Fixture { core, _dir: dir }
+    Fixture {
+        core,
+        clock: manual,
+        _dir: dir,
+    }
 }

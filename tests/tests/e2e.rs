@@ -19,6 +19,7 @@ mod e2e {
     mod retention;
     mod roundtrip;
     mod s3;
+    mod security;
     mod traces;
     mod two_agents;
 }

@@ -52,7 +52,7 @@ impl AgentService for AgentSvc {
                 ))
             }
         };
-        crate::agents::claim_targets(&self.core, who.name(), &reg.targets)
+        crate::agents::claim_targets(&self.core, &who.identity, &reg.targets)
             .await
             .map_err(|e| match e {
                 JoinError::Invalid(m) => Status::invalid_argument(m),

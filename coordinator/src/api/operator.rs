@@ -9,15 +9,16 @@ use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
     CleanupItem, CleanupRequest, CleanupResponse, DeleteBackupRequest, DeleteBackupResponse,
     GetBackupRequest, HealthRequest, HealthResponse, JobEvent, JobQueue, ListAgentsRequest,
-    ListAgentsResponse, ListBackupsRequest, ListBackupsResponse, OpenAlert, PinRequest,
-    RebuildCatalogRequest, RebuildCatalogResponse, RestoreRequest, StartBackupRequest,
-    TargetCleanup, TargetHealth, VerifyRequest,
+    ListAgentsResponse, ListBackupsRequest, ListBackupsResponse, ListTargetsRequest,
+    ListTargetsResponse, OpenAlert, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse,
+    RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth, TargetInfoRow, VerifyRequest,
 };
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{internal, Caller};
+use crate::authz::{self, Action, Denied};
 use crate::backups::{self, ActionError, Selector};
 use crate::jobs::{self, Read, StartError};
 use crate::{to_proto, Core};
@@ -38,19 +39,24 @@ impl OperatorService for OperatorSvc {
         &self,
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        let who = Caller::of(&req)?;
+        let who = self.allow(&req, Action::ListAgents, None)?;
         tracing::info!(operator = %who, "list agents");
-        Ok(Response::new(ListAgentsResponse {
-            agents: self.core.fleet.agents(),
-        }))
+        let mut agents = self.core.fleet.agents();
+        // A scoped operator sees the agents of its targets, and only those
+        // targets of theirs.
+        for a in &mut agents {
+            a.targets.retain(|t| who.identity.in_scope(t));
+        }
+        agents.retain(|a| !a.targets.is_empty() || who.identity.unscoped());
+        Ok(Response::new(ListAgentsResponse { agents }))
     }
 
     async fn list_backups(
         &self,
         req: Request<ListBackupsRequest>,
     ) -> Result<Response<ListBackupsResponse>, Status> {
-        let who = Caller::of(&req)?;
-        let target = Some(req.into_inner().target).filter(|t| !t.is_empty());
+        let target = Some(req.get_ref().target.clone()).filter(|t| !t.is_empty());
+        let who = self.allow(&req, Action::List, target.as_deref())?;
         tracing::info!(operator = %who, target = ?target, "list backups");
         let rows = self
             .core
@@ -59,7 +65,11 @@ impl OperatorService for OperatorSvc {
             .await
             .map_err(internal)?;
         Ok(Response::new(ListBackupsResponse {
-            backups: rows.iter().map(to_proto).collect(),
+            backups: rows
+                .iter()
+                .filter(|b| who.identity.in_scope(&b.target))
+                .map(to_proto)
+                .collect(),
         }))
     }
 
@@ -70,7 +80,7 @@ impl OperatorService for OperatorSvc {
         let who = Caller::of(&req)?;
         let id = req.into_inner().id;
         tracing::info!(operator = %who, backup = %id, "get backup");
-        let row = self.find(&id).await?;
+        let row = self.find_for(&who, Action::Get, &id).await?;
         let mut b = to_proto(&row);
         b.next_backup_at = self
             .core
@@ -84,7 +94,7 @@ impl OperatorService for OperatorSvc {
         &self,
         req: Request<StartBackupRequest>,
     ) -> Result<Response<EventStream>, Status> {
-        let who = Caller::of(&req)?;
+        let who = self.allow(&req, Action::Backup, Some(&req.get_ref().target))?;
         let req = req.into_inner();
         datasaver_common::names::validate_target(&req.target)
             .map_err(|e| Status::invalid_argument(e.to_string()))?;
@@ -102,6 +112,16 @@ impl OperatorService for OperatorSvc {
     async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<EventStream>, Status> {
         let who = Caller::of(&req)?;
         let req = req.into_inner();
+        // Over an existing database is the admin's call; into a new one, or
+        // only checking the archive, the operator's.
+        let action = if req.force && !req.dry_run {
+            Action::RestoreForce
+        } else {
+            Action::Restore
+        };
+        if req.id.is_empty() && !req.target.is_empty() {
+            self.allow_caller(&who, action, Some(&req.target))?;
+        }
         let sel = if !req.id.is_empty() {
             Selector::Id(req.id.clone())
         } else if !req.target.is_empty() {
@@ -123,6 +143,9 @@ impl OperatorService for OperatorSvc {
                 "give a backup id, or --target with --latest or --at",
             ));
         };
+        if let Selector::Id(id) = &sel {
+            self.find_for(&who, action, id).await?;
+        }
         let row = backups::pick(&self.core, &sel, "restored")
             .await
             .map_err(action_status)?;
@@ -143,7 +166,7 @@ impl OperatorService for OperatorSvc {
         &self,
         req: Request<RebuildCatalogRequest>,
     ) -> Result<Response<RebuildCatalogResponse>, Status> {
-        let who = Caller::of(&req)?;
+        let who = self.allow(&req, Action::RebuildCatalog, None)?;
         tracing::info!(operator = %who, "catalog rebuild requested");
         let r = self
             .core
@@ -154,6 +177,7 @@ impl OperatorService for OperatorSvc {
         for p in &r.problems {
             tracing::warn!(problem = %p, "not imported during catalog rebuild");
         }
+        crate::agents::restore_owners(&self.core).await;
         Ok(Response::new(RebuildCatalogResponse {
             imported: r.imported,
             already_known: r.already_known,
@@ -163,7 +187,9 @@ impl OperatorService for OperatorSvc {
 
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<EventStream>, Status> {
         let who = Caller::of(&req)?;
-        let sel = Selector::Id(req.into_inner().id);
+        let id = req.into_inner().id;
+        self.find_for(&who, Action::Verify, &id).await?;
+        let sel = Selector::Id(id);
         let row = backups::pick(&self.core, &sel, "verified")
             .await
             .map_err(action_status)?;
@@ -179,6 +205,12 @@ impl OperatorService for OperatorSvc {
         let who = Caller::of(&req)?;
         let req = req.into_inner();
         let target = Some(req.target).filter(|t| !t.is_empty());
+        let action = if req.dry_run {
+            Action::CleanupDryRun
+        } else {
+            Action::Cleanup
+        };
+        self.allow_caller(&who, action, target.as_deref())?;
         tracing::info!(operator = %who, target = ?target, dry_run = req.dry_run, "cleanup requested");
         let r = backups::cleanup(&self.core, target.as_deref(), req.dry_run)
             .await
@@ -220,6 +252,7 @@ impl OperatorService for OperatorSvc {
     ) -> Result<Response<datasaver_common::proto::Backup>, Status> {
         let who = Caller::of(&req)?;
         let req = req.into_inner();
+        self.find_for(&who, Action::Pin, &req.id).await?;
         let updated = self
             .core
             .repo
@@ -236,20 +269,53 @@ impl OperatorService for OperatorSvc {
     ) -> Result<Response<DeleteBackupResponse>, Status> {
         let who = Caller::of(&req)?;
         let req = req.into_inner();
+        self.find_for(&who, Action::Delete, &req.id).await?;
         let id = backups::delete(&self.core, &req.id, req.force, who.name())
             .await
             .map_err(action_status)?;
         Ok(Response::new(DeleteBackupResponse { id }))
     }
 
+    async fn list_targets(
+        &self,
+        req: Request<ListTargetsRequest>,
+    ) -> Result<Response<ListTargetsResponse>, Status> {
+        let who = self.allow(&req, Action::Targets, None)?;
+        let rows = crate::agents::targets(&self.core)
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|t| who.identity.in_scope(&t.name))
+            .map(|t| TargetInfoRow {
+                name: t.name,
+                agent: t.agent,
+                connected: t.connected,
+                last_contact: t.last_contact.unwrap_or_default(),
+                cert_expires: t.cert_expires.unwrap_or_default(),
+                first_seen: t.first_seen,
+            })
+            .collect();
+        Ok(Response::new(ListTargetsResponse { targets: rows }))
+    }
+
     async fn health(
         &self,
         req: Request<HealthRequest>,
     ) -> Result<Response<HealthResponse>, Status> {
-        let _who = Caller::of(&req)?;
-        let r = crate::health::report(&self.core)
+        let who = self.allow(&req, Action::Health, None)?;
+        let mut r = crate::health::report(&self.core)
             .await
             .map_err(Status::unavailable)?;
+        if !who.identity.unscoped() {
+            // The verdict a scoped operator sees is about its targets only.
+            r.targets.retain(|t| who.identity.in_scope(&t.target));
+            r.status = r
+                .targets
+                .iter()
+                .map(|t| t.status)
+                .max()
+                .unwrap_or(crate::health::Level::Healthy);
+        }
         let targets = r
             .targets
             .into_iter()
@@ -314,6 +380,51 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
 impl OperatorSvc {
     async fn find(&self, id: &str) -> Result<crate::repo::BackupRecord, Status> {
         backups::find(&self.core, id).await.map_err(action_status)
+    }
+
+    /// The backup `id`, if `who` may do `action` to it; outside the caller's
+    /// scope it is "not found", as if it did not exist.
+    async fn find_for(
+        &self,
+        who: &Caller,
+        action: Action,
+        id: &str,
+    ) -> Result<crate::repo::BackupRecord, Status> {
+        self.allow_caller(who, action, None)?;
+        let row = self.find(id).await?;
+        authz::check_object(&self.core, &who.identity, action, &row.target, || {
+            crate::repo::RepoError::NotFound(id.to_string()).to_string()
+        })
+        .map_err(denied_status)?;
+        Ok(row)
+    }
+
+    /// The caller of `req`, if it may do `action` (on `target`).
+    fn allow<T>(
+        &self,
+        req: &Request<T>,
+        action: Action,
+        target: Option<&str>,
+    ) -> Result<Caller, Status> {
+        let who = Caller::of(req)?;
+        self.allow_caller(&who, action, target)?;
+        Ok(who)
+    }
+
+    fn allow_caller(
+        &self,
+        who: &Caller,
+        action: Action,
+        target: Option<&str>,
+    ) -> Result<(), Status> {
+        authz::check(&self.core, &who.identity, action, target).map_err(denied_status)
+    }
+}
+
+fn denied_status(d: Denied) -> Status {
+    match d {
+        Denied::Role(m) | Denied::Scope(m) => Status::permission_denied(m),
+        Denied::Hidden(m) => Status::not_found(m),
     }
 }
 

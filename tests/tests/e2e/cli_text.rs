@@ -556,7 +556,8 @@ fn expiry_checked(stdout: &str, days: i64) -> String {
         "expiry {line:?} is not {days} days away"
     );
     assert!(
-        line.ends_with(&format!("(in {days} days)")) || line.ends_with(&format!("(in {} days)", days - 1)),
+        line.ends_with(&format!("(in {days} days)"))
+            || line.ends_with(&format!("(in {} days)", days - 1)),
         "{line:?}"
     );
     stdout.replace(line, "expires <DATE> (in <N> days)")

@@ -1,0 +1,287 @@
+//! Who may do what. An operator certificate carries an access level
+//! (viewer < operator < admin) and a scope (target patterns); every operator
+//! action is checked here, in one table, before the domain is asked. A target
+//! outside the caller's scope is treated as if it did not exist. Refusals are
+//! one line naming the identity, its role or scope and the action; each is
+//! logged with the identity and counted in `/metrics`.
+
+use datasaver_common::tls::{Access, PeerIdentity};
+
+use crate::Core;
+
+/// What an operator asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    ListAgents,
+    List,
+    Get,
+    Health,
+    Targets,
+    CleanupDryRun,
+    Backup,
+    Verify,
+    Restore,
+    Pin,
+    Cancel,
+    RestoreForce,
+    Delete,
+    Cleanup,
+    RebuildCatalog,
+}
+
+impl Action {
+    /// The least access level that may do it.
+    pub fn needs(self) -> Access {
+        use Action::*;
+        match self {
+            ListAgents | List | Get | Health | Targets | CleanupDryRun => Access::Viewer,
+            Backup | Verify | Restore | Pin | Cancel => Access::Operator,
+            RestoreForce | Delete | Cleanup | RebuildCatalog => Access::Admin,
+        }
+    }
+
+    /// As said in a refusal: "may not <verb>".
+    pub fn verb(self) -> &'static str {
+        use Action::*;
+        match self {
+            ListAgents => "list agents",
+            List => "list backups",
+            Get => "show a backup",
+            Health => "read health",
+            Targets => "list targets",
+            CleanupDryRun => "preview a cleanup",
+            Backup => "start a backup",
+            Verify => "verify a backup",
+            Restore => "restore a backup",
+            Pin => "pin or unpin a backup",
+            Cancel => "cancel a job",
+            RestoreForce => "restore with --force over an existing database",
+            Delete => "delete a backup",
+            Cleanup => "run a cleanup",
+            RebuildCatalog => "rebuild the catalog",
+        }
+    }
+
+    /// The label in `datasaver_refusals_total`.
+    pub fn metric(self) -> &'static str {
+        use Action::*;
+        match self {
+            ListAgents => "list_agents",
+            List => "list",
+            Get => "get",
+            Health => "health",
+            Targets => "targets",
+            CleanupDryRun => "cleanup_dry_run",
+            Backup => "backup",
+            Verify => "verify",
+            Restore => "restore",
+            Pin => "pin",
+            Cancel => "cancel",
+            RestoreForce => "restore_force",
+            Delete => "delete",
+            Cleanup => "cleanup",
+            RebuildCatalog => "catalog_rebuild",
+        }
+    }
+
+    /// Actions over every target at once: only an unscoped certificate may
+    /// do them, as a scoped one would reach targets it cannot see.
+    fn fleet_wide(self, target: Option<&str>) -> bool {
+        matches!(self, Action::RebuildCatalog)
+            || (target.is_none() && matches!(self, Action::Cleanup | Action::CleanupDryRun))
+    }
+}
+
+/// Why a request was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Denied {
+    /// The certificate's role is too low.
+    #[error("{0}")]
+    Role(String),
+    /// The target is outside the certificate's scope.
+    #[error("{0}")]
+    Scope(String),
+    /// Said as the domain says "not found", so a scoped caller cannot tell
+    /// an out-of-scope object from a missing one.
+    #[error("{0}")]
+    Hidden(String),
+}
+
+/// May `who` do `action` (on `target`, when the action is about one)?
+pub fn check(
+    core: &Core,
+    who: &PeerIdentity,
+    action: Action,
+    target: Option<&str>,
+) -> Result<(), Denied> {
+    if who.access < action.needs() {
+        return Err(refuse(
+            core,
+            who,
+            action,
+            Denied::Role(format!(
+                "operator {} (role {}) may not {}: that needs role {} (issue a certificate with `dsctl certs issue --operator NAME --role {}`)",
+                who.name,
+                who.access.as_str(),
+                action.verb(),
+                action.needs().as_str(),
+                action.needs().as_str()
+            )),
+        ));
+    }
+    if action.fleet_wide(target) && !who.unscoped() {
+        return Err(refuse(
+            core,
+            who,
+            action,
+            Denied::Scope(format!(
+                "operator {} (scope {}) may not {} of every target: that needs scope * (name a target)",
+                who.name,
+                who.scopes.join(","),
+                action.verb()
+            )),
+        ));
+    }
+    if let Some(t) = target {
+        if !who.in_scope(t) {
+            return Err(refuse(
+                core,
+                who,
+                action,
+                Denied::Scope(format!(
+                    "operator {} (scope {}) may not {}: target {t} is outside its scope",
+                    who.name,
+                    who.scopes.join(","),
+                    action.verb()
+                )),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Like [`check`] for an action on an existing object of `target` (a backup
+/// by id): out of scope, the caller is told `not_found`, word for word what
+/// it would hear if the object did not exist.
+pub fn check_object(
+    core: &Core,
+    who: &PeerIdentity,
+    action: Action,
+    target: &str,
+    not_found: impl FnOnce() -> String,
+) -> Result<(), Denied> {
+    match check(core, who, action, Some(target)) {
+        Err(Denied::Scope(_)) => Err(Denied::Hidden(not_found())),
+        other => other,
+    }
+}
+
+fn refuse(core: &Core, who: &PeerIdentity, action: Action, d: Denied) -> Denied {
+    tracing::warn!(operator = %who.name, role = who.access.as_str(), scope = %who.scopes.join(","), serial = %who.serial, action = action.metric(), refusal = %d, "request refused");
+    core.metrics.refused(who.access.as_str(), action.metric());
+    d
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::Policies;
+    use crate::testing::fixture;
+
+    fn op(access: Access, scopes: &[&str]) -> PeerIdentity {
+        PeerIdentity {
+            role: datasaver_common::tls::Role::Operator,
+            name: "alice".into(),
+            targets: vec![],
+            access,
+            scopes: scopes.iter().map(|s| s.to_string()).collect(),
+            serial: "1f".into(),
+            not_after: 0,
+        }
+    }
+
+    #[test]
+    fn each_role_may_do_its_own_actions_and_those_below() {
+        use Action::*;
+        let all = [
+            ListAgents,
+            List,
+            Get,
+            Health,
+            Targets,
+            CleanupDryRun,
+            Backup,
+            Verify,
+            Restore,
+            Pin,
+            Cancel,
+            RestoreForce,
+            Delete,
+            Cleanup,
+            RebuildCatalog,
+        ];
+        let f = fixture(Policies::default());
+        let allowed = |a: Access| -> Vec<Action> {
+            all.iter()
+                .copied()
+                .filter(|x| check(&f.core, &op(a, &["*"]), *x, Some("t")).is_ok())
+                .collect()
+        };
+        assert_eq!(
+            allowed(Access::Viewer),
+            [ListAgents, List, Get, Health, Targets, CleanupDryRun]
+        );
+        assert_eq!(
+            allowed(Access::Operator),
+            [
+                ListAgents,
+                List,
+                Get,
+                Health,
+                Targets,
+                CleanupDryRun,
+                Backup,
+                Verify,
+                Restore,
+                Pin,
+                Cancel
+            ]
+        );
+        assert_eq!(allowed(Access::Admin), all);
+        let refused = f.core.metrics.encode();
+        assert!(
+            refused.contains(r#"datasaver_refusals_total{who="viewer",action="delete"} 1"#),
+            "{refused}"
+        );
+    }
+
+    #[test]
+    fn refusals_name_the_identity_its_role_or_scope_and_the_action() {
+        let f = fixture(Policies::default());
+        let e = check(
+            &f.core,
+            &op(Access::Viewer, &["*"]),
+            Action::Backup,
+            Some("t"),
+        )
+        .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "operator alice (role viewer) may not start a backup: that needs role operator (issue a certificate with `dsctl certs issue --operator NAME --role operator`)"
+        );
+        let scoped = op(Access::Admin, &["acme-*"]);
+        assert!(check(&f.core, &scoped, Action::Delete, Some("acme-main")).is_ok());
+        let e = check(&f.core, &scoped, Action::Restore, Some("globex-main")).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "operator alice (scope acme-*) may not restore a backup: target globex-main is outside its scope"
+        );
+        let e = check(&f.core, &scoped, Action::RebuildCatalog, None).unwrap_err();
+        assert!(matches!(e, Denied::Scope(_)), "{e}");
+        let e = check_object(&f.core, &scoped, Action::Get, "globex-main", || {
+            "no backup x".into()
+        })
+        .unwrap_err();
+        assert_eq!(e, Denied::Hidden("no backup x".into()));
+    }
+}

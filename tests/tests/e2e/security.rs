@@ -1,0 +1,345 @@
+//! Who may do what: agents serve only the targets their certificate names
+//! (also after the catalog is rebuilt), a second certificate for a target
+//! waits while the first agent is connected, and operator certificates are
+//! limited by role and scope. Every refusal is one line and exit 1.
+
+use std::path::Path;
+use std::time::Duration;
+
+use datasaver_tests::{
+    assert_one_line_error, wait_until, Fleet, FleetOptions, Output, PgCluster, ProcSpec,
+};
+
+/// `dsctl ARGS` with the operator certificate in `dir` (named `name`).
+fn as_operator(fleet: &Fleet, dir: &Path, name: &str, args: &[&str]) -> Output {
+    let cert = dir.join(format!("{name}.crt"));
+    let key = dir.join(format!("{name}.key"));
+    fleet.dsctl_with(
+        args,
+        &[
+            ("DATASAVER_TLS_CERT", cert.to_str().expect("utf-8 path")),
+            ("DATASAVER_TLS_KEY", key.to_str().expect("utf-8 path")),
+        ],
+        Duration::from_secs(120),
+    )
+}
+
+/// An agent for `target` on `pg`/`db` using the certificate of agent `cert_name`.
+fn agent_with_cert(
+    fleet: &Fleet,
+    target: &str,
+    pg: &PgCluster,
+    db: &str,
+    cert_name: &str,
+) -> ProcSpec {
+    let dir = fleet.dir().join("agents").join(cert_name);
+    fleet
+        .agent_spec(target, pg, db)
+        .env("DATASAVER_TLS_CERT", dir.join(format!("{cert_name}.crt")))
+        .env("DATASAVER_TLS_KEY", dir.join(format!("{cert_name}.key")))
+}
+
+fn targets_json(fleet: &Fleet) -> Vec<serde_json::Value> {
+    fleet
+        .dsctl_json(&["targets"])
+        .as_array()
+        .cloned()
+        .unwrap_or_else(|| panic!("dsctl --json targets did not print an array"))
+}
+
+#[test]
+fn an_agent_serves_only_the_targets_its_certificate_names_even_after_a_rebuild() {
+    let pg = PgCluster::new();
+    pg.create_small_db("acme", 500);
+    pg.create_small_db("globex", 300);
+    let mut fleet = Fleet::start();
+    fleet.issue_agent_cert_for("acme-db", &["acme-*"]);
+
+    // The acme certificate serves acme-main (named by the pattern).
+    let spec = agent_with_cert(&fleet, "acme-main", &pg, "acme", "acme-db");
+    fleet.add_agent_spec("acme-main", spec);
+    let b = fleet.backup("acme-main", None);
+    assert!(b.is_completed());
+
+    // ... but not globex-main: refused with one line naming both.
+    let spec = agent_with_cert(&fleet, "globex-main", &pg, "globex", "acme-db");
+    fleet.spawn_agent_unchecked("globex-main", spec);
+    let refused = "certificate of agent acme-db";
+    assert!(
+        fleet
+            .coordinator()
+            .wait_for_log(refused, Duration::from_secs(30)),
+        "coordinator did not refuse globex-main:\n{}",
+        fleet.coordinator().log()
+    );
+    let log = fleet.coordinator().log();
+    let line = log
+        .lines()
+        .find(|l| l.contains(refused) || l.contains("does not name the target"))
+        .unwrap_or_default();
+    assert!(line.contains("globex-main"), "{line}");
+    assert!(
+        fleet
+            .agent("globex-main")
+            .proc
+            .log()
+            .contains("globex-main"),
+        "the agent does not say why it was refused:\n{}",
+        fleet.agent("globex-main").proc.log()
+    );
+    assert!(!fleet.agent_listed("globex-main"));
+    let out = fleet
+        .dsctl(&["backup", "globex-main"])
+        .expect_code(1, "backup of an unserved target");
+    assert_one_line_error(&out.stderr, "globex-main");
+
+    // `dsctl targets` (human and JSON): acme-main bound to acme-db, connected,
+    // with the certificate's expiry a year out; globex-main never registered.
+    let out = fleet.dsctl(&["targets"]).expect_success("dsctl targets");
+    let row = out
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("acme-main"))
+        .unwrap_or_else(|| panic!("no acme-main row:\n{}", out.stdout));
+    assert!(row.contains("acme-db") && row.contains("yes"), "{row}");
+    assert!(
+        out.stdout
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .contains("CERT EXPIRES"),
+        "{}",
+        out.stdout
+    );
+    assert!(!out.stdout.contains("globex-main"), "{}", out.stdout);
+    let t = targets_json(&fleet);
+    assert_eq!(t.len(), 1, "{t:?}");
+    assert_eq!(t[0]["agent"], "acme-db");
+    let expires = t[0]["cert_expires"].as_str().unwrap_or_default();
+    let next_year = (chrono::Utc::now() + chrono::Duration::days(364))
+        .format("%Y-%m-%d")
+        .to_string();
+    assert!(
+        expires >= next_year.as_str(),
+        "certificate expiry {expires:?}"
+    );
+
+    // Lose the catalog: the rebuild brings back the backup and its owner,
+    // and the certificate still decides.
+    fleet.stop_coordinator();
+    for f in ["catalog.db", "catalog.db-wal", "catalog.db-shm"] {
+        let _ = std::fs::remove_file(fleet.data_dir().join(f));
+    }
+    fleet.start_coordinator();
+    let got = fleet.dsctl_json(&["get", &b.id]);
+    assert_eq!(got["agent"], "acme-db", "{got}");
+    let t = targets_json(&fleet);
+    let acme = t
+        .iter()
+        .find(|r| r["name"] == "acme-main")
+        .expect("acme-main after rebuild");
+    assert_eq!(acme["agent"], "acme-db");
+    fleet.wait_agent_listed("acme-main", Duration::from_secs(60));
+    // The refused agent keeps being refused after the rebuild.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(!fleet.agent_listed("globex-main"));
+    assert!(!targets_json(&fleet)
+        .iter()
+        .any(|r| r["name"] == "globex-main"));
+    assert!(fleet.backup("acme-main", None).is_completed());
+}
+
+#[test]
+fn a_second_certificate_for_a_target_waits_while_the_first_agent_is_connected() {
+    let pg = PgCluster::new();
+    pg.create_small_db("shop", 200);
+    let mut fleet = Fleet::start_with(FleetOptions {
+        coordinator_env: vec![("DATASAVER_AGENT_GRACE".into(), "5s".into())],
+        ..Default::default()
+    });
+    fleet.issue_agent_cert_for("shop-old", &["shop"]);
+    fleet.issue_agent_cert_for("shop-new", &["shop"]);
+    let spec = agent_with_cert(&fleet, "shop", &pg, "shop", "shop-old");
+    fleet.add_agent_spec("shop", spec);
+
+    let spec = agent_with_cert(&fleet, "shop", &pg, "shop", "shop-new");
+    fleet.spawn_agent_unchecked("shop-2", spec);
+    assert!(
+        fleet.coordinator().wait_for_log(
+            "target shop is served by agent shop-old; agent shop-new may take over once shop-old has been disconnected",
+            Duration::from_secs(30)
+        ),
+        "{}",
+        fleet.coordinator().log()
+    );
+    let t = targets_json(&fleet);
+    assert_eq!(t[0]["agent"], "shop-old", "{t:?}");
+
+    // The old agent goes away (moved host); after the grace the new
+    // certificate takes over without anyone editing the catalog.
+    fleet.remove_agent("shop");
+    assert!(
+        wait_until(Duration::from_secs(90), || {
+            targets_json(&fleet)
+                .first()
+                .is_some_and(|r| r["agent"] == "shop-new" && r["connected"] == true)
+        }),
+        "the new agent did not take over:\n{}",
+        fleet.coordinator().log()
+    );
+    assert!(fleet
+        .coordinator()
+        .log()
+        .contains("agent took over the target"));
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed());
+    assert_eq!(fleet.dsctl_json(&["get", &b.id])["agent"], "shop-new");
+}
+
+#[test]
+fn operators_act_only_within_their_role_and_scope() {
+    let pg = PgCluster::new();
+    pg.create_small_db("acme", 300);
+    pg.create_small_db("globex", 200);
+    let mut fleet = Fleet::start();
+    fleet.add_agent("acme-main", &pg, "acme");
+    fleet.add_agent("globex-main", &pg, "globex");
+    let acme = fleet.backup("acme-main", None);
+    let globex = fleet.backup("globex-main", None);
+    let viewer = fleet.issue_operator_cert_with("vera", "viewer", &[]);
+    let operator = fleet.issue_operator_cert_with("otto", "operator", &[]);
+    let scoped = fleet.issue_operator_cert_with("sam", "admin", &["acme-*"]);
+
+    // viewer: reads, nothing else.
+    let out = as_operator(&fleet, &viewer, "vera", &["list"]).expect_success("viewer list");
+    assert!(
+        out.stdout.contains(&acme.id) && out.stdout.contains(&globex.id),
+        "{}",
+        out.stdout
+    );
+    as_operator(&fleet, &viewer, "vera", &["targets"]).expect_success("viewer targets");
+    as_operator(&fleet, &viewer, "vera", &["health"]).expect_success("viewer health");
+    for (args, verb) in [
+        (vec!["backup", "acme-main"], "may not start a backup"),
+        (
+            vec!["restore", acme.id.as_str(), "--target-db", "v_copy"],
+            "may not restore a backup",
+        ),
+        (
+            vec!["delete", "--yes", acme.id.as_str()],
+            "may not delete a backup",
+        ),
+    ] {
+        let out =
+            as_operator(&fleet, &viewer, "vera", &args).expect_code(1, &format!("viewer {args:?}"));
+        let line = assert_one_line_error(&out.stderr, verb);
+        assert!(line.contains("operator vera (role viewer)"), "{line}");
+    }
+    assert!(!pg.db_exists("v_copy"));
+
+    // operator: backs up and restores into a new database, but neither
+    // deletes nor restores with --force over an existing one.
+    let b = as_operator(
+        &fleet,
+        &operator,
+        "otto",
+        &["--quiet", "backup", "acme-main"],
+    )
+    .expect_success("operator backup");
+    assert!(b.stdout.trim().starts_with("acme-main_"), "{}", b.stdout);
+    as_operator(
+        &fleet,
+        &operator,
+        "otto",
+        &["restore", &acme.id, "--target-db", "o_copy"],
+    )
+    .expect_success("operator restore into a new database");
+    assert!(pg.db_exists("o_copy"));
+    let out = as_operator(&fleet, &operator, "otto", &["delete", "--yes", &acme.id])
+        .expect_code(1, "operator delete");
+    let line = assert_one_line_error(&out.stderr, "may not delete a backup");
+    assert!(
+        line.contains("role operator") && line.contains("needs role admin"),
+        "{line}"
+    );
+    let out = as_operator(
+        &fleet,
+        &operator,
+        "otto",
+        &["restore", &acme.id, "--target-db", "acme", "--force"],
+    )
+    .expect_code(1, "operator restore --force");
+    assert_one_line_error(
+        &out.stderr,
+        "may not restore with --force over an existing database",
+    );
+    let out =
+        as_operator(&fleet, &operator, "otto", &["cleanup"]).expect_code(1, "operator cleanup");
+    assert_one_line_error(&out.stderr, "may not run a cleanup");
+    assert!(
+        fleet.list_backups(None).iter().any(|x| x.id == acme.id),
+        "nothing was deleted"
+    );
+
+    // scoped admin: acme-* exists, globex-main does not.
+    let out = as_operator(&fleet, &scoped, "sam", &["list"]).expect_success("scoped list");
+    assert!(out.stdout.contains(&acme.id), "{}", out.stdout);
+    assert!(!out.stdout.contains("globex"), "{}", out.stdout);
+    let out = as_operator(&fleet, &scoped, "sam", &["--json", "targets"])
+        .expect_success("scoped targets");
+    assert!(!out.stdout.contains("globex"), "{}", out.stdout);
+    let out = as_operator(&fleet, &scoped, "sam", &["health"]).expect_success("scoped health");
+    assert!(!out.stdout.contains("globex"), "{}", out.stdout);
+    let out = as_operator(&fleet, &scoped, "sam", &["agents"]).expect_success("scoped agents");
+    assert!(!out.stdout.contains("globex"), "{}", out.stdout);
+    let out = as_operator(&fleet, &scoped, "sam", &["list", "--target", "globex-main"])
+        .expect_code(1, "scoped list of another target");
+    let line = assert_one_line_error(&out.stderr, "target globex-main is outside its scope");
+    assert!(line.contains("operator sam (scope acme-*)"), "{line}");
+    let out = as_operator(
+        &fleet,
+        &scoped,
+        "sam",
+        &["restore", "--target", "globex-main", "--latest"],
+    )
+    .expect_code(1, "scoped restore of another target");
+    assert_one_line_error(&out.stderr, "outside its scope");
+    // By id the backup is "not found", word for word as a missing one.
+    let hidden = as_operator(
+        &fleet,
+        &scoped,
+        "sam",
+        &["restore", &globex.id, "--target-db", "s_copy"],
+    )
+    .expect_code(1, "scoped restore by id");
+    let missing_id = globex.id.replace("globex-main", "globex-gone");
+    let missing =
+        as_operator(&fleet, &scoped, "sam", &["get", &missing_id]).expect_code(1, "missing id");
+    assert_eq!(
+        assert_one_line_error(&hidden.stderr, &globex.id).replace(&globex.id, "ID"),
+        assert_one_line_error(&missing.stderr, &missing_id).replace(&missing_id, "ID")
+    );
+    as_operator(&fleet, &scoped, "sam", &["delete", "--yes", &globex.id])
+        .expect_code(1, "scoped delete");
+    assert!(!pg.db_exists("s_copy"));
+    assert!(fleet.list_backups(None).iter().any(|x| x.id == globex.id));
+    // ... and may do everything to its own.
+    as_operator(&fleet, &scoped, "sam", &["delete", "--yes", &acme.id])
+        .expect_success("scoped admin delete");
+    assert!(!fleet.list_backups(None).iter().any(|x| x.id == acme.id));
+
+    // Each refusal was logged with the identity and counted.
+    let log = fleet.coordinator().log();
+    assert!(
+        log.contains("request refused") && log.contains("vera") && log.contains("sam"),
+        "{log}"
+    );
+    let metrics = fleet.http_get("/metrics").expect("metrics").body;
+    for needle in [
+        r#"datasaver_refusals_total{who="viewer",action="backup"} 1"#,
+        r#"datasaver_refusals_total{who="operator",action="delete"} 1"#,
+        r#"datasaver_refusals_total{who="operator",action="restore_force"} 1"#,
+    ] {
+        assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
+    }
+}
