@@ -161,6 +161,7 @@ impl AgentJob {
             conn_id,
             &agent_name,
         );
+        tracing::info!(job = %id, kind = ?kind, %target, backup = %backup_id, agent = %agent_name, "job assigned to its agent");
         Ok(AgentJob {
             core: core.clone(),
             id,

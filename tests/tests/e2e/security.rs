@@ -343,3 +343,134 @@ fn operators_act_only_within_their_role_and_scope() {
         assert!(metrics.contains(needle), "{needle} not in\n{metrics}");
     }
 }
+
+/// The id of the newest job of `kind` ("Backup"; "List" for a verify) for `target`, from
+/// the coordinator's log line that assigns it to its agent.
+fn job_id_in_log(log: &str, kind: &str, target: &str, not: &str) -> Option<(String, String)> {
+    log.lines()
+        .filter(|l| l.contains("job assigned to its agent"))
+        .filter(|l| l.contains(&format!("kind={kind}")) && l.contains(&format!("target={target}")))
+        .filter_map(|l| {
+            let field = |name: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{name}=")))
+                    .map(|v| v.trim_matches('"').to_string())
+            };
+            Some((field("job")?, field("backup")?))
+        })
+        .filter(|(_, backup)| backup != not || kind != "Backup")
+        .last()
+}
+
+/// A gRPC client of the agent service with agent certificate `name` from `fleet`.
+async fn agent_client(
+    fleet: &Fleet,
+    name: &str,
+) -> datasaver_common::proto::agent_service_client::AgentServiceClient<tonic::transport::Channel> {
+    let dir = fleet.dir().join("agents").join(name);
+    let read = |f: &str| std::fs::read(dir.join(f)).unwrap_or_else(|e| panic!("{f}: {e}"));
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(read("ca.crt")))
+        .identity(tonic::transport::Identity::from_pem(
+            read(&format!("{name}.crt")),
+            read(&format!("{name}.key")),
+        ))
+        .domain_name("localhost");
+    let channel = tonic::transport::Channel::from_shared(fleet.coordinator_url())
+        .expect("coordinator url")
+        .tls_config(tls)
+        .expect("tls config")
+        .connect()
+        .await
+        .expect("connect to the coordinator");
+    datasaver_common::proto::agent_service_client::AgentServiceClient::new(channel)
+}
+
+#[test]
+fn an_agent_cannot_upload_or_download_for_another_agents_job() {
+    use datasaver_common::proto::{upload_request, DownloadRequest, UploadHeader, UploadRequest};
+    use datasaver_tests::procs::{send_signal, Sig};
+
+    datasaver_common::tls::install_crypto_provider();
+    let pg = PgCluster::new();
+    pg.create_small_db("alpha", 100);
+    pg.create_small_db("beta", 2000);
+    let mut fleet = Fleet::start();
+    fleet.add_agent("alpha", &pg, "alpha");
+    fleet.add_agent("beta", &pg, "beta");
+    let first = fleet.backup("beta", None);
+
+    // Hold beta's agent still so its jobs stay open while alpha tries them.
+    let beta_pid = fleet.agent("beta").proc.pid();
+    send_signal(beta_pid, Sig::Stop).expect("SIGSTOP beta's agent");
+    let (verify, backup) = std::thread::scope(|s| {
+        let f = &fleet;
+        let id = first.id.clone();
+        let verify = s.spawn(move || f.dsctl(&["verify", &id]));
+        let backup = s.spawn(move || f.dsctl(&["--quiet", "backup", "beta"]));
+        let mut jobs = None;
+        wait_until(Duration::from_secs(30), || {
+            let log = f.coordinator().log();
+            jobs = job_id_in_log(&log, "List", "beta", "")
+                .zip(job_id_in_log(&log, "Backup", "beta", &first.id));
+            jobs.is_some()
+        });
+        let ((verify_job, verify_backup), (backup_job, backup_id)) =
+            jobs.unwrap_or_else(|| panic!("no beta jobs in the log:\n{}", f.coordinator().log()));
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        rt.block_on(async {
+            let mut alpha = agent_client(f, "alpha").await;
+            let e = alpha
+                .download(DownloadRequest {
+                    job_id: verify_job.clone(),
+                    backup_id: verify_backup.clone(),
+                })
+                .await
+                .expect_err("alpha reading beta's backup");
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+            assert!(
+                e.message().contains("agent alpha may not read backup"),
+                "{e:?}"
+            );
+            let header = UploadRequest {
+                msg: Some(upload_request::Msg::Header(UploadHeader {
+                    job_id: backup_job.clone(),
+                    backup_id: backup_id.clone(),
+                    target: "beta".into(),
+                    ..Default::default()
+                })),
+            };
+            let chunk = UploadRequest {
+                msg: Some(upload_request::Msg::Chunk(b"not beta's data".to_vec())),
+            };
+            let e = alpha
+                .upload(tokio_stream::iter(vec![header, chunk]))
+                .await
+                .expect_err("alpha uploading for beta's job");
+            assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+            assert!(
+                e.message()
+                    .contains("agent alpha may not upload for target beta"),
+                "{e:?}"
+            );
+        });
+        send_signal(beta_pid, Sig::Cont).expect("SIGCONT beta's agent");
+        (
+            verify.join().expect("verify thread"),
+            backup.join().expect("backup thread"),
+        )
+    });
+    // beta's own jobs were untouched by alpha's attempts.
+    verify.expect_success("beta's verify");
+    let id = backup
+        .expect_success("beta's backup")
+        .stdout
+        .trim()
+        .to_string();
+    let b = fleet.get_backup(&id);
+    assert!(b.is_completed(), "{}", b.raw);
+    assert_eq!(fleet.dsctl_json(&["get", &id])["agent"], "beta");
+}
