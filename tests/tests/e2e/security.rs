@@ -348,6 +348,7 @@ fn operators_act_only_within_their_role_and_scope() {
 /// the coordinator's log line that assigns it to its agent.
 fn job_id_in_log(log: &str, kind: &str, target: &str, not: &str) -> Option<(String, String)> {
     log.lines()
+        .rev()
         .filter(|l| l.contains("job assigned to its agent"))
         .filter(|l| l.contains(&format!("kind={kind}")) && l.contains(&format!("target={target}")))
         .filter_map(|l| {
@@ -359,7 +360,7 @@ fn job_id_in_log(log: &str, kind: &str, target: &str, not: &str) -> Option<(Stri
             Some((field("job")?, field("backup")?))
         })
         .filter(|(_, backup)| backup != not || kind != "Backup")
-        .last()
+        .next()
 }
 
 /// A gRPC client of the agent service with agent certificate `name` from `fleet`.
