@@ -359,8 +359,7 @@ fn job_id_in_log(log: &str, kind: &str, target: &str, not: &str) -> Option<(Stri
             };
             Some((field("job")?, field("backup")?))
         })
-        .filter(|(_, backup)| backup != not || kind != "Backup")
-        .next()
+        .find(|(_, backup)| backup != not || kind != "Backup")
 }
 
 /// A gRPC client of the agent service with agent certificate `name` from `fleet`.
