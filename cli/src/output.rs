@@ -213,6 +213,12 @@ pub fn health(h: &HealthResponse, as_json: bool) {
                     "stored_bytes": t.stored_bytes,
                     "agent_connected": t.agent_connected,
                     "missed_slots": t.missed_slots,
+                    "raised_to_floor": t.raised_to_floor.iter().map(|r| json!({
+                        "setting": r.setting,
+                        "asked": r.asked,
+                        "floor": r.floor,
+                        "message": r.message,
+                    })).collect::<Vec<_>>(),
                     "alerts": t.alerts.iter().map(|a| json!({
                         "event": a.event,
                         "message": a.message,
@@ -268,6 +274,13 @@ fn health_text(h: &HealthResponse) -> String {
         out.push("no targets yet".to_string());
     } else {
         out.push(cols.render(&h.targets, true));
+    }
+    // What the coordinator's floor changed in the agents' requests, one line
+    // each, so that a weakened retention or schedule is never silent.
+    for t in &h.targets {
+        for r in &t.raised_to_floor {
+            out.push(format!("{}: {}", t.target, r.message));
+        }
     }
     out.push(health_summary(h));
     out.join("\n")
@@ -605,6 +618,47 @@ mod tests {
              2 agents connected; queue: 1 running, 0 waiting (limit 4); times UTC"
         );
         assert!(text.lines().all(|l| l == l.trim_end()));
+    }
+
+    #[test]
+    fn health_names_each_request_raised_to_the_floor_under_the_table() {
+        use datasaver_common::proto::FloorRaise;
+        let h = HealthResponse {
+            targets: vec![
+                TargetHealth {
+                    raised_to_floor: vec![
+                        FloorRaise {
+                            setting: "keep_daily".into(),
+                            asked: "0".into(),
+                            floor: "7".into(),
+                            message: "agent asked keep_daily=0, raised to the floor 7".into(),
+                        },
+                        FloorRaise {
+                            message: "agent asked max_age_days=1, raised to the floor 30".into(),
+                            ..Default::default()
+                        },
+                    ],
+                    ..target("acme-main", "healthy", "", 2)
+                },
+                target("globex-main", "healthy", "", 1),
+            ],
+            time_zone: "UTC".into(),
+            status: "healthy".into(),
+            agents_connected: 2,
+            queue: None,
+        };
+        let text = health_text(&h);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 6, "{text}");
+        assert_eq!(
+            lines[3],
+            "acme-main: agent asked keep_daily=0, raised to the floor 7"
+        );
+        assert_eq!(
+            lines[4],
+            "acme-main: agent asked max_age_days=1, raised to the floor 30"
+        );
+        assert!(lines[5].starts_with("2 targets: 2 healthy"), "{text}");
     }
 
     #[test]

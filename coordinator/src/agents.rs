@@ -212,15 +212,33 @@ pub async fn restore_owners(core: &Core) {
     }
 }
 
-/// Remembers what the agent asks for each target and reschedules it.
+/// Remembers what the agent asks for each target and reschedules it. The
+/// request is stored as asked; the floor is applied where it is used
+/// (`Policies::retention_for`, the scheduler's throttle), so a changed floor
+/// holds for requests already stored. What the floor raised is logged once
+/// per target and distinct request.
 pub async fn remember_requests(core: &Core, targets: &[TargetInfo]) {
     for t in targets {
-        let retention = t
-            .retention
-            .as_ref()
-            .map(RetentionSpec::from_proto)
-            .and_then(|r| serde_json::to_string(&r).ok());
+        let asked = t.retention.as_ref().map(RetentionSpec::from_proto);
+        let retention = asked.as_ref().and_then(|r| serde_json::to_string(r).ok());
         let schedule = Some(t.schedule.clone()).filter(|s| !s.trim().is_empty());
+        let raised = core.policies.floor_raises(
+            &t.name,
+            schedule.as_deref(),
+            asked.as_ref(),
+            core.clock.now(),
+        );
+        for r in core.floors_logged.fresh(&t.name, &raised) {
+            tracing::warn!(
+                target = %t.name,
+                setting = %r.setting,
+                asked = %r.asked,
+                floor = %r.floor,
+                "{}: {} (DATASAVER_MIN_* on the coordinator; see `dsctl health`)",
+                t.name,
+                r.message()
+            );
+        }
         if let Err(e) = core
             .targets
             .set_request(&t.name, schedule.clone(), retention)

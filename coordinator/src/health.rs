@@ -42,6 +42,16 @@ pub struct OpenAlert {
     pub backup_id: Option<String>,
 }
 
+/// A part of the agent's request raised to the coordinator's floor.
+#[derive(Clone, Debug, Serialize)]
+pub struct FloorNote {
+    pub setting: String,
+    pub asked: String,
+    pub floor: String,
+    /// e.g. "agent asked keep_daily=0, raised to the floor 7"
+    pub message: String,
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct TargetStatus {
     pub target: String,
@@ -62,6 +72,7 @@ pub struct TargetStatus {
     pub agent_connected: bool,
     pub missed_slots: u64,
     pub alerts: Vec<OpenAlert>,
+    pub raised_to_floor: Vec<FloorNote>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -152,6 +163,26 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             reasons.push(NO_BACKUP_YET.into());
         }
         let last_success = last_ok.map(|r| r.finished_at.unwrap_or(r.created_at));
+        let asked_retention: Option<crate::policy::RetentionSpec> = record
+            .as_ref()
+            .and_then(|r| r.retention.as_deref())
+            .and_then(|j| serde_json::from_str(j).ok());
+        let raised_to_floor = core
+            .policies
+            .floor_raises(
+                &name,
+                record.as_ref().and_then(|r| r.schedule.as_deref()),
+                asked_retention.as_ref(),
+                now,
+            )
+            .into_iter()
+            .map(|r| FloorNote {
+                message: r.message(),
+                setting: r.setting,
+                asked: r.asked,
+                floor: r.floor,
+            })
+            .collect();
         targets.push(TargetStatus {
             schedule: core.scheduler.schedule_of(&name),
             next_backup_at: core.scheduler.next_run(&name).map(crate::rfc3339),
@@ -166,6 +197,7 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             agent_connected: connected,
             missed_slots: record.as_ref().map(|r| r.missed_slots).unwrap_or(0),
             alerts,
+            raised_to_floor,
             status: level,
             status_reason: reasons.join("; "),
             target: name,

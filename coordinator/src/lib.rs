@@ -12,6 +12,7 @@ pub mod catalog;
 pub mod clock;
 pub mod config;
 pub mod fleet;
+pub mod floors;
 pub mod health;
 pub mod jobs;
 pub mod listener;
@@ -61,6 +62,8 @@ pub struct Core {
     pub cleanup: tokio::sync::Mutex<()>,
     /// Every job's task: shutdown waits here for them to record their end.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Agents' requests raised to the floor that were logged already.
+    pub floors_logged: floors::Logged,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -195,6 +198,7 @@ pub async fn run(
         alerter: alerts::Alerter::new(alerts::store::AlertStore::new(catalog), started),
         cleanup: tokio::sync::Mutex::new(()),
         tasks: tokio_util::task::TaskTracker::new(),
+        floors_logged: floors::Logged::default(),
     });
     // Losing the backup host must not lose the backups: an empty catalog over
     // a non-empty storage is rebuilt from the meta files before serving.

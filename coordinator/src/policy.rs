@@ -1,6 +1,7 @@
 //! Schedules and retention per target, from three layers: the coordinator's
 //! defaults (environment or the YAML file's top level), what the target's
-//! agent asks for, and the YAML file's per-target section, which wins.
+//! agent asks for (held to the coordinator's floor, `crate::floors`), and the
+//! YAML file's per-target section, which wins.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -10,6 +11,7 @@ use datasaver_common::config::{parse_duration, Env, SettingError};
 use datasaver_common::proto;
 use serde::{Deserialize, Serialize};
 
+use crate::floors::{Floors, Raise};
 use crate::retention::gfs;
 use crate::schedule::cron::{parse_tz, Schedule};
 use crate::schedule::planner::RetryPolicy;
@@ -171,6 +173,8 @@ pub struct Policies {
     /// The most targets one agent may register (a bound on what one
     /// compromised host can make the coordinator track).
     pub max_targets_per_agent: usize,
+    /// The least an agent's request may keep (`DATASAVER_MIN_*`).
+    pub floors: Floors,
 }
 
 impl Default for Policies {
@@ -185,6 +189,7 @@ impl Default for Policies {
             job_timeout: DEFAULT_JOB_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_targets_per_agent: DEFAULT_MAX_TARGETS_PER_AGENT,
+            floors: Floors::from_defaults(&RetentionSpec::default()),
         }
     }
 }
@@ -260,6 +265,7 @@ impl Policies {
         };
         from_env.check("DATASAVER_FAILED_GRACE")?;
         let defaults = f.retention.overlay(&from_env);
+        let floors = Floors::load(env, &defaults)?;
         for (name, t) in &f.targets {
             datasaver_common::names::validate_target(name).map_err(|e| {
                 SettingError::new("DATASAVER_CONFIG", format!("targets.{name}: {e}"))
@@ -321,6 +327,7 @@ impl Policies {
             targets: f.targets,
             job_timeout,
             shutdown_grace,
+            floors,
         })
     }
 
@@ -342,16 +349,81 @@ impl Policies {
         }
     }
 
-    /// Retention for a target: defaults, then the agent's request, then the file.
+    /// Retention for a target: defaults, then the agent's request raised to
+    /// the floor, then the file.
     pub fn retention_for(&self, target: &str, requested: Option<&RetentionSpec>) -> gfs::Policy {
         let mut spec = self.defaults.clone();
         if let Some(r) = requested {
-            spec = spec.overlay(r);
+            spec = spec.overlay(&self.floors.raise_retention(r).0);
         }
         if let Some(t) = self.targets.get(target) {
             spec = spec.overlay(&t.retention);
         }
         spec.to_policy()
+    }
+}
+
+impl Policies {
+    /// Whether the schedule in force for `target` is its agent's (the file's
+    /// section names none): only then does the floor apply to it.
+    fn schedule_is_agents(&self, target: &str) -> bool {
+        self.targets
+            .get(target)
+            .and_then(|t| t.schedule.as_ref())
+            .is_none()
+    }
+
+    /// The least time between two scheduled backups of `target` on
+    /// `schedule`, when that is its agent's and fires more often than the
+    /// floor allows.
+    pub fn throttle_for(
+        &self,
+        target: &str,
+        schedule: &Schedule,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Option<std::time::Duration> {
+        if !self.schedule_is_agents(target) {
+            return None;
+        }
+        self.floors.schedule_throttle(schedule, now).map(|(d, _)| d)
+    }
+
+    /// What of the agent's request for `target` is raised to the floor and
+    /// in force (a field the file's section sets is not the agent's).
+    pub fn floor_raises(
+        &self,
+        target: &str,
+        schedule: Option<&str>,
+        retention: Option<&RetentionSpec>,
+        now: chrono::DateTime<chrono::Utc>,
+    ) -> Vec<Raise> {
+        let mut out = Vec::new();
+        if let Some(r) = retention {
+            let file = self.targets.get(target).map(|t| &t.retention);
+            let set_by_file = |field: &str| {
+                file.is_some_and(|f| match field {
+                    "keep_last" => f.keep_last.is_some(),
+                    "keep_daily" => f.keep_daily.is_some(),
+                    "keep_weekly" => f.keep_weekly.is_some(),
+                    "keep_monthly" => f.keep_monthly.is_some(),
+                    "max_age_days" => f.max_age_days.is_some(),
+                    _ => false,
+                })
+            };
+            out.extend(
+                self.floors
+                    .raise_retention(r)
+                    .1
+                    .into_iter()
+                    .filter(|raise| !set_by_file(&raise.setting)),
+            );
+        }
+        if self.schedule_is_agents(target) {
+            if let Ok(Some(s)) = self.schedule_for(target, schedule) {
+                out.extend(self.floors.schedule_throttle(&s, now).map(|(_, r)| r));
+            }
+        }
+        out
     }
 }
 

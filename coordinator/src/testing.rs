@@ -42,6 +42,7 @@ pub fn fixture(policies: Policies) -> Fixture {
         alert_config: crate::alerts::AlertConfig::default(),
         cleanup: tokio::sync::Mutex::new(()),
         tasks: tokio_util::task::TaskTracker::new(),
+        floors_logged: crate::floors::Logged::default(),
     });
     Fixture {
         core,

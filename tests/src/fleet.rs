@@ -164,6 +164,9 @@ impl Fleet {
             .env("DATASAVER_TLS_CA", certs.join("ca.crt"))
             .env("DATASAVER_TLS_CERT", certs.join("coordinator.crt"))
             .env("DATASAVER_TLS_KEY", certs.join("coordinator.key"))
+            // Tests run agents' schedules every few seconds; the schedule
+            // floor (15 minutes by default) is off unless a test sets it.
+            .env("DATASAVER_MIN_SCHEDULE_INTERVAL", "0s")
             .current_dir(dir.path());
         for (k, v) in &opts.coordinator_env {
             spec = spec.env(k, v);

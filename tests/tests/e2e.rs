@@ -12,6 +12,7 @@ mod e2e {
     mod cli_text;
     mod codecs;
     mod faults;
+    mod floors;
     mod harness_selftest;
     mod monitoring;
     mod queue;

@@ -8,10 +8,11 @@ use std::sync::Arc;
 use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
     CleanupItem, CleanupRequest, CleanupResponse, DeleteBackupRequest, DeleteBackupResponse,
-    GetBackupRequest, HealthRequest, HealthResponse, JobEvent, JobQueue, ListAgentsRequest,
-    ListAgentsResponse, ListBackupsRequest, ListBackupsResponse, ListTargetsRequest,
-    ListTargetsResponse, OpenAlert, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse,
-    RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth, TargetInfoRow, VerifyRequest,
+    FloorRaise, GetBackupRequest, HealthRequest, HealthResponse, JobEvent, JobQueue,
+    ListAgentsRequest, ListAgentsResponse, ListBackupsRequest, ListBackupsResponse,
+    ListTargetsRequest, ListTargetsResponse, OpenAlert, PinRequest, RebuildCatalogRequest,
+    RebuildCatalogResponse, RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth,
+    TargetInfoRow, VerifyRequest,
 };
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -332,6 +333,16 @@ impl OperatorService for OperatorSvc {
                 stored_bytes: t.stored_bytes,
                 agent_connected: t.agent_connected,
                 missed_slots: t.missed_slots,
+                raised_to_floor: t
+                    .raised_to_floor
+                    .into_iter()
+                    .map(|r| FloorRaise {
+                        setting: r.setting,
+                        asked: r.asked,
+                        floor: r.floor,
+                        message: r.message,
+                    })
+                    .collect(),
                 status: t.status.as_str().into(),
                 status_reason: t.status_reason,
                 alerts: t

@@ -85,6 +85,45 @@ impl Schedule {
     }
 }
 
+impl Schedule {
+    /// The first slot at or after `t`.
+    pub fn at_or_after(&self, t: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        match self.last_at_or_before(t) {
+            Some(s) if s == t => Some(s),
+            _ => self.next_after(t),
+        }
+    }
+
+    /// The shortest gap between consecutive slots from the first one after
+    /// `t`, over the next year or [`SHORTEST_GAP_FIRES`] slots, whichever
+    /// ends first (real instants, so a time zone's clock changes count as
+    /// they happen). `None` for a schedule with fewer than two slots in
+    /// that horizon. A cron expression is a product of its fields, so a gap
+    /// that occurs at all occurs within this horizon in practice.
+    pub fn shortest_gap(&self, t: DateTime<Utc>) -> Option<chrono::Duration> {
+        let mut prev = self.next_after(t)?;
+        let end = prev + chrono::Duration::days(366);
+        let one_second = chrono::Duration::seconds(1);
+        let mut shortest: Option<chrono::Duration> = None;
+        for _ in 0..SHORTEST_GAP_FIRES {
+            let Some(next) = self.next_after(prev).filter(|n| *n <= end) else {
+                break;
+            };
+            let gap = next - prev;
+            shortest = Some(shortest.map_or(gap, |s| s.min(gap)));
+            // Slots are whole seconds: nothing is shorter than one.
+            if gap <= one_second {
+                break;
+            }
+            prev = next;
+        }
+        shortest
+    }
+}
+
+/// How many slots [`Schedule::shortest_gap`] looks at, at most.
+pub const SHORTEST_GAP_FIRES: usize = 2000;
+
 /// Parses a time zone name such as `Europe/Berlin` or `UTC`.
 pub fn parse_tz(name: &str) -> Result<Tz, String> {
     name.trim().parse::<Tz>().map_err(|_| {
@@ -151,6 +190,56 @@ mod tests {
         assert_eq!(
             s.longest_gap(utc(2024, 1, 1, 0, 0, 0)),
             Some(chrono::Duration::days(31))
+        );
+    }
+
+    #[test]
+    fn shortest_gap_finds_the_closest_pair() {
+        let at = utc(2024, 1, 1, 0, 0, 0);
+        let gap = |e: &str, tz: Tz| Schedule::parse(e, tz).unwrap().shortest_gap(at);
+        assert_eq!(
+            gap("* * * * * *", Tz::UTC),
+            Some(chrono::Duration::seconds(1))
+        );
+        assert_eq!(
+            gap("*/5 * * * *", Tz::UTC),
+            Some(chrono::Duration::minutes(5))
+        );
+        assert_eq!(gap("0 2 * * *", Tz::UTC), Some(chrono::Duration::days(1)));
+        // two close slots once a day, the rest far apart
+        assert_eq!(
+            gap("0 0,7 3 * * *", Tz::UTC),
+            Some(chrono::Duration::minutes(7))
+        );
+        // a burst only in one month of the year, looked for from another
+        assert_eq!(
+            gap("0,1 0 1 6 *", Tz::UTC),
+            Some(chrono::Duration::minutes(1))
+        );
+        // weekdays only: the weekend does not hide the daily gap
+        assert_eq!(gap("0 2 * * 1-5", Tz::UTC), Some(chrono::Duration::days(1)));
+        // monthly: the shortest month
+        assert_eq!(gap("0 3 1 * *", Tz::UTC), Some(chrono::Duration::days(29)));
+        // once a year: one slot in the horizon, no gap
+        assert_eq!(gap("0 3 1 1 *", Tz::UTC), None);
+        // in a time zone with clock changes the gaps are real time: 02:30
+        // Berlin does not exist on the last Sunday of March, 01:30 and 03:30
+        // are then one hour apart in real time
+        let berlin = parse_tz("Europe/Berlin").unwrap();
+        assert_eq!(
+            gap("30 1,3 * * *", berlin),
+            Some(chrono::Duration::hours(1))
+        );
+    }
+
+    #[test]
+    fn at_or_after_includes_a_slot_exactly_at_t() {
+        let s = Schedule::parse("*/5 * * * * *", Tz::UTC).unwrap();
+        let t = utc(2024, 1, 1, 0, 0, 5);
+        assert_eq!(s.at_or_after(t), Some(t));
+        assert_eq!(
+            s.at_or_after(t + chrono::Duration::milliseconds(1)),
+            Some(utc(2024, 1, 1, 0, 0, 10))
         );
     }
 

@@ -141,9 +141,30 @@ impl Scheduler {
             .and_then(|s| DateTime::parse_from_rfc3339(&s).ok())
             .map(|d| d.with_timezone(&Utc));
         let now = core.clock.now();
+        let throttle = schedule
+            .as_ref()
+            .and_then(|s| core.policies.throttle_for(target, s, now))
+            .and_then(|d| chrono::Duration::from_std(d).ok());
+        // The throttle counts from the previous scheduled start, which after
+        // a restart only the catalog knows.
+        let last_scheduled = match throttle {
+            Some(_) => core
+                .repo
+                .list(Some(target))
+                .await
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|b| b.trigger == Trigger::Scheduled)
+                .map(|b| b.created_at)
+                .max(),
+            None => None,
+        };
         let accounted = {
             let mut p = lock!(self.planner);
-            p.set_schedule(target, schedule, last_slot, now);
+            if let Some(at) = last_scheduled {
+                p.seed_last_scheduled_start(target, at);
+            }
+            p.set_throttled_schedule(target, schedule, throttle, last_slot, now);
             p.accounted(target)
         };
         if let Some(a) = accounted.filter(|a| Some(*a) != last_slot) {

@@ -12,6 +12,14 @@
 //! in the order of their targets' last start (never started first, then the
 //! longest ago), so when demand exceeds capacity every target gets its turn
 //! instead of the same ones winning every tie.
+//!
+//! Throttle (the coordinator's floor under an agent's schedule, see
+//! `crate::floors`): a throttled target's scheduled backup — first attempt,
+//! retry or a run again after an interruption — never starts sooner than the
+//! interval after the previous scheduled backup of that target started, and
+//! the schedule's slots in between are skipped (not counted as missed): the
+//! next slot taken is the first one at least the interval after that start.
+//! Manual backups are the operator's and are not throttled.
 
 use std::collections::BTreeMap;
 
@@ -148,6 +156,36 @@ struct Entry {
     accounted: Option<DateTime<Utc>>,
     /// When a backup of this target last started: the tie-breaker.
     last_started: Option<DateTime<Utc>>,
+    /// The least time between two scheduled starts (see the module doc).
+    throttle: Option<Duration>,
+    /// When a scheduled backup of this target last started.
+    last_scheduled_start: Option<DateTime<Utc>>,
+}
+
+impl Entry {
+    /// A throttled target's scheduled backups start no sooner than this.
+    fn throttle_until(&self) -> Option<DateTime<Utc>> {
+        Some(self.last_scheduled_start? + self.throttle?)
+    }
+
+    /// The first slot after `now` that the throttle lets through.
+    fn first_slot_after(&self, s: &Schedule, now: DateTime<Utc>) -> Option<DateTime<Utc>> {
+        let next = s.next_after(now)?;
+        match self.throttle_until() {
+            Some(until) if next < until => s.at_or_after(until),
+            _ => Some(next),
+        }
+    }
+}
+
+/// When a waiting job may start at the earliest: its own `not_before`, and
+/// for a scheduled run of a throttled target the throttle.
+fn ready_at(entries: &BTreeMap<String, Entry>, w: &Waiting) -> DateTime<Utc> {
+    let throttle = match w.kind {
+        JobKind::Scheduled { .. } => entries.get(&w.target).and_then(Entry::throttle_until),
+        JobKind::Manual => None,
+    };
+    throttle.map_or(w.not_before, |t| t.max(w.not_before))
 }
 
 #[derive(Debug)]
@@ -198,20 +236,41 @@ impl Planner {
         accounted: Option<DateTime<Utc>>,
         now: DateTime<Utc>,
     ) {
+        self.set_throttled_schedule(target, schedule, None, accounted, now)
+    }
+
+    /// [`Planner::set_schedule`] with a throttle: scheduled backups of the
+    /// target start at least `throttle` apart (see the module doc).
+    pub fn set_throttled_schedule(
+        &mut self,
+        target: &str,
+        schedule: Option<Schedule>,
+        throttle: Option<Duration>,
+        accounted: Option<DateTime<Utc>>,
+        now: DateTime<Utc>,
+    ) {
         let e = self.entries.entry(target.to_string()).or_default();
-        if e.schedule == schedule && e.schedule.is_some() {
+        if e.schedule == schedule && e.schedule.is_some() && e.throttle == throttle {
             return;
         }
         e.schedule = schedule;
+        e.throttle = throttle;
         let Some(s) = e.schedule.clone() else {
             e.next_slot = None;
             self.drop_waiting_scheduled(target);
             return;
         };
-        e.next_slot = s.next_after(now);
+        e.next_slot = e.first_slot_after(&s, now);
         let last = s.last_at_or_before(now);
         let accounted = accounted.or(e.accounted);
+        let until = e.throttle_until();
+        let too_soon = |slot: DateTime<Utc>| until.is_some_and(|u| slot < u);
         let catch_up = match (accounted, last) {
+            // A missed slot within the throttle is skipped, not caught up.
+            (Some(acc), Some(last)) if last > acc && too_soon(last) => {
+                e.accounted = Some(last);
+                None
+            }
             (Some(acc), Some(last)) if last > acc => {
                 e.accounted = Some(last);
                 Some(last)
@@ -237,6 +296,23 @@ impl Planner {
                     not_before: now,
                     unreachable_since: None,
                 });
+            }
+        }
+    }
+
+    /// When a scheduled backup of `target` last started, if the planner does
+    /// not know better (after a restart: the newest scheduled backup in the
+    /// catalog), so the throttle holds across a restart.
+    pub fn seed_last_scheduled_start(&mut self, target: &str, at: DateTime<Utc>) {
+        let e = self.entries.entry(target.to_string()).or_default();
+        if e.last_scheduled_start.is_none_or(|t| t < at) {
+            e.last_scheduled_start = Some(at);
+            if let Some(s) = e.schedule.clone() {
+                if let (Some(next), Some(until)) = (e.next_slot, e.throttle_until()) {
+                    if next < until {
+                        e.next_slot = s.at_or_after(until);
+                    }
+                }
             }
         }
     }
@@ -314,7 +390,7 @@ impl Planner {
                 }
                 let slot = s.last_at_or_before(now).unwrap_or(next).max(next);
                 e.accounted = Some(slot);
-                e.next_slot = s.next_after(now);
+                e.next_slot = e.first_slot_after(s, now);
                 Some((t.clone(), slot))
             })
             .collect();
@@ -368,7 +444,12 @@ impl Planner {
         // Jobs whose target has no agent: wait for it, up to the grace.
         let grace = self.agent_grace;
         let mut expired = Vec::new();
-        for w in self.waiting.iter_mut().filter(|w| w.not_before <= now) {
+        let entries = &self.entries;
+        for w in self
+            .waiting
+            .iter_mut()
+            .filter(|w| ready_at(entries, w) <= now)
+        {
             if connected(&w.target) {
                 w.unreachable_since = None;
             } else {
@@ -416,7 +497,7 @@ impl Planner {
         let mut ready: Vec<(_, Ticket)> = self
             .waiting
             .iter()
-            .filter(|w| w.not_before <= now && connected(&w.target))
+            .filter(|w| ready_at(&self.entries, w) <= now && connected(&w.target))
             .map(|w| (self.order_key(w), w.ticket))
             .collect();
         ready.sort();
@@ -433,6 +514,17 @@ impl Planner {
             let w = self.waiting.remove(i);
             if let Some(e) = self.entries.get_mut(&w.target) {
                 e.last_started = Some(now);
+                if matches!(w.kind, JobKind::Scheduled { .. }) {
+                    e.last_scheduled_start = Some(now);
+                    // Slots closer than the throttle to this start are skipped.
+                    if let (Some(s), Some(next), Some(until)) =
+                        (e.schedule.clone(), e.next_slot, e.throttle_until())
+                    {
+                        if next < until {
+                            e.next_slot = s.at_or_after(until);
+                        }
+                    }
+                }
             }
             self.running.insert(
                 w.ticket,
@@ -512,7 +604,9 @@ impl Planner {
         Some(
             self.waiting
                 .iter()
-                .filter(|w| w.ticket != ticket && w.not_before <= now && connected(&w.target))
+                .filter(|w| {
+                    w.ticket != ticket && ready_at(&self.entries, w) <= now && connected(&w.target)
+                })
                 .filter(|w| self.order_key(w) < key)
                 .count(),
         )
@@ -546,7 +640,7 @@ impl Planner {
         let slots = self.entries.values().filter_map(|e| e.next_slot);
         let waits = self.waiting.iter().map(|w| match w.unreachable_since {
             Some(since) => since + self.agent_grace,
-            None => w.not_before,
+            None => ready_at(&self.entries, w),
         });
         slots.chain(waits).min()
     }
@@ -558,7 +652,7 @@ impl Planner {
             .waiting
             .iter()
             .filter(|w| w.target == target && matches!(w.kind, JobKind::Scheduled { .. }))
-            .map(|w| w.not_before)
+            .map(|w| ready_at(&self.entries, w))
             .min();
         match (waiting, e.next_slot) {
             (Some(w), Some(n)) => Some(w.min(n)),
@@ -1026,5 +1120,215 @@ mod tests {
         }
         // Nothing waits much longer than one round of the whole fleet.
         assert!(max_wait <= Duration::seconds(60), "waited {max_wait}");
+    }
+
+    /// Drives a planner like the driver does, over simulated time: polls at
+    /// `step`, runs take `run` and end with `outcome(k)` for the k-th start.
+    /// Returns the scheduled starts of target `a` (attempt, time) and the
+    /// missed slots.
+    fn simulate(
+        p: &mut Planner,
+        from: DateTime<Utc>,
+        until: DateTime<Utc>,
+        step: Duration,
+        run: Duration,
+        outcome: &dyn Fn(usize) -> Outcome,
+    ) -> (Vec<(u32, DateTime<Utc>)>, usize) {
+        let mut starts = Vec::new();
+        let mut missed = 0;
+        let mut running: Vec<(Ticket, DateTime<Utc>, Outcome)> = Vec::new();
+        let mut now = from;
+        let mut k = 0;
+        while now < until {
+            for (ticket, _, o) in running.iter().filter(|(_, end, _)| *end <= now) {
+                p.finished(*ticket, *o, now);
+            }
+            running.retain(|(_, end, _)| *end > now);
+            let poll = p.poll(now, ALL);
+            missed += poll.missed.len();
+            for s in poll.starts {
+                if matches!(s.kind, JobKind::Scheduled { .. }) && s.target == "a" {
+                    starts.push((s.attempt, now));
+                }
+                k += 1;
+                running.push((s.ticket, now + run, outcome(k)));
+            }
+            now += step;
+        }
+        (starts, missed)
+    }
+
+    fn min_gap(starts: &[(u32, DateTime<Utc>)]) -> Duration {
+        starts
+            .windows(2)
+            .map(|w| w[1].1 - w[0].1)
+            .min()
+            .unwrap_or(Duration::MAX)
+    }
+
+    #[test]
+    fn a_throttled_schedule_starts_no_more_often_than_its_interval() {
+        let every_second = Schedule::parse("* * * * * *", Tz::UTC).unwrap();
+        let from = t(1, 0, 0, 0) + Duration::milliseconds(300);
+        let mut p = planner(4);
+        p.set_throttled_schedule(
+            "a",
+            Some(every_second),
+            Some(Duration::seconds(5)),
+            None,
+            from,
+        );
+        // polls that are a little late, as real ones are
+        let (starts, missed) = simulate(
+            &mut p,
+            from,
+            from + Duration::seconds(60),
+            Duration::milliseconds(70),
+            Duration::milliseconds(400),
+            &|_| Outcome::Succeeded,
+        );
+        assert!(min_gap(&starts) >= Duration::seconds(5), "{starts:?}");
+        // and no less often: the first slot at least 5 s after each start
+        // (whole seconds, so every 6 s here), none missed
+        assert!((10..=12).contains(&starts.len()), "{starts:?}");
+        assert_eq!(missed, 0, "skipped slots are not missed slots");
+        // the next run says when the throttle lets it
+        let last = starts.last().unwrap().1;
+        assert!(p.next_run("a").unwrap() >= last + Duration::seconds(5));
+    }
+
+    #[test]
+    fn retries_and_interrupted_runs_wait_for_the_throttle_too() {
+        let every_second = Schedule::parse("* * * * * *", Tz::UTC).unwrap();
+        let from = t(1, 0, 0, 0);
+        let mut p = Planner::new(
+            1,
+            RetryPolicy {
+                attempts: 3,
+                first_backoff: Duration::seconds(1),
+                max_backoff: Duration::seconds(1),
+            },
+            Duration::seconds(30),
+        );
+        p.set_throttled_schedule(
+            "a",
+            Some(every_second),
+            Some(Duration::seconds(10)),
+            None,
+            from,
+        );
+        let (starts, _) = simulate(
+            &mut p,
+            from,
+            from + Duration::seconds(90),
+            Duration::milliseconds(100),
+            Duration::milliseconds(200),
+            &|k| match k % 3 {
+                1 => Outcome::Failed,
+                2 => Outcome::Interrupted,
+                _ => Outcome::Succeeded,
+            },
+        );
+        assert!(starts.iter().any(|(a, _)| *a > 1), "{starts:?}");
+        assert!(min_gap(&starts) >= Duration::seconds(10), "{starts:?}");
+    }
+
+    #[test]
+    fn after_a_restart_the_previous_start_still_counts() {
+        let every_second = Schedule::parse("* * * * * *", Tz::UTC).unwrap();
+        let started = t(1, 0, 0, 0);
+        let now = t(1, 0, 0, 4);
+        let mut p = planner(4);
+        // the catalog says the last scheduled backup started 4 s ago and the
+        // last slot acted on was then; a catch-up now would be too soon
+        p.seed_last_scheduled_start("a", started);
+        p.set_throttled_schedule(
+            "a",
+            Some(every_second.clone()),
+            Some(Duration::seconds(10)),
+            Some(started),
+            now,
+        );
+        assert!(starts(&mut p, now).is_empty());
+        assert_eq!(p.next_run("a"), Some(t(1, 0, 0, 10)));
+        assert!(starts(&mut p, t(1, 0, 0, 9)).is_empty());
+        assert_eq!(starts(&mut p, t(1, 0, 0, 10)).len(), 1);
+
+        // without a throttle the same restart catches up at once
+        let mut q = planner(4);
+        q.seed_last_scheduled_start("a", started);
+        q.set_schedule("a", Some(every_second), Some(started), now);
+        assert_eq!(starts(&mut q, now).len(), 1);
+    }
+
+    #[test]
+    fn manual_backups_are_not_throttled_and_do_not_move_the_schedule() {
+        let every_minute = Schedule::parse("0 * * * * *", Tz::UTC).unwrap();
+        let mut p = planner(4);
+        p.set_throttled_schedule(
+            "a",
+            Some(every_minute),
+            Some(Duration::minutes(2)),
+            None,
+            t(1, 0, 0, 30),
+        );
+        let s = starts(&mut p, t(1, 0, 1, 0));
+        assert_eq!(s.len(), 1);
+        p.finished(s[0].ticket, Outcome::Succeeded, t(1, 0, 1, 5));
+        p.enqueue_manual("a", t(1, 0, 1, 10));
+        let m = starts(&mut p, t(1, 0, 1, 10));
+        assert_eq!(m.len(), 1, "a manual backup starts at once");
+        p.finished(m[0].ticket, Outcome::Succeeded, t(1, 0, 1, 20));
+        assert!(
+            starts(&mut p, t(1, 0, 2, 0)).is_empty(),
+            "01:00 + 2m > 02:00"
+        );
+        assert_eq!(p.next_run("a"), Some(t(1, 0, 3, 0)));
+        assert_eq!(starts(&mut p, t(1, 0, 3, 0)).len(), 1);
+    }
+
+    proptest::proptest! {
+        /// Whatever the schedule, interval, poll rhythm, run length and
+        /// outcomes, two scheduled starts of a throttled target are never
+        /// closer than the interval.
+        #[test]
+        fn throttled_starts_are_never_closer_than_the_interval(
+            expr in proptest::sample::select(vec![
+                "* * * * * *", "*/2 * * * * *", "*/7 * * * * *", "0,1,2 * * * * *",
+                "*/3 * * * * *", "0 * * * * *",
+            ]),
+            interval_s in 1i64..40,
+            step_ms in 50i64..1500,
+            run_ms in 10i64..20_000,
+            outcomes in proptest::collection::vec(0u8..3, 1..16),
+            max in 1usize..3,
+        ) {
+            let s = Schedule::parse(expr, Tz::UTC).unwrap();
+            let from = t(1, 0, 0, 0) + Duration::milliseconds(123);
+            let mut p = Planner::new(max, RetryPolicy {
+                attempts: 3,
+                first_backoff: Duration::seconds(1),
+                max_backoff: Duration::seconds(4),
+            }, Duration::seconds(30));
+            p.set_throttled_schedule("a", Some(s.clone()), Some(Duration::seconds(interval_s)), None, from);
+            // a second, unthrottled target shares the queue
+            p.set_schedule("b", Some(s), None, from);
+            let (starts, _) = simulate(
+                &mut p,
+                from,
+                from + Duration::seconds(240),
+                Duration::milliseconds(step_ms),
+                Duration::milliseconds(run_ms),
+                &|k| match outcomes[k % outcomes.len()] {
+                    0 => Outcome::Succeeded,
+                    1 => Outcome::Failed,
+                    _ => Outcome::Interrupted,
+                },
+            );
+            proptest::prop_assert!(
+                min_gap(&starts) >= Duration::seconds(interval_s),
+                "{:?}", starts
+            );
+        }
     }
 }
