@@ -7,11 +7,11 @@ use std::sync::Arc;
 
 use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
-    CleanupItem, CleanupRequest, CleanupResponse, DeleteBackupRequest, DeleteBackupResponse,
-    GetBackupRequest, HealthRequest, HealthResponse, JobEvent, JobQueue, ListAgentsRequest,
-    ListAgentsResponse, ListBackupsRequest, ListBackupsResponse, OpenAlert, PinRequest,
-    RebuildCatalogRequest, RebuildCatalogResponse, RestoreRequest, StartBackupRequest,
-    TargetCleanup, TargetHealth, VerifyRequest,
+    CancelRequest, CancelResponse, CancelledJob, CleanupItem, CleanupRequest, CleanupResponse,
+    DeleteBackupRequest, DeleteBackupResponse, GetBackupRequest, HealthRequest, HealthResponse,
+    JobEvent, JobQueue, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
+    ListBackupsResponse, OpenAlert, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse,
+    RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth, VerifyRequest,
 };
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +19,7 @@ use tonic::{Request, Response, Status};
 
 use super::{internal, Caller};
 use crate::backups::{self, ActionError, Selector};
+use crate::fleet::JobKind;
 use crate::jobs::{self, Read, StartError};
 use crate::{to_proto, Core};
 
@@ -242,6 +243,44 @@ impl OperatorService for OperatorSvc {
         Ok(Response::new(DeleteBackupResponse { id }))
     }
 
+    async fn cancel(
+        &self,
+        req: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        let which = match (req.id.trim(), req.target.trim()) {
+            (id, "") if !id.is_empty() => jobs::Which::Id(id.to_string()),
+            ("", t) if !t.is_empty() => jobs::Which::Target(t.to_string()),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give a job or backup id, or --target T",
+                ))
+            }
+        };
+        tracing::info!(operator = %who, which = ?which, "cancel requested");
+        let reason = format!("cancelled by {} {}", who.identity.role.as_str(), who.name());
+        let jobs = jobs::cancel_running(&self.core, &which, &reason, CANCEL_WAIT)
+            .await
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        Ok(Response::new(CancelResponse {
+            jobs: jobs
+                .into_iter()
+                .map(|(job_id, j)| CancelledJob {
+                    job_id,
+                    kind: match j.kind {
+                        JobKind::Backup => "backup",
+                        JobKind::Restore => "restore",
+                        JobKind::List => "verify",
+                    }
+                    .into(),
+                    target: j.target,
+                    backup_id: j.backup_id,
+                })
+                .collect(),
+        }))
+    }
+
     async fn health(
         &self,
         req: Request<HealthRequest>,
@@ -293,6 +332,10 @@ impl OperatorService for OperatorSvc {
         }))
     }
 }
+
+/// How long `Cancel` waits for the cancelled jobs to record their outcome
+/// (the agent is given 5 s to take the CancelJob).
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
     chrono::DateTime::parse_from_rfc3339(s)
