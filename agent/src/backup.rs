@@ -125,7 +125,7 @@ pub async fn run(
     ) {
         Ok(chain) => {
             pipeline::upload_child_output(
-                tools.pg_dump(&target.db),
+                tools.pg_dump(&target.db, target.lock_wait_timeout),
                 "pg_dump",
                 chain,
                 tx.clone(),
@@ -150,6 +150,9 @@ pub async fn run(
             (Some(upload_request::Msg::Abort(abort)), Some(reason))
         }
         Err(PipelineError::Failed(reason) | PipelineError::Corrupt(reason)) => {
+            // A held lock says so, with the table and the setting.
+            let reason =
+                crate::pg::lock_wait_failure(&reason, target.lock_wait_timeout).unwrap_or(reason);
             let abort = UploadAbort {
                 reason: reason.clone(),
                 interrupted: false,

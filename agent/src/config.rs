@@ -106,6 +106,9 @@ pub struct TargetConfig {
     pub encrypt_to: Option<EncryptTo>,
     /// Identities to decrypt backups on restore and verify.
     pub identities: Identities,
+    /// How long pg_dump waits for each table's lock before the backup fails
+    /// (`DATASAVER_LOCK_WAIT_TIMEOUT`).
+    pub lock_wait_timeout: std::time::Duration,
 }
 
 #[derive(Debug, Clone)]
@@ -122,6 +125,10 @@ pub struct AgentConfig {
     /// the control stream is closed, then the process exits.
     pub shutdown_grace: std::time::Duration,
 }
+
+/// A table held by another session's exclusive lock fails the backup after
+/// this long instead of holding a scheduler slot until the job deadline.
+pub const DEFAULT_LOCK_WAIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// Docker's default stop timeout: the agent has finished (its own work ends a
 /// second earlier) before `docker stop` resorts to SIGKILL.
@@ -276,6 +283,26 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         )),
     };
 
+    let lock_wait_timeout = match env.get("DATASAVER_LOCK_WAIT_TIMEOUT") {
+        None => DEFAULT_LOCK_WAIT_TIMEOUT,
+        Some(v) => match datasaver_common::config::parse_duration("DATASAVER_LOCK_WAIT_TIMEOUT", v)
+        {
+            // pg_dump takes whole milliseconds; 0 would mean "wait forever".
+            Ok(d) if d.as_millis() == 0 => {
+                errs.push(SettingError::new(
+                    "DATASAVER_LOCK_WAIT_TIMEOUT",
+                    "must be at least 1ms (pg_dump would wait forever on 0)",
+                ));
+                DEFAULT_LOCK_WAIT_TIMEOUT
+            }
+            Ok(d) => d,
+            Err(e) => {
+                errs.push(e);
+                DEFAULT_LOCK_WAIT_TIMEOUT
+            }
+        },
+    };
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -315,6 +342,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 compression_threads,
                 encrypt_to,
                 identities,
+                lock_wait_timeout,
             },
             tls,
             pg_bin_dir: bin,
@@ -595,6 +623,7 @@ mod tests {
             ("DATASAVER_TLS_CERT", "/nonexistent/a.crt"),
             ("DATASAVER_TLS_KEY", "/nonexistent/a.key"),
             ("DATASAVER_KEEP_DAILY", "-1"),
+            ("DATASAVER_LOCK_WAIT_TIMEOUT", "forever"),
         ]))
         .unwrap_err();
         let settings: Vec<&str> = errs.iter().map(|e| e.setting.as_str()).collect();
@@ -604,12 +633,47 @@ mod tests {
             "DATASAVER_COMPRESSION",
             "DATASAVER_TLS_CA",
             "DATASAVER_KEEP_DAILY",
+            "DATASAVER_LOCK_WAIT_TIMEOUT",
         ] {
             assert!(settings.contains(&s), "{s} missing from {settings:?}");
         }
         for e in &errs {
             assert!(!e.to_string().contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn lock_wait_timeout() {
+        let dir = std::env::temp_dir().join(format!("ds-agent-lock-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["ca.crt", "a.crt", "a.key"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let path = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        let (ca, cert, key) = (path("ca.crt"), path("a.crt"), path("a.key"));
+        let base = vec![
+            ("DATASAVER_COORDINATOR_URL", "https://backup:50051"),
+            ("DATASAVER_TARGET", "app"),
+            ("DATASAVER_DB_NAME", "app"),
+            ("DATASAVER_TLS_CA", ca.as_str()),
+            ("DATASAVER_TLS_CERT", cert.as_str()),
+            ("DATASAVER_TLS_KEY", key.as_str()),
+            ("DATASAVER_PG_BIN_DIR", "/usr/bin"),
+        ];
+        let c = from_env(&env(&base)).unwrap();
+        assert_eq!(c.target.lock_wait_timeout, DEFAULT_LOCK_WAIT_TIMEOUT);
+        let mut with = base.clone();
+        with.push(("DATASAVER_LOCK_WAIT_TIMEOUT", "3s"));
+        let c = from_env(&env(&with)).unwrap();
+        assert_eq!(
+            c.target.lock_wait_timeout,
+            std::time::Duration::from_secs(3)
+        );
+        let mut zero = base;
+        zero.push(("DATASAVER_LOCK_WAIT_TIMEOUT", "0s"));
+        let errs = from_env(&env(&zero)).unwrap_err();
+        assert_eq!(errs[0].setting, "DATASAVER_LOCK_WAIT_TIMEOUT");
+        std::fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]

@@ -7,6 +7,7 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
+use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
@@ -46,6 +47,32 @@ pub fn summarize_stderr(stderr: &str) -> String {
     } else {
         s
     }
+}
+
+/// pg_dump's failure to lock a table within `--lock-wait-timeout`, from its
+/// stderr (`summary`: [`summarize_stderr`]'s line), as one line naming the
+/// table and the setting; `None` for any other failure. pg_dump 15 says
+/// "canceling statement due to statement timeout ... Query was: LOCK TABLE
+/// public.x IN ACCESS SHARE MODE"; servers with lock_timeout say "lock
+/// timeout", NOWAIT says "could not obtain lock on relation".
+pub fn lock_wait_failure(summary: &str, lock_wait: Duration) -> Option<String> {
+    let table = summary
+        .split("LOCK TABLE ")
+        .nth(1)
+        .and_then(|rest| rest.split(" IN ").next())
+        .map(str::trim)
+        .filter(|t| !t.is_empty());
+    let timed_out = ["statement timeout", "lock timeout", "could not obtain lock"]
+        .iter()
+        .any(|m| summary.contains(m));
+    if !timed_out || (table.is_none() && !summary.contains("could not obtain lock")) {
+        return None;
+    }
+    Some(format!(
+        "pg_dump could not lock table {} within {} (DATASAVER_LOCK_WAIT_TIMEOUT): another session holds a conflicting lock (see pg_locks); pg_dump said: {summary}",
+        table.unwrap_or("(unknown)"),
+        datasaver_common::config::format_duration(lock_wait)
+    ))
 }
 
 /// Parses `pg_dump (PostgreSQL) 15.18 (Debian ...)`.
@@ -172,10 +199,16 @@ impl PgTools {
         c
     }
 
-    /// `pg_dump` writing a custom-format archive, uncompressed, to stdout.
-    pub fn pg_dump(&self, db: &DbConn) -> std::process::Command {
+    /// `pg_dump` writing a custom-format archive, uncompressed, to stdout;
+    /// giving up on a table lock it cannot get within `lock_wait`.
+    pub fn pg_dump(&self, db: &DbConn, lock_wait: Duration) -> std::process::Command {
         let mut c = self.command("pg_dump", db, &db.dbname);
         c.args(["--format=custom", "--compress=0", "--no-password"]);
+        // Milliseconds, at least 1: 0 would wait forever.
+        c.arg(format!(
+            "--lock-wait-timeout={}",
+            lock_wait.as_millis().max(1)
+        ));
         c
     }
 
@@ -364,7 +397,7 @@ mod tests {
     fn password_only_in_environment() {
         let tools = PgTools::new("/usr/bin".into());
         for cmd in [
-            tools.pg_dump(&db()),
+            tools.pg_dump(&db(), Duration::from_secs(600)),
             tools.pg_restore_into(&db(), "x"),
             tools.pg_restore_list(&db()),
         ] {
@@ -385,11 +418,48 @@ mod tests {
             assert!(env.contains(&("PGPASSWORD".into(), "hunter2".into())));
         }
         let argv: Vec<String> = tools
-            .pg_dump(&db())
+            .pg_dump(&db(), Duration::from_secs(600))
             .get_args()
             .map(|a| a.to_string_lossy().into_owned())
             .collect();
-        assert_eq!(argv, ["--format=custom", "--compress=0", "--no-password"]);
+        assert_eq!(
+            argv,
+            [
+                "--format=custom",
+                "--compress=0",
+                "--no-password",
+                "--lock-wait-timeout=600000"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_lock_wait_names_the_table_and_the_setting() {
+        let pg15 = summarize_stderr(
+            "pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout\n\
+             pg_dump: detail: Query was: LOCK TABLE public.x IN ACCESS SHARE MODE\n",
+        );
+        let m = lock_wait_failure(&pg15, Duration::from_secs(2)).unwrap();
+        assert!(
+            m.starts_with(
+                "pg_dump could not lock table public.x within 2s (DATASAVER_LOCK_WAIT_TIMEOUT)"
+            ),
+            "{m}"
+        );
+        assert!(m.contains("Query was: LOCK TABLE public.x"), "{m}");
+        assert!(!m.contains('\n'));
+        let nowait = "pg_dump: error: could not obtain lock on relation \"x\"";
+        assert!(lock_wait_failure(nowait, Duration::from_secs(600))
+            .unwrap()
+            .contains("within 10m"));
+        // other failures stay as they are
+        for other in [
+            "pg_dump: error: connection to server failed",
+            "pg_dump: error: query failed: ERROR:  canceling statement due to statement timeout | Query was: SELECT 1",
+            "pg_dump: error: query failed: ERROR: permission denied for table x | Query was: LOCK TABLE public.x IN ACCESS SHARE MODE",
+        ] {
+            assert_eq!(lock_wait_failure(other, Duration::from_secs(1)), None, "{other}");
+        }
     }
 
     #[test]

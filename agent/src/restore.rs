@@ -377,6 +377,7 @@ mod tests {
             compression_threads: 0,
             encrypt_to: None,
             identities: Identities::default(),
+            lock_wait_timeout: crate::config::DEFAULT_LOCK_WAIT_TIMEOUT,
         };
         let job = RestoreJob {
             job_id: "j1".into(),

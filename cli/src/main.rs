@@ -13,8 +13,8 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use datasaver_common::proto::{
-    job_event, CleanupRequest, DeleteBackupRequest, GetBackupRequest, HealthRequest, JobDone,
-    ListAgentsRequest, ListBackupsRequest, ListTargetsRequest, PinRequest, RestoreRequest,
+    job_event, CancelRequest, CleanupRequest, DeleteBackupRequest, GetBackupRequest, HealthRequest,
+    JobDone, ListAgentsRequest, ListBackupsRequest, ListTargetsRequest, PinRequest, RestoreRequest,
     StartBackupRequest, VerifyRequest,
 };
 use progress::Progress;
@@ -96,6 +96,19 @@ enum Cmd {
     Verify {
         /// Backup id.
         id: String,
+    },
+    /// Cancel a running job: the agent stops it, the job is recorded as cancelled, nothing is stored.
+    ///
+    /// ID is a backup id (running backups are listed by `dsctl list`; `dsctl
+    /// backup` names its backup when it starts) or a job id; with --target,
+    /// every running job of that target is cancelled.
+    Cancel {
+        /// Backup id (or job id) of the running job.
+        #[arg(required_unless_present = "target", conflicts_with = "target")]
+        id: Option<String>,
+        /// Cancel every running job of this target.
+        #[arg(long, value_name = "TARGET")]
+        target: Option<String>,
     },
     /// Catalog maintenance: rebuild the catalog from the meta files in storage.
     #[command(subcommand)]
@@ -564,6 +577,19 @@ async fn run(cli: Cli) -> Result<()> {
             } else {
                 println!("deleted {}", r.id);
             }
+            Ok(())
+        }
+        Cmd::Cancel { id, target } => {
+            let r = why
+                .answer(
+                    c.cancel(CancelRequest {
+                        id: id.unwrap_or_default(),
+                        target: target.unwrap_or_default(),
+                    })
+                    .await,
+                )
+                .await?;
+            output::cancelled(&r.jobs, cli.json);
             Ok(())
         }
         Cmd::Health => {

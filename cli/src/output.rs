@@ -3,8 +3,8 @@
 //! spaces, one header row, no colours, no box drawing.
 
 use datasaver_common::proto::{
-    AgentInfo, Backup, CleanupItem, CleanupResponse, HealthResponse, JobDone, TargetHealth,
-    TargetInfoRow,
+    AgentInfo, Backup, CancelledJob, CleanupItem, CleanupResponse, HealthResponse, JobDone,
+    TargetHealth, TargetInfoRow,
 };
 use serde_json::{json, Value};
 
@@ -325,6 +325,34 @@ fn health_summary(h: &HealthResponse) -> String {
 
 /// The result of a restore or verify: its message, or JSON with the backup
 /// (and, for restores, the database written).
+/// `dsctl cancel`: one line per cancelled job.
+pub fn cancelled(jobs: &[CancelledJob], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = jobs
+            .iter()
+            .map(|j| {
+                json!({
+                    "job_id": j.job_id,
+                    "kind": j.kind,
+                    "target": j.target,
+                    "backup_id": j.backup_id,
+                })
+            })
+            .collect();
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "cancelled": v })).unwrap_or_default()
+        );
+        return;
+    }
+    for j in jobs {
+        println!(
+            "cancelled {} of {} (backup {}, job {})",
+            j.kind, j.target, j.backup_id, j.job_id
+        );
+    }
+}
+
 pub fn job_done(done: &JobDone, as_json: bool, with_target_db: bool) {
     if !as_json {
         println!("{}", done.message);

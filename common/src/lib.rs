@@ -1,8 +1,8 @@
 //! Pieces shared by the datasaver agent, coordinator and `dsctl`: the
 //! generated gRPC types (`proto`), TLS identity loading and peer identities
 //! (`tls`), names of targets and backups (`names`), the stream codecs used on
-//! both ends of a transfer (`codec`, `checksum`) and configuration helpers
-//! (`config`).
+//! both ends of a transfer (`codec`, `checksum`), configuration helpers
+//! (`config`) and the cleaning of text received from other processes (`text`).
 
 pub mod checksum;
 pub mod codec;
@@ -11,6 +11,7 @@ pub mod crypt;
 pub mod names;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
+pub mod text;
 pub mod tls;
 
 /// Generated code for the `datasaver.v1` protocol.

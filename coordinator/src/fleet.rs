@@ -55,8 +55,21 @@ pub struct Job {
     conn_id: u64,
     reports: mpsc::Sender<Report>,
     cancel: CancellationToken,
-    /// Why it was cancelled (set before `cancel` fires).
-    cancel_reason: std::sync::Arc<Mutex<Option<String>>>,
+    /// Why it was stopped (set before `cancel` fires).
+    cancel_reason: std::sync::Arc<Mutex<Option<StopReason>>>,
+    /// Its one upload has begun: a second is refused.
+    upload_claimed: bool,
+}
+
+/// Why a job was asked to stop before its agent reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StopReason {
+    /// An operator (or the coordinator) cancelled it, e.g. "cancelled by
+    /// operator alice".
+    Cancelled(String),
+    /// A limit passed (a transfer moved no byte for too long); the message
+    /// names the setting.
+    TimedOut(String),
 }
 
 /// A job's place in the fleet: where the agent's reports arrive, and how an
@@ -64,15 +77,22 @@ pub struct Job {
 pub struct JobTicket {
     pub reports: mpsc::Receiver<Report>,
     pub cancel: CancellationToken,
-    cancel_reason: std::sync::Arc<Mutex<Option<String>>>,
+    cancel_reason: std::sync::Arc<Mutex<Option<StopReason>>>,
 }
 
 impl JobTicket {
     /// Why the job was cancelled, once `cancel` fired.
     pub fn cancel_reason(&self) -> String {
+        match self.stop_reason() {
+            StopReason::Cancelled(r) | StopReason::TimedOut(r) => r,
+        }
+    }
+
+    /// Why the job was stopped, once `cancel` fired.
+    pub fn stop_reason(&self) -> StopReason {
         lock!(self.cancel_reason)
             .clone()
-            .unwrap_or_else(|| "cancelled".into())
+            .unwrap_or_else(|| StopReason::Cancelled("cancelled".into()))
     }
 }
 
@@ -288,6 +308,7 @@ impl Fleet {
                 reports: tx,
                 cancel: cancel.clone(),
                 cancel_reason: cancel_reason.clone(),
+                upload_claimed: false,
             },
         );
         JobTicket {
@@ -300,13 +321,42 @@ impl Fleet {
     /// Asks job `job_id` to stop (its task tells the agent and records the
     /// outcome). False when no such job is running.
     pub fn cancel_job(&self, job_id: &str, reason: &str) -> bool {
+        self.stop_job(job_id, StopReason::Cancelled(reason.to_string()))
+    }
+
+    /// Asks job `job_id` to stop for `why`; the first reason given wins.
+    /// False when no such job is running.
+    pub fn stop_job(&self, job_id: &str, why: StopReason) -> bool {
         let g = lock!(self.inner);
         let Some(job) = g.jobs.get(job_id) else {
             return false;
         };
-        lock!(job.cancel_reason).get_or_insert_with(|| reason.to_string());
+        lock!(job.cancel_reason).get_or_insert(why);
         job.cancel.cancel();
         true
+    }
+
+    /// Claims job `job_id`'s one upload. False when the job is not running
+    /// or its upload has begun already.
+    pub fn claim_upload(&self, job_id: &str) -> bool {
+        match lock!(self.inner).jobs.get_mut(job_id) {
+            Some(j) if !j.upload_claimed => {
+                j.upload_claimed = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Every running job, by id.
+    pub fn jobs(&self) -> Vec<(String, JobRef)> {
+        let mut v: Vec<_> = lock!(self.inner)
+            .jobs
+            .iter()
+            .map(|(id, j)| (id.clone(), j.info.clone()))
+            .collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// The running jobs of `target`, by id.
@@ -820,6 +870,40 @@ mod tests {
         f.remove_job("j2");
         assert!(!f.cancel_job("j2", "too late"));
         assert!(!j2.cancel.is_cancelled());
+    }
+
+    #[test]
+    fn a_timed_out_job_says_so() {
+        let (f, _) = fleet();
+        let j = f.add_job("j1", JobKind::Backup, "acme", "b1", "", 1, "node-a");
+        assert_eq!(
+            j.stop_reason(),
+            StopReason::Cancelled("cancelled".into()),
+            "before any stop"
+        );
+        assert!(f.stop_job("j1", StopReason::TimedOut("no data for 5m".into())));
+        assert!(f.cancel_job("j1", "cancelled by operator alice"));
+        assert!(j.cancel.is_cancelled());
+        assert_eq!(
+            j.stop_reason(),
+            StopReason::TimedOut("no data for 5m".into())
+        );
+        assert_eq!(j.cancel_reason(), "no data for 5m");
+    }
+
+    #[test]
+    fn one_upload_per_job() {
+        let (f, _) = fleet();
+        let _j = f.add_job("j1", JobKind::Backup, "acme", "b1", "", 1, "node-a");
+        let _k = f.add_job("j2", JobKind::Backup, "beta", "b2", "", 1, "node-a");
+        assert!(f.claim_upload("j1"));
+        assert!(!f.claim_upload("j1"), "a second upload is refused");
+        assert!(f.claim_upload("j2"), "other jobs are not affected");
+        assert!(!f.claim_upload("j9"), "no such job");
+        assert_eq!(
+            f.jobs().into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+            vec!["j1".to_string(), "j2".to_string()]
+        );
     }
 
     /// A job whose channel is full of progress its task has not read yet

@@ -99,6 +99,10 @@ pub const DEFAULT_JOB_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 /// `DATASAVER_MAX_TARGETS_PER_AGENT`: far above the one or few targets an
 /// agent serves, far below what would let one host flood the catalog.
 pub const DEFAULT_MAX_TARGETS_PER_AGENT: usize = 64;
+/// How long an upload or download may move no byte before its job fails
+/// (`DATASAVER_TRANSFER_IDLE_TIMEOUT`): a stopped agent or a dead network
+/// path must not hold a slot until the job deadline.
+pub const DEFAULT_TRANSFER_IDLE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
 
 /// How long a stopping coordinator waits for its jobs to record how they
 /// ended (`DATASAVER_SHUTDOWN_GRACE`, the agent's setting of the same name).
@@ -111,6 +115,9 @@ pub struct TargetFile {
     pub schedule: Option<String>,
     /// Dead man's switch for this target, e.g. "26h" (overrides DATASAVER_ALERT_AFTER).
     pub alert_after: Option<String>,
+    /// The longest one job of this target may run, e.g. "36h" (overrides
+    /// DATASAVER_JOB_TIMEOUT).
+    pub job_timeout: Option<String>,
     #[serde(default)]
     pub retention: RetentionSpec,
 }
@@ -166,8 +173,11 @@ pub struct Policies {
     pub retry: RetryPolicy,
     pub defaults: RetentionSpec,
     pub targets: BTreeMap<String, TargetFile>,
-    /// A job still running after this is cancelled and fails.
+    /// A job still running after this is cancelled and fails (a target's
+    /// own `job_timeout` in the file wins: `job_timeout_for`).
     pub job_timeout: std::time::Duration,
+    /// An upload or download that moves no byte for this long fails its job.
+    pub transfer_idle: std::time::Duration,
     /// How long shutdown waits for in-flight jobs to record their end.
     pub shutdown_grace: std::time::Duration,
     /// The most targets one agent may register (a bound on what one
@@ -187,6 +197,7 @@ impl Default for Policies {
             defaults: RetentionSpec::default(),
             targets: BTreeMap::new(),
             job_timeout: DEFAULT_JOB_TIMEOUT,
+            transfer_idle: DEFAULT_TRANSFER_IDLE_TIMEOUT,
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_targets_per_agent: DEFAULT_MAX_TARGETS_PER_AGENT,
             floors: Floors::from_defaults(&RetentionSpec::default()),
@@ -283,6 +294,10 @@ impl Policies {
             if let Some(a) = &t.alert_after {
                 parse_duration(&format!("DATASAVER_CONFIG: targets.{name}.alert_after"), a)?;
             }
+            if let Some(j) = &t.job_timeout {
+                let setting = format!("DATASAVER_CONFIG: targets.{name}.job_timeout");
+                positive(&setting, parse_duration(&setting, j)?)?;
+            }
             t.retention.check(&format!(
                 "DATASAVER_CONFIG: targets.{name}.retention.failed_grace"
             ))?;
@@ -303,6 +318,13 @@ impl Policies {
                 )?,
                 None => DEFAULT_JOB_TIMEOUT,
             },
+        };
+        let transfer_idle = match env.get("DATASAVER_TRANSFER_IDLE_TIMEOUT") {
+            Some(v) => positive(
+                "DATASAVER_TRANSFER_IDLE_TIMEOUT",
+                parse_duration("DATASAVER_TRANSFER_IDLE_TIMEOUT", v)?,
+            )?,
+            None => DEFAULT_TRANSFER_IDLE_TIMEOUT,
         };
         let shutdown_grace = match env.get("DATASAVER_SHUTDOWN_GRACE") {
             Some(v) => parse_duration("DATASAVER_SHUTDOWN_GRACE", v)?,
@@ -326,9 +348,21 @@ impl Policies {
             defaults,
             targets: f.targets,
             job_timeout,
+            transfer_idle,
             shutdown_grace,
             floors,
         })
+    }
+
+    /// The deadline of a job of `target`: the file's per-target
+    /// `job_timeout`, else DATASAVER_JOB_TIMEOUT (checked at load).
+    pub fn job_timeout_for(&self, target: &str) -> std::time::Duration {
+        self.targets
+            .get(target)
+            .and_then(|t| t.job_timeout.as_deref())
+            .and_then(|j| parse_duration("job_timeout", j).ok())
+            .filter(|d| !d.is_zero())
+            .unwrap_or(self.job_timeout)
     }
 
     /// The schedule a target runs on: the file's, else the agent's request.
@@ -506,6 +540,14 @@ mod tests {
             ("targets:\n  acme:\n    shedule: \"0 2 * * *\"\n", "shedule"),
             ("timezone: Mars/Base\n", "DATASAVER_TIMEZONE"),
             ("retention:\n  failed_grace: soon\n", "failed_grace"),
+            (
+                "targets:\n  acme:\n    job_timeout: forever\n",
+                "targets.acme.job_timeout",
+            ),
+            (
+                "targets:\n  acme:\n    job_timeout: 0s\n",
+                "targets.acme.job_timeout",
+            ),
         ] {
             std::fs::write(&f, text).unwrap();
             let e = Policies::load(Some(&f), &env(&[])).unwrap_err();
@@ -515,6 +557,13 @@ mod tests {
         assert_eq!(e.setting, "DATASAVER_KEEP_DAILY");
         let e = Policies::load(None, &env(&[("DATASAVER_RETRY_BACKOFF", "1")])).unwrap_err();
         assert_eq!(e.setting, "DATASAVER_RETRY_BACKOFF");
+        for bad in ["0s", "soon"] {
+            let e = Policies::load(None, &env(&[("DATASAVER_TRANSFER_IDLE_TIMEOUT", bad)]))
+                .unwrap_err();
+            assert_eq!(e.setting, "DATASAVER_TRANSFER_IDLE_TIMEOUT");
+        }
+        let p = Policies::load(None, &env(&[("DATASAVER_TRANSFER_IDLE_TIMEOUT", "3s")])).unwrap();
+        assert_eq!(p.transfer_idle, std::time::Duration::from_secs(3));
         let e = Policies::load(Some(Path::new("/nonexistent.yaml")), &env(&[])).unwrap_err();
         assert_eq!(e.setting, "DATASAVER_CONFIG");
     }
@@ -535,6 +584,8 @@ mod tests {
         assert_eq!(p.retry.first_backoff, chrono::Duration::seconds(60));
         assert_eq!(p.job_timeout, std::time::Duration::from_secs(43200));
         assert_eq!(p.shutdown_grace, std::time::Duration::from_secs(10));
+        assert_eq!(p.transfer_idle, std::time::Duration::from_secs(300));
+        assert_eq!(p.job_timeout_for("acme"), p.job_timeout);
         assert_eq!(p.agent_grace, std::time::Duration::from_secs(30));
         assert_eq!(p.defaults, RetentionSpec::default());
         assert!(p.targets.is_empty());
@@ -574,7 +625,7 @@ mod tests {
              retention:\n  keep_last: 1\n  keep_daily: 10\n  keep_weekly: 5\n  keep_monthly: 12\n  \
              max_age_days: 365\n  keep_manual_days: 30\n  failed_grace: 2d\n\
              targets:\n  acme-main:\n    schedule: \"0 2 * * *\"\n    alert_after: 26h\n    \
-             retention:\n      keep_last: 24\n      failed_grace: 12h\n  \
+             job_timeout: 36h\n    retention:\n      keep_last: 24\n      failed_grace: 12h\n  \
              quiet:\n    schedule: \"off\"\n  keep-only:\n    retention:\n      keep_daily: 1\n",
         );
         let p = Policies::load(Some(&f), &env(&[])).unwrap();
@@ -608,6 +659,15 @@ mod tests {
         let acme = &p.targets["acme-main"];
         assert_eq!(acme.schedule.as_deref(), Some("0 2 * * *"));
         assert_eq!(acme.alert_after.as_deref(), Some("26h"));
+        // a target's own deadline; the others keep the file's
+        assert_eq!(
+            p.job_timeout_for("acme-main"),
+            std::time::Duration::from_secs(36 * 3600)
+        );
+        assert_eq!(
+            p.job_timeout_for("quiet"),
+            std::time::Duration::from_secs(3 * 3600)
+        );
         assert_eq!(
             acme.retention,
             RetentionSpec {

@@ -1,4 +1,7 @@
 //! The gRPC service agents call: the control stream, uploads and downloads.
+//! Every string an agent sends is cleaned here, on arrival (`clean`): one
+//! line, no control characters, bounded length, before it can reach the
+//! catalog, logs, webhooks or dsctl.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -44,7 +47,7 @@ impl AgentService for AgentSvc {
         let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("agent did not register within 30 s"))??;
-        let reg = match first.and_then(|m| m.msg) {
+        let reg = match first.and_then(clean::message).and_then(|m| m.msg) {
             Some(agent_message::Msg::Register(r)) => r,
             _ => {
                 return Err(Status::invalid_argument(
@@ -107,7 +110,7 @@ impl AgentService for AgentSvc {
                     Ok(Ok(None)) => break "agent closed its control stream".to_string(),
                     Ok(Ok(Some(m))) => {
                         core.fleet.touch(conn_id);
-                        match m.msg {
+                        match clean::message(m).and_then(|m| m.msg) {
                             Some(agent_message::Msg::Progress(p)) => {
                                 let id = p.job_id.clone();
                                 core.fleet.report(conn_id, &id, Report::Progress(p));
@@ -148,7 +151,7 @@ impl AgentService for AgentSvc {
         let remote = datasaver_common::telemetry::from_metadata(req.metadata());
         let mut inbound = req.into_inner();
         let header = match inbound.message().await?.and_then(|m| m.msg) {
-            Some(upload_request::Msg::Header(h)) => h,
+            Some(upload_request::Msg::Header(h)) => clean::header(h),
             _ => {
                 return Err(Status::invalid_argument(
                     "the first upload message must be a header",
@@ -172,6 +175,14 @@ impl AgentService for AgentSvc {
                 who.name()
             )));
         }
+        // One upload per job: a second one (a replay, a confused or hostile
+        // agent) must not race the first into the same backup.
+        if !self.core.fleet.claim_upload(&header.job_id) {
+            return Err(Status::already_exists(format!(
+                "backup {backup_id} already has an upload (one upload per job); agent {} sent a second",
+                who.name()
+            )));
+        }
         // A child of the agent's upload span, so both sides share one trace.
         let span = tracing::info_span!("upload", target = %target, backup = %backup_id);
         datasaver_common::telemetry::set_parent(&span, &remote);
@@ -187,7 +198,13 @@ impl AgentService for AgentSvc {
             pg_dump_version: header.pg_dump_version.clone(),
         };
         let stored = tracing::Instrument::instrument(
-            crate::jobs::store_upload(&self.core, &backup_id, meta, pieces(inbound)),
+            crate::jobs::store_upload(
+                &self.core,
+                &header.job_id,
+                &backup_id,
+                meta,
+                pieces(inbound),
+            ),
             span,
         )
         .await;
@@ -247,7 +264,16 @@ impl AgentService for AgentSvc {
             .open_verified(&backup)
             .await
             .map_err(|e| Status::unavailable(e.to_string()))?;
-        let out = stream.map(|r| match r {
+        // A download that moves no byte for DATASAVER_TRANSFER_IDLE_TIMEOUT
+        // (the agent stopped reading, or storage stalled) fails its job.
+        let watched = crate::jobs::transfer::watch(
+            &self.core,
+            &req.job_id,
+            crate::jobs::transfer::Start::Now,
+            stream,
+            ReadError::Storage,
+        );
+        let out = watched.map(|r| match r {
             Ok(data) => Ok(DownloadChunk {
                 data: data.to_vec(),
             }),
@@ -278,9 +304,11 @@ fn pieces(
                     stored_bytes: t.stored_bytes,
                 })),
                 Some(upload_request::Msg::Abort(a)) if a.interrupted => {
-                    Err(IngestError::Interrupted(a.reason))
+                    Err(IngestError::Interrupted(clean::error(&a.reason)))
                 }
-                Some(upload_request::Msg::Abort(a)) => Err(IngestError::Failed(a.reason)),
+                Some(upload_request::Msg::Abort(a)) => {
+                    Err(IngestError::Failed(clean::error(&a.reason)))
+                }
                 _ => Err(IngestError::Failed(
                     "unexpected message in upload stream".into(),
                 )),
@@ -290,4 +318,129 @@ fn pieces(
         let more = matches!(item, Ok(Piece::Data(_)));
         Some((item, more.then_some(inbound)))
     })
+}
+
+/// Strings from agents, cleaned where they arrive (see
+/// `datasaver_common::text::sanitize`): errors and messages up to
+/// `MAX_MESSAGE` bytes, names and versions up to `MAX_NAME`.
+mod clean {
+    use datasaver_common::proto::{agent_message, AgentMessage, UploadHeader};
+    use datasaver_common::text::{sanitize, MAX_MESSAGE, MAX_NAME};
+
+    pub fn error(s: &str) -> String {
+        sanitize(s, MAX_MESSAGE)
+    }
+
+    fn name(s: &mut String) {
+        if s.len() > MAX_NAME || s.chars().any(char::is_control) {
+            *s = sanitize(s, MAX_NAME);
+        }
+    }
+
+    fn text(s: &mut String) {
+        if s.len() > MAX_MESSAGE || s.chars().any(char::is_control) {
+            *s = sanitize(s, MAX_MESSAGE);
+        }
+    }
+
+    /// A control message with every string field cleaned.
+    pub fn message(mut m: AgentMessage) -> Option<AgentMessage> {
+        match &mut m.msg {
+            Some(agent_message::Msg::Register(r)) => {
+                name(&mut r.agent_version);
+                for t in &mut r.targets {
+                    // The target's name is validated, not cleaned: a bad
+                    // name is refused with the reason.
+                    for f in [
+                        &mut t.schedule,
+                        &mut t.compression,
+                        &mut t.database,
+                        &mut t.db_host,
+                    ] {
+                        name(f);
+                    }
+                }
+            }
+            Some(agent_message::Msg::Progress(p)) => {
+                name(&mut p.job_id);
+                name(&mut p.phase);
+                text(&mut p.message);
+            }
+            Some(agent_message::Msg::Result(r)) => {
+                name(&mut r.job_id);
+                text(&mut r.error);
+                text(&mut r.message);
+                name(&mut r.target_db);
+            }
+            Some(agent_message::Msg::Goodbye(g)) => text(&mut g.reason),
+            Some(agent_message::Msg::Heartbeat(_)) | None => {}
+        }
+        Some(m)
+    }
+
+    /// An upload header with every string field cleaned (ids and the
+    /// target are compared with the job's, so a dirty one is refused).
+    pub fn header(mut h: UploadHeader) -> UploadHeader {
+        for f in [
+            &mut h.compression,
+            &mut h.format,
+            &mut h.database,
+            &mut h.db_host,
+            &mut h.server_version,
+            &mut h.pg_dump_version,
+            &mut h.encryption_recipient,
+        ] {
+            name(f);
+        }
+        h
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+        use datasaver_common::proto::{JobProgress, JobResult};
+
+        #[test]
+        fn agent_strings_are_one_bounded_line() {
+            let long = "x".repeat(10_000);
+            let m = message(AgentMessage {
+                msg: Some(agent_message::Msg::Result(JobResult {
+                    job_id: "job-1".into(),
+                    error: format!("pg_dump: error\nFAKE LOG LINE\x1b[2J{long}"),
+                    message: "ok\r\n".into(),
+                    ..Default::default()
+                })),
+            })
+            .and_then(|m| m.msg);
+            let Some(agent_message::Msg::Result(r)) = m else {
+                panic!("a result")
+            };
+            assert!(r.error.starts_with("pg_dump: error FAKE LOG LINE [2J"));
+            assert!(r.error.len() <= MAX_MESSAGE);
+            assert!(!r.error.chars().any(char::is_control));
+            assert_eq!(r.message, "ok  ");
+            assert_eq!(r.job_id, "job-1");
+
+            let m = message(AgentMessage {
+                msg: Some(agent_message::Msg::Progress(JobProgress {
+                    phase: format!("dump\n{long}"),
+                    ..Default::default()
+                })),
+            })
+            .and_then(|m| m.msg);
+            let Some(agent_message::Msg::Progress(p)) = m else {
+                panic!("progress")
+            };
+            assert!(p.phase.len() <= MAX_NAME && p.phase.starts_with("dump x"));
+
+            let h = header(UploadHeader {
+                job_id: "job-1".into(),
+                database: "shop\n".into(),
+                server_version: long.clone(),
+                ..Default::default()
+            });
+            assert_eq!((h.job_id.as_str(), h.database.as_str()), ("job-1", "shop "));
+            assert!(h.server_version.len() <= MAX_NAME);
+        }
+    }
 }

@@ -7,12 +7,12 @@ use std::sync::Arc;
 
 use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
-    CleanupItem, CleanupRequest, CleanupResponse, DeleteBackupRequest, DeleteBackupResponse,
-    FloorRaise, GetBackupRequest, HealthRequest, HealthResponse, JobEvent, JobQueue,
-    ListAgentsRequest, ListAgentsResponse, ListBackupsRequest, ListBackupsResponse,
-    ListTargetsRequest, ListTargetsResponse, OpenAlert, PinRequest, RebuildCatalogRequest,
-    RebuildCatalogResponse, RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth,
-    TargetInfoRow, VerifyRequest,
+    CancelRequest, CancelResponse, CancelledJob, CleanupItem, CleanupRequest, CleanupResponse,
+    DeleteBackupRequest, DeleteBackupResponse, FloorRaise, GetBackupRequest, HealthRequest,
+    HealthResponse, JobEvent, JobQueue, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
+    ListBackupsResponse, ListTargetsRequest, ListTargetsResponse, OpenAlert, PinRequest,
+    RebuildCatalogRequest, RebuildCatalogResponse, RestoreRequest, StartBackupRequest,
+    TargetCleanup, TargetHealth, TargetInfoRow, VerifyRequest,
 };
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status};
 use super::{internal, Caller};
 use crate::authz::{self, Action, Denied};
 use crate::backups::{self, ActionError, Selector};
+use crate::fleet::JobKind;
 use crate::jobs::{self, Read, StartError};
 use crate::{to_proto, Core};
 
@@ -299,6 +300,50 @@ impl OperatorService for OperatorSvc {
         Ok(Response::new(ListTargetsResponse { targets: rows }))
     }
 
+    async fn cancel(
+        &self,
+        req: Request<CancelRequest>,
+    ) -> Result<Response<CancelResponse>, Status> {
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        let which = match (req.id.trim(), req.target.trim()) {
+            (id, "") if !id.is_empty() => jobs::Which::Id(id.to_string()),
+            ("", t) if !t.is_empty() => jobs::Which::Target(t.to_string()),
+            _ => {
+                return Err(Status::invalid_argument(
+                    "give a job or backup id, or --target T",
+                ))
+            }
+        };
+        let target = match &which {
+            jobs::Which::Target(t) => Some(t.as_str()),
+            jobs::Which::Id(_) => None,
+        };
+        self.allow_caller(&who, Action::Cancel, target)?;
+        tracing::info!(operator = %who, which = ?which, "cancel requested");
+        let reason = format!("cancelled by {} {}", who.identity.role.as_str(), who.name());
+        let visible = |t: &str| who.identity.in_scope(t);
+        let jobs = jobs::cancel_running(&self.core, &which, &visible, &reason, CANCEL_WAIT)
+            .await
+            .map_err(|e| Status::not_found(e.to_string()))?;
+        Ok(Response::new(CancelResponse {
+            jobs: jobs
+                .into_iter()
+                .map(|(job_id, j)| CancelledJob {
+                    job_id,
+                    kind: match j.kind {
+                        JobKind::Backup => "backup",
+                        JobKind::Restore => "restore",
+                        JobKind::List => "verify",
+                    }
+                    .into(),
+                    target: j.target,
+                    backup_id: j.backup_id,
+                })
+                .collect(),
+        }))
+    }
+
     async fn health(
         &self,
         req: Request<HealthRequest>,
@@ -370,6 +415,10 @@ impl OperatorService for OperatorSvc {
         }))
     }
 }
+
+/// How long `Cancel` waits for the cancelled jobs to record their outcome
+/// (the agent is given 5 s to take the CancelJob).
+const CANCEL_WAIT: std::time::Duration = std::time::Duration::from_secs(15);
 
 fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
     chrono::DateTime::parse_from_rfc3339(s)

@@ -8,10 +8,12 @@
 //!
 //! `backup` starts backups (the scheduler's queue calls it for scheduled and
 //! manual ones alike) and decides their outcome; `read` runs restores and
-//! verifies; `upload` is the upload's domain side.
+//! verifies; `upload` is the upload's domain side; `transfer` fails a job
+//! whose upload or download moves no byte for DATASAVER_TRANSFER_IDLE_TIMEOUT.
 
 pub mod backup;
 pub mod read;
+pub mod transfer;
 pub mod upload;
 
 use std::sync::Arc;
@@ -24,7 +26,7 @@ use datasaver_common::proto::{
 use tokio::sync::{mpsc, oneshot};
 use tonic::Status;
 
-use crate::fleet::{AgentTx, JobKind, JobTicket, Report};
+use crate::fleet::{AgentTx, JobKind, JobRef, JobTicket, Report, StopReason};
 use crate::schedule::planner::Outcome;
 use crate::Core;
 
@@ -86,7 +88,7 @@ pub enum FailureKind {
     Interrupted,
     /// The stored object does not match its recorded checksum.
     Corrupt,
-    /// `DATASAVER_JOB_TIMEOUT` passed.
+    /// `DATASAVER_JOB_TIMEOUT` or `DATASAVER_TRANSFER_IDLE_TIMEOUT` passed.
     TimedOut,
     /// An operator (or the coordinator) cancelled it.
     Cancelled,
@@ -127,6 +129,82 @@ pub fn cancel(core: &Core, job_id: &str, reason: &str) -> bool {
     core.fleet.cancel_job(job_id, reason)
 }
 
+/// Which running jobs an operator cancels.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Which {
+    /// A job id, or the id of the backup a job writes or reads.
+    Id(String),
+    /// Every running job of a target.
+    Target(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CancelError {
+    #[error("{0}")]
+    NothingRunning(String),
+}
+
+/// Cancels the running jobs `which` names, for `reason` ("cancelled by
+/// operator alice"), the way the deadline does; returns them once each has
+/// recorded its outcome (or after `wait`, whichever comes first).
+/// Jobs of targets `visible` rejects (outside the caller's scope) are
+/// treated as if they did not exist.
+pub async fn cancel_running(
+    core: &Core,
+    which: &Which,
+    visible: &(dyn Fn(&str) -> bool + Sync),
+    reason: &str,
+    wait: Duration,
+) -> Result<Vec<(String, JobRef)>, CancelError> {
+    let jobs: Vec<(String, JobRef)> = core
+        .fleet
+        .jobs()
+        .into_iter()
+        .filter(|(_, j)| visible(&j.target))
+        .filter(|(id, j)| match which {
+            Which::Id(x) => id == x || &j.backup_id == x,
+            Which::Target(t) => &j.target == t,
+        })
+        .collect();
+    if jobs.is_empty() {
+        return Err(CancelError::NothingRunning(match which {
+            Which::Id(x) => format!(
+                "no running job or backup {x} (running backups are listed by `dsctl list` with status running)"
+            ),
+            Which::Target(t) => format!("nothing is running for target {t}"),
+        }));
+    }
+    let mut cancelled = Vec::new();
+    for (id, j) in jobs {
+        if core.fleet.cancel_job(&id, reason) {
+            tracing::warn!(job = %id, target = %j.target, backup = %j.backup_id, %reason, "job cancelled");
+            cancelled.push((id, j));
+        }
+    }
+    if cancelled.is_empty() {
+        return Err(CancelError::NothingRunning(
+            "the job ended before it could be cancelled".into(),
+        ));
+    }
+    // A job leaves the fleet after its outcome is recorded (`AgentJob` is
+    // dropped then): wait for that, so the caller sees the recorded result.
+    let until = tokio::time::Instant::now() + wait;
+    while tokio::time::Instant::now() < until
+        && cancelled.iter().any(|(id, _)| core.fleet.job(id).is_some())
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(cancelled)
+}
+
+/// Fails job `job_id` because a limit passed (`message` names the setting);
+/// its task tells the agent and records the outcome. False when no such job
+/// runs.
+pub fn time_out(core: &Core, job_id: &str, message: &str) -> bool {
+    core.fleet
+        .stop_job(job_id, StopReason::TimedOut(message.to_string()))
+}
+
 /// One job registered with the fleet and bound to the agent running it.
 /// Dropping it takes the job out of the fleet, however the task ended.
 struct AgentJob {
@@ -134,6 +212,7 @@ struct AgentJob {
     id: String,
     agent: AgentTx,
     agent_name: String,
+    target: String,
     ticket: JobTicket,
 }
 
@@ -167,6 +246,7 @@ impl AgentJob {
             id,
             agent,
             agent_name,
+            target: target.to_string(),
             ticket,
         })
     }
@@ -208,7 +288,7 @@ impl AgentJob {
         expected: Expected,
         what: &str,
     ) -> Result<JobResult, JobFailure> {
-        let limit = self.core.policies.job_timeout;
+        let limit = self.core.policies.job_timeout_for(&self.target);
         let deadline = tokio::time::sleep(limit);
         tokio::pin!(deadline);
         let stop = loop {
@@ -220,10 +300,16 @@ impl AgentJob {
                     FailureKind::Interrupted,
                     "the coordinator is shutting down",
                 ),
-                _ = self.ticket.cancel.cancelled() => break JobFailure::new(
-                    FailureKind::Cancelled,
-                    format!("{what} cancelled: {}", self.ticket.cancel_reason()),
-                ),
+                _ = self.ticket.cancel.cancelled() => break match self.ticket.stop_reason() {
+                    StopReason::Cancelled(why) => JobFailure::new(
+                        FailureKind::Cancelled,
+                        format!("{what} cancelled: {why}"),
+                    ),
+                    StopReason::TimedOut(why) => JobFailure::new(
+                        FailureKind::TimedOut,
+                        format!("{what} failed: {why}; the agent was told to stop it"),
+                    ),
+                },
                 _ = &mut deadline => break JobFailure::new(
                     FailureKind::TimedOut,
                     format!(

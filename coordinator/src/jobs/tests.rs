@@ -8,6 +8,7 @@ use std::time::Duration;
 use datasaver_common::proto::{
     coordinator_message, job_event, CoordinatorMessage, JobErrorKind, JobResult,
 };
+use futures::StreamExt;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -107,6 +108,7 @@ async fn a_stored_backup_completes_and_frees_its_slot() {
     let job = backup_job(&mut agent).await;
     let stored = store_upload(
         &f.core,
+        &job,
         &started.id,
         header(),
         futures::stream::iter(upload(b"a whole dump")),
@@ -401,4 +403,148 @@ async fn a_restore_past_its_deadline_is_cancelled_on_the_agent() {
     let done = final_event(&mut started).await;
     assert!(done.error.contains("timed out after"), "{}", done.error);
     assert_eq!(outcome(&mut started).await, Outcome::Failed);
+}
+
+#[tokio::test]
+async fn a_stalled_upload_fails_the_backup_and_stops_the_agent() {
+    let f = fixture(Policies {
+        transfer_idle: Duration::from_secs(1),
+        ..Policies::default()
+    });
+    let (_conn, mut agent) = connect(&f.core, "shop");
+    let mut started = start_backup(&f.core, "shop", Trigger::Scheduled, None)
+        .await
+        .expect("started");
+    let job = backup_job(&mut agent).await;
+    // Half a dump, then silence: the agent froze mid-upload.
+    let first = upload(b"a dump that never ends").into_iter().take(1);
+    let stalled = futures::stream::iter(first).chain(futures::stream::pending());
+    let stored = store_upload(&f.core, &job, &started.id, header(), stalled).await;
+    let e = stored.expect_err("a stalled upload is not stored");
+    assert!(
+        e.to_string()
+            .contains("no data for 1s (DATASAVER_TRANSFER_IDLE_TIMEOUT)"),
+        "{e}"
+    );
+    let (cancelled, reason) = cancel_job(&mut agent).await;
+    assert_eq!(cancelled, job);
+    assert!(
+        reason.contains("DATASAVER_TRANSFER_IDLE_TIMEOUT"),
+        "{reason}"
+    );
+    let done = final_event(&mut started).await;
+    assert!(
+        done.error.contains("DATASAVER_TRANSFER_IDLE_TIMEOUT"),
+        "{}",
+        done.error
+    );
+    assert_eq!(outcome(&mut started).await, Outcome::Failed);
+    let row = f.core.repo.find(&started.id).await.expect("row");
+    assert_eq!(row.status, RowStatus::Failed);
+    assert!(
+        row.error
+            .as_deref()
+            .is_some_and(|e| e.contains("DATASAVER_TRANSFER_IDLE_TIMEOUT")),
+        "{:?}",
+        row.error
+    );
+    f.core.tasks.close();
+    f.core.tasks.wait().await;
+    assert!(
+        start_backup(&f.core, "shop", Trigger::Scheduled, None)
+            .await
+            .is_ok(),
+        "the slot is free for the next job"
+    );
+}
+
+#[tokio::test]
+async fn an_upload_that_keeps_moving_is_not_idle() {
+    let f = fixture(Policies {
+        transfer_idle: Duration::from_secs(1),
+        ..Policies::default()
+    });
+    let (_conn, mut agent) = connect(&f.core, "shop");
+    let started = start_backup(&f.core, "shop", Trigger::Manual, None)
+        .await
+        .expect("started");
+    let job = backup_job(&mut agent).await;
+    // Slower than the idle limit in total, never idle that long at once;
+    // and the wait before the first byte (pg_dump taking its locks) is not
+    // counted.
+    let slow = futures::stream::iter(upload(b"a slow but steady dump")).then(|p| async move {
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        p
+    });
+    let stored = store_upload(&f.core, &job, &started.id, header(), slow).await;
+    assert_eq!(stored.expect("stored").status, RowStatus::Completed);
+}
+
+#[tokio::test]
+async fn an_operator_cancels_by_backup_id_or_target() {
+    let f = fixture(Policies::default());
+    let (_conn, mut agent) = connect(&f.core, "shop");
+    let wait = Duration::from_secs(10);
+    let none = cancel_running(&f.core, &Which::Target("shop".into()), &|_| true, "x", wait).await;
+    assert!(
+        matches!(&none, Err(CancelError::NothingRunning(m)) if m == "nothing is running for target shop"),
+        "{none:?}"
+    );
+
+    let mut started = start_backup(&f.core, "shop", Trigger::Manual, None)
+        .await
+        .expect("started");
+    let job = backup_job(&mut agent).await;
+    let reason = "cancelled by operator alice";
+    let none = cancel_running(&f.core, &Which::Id("nope".into()), &|_| true, reason, wait).await;
+    assert!(none.is_err(), "{none:?}");
+    // The agent takes the CancelJob; the job records its outcome meanwhile.
+    let cancel = tokio::spawn({
+        let core = f.core.clone();
+        let id = started.id.clone();
+        async move { cancel_running(&core, &Which::Id(id), &|_| true, reason, wait).await }
+    });
+    let (cancelled, why) = cancel_job(&mut agent).await;
+    assert_eq!((cancelled.as_str(), why.as_str()), (job.as_str(), reason));
+    let jobs = cancel.await.expect("task").expect("cancelled");
+    assert_eq!(jobs.len(), 1);
+    assert_eq!(jobs[0].0, job);
+    assert_eq!(jobs[0].1.backup_id, started.id);
+    // Answered after the outcome was recorded.
+    let row = f.core.repo.find(&started.id).await.expect("row");
+    assert_eq!(row.status, RowStatus::Failed);
+    assert!(
+        row.error.as_deref().is_some_and(|e| e.contains(reason)),
+        "{:?}",
+        row.error
+    );
+    let done = final_event(&mut started).await;
+    assert!(done.error.contains(reason), "{}", done.error);
+
+    // By target: every job of it (here a verify).
+    let b = completed_backup(&f.core.repo, "shop", b"a dump").await;
+    let mut verify = start_read(&f.core, b, Read::Verify).expect("started");
+    let vjob = restore_job(&mut agent).await.job_id;
+    let cancel = tokio::spawn({
+        let core = f.core.clone();
+        async move {
+            cancel_running(
+                &core,
+                &Which::Target("shop".into()),
+                &|_| true,
+                reason,
+                wait,
+            )
+            .await
+        }
+    });
+    let (cancelled, _) = cancel_job(&mut agent).await;
+    assert_eq!(cancelled, vjob);
+    let jobs = cancel.await.expect("task").expect("cancelled");
+    assert_eq!(
+        jobs.into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
+        vec![vjob]
+    );
+    let done = final_event(&mut verify).await;
+    assert!(done.error.contains(reason), "{}", done.error);
 }

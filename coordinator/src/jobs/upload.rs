@@ -2,16 +2,20 @@
 //! from its agent, handed to the repository's all-or-nothing ingest with the
 //! GFS tags the backup gets when it completes.
 
+use std::sync::Arc;
+
 use crate::repo::{self, BackupRecord};
 use crate::Core;
 
 /// Stores the bytes of running backup `backup_id` as they arrive from its
-/// agent (the agent's `Upload` call): GFS tags for its completion, the
+/// agent (job `job_id`'s `Upload` call): GFS tags for its completion, the
 /// repository's all-or-nothing ingest, and — when it does not complete — the
 /// reason kept with the backup (the job's outcome is still decided in
-/// `decide`, once the agent reports).
+/// `decide`, once the agent reports). An upload that stalls for
+/// DATASAVER_TRANSFER_IDLE_TIMEOUT fails its job (`transfer::watch`).
 pub async fn store_upload<S>(
-    core: &Core,
+    core: &Arc<Core>,
+    job_id: &str,
     backup_id: &str,
     meta: repo::ingest::IngestMeta,
     pieces: S,
@@ -33,7 +37,14 @@ where
     // Counted as they arrive (throughput in /metrics), and cut off with a
     // reason when the coordinator shuts down.
     let metrics = &core.metrics;
-    let counted = pieces.inspect(|p| {
+    let watched = super::transfer::watch(
+        core,
+        job_id,
+        super::transfer::Start::FirstItem,
+        pieces,
+        IngestError::Failed,
+    );
+    let counted = watched.inspect(|p| {
         if let Ok(Piece::Data(d)) = p {
             metrics.uploaded(&target, d.len() as u64);
         }
