@@ -13,6 +13,7 @@ mod e2e {
     mod codecs;
     mod faults;
     mod harness_selftest;
+    mod limits;
     mod monitoring;
     mod queue;
     mod rebuild;
