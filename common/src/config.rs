@@ -166,6 +166,61 @@ pub fn format_duration(d: std::time::Duration) -> String {
     format!("{s}s")
 }
 
+/// Parses a byte size such as `1GiB`, `500MiB`, `10MB` or plain bytes
+/// (`1048576`). Binary (`KiB`, `MiB`, `GiB`, `TiB`) and decimal (`kB`, `MB`,
+/// `GB`, `TB`) units are both accepted, case-insensitively.
+pub fn parse_size(setting: &str, v: &str) -> Result<u64, SettingError> {
+    let v = v.trim();
+    let bad = || {
+        SettingError::new(
+            setting,
+            format!("{v:?} is not a size (use bytes or a number with KiB, MiB, GiB, TiB, e.g. 1GiB, 500MiB)"),
+        )
+    };
+    let split = v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len());
+    let (num, unit) = v.split_at(split);
+    let factor: u64 = match unit.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" => 1000,
+        "kib" => 1 << 10,
+        "m" | "mb" => 1000 * 1000,
+        "mib" => 1 << 20,
+        "g" | "gb" => 1000 * 1000 * 1000,
+        "gib" => 1 << 30,
+        "t" | "tb" => 1000 * 1000 * 1000 * 1000,
+        "tib" => 1 << 40,
+        _ => return Err(bad()),
+    };
+    let num = num.trim();
+    if let Ok(n) = num.parse::<u64>() {
+        return n.checked_mul(factor).ok_or_else(bad);
+    }
+    // Fractions only with a unit ("1.5GiB"); a byte count is whole.
+    let n: f64 = num.parse().map_err(|_| bad())?;
+    let total = n * factor as f64;
+    if factor == 1 || !total.is_finite() || total < 0.0 || total >= u64::MAX as f64 {
+        return Err(bad());
+    }
+    Ok(total as u64)
+}
+
+/// A byte size the way `parse_size` reads it, in the largest binary unit
+/// that keeps one decimal (`1.0 GiB`, `812.3 MiB`, `512 B`).
+pub fn format_size(bytes: u64) -> String {
+    const UNITS: [(&str, u64); 4] = [
+        ("TiB", 1 << 40),
+        ("GiB", 1 << 30),
+        ("MiB", 1 << 20),
+        ("KiB", 1 << 10),
+    ];
+    for (unit, n) in UNITS {
+        if bytes >= n {
+            return format!("{:.1} {unit}", bytes as f64 / n as f64);
+        }
+    }
+    format!("{bytes} B")
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -228,5 +283,22 @@ mod tests {
             let e = parse_duration("D", bad).unwrap_err();
             assert_eq!(e.setting, "D", "{bad}");
         }
+    }
+
+    #[test]
+    fn sizes() {
+        let s = |v| parse_size("S", v);
+        assert_eq!(s("1GiB").unwrap(), 1 << 30);
+        assert_eq!(s("500MiB").unwrap(), 500 << 20);
+        assert_eq!(s("500 mib").unwrap(), 500 << 20);
+        assert_eq!(s("1048576").unwrap(), 1 << 20);
+        assert_eq!(s("0").unwrap(), 0);
+        assert_eq!(s("2GB").unwrap(), 2_000_000_000);
+        assert_eq!(s("1.5GiB").unwrap(), 3 << 29);
+        for bad in ["", "GiB", "-1", "1.5", "1 PiB", "abc", "99999999999TiB"] {
+            assert_eq!(s(bad).unwrap_err().setting, "S", "{bad}");
+        }
+        assert_eq!(format_size(1 << 30), "1.0 GiB");
+        assert_eq!(format_size(512), "512 B");
     }
 }

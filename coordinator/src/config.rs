@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Parser;
-use datasaver_common::config::{parse_bool, Env, SettingError};
+use datasaver_common::config::{parse_bool, parse_size, Env, SettingError};
 use datasaver_common::tls::TlsPaths;
 
 use crate::policy::Policies;
@@ -27,8 +27,8 @@ use crate::storage::s3::{S3Settings, Sse, MAX_PART_SIZE, MIN_PART_SIZE};
                   DATASAVER_KEEP_MANUAL_DAYS, DATASAVER_FAILED_GRACE; scheduling \
                   DATASAVER_TIMEZONE, DATASAVER_MAX_CONCURRENT_BACKUPS, DATASAVER_RETRY_ATTEMPTS, \
                   DATASAVER_RETRY_BACKOFF, DATASAVER_AGENT_GRACE; jobs DATASAVER_JOB_TIMEOUT, \
-                  DATASAVER_TRANSFER_IDLE_TIMEOUT, \
-                  DATASAVER_SHUTDOWN_GRACE; alerting DATASAVER_WEBHOOK_URL, \
+                  DATASAVER_TRANSFER_IDLE_TIMEOUT, DATASAVER_MAX_TARGETS_PER_AGENT, \
+                  DATASAVER_SHUTDOWN_GRACE; local storage DATASAVER_MIN_FREE_BYTES; alerting DATASAVER_WEBHOOK_URL, \
                   DATASAVER_WEBHOOK_SECRET (both also *_FILE), DATASAVER_ALERT_AFTER or \
                   DATASAVER_ALERT_AFTER_HOURS, DATASAVER_ALERT_CONSECUTIVE_FAILURES, \
                   DATASAVER_ALERT_AGENT_GRACE; OTEL_EXPORTER_OTLP_ENDPOINT for traces; \
@@ -105,7 +105,12 @@ pub struct Args {
 
 #[derive(Debug, Clone)]
 pub enum Backend {
-    Local { path: PathBuf },
+    Local {
+        path: PathBuf,
+        /// A backup fails when the filesystem's free space drops under this
+        /// (`DATASAVER_MIN_FREE_BYTES`); 0 = no check.
+        min_free_bytes: u64,
+    },
     S3(Box<S3Settings>),
 }
 
@@ -119,6 +124,50 @@ pub struct Config {
     pub log_json: bool,
     pub policies: Policies,
     pub alerts: crate::alerts::AlertConfig,
+    /// Limits of the plain-HTTP server (`/health`, `/metrics`).
+    pub http: HttpLimits,
+}
+
+/// The default of `DATASAVER_MIN_FREE_BYTES`: room for the catalog, logs and
+/// the system, whatever the backups take.
+pub const DEFAULT_MIN_FREE_BYTES: u64 = 1 << 30;
+
+/// What one client may take of the unauthenticated HTTP server: it must send
+/// its request headers within `header_timeout`, and at most
+/// `max_connections` connections are served at once (more wait in the
+/// listen backlog).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct HttpLimits {
+    pub header_timeout: std::time::Duration,
+    pub max_connections: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        Self {
+            header_timeout: std::time::Duration::from_secs(10),
+            max_connections: 64,
+        }
+    }
+}
+
+impl HttpLimits {
+    /// The defaults; `DATASAVER_HTTP_HEADER_TIMEOUT` (undocumented, for
+    /// tests) shortens the header timeout.
+    fn from_env(env: &Env) -> Result<HttpLimits, SettingError> {
+        let mut l = HttpLimits::default();
+        if let Some(v) = env.get("DATASAVER_HTTP_HEADER_TIMEOUT") {
+            let d = datasaver_common::config::parse_duration("DATASAVER_HTTP_HEADER_TIMEOUT", v)?;
+            if d.is_zero() {
+                return Err(SettingError::new(
+                    "DATASAVER_HTTP_HEADER_TIMEOUT",
+                    "must be longer than 0",
+                ));
+            }
+            l.header_timeout = d;
+        }
+        Ok(l)
+    }
 }
 
 impl Args {
@@ -137,6 +186,10 @@ impl Args {
                     .storage_path
                     .clone()
                     .unwrap_or_else(|| self.data_dir.join("backups")),
+                min_free_bytes: match env.get("DATASAVER_MIN_FREE_BYTES") {
+                    None => DEFAULT_MIN_FREE_BYTES,
+                    Some(v) => parse_size("DATASAVER_MIN_FREE_BYTES", v)?,
+                },
             },
             "s3" => Backend::S3(Box::new(self.s3_settings(env)?)),
             other => {
@@ -159,7 +212,9 @@ impl Args {
         };
         let policies = Policies::load(self.config.as_deref(), env)?;
         let alerts = alert_config(env, &policies)?;
+        let http = HttpLimits::from_env(env)?;
         Ok(Config {
+            http,
             alerts,
             policies,
             grpc_listen,
@@ -464,11 +519,17 @@ mod tests {
         assert_eq!(c.http_listen, addr("0.0.0.0:9090"));
         assert_eq!(c.data_dir, PathBuf::from("./datasaver-data"));
         match &c.backend {
-            Backend::Local { path } => {
-                assert_eq!(path, &PathBuf::from("./datasaver-data/backups"))
+            Backend::Local {
+                path,
+                min_free_bytes,
+            } => {
+                assert_eq!(path, &PathBuf::from("./datasaver-data/backups"));
+                assert_eq!(*min_free_bytes, 1 << 30);
             }
             other => panic!("expected the local backend, got {other:?}"),
         }
+        assert_eq!(c.http.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http.max_connections, 64);
         assert_eq!(c.tls.ca, PathBuf::from("/pki/ca.pem"));
         assert_eq!(c.tls.cert, PathBuf::from("/pki/coordinator.pem"));
         assert_eq!(c.tls.key, PathBuf::from("/pki/coordinator.key"));
@@ -544,7 +605,7 @@ mod tests {
         assert_eq!(c.data_dir, PathBuf::from("/var/lib/datasaver"));
         match &c.backend {
             // the local backend follows the data directory
-            Backend::Local { path } => {
+            Backend::Local { path, .. } => {
                 assert_eq!(path, &PathBuf::from("/var/lib/datasaver/backups"))
             }
             other => panic!("expected the local backend, got {other:?}"),
@@ -575,8 +636,17 @@ mod tests {
             .validate(&env(&[]))
             .unwrap();
         match &c.backend {
-            Backend::Local { path } => assert_eq!(path, &PathBuf::from("/mnt/backups")),
+            Backend::Local { path, .. } => assert_eq!(path, &PathBuf::from("/mnt/backups")),
             other => panic!("expected the local backend, got {other:?}"),
+        }
+        for (v, want) in [("500MiB", 500u64 << 20), ("0", 0), ("2000000", 2_000_000)] {
+            let c = args(&[])
+                .validate(&env(&[("DATASAVER_MIN_FREE_BYTES", v)]))
+                .unwrap();
+            match &c.backend {
+                Backend::Local { min_free_bytes, .. } => assert_eq!(*min_free_bytes, want, "{v}"),
+                other => panic!("expected the local backend, got {other:?}"),
+            }
         }
         // the backend's name is read case-insensitively
         let c = args(&["--storage-backend", " LOCAL "])
@@ -660,6 +730,21 @@ mod tests {
                 vec!["--storage-backend", "ftp"],
                 vec![],
                 "DATASAVER_STORAGE_BACKEND",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_MIN_FREE_BYTES", "lots")],
+                "DATASAVER_MIN_FREE_BYTES",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_MIN_FREE_BYTES", "-1GiB")],
+                "DATASAVER_MIN_FREE_BYTES",
+            ),
+            (
+                vec![],
+                vec![("DATASAVER_HTTP_HEADER_TIMEOUT", "0s")],
+                "DATASAVER_HTTP_HEADER_TIMEOUT",
             ),
             (
                 vec!["--grpc-listen", "localhost"],

@@ -91,6 +91,74 @@ pub struct Report {
     pub targets: Vec<TargetStatus>,
 }
 
+/// Where the full error texts are: `dsctl health`, over mutual TLS.
+const DETAILS: &str = "details: dsctl health";
+
+impl Report {
+    /// What the unauthenticated `GET /health` shows: the same report with
+    /// every error text (which can name a database's user, host, port and
+    /// name) replaced by its class. Operators read the texts with `dsctl
+    /// health`.
+    pub fn public(mut self) -> Report {
+        use crate::alerts::rules::Kind;
+        for t in &mut self.targets {
+            t.last_backup_error = t.last_backup_error.as_deref().map(public_error);
+            for a in &mut t.alerts {
+                let id = a.backup_id.as_deref().unwrap_or("?");
+                a.message = match Kind::from_event(&a.event) {
+                    // Built from names, ids, times and numbers only.
+                    Some(
+                        Kind::BackupOverdue
+                        | Kind::ConsecutiveFailures
+                        | Kind::SizeAnomaly
+                        | Kind::AgentDisconnected
+                        | Kind::ScheduleMissed,
+                    ) => std::mem::take(&mut a.message),
+                    Some(Kind::BackupFailed) => format!(
+                        "backup {id} of {} failed: {}",
+                        t.target,
+                        t.last_backup_error
+                            .clone()
+                            .unwrap_or_else(|| public_error(""))
+                    ),
+                    Some(Kind::VerifyFailed) => format!("verify of {id} failed ({DETAILS})"),
+                    None => format!("{} ({DETAILS})", a.event),
+                };
+            }
+        }
+        self
+    }
+}
+
+/// The class of a backup's error, without its text: what `/health` may
+/// show to anyone who can reach it.
+pub fn public_error(error: &str) -> String {
+    let e = error.to_ascii_lowercase();
+    let connection = [
+        "cannot connect to database",
+        "connection to server",
+        "password",
+        "could not connect",
+        "could not translate host name",
+        "no pg_hba.conf entry",
+    ];
+    let class = if connection.iter().any(|c| e.contains(c)) {
+        "database unreachable"
+    } else {
+        match crate::metrics::failure_reason(error) {
+            "agent_not_connected" => "agent not connected",
+            "interrupted" => "interrupted",
+            "database_unreachable" => "database unreachable",
+            "pg_dump" => "pg_dump failed",
+            "checksum" => "checksum mismatch",
+            "storage" => "storage error",
+            "agent_lost" => "agent connection lost",
+            _ => "failed",
+        }
+    };
+    format!("{class} ({DETAILS})")
+}
+
 fn parse(t: &str) -> Option<DateTime<Utc>> {
     DateTime::parse_from_rfc3339(t)
         .ok()
@@ -220,4 +288,106 @@ pub async fn report(core: &Core) -> Result<Report, String> {
         },
         targets,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(error: &str, alerts: Vec<OpenAlert>) -> TargetStatus {
+        TargetStatus {
+            target: "app".into(),
+            status: Level::Degraded,
+            status_reason: "backup.failed".into(),
+            schedule: None,
+            next_backup_at: None,
+            last_backup_at: None,
+            last_backup_id: Some("app_20240101_000000".into()),
+            last_backup_status: Some("failed".into()),
+            last_backup_error: Some(error.into()),
+            last_success_at: None,
+            last_success_unix: None,
+            backups: 0,
+            stored_bytes: 0,
+            agent_connected: true,
+            missed_slots: 0,
+            alerts,
+            raised_to_floor: vec![],
+        }
+    }
+
+    #[test]
+    fn the_public_report_names_no_connection_detail() {
+        let error = "pg_dump failed: pg_dump: error: connection to server at \"10.1.2.3\", port 6543 failed: FATAL:  password authentication failed for user \"billing_ro\"";
+        let alert = |event: &str, message: &str| OpenAlert {
+            event: event.into(),
+            message: message.into(),
+            since: "2024-01-01T00:00:00Z".into(),
+            backup_id: Some("app_20240101_000000".into()),
+        };
+        let r = Report {
+            status: Level::Degraded,
+            time_zone: "UTC".into(),
+            agents_connected: 1,
+            queue: Queue {
+                running: 0,
+                waiting: 0,
+                limit: 4,
+            },
+            targets: vec![target(
+                error,
+                vec![
+                    alert(
+                        "backup.failed",
+                        &format!("backup app_20240101_000000 of app failed: {error}"),
+                    ),
+                    alert("verify.failed", &format!("verify of x failed: {error}")),
+                    alert("some.future_kind", error),
+                    alert("backup.overdue", "no successful backup of app for 27 h"),
+                ],
+            )],
+        };
+        let text = serde_json::to_string(&r.public()).unwrap();
+        for secret in ["10.1.2.3", "6543", "billing_ro", "FATAL"] {
+            assert!(!text.contains(secret), "{secret} in {text}");
+        }
+        assert!(
+            text.contains("database unreachable (details: dsctl health)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("backup app_20240101_000000 of app failed: database unreachable"),
+            "{text}"
+        );
+        assert!(
+            text.contains("no successful backup of app for 27 h"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn errors_are_classed() {
+        for (error, class) in [
+            (
+                "cannot connect to database app at db:5432 as u: refused",
+                "database unreachable",
+            ),
+            (
+                "checksum mismatch on upload: agent sent blake3:1",
+                "checksum mismatch",
+            ),
+            (
+                "storage write \"a/logical/x\": only 1 MiB free",
+                "storage error",
+            ),
+            ("agent not connected", "agent not connected"),
+            ("something else at host db.internal", "failed"),
+        ] {
+            assert_eq!(
+                public_error(error),
+                format!("{class} (details: dsctl health)"),
+                "{error}"
+            );
+        }
+    }
 }

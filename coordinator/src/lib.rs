@@ -16,6 +16,7 @@ pub mod floors;
 pub mod health;
 pub mod jobs;
 pub mod listener;
+pub mod lock;
 pub mod metrics;
 pub mod policy;
 pub mod repo;
@@ -83,6 +84,8 @@ pub enum StartError {
         path: String,
         source: std::io::Error,
     },
+    #[error("{0}")]
+    Lock(#[from] lock::LockError),
     #[error("DATASAVER_TLS_CERT: the certificate's role is {0}, not coordinator (use coordinator.crt from `dsctl certs init`)")]
     WrongRole(String),
     #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
@@ -150,8 +153,17 @@ pub async fn run(
         path: config.data_dir.display().to_string(),
         source,
     })?;
+    // Before anything touches storage or the catalog: start-up repair below
+    // would otherwise fail the running backups of another coordinator on the
+    // same directory and remove its temp files. Held until `run` returns.
+    let _lock = lock::DataDirLock::acquire(&config.data_dir)?;
     let storage: Arc<dyn Storage> = match &config.backend {
-        Backend::Local { path } => Arc::new(storage::local::LocalStorage::open(path.clone())?),
+        Backend::Local {
+            path,
+            min_free_bytes,
+        } => Arc::new(
+            storage::local::LocalStorage::open(path.clone())?.with_min_free(*min_free_bytes),
+        ),
         Backend::S3(settings) => {
             let s3 = storage::s3::S3Storage::new((**settings).clone())?;
             s3.probe().await.map_err(StartError::Probe)?;
@@ -249,7 +261,7 @@ pub async fn run(
     let http_addr = http.local_addr().map(|a| a.to_string()).unwrap_or_default();
     let sched = tokio::spawn(schedule::driver::run(core.clone()));
     let background = [
-        tokio::spawn(api::http::serve(core.clone(), http)),
+        tokio::spawn(api::http::serve(core.clone(), http, config.http)),
         tokio::spawn(alerts::run(core.clone())),
         tokio::spawn(alerts::webhook::run(core.clone())),
     ];

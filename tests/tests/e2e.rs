@@ -15,6 +15,7 @@ mod e2e {
     mod faults;
     mod floors;
     mod harness_selftest;
+    mod limits;
     mod monitoring;
     mod queue;
     mod rebuild;

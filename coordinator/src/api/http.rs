@@ -1,6 +1,8 @@
 //! Plain HTTP for probes and scrapers: `GET /health` (200 when healthy, 503
 //! otherwise, so it works as a Docker HEALTHCHECK or a Kubernetes probe) and
-//! `GET /metrics` (Prometheus text format). No secrets are served here.
+//! `GET /metrics` (Prometheus text format). No secrets are served here, and
+//! no error texts: they can name a database's user, host and port (see
+//! `health::Report::public`).
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -8,9 +10,10 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
+use crate::config::HttpLimits;
 use crate::Core;
 
 fn reply(code: StatusCode, content_type: &str, body: String) -> Response<Full<Bytes>> {
@@ -31,7 +34,7 @@ async fn handle(core: Arc<Core>, req: Request<hyper::body::Incoming>) -> Respons
         );
     }
     match req.uri().path() {
-        "/health" | "/healthz" => match crate::health::report(&core).await {
+        "/health" | "/healthz" => match crate::health::report(&core).await.map(|r| r.public()) {
             Ok(r) => {
                 let code = if r.status == crate::health::Level::Healthy {
                     StatusCode::OK
@@ -41,11 +44,16 @@ async fn handle(core: Arc<Core>, req: Request<hyper::body::Incoming>) -> Respons
                 let body = serde_json::to_string_pretty(&r).unwrap_or_default();
                 reply(code, "application/json", body + "\n")
             }
-            Err(e) => reply(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "application/json",
-                serde_json::json!({ "status": "unhealthy", "error": e }).to_string(),
-            ),
+            Err(e) => {
+                // The text (paths, SQLite's words) is for the log only.
+                tracing::error!(error = %e, "GET /health could not read the catalog");
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "application/json",
+                    serde_json::json!({ "status": "unhealthy", "error": "catalog unavailable" })
+                        .to_string(),
+                )
+            }
         },
         "/metrics" => {
             if let Ok(r) = crate::health::report(&core).await {
@@ -71,9 +79,21 @@ async fn handle(core: Arc<Core>, req: Request<hyper::body::Incoming>) -> Respons
     }
 }
 
-/// Serves until the coordinator shuts down.
-pub async fn serve(core: Arc<Core>, listener: TcpListener) {
+/// Serves until the coordinator shuts down. Anyone who can reach the port
+/// can connect, so one client cannot hold the server: a connection that has
+/// not sent its request headers within `limits.header_timeout` is closed,
+/// and at most `limits.max_connections` are served at once (the next ones
+/// wait in the listen backlog until one ends).
+pub async fn serve(core: Arc<Core>, listener: TcpListener, limits: HttpLimits) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(limits.max_connections.max(1)));
     loop {
+        let slot = tokio::select! {
+            _ = core.cancel.cancelled() => break,
+            s = slots.clone().acquire_owned() => match s {
+                Ok(s) => s,
+                Err(_) => break,
+            },
+        };
         let (stream, _) = tokio::select! {
             _ = core.cancel.cancelled() => break,
             a = listener.accept() => match a {
@@ -86,11 +106,14 @@ pub async fn serve(core: Arc<Core>, listener: TcpListener) {
         };
         let core = core.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             let svc = hyper::service::service_fn(move |req| {
                 let core = core.clone();
                 async move { Ok::<_, Infallible>(handle(core, req).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
                 .serve_connection(TokioIo::new(stream), svc)
                 .await;
         });

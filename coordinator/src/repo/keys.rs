@@ -34,6 +34,59 @@ pub fn id_of(key: &str) -> Option<&str> {
     Some(id)
 }
 
+/// The directory of each kind under its target.
+fn kind_of_dir(dir: &str) -> Option<Kind> {
+    match dir {
+        "logical" => Some(Kind::Logical),
+        _ => None,
+    }
+}
+
+/// `<target>/<kind dir>/<file>` with a valid target and a known kind, and
+/// nothing else.
+fn split_layout(key: &str) -> Option<(Kind, &str, &str)> {
+    let mut parts = key.split('/');
+    let (target, dir, file) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    datasaver_common::names::validate_target(target).ok()?;
+    Some((kind_of_dir(dir)?, target, file))
+}
+
+/// A backup id of `target`'s (`<target>_<time>[_n]`).
+fn is_id_of(id: &str, target: &str) -> bool {
+    datasaver_common::names::validate_backup_id(id).is_ok()
+        && id
+            .strip_prefix(target)
+            .is_some_and(|rest| rest.starts_with('_'))
+}
+
+/// The kind, target and backup id a meta key names, when the key has the
+/// layout's exact shape (`<target>/logical/<target>_<time>.meta.json`).
+pub fn parse_meta_key(key: &str) -> Option<(Kind, &str, &str)> {
+    let (kind, target, file) = split_layout(key)?;
+    let id = file.strip_suffix(META_SUFFIX)?;
+    is_id_of(id, target).then_some((kind, target, id))
+}
+
+/// Whether `key` is one of the layout's own keys: a backup object
+/// (`<target>/logical/<id>.dump` plus a codec's extension and `.age`) or a
+/// meta file. Start-up cleanup of a shared S3 bucket touches only these.
+pub fn is_own_key(key: &str) -> bool {
+    if parse_meta_key(key).is_some() {
+        return true;
+    }
+    let Some((_, target, file)) = split_layout(key) else {
+        return false;
+    };
+    let Some((id, ext)) = file.split_once(".dump") else {
+        return false;
+    };
+    let ext = ext.strip_suffix(".age").unwrap_or(ext);
+    is_id_of(id, target) && ["", ".zst", ".gz"].contains(&ext)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +104,49 @@ mod tests {
             Some("acme_20240111_020015")
         );
         assert_eq!(id_of("acme/other/x.dump"), None);
+        assert_eq!(
+            parse_meta_key(&m),
+            Some((Kind::Logical, "acme", "acme_20240111_020015"))
+        );
+    }
+
+    #[test]
+    fn own_keys_are_exactly_the_layout() {
+        for own in [
+            "acme/logical/acme_20240111_020015.dump",
+            "acme/logical/acme_20240111_020015.dump.zst",
+            "acme/logical/acme_20240111_020015_2.dump.gz.age",
+            "acme-main/logical/acme-main_20240111_020015.dump.zst.age",
+            "acme/logical/acme_20240111_020015.meta.json",
+        ] {
+            assert!(is_own_key(own), "{own}");
+        }
+        for foreign in [
+            // other applications in a shared bucket or under the prefix
+            "videos/raw/upload.mp4",
+            "acme/logical/notes.txt",
+            "backups/acme/logical/acme_20240111_020015.dump.zst",
+            "acme/logical/sub/acme_20240111_020015.dump.zst",
+            "acme/physical/acme_20240111_020015.dump.zst",
+            // an id of another target, an unknown extension, bad names
+            "acme/logical/globex_20240111_020015.dump.zst",
+            "acme/logical/acme_20240111_020015.dump.tar",
+            "acme/logical/acme_20240111_020015.dump.zst.bak",
+            "Acme/logical/Acme_20240111_020015.dump",
+            "acme/logical/acmex_20240111_020015.dump",
+            "acme/logical/.acme_20240111_020015.dump",
+            ".datasaver-probe/x",
+            "",
+        ] {
+            assert!(!is_own_key(foreign), "{foreign}");
+        }
+        assert_eq!(
+            parse_meta_key("acme/logical/globex_20240111_020015.meta.json"),
+            None
+        );
+        assert_eq!(
+            parse_meta_key("x/acme/logical/acme_20240111_020015.meta.json"),
+            None
+        );
     }
 }

@@ -2,13 +2,24 @@
 //! `<id>.meta.json` whose object exists with the recorded size becomes a
 //! completed backup again. Anything that does not add up is reported, never
 //! imported as a good backup.
+//!
+//! A meta file is believed only about the place it was found at: its target,
+//! id and object key must be the ones its own key names (a file copied into
+//! another target's directory, or edited to name another target, would
+//! otherwise give that target's backups away), and files over
+//! [`MAX_META_BYTES`] are not read at all.
 
 use std::collections::{HashMap, HashSet};
 
 use futures::TryStreamExt;
 
 use super::meta::Meta;
+use super::record::Kind;
 use super::{keys, RepoError, Repository};
+
+/// The largest meta file read (ours are about 1 KiB); anything bigger is
+/// reported instead of read into memory.
+pub const MAX_META_BYTES: u64 = 1 << 20;
 
 #[derive(Debug, Default)]
 pub struct RebuildReport {
@@ -18,17 +29,22 @@ pub struct RebuildReport {
 }
 
 impl Repository {
-    /// Reads a small object (a meta file) whole.
+    /// Reads a small object (a meta file) whole; more than
+    /// [`MAX_META_BYTES`] is refused without reading it all.
     pub(super) async fn read_small(&self, key: &str) -> Result<Vec<u8>, String> {
         let chunks: Vec<bytes::Bytes> = self
             .storage
-            .get(key)
+            .get_range(key, 0, Some(MAX_META_BYTES + 1))
             .await
             .map_err(|e| e.to_string())?
             .try_collect()
             .await
             .map_err(|e| e.to_string())?;
-        Ok(chunks.concat())
+        let bytes = chunks.concat();
+        if bytes.len() as u64 > MAX_META_BYTES {
+            return Err(too_big());
+        }
+        Ok(bytes)
     }
 
     /// Adds to the catalog every backup storage holds that it lacks.
@@ -48,6 +64,13 @@ impl Repository {
             .iter()
             .filter(|o| o.key.ends_with(keys::META_SUFFIX))
         {
+            if o.size > MAX_META_BYTES {
+                claimed.insert(o.key.clone());
+                report
+                    .problems
+                    .push(format!("{}: {}; not imported", o.key, too_big()));
+                continue;
+            }
             let meta = match self.read_small(&o.key).await.and_then(|b| Meta::parse(&b)) {
                 Ok(m) => m,
                 Err(e) => {
@@ -56,16 +79,13 @@ impl Repository {
                 }
             };
             claimed.insert(o.key.clone());
-            claimed.insert(meta.object_key.clone());
-            if meta.meta_key != o.key
-                || datasaver_common::names::validate_backup_id(&meta.id).is_err()
-            {
-                report.problems.push(format!(
-                    "{}: its contents describe another backup ({})",
-                    o.key, meta.meta_key
-                ));
+            if let Err(e) = check_own_key(&o.key, &meta) {
+                report
+                    .problems
+                    .push(format!("{}: {e}; not imported", o.key));
                 continue;
             }
+            claimed.insert(meta.object_key.clone());
             match sizes.get(&meta.object_key) {
                 None => {
                     report.problems.push(format!(
@@ -109,5 +129,154 @@ impl Repository {
         }
         report.imported.sort();
         Ok(report)
+    }
+}
+
+fn too_big() -> String {
+    format!("larger than {MAX_META_BYTES} bytes, too big to be a datasaver meta file (not read)")
+}
+
+/// Whether `meta`, found at `found_at`, describes the backup that key
+/// belongs to: its target, id, meta key and object key are the layout's for
+/// that place. `Err` says what differs.
+pub(super) fn check_own_key(found_at: &str, meta: &Meta) -> Result<(), String> {
+    // The target first: the likeliest tampering (a file moved or edited to
+    // hand a backup to another target) gets the plainest message.
+    let dir = found_at.split('/').next().unwrap_or_default();
+    if meta.target != dir {
+        return Err(format!(
+            "records target {:?} but lies under {dir:?}",
+            meta.target
+        ));
+    }
+    let file = found_at.rsplit('/').next().unwrap_or_default();
+    let file_id = file.strip_suffix(keys::META_SUFFIX).unwrap_or(file);
+    if meta.id != file_id {
+        return Err(format!(
+            "records backup {:?} but its file name is {file:?}",
+            meta.id
+        ));
+    }
+    let Some((kind, target, id)) = keys::parse_meta_key(found_at) else {
+        return Err(format!(
+            "is not at a meta file's place for target {dir:?} (<target>/logical/<target>_<time>{})",
+            keys::META_SUFFIX
+        ));
+    };
+    if Kind::parse(&meta.kind) != Some(kind) {
+        return Err(format!(
+            "records kind {:?} but lies in a {} directory",
+            meta.kind,
+            kind.as_str()
+        ));
+    }
+    if meta.meta_key != found_at {
+        return Err(format!("records its own key as {:?}", meta.meta_key));
+    }
+    let codec: datasaver_common::codec::Compression =
+        meta.compression.parse().map_err(|e| format!("{e}"))?;
+    let extension = if meta.encryption.is_some() {
+        format!("{}.age", codec.extension())
+    } else {
+        codec.extension().to_string()
+    };
+    let expected = keys::object_key(kind, target, id, &extension);
+    if meta.object_key != expected {
+        return Err(format!(
+            "names object {:?}, not {expected:?} (its target, id and format)",
+            meta.object_key
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{header, repo_with, upload, FaultyStorage};
+    use super::super::Trigger;
+    use super::*;
+
+    #[tokio::test]
+    async fn a_meta_file_that_does_not_describe_its_own_place_is_reported_not_imported() {
+        let (repo, storage, _dir) = repo_with(FaultyStorage::new());
+        let b = repo
+            .begin("acme", Trigger::Manual, None, "agent1")
+            .await
+            .unwrap();
+        let done = repo
+            .ingest(
+                &b.id,
+                header(),
+                futures::stream::iter(upload(b"acme data")),
+                vec![],
+            )
+            .await
+            .unwrap();
+        let good = storage.read(&done.meta_key).await;
+        let meta: Meta = Meta::parse(&good).unwrap();
+
+        // copied into another target's directory, target edited to match it
+        let id = b.id.replace("acme_", "globex_");
+        let mut planted = meta.clone();
+        planted.target = "globex".into();
+        planted.id = id.clone();
+        planted.meta_key = keys::meta_key(Kind::Logical, "globex", &id);
+        storage
+            .inner_put_vec(
+                &keys::meta_key(Kind::Logical, "globex", &id),
+                planted.to_json(),
+            )
+            .await;
+        // a target that differs from its directory
+        let mut wrong_target = meta.clone();
+        wrong_target.target = "globex".into();
+        let key2 = keys::meta_key(Kind::Logical, "acme", "acme_20200101_000000");
+        wrong_target.id = "acme_20200101_000000".into();
+        wrong_target.meta_key = key2.clone();
+        storage.inner_put_vec(&key2, wrong_target.to_json()).await;
+        // an oversized meta file
+        let key3 = keys::meta_key(Kind::Logical, "acme", "acme_20200102_000000");
+        storage
+            .inner_put_vec(&key3, vec![b' '; MAX_META_BYTES as usize + 1])
+            .await;
+
+        // lose the catalog rows, rebuild
+        repo.store
+            .db_for_tests()
+            .call(|c| {
+                c.execute("DELETE FROM backups", [])?;
+                Ok(())
+            })
+            .await
+            .unwrap();
+        let r = repo.rebuild().await.unwrap();
+        assert_eq!(r.imported, vec![b.id.clone()]);
+        let problems = r.problems.join("\n");
+        assert!(
+            problems.contains(&format!(
+                "globex/logical/{id}.meta.json: names object \"{}\"",
+                done.object_key
+            )),
+            "{problems}"
+        );
+        assert!(
+            problems.contains(&format!(
+                "{key2}: records target \"globex\" but lies under \"acme\""
+            )),
+            "{problems}"
+        );
+        assert!(
+            problems.contains(&format!("{key3}: larger than")),
+            "{problems}"
+        );
+        assert_eq!(r.problems.len(), 3, "{problems}");
+        let ids: Vec<String> = repo
+            .list(None)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|r| r.id)
+            .collect();
+        assert_eq!(ids, vec![b.id.clone()]);
     }
 }

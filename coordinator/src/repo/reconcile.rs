@@ -34,7 +34,7 @@ impl Repository {
     /// that are failed.
     pub async fn reconcile(&self, reason: &str) -> Result<ReconcileReport, RepoError> {
         let mut report = ReconcileReport {
-            removed_partial: self.storage.cleanup_incomplete().await?,
+            removed_partial: self.storage.cleanup_incomplete(&keys::is_own_key).await?,
             ..Default::default()
         };
         for r in self.store.running().await? {
@@ -90,6 +90,11 @@ impl Repository {
             Ok(m) => m,
             Err(_) => return Ok(None),
         };
+        // Only a meta file that describes this very place is believed (its
+        // object key could name another target's object).
+        if super::rebuild::check_own_key(&meta_key, &meta).is_err() {
+            return Ok(None);
+        }
         let Ok(mut done) = meta.to_record() else {
             return Ok(None);
         };

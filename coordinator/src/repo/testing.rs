@@ -96,6 +96,14 @@ impl FaultyStorage {
             .expect("raw put");
     }
 
+    /// Like `inner_put_raw`, for bytes made at run time.
+    pub async fn inner_put_vec(&self, key: &str, data: Vec<u8>) {
+        self.inner
+            .put(key, Bytes::from(data))
+            .await
+            .expect("raw put");
+    }
+
     pub async fn read(&self, key: &str) -> Vec<u8> {
         let chunks: Vec<Bytes> = self
             .inner
@@ -205,8 +213,11 @@ impl Storage for FaultyStorage {
         self.inner.delete(keys).await
     }
 
-    async fn cleanup_incomplete(&self) -> Result<usize, StorageError> {
-        self.inner.cleanup_incomplete().await
+    async fn cleanup_incomplete(
+        &self,
+        ours: &crate::storage::KeyFilter,
+    ) -> Result<usize, StorageError> {
+        self.inner.cleanup_incomplete(ours).await
     }
 }
 

@@ -2,26 +2,98 @@
 //! final name, is fsynced, renamed into place and the directory fsynced, so a
 //! crash leaves either the whole object or a temp file that start-up removes.
 //! Files are 0600 and directories 0700: backups hold the whole database.
+//!
+//! A write also keeps a floor of free space on the filesystem
+//! (`DATASAVER_MIN_FREE_BYTES`): checked before it starts and every
+//! [`SPACE_CHECK_EVERY`] bytes, it fails the write (the temp file goes) rather
+//! than fill the disk the catalog and the system live on. Nothing is ever
+//! deleted to make room.
 
 use std::io::SeekFrom;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
+use datasaver_common::config::format_size;
 use futures::StreamExt;
 use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
 
-use super::{check_key, ByteStream, ErrorKind, ObjectInfo, ObjectWriter, Storage, StorageError};
+use super::{
+    check_key, ByteStream, ErrorKind, KeyFilter, ObjectInfo, ObjectWriter, Storage, StorageError,
+};
 
 const TMP_MARKER: &str = ".tmp-";
 
+/// How many bytes a write may add between two free-space checks: often
+/// enough that a filling disk is noticed long before it is full, rare enough
+/// to cost nothing (one `statvfs` per 64 MiB).
+pub const SPACE_CHECK_EVERY: u64 = 64 << 20;
+
+/// Free bytes (for unprivileged users) on the filesystem holding a path.
+type FreeSpaceProbe = Arc<dyn Fn(&Path) -> std::io::Result<u64> + Send + Sync>;
+
+fn statvfs_free(path: &Path) -> std::io::Result<u64> {
+    let st = nix::sys::statvfs::statvfs(path).map_err(std::io::Error::from)?;
+    #[allow(clippy::useless_conversion)] // the field types differ between platforms
+    let (avail, frsize) = (
+        u64::from(st.blocks_available()),
+        u64::from(st.fragment_size()),
+    );
+    Ok(avail.saturating_mul(frsize))
+}
+
+/// The free-space floor of one storage root.
+#[derive(Clone)]
+struct SpaceFloor {
+    root: PathBuf,
+    min_free: u64,
+    probe: FreeSpaceProbe,
+}
+
+impl SpaceFloor {
+    /// `Err` when the filesystem has less than the floor free; the message
+    /// names the setting, the directory and what is free.
+    fn check(&self, key: &str) -> Result<(), StorageError> {
+        if self.min_free == 0 {
+            return Ok(());
+        }
+        let free = (self.probe)(&self.root).map_err(|e| {
+            StorageError::new(
+                ErrorKind::Other,
+                "write",
+                key,
+                format!(
+                    "cannot read the free space of {} for DATASAVER_MIN_FREE_BYTES: {e}",
+                    self.root.display()
+                ),
+            )
+        })?;
+        if free < self.min_free {
+            return Err(StorageError::new(
+                ErrorKind::Other,
+                "write",
+                key,
+                format!(
+                    "only {} free on the filesystem of {}, under DATASAVER_MIN_FREE_BYTES ({}); the backup was not stored and nothing was deleted to make room: free space there or lower DATASAVER_MIN_FREE_BYTES",
+                    format_size(free),
+                    self.root.display(),
+                    format_size(self.min_free)
+                ),
+            ));
+        }
+        Ok(())
+    }
+}
+
 pub struct LocalStorage {
     root: PathBuf,
+    floor: SpaceFloor,
 }
 
 impl LocalStorage {
-    /// Opens (creating if needed) a storage root.
+    /// Opens (creating if needed) a storage root, without a free-space floor.
     pub fn open(root: impl Into<PathBuf>) -> Result<Self, StorageError> {
         let root = root.into();
         std::fs::DirBuilder::new()
@@ -29,7 +101,28 @@ impl LocalStorage {
             .mode(0o700)
             .create(&root)
             .map_err(|e| StorageError::from_io("open", &root.display().to_string(), &e))?;
-        Ok(Self { root })
+        Ok(Self {
+            floor: SpaceFloor {
+                root: root.clone(),
+                min_free: 0,
+                probe: Arc::new(statvfs_free),
+            },
+            root,
+        })
+    }
+
+    /// Writes fail when the filesystem has fewer than `bytes` free (0 = no
+    /// floor).
+    pub fn with_min_free(mut self, bytes: u64) -> Self {
+        self.floor.min_free = bytes;
+        self
+    }
+
+    /// Replaces how free space is measured (tests: a filling disk).
+    #[cfg(test)]
+    fn with_probe(mut self, probe: FreeSpaceProbe) -> Self {
+        self.floor.probe = probe;
+        self
     }
 
     fn path(&self, key: &str) -> Result<PathBuf, StorageError> {
@@ -79,6 +172,11 @@ impl Storage for LocalStorage {
 
     async fn create(&self, key: &str) -> Result<Box<dyn ObjectWriter>, StorageError> {
         let final_path = self.path(key)?;
+        let floor = self.floor.clone();
+        let k = key.to_string();
+        tokio::task::spawn_blocking(move || floor.check(&k))
+            .await
+            .map_err(|e| blocking_err("write", key, e))??;
         let key_s = key.to_string();
         let (tmp_path, file) = tokio::task::spawn_blocking(move || {
             let dir = final_path.parent().unwrap_or(Path::new("/")).to_path_buf();
@@ -112,6 +210,8 @@ impl Storage for LocalStorage {
                 tokio::fs::File::from_std(file),
             )),
             written: 0,
+            unchecked: 0,
+            floor: self.floor.clone(),
             done: false,
         }))
     }
@@ -195,7 +295,7 @@ impl Storage for LocalStorage {
         Ok(())
     }
 
-    async fn cleanup_incomplete(&self) -> Result<usize, StorageError> {
+    async fn cleanup_incomplete(&self, _ours: &KeyFilter) -> Result<usize, StorageError> {
         let root = self.root.clone();
         tokio::task::spawn_blocking(move || {
             let mut files = Vec::new();
@@ -233,6 +333,9 @@ struct LocalWriter {
     tmp_path: PathBuf,
     file: Option<tokio::io::BufWriter<tokio::fs::File>>,
     written: u64,
+    /// Bytes written since the last free-space check.
+    unchecked: u64,
+    floor: SpaceFloor,
     done: bool,
 }
 
@@ -258,6 +361,17 @@ impl ObjectWriter for LocalWriter {
             .await
             .map_err(|e| StorageError::from_io("write", &key, &e))?;
         self.written += data.len() as u64;
+        self.unchecked += data.len() as u64;
+        if self.unchecked >= SPACE_CHECK_EVERY {
+            self.unchecked = 0;
+            // The caller aborts (or drops) the writer on this error, which
+            // removes the temp file.
+            let floor = self.floor.clone();
+            let k = key.clone();
+            tokio::task::spawn_blocking(move || floor.check(&k))
+                .await
+                .map_err(|e| blocking_err("write", &key, e))??;
+        }
         Ok(())
     }
 
@@ -333,8 +447,106 @@ mod tests {
             .await
             .unwrap();
         std::fs::write(dir.path().join("t/logical/.x.dump.zst.tmp-0001"), b"junk").unwrap();
-        assert_eq!(s.cleanup_incomplete().await.unwrap(), 1);
+        assert_eq!(s.cleanup_incomplete(&|_: &str| true).await.unwrap(), 1);
         assert_eq!(s.list("").await.unwrap().len(), 1);
+    }
+
+    /// A disk that loses `per_check` free bytes at every check, starting
+    /// from `start`; counts the checks.
+    fn filling_disk(
+        start: u64,
+        per_check: u64,
+    ) -> (FreeSpaceProbe, Arc<std::sync::atomic::AtomicU64>) {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        let checks = Arc::new(AtomicU64::new(0));
+        let c = checks.clone();
+        let probe: FreeSpaceProbe = Arc::new(move |_: &Path| {
+            let n = c.fetch_add(1, Ordering::SeqCst);
+            Ok(start.saturating_sub(n * per_check))
+        });
+        (probe, checks)
+    }
+
+    #[tokio::test]
+    async fn a_write_under_the_free_space_floor_fails_before_it_starts() {
+        let dir = tempfile::tempdir().unwrap();
+        let (probe, checks) = filling_disk(100 << 20, 0);
+        let s = LocalStorage::open(dir.path().join("r"))
+            .unwrap()
+            .with_min_free(1 << 30)
+            .with_probe(probe);
+        let e = match s.create("t/logical/a.dump.zst").await {
+            Ok(_) => panic!("a write under the floor started"),
+            Err(e) => e.to_string(),
+        };
+        assert!(e.contains("DATASAVER_MIN_FREE_BYTES"), "{e}");
+        assert!(e.contains("100.0 MiB") && e.contains("1.0 GiB"), "{e}");
+        assert!(
+            e.contains(&dir.path().join("r").display().to_string()),
+            "{e}"
+        );
+        assert_eq!(checks.load(std::sync::atomic::Ordering::SeqCst), 1);
+        let mut files = Vec::new();
+        walk(dir.path(), &mut files).unwrap();
+        assert!(files.is_empty(), "{files:?}");
+    }
+
+    #[tokio::test]
+    async fn a_write_fails_when_free_space_drops_under_the_floor_midway() {
+        use std::sync::atomic::Ordering;
+        let dir = tempfile::tempdir().unwrap();
+        // 10 MiB above the floor at the start, 8 MiB less at every check:
+        // the start and the first periodic check pass, the second fails.
+        let floor = 1u64 << 30;
+        let (probe, checks) = filling_disk(floor + (10 << 20), 8 << 20);
+        let s = LocalStorage::open(dir.path().join("r"))
+            .unwrap()
+            .with_min_free(floor)
+            .with_probe(probe);
+        let mut w = s.create("t/logical/a.dump.zst").await.unwrap();
+        let chunk = Bytes::from(vec![7u8; 1 << 20]);
+        let mut written = 0u64;
+        let err = loop {
+            match w.write(chunk.clone()).await {
+                Ok(()) => written += chunk.len() as u64,
+                Err(e) => break e,
+            }
+            assert!(
+                written <= 4 * SPACE_CHECK_EVERY,
+                "the floor was never enforced"
+            );
+        };
+        assert!(
+            err.to_string().contains("DATASAVER_MIN_FREE_BYTES"),
+            "{err}"
+        );
+        // checked at the start and once per SPACE_CHECK_EVERY, not per chunk
+        assert_eq!(checks.load(Ordering::SeqCst), 3);
+        assert_eq!(written + (1 << 20), 2 * SPACE_CHECK_EVERY);
+        w.abort().await.unwrap();
+        let mut files = Vec::new();
+        walk(dir.path(), &mut files).unwrap();
+        assert!(
+            files.is_empty(),
+            "no partial object or temp file: {files:?}"
+        );
+        assert!(s.head("t/logical/a.dump.zst").await.unwrap().is_none());
+
+        // 0 disables the floor
+        let (probe, checks) = filling_disk(0, 0);
+        let s = LocalStorage::open(dir.path().join("r2"))
+            .unwrap()
+            .with_min_free(0)
+            .with_probe(probe);
+        s.put("t/x", Bytes::from_static(b"1")).await.unwrap();
+        assert_eq!(checks.load(Ordering::SeqCst), 0);
+    }
+
+    #[test]
+    fn free_space_is_measured() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(statvfs_free(dir.path()).unwrap() > 0);
+        assert!(statvfs_free(&dir.path().join("missing")).is_err());
     }
 
     #[test]

@@ -15,6 +15,9 @@ use futures::Stream;
 /// A stream of object bytes.
 pub type ByteStream = Pin<Box<dyn Stream<Item = Result<Bytes, StorageError>> + Send>>;
 
+/// Which keys belong to the caller (relative to the backend's root/prefix).
+pub type KeyFilter = dyn Fn(&str) -> bool + Send + Sync;
+
 /// What kind of failure a storage operation had; callers retry only
 /// `Transient` ones.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -105,8 +108,11 @@ pub trait Storage: Send + Sync + 'static {
     async fn delete(&self, keys: &[String]) -> Result<(), StorageError>;
 
     /// Removes leftovers of interrupted writes (temp files, stale multipart
-    /// uploads). Returns how many were removed.
-    async fn cleanup_incomplete(&self) -> Result<usize, StorageError>;
+    /// uploads) whose key `ours` accepts: a bucket may be shared with other
+    /// applications, whose uploads must never be touched. (A local root is
+    /// the coordinator's own, and its temp files carry datasaver's marker.)
+    /// Returns how many were removed.
+    async fn cleanup_incomplete(&self, ours: &KeyFilter) -> Result<usize, StorageError>;
 }
 
 /// A streaming write in progress. Dropping it without `commit` discards it.

@@ -27,7 +27,9 @@ use aws_sdk_s3::types::{
 use bytes::{Bytes, BytesMut};
 use tokio::task::JoinSet;
 
-use super::{check_key, ByteStream, ErrorKind, ObjectInfo, ObjectWriter, Storage, StorageError};
+use super::{
+    check_key, ByteStream, ErrorKind, KeyFilter, ObjectInfo, ObjectWriter, Storage, StorageError,
+};
 
 /// Smallest part S3 accepts (except for the last one).
 pub const MIN_PART_SIZE: usize = 5 * 1024 * 1024;
@@ -694,10 +696,12 @@ impl Storage for S3Storage {
         Ok(())
     }
 
-    async fn cleanup_incomplete(&self) -> Result<usize, StorageError> {
+    async fn cleanup_incomplete(&self, ours: &KeyFilter) -> Result<usize, StorageError> {
         // Uploads left by a coordinator that died mid-backup are invisible
-        // but billed; abort every one under our prefix (only one coordinator
-        // writes under a prefix, and at start-up none of ours is running).
+        // but billed; abort those under our prefix whose key is one of ours
+        // (only one coordinator writes under a prefix, and at start-up none
+        // of ours is running). The bucket, even the prefix, may be shared:
+        // another application's upload in progress is never touched.
         let mut removed = 0;
         let mut key_marker: Option<String> = None;
         let mut id_marker: Option<String> = None;
@@ -728,9 +732,15 @@ impl Storage for S3Storage {
                 let (Some(k), Some(id)) = (u.key(), u.upload_id()) else {
                     continue;
                 };
-                let rel = k.strip_prefix(&self.ctx.prefix).unwrap_or(k);
-                self.ctx.abort_upload(rel, id).await?;
-                removed += 1;
+                match k.strip_prefix(&self.ctx.prefix) {
+                    Some(rel) if ours(rel) => {
+                        self.ctx.abort_upload(rel, id).await?;
+                        removed += 1;
+                    }
+                    _ => {
+                        tracing::debug!(key = %k, "left a multipart upload that is not datasaver's")
+                    }
+                }
             }
             if page.is_truncated() == Some(true) {
                 key_marker = page.next_key_marker().map(str::to_string);
@@ -1310,5 +1320,109 @@ mod tests {
             e.to_string().contains("cannot reach the S3 endpoint"),
             "{e}"
         );
+    }
+
+    /// A stand-in for a server that lists multipart uploads (s3s-fs answers
+    /// 501): it lists datasaver's and other applications' uploads under the
+    /// prefix, and records which ones it is asked to abort.
+    async fn listing_server(
+        uploads: Vec<&'static str>,
+    ) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+        use http_body_util::Full;
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let aborted = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = aborted.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((stream, _)) = listener.accept().await else {
+                    return;
+                };
+                let (uploads, seen) = (uploads.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(
+                        move |req: hyper::Request<hyper::body::Incoming>| {
+                            let (uploads, seen) = (uploads.clone(), seen.clone());
+                            async move {
+                                let query = req.uri().query().unwrap_or("").to_string();
+                                let (status, body) = if req.method() == hyper::Method::GET
+                                    && query.contains("uploads")
+                                {
+                                    let items: String = uploads
+                                    .iter()
+                                    .enumerate()
+                                    .map(|(n, k)| format!("<Upload><Key>{k}</Key><UploadId>u{n}</UploadId></Upload>"))
+                                    .collect();
+                                    (200, format!("<?xml version=\"1.0\" encoding=\"UTF-8\"?><ListMultipartUploadsResult xmlns=\"http://s3.amazonaws.com/doc/2006-03-01/\"><Bucket>b</Bucket><MaxUploads>1000</MaxUploads><IsTruncated>false</IsTruncated>{items}</ListMultipartUploadsResult>"))
+                                } else if req.method() == hyper::Method::DELETE
+                                    && query.contains("uploadId=")
+                                {
+                                    seen.lock().unwrap().push(req.uri().path().to_string());
+                                    (204, String::new())
+                                } else {
+                                    (404, String::new())
+                                };
+                                let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                                *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                                Ok::<_, std::convert::Infallible>(r)
+                            }
+                        },
+                    );
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                        .await;
+                });
+            }
+        });
+        (format!("http://{addr}"), aborted)
+    }
+
+    #[tokio::test]
+    async fn startup_cleanup_aborts_only_datasavers_own_uploads() {
+        let (endpoint, aborted) = listing_server(vec![
+            "shared/ds/app/logical/app_20240101_000000.dump.zst",
+            "shared/ds/app/logical/app_20240101_000000.meta.json",
+            // another application's upload in progress, under the same prefix
+            "shared/ds/videos/raw/upload.mp4",
+            "shared/ds/app/logical/export.csv",
+        ])
+        .await;
+        let s = S3Storage::new(S3Settings {
+            bucket: "b".into(),
+            endpoint: Some(endpoint),
+            region: "us-east-1".into(),
+            access_key: "k".into(),
+            secret_key: "s".into(),
+            prefix: "shared/ds/".into(),
+            force_path_style: true,
+            part_size: MIN_PART_SIZE,
+            parts_in_flight: 2,
+            max_attempts: 1,
+            sse: None,
+            storage_class: None,
+            ca_pem: None,
+        })
+        .unwrap();
+        let n = s
+            .cleanup_incomplete(&crate::repo::keys::is_own_key)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+        let mut got = aborted.lock().unwrap().clone();
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                "/b/shared/ds/app/logical/app_20240101_000000.dump.zst",
+                "/b/shared/ds/app/logical/app_20240101_000000.meta.json",
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn startup_cleanup_on_a_server_without_upload_listing_is_skipped() {
+        let srv = S3Server::start();
+        let s = S3Storage::new(settings(&srv, "p/")).unwrap();
+        assert_eq!(s.cleanup_incomplete(&|_: &str| true).await.unwrap(), 0);
     }
 }
