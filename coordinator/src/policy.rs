@@ -491,6 +491,8 @@ mod tests {
             ..Default::default()
         };
         let acme = p.retention_for("acme", Some(&agent));
+        // The agent's keep_monthly=1 is below the coordinator's floor (by
+        // default its own keep_monthly, 6): raised to it.
         assert_eq!(
             (
                 acme.keep_daily,
@@ -498,7 +500,7 @@ mod tests {
                 acme.keep_monthly,
                 acme.keep_last
             ),
-            (2, 3, 1, 0)
+            (2, 3, 6, 0)
         );
         let other = p.retention_for("other", Some(&agent));
         assert_eq!((other.keep_daily, other.keep_weekly), (9, 3));
@@ -823,7 +825,17 @@ targets:
              retention: { keep_daily: 2, max_age_days: 0, keep_manual_days: 0, failed_grace: 1h }\n  \
              beta:\n    schedule: NONE\n",
         );
-        let p = Policies::load(Some(&f), &env(&[("DATASAVER_KEEP_WEEKLY", "3")])).unwrap();
+        // Floors low enough to let the agent's layer through: this test is
+        // about the layers (the floor is `agents_requests_are_held_to_the_floor`).
+        let p = Policies::load(
+            Some(&f),
+            &env(&[
+                ("DATASAVER_KEEP_WEEKLY", "3"),
+                ("DATASAVER_MIN_KEEP_DAILY", "0"),
+                ("DATASAVER_MIN_AGE_DAYS", "1"),
+            ]),
+        )
+        .unwrap();
         let agent = RetentionSpec {
             keep_last: Some(5),
             keep_daily: Some(9),
@@ -1075,16 +1087,100 @@ targets:
             );
         }
         // a target listed with nothing under it: the agent's wishes stand
+        // (above the floor; below it they are raised)
         let f = write(&dir, "targets:\n  acme:\n");
         let p = Policies::load(Some(&f), &env(&[])).unwrap();
         assert_eq!(p.targets.keys().collect::<Vec<_>>(), ["acme"]);
         let s = p.schedule_for("acme", Some("0 3 * * *")).unwrap().unwrap();
         assert_eq!(s.expr(), "0 3 * * *");
         let agent = RetentionSpec {
+            keep_daily: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(p.retention_for("acme", Some(&agent)).keep_daily, 9);
+        let agent = RetentionSpec {
             keep_daily: Some(2),
             ..Default::default()
         };
-        assert_eq!(p.retention_for("acme", Some(&agent)).keep_daily, 2);
+        assert_eq!(p.retention_for("acme", Some(&agent)).keep_daily, 7);
+    }
+
+    #[test]
+    fn agents_requests_are_held_to_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = write(
+            &dir,
+            "retention: { keep_daily: 10, max_age_days: 90 }\n\
+             targets:\n  acme:\n    schedule: \"* * * * *\"\n    \
+             retention: { keep_daily: 1, max_age_days: 2 }\n",
+        );
+        let p = Policies::load(
+            Some(&f),
+            &env(&[
+                ("DATASAVER_MIN_KEEP_LAST", "3"),
+                ("DATASAVER_MIN_SCHEDULE_INTERVAL", "10m"),
+            ]),
+        )
+        .unwrap();
+        let now = chrono::Utc::now();
+        let agent = RetentionSpec {
+            keep_last: Some(0),
+            keep_daily: Some(0),
+            keep_weekly: Some(0),
+            max_age_days: Some(1),
+            ..Default::default()
+        };
+        // Below the floor (keep_last: the variable; the rest: the
+        // coordinator's own defaults) the agent's values are raised.
+        let g = p.retention_for("globex", Some(&agent));
+        assert_eq!(
+            (g.keep_last, g.keep_daily, g.keep_weekly, g.max_age_days),
+            (3, 10, 4, Some(90))
+        );
+        let said: Vec<String> = p
+            .floor_raises("globex", Some("*/5 * * * *"), Some(&agent), now)
+            .iter()
+            .map(Raise::message)
+            .collect();
+        assert_eq!(
+            said,
+            [
+                "agent asked keep_last=0, raised to the floor 3",
+                "agent asked keep_daily=0, raised to the floor 10",
+                "agent asked keep_weekly=0, raised to the floor 4",
+                "agent asked max_age_days=1, raised to the floor 90",
+                "agent asked schedule=\"*/5 * * * *\" (fires every 5m), raised to the floor of at most one backup every 10m",
+            ]
+        );
+        let s = p
+            .schedule_for("globex", Some("*/5 * * * *"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            p.throttle_for("globex", &s, now),
+            Some(std::time::Duration::from_secs(600))
+        );
+        // The file's section is not held to the floor, and what it sets is
+        // not the agent's request: neither raised nor reported.
+        let a = p.retention_for("acme", Some(&agent));
+        assert_eq!(
+            (a.keep_last, a.keep_daily, a.keep_weekly, a.max_age_days),
+            (3, 1, 4, Some(2))
+        );
+        let settings: Vec<String> = p
+            .floor_raises("acme", Some("*/5 * * * *"), Some(&agent), now)
+            .into_iter()
+            .map(|r| r.setting)
+            .collect();
+        assert_eq!(settings, ["keep_last", "keep_weekly"]);
+        let s = p
+            .schedule_for("acme", Some("*/5 * * * *"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.expr(), "* * * * *");
+        assert_eq!(p.throttle_for("acme", &s, now), None);
+        // Nothing asked, nothing raised.
+        assert!(p.floor_raises("globex", None, None, now).is_empty());
     }
 
     /// DATASAVER_RETRY_BACKOFF above the planner's 30-minute cap is
