@@ -11,8 +11,6 @@
 
 use std::collections::{HashMap, HashSet};
 
-use futures::TryStreamExt;
-
 use super::meta::Meta;
 use super::record::Kind;
 use super::{keys, RepoError, Repository};
@@ -30,19 +28,18 @@ pub struct RebuildReport {
 
 impl Repository {
     /// Reads a small object (a meta file) whole; more than
-    /// [`MAX_META_BYTES`] is refused without reading it all.
+    /// [`MAX_META_BYTES`] is refused without reading it all. (A whole-object
+    /// read, stopped early: a range past the end is an error on some S3
+    /// servers.)
     pub(super) async fn read_small(&self, key: &str) -> Result<Vec<u8>, String> {
-        let chunks: Vec<bytes::Bytes> = self
-            .storage
-            .get_range(key, 0, Some(MAX_META_BYTES + 1))
-            .await
-            .map_err(|e| e.to_string())?
-            .try_collect()
-            .await
-            .map_err(|e| e.to_string())?;
-        let bytes = chunks.concat();
-        if bytes.len() as u64 > MAX_META_BYTES {
-            return Err(too_big());
+        use futures::StreamExt;
+        let mut stream = self.storage.get(key).await.map_err(|e| e.to_string())?;
+        let mut bytes = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            bytes.extend_from_slice(&chunk.map_err(|e| e.to_string())?);
+            if bytes.len() as u64 > MAX_META_BYTES {
+                return Err(too_big());
+            }
         }
         Ok(bytes)
     }

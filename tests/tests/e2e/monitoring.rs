@@ -303,16 +303,34 @@ fn agent_health_reports_coordinator_and_database() {
     assert_eq!(v["database_reachable"], true);
     assert_eq!(v["target"], "app");
 
+    // The database check is cached for 10 s (probes must not open a
+    // connection each), so a stop shows within that.
     pg.stop();
+    assert!(
+        wait_until(Duration::from_secs(20), || get().0 == 503),
+        "{:?}",
+        get()
+    );
     let (code, v) = get();
     assert_eq!(code, 503, "{v}");
     assert_eq!(v["database_reachable"], false);
     assert!(!v.to_string().contains(pg.password()));
+    // The error's detail (host, port, user) stays in the agent's log.
+    for detail in [
+        pg.host().to_string(),
+        pg.port().to_string(),
+        pg.user().to_string(),
+    ] {
+        assert!(!v.to_string().contains(&detail), "{detail} in {v}");
+    }
     pg.start();
 
     fleet.kill_coordinator();
     assert!(
-        wait_until(Duration::from_secs(30), || get().0 == 503),
+        wait_until(Duration::from_secs(30), || {
+            let (code, v) = get();
+            code == 503 && v["database_reachable"] == true
+        }),
         "{:?}",
         get()
     );
