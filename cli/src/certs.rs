@@ -9,12 +9,12 @@ use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
+use datasaver_common::names::validate_pattern;
+use datasaver_common::tls::{san, Access};
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
     Issuer, KeyPair, KeyUsagePurpose, SanType,
 };
-use datasaver_common::names::validate_pattern;
-use datasaver_common::tls::{san, Access};
 use time::{Duration, OffsetDateTime};
 
 fn write_file(path: &Path, data: &str, mode: u32, overwrite: bool) -> Result<()> {
@@ -68,11 +68,9 @@ impl Grants {
         let mut out = Vec::new();
         let mut push = |prefix: &str, v: &str| -> Result<()> {
             let uri = format!("{prefix}{v}");
-            out.push(SanType::URI(
-                uri.clone()
-                    .try_into()
-                    .with_context(|| format!("{uri:?} cannot be written into a certificate"))?,
-            ));
+            out.push(SanType::URI(uri.clone().try_into().with_context(|| {
+                format!("{uri:?} cannot be written into a certificate")
+            })?));
             Ok(())
         };
         for t in &self.targets {
@@ -194,6 +192,8 @@ pub fn init(out: &Path, sans: &[String], operator: &str, days: i64, overwrite: b
         overwrite,
     )?;
     write_file(&out.join("operator.crt"), &op.pem(), 0o644, overwrite)?;
+    // An empty CRL from the start, so DATASAVER_TLS_CRL can point at it.
+    crate::crl::init(out, overwrite)?;
     Ok(())
 }
 

@@ -4,6 +4,7 @@
 
 mod certs;
 mod client;
+mod crl;
 mod output;
 mod progress;
 
@@ -242,7 +243,12 @@ enum CertsCmd {
         #[arg(long, value_name = "T", requires = "agent")]
         target: Vec<String>,
         /// The operator's role: viewer, operator or admin.
-        #[arg(long, value_name = "ROLE", requires = "operator", default_value = "operator")]
+        #[arg(
+            long,
+            value_name = "ROLE",
+            requires = "operator",
+            default_value = "operator"
+        )]
         role: String,
         /// Targets the operator may see and act on (repeat for more; default `*`).
         #[arg(long, value_name = "PATTERN", requires = "operator")]
@@ -257,6 +263,79 @@ enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke a certificate: adds it to DIR/crl.pem, signed by the fleet CA.
+    ///
+    /// Coordinators whose DATASAVER_TLS_CRL names that file (or a copy of it)
+    /// refuse the certificate from then on and close its open connections.
+    /// Each revocation is also logged in DIR/revocations.log.
+    Revoke {
+        /// Directory holding the fleet's ca.crt, ca.key and crl.pem.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The certificate to revoke (PEM).
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "serial",
+            required_unless_present = "serial"
+        )]
+        cert: Option<PathBuf>,
+        /// Its serial number in hex (colons and any case allowed), when the file is gone.
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+        /// Why; a standard reason as first word (keyCompromise, superseded,
+        /// affiliationChanged, cessationOfOperation, privilegeWithdrawn, ...)
+        /// goes into the CRL, the whole text into revocations.log.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+}
+
+fn print_revoked(o: &crl::Outcome, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "certificate": o.subject,
+                "serial": o.serial,
+                "already_revoked": o.already.is_some(),
+                "reason": o.reason,
+                "crl": o.crl,
+                "crl_number": o.number,
+                "revoked": o.count,
+            })
+        );
+        return;
+    }
+    if let Some(at) = o.already {
+        let since = chrono::DateTime::from_timestamp(at, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|| at.to_string());
+        println!(
+            "{} (serial {}) is already revoked (since {since}, reason {}): {} is unchanged",
+            o.subject,
+            o.serial,
+            o.reason,
+            o.crl.display()
+        );
+        return;
+    }
+    println!(
+        "revoked {} (serial {}), reason {}",
+        o.subject, o.serial, o.reason
+    );
+    println!(
+        "wrote {} (CRL number {}, {} revoked certificate{}); logged in {}",
+        o.crl.display(),
+        o.number,
+        o.count,
+        if o.count == 1 { "" } else { "s" },
+        o.log.display()
+    );
+    println!(
+        "coordinators with DATASAVER_TLS_CRL pointing at this file pick it up within {} seconds, refuse the certificate and close its open connections; copy it to coordinators that read it elsewhere",
+        datasaver_common::crl::RELOAD_SECS
+    );
 }
 
 #[tokio::main]
@@ -284,7 +363,7 @@ async fn run(cli: Cli) -> Result<()> {
                 force,
             } => {
                 certs::init(out, san, operator, *days, *force)?;
-                println!("wrote ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key to {}", out.display());
+                println!("wrote ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key crl.pem to {}", out.display());
                 println!("keep ca.key offline if you can: whoever has it can issue certificates for your fleet");
                 Ok(())
             }
@@ -311,9 +390,10 @@ async fn run(cli: Cli) -> Result<()> {
                         ("agent", a, g)
                     }
                     (None, Some(o)) => {
-                        let access = datasaver_common::tls::Access::parse(role).ok_or_else(|| {
-                            anyhow::anyhow!("--role {role:?} is not viewer, operator or admin")
-                        })?;
+                        let access =
+                            datasaver_common::tls::Access::parse(role).ok_or_else(|| {
+                                anyhow::anyhow!("--role {role:?} is not viewer, operator or admin")
+                            })?;
                         let g = certs::Grants {
                             access: Some(access),
                             scopes: scope.clone(),
@@ -329,10 +409,24 @@ async fn run(cli: Cli) -> Result<()> {
                     "agent" => println!("agent {name} may serve: {}", grants.targets.join(", ")),
                     _ => println!(
                         "operator {name}: role {role}, scope {}",
-                        if grants.scopes.is_empty() { "*".to_string() } else { grants.scopes.join(", ") }
+                        if grants.scopes.is_empty() {
+                            "*".to_string()
+                        } else {
+                            grants.scopes.join(", ")
+                        }
                     ),
                 }
                 println!("expires {}", certs::format_expiry(expires));
+                Ok(())
+            }
+            CertsCmd::Revoke {
+                ca,
+                cert,
+                serial,
+                reason,
+            } => {
+                let o = crl::revoke(ca, cert.as_deref(), serial.as_deref(), reason.as_deref())?;
+                print_revoked(&o, cli.json);
                 Ok(())
             }
         };

@@ -38,6 +38,7 @@ pub struct Metrics {
     schedule_missed: Family<Labels, Counter>,
     queue_running: Gauge,
     queue_waiting: Gauge,
+    certificate_expiry: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -148,7 +149,15 @@ impl Metrics {
             "Backups waiting in the queue (scheduled, retries and dsctl backup)",
             queue_waiting.clone(),
         );
+        let certificate_expiry = Family::<Labels, Gauge>::default();
+        registry.register_with_unit(
+            "certificate_expiry_timestamp",
+            "Unix time a certificate expires: the coordinator's own (kind=coordinator) and each agent's as last seen (kind=agent)",
+            prometheus_client::registry::Unit::Seconds,
+            certificate_expiry.clone(),
+        );
         Self {
+            certificate_expiry,
             registry,
             schedule_missed,
             queue_running,
@@ -230,6 +239,13 @@ impl Metrics {
         self.verifies
             .get_or_create(&labels(&[("target", target), ("result", result(ok))]))
             .inc();
+    }
+
+    /// A certificate's expiry (`kind` agent or coordinator).
+    pub fn certificate_expiry(&self, kind: &str, name: &str, not_after: i64) {
+        self.certificate_expiry
+            .get_or_create(&labels(&[("kind", kind), ("name", name)]))
+            .set(not_after);
     }
 
     /// Sets the state gauges from a fresh look at catalog and fleet.
