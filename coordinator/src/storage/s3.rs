@@ -386,13 +386,22 @@ impl Ctx {
     }
 
     /// Keeps trying to abort an upload the server could not be told about
-    /// (it was down, say), so its parts do not stay stored and billed.
-    fn abort_in_background(&self, key: String, upload_id: String) {
+    /// (it was down, say), so its parts do not stay stored and billed. Parts
+    /// still in flight are let finish first (see [`settle_parts`]).
+    fn abort_in_background(
+        &self,
+        key: String,
+        upload_id: String,
+        parts: Option<JoinSet<PartResult>>,
+    ) {
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
         let ctx = self.clone();
         rt.spawn(async move {
+            if let Some(parts) = parts {
+                settle_parts(parts).await;
+            }
             let mut wait = Duration::from_secs(1);
             for _ in 0..40 {
                 match ctx.abort_upload(&key, &upload_id).await {
@@ -759,6 +768,25 @@ impl Storage for S3Storage {
 /// A part sent or being sent.
 type PartResult = Result<CompletedPart, StorageError>;
 
+/// How long an abandoned upload waits for its in-flight parts before
+/// cancelling them.
+const PART_SETTLE: Duration = Duration::from_secs(10);
+
+/// Waits for the parts still being sent, cancelling them after
+/// [`PART_SETTLE`]. An abort must come after them: a part whose body the
+/// server already has is stored even when the abort lands first, and S3 then
+/// keeps (and bills) it with no upload left to abort.
+async fn settle_parts(mut parts: JoinSet<PartResult>) {
+    let drained = tokio::time::timeout(PART_SETTLE, async {
+        while parts.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        parts.abort_all();
+        while parts.join_next().await.is_some() {}
+    }
+}
+
 struct S3Writer {
     ctx: Ctx,
     key: String,
@@ -911,14 +939,13 @@ impl S3Writer {
     }
 
     async fn discard(&mut self) -> Result<(), StorageError> {
-        self.in_flight.abort_all();
-        while self.in_flight.join_next().await.is_some() {}
+        settle_parts(std::mem::take(&mut self.in_flight)).await;
         self.buf.clear();
         match self.upload_id.take() {
             Some(id) => match self.ctx.abort_upload(&self.key, &id).await {
                 Ok(()) => Ok(()),
                 Err(e) => {
-                    self.ctx.abort_in_background(self.key.clone(), id);
+                    self.ctx.abort_in_background(self.key.clone(), id, None);
                     Err(e)
                 }
             },
@@ -970,9 +997,12 @@ impl Drop for S3Writer {
     fn drop(&mut self) {
         // Dropped without commit or abort (a cancelled upload): abort the
         // multipart upload in the background so nothing stays behind.
-        self.in_flight.abort_all();
-        if let Some(id) = self.upload_id.take() {
-            self.ctx.abort_in_background(self.key.clone(), id);
+        let parts = std::mem::take(&mut self.in_flight);
+        match self.upload_id.take() {
+            Some(id) => self
+                .ctx
+                .abort_in_background(self.key.clone(), id, Some(parts)),
+            None => drop(parts),
         }
     }
 }
