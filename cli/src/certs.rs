@@ -192,6 +192,8 @@ pub fn init(out: &Path, sans: &[String], operator: &str, days: i64, overwrite: b
         overwrite,
     )?;
     write_file(&out.join("operator.crt"), &op.pem(), 0o644, overwrite)?;
+    // An empty CRL from the start, so DATASAVER_TLS_CRL can point at it.
+    crate::crl::init(out, overwrite)?;
     Ok(())
 }
 

@@ -21,6 +21,10 @@ fn hint(text: &str) -> &'static str {
     let t = text.to_ascii_lowercase();
     if t.contains("certificaterequired") || t.contains("certificate required") {
         NEEDS_CLIENT_CERT
+    } else if t.contains("certificaterevoked") || t.contains("certificate revoked") {
+        " (the coordinator refused this client's certificate: it has been revoked with `dsctl certs revoke`; ask for a new one)"
+    } else if t.contains("certificateexpired") || t.contains("certificate expired") {
+        " (the coordinator refused this client's certificate: it has expired; issue a new one with `dsctl certs issue`)"
     } else if t.contains("unknownca")
         || t.contains("unknown ca")
         || t.contains("badcertificate")

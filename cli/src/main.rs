@@ -4,6 +4,7 @@
 
 mod certs;
 mod client;
+mod crl;
 mod output;
 mod progress;
 
@@ -278,6 +279,79 @@ enum CertsCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Revoke a certificate: adds it to DIR/crl.pem, signed by the fleet CA.
+    ///
+    /// Coordinators whose DATASAVER_TLS_CRL names that file (or a copy of it)
+    /// refuse the certificate from then on and close its open connections.
+    /// Each revocation is also logged in DIR/revocations.log.
+    Revoke {
+        /// Directory holding the fleet's ca.crt, ca.key and crl.pem.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// The certificate to revoke (PEM).
+        #[arg(
+            long,
+            value_name = "FILE",
+            conflicts_with = "serial",
+            required_unless_present = "serial"
+        )]
+        cert: Option<PathBuf>,
+        /// Its serial number in hex (colons and any case allowed), when the file is gone.
+        #[arg(long, value_name = "HEX")]
+        serial: Option<String>,
+        /// Why; a standard reason as first word (keyCompromise, superseded,
+        /// affiliationChanged, cessationOfOperation, privilegeWithdrawn, ...)
+        /// goes into the CRL, the whole text into revocations.log.
+        #[arg(long, value_name = "TEXT")]
+        reason: Option<String>,
+    },
+}
+
+fn print_revoked(o: &crl::Outcome, json: bool) {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({
+                "certificate": o.subject,
+                "serial": o.serial,
+                "already_revoked": o.already.is_some(),
+                "reason": o.reason,
+                "crl": o.crl,
+                "crl_number": o.number,
+                "revoked": o.count,
+            })
+        );
+        return;
+    }
+    if let Some(at) = o.already {
+        let since = chrono::DateTime::from_timestamp(at, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M UTC").to_string())
+            .unwrap_or_else(|| at.to_string());
+        println!(
+            "{} (serial {}) is already revoked (since {since}, reason {}): {} is unchanged",
+            o.subject,
+            o.serial,
+            o.reason,
+            o.crl.display()
+        );
+        return;
+    }
+    println!(
+        "revoked {} (serial {}), reason {}",
+        o.subject, o.serial, o.reason
+    );
+    println!(
+        "wrote {} (CRL number {}, {} revoked certificate{}); logged in {}",
+        o.crl.display(),
+        o.number,
+        o.count,
+        if o.count == 1 { "" } else { "s" },
+        o.log.display()
+    );
+    println!(
+        "coordinators with DATASAVER_TLS_CRL pointing at this file pick it up within {} seconds, refuse the certificate and close its open connections; copy it to coordinators that read it elsewhere",
+        datasaver_common::crl::RELOAD_SECS
+    );
 }
 
 #[tokio::main]
@@ -305,7 +379,7 @@ async fn run(cli: Cli) -> Result<()> {
                 force,
             } => {
                 certs::init(out, san, operator, *days, *force)?;
-                println!("wrote ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key to {}", out.display());
+                println!("wrote ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key crl.pem to {}", out.display());
                 println!("keep ca.key offline if you can: whoever has it can issue certificates for your fleet");
                 Ok(())
             }
@@ -359,6 +433,16 @@ async fn run(cli: Cli) -> Result<()> {
                     ),
                 }
                 println!("expires {}", certs::format_expiry(expires));
+                Ok(())
+            }
+            CertsCmd::Revoke {
+                ca,
+                cert,
+                serial,
+                reason,
+            } => {
+                let o = crl::revoke(ca, cert.as_deref(), serial.as_deref(), reason.as_deref())?;
+                print_revoked(&o, cli.json);
                 Ok(())
             }
         };

@@ -7,6 +7,7 @@
 pub mod checksum;
 pub mod codec;
 pub mod config;
+pub mod crl;
 pub mod crypt;
 pub mod names;
 #[cfg(feature = "telemetry")]

@@ -279,19 +279,41 @@ pub fn install_crypto_provider() {
 /// Server side: TLS 1.3 only, a client certificate from the fleet CA required,
 /// HTTP/2 negotiated for gRPC.
 pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    server_config_with(m, client_verifier(&m.ca_certs, Vec::new())?)
+}
+
+/// The standard client-certificate check: issued by the fleet CA, valid now,
+/// and (when `crls` is not empty) not revoked by them. Only the end-entity
+/// certificate is checked for revocation: the fleet CA is the only issuer,
+/// and it signs the CRL itself. A CRL's `nextUpdate` is not enforced (rustls'
+/// default): `dsctl certs revoke` writes a new CRL only when something is
+/// revoked, and a CRL that "expired" must not lock the whole fleet out.
+pub fn client_verifier(
+    ca_certs: &[CertificateDer<'static>],
+    crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
-    for c in &m.ca_certs {
+    for c in ca_certs {
         roots
             .add(c.clone())
             .map_err(|e| TlsError::Config(format!("fleet CA certificate unusable: {e}")))?;
     }
-    let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
-        Arc::new(roots),
-        provider.clone(),
-    )
-    .build()
-    .map_err(|e| TlsError::Config(e.to_string()))?;
+    let mut builder =
+        rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    if !crls.is_empty() {
+        builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    builder.build().map_err(|e| TlsError::Config(e.to_string()))
+}
+
+/// Like [`server_config`], with the client-certificate check given (the
+/// coordinator's reloads its CRL).
+pub fn server_config_with(
+    m: &TlsMaterial,
+    verifier: Arc<dyn rustls::server::danger::ClientCertVerifier>,
+) -> Result<Arc<rustls::ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])
         .map_err(|e| TlsError::Config(e.to_string()))?

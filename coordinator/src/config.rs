@@ -95,6 +95,10 @@ pub struct Args {
     /// This coordinator's private key (PEM).
     #[arg(long, env = "DATASAVER_TLS_KEY")]
     pub tls_key: Option<PathBuf>,
+    /// Certificate revocation list (PEM) of the fleet CA, e.g. crl.pem from
+    /// `dsctl certs init`/`revoke`; reloaded when it changes.
+    #[arg(long, env = "DATASAVER_TLS_CRL")]
+    pub tls_crl: Option<PathBuf>,
     /// YAML file with per-target schedules and retention, time zone, limits.
     #[arg(long, env = "DATASAVER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -121,6 +125,8 @@ pub struct Config {
     pub data_dir: PathBuf,
     pub backend: Backend,
     pub tls: TlsPaths,
+    /// `DATASAVER_TLS_CRL`, checked when the TLS material is loaded
+    pub tls_crl: Option<PathBuf>,
     pub log_json: bool,
     pub policies: Policies,
     pub alerts: crate::alerts::AlertConfig,
@@ -222,6 +228,7 @@ impl Args {
             data_dir: self.data_dir,
             backend,
             tls,
+            tls_crl: self.tls_crl.filter(|p| !p.as_os_str().is_empty()),
             log_json,
         })
     }

@@ -21,6 +21,7 @@ pub mod metrics;
 pub mod policy;
 pub mod repo;
 pub mod retention;
+pub mod revocation;
 pub mod schedule;
 pub mod storage;
 pub mod targets;
@@ -88,6 +89,9 @@ pub enum StartError {
     Lock(#[from] lock::LockError),
     #[error("DATASAVER_TLS_CERT: the certificate's role is {0}, not coordinator (use coordinator.crt from `dsctl certs init`)")]
     WrongRole(String),
+    /// `DATASAVER_TLS_CRL` unusable (the message names the setting).
+    #[error("{0}")]
+    Crl(String),
     #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
     Http {
         addr: String,
@@ -148,7 +152,10 @@ pub async fn run(
     if tls.identity.role != Role::Coordinator {
         return Err(StartError::WrongRole(tls.identity.role.as_str().into()));
     }
-    let server_tls = datasaver_common::tls::server_config(&tls)?;
+    // The client-certificate check, with the CRL when DATASAVER_TLS_CRL is
+    // set; `revocation::watch` reloads it when the file changes.
+    let revocation = revocation::Revocation::start(&tls.ca_certs, config.tls_crl.clone())?;
+    let server_tls = datasaver_common::tls::server_config_with(&tls, revocation.verifier.clone())?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
         source,
@@ -212,6 +219,10 @@ pub async fn run(
         tasks: tokio_util::task::TaskTracker::new(),
         floors_logged: floors::Logged::default(),
     });
+    core.alerter.certificates.seen(
+        alerts::expiry::Cert::of(alerts::expiry::CertKind::Coordinator, &tls.identity),
+        &core.metrics,
+    );
     // Losing the backup host must not lose the backups: an empty catalog over
     // a non-empty storage is rebuilt from the meta files before serving.
     if !core.repo.has_backups().await.map_err(StartError::Repo)? {
@@ -264,11 +275,12 @@ pub async fn run(
         tokio::spawn(api::http::serve(core.clone(), http, config.http)),
         tokio::spawn(alerts::run(core.clone())),
         tokio::spawn(alerts::webhook::run(core.clone())),
+        tokio::spawn(revocation::watch(revocation.clone(), cancel.clone())),
     ];
     let addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();
     tracing::info!(grpc = %addr, http = %http_addr, storage = %core.repo.describe_storage(), identity = %tls.identity, webhooks = core.alert_config.webhook_urls.len(), "coordinator ready");
 
-    let incoming = listener::incoming(grpc, server_tls, cancel.clone());
+    let incoming = listener::incoming(grpc, server_tls, revocation, cancel.clone());
     let max = datasaver_common::MAX_MESSAGE_SIZE;
     // Who calls is read from the certificate once, by each service's
     // interceptor, and passed down as a typed `api::Caller`.

@@ -1,6 +1,8 @@
 //! The TLS accept loop in front of tonic. Handshakes run in their own tasks
 //! (a slow or hostile client cannot stall the loop), and every refused client
-//! is logged with its address and the reason.
+//! is logged with its address and the reason. Each accepted connection is
+//! registered under its certificate's serial and wrapped in a
+//! [`Guarded`] stream, so revoking the certificate closes it.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +14,14 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 
-pub type Incoming = ReceiverStream<Result<TlsStream<TcpStream>, std::io::Error>>;
+use crate::revocation::{Guarded, Revocation};
+
+pub type Incoming = ReceiverStream<Result<Guarded<TlsStream<TcpStream>>, std::io::Error>>;
 
 pub fn incoming(
     listener: TcpListener,
     config: Arc<rustls::ServerConfig>,
+    revocation: Arc<Revocation>,
     cancel: CancellationToken,
 ) -> Incoming {
     let (tx, rx) = mpsc::channel(16);
@@ -37,10 +42,18 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let acceptor = acceptor.clone();
             let tx = tx.clone();
+            let revocation = revocation.clone();
             tokio::spawn(async move {
                 match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                     Ok(Ok(tls)) => {
-                        let _ = tx.send(Ok(tls)).await;
+                        let registration = tls
+                            .get_ref()
+                            .1
+                            .peer_certificates()
+                            .and_then(|c| c.first())
+                            .and_then(|c| datasaver_common::tls::identity_from_der(c).ok())
+                            .map(|id| revocation.register(&id.serial, &id.to_string()));
+                        let _ = tx.send(Ok(Guarded::new(tls, registration))).await;
                     }
                     Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "TLS handshake refused"),
                     Err(_) => tracing::warn!(peer = %addr, "TLS handshake timed out"),

@@ -39,6 +39,7 @@ pub struct Metrics {
     queue_running: Gauge,
     queue_waiting: Gauge,
     refusals: Family<Labels, Counter>,
+    certificate_expiry: Family<Labels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -155,7 +156,15 @@ impl Metrics {
             "Requests refused for lack of a grant, by who (agent, or the operator's role) and action",
             refusals.clone(),
         );
+        let certificate_expiry = Family::<Labels, Gauge>::default();
+        registry.register_with_unit(
+            "certificate_expiry_timestamp",
+            "Unix time a certificate expires: the coordinator's own (kind=coordinator) and each agent's as last seen (kind=agent)",
+            prometheus_client::registry::Unit::Seconds,
+            certificate_expiry.clone(),
+        );
         Self {
+            certificate_expiry,
             registry,
             refusals,
             schedule_missed,
@@ -246,6 +255,13 @@ impl Metrics {
         self.verifies
             .get_or_create(&labels(&[("target", target), ("result", result(ok))]))
             .inc();
+    }
+
+    /// A certificate's expiry (`kind` agent or coordinator).
+    pub fn certificate_expiry(&self, kind: &str, name: &str, not_after: i64) {
+        self.certificate_expiry
+            .get_or_create(&labels(&[("kind", kind), ("name", name)]))
+            .set(not_after);
     }
 
     /// Sets the state gauges from a fresh look at catalog and fleet.

@@ -27,6 +27,9 @@ pub struct FleetOptions {
     /// Extra `--san` values for `dsctl certs init` (none by default: the coordinator
     /// certificate is expected to cover localhost and 127.0.0.1 already).
     pub cert_sans: Vec<String>,
+    /// Start the coordinator with `DATASAVER_TLS_CRL` naming `certs/crl.pem` (written by
+    /// `dsctl certs init`, updated by `dsctl certs revoke`).
+    pub tls_crl: bool,
 }
 
 /// One running agent.
@@ -168,6 +171,9 @@ impl Fleet {
             // floor (15 minutes by default) is off unless a test sets it.
             .env("DATASAVER_MIN_SCHEDULE_INTERVAL", "0s")
             .current_dir(dir.path());
+        if opts.tls_crl {
+            spec = spec.env("DATASAVER_TLS_CRL", certs.join("crl.pem"));
+        }
         for (k, v) in &opts.coordinator_env {
             spec = spec.env(k, v);
         }

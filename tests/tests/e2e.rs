@@ -20,6 +20,7 @@ mod e2e {
     mod queue;
     mod rebuild;
     mod retention;
+    mod revocation;
     mod roundtrip;
     mod s3;
     mod security;

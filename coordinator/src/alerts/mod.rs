@@ -3,6 +3,7 @@
 //! forgets one) and the webhooks (`webhook`), delivered from `store`'s outbox
 //! with retries, never in the way of a backup.
 
+pub mod expiry;
 pub mod rules;
 pub mod store;
 pub mod webhook;
@@ -58,6 +59,8 @@ pub struct Alerter {
     pub store: AlertStore,
     pub wake: Notify,
     pub deliver: Notify,
+    /// Certificates watched for `certificate.expiring` (see `expiry`).
+    pub certificates: expiry::Certificates,
     started: DateTime<Utc>,
 }
 
@@ -67,6 +70,7 @@ impl Alerter {
             store,
             wake: Notify::new(),
             deliver: Notify::new(),
+            certificates: expiry::Certificates::default(),
             started,
         }
     }
@@ -284,6 +288,9 @@ pub async fn run(core: Arc<Core>) {
     loop {
         if let Err(e) = evaluate(&core).await {
             tracing::error!(error = %e, "alert evaluation failed");
+        }
+        if let Err(e) = expiry::evaluate(&core).await {
+            tracing::error!(error = %e, "certificate expiry evaluation failed");
         }
         tokio::select! {
             _ = core.cancel.cancelled() => break,

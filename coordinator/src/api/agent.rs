@@ -87,6 +87,10 @@ impl AgentService for AgentSvc {
             leaving: None,
         });
         tracing::info!(agent = %who, peer = %addr, targets = ?names, version = %reg.agent_version, "agent connected");
+        self.core.alerter.certificates.seen(
+            crate::alerts::expiry::Cert::of(crate::alerts::expiry::CertKind::Agent, &who.identity),
+            &self.core.metrics,
+        );
         crate::agents::remember_requests(&self.core, &requested).await;
 
         let core = self.core.clone();
