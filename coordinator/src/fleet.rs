@@ -57,8 +57,9 @@ pub struct Job {
     cancel: CancellationToken,
     /// Why it was stopped (set before `cancel` fires).
     cancel_reason: std::sync::Arc<Mutex<Option<StopReason>>>,
-    /// Its one upload has begun: a second is refused.
-    upload_claimed: bool,
+    /// Its one upload, once begun (a second is refused): cancelled when
+    /// that upload has ended and left nothing behind.
+    upload: std::sync::Arc<Mutex<Option<CancellationToken>>>,
 }
 
 /// Why a job was asked to stop before its agent reported.
@@ -78,6 +79,32 @@ pub struct JobTicket {
     pub reports: mpsc::Receiver<Report>,
     pub cancel: CancellationToken,
     cancel_reason: std::sync::Arc<Mutex<Option<StopReason>>>,
+    upload: std::sync::Arc<Mutex<Option<CancellationToken>>>,
+}
+
+/// A job's one upload, as its handler holds it: `stop` fires when the job is
+/// stopped (cancel, deadline, idle limit), and dropping the claim tells the
+/// job the upload has ended.
+pub struct UploadClaim {
+    pub stop: CancellationToken,
+    reason: std::sync::Arc<Mutex<Option<StopReason>>>,
+    _ended: tokio_util::sync::DropGuard,
+}
+
+impl UploadClaim {
+    /// Why the job was stopped, once `stop` fired.
+    pub fn stop_message(&self) -> String {
+        (self.stop_message_fn())()
+    }
+
+    /// [`Self::stop_message`], for a stream that outlives a borrow.
+    pub fn stop_message_fn(&self) -> impl Fn() -> String + Send + Sync + 'static {
+        let reason = self.reason.clone();
+        move || match lock!(reason).clone() {
+            Some(StopReason::Cancelled(r) | StopReason::TimedOut(r)) => r,
+            None => "the job was stopped".into(),
+        }
+    }
 }
 
 impl JobTicket {
@@ -85,6 +112,15 @@ impl JobTicket {
     pub fn cancel_reason(&self) -> String {
         match self.stop_reason() {
             StopReason::Cancelled(r) | StopReason::TimedOut(r) => r,
+        }
+    }
+
+    /// Waits, `limit` at most, until the job's upload (if one began) has
+    /// ended, so an outcome recorded afterwards leaves nothing half-written.
+    pub async fn upload_ended(&self, limit: std::time::Duration) {
+        let ended = lock!(self.upload).clone();
+        if let Some(ended) = ended {
+            let _ = tokio::time::timeout(limit, ended.cancelled()).await;
         }
     }
 
@@ -294,6 +330,7 @@ impl Fleet {
         let (tx, rx) = mpsc::channel(64);
         let cancel = CancellationToken::new();
         let cancel_reason = std::sync::Arc::new(Mutex::new(None));
+        let upload = std::sync::Arc::new(Mutex::new(None));
         lock!(self.inner).jobs.insert(
             job_id.to_string(),
             Job {
@@ -308,13 +345,14 @@ impl Fleet {
                 reports: tx,
                 cancel: cancel.clone(),
                 cancel_reason: cancel_reason.clone(),
-                upload_claimed: false,
+                upload: upload.clone(),
             },
         );
         JobTicket {
             reports: rx,
             cancel,
             cancel_reason,
+            upload,
         }
     }
 
@@ -336,16 +374,25 @@ impl Fleet {
         true
     }
 
-    /// Claims job `job_id`'s one upload. False when the job is not running
-    /// or its upload has begun already.
-    pub fn claim_upload(&self, job_id: &str) -> bool {
-        match lock!(self.inner).jobs.get_mut(job_id) {
-            Some(j) if !j.upload_claimed => {
-                j.upload_claimed = true;
-                true
-            }
-            _ => false,
+    /// Claims job `job_id`'s one upload. None when the job is not running,
+    /// was stopped, or its upload has begun already.
+    pub fn claim_upload(&self, job_id: &str) -> Option<UploadClaim> {
+        let g = lock!(self.inner);
+        let j = g.jobs.get(job_id)?;
+        if j.cancel.is_cancelled() {
+            return None;
         }
+        let mut upload = lock!(j.upload);
+        if upload.is_some() {
+            return None;
+        }
+        let ended = CancellationToken::new();
+        *upload = Some(ended.clone());
+        Some(UploadClaim {
+            stop: j.cancel.clone(),
+            reason: j.cancel_reason.clone(),
+            _ended: ended.drop_guard(),
+        })
     }
 
     /// Every running job, by id.
@@ -891,19 +938,42 @@ mod tests {
         assert_eq!(j.cancel_reason(), "no data for 5m");
     }
 
-    #[test]
-    fn one_upload_per_job() {
+    #[tokio::test]
+    async fn one_upload_per_job_stopped_with_its_job() {
         let (f, _) = fleet();
-        let _j = f.add_job("j1", JobKind::Backup, "acme", "b1", "", 1, "node-a");
+        let j = f.add_job("j1", JobKind::Backup, "acme", "b1", "", 1, "node-a");
         let _k = f.add_job("j2", JobKind::Backup, "beta", "b2", "", 1, "node-a");
-        assert!(f.claim_upload("j1"));
-        assert!(!f.claim_upload("j1"), "a second upload is refused");
-        assert!(f.claim_upload("j2"), "other jobs are not affected");
-        assert!(!f.claim_upload("j9"), "no such job");
+        let _m = f.add_job("j3", JobKind::Backup, "gamma", "b3", "", 1, "node-a");
+        let claim = f.claim_upload("j1").expect("first upload");
+        assert!(f.claim_upload("j1").is_none(), "a second upload is refused");
+        assert!(
+            f.claim_upload("j2").is_some(),
+            "other jobs are not affected"
+        );
+        assert!(f.claim_upload("j9").is_none(), "no such job");
         assert_eq!(
             f.jobs().into_iter().map(|(id, _)| id).collect::<Vec<_>>(),
-            vec!["j1".to_string(), "j2".to_string()]
+            vec!["j1".to_string(), "j2".to_string(), "j3".to_string()]
         );
+
+        // Stopping the job reaches its upload, with the reason.
+        assert!(!claim.stop.is_cancelled());
+        assert!(f.cancel_job("j1", "cancelled by operator alice"));
+        assert!(claim.stop.is_cancelled());
+        assert_eq!(claim.stop_message(), "cancelled by operator alice");
+
+        // The job waits for its upload to end, and no longer than asked.
+        let waited = tokio::time::Instant::now();
+        j.upload_ended(std::time::Duration::from_millis(200)).await;
+        assert!(waited.elapsed() >= std::time::Duration::from_millis(200));
+        drop(claim);
+        let waited = tokio::time::Instant::now();
+        j.upload_ended(std::time::Duration::from_secs(30)).await;
+        assert!(waited.elapsed() < std::time::Duration::from_secs(5));
+
+        // A stopped job takes no upload.
+        assert!(f.cancel_job("j3", "cancelled by operator alice"));
+        assert!(f.claim_upload("j3").is_none());
     }
 
     /// A job whose channel is full of progress its task has not read yet

@@ -181,12 +181,12 @@ impl AgentService for AgentSvc {
         }
         // One upload per job: a second one (a replay, a confused or hostile
         // agent) must not race the first into the same backup.
-        if !self.core.fleet.claim_upload(&header.job_id) {
+        let Some(claim) = self.core.fleet.claim_upload(&header.job_id) else {
             return Err(Status::already_exists(format!(
-                "backup {backup_id} already has an upload (one upload per job); agent {} sent a second",
+                "backup {backup_id} already has an upload or was stopped (one upload per job); agent {} sent another",
                 who.name()
             )));
-        }
+        };
         // A child of the agent's upload span, so both sides share one trace.
         let span = tracing::info_span!("upload", target = %target, backup = %backup_id);
         datasaver_common::telemetry::set_parent(&span, &remote);
@@ -205,6 +205,7 @@ impl AgentService for AgentSvc {
             crate::jobs::store_upload(
                 &self.core,
                 &header.job_id,
+                claim,
                 &backup_id,
                 meta,
                 pieces(inbound),

@@ -205,6 +205,10 @@ pub fn time_out(core: &Core, job_id: &str, message: &str) -> bool {
         .stop_job(job_id, StopReason::TimedOut(message.to_string()))
 }
 
+/// How long a stopped job waits for its upload to end and clean up (an S3
+/// writer lets its in-flight parts settle before the abort, 10 s at most).
+const UPLOAD_END_WAIT: Duration = Duration::from_secs(30);
+
 /// One job registered with the fleet and bound to the agent running it.
 /// Dropping it takes the job out of the fleet, however the task ended.
 struct AgentJob {
@@ -345,6 +349,10 @@ impl AgentJob {
         };
         tracing::warn!(job = %self.id, agent = %self.agent_name, reason = %stop.message, "stopping the job on its agent");
         self.stop_on_agent(&stop.message).await;
+        // The upload ends at once on the stop (its storage writer discards
+        // what it wrote); the outcome is recorded after that, so a stopped
+        // job leaves nothing in storage when its result is seen.
+        self.ticket.upload_ended(UPLOAD_END_WAIT).await;
         Err(stop)
     }
 }

@@ -98,6 +98,13 @@ fn result(job_id: &str, ok: bool, error: &str) -> Report {
     })
 }
 
+/// The job's one upload, as the agent API claims it.
+fn claim(core: &Core, job: &str) -> crate::fleet::UploadClaim {
+    core.fleet
+        .claim_upload(job)
+        .expect("the job takes its upload")
+}
+
 #[tokio::test]
 async fn a_stored_backup_completes_and_frees_its_slot() {
     let f = fixture(Policies::default());
@@ -109,6 +116,7 @@ async fn a_stored_backup_completes_and_frees_its_slot() {
     let stored = store_upload(
         &f.core,
         &job,
+        claim(&f.core, &job),
         &started.id,
         header(),
         futures::stream::iter(upload(b"a whole dump")),
@@ -419,7 +427,15 @@ async fn a_stalled_upload_fails_the_backup_and_stops_the_agent() {
     // Half a dump, then silence: the agent froze mid-upload.
     let first = upload(b"a dump that never ends").into_iter().take(1);
     let stalled = futures::stream::iter(first).chain(futures::stream::pending());
-    let stored = store_upload(&f.core, &job, &started.id, header(), stalled).await;
+    let stored = store_upload(
+        &f.core,
+        &job,
+        claim(&f.core, &job),
+        &started.id,
+        header(),
+        stalled,
+    )
+    .await;
     let e = stored.expect_err("a stalled upload is not stored");
     assert!(
         e.to_string()
@@ -459,6 +475,58 @@ async fn a_stalled_upload_fails_the_backup_and_stops_the_agent() {
 }
 
 #[tokio::test]
+async fn a_cancelled_backup_ends_its_upload_before_the_outcome_is_recorded() {
+    let f = fixture(Policies::default());
+    let (_conn, mut agent) = connect(&f.core, "shop");
+    let mut started = start_backup(&f.core, "shop", Trigger::Manual, None)
+        .await
+        .expect("started");
+    let job = backup_job(&mut agent).await;
+    // Part of a dump, then an agent that keeps the stream open (pg_dump
+    // still running): only the cancel can end this upload.
+    let first = upload(b"a dump that is still being written")
+        .into_iter()
+        .take(1);
+    let open = futures::stream::iter(first).chain(futures::stream::pending());
+    let claim = claim(&f.core, &job);
+    let core = f.core.clone();
+    let (job2, id2) = (job.clone(), started.id.clone());
+    let uploading =
+        tokio::spawn(async move { store_upload(&core, &job2, claim, &id2, header(), open).await });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(!uploading.is_finished());
+    assert!(f.core.fleet.cancel_job(&job, "cancelled by operator alice"));
+    let (cancelled, _) = cancel_job(&mut agent).await;
+    assert_eq!(cancelled, job);
+    let done = final_event(&mut started).await;
+    // The outcome came after the upload had ended and cleaned up.
+    assert!(
+        uploading.is_finished(),
+        "outcome recorded while the upload ran"
+    );
+    let stored = uploading.await.expect("upload task");
+    let e = stored.expect_err("a cancelled upload is not stored");
+    assert!(e.to_string().contains("cancelled by operator alice"), "{e}");
+    assert!(
+        done.error.contains("cancelled by operator alice"),
+        "{}",
+        done.error
+    );
+    assert_eq!(outcome(&mut started).await, Outcome::Failed);
+    let row = f.core.repo.find(&started.id).await.expect("row");
+    assert_eq!(row.status, RowStatus::Failed);
+    assert!(
+        row.error
+            .as_deref()
+            .is_some_and(|e| e.contains("cancelled by operator alice")),
+        "{:?}",
+        row.error
+    );
+    // A job that was stopped takes no (late) upload.
+    assert!(f.core.fleet.claim_upload(&job).is_none());
+}
+
+#[tokio::test]
 async fn an_upload_that_keeps_moving_is_not_idle() {
     let f = fixture(Policies {
         transfer_idle: Duration::from_secs(1),
@@ -476,7 +544,15 @@ async fn an_upload_that_keeps_moving_is_not_idle() {
         tokio::time::sleep(Duration::from_millis(600)).await;
         p
     });
-    let stored = store_upload(&f.core, &job, &started.id, header(), slow).await;
+    let stored = store_upload(
+        &f.core,
+        &job,
+        claim(&f.core, &job),
+        &started.id,
+        header(),
+        slow,
+    )
+    .await;
     assert_eq!(stored.expect("stored").status, RowStatus::Completed);
 }
 

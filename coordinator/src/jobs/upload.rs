@@ -12,10 +12,13 @@ use crate::Core;
 /// repository's all-or-nothing ingest, and — when it does not complete — the
 /// reason kept with the backup (the job's outcome is still decided in
 /// `decide`, once the agent reports). An upload that stalls for
-/// DATASAVER_TRANSFER_IDLE_TIMEOUT fails its job (`transfer::watch`).
+/// DATASAVER_TRANSFER_IDLE_TIMEOUT fails its job (`transfer::watch`); a job
+/// stopped for any reason ends its upload at once (`claim.stop`), and the
+/// job waits for that before it records the outcome.
 pub async fn store_upload<S>(
     core: &Arc<Core>,
     job_id: &str,
+    claim: crate::fleet::UploadClaim,
     backup_id: &str,
     meta: repo::ingest::IngestMeta,
     pieces: S,
@@ -49,8 +52,16 @@ where
             metrics.uploaded(&target, d.len() as u64);
         }
     });
-    let body = until_shutdown(counted, core.cancel.clone());
+    let body = until_cancelled(counted, core.cancel.clone(), || {
+        "coordinator shutting down".to_string()
+    });
+    let stopped = claim.stop_message_fn();
+    let body = until_cancelled(body, claim.stop.clone(), stopped);
     let result = core.repo.ingest(backup_id, meta, body, tags).await;
+    // The job records its own reason once this returns (and the claim drops).
+    if result.is_err() && claim.stop.is_cancelled() {
+        return result;
+    }
     if let Err(e) = &result {
         if let Err(ne) = core.repo.note_error(backup_id, &e.to_string()).await {
             tracing::error!(backup = %backup_id, error = %ne, "could not record why the upload failed");
@@ -59,27 +70,29 @@ where
     result
 }
 
-/// `s`, ending with an error item when `cancel` fires.
-fn until_shutdown<S>(
+/// `s`, ending with an error item (`why()`) when `cancel` fires.
+fn until_cancelled<S, F>(
     s: S,
     cancel: tokio_util::sync::CancellationToken,
+    why: F,
 ) -> impl futures::Stream<Item = Result<repo::ingest::Piece, repo::ingest::IngestError>> + Send
 where
     S: futures::Stream<Item = Result<repo::ingest::Piece, repo::ingest::IngestError>> + Send,
+    F: Fn() -> String + Send,
 {
     use futures::StreamExt;
     futures::stream::unfold(
-        (Box::pin(s), cancel, false),
-        |(mut s, cancel, ended)| async move {
+        (Box::pin(s), cancel, why, false),
+        |(mut s, cancel, why, ended)| async move {
             if ended {
                 return None;
             }
             tokio::select! {
-                _ = cancel.cancelled() => Some((
-                    Err(repo::ingest::IngestError::Failed("coordinator shutting down".into())),
-                    (s, cancel, true),
-                )),
-                item = s.next() => item.map(|i| (i, (s, cancel, false))),
+                _ = cancel.cancelled() => {
+                    let e = repo::ingest::IngestError::Failed(why());
+                    Some((Err(e), (s, cancel, why, true)))
+                }
+                item = s.next() => item.map(|i| (i, (s, cancel, why, false))),
             }
         },
     )

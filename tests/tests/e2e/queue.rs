@@ -181,9 +181,11 @@ fn a_fleet_over_capacity_is_served_in_turn_and_every_missed_slot_is_counted() {
     let hook = WebhookReceiver::start();
     let pg = PgCluster::new();
     let targets = ["ov-a", "ov-b", "ov-c", "ov-d"];
-    // ~15 MB each: a backup takes a good part of a second.
+    // ~65 MB each: a backup takes about half a second even on a fast
+    // machine, so four every second cannot fit one at a time (at 15 MB a
+    // round of four fitted in a second and no slot was missed).
     for t in targets {
-        pg.create_small_db(t, 250_000);
+        pg.create_small_db(t, 1_000_000);
     }
     // Four targets every second, one backup at a time: far more work than fits.
     let mut fleet = Fleet::start_with(FleetOptions {
