@@ -29,59 +29,62 @@ pub enum Action {
     RebuildCatalog,
 }
 
+/// One row of the table: what an action needs and how it is named.
+struct Rule {
+    /// The least access level that may do it.
+    needs: Access,
+    /// As said in a refusal: "may not <verb>".
+    verb: &'static str,
+    /// The label in `datasaver_refusals_total`.
+    metric: &'static str,
+}
+
 impl Action {
+    /// The table: every action's role, refusal wording and metric label.
+    fn rule(self) -> Rule {
+        use Access::{Admin, Operator, Viewer};
+        use Action::*;
+        let (needs, verb, metric) = match self {
+            ListAgents => (Viewer, "list agents", "list_agents"),
+            List => (Viewer, "list backups", "list"),
+            Get => (Viewer, "show a backup", "get"),
+            Health => (Viewer, "read health", "health"),
+            Targets => (Viewer, "list targets", "targets"),
+            CleanupDryRun => (Viewer, "preview a cleanup", "cleanup_dry_run"),
+            Backup => (Operator, "start a backup", "backup"),
+            Verify => (Operator, "verify a backup", "verify"),
+            Restore => (Operator, "restore a backup", "restore"),
+            Pin => (Operator, "pin or unpin a backup", "pin"),
+            Cancel => (Operator, "cancel a job", "cancel"),
+            RestoreForce => (
+                Admin,
+                "restore with --force over an existing database",
+                "restore_force",
+            ),
+            Delete => (Admin, "delete a backup", "delete"),
+            Cleanup => (Admin, "run a cleanup", "cleanup"),
+            RebuildCatalog => (Admin, "rebuild the catalog", "catalog_rebuild"),
+        };
+        Rule {
+            needs,
+            verb,
+            metric,
+        }
+    }
+
     /// The least access level that may do it.
     pub fn needs(self) -> Access {
-        use Action::*;
-        match self {
-            ListAgents | List | Get | Health | Targets | CleanupDryRun => Access::Viewer,
-            Backup | Verify | Restore | Pin | Cancel => Access::Operator,
-            RestoreForce | Delete | Cleanup | RebuildCatalog => Access::Admin,
-        }
+        self.rule().needs
     }
 
     /// As said in a refusal: "may not <verb>".
     pub fn verb(self) -> &'static str {
-        use Action::*;
-        match self {
-            ListAgents => "list agents",
-            List => "list backups",
-            Get => "show a backup",
-            Health => "read health",
-            Targets => "list targets",
-            CleanupDryRun => "preview a cleanup",
-            Backup => "start a backup",
-            Verify => "verify a backup",
-            Restore => "restore a backup",
-            Pin => "pin or unpin a backup",
-            Cancel => "cancel a job",
-            RestoreForce => "restore with --force over an existing database",
-            Delete => "delete a backup",
-            Cleanup => "run a cleanup",
-            RebuildCatalog => "rebuild the catalog",
-        }
+        self.rule().verb
     }
 
     /// The label in `datasaver_refusals_total`.
     pub fn metric(self) -> &'static str {
-        use Action::*;
-        match self {
-            ListAgents => "list_agents",
-            List => "list",
-            Get => "get",
-            Health => "health",
-            Targets => "targets",
-            CleanupDryRun => "cleanup_dry_run",
-            Backup => "backup",
-            Verify => "verify",
-            Restore => "restore",
-            Pin => "pin",
-            Cancel => "cancel",
-            RestoreForce => "restore_force",
-            Delete => "delete",
-            Cleanup => "cleanup",
-            RebuildCatalog => "catalog_rebuild",
-        }
+        self.rule().metric
     }
 
     /// Actions over every target at once: only an unscoped certificate may

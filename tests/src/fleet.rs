@@ -497,6 +497,21 @@ impl Fleet {
         run(cmd, timeout)
     }
 
+    /// `dsctl ARGS` as the operator whose `NAME.crt`/`NAME.key` are in `dir`
+    /// (e.g. from [`Fleet::issue_operator_cert_with`]).
+    pub fn dsctl_as(&self, dir: &Path, name: &str, args: &[&str]) -> Output {
+        let cert = dir.join(format!("{name}.crt"));
+        let key = dir.join(format!("{name}.key"));
+        self.dsctl_with(
+            args,
+            &[
+                ("DATASAVER_TLS_CERT", cert.to_str().expect("utf-8 path")),
+                ("DATASAVER_TLS_KEY", key.to_str().expect("utf-8 path")),
+            ],
+            Duration::from_secs(120),
+        )
+    }
+
     /// `dsctl --json ARGS...`, expecting exit 0 and JSON on stdout.
     #[track_caller]
     pub fn dsctl_json(&self, args: &[&str]) -> Value {

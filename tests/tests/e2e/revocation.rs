@@ -20,25 +20,6 @@ fn dsctl_certs(args: &[&str]) -> datasaver_tests::procs::Output {
     run(cmd, Duration::from_secs(60))
 }
 
-/// `dsctl ARGS` as the operator whose NAME.crt/.key are in `dir`.
-fn dsctl_as(
-    fleet: &Fleet,
-    dir: &Path,
-    name: &str,
-    args: &[&str],
-) -> datasaver_tests::procs::Output {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    fleet.dsctl_with(
-        args,
-        &[
-            ("DATASAVER_TLS_CERT", cert.to_str().expect("utf-8 path")),
-            ("DATASAVER_TLS_KEY", key.to_str().expect("utf-8 path")),
-        ],
-        Duration::from_secs(60),
-    )
-}
-
 /// The serial of a PEM certificate as `AB:CD:...` (upper case with colons: `--serial`
 /// must take it as `openssl` prints it).
 fn serial_of(cert: &Path) -> String {
@@ -79,7 +60,8 @@ fn a_revoked_operator_is_refused_and_a_revoked_agent_is_cut_off_without_a_restar
     let coordinator_pid = fleet.coordinator().pid();
 
     let alice = fleet.issue_operator_cert("alice");
-    dsctl_as(&fleet, &alice, "alice", &["list"])
+    fleet
+        .dsctl_as(&alice, "alice", &["list"])
         .expect_success("dsctl list as alice before revocation");
 
     // Revoke alice by file.
@@ -133,7 +115,7 @@ fn a_revoked_operator_is_refused_and_a_revoked_agent_is_cut_off_without_a_restar
     // Refused within a minute, without a restart; the fleet's own admin still works.
     let mut last = None;
     let refused = wait_until(WITHIN, || {
-        let o = dsctl_as(&fleet, &alice, "alice", &["list"]);
+        let o = fleet.dsctl_as(&alice, "alice", &["list"]);
         let done = !o.success();
         last = Some(o);
         done
@@ -210,7 +192,7 @@ fn a_revoked_operator_is_refused_and_a_revoked_agent_is_cut_off_without_a_restar
         "no error logged for a broken CRL:\n{}",
         fleet.coordinator().log()
     );
-    let still = dsctl_as(&fleet, &alice, "alice", &["list"]);
+    let still = fleet.dsctl_as(&alice, "alice", &["list"]);
     assert_eq!(still.code, Some(1), "{}", still.describe());
     assert_one_line_error(&still.stderr, "revoked");
 }
@@ -272,7 +254,7 @@ fn expired_operator(certs: &Path, out: &Path) -> PathBuf {
 fn an_expired_certificate_is_refused() {
     let fleet = Fleet::start();
     let dir = expired_operator(fleet.certs_dir(), &fleet.dir().join("expired"));
-    let out = dsctl_as(&fleet, &dir, "bob", &["list"]);
+    let out = fleet.dsctl_as(&dir, "bob", &["list"]);
     assert_eq!(out.code, Some(1), "{}", out.describe());
     assert_one_line_error(&out.stderr, "expired");
     fleet

@@ -3,26 +3,11 @@
 //! waits while the first agent is connected, and operator certificates are
 //! limited by role and scope. Every refusal is one line and exit 1.
 
-use std::path::Path;
 use std::time::Duration;
 
 use datasaver_tests::{
-    assert_one_line_error, wait_until, Fleet, FleetOptions, Output, PgCluster, ProcSpec,
+    assert_one_line_error, wait_until, Fleet, FleetOptions, PgCluster, ProcSpec,
 };
-
-/// `dsctl ARGS` with the operator certificate in `dir` (named `name`).
-fn as_operator(fleet: &Fleet, dir: &Path, name: &str, args: &[&str]) -> Output {
-    let cert = dir.join(format!("{name}.crt"));
-    let key = dir.join(format!("{name}.key"));
-    fleet.dsctl_with(
-        args,
-        &[
-            ("DATASAVER_TLS_CERT", cert.to_str().expect("utf-8 path")),
-            ("DATASAVER_TLS_KEY", key.to_str().expect("utf-8 path")),
-        ],
-        Duration::from_secs(120),
-    )
-}
 
 /// An agent for `target` on `pg`/`db` using the certificate of agent `cert_name`.
 fn agent_with_cert(
@@ -211,14 +196,20 @@ fn operators_act_only_within_their_role_and_scope() {
     let scoped = fleet.issue_operator_cert_with("sam", "admin", &["acme-*"]);
 
     // viewer: reads, nothing else.
-    let out = as_operator(&fleet, &viewer, "vera", &["list"]).expect_success("viewer list");
+    let out = fleet
+        .dsctl_as(&viewer, "vera", &["list"])
+        .expect_success("viewer list");
     assert!(
         out.stdout.contains(&acme.id) && out.stdout.contains(&globex.id),
         "{}",
         out.stdout
     );
-    as_operator(&fleet, &viewer, "vera", &["targets"]).expect_success("viewer targets");
-    as_operator(&fleet, &viewer, "vera", &["health"]).expect_success("viewer health");
+    fleet
+        .dsctl_as(&viewer, "vera", &["targets"])
+        .expect_success("viewer targets");
+    fleet
+        .dsctl_as(&viewer, "vera", &["health"])
+        .expect_success("viewer health");
     for (args, verb) in [
         (vec!["backup", "acme-main"], "may not start a backup"),
         (
@@ -230,8 +221,9 @@ fn operators_act_only_within_their_role_and_scope() {
             "may not delete a backup",
         ),
     ] {
-        let out =
-            as_operator(&fleet, &viewer, "vera", &args).expect_code(1, &format!("viewer {args:?}"));
+        let out = fleet
+            .dsctl_as(&viewer, "vera", &args)
+            .expect_code(1, &format!("viewer {args:?}"));
         let line = assert_one_line_error(&out.stderr, verb);
         assert!(line.contains("operator vera (role viewer)"), "{line}");
     }
@@ -239,42 +231,40 @@ fn operators_act_only_within_their_role_and_scope() {
 
     // operator: backs up and restores into a new database, but neither
     // deletes nor restores with --force over an existing one.
-    let b = as_operator(
-        &fleet,
-        &operator,
-        "otto",
-        &["--quiet", "backup", "acme-main"],
-    )
-    .expect_success("operator backup");
+    let b = fleet
+        .dsctl_as(&operator, "otto", &["--quiet", "backup", "acme-main"])
+        .expect_success("operator backup");
     assert!(b.stdout.trim().starts_with("acme-main_"), "{}", b.stdout);
-    as_operator(
-        &fleet,
-        &operator,
-        "otto",
-        &["restore", &acme.id, "--target-db", "o_copy"],
-    )
-    .expect_success("operator restore into a new database");
+    fleet
+        .dsctl_as(
+            &operator,
+            "otto",
+            &["restore", &acme.id, "--target-db", "o_copy"],
+        )
+        .expect_success("operator restore into a new database");
     assert!(pg.db_exists("o_copy"));
-    let out = as_operator(&fleet, &operator, "otto", &["delete", "--yes", &acme.id])
+    let out = fleet
+        .dsctl_as(&operator, "otto", &["delete", "--yes", &acme.id])
         .expect_code(1, "operator delete");
     let line = assert_one_line_error(&out.stderr, "may not delete a backup");
     assert!(
         line.contains("role operator") && line.contains("needs role admin"),
         "{line}"
     );
-    let out = as_operator(
-        &fleet,
-        &operator,
-        "otto",
-        &["restore", &acme.id, "--target-db", "acme", "--force"],
-    )
-    .expect_code(1, "operator restore --force");
+    let out = fleet
+        .dsctl_as(
+            &operator,
+            "otto",
+            &["restore", &acme.id, "--target-db", "acme", "--force"],
+        )
+        .expect_code(1, "operator restore --force");
     assert_one_line_error(
         &out.stderr,
         "may not restore with --force over an existing database",
     );
-    let out =
-        as_operator(&fleet, &operator, "otto", &["cleanup"]).expect_code(1, "operator cleanup");
+    let out = fleet
+        .dsctl_as(&operator, "otto", &["cleanup"])
+        .expect_code(1, "operator cleanup");
     assert_one_line_error(&out.stderr, "may not run a cleanup");
     assert!(
         fleet.list_backups(None).iter().any(|x| x.id == acme.id),
@@ -282,49 +272,60 @@ fn operators_act_only_within_their_role_and_scope() {
     );
 
     // scoped admin: acme-* exists, globex-main does not.
-    let out = as_operator(&fleet, &scoped, "sam", &["list"]).expect_success("scoped list");
+    let out = fleet
+        .dsctl_as(&scoped, "sam", &["list"])
+        .expect_success("scoped list");
     assert!(out.stdout.contains(&acme.id), "{}", out.stdout);
     assert!(!out.stdout.contains("globex"), "{}", out.stdout);
-    let out = as_operator(&fleet, &scoped, "sam", &["--json", "targets"])
+    let out = fleet
+        .dsctl_as(&scoped, "sam", &["--json", "targets"])
         .expect_success("scoped targets");
     assert!(!out.stdout.contains("globex"), "{}", out.stdout);
-    let out = as_operator(&fleet, &scoped, "sam", &["health"]).expect_success("scoped health");
+    let out = fleet
+        .dsctl_as(&scoped, "sam", &["health"])
+        .expect_success("scoped health");
     assert!(!out.stdout.contains("globex"), "{}", out.stdout);
-    let out = as_operator(&fleet, &scoped, "sam", &["agents"]).expect_success("scoped agents");
+    let out = fleet
+        .dsctl_as(&scoped, "sam", &["agents"])
+        .expect_success("scoped agents");
     assert!(!out.stdout.contains("globex"), "{}", out.stdout);
-    let out = as_operator(&fleet, &scoped, "sam", &["list", "--target", "globex-main"])
+    let out = fleet
+        .dsctl_as(&scoped, "sam", &["list", "--target", "globex-main"])
         .expect_code(1, "scoped list of another target");
     let line = assert_one_line_error(&out.stderr, "target globex-main is outside its scope");
     assert!(line.contains("operator sam (scope acme-*)"), "{line}");
-    let out = as_operator(
-        &fleet,
-        &scoped,
-        "sam",
-        &["restore", "--target", "globex-main", "--latest"],
-    )
-    .expect_code(1, "scoped restore of another target");
+    let out = fleet
+        .dsctl_as(
+            &scoped,
+            "sam",
+            &["restore", "--target", "globex-main", "--latest"],
+        )
+        .expect_code(1, "scoped restore of another target");
     assert_one_line_error(&out.stderr, "outside its scope");
     // By id the backup is "not found", word for word as a missing one.
-    let hidden = as_operator(
-        &fleet,
-        &scoped,
-        "sam",
-        &["restore", &globex.id, "--target-db", "s_copy"],
-    )
-    .expect_code(1, "scoped restore by id");
+    let hidden = fleet
+        .dsctl_as(
+            &scoped,
+            "sam",
+            &["restore", &globex.id, "--target-db", "s_copy"],
+        )
+        .expect_code(1, "scoped restore by id");
     let missing_id = globex.id.replace("globex-main", "globex-gone");
-    let missing =
-        as_operator(&fleet, &scoped, "sam", &["get", &missing_id]).expect_code(1, "missing id");
+    let missing = fleet
+        .dsctl_as(&scoped, "sam", &["get", &missing_id])
+        .expect_code(1, "missing id");
     assert_eq!(
         assert_one_line_error(&hidden.stderr, &globex.id).replace(&globex.id, "ID"),
         assert_one_line_error(&missing.stderr, &missing_id).replace(&missing_id, "ID")
     );
-    as_operator(&fleet, &scoped, "sam", &["delete", "--yes", &globex.id])
+    fleet
+        .dsctl_as(&scoped, "sam", &["delete", "--yes", &globex.id])
         .expect_code(1, "scoped delete");
     assert!(!pg.db_exists("s_copy"));
     assert!(fleet.list_backups(None).iter().any(|x| x.id == globex.id));
     // ... and may do everything to its own.
-    as_operator(&fleet, &scoped, "sam", &["delete", "--yes", &acme.id])
+    fleet
+        .dsctl_as(&scoped, "sam", &["delete", "--yes", &acme.id])
         .expect_success("scoped admin delete");
     assert!(!fleet.list_backups(None).iter().any(|x| x.id == acme.id));
 
