@@ -149,7 +149,11 @@ pub async fn run(
             };
             (Some(upload_request::Msg::Abort(abort)), Some(reason))
         }
-        Err(PipelineError::Failed(reason) | PipelineError::Corrupt(reason)) => {
+        Err(
+            PipelineError::Failed(reason)
+            | PipelineError::Corrupt(reason)
+            | PipelineError::ChildStopped(reason),
+        ) => {
             // A held lock says so, with the table and the setting.
             let reason =
                 crate::pg::lock_wait_failure(&reason, target.lock_wait_timeout).unwrap_or(reason);

@@ -49,6 +49,42 @@ pub fn summarize_stderr(stderr: &str) -> String {
     }
 }
 
+/// Postgres's own first error in a client's stderr (pg_restore, psql):
+/// the first line that reports an error and up to two lines after it (the
+/// command, detail or hint), joined with " | " and capped. With
+/// `--single-transaction` pg_restore stops at that first error; later lines
+/// ("errors ignored on restore", the rollback) only repeat that it failed.
+/// `None` when no line reports an error.
+pub fn postgres_errors(stderr: &str) -> Option<String> {
+    let lines: Vec<&str> = stderr
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    let first = lines
+        .iter()
+        .position(|l| l.contains("ERROR:") || l.contains("FATAL:") || l.contains(": error:"))?;
+    let follows = |l: &&&str| {
+        let l = l
+            .trim_start_matches("pg_restore: ")
+            .trim_start_matches("psql: ");
+        [
+            "Command was:",
+            "DETAIL:",
+            "HINT:",
+            "LINE ",
+            "detail:",
+            "hint:",
+            "CONTEXT:",
+        ]
+        .iter()
+        .any(|p| l.starts_with(p))
+    };
+    let mut picked = vec![lines[first]];
+    picked.extend(lines[first + 1..].iter().take_while(follows).take(2));
+    Some(summarize_stderr(&picked.join("\n")))
+}
+
 /// pg_dump's failure to lock a table within `--lock-wait-timeout`, from its
 /// stderr (`summary`: [`summarize_stderr`]'s line), as one line naming the
 /// table and the setting; `None` for any other failure. pg_dump 15 says
@@ -381,6 +417,30 @@ impl PgTools {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn postgres_errors_are_the_first_error_and_its_context() {
+        let restore = "pg_restore: error: could not execute query: ERROR:  role \"app_owner\" does not exist\nCommand was: ALTER TABLE public.t OWNER TO app_owner;\n\npg_restore: warning: errors ignored on restore: 1\n";
+        assert_eq!(
+            postgres_errors(restore).as_deref(),
+            Some("pg_restore: error: could not execute query: ERROR:  role \"app_owner\" does not exist | Command was: ALTER TABLE public.t OWNER TO app_owner;")
+        );
+        let extension = "pg_restore: while PROCESSING TOC:\npg_restore: from TOC entry 2; 3079 16385 EXTENSION postgis\npg_restore: error: could not execute query: ERROR:  could not open extension control file \"/usr/share/postgresql/15/extension/postgis.control\": No such file or directory\nCommand was: CREATE EXTENSION IF NOT EXISTS postgis WITH SCHEMA public;\n";
+        let got = postgres_errors(extension).expect("an error line");
+        assert!(
+            got.contains("postgis.control") && got.contains("CREATE EXTENSION"),
+            "{got}"
+        );
+        assert!(!got.contains("PROCESSING TOC"), "{got}");
+        let psql =
+            "psql:globals.sql:3: ERROR:  role \"x\" already exists\nLINE 1: CREATE ROLE x;\n";
+        assert_eq!(
+            postgres_errors(psql).as_deref(),
+            Some("psql:globals.sql:3: ERROR:  role \"x\" already exists | LINE 1: CREATE ROLE x;")
+        );
+        assert_eq!(postgres_errors("pg_restore: warning: something\n"), None);
+        assert_eq!(postgres_errors(""), None);
+    }
 
     fn db() -> DbConn {
         DbConn {

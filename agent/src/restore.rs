@@ -106,7 +106,9 @@ async fn stream_into(
         .map_err(|e| match e {
             PipelineError::Corrupt(m) => JobError::checksum_mismatch(m),
             PipelineError::Cancelled => stopped(cancel),
-            e @ (PipelineError::Failed(_) | PipelineError::UploadClosed) => e.to_string().into(),
+            e @ (PipelineError::Failed(_)
+            | PipelineError::ChildStopped(_)
+            | PipelineError::UploadClosed) => e.to_string().into(),
         })
 }
 

@@ -12,6 +12,7 @@ mod e2e {
     mod cli_text;
     mod codecs;
     mod deadlines;
+    mod disaster;
     mod faults;
     mod floors;
     mod harness_selftest;

@@ -30,7 +30,7 @@ use tokio_stream::Stream;
 use tokio_util::sync::CancellationToken;
 
 use crate::child::Proc;
-use crate::pg::summarize_stderr;
+use crate::pg::{postgres_errors, summarize_stderr};
 use crate::progress::Counters;
 use sink::{HeldBack, UploadSink, HOLD_BACK};
 use source::{ChildOutput, Download};
@@ -45,6 +45,10 @@ pub enum PipelineError {
     /// The stored bytes do not match their recorded checksum.
     #[error("{0}")]
     Corrupt(String),
+    /// The child stopped reading its input (it exited, usually on an
+    /// error of its own: its stderr, not the broken pipe, is the cause).
+    #[error("{0}")]
+    ChildStopped(String),
     /// The upload stream went away; the upload's own error says why.
     #[error("the upload stream closed")]
     UploadClosed,
@@ -195,10 +199,22 @@ where
         .unwrap_or_default();
     let result = match (fed, transfer) {
         // A corrupt object is the cause whatever else went wrong after it.
-        (Err(e @ PipelineError::Corrupt(_)), _) | (_, Err(e)) | (Err(e), Ok(())) => Err(e),
+        (Err(e @ PipelineError::Corrupt(_)), _) => Err(e),
+        // The child quit (pg_restore stops at its first error): what it said
+        // is the cause, not the pipe it left.
+        (Err(PipelineError::ChildStopped(m)), _) => {
+            Err(PipelineError::Failed(match postgres_errors(&exit.stderr) {
+                Some(said) => format!("{name} failed: {said}"),
+                None if !exit.stderr.trim().is_empty() => {
+                    format!("{name} failed: {}", summarize_stderr(&exit.stderr))
+                }
+                None => m,
+            }))
+        }
+        (_, Err(e)) | (Err(e), Ok(())) => Err(e),
         (Ok(()), Ok(())) if !exit.status.success() => Err(PipelineError::Failed(format!(
             "{name} failed: {}",
-            summarize_stderr(&exit.stderr)
+            postgres_errors(&exit.stderr).unwrap_or_else(|| summarize_stderr(&exit.stderr))
         ))),
         (Ok(()), Ok(())) => Ok(stdout),
     };
@@ -486,6 +502,55 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A child that quits on an error of its own (pg_restore stops at its
+    /// first failed statement) fails the job with what it said, not with
+    /// the broken pipe it left behind.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_child_that_quits_is_reported_by_its_own_error() {
+        let dir = Scratch::new("quits");
+        let data = sample();
+        let input = dir.0.join("input");
+        std::fs::write(&input, &data).unwrap();
+        let never = CancellationToken::new();
+        let chain = Chain::encode(Compression::None, 0, 0, None).unwrap();
+        let (chunks, r) = upload(cat(&input), chain, &never).await;
+        let trailer = r.unwrap();
+        let expected = Expected {
+            backup_id: "b9".into(),
+            checksum: trailer.checksum.clone(),
+            stored_bytes: trailer.stored_bytes,
+        };
+        let script = r#"head -c 1000 >/dev/null
+echo 'pg_restore: error: could not execute query: ERROR:  role "app_owner" does not exist' >&2
+echo 'Command was: ALTER TABLE public.orders OWNER TO app_owner;' >&2
+echo 'pg_restore: warning: errors ignored on restore: 1' >&2
+exit 1"#;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", script]);
+        let feed = Feed {
+            cmd,
+            name: "pg_restore",
+            reads_prefix_only: false,
+        };
+        let decode = Decode {
+            codec: Compression::None,
+            identities: None,
+        };
+        let e = download(&chunks.concat(), &expected, decode, feed, &never)
+            .await
+            .expect_err("the child failed");
+        let m = e.to_string();
+        assert!(
+            matches!(e, PipelineError::Failed(_))
+                && m.starts_with("pg_restore failed: ")
+                && m.contains(r#"role "app_owner" does not exist"#)
+                && m.contains("ALTER TABLE public.orders OWNER TO app_owner")
+                && !m.contains("Broken pipe")
+                && !m.contains("errors ignored"),
+            "{e:?}"
+        );
     }
 
     /// A flipped byte or a cut-off object fails as corrupt, and the child

@@ -164,7 +164,7 @@ impl<W: Write> HeldBack<W> {
                     self.closed = true;
                 }
                 Err(e) => {
-                    return Err(PipelineError::Failed(format!(
+                    return Err(PipelineError::ChildStopped(format!(
                         "{} stopped reading its input ({e})",
                         self.name
                     )))
