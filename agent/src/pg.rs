@@ -121,6 +121,49 @@ pub fn parse_tool_version(out: &str) -> Option<PgVersion> {
     })
 }
 
+/// The major version in a version string as recorded with a backup
+/// ("15.10", "17.2 (Debian 17.2-1)", "16beta1"); `None` when there is none
+/// (an old backup) or it cannot be read.
+pub fn major_of(v: &str) -> Option<u32> {
+    let digits: String = v
+        .trim()
+        .chars()
+        .take_while(|c| c.is_ascii_digit())
+        .collect();
+    digits.parse().ok().filter(|m| *m >= 10)
+}
+
+/// Why a backup cannot be restored onto `server` with `pg_restore`, checked
+/// before anything is created: a server older than the one the backup came
+/// from (`source_server`) cannot load what a newer one dumped, and a
+/// pg_restore older than the archive's pg_dump (`archive_pg_dump`) cannot
+/// read it. `None` when both fit or a version was not recorded.
+pub fn restore_version_problem(
+    backup_id: &str,
+    source_server: &str,
+    archive_pg_dump: &str,
+    server: &PgVersion,
+    pg_restore: &PgVersion,
+) -> Option<String> {
+    if let Some(src) = major_of(source_server) {
+        if server.major < src {
+            return Some(format!(
+                "backup {backup_id} comes from PostgreSQL {source_server}, and this server runs PostgreSQL {} (older): restore onto PostgreSQL {src} or newer; nothing was changed",
+                server.text
+            ));
+        }
+    }
+    if let Some(dump) = major_of(archive_pg_dump) {
+        if pg_restore.major < dump {
+            return Some(format!(
+                "backup {backup_id} was written by pg_dump {archive_pg_dump}, and the agent's pg_restore is {} (older, it cannot read the archive): install pg_restore {dump} or newer and point DATASAVER_PG_BIN_DIR at it; nothing was changed",
+                pg_restore.text
+            ));
+        }
+    }
+    None
+}
+
 /// Quotes an identifier for SQL.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -385,6 +428,18 @@ impl PgTools {
     /// it is caught here with both versions named.
     pub async fn probe(&self, db: &DbConn) -> Result<(PgVersion, PgVersion), String> {
         let dump_v = self.tool_version("pg_dump").await?;
+        let server = self.server_version(db).await?;
+        if dump_v.major < server.major {
+            return Err(format!(
+                "pg_dump {} is older than the server (PostgreSQL {}): a dump needs pg_dump {} or newer; install it on the agent host and point DATASAVER_PG_BIN_DIR at it",
+                dump_v.text, server.text, server.major
+            ));
+        }
+        Ok((dump_v, server))
+    }
+
+    /// The server's version, asked over a connection to `db`.
+    pub async fn server_version(&self, db: &DbConn) -> Result<PgVersion, String> {
         let out = self
             .psql(db, &db.dbname, &sql::server_version())
             .await
@@ -396,27 +451,61 @@ impl PgTools {
             .trim()
             .parse()
             .map_err(|_| format!("unexpected server_version_num {num:?}"))?;
-        let server = PgVersion {
+        Ok(PgVersion {
             major: if num >= 100_000 {
                 num / 10_000
             } else {
                 num / 100
             },
             text: text.split_whitespace().next().unwrap_or(text).to_string(),
-        };
-        if dump_v.major < server.major {
-            return Err(format!(
-                "pg_dump {} is older than the server (PostgreSQL {}): a dump needs pg_dump {} or newer; install it on the agent host and point DATASAVER_PG_BIN_DIR at it",
-                dump_v.text, server.text, server.major
-            ));
-        }
-        Ok((dump_v, server))
+        })
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn restores_onto_older_servers_or_with_older_pg_restore_are_refused() {
+        let v = |major, text: &str| PgVersion {
+            major,
+            text: text.into(),
+        };
+        assert_eq!(major_of("15.10"), Some(15));
+        assert_eq!(major_of("17.2 (Debian 17.2-1.pgdg120+1)"), Some(17));
+        assert_eq!(major_of("16beta1"), Some(16));
+        assert_eq!(major_of(""), None);
+        assert_eq!(major_of("9.6.24"), None);
+        let ok = restore_version_problem("b1", "15.10", "15.10", &v(15, "15.4"), &v(15, "15.4"));
+        assert_eq!(ok, None);
+        let newer_server =
+            restore_version_problem("b1", "15.10", "15.10", &v(17, "17.2"), &v(17, "17.2"));
+        assert_eq!(newer_server, None);
+        let old_server =
+            restore_version_problem("b1", "17.2", "17.2", &v(15, "15.10"), &v(17, "17.2"))
+                .expect("refused");
+        assert!(
+            old_server.contains("backup b1 comes from PostgreSQL 17.2")
+                && old_server.contains("PostgreSQL 15.10 (older)")
+                && old_server.contains("nothing was changed"),
+            "{old_server}"
+        );
+        let old_tool =
+            restore_version_problem("b1", "15.10", "17.2", &v(17, "17.2"), &v(15, "15.10"))
+                .expect("refused");
+        assert!(
+            old_tool.contains("pg_dump 17.2")
+                && old_tool.contains("pg_restore is 15.10")
+                && old_tool.contains("DATASAVER_PG_BIN_DIR"),
+            "{old_tool}"
+        );
+        assert_eq!(
+            restore_version_problem("b1", "", "", &v(15, "15.10"), &v(15, "15.10")),
+            None,
+            "old backups without recorded versions are not refused"
+        );
+    }
 
     #[test]
     fn postgres_errors_are_the_first_error_and_its_context() {

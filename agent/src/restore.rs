@@ -213,6 +213,27 @@ pub async fn run(
         db.dbname.clone()
     };
     reporter.phase("prepare", &format!("preparing database {name}"));
+    // A server or pg_restore too old for this backup is refused before
+    // anything is created, naming both versions (not pg_restore's failure
+    // halfway through).
+    let versions = async {
+        let server = tools.server_version(db).await?;
+        let pg_restore = tools.tool_version("pg_restore").await?;
+        Ok::<_, String>((server, pg_restore))
+    };
+    let (server, pg_restore) = tokio::select! {
+        r = versions => r.map_err(|e| format!("cannot check the server before restoring: {e}"))?,
+        _ = cancel.cancelled() => return Err(stopped(&cancel)),
+    };
+    if let Some(problem) = crate::pg::restore_version_problem(
+        &job.backup_id,
+        &job.server_version,
+        &job.pg_dump_version,
+        &server,
+        &pg_restore,
+    ) {
+        return Err(problem.into());
+    }
     // Looking is harmless to stop; creating, dropping and swapping run to
     // their end so no database is left half done.
     let exists = tokio::select! {
@@ -350,11 +371,14 @@ mod tests {
         script(
             &dir.join("psql"),
             &format!(
-                "sql=$(cat)\nprintf '%s\\n' \"$sql\" >> '{}'\ncase \"$sql\" in *pg_database*) echo 0;; esac",
+                "sql=$(cat)\nprintf '%s\\n' \"$sql\" >> '{}'\ncase \"$sql\" in *pg_database*) echo 0;; *server_version_num*) echo '150010|15.10';; esac",
                 log.display()
             ),
         );
-        script(&dir.join("pg_restore"), "exec sleep 30");
+        script(
+            &dir.join("pg_restore"),
+            "[ \"$1\" = --version ] && { echo 'pg_restore (PostgreSQL) 15.10'; exit 0; }\nexec sleep 30",
+        );
         let silent = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let channel = tonic::transport::Endpoint::from_shared(format!(
             "http://{}",

@@ -87,6 +87,8 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 stored_bytes: row.stored_bytes,
                 encrypted: row.encrypted,
                 encryption_recipient: row.encryption_recipient.clone(),
+                server_version: row.server_version.clone(),
+                pg_dump_version: row.pg_dump_version.clone(),
             });
             let result = match job.send(msg).await {
                 Err(f) => Err(f),

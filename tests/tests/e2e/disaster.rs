@@ -40,3 +40,41 @@ fn a_restore_onto_a_new_server_without_the_owner_role_says_what_postgres_said() 
         new.databases()
     );
 }
+
+/// A backup of a newer server cannot be loaded into an older one: refused
+/// before anything is created, naming both versions.
+#[test]
+fn a_restore_onto_an_older_server_is_refused_before_anything_is_created() {
+    let Some(newer) = PgCluster::newer_bindir() else {
+        datasaver_tests::skip(
+            "no newer PostgreSQL major version installed (tests/install-newer-pg.sh)",
+        );
+        return;
+    };
+    let source = PgCluster::start_with_bindir(&newer);
+    source.create_small_db("shop", 1000);
+    let mut fleet = Fleet::start();
+    let spec = fleet
+        .agent_spec("shop", &source, "shop")
+        .env("DATASAVER_PG_BIN_DIR", &newer);
+    fleet.add_agent_spec("shop", spec);
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed(), "{}", b.raw);
+
+    // The replacement server is an older major version.
+    fleet.remove_agent("shop");
+    let older = PgCluster::new();
+    let before = older.databases();
+    fleet.add_agent("shop", &older, "postgres");
+    let out = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop"])
+        .expect_code(1, "restore onto an older server");
+    let line = assert_one_line_error(&out.stderr, "nothing was changed");
+    assert!(
+        line.contains(&format!("comes from PostgreSQL {}.", source.major()))
+            && line.contains(&format!("runs PostgreSQL {}.", older.major()))
+            && line.contains("(older)"),
+        "the message must name both versions: {line}"
+    );
+    assert_eq!(older.databases(), before, "a database was created");
+}
