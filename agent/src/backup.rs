@@ -80,6 +80,11 @@ pub async fn run(
         r = tools.probe(&target.db) => r?,
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
     };
+    // Recorded so a restore can refuse a server without them up front.
+    let extensions = tokio::select! {
+        r = tools.extensions(&target.db) => r.map_err(|e| format!("cannot list the database's extensions: {e}"))?,
+        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
+    };
     let header = UploadHeader {
         job_id: job.job_id.clone(),
         backup_id: job.backup_id.clone(),
@@ -91,6 +96,7 @@ pub async fn run(
         db_host: format!("{}:{}", target.db.host, target.db.port),
         server_version: server_v.text.clone(),
         pg_dump_version: dump_v.text.clone(),
+        extensions,
         encrypted: target.encrypt_to.is_some(),
         encryption_recipient: target
             .encrypt_to

@@ -164,6 +164,34 @@ pub fn restore_version_problem(
     None
 }
 
+/// Why a backup cannot be restored onto a server offering `available`
+/// extensions: the ones it `needs` that the server lacks, named, with what
+/// to do. `None` when nothing is missing.
+pub fn missing_extensions(
+    backup_id: &str,
+    needs: &[String],
+    available: &[String],
+    server: &PgVersion,
+) -> Option<String> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|n| !available.contains(n))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    Some(format!(
+        "backup {backup_id} uses extension{} {} that this server (PostgreSQL {}) does not have: install {} on the server (its PostgreSQL {} package) or restore onto a server that has {}; nothing was changed",
+        if missing.len() == 1 { "" } else { "s" },
+        missing.join(", "),
+        server.text,
+        if missing.len() == 1 { "it" } else { "them" },
+        server.major,
+        if missing.len() == 1 { "it" } else { "them" },
+    ))
+}
+
 /// Quotes an identifier for SQL.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -199,6 +227,16 @@ pub mod sql {
         Statement::new(
             "SELECT current_setting('server_version_num') || '|' || current_setting('server_version');",
         )
+    }
+
+    /// The extensions installed in the database connected to, one per line.
+    pub fn extensions() -> Statement {
+        Statement::new("SELECT extname FROM pg_extension ORDER BY 1;")
+    }
+
+    /// The extensions the server could install, one per line.
+    pub fn available_extensions() -> Statement {
+        Statement::new("SELECT name FROM pg_available_extensions ORDER BY 1;")
     }
 
     /// Answers at all.
@@ -438,6 +476,37 @@ impl PgTools {
         Ok((dump_v, server))
     }
 
+    /// The extensions installed in `db` (recorded with each backup).
+    pub async fn extensions(&self, db: &DbConn) -> Result<Vec<String>, String> {
+        self.lines(db, &db.dbname, &sql::extensions()).await
+    }
+
+    /// The extensions the server behind `db` could install, asked from
+    /// `dbname`.
+    pub async fn available_extensions(
+        &self,
+        db: &DbConn,
+        dbname: &str,
+    ) -> Result<Vec<String>, String> {
+        self.lines(db, dbname, &sql::available_extensions()).await
+    }
+
+    async fn lines(
+        &self,
+        db: &DbConn,
+        dbname: &str,
+        st: &Statement,
+    ) -> Result<Vec<String>, String> {
+        Ok(self
+            .psql(db, dbname, st)
+            .await?
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
+    }
+
     /// The server's version, asked over a connection to `db`.
     pub async fn server_version(&self, db: &DbConn) -> Result<PgVersion, String> {
         let out = self
@@ -465,6 +534,33 @@ impl PgTools {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_extensions_are_named() {
+        let v = PgVersion {
+            major: 17,
+            text: "17.10".into(),
+        };
+        let s = |l: &[&str]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let available = s(&["plpgsql", "pgcrypto", "hstore"]);
+        assert_eq!(
+            missing_extensions("b1", &s(&["plpgsql", "hstore"]), &available, &v),
+            None
+        );
+        assert_eq!(missing_extensions("b1", &[], &available, &v), None);
+        let one = missing_extensions("b1", &s(&["plpgsql", "old_snapshot"]), &available, &v)
+            .expect("refused");
+        assert_eq!(
+            one,
+            "backup b1 uses extension old_snapshot that this server (PostgreSQL 17.10) does not have: install it on the server (its PostgreSQL 17 package) or restore onto a server that has it; nothing was changed"
+        );
+        let two = missing_extensions("b1", &s(&["postgis", "old_snapshot"]), &available, &v)
+            .expect("refused");
+        assert!(
+            two.contains("extensions postgis, old_snapshot that"),
+            "{two}"
+        );
+    }
 
     #[test]
     fn restores_onto_older_servers_or_with_older_pg_restore_are_refused() {

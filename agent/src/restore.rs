@@ -219,9 +219,14 @@ pub async fn run(
     let versions = async {
         let server = tools.server_version(db).await?;
         let pg_restore = tools.tool_version("pg_restore").await?;
-        Ok::<_, String>((server, pg_restore))
+        let available = if job.extensions.is_empty() {
+            Vec::new()
+        } else {
+            tools.available_extensions(db, &admin_db).await?
+        };
+        Ok::<_, String>((server, pg_restore, available))
     };
-    let (server, pg_restore) = tokio::select! {
+    let (server, pg_restore, available) = tokio::select! {
         r = versions => r.map_err(|e| format!("cannot check the server before restoring: {e}"))?,
         _ = cancel.cancelled() => return Err(stopped(&cancel)),
     };
@@ -232,6 +237,11 @@ pub async fn run(
         &server,
         &pg_restore,
     ) {
+        return Err(problem.into());
+    }
+    if let Some(problem) =
+        crate::pg::missing_extensions(&job.backup_id, &job.extensions, &available, &server)
+    {
         return Err(problem.into());
     }
     // Looking is harmless to stop; creating, dropping and swapping run to

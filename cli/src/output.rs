@@ -105,6 +105,7 @@ pub fn backup_json(b: &Backup) -> Value {
         "db_host": b.db_host,
         "server_version": b.server_version,
         "pg_dump_version": b.pg_dump_version,
+        "extensions": b.extensions,
         "object_key": b.object_key,
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
@@ -436,6 +437,7 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
             ),
         ),
         ("pg_dump", b.pg_dump_version.clone()),
+        ("extensions", b.extensions.join(", ")),
         (
             "size",
             format!(

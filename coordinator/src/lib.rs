@@ -138,6 +138,7 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         verify_result: b.verification.as_ref().map(repo::Verification::result),
         next_backup_at: None,
         agent: b.agent.clone(),
+        extensions: b.extensions.clone(),
     }
 }
 

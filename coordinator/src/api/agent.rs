@@ -200,6 +200,7 @@ impl AgentService for AgentSvc {
             db_host: header.db_host.clone(),
             server_version: header.server_version.clone(),
             pg_dump_version: header.pg_dump_version.clone(),
+            extensions: header.extensions.clone(),
         };
         let stored = tracing::Instrument::instrument(
             crate::jobs::store_upload(
@@ -332,6 +333,9 @@ mod clean {
     use datasaver_common::proto::{agent_message, AgentMessage, UploadHeader};
     use datasaver_common::text::{sanitize, MAX_MESSAGE, MAX_NAME};
 
+    /// More extensions than any real database uses.
+    const MAX_EXTENSIONS: usize = 256;
+
     pub fn error(s: &str) -> String {
         sanitize(s, MAX_MESSAGE)
     }
@@ -397,6 +401,13 @@ mod clean {
         ] {
             name(f);
         }
+        // Stored comma-joined: a name with a comma (impossible for a real
+        // extension) is dropped, and the list is bounded.
+        h.extensions.truncate(MAX_EXTENSIONS);
+        for e in &mut h.extensions {
+            name(e);
+        }
+        h.extensions.retain(|e| !e.is_empty() && !e.contains(','));
         h
     }
 

@@ -89,6 +89,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 encryption_recipient: row.encryption_recipient.clone(),
                 server_version: row.server_version.clone(),
                 pg_dump_version: row.pg_dump_version.clone(),
+                extensions: row.extensions.clone(),
             });
             let result = match job.send(msg).await {
                 Err(f) => Err(f),

@@ -27,6 +27,8 @@ pub struct IngestMeta {
     pub db_host: String,
     pub server_version: String,
     pub pg_dump_version: String,
+    /// The extensions the database uses.
+    pub extensions: Vec<String>,
 }
 
 /// What the agent says after the last byte.
@@ -158,6 +160,7 @@ impl Repository {
             db_host: meta.db_host,
             server_version: meta.server_version,
             pg_dump_version: meta.pg_dump_version,
+            extensions: meta.extensions,
             tags,
             error: None,
             ..running

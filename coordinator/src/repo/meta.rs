@@ -12,6 +12,9 @@ pub struct DatabaseInfo {
     pub name: String,
     pub host: String,
     pub server_version: String,
+    /// The extensions the database uses (absent in older meta files).
+    #[serde(default)]
+    pub extensions: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -66,6 +69,7 @@ impl Meta {
                 name: b.database.clone(),
                 host: b.db_host.clone(),
                 server_version: b.server_version.clone(),
+                extensions: b.extensions.clone(),
             },
             pg_dump_version: b.pg_dump_version.clone(),
             format: b.format.clone(),
@@ -125,6 +129,7 @@ impl Meta {
             db_host: self.database.host.clone(),
             server_version: self.database.server_version.clone(),
             pg_dump_version: self.pg_dump_version.clone(),
+            extensions: self.database.extensions.clone(),
             error: None,
             pinned: self.pinned,
             tags: self.tags.clone(),
@@ -166,6 +171,7 @@ mod tests {
         b.encrypted = true;
         b.encryption_recipient = "age1xyz".into();
         b.checksum = "blake3:ab".into();
+        b.extensions = vec!["hstore".into(), "plpgsql".into()];
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {
             at: b.created_at,
@@ -196,10 +202,23 @@ mod tests {
             assert!(v.get(field).is_some(), "missing {field}");
         }
         assert_eq!(v["encryption"]["recipient"], "age1xyz");
+        assert_eq!(v["database"]["extensions"][0], "hstore");
         let back = Meta::parse(&serde_json::to_vec(&v).unwrap())
             .unwrap()
             .to_record()
             .unwrap();
         assert_eq!(back, b, "the meta file gives back the same record");
+
+        // Meta files written before extensions were recorded still read.
+        let mut old = v.clone();
+        old["database"]
+            .as_object_mut()
+            .unwrap()
+            .remove("extensions");
+        let back = Meta::parse(&serde_json::to_vec(&old).unwrap())
+            .unwrap()
+            .to_record()
+            .unwrap();
+        assert!(back.extensions.is_empty());
     }
 }

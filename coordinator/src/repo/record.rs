@@ -160,6 +160,8 @@ pub struct BackupRecord {
     pub db_host: String,
     pub server_version: String,
     pub pg_dump_version: String,
+    /// The extensions the backed-up database uses (pg_extension names).
+    pub extensions: Vec<String>,
     pub error: Option<String>,
     pub pinned: bool,
     pub tags: Vec<String>,
@@ -201,6 +203,7 @@ impl BackupRecord {
             db_host: String::new(),
             server_version: String::new(),
             pg_dump_version: String::new(),
+            extensions: Vec::new(),
             error: None,
             pinned: false,
             tags: Vec::new(),

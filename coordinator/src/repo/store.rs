@@ -10,9 +10,10 @@ use crate::catalog::{Catalog, CatalogError};
 /// The backup table's migrations (see `catalog::plan`). Version 1 is shared
 /// with `targets`: both tables were created in one step before the stores
 /// were split.
-pub(crate) const MIGRATIONS: &[(u32, &str)] = &[(
-    1,
-    "CREATE TABLE backups (
+pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
+    (
+        1,
+        "CREATE TABLE backups (
         id TEXT PRIMARY KEY,
         target TEXT NOT NULL,
         kind TEXT NOT NULL,
@@ -43,13 +44,19 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[(
         verify_result TEXT
     );
     CREATE INDEX backups_by_target ON backups(target, created_at);",
-)];
+    ),
+    // 6: the extensions a backup's database uses (checked before a restore)
+    (
+        6,
+        "ALTER TABLE backups ADD COLUMN extensions TEXT NOT NULL DEFAULT '';",
+    ),
+];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result";
+    agent, verified_at, verify_result, extensions";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -72,6 +79,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
     let tags: String = r.get(24)?;
     let verified_at: Option<String> = r.get(26)?;
     let verify_result: Option<String> = r.get(27)?;
+    let extensions: String = r.get(28)?;
     Ok(BackupRecord {
         id: r.get(0)?,
         target: r.get(1)?,
@@ -104,12 +112,17 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
             .collect(),
         agent: r.get(25)?,
         verification: Verification::parse(verified_at.as_deref(), verify_result.as_deref()),
+        extensions: extensions
+            .split(',')
+            .filter(|s| !s.is_empty())
+            .map(String::from)
+            .collect(),
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29)"),
         params![
             b.id,
             b.target,
@@ -139,6 +152,7 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             b.agent,
             b.verification.as_ref().map(|v| format_time(v.at)),
             b.verification.as_ref().map(Verification::result),
+            b.extensions.join(","),
         ],
     )?;
     Ok(())
@@ -237,7 +251,8 @@ impl BackupStore {
                     "UPDATE backups SET status = 'completed', finished_at = ?2, duration_ms = ?3, raw_bytes = ?4,
                        stored_bytes = ?5, checksum = ?6, compression = ?7, encrypted = ?8, encryption_recipient = ?9,
                        format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
-                       server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL
+                       server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL,
+                       extensions = ?18
                      WHERE id = ?1 AND status = 'running'",
                     params![
                         b.id,
@@ -257,6 +272,7 @@ impl BackupStore {
                         b.server_version,
                         b.pg_dump_version,
                         b.tags.join(","),
+                        b.extensions.join(","),
                     ],
                 )?;
                 if n == 1 {

@@ -239,6 +239,7 @@ pub fn header() -> IngestMeta {
         db_host: "db:5432".into(),
         server_version: "15.1".into(),
         pg_dump_version: "15.1".into(),
+        extensions: vec!["plpgsql".into()],
     }
 }
 

@@ -78,3 +78,61 @@ fn a_restore_onto_an_older_server_is_refused_before_anything_is_created() {
     );
     assert_eq!(older.databases(), before, "a database was created");
 }
+
+/// An archive that needs an extension the new server does not have fails
+/// halfway through pg_restore; it is refused before anything is created,
+/// naming the extension. (PostgreSQL 17 dropped `old_snapshot`, which 15
+/// ships.)
+#[test]
+fn a_restore_onto_a_server_without_an_extension_is_refused_naming_it() {
+    let Some(newer) = PgCluster::newer_bindir() else {
+        datasaver_tests::skip(
+            "no newer PostgreSQL major version installed (tests/install-newer-pg.sh)",
+        );
+        return;
+    };
+    let source = PgCluster::new();
+    source.create_small_db("shop", 1000);
+    source.psql("shop", "CREATE EXTENSION old_snapshot;");
+    let mut fleet = Fleet::start();
+    fleet.add_agent("shop", &source, "shop");
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed(), "{}", b.raw);
+    let recorded: Vec<String> = b.raw["extensions"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|e| e.as_str().map(String::from))
+                .collect()
+        })
+        .unwrap_or_default();
+    assert!(
+        recorded.contains(&"old_snapshot".to_string()) && recorded.contains(&"plpgsql".to_string()),
+        "{}",
+        b.raw
+    );
+    let shown = fleet.dsctl(&["get", &b.id]).expect_success("dsctl get");
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("extensions") && l.contains("old_snapshot")),
+        "{}",
+        shown.stdout
+    );
+
+    fleet.remove_agent("shop");
+    let target = PgCluster::start_with_bindir(&newer);
+    let before = target.databases();
+    let spec = fleet
+        .agent_spec("shop", &target, "postgres")
+        .env("DATASAVER_PG_BIN_DIR", &newer);
+    fleet.add_agent_spec("shop", spec);
+    let out = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop"])
+        .expect_code(1, "restore onto a server without old_snapshot");
+    let line = assert_one_line_error(&out.stderr, "uses extension old_snapshot that this server");
+    assert!(line.contains("nothing was changed"), "{line}");
+    assert!(!line.contains("plpgsql"), "{line}");
+    assert_eq!(target.databases(), before, "a database was created");
+}
