@@ -85,6 +85,10 @@ pub async fn run(
         r = tools.extensions(&target.db) => r.map_err(|e| format!("cannot list the database's extensions: {e}"))?,
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
     };
+    let system_identifier = tokio::select! {
+        s = tools.system_identifier(&target.db) => s.unwrap_or_default(),
+        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
+    };
     let header = UploadHeader {
         job_id: job.job_id.clone(),
         backup_id: job.backup_id.clone(),
@@ -97,6 +101,7 @@ pub async fn run(
         server_version: server_v.text.clone(),
         pg_dump_version: dump_v.text.clone(),
         extensions,
+        system_identifier,
         encrypted: target.encrypt_to.is_some(),
         encryption_recipient: target
             .encrypt_to

@@ -234,6 +234,11 @@ pub mod sql {
         Statement::new("SELECT extname FROM pg_extension ORDER BY 1;")
     }
 
+    /// The server's `system_identifier`.
+    pub fn system_identifier() -> Statement {
+        Statement::new("SELECT system_identifier FROM pg_control_system();")
+    }
+
     /// The extensions the server could install, one per line.
     pub fn available_extensions() -> Statement {
         Statement::new("SELECT name FROM pg_available_extensions ORDER BY 1;")
@@ -474,6 +479,19 @@ impl PgTools {
             ));
         }
         Ok((dump_v, server))
+    }
+
+    /// The server's `system_identifier`, or `None` when this role may not
+    /// read it (it is recorded when it can be; its absence fails nothing).
+    pub async fn system_identifier(&self, db: &DbConn) -> Option<String> {
+        match self.psql(db, &db.dbname, &sql::system_identifier()).await {
+            Ok(s) if !s.trim().is_empty() => Some(s.trim().to_string()),
+            Ok(_) => None,
+            Err(e) => {
+                tracing::info!(error = %e, "cannot read the server's system_identifier; a change of server will not be noticed");
+                None
+            }
+        }
     }
 
     /// The extensions installed in `db` (recorded with each backup).

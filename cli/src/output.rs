@@ -106,6 +106,7 @@ pub fn backup_json(b: &Backup) -> Value {
         "server_version": b.server_version,
         "pg_dump_version": b.pg_dump_version,
         "extensions": b.extensions,
+        "system_identifier": b.system_identifier,
         "object_key": b.object_key,
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
@@ -438,6 +439,7 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ),
         ("pg_dump", b.pg_dump_version.clone()),
         ("extensions", b.extensions.join(", ")),
+        ("system identifier", b.system_identifier.clone()),
         (
             "size",
             format!(

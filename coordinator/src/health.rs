@@ -112,7 +112,8 @@ impl Report {
                         | Kind::ConsecutiveFailures
                         | Kind::SizeAnomaly
                         | Kind::AgentDisconnected
-                        | Kind::ScheduleMissed,
+                        | Kind::ScheduleMissed
+                        | Kind::ServerChanged,
                     ) => std::mem::take(&mut a.message),
                     Some(Kind::BackupFailed) => format!(
                         "backup {id} of {} failed: {}",

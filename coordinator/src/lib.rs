@@ -139,6 +139,7 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         next_backup_at: None,
         agent: b.agent.clone(),
         extensions: b.extensions.clone(),
+        system_identifier: b.system_identifier.clone(),
     }
 }
 

@@ -135,6 +135,7 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
             ok: r.status == Status::Completed,
             raw_bytes: r.raw_bytes,
             error: r.error.clone(),
+            system_identifier: r.system_identifier.clone(),
         })
         .take(50)
         .collect();

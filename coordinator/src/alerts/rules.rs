@@ -15,10 +15,11 @@ pub enum Kind {
     AgentDisconnected,
     VerifyFailed,
     ScheduleMissed,
+    ServerChanged,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 7] = [
+    pub const ALL: [Kind; 8] = [
         Kind::BackupFailed,
         Kind::BackupOverdue,
         Kind::ConsecutiveFailures,
@@ -26,6 +27,7 @@ impl Kind {
         Kind::AgentDisconnected,
         Kind::VerifyFailed,
         Kind::ScheduleMissed,
+        Kind::ServerChanged,
     ];
 
     pub fn event(self) -> &'static str {
@@ -37,6 +39,7 @@ impl Kind {
             Kind::AgentDisconnected => "agent.disconnected",
             Kind::VerifyFailed => "verify.failed",
             Kind::ScheduleMissed => "schedule.missed",
+            Kind::ServerChanged => "target.server_changed",
         }
     }
 
@@ -59,6 +62,8 @@ pub struct Attempt {
     pub ok: bool,
     pub raw_bytes: u64,
     pub error: Option<String>,
+    /// The server's `system_identifier` (empty when not recorded).
+    pub system_identifier: String,
 }
 
 #[derive(Clone, Debug)]
@@ -221,6 +226,21 @@ pub fn conditions(f: &Facts, r: &Rules, now: DateTime<Utc>) -> Vec<Condition> {
             }
         }
     }
+    // A new server behind the target (rebuilt, failed over, restored
+    // elsewhere): said once, open until the next backup of the same server.
+    if let [newest, before, ..] = oks.as_slice() {
+        let (new, old) = (&newest.system_identifier, &before.system_identifier);
+        if !new.is_empty() && !old.is_empty() && new != old {
+            out.push(Condition {
+                kind: Kind::ServerChanged,
+                message: format!(
+                    "{t} is now a different server: backup {} has system identifier {new}, the backup before it ({}) had {old}; backups continue, and a logical restore onto the new server still works",
+                    newest.id, before.id
+                ),
+                backup_id: Some(newest.id.clone()),
+            });
+        }
+    }
     if let Some(since) = f.disconnected_since {
         if now - since > r.agent_grace {
             out.push(Condition {
@@ -273,7 +293,46 @@ mod tests {
             ok,
             raw_bytes: size,
             error: (!ok).then(|| "pg_dump failed".to_string()),
+            system_identifier: String::new(),
         }
+    }
+
+    #[test]
+    fn a_new_server_is_said_once_and_cleared_by_its_next_backup() {
+        let on = |i, ok, sys: &str| Attempt {
+            system_identifier: sys.into(),
+            ..attempt(i, ok, 100)
+        };
+        let r = Rules::default();
+        let same = facts(vec![on(1, true, "7001"), on(2, true, "7001")]);
+        assert!(!kinds(&conditions(&same, &r, at(3))).contains(&Kind::ServerChanged));
+        let changed = facts(vec![on(1, true, "7001"), on(2, true, "7002")]);
+        let c = conditions(&changed, &r, at(3));
+        let sc: Vec<_> = c.iter().filter(|c| c.kind == Kind::ServerChanged).collect();
+        assert_eq!(sc.len(), 1, "{c:?}");
+        assert!(
+            sc[0].message.contains("7001") && sc[0].message.contains("7002"),
+            "{}",
+            sc[0].message
+        );
+        assert_eq!(sc[0].backup_id.as_deref(), Some("b2"));
+        // A failed attempt in between changes nothing; the next success of
+        // the new server clears it.
+        let failed_between = facts(vec![
+            on(1, true, "7001"),
+            on(2, false, ""),
+            on(3, true, "7002"),
+        ]);
+        assert!(kinds(&conditions(&failed_between, &r, at(4))).contains(&Kind::ServerChanged));
+        let settled = facts(vec![
+            on(1, true, "7001"),
+            on(2, true, "7002"),
+            on(3, true, "7002"),
+        ]);
+        assert!(!kinds(&conditions(&settled, &r, at(4))).contains(&Kind::ServerChanged));
+        // Backups from before identifiers were recorded are not a change.
+        let old = facts(vec![on(1, true, ""), on(2, true, "7002")]);
+        assert!(!kinds(&conditions(&old, &r, at(3))).contains(&Kind::ServerChanged));
     }
 
     fn facts(mut recent: Vec<Attempt>) -> Facts {

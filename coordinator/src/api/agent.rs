@@ -201,6 +201,7 @@ impl AgentService for AgentSvc {
             server_version: header.server_version.clone(),
             pg_dump_version: header.pg_dump_version.clone(),
             extensions: header.extensions.clone(),
+            system_identifier: header.system_identifier.clone(),
         };
         let stored = tracing::Instrument::instrument(
             crate::jobs::store_upload(
@@ -398,6 +399,7 @@ mod clean {
             &mut h.server_version,
             &mut h.pg_dump_version,
             &mut h.encryption_recipient,
+            &mut h.system_identifier,
         ] {
             name(f);
         }

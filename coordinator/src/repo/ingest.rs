@@ -29,6 +29,8 @@ pub struct IngestMeta {
     pub pg_dump_version: String,
     /// The extensions the database uses.
     pub extensions: Vec<String>,
+    /// The server's `system_identifier` (empty when unknown).
+    pub system_identifier: String,
 }
 
 /// What the agent says after the last byte.
@@ -161,6 +163,7 @@ impl Repository {
             server_version: meta.server_version,
             pg_dump_version: meta.pg_dump_version,
             extensions: meta.extensions,
+            system_identifier: meta.system_identifier,
             tags,
             error: None,
             ..running

@@ -15,6 +15,9 @@ pub struct DatabaseInfo {
     /// The extensions the database uses (absent in older meta files).
     #[serde(default)]
     pub extensions: Vec<String>,
+    /// The server's `system_identifier` (absent in older meta files).
+    #[serde(default)]
+    pub system_identifier: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -70,6 +73,7 @@ impl Meta {
                 host: b.db_host.clone(),
                 server_version: b.server_version.clone(),
                 extensions: b.extensions.clone(),
+                system_identifier: b.system_identifier.clone(),
             },
             pg_dump_version: b.pg_dump_version.clone(),
             format: b.format.clone(),
@@ -130,6 +134,7 @@ impl Meta {
             server_version: self.database.server_version.clone(),
             pg_dump_version: self.pg_dump_version.clone(),
             extensions: self.database.extensions.clone(),
+            system_identifier: self.database.system_identifier.clone(),
             error: None,
             pinned: self.pinned,
             tags: self.tags.clone(),
@@ -172,6 +177,7 @@ mod tests {
         b.encryption_recipient = "age1xyz".into();
         b.checksum = "blake3:ab".into();
         b.extensions = vec!["hstore".into(), "plpgsql".into()];
+        b.system_identifier = "7312345678901234567".into();
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {
             at: b.created_at,

@@ -162,6 +162,8 @@ pub struct BackupRecord {
     pub pg_dump_version: String,
     /// The extensions the backed-up database uses (pg_extension names).
     pub extensions: Vec<String>,
+    /// The server's `system_identifier` (empty when not recorded).
+    pub system_identifier: String,
     pub error: Option<String>,
     pub pinned: bool,
     pub tags: Vec<String>,
@@ -204,6 +206,7 @@ impl BackupRecord {
             server_version: String::new(),
             pg_dump_version: String::new(),
             extensions: Vec::new(),
+            system_identifier: String::new(),
             error: None,
             pinned: false,
             tags: Vec::new(),

@@ -240,6 +240,7 @@ pub fn header() -> IngestMeta {
         server_version: "15.1".into(),
         pg_dump_version: "15.1".into(),
         extensions: vec!["plpgsql".into()],
+        system_identifier: "7300000000000000001".into(),
     }
 }
 

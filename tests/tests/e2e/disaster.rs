@@ -1,6 +1,9 @@
 //! The server is gone: a backup restored onto a brand-new, empty Postgres.
 
-use datasaver_tests::{assert_one_line_error, Fleet, PgCluster};
+use std::time::Duration;
+
+use datasaver_tests::webhook::WebhookReceiver;
+use datasaver_tests::{assert_one_line_error, wait_until, Fleet, FleetOptions, PgCluster};
 
 /// The roles a database needs are not in its `pg_dump` archive: on a new
 /// server without them, pg_restore stops at the first `OWNER TO`. The user
@@ -135,4 +138,75 @@ fn a_restore_onto_a_server_without_an_extension_is_refused_naming_it() {
     assert!(line.contains("nothing was changed"), "{line}");
     assert!(!line.contains("plpgsql"), "{line}");
     assert_eq!(target.databases(), before, "a database was created");
+}
+
+/// The database behind a target is now another server (rebuilt, failed
+/// over): its system identifier changes, which `dsctl get` shows, a
+/// `target.server_changed` webhook announces once, `dsctl health` lists, and
+/// the next backup of the same new server resolves.
+#[test]
+fn a_new_server_behind_a_target_is_announced_once() {
+    let hook = WebhookReceiver::start();
+    let mut fleet = Fleet::start_with(FleetOptions {
+        coordinator_env: vec![("DATASAVER_WEBHOOK_URL".into(), hook.url("/hook"))],
+        ..Default::default()
+    });
+    let first = PgCluster::new();
+    first.create_small_db("shop", 1000);
+    fleet.add_agent("shop", &first, "shop");
+    let a = fleet.backup("shop", None);
+    let b = fleet.backup("shop", None);
+    let sys_a = first.query_one("shop", "SELECT system_identifier FROM pg_control_system()");
+    assert_eq!(a.raw["system_identifier"], sys_a.as_str(), "{}", a.raw);
+    assert_eq!(b.raw["system_identifier"], sys_a.as_str(), "{}", b.raw);
+    let shown = fleet.dsctl(&["get", &b.id]).expect_success("dsctl get");
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("system identifier") && l.contains(&sys_a)),
+        "{}",
+        shown.stdout
+    );
+
+    fleet.remove_agent("shop");
+    let second = PgCluster::new();
+    second.create_small_db("shop", 1000);
+    let sys_b = second.query_one("shop", "SELECT system_identifier FROM pg_control_system()");
+    assert_ne!(sys_a, sys_b, "two initdb runs share a system identifier");
+    fleet.add_agent("shop", &second, "shop");
+    let c = fleet.backup("shop", None);
+    assert!(c.is_completed(), "{}", c.raw);
+    assert!(
+        wait_until(Duration::from_secs(30), || !hook
+            .events("target.server_changed")
+            .is_empty()),
+        "no target.server_changed webhook: {:?}",
+        hook.delivered()
+    );
+    let events = hook.events("target.server_changed");
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["target"], "shop", "{e}");
+    assert_eq!(e["backup_id"], c.id.as_str(), "{e}");
+    let m = e["message"].as_str().unwrap_or_default();
+    assert!(m.contains(&sys_a) && m.contains(&sys_b), "{m}");
+    let health = fleet.dsctl(&["health"]).expect_success("dsctl health");
+    assert!(
+        health.stdout.contains("target.server_changed"),
+        "{}",
+        health.stdout
+    );
+
+    // The next backup of the new server: resolved, and said only once.
+    assert!(fleet.backup("shop", None).is_completed());
+    assert!(
+        wait_until(Duration::from_secs(30), || hook
+            .resolved_of("target.server_changed")
+            .len()
+            == 1),
+        "{:?}",
+        hook.delivered()
+    );
+    assert_eq!(hook.events("target.server_changed").len(), 1);
 }
