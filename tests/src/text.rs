@@ -115,6 +115,8 @@ fn patterns() -> &'static [(Regex, &'static str)] {
                 "PostgreSQL [PG]",
             ),
             (&format!(r"\b{version}\b"), "[VERSION]"),
+            // a server's pg_control_system().system_identifier
+            (r"(system identifier\s+)\d{6,}", "${1}[SYSID]"),
         ]
         .into_iter()
         .map(|(re, with)| {
@@ -271,6 +273,10 @@ app_[ID]  app     [SIZE]          first
         assert_eq!(
             r.redact_line("pg_dump (PostgreSQL) 16.4"),
             "pg_dump (PostgreSQL) [PG]"
+        );
+        assert_eq!(
+            r.redact_line("system identifier  7714690401596385035"),
+            "system identifier  [SYSID]"
         );
         assert_eq!(
             r.redact_line("into app_copy (43407 bytes of archive)"),
