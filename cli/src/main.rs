@@ -5,6 +5,7 @@
 mod certs;
 mod client;
 mod crl;
+mod export;
 mod output;
 mod progress;
 
@@ -14,9 +15,9 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use datasaver_common::proto::{
-    job_event, CancelRequest, CleanupRequest, DeleteBackupRequest, GetBackupRequest, HealthRequest,
-    JobDone, ListAgentsRequest, ListBackupsRequest, ListTargetsRequest, PinRequest, RestoreRequest,
-    StartBackupRequest, VerifyRequest,
+    job_event, CancelRequest, CleanupRequest, DeleteBackupRequest, ExportRequest, GetBackupRequest,
+    HealthRequest, JobDone, ListAgentsRequest, ListBackupsRequest, ListTargetsRequest, PinRequest,
+    RestoreRequest, StartBackupRequest, VerifyRequest,
 };
 use progress::Progress;
 
@@ -97,6 +98,23 @@ enum Cmd {
     Verify {
         /// Backup id.
         id: String,
+    },
+    /// Write a backup's plain pg_dump archive to a file, to restore it without datasaver.
+    ///
+    /// The stored bytes are checked against their checksum, decrypted with
+    /// --identity (for an encrypted backup), decompressed, and checked
+    /// against the checksum of pg_dump's output recorded at backup time. FILE
+    /// appears only when every check passed; it is never overwritten. Then:
+    /// `pg_restore -d NEWDB FILE` (custom format).
+    Export {
+        /// Backup id.
+        id: String,
+        /// Where to write the archive (must not exist).
+        #[arg(long, value_name = "FILE")]
+        out: PathBuf,
+        /// The age identity file (AGE-SECRET-KEY-1…) for an encrypted backup.
+        #[arg(long, value_name = "FILE")]
+        identity: Option<PathBuf>,
     },
     /// Cancel a running job: the agent stops it, the job is recorded as cancelled, nothing is stored.
     ///
@@ -674,6 +692,13 @@ async fn run(cli: Cli) -> Result<()> {
                 )
                 .await?;
             output::cancelled(&r.jobs, cli.json);
+            Ok(())
+        }
+        Cmd::Export { id, out, identity } => {
+            export::check_out(&out)?;
+            let stream = why.answer(c.export(ExportRequest { id }).await).await?;
+            let done = export::run(stream, &out, identity.as_deref(), &why).await?;
+            output::exported(&done, cli.json);
             Ok(())
         }
         Cmd::Health => {

@@ -82,6 +82,46 @@ impl<'a, T> Columns<'a, T> {
     }
 }
 
+/// `dsctl export`'s result.
+pub fn exported(e: &crate::export::Exported, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            json!({
+                "id": e.backup.id,
+                "out": e.out.display().to_string(),
+                "bytes": e.bytes,
+                "checksum": e.checksum,
+                "checked_against_backup": e.checked_against_backup,
+                "database": e.backup.database,
+            })
+        );
+        return;
+    }
+    println!(
+        "exported backup {} (database {}) to {}: {}, pg_dump custom format",
+        e.backup.id,
+        e.backup.database,
+        e.out.display(),
+        human_bytes(e.bytes)
+    );
+    if e.checked_against_backup {
+        println!(
+            "checksum {} matches pg_dump's output at backup time",
+            e.checksum
+        );
+    } else {
+        println!(
+            "checksum {} (no checksum of pg_dump's output was recorded for this backup; the stored bytes were checked)",
+            e.checksum
+        );
+    }
+    println!(
+        "restore it with: createdb NEWDB && pg_restore -d NEWDB {}",
+        e.out.display()
+    );
+}
+
 pub fn backup_json(b: &Backup) -> Value {
     json!({
         "id": b.id,
@@ -95,6 +135,7 @@ pub fn backup_json(b: &Backup) -> Value {
         "raw_bytes": b.raw_bytes,
         "stored_bytes": b.stored_bytes,
         "checksum": b.checksum,
+        "raw_checksum": b.raw_checksum,
         "compression": b.compression,
         "encrypted": b.encrypted,
         "tags": b.tags,
@@ -451,6 +492,7 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ("compression", b.compression.clone()),
         ("encrypted", b.encrypted.to_string()),
         ("checksum", b.checksum.clone()),
+        ("pg_dump checksum", b.raw_checksum.clone()),
         ("object", b.object_key.clone()),
         ("tags", b.tags.join(",")),
         ("pinned", b.pinned.to_string()),

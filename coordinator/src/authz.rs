@@ -23,6 +23,7 @@ pub enum Action {
     Restore,
     Pin,
     Cancel,
+    Export,
     RestoreForce,
     Delete,
     Cleanup,
@@ -56,6 +57,7 @@ impl Action {
             Restore => (Operator, "restore a backup", "restore"),
             Pin => (Operator, "pin or unpin a backup", "pin"),
             Cancel => (Operator, "cancel a job", "cancel"),
+            Export => (Operator, "export a backup", "export"),
             RestoreForce => (
                 Admin,
                 "restore with --force over an existing database",

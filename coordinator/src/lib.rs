@@ -140,6 +140,7 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         agent: b.agent.clone(),
         extensions: b.extensions.clone(),
         system_identifier: b.system_identifier.clone(),
+        raw_checksum: b.raw_checksum.clone(),
     }
 }
 

@@ -100,12 +100,16 @@ fn pump(
     started: Instant,
 ) -> Result<UploadTrailer, PipelineError> {
     let mut buf = vec![0u8; CHUNK_SIZE];
+    // Over the plain pg_dump output, so an exported archive can be checked
+    // against what pg_dump wrote.
+    let mut raw_sum = datasaver_common::checksum::Checksum::new();
     let streamed = (|| {
         loop {
             let n = source.read(&mut buf)?;
             if n == 0 {
                 break;
             }
+            raw_sum.update(&buf[..n]);
             sink.write(chain.push(&buf[..n])?)?;
         }
         chain.finish()
@@ -128,6 +132,7 @@ fn pump(
         raw_bytes: raw,
         stored_bytes: stored,
         dump_duration_ms: elapsed.as_millis() as u64,
+        raw_checksum: raw_sum.finish(),
     })
 }
 
@@ -478,6 +483,9 @@ mod tests {
                 assert_eq!(trailer.checksum, sum.finish(), "{case}");
                 assert_eq!(trailer.stored_bytes, stored.len() as u64, "{case}");
                 assert_eq!(trailer.raw_bytes, data.len() as u64, "{case}");
+                let mut plain = Checksum::new();
+                plain.update(&data);
+                assert_eq!(trailer.raw_checksum, plain.finish(), "{case}");
                 if encrypted {
                     assert!(stored.starts_with(b"age-encryption.org/v1"), "{case}");
                 }

@@ -291,6 +291,19 @@ impl AgentService for AgentSvc {
     }
 }
 
+/// A checksum from an agent as stored: `blake3:` and 64 hex digits, or
+/// nothing (anything else cannot be one, and is not kept).
+fn clean_checksum(s: String) -> String {
+    let ok = s
+        .strip_prefix("blake3:")
+        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+    if ok {
+        s
+    } else {
+        String::new()
+    }
+}
+
 /// The upload's messages after the header, as the repository takes them.
 fn pieces(
     inbound: Streaming<UploadRequest>,
@@ -309,6 +322,7 @@ fn pieces(
                     checksum: t.checksum,
                     raw_bytes: t.raw_bytes,
                     stored_bytes: t.stored_bytes,
+                    raw_checksum: clean_checksum(t.raw_checksum),
                 })),
                 Some(upload_request::Msg::Abort(a)) if a.interrupted => {
                     Err(IngestError::Interrupted(clean::error(&a.reason)))

@@ -8,11 +8,11 @@ use std::sync::Arc;
 use datasaver_common::proto::operator_service_server::OperatorService;
 use datasaver_common::proto::{
     CancelRequest, CancelResponse, CancelledJob, CleanupItem, CleanupRequest, CleanupResponse,
-    DeleteBackupRequest, DeleteBackupResponse, FloorRaise, GetBackupRequest, HealthRequest,
-    HealthResponse, JobEvent, JobQueue, ListAgentsRequest, ListAgentsResponse, ListBackupsRequest,
-    ListBackupsResponse, ListTargetsRequest, ListTargetsResponse, OpenAlert, PinRequest,
-    RebuildCatalogRequest, RebuildCatalogResponse, RestoreRequest, StartBackupRequest,
-    TargetCleanup, TargetHealth, TargetInfoRow, VerifyRequest,
+    DeleteBackupRequest, DeleteBackupResponse, ExportChunk, ExportRequest, FloorRaise,
+    GetBackupRequest, HealthRequest, HealthResponse, JobEvent, JobQueue, ListAgentsRequest,
+    ListAgentsResponse, ListBackupsRequest, ListBackupsResponse, ListTargetsRequest,
+    ListTargetsResponse, OpenAlert, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse,
+    RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth, TargetInfoRow, VerifyRequest,
 };
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,6 +36,41 @@ impl OperatorService for OperatorSvc {
     type StartBackupStream = EventStream;
     type RestoreStream = EventStream;
     type VerifyStream = EventStream;
+    type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send>>;
+
+    async fn export(
+        &self,
+        req: Request<ExportRequest>,
+    ) -> Result<Response<Self::ExportStream>, Status> {
+        use datasaver_common::proto::export_chunk::Msg;
+        use futures::StreamExt;
+        let who = Caller::of(&req)?;
+        let id = req.into_inner().id;
+        let row = self.find_for(&who, Action::Export, &id).await?;
+        tracing::info!(operator = %who, backup = %id, "export started");
+        let bytes = self
+            .core
+            .repo
+            .open_verified(&row)
+            .await
+            .map_err(|e| match e {
+                crate::repo::RepoError::Conflict(m) => Status::failed_precondition(m),
+                e => Status::unavailable(e.to_string()),
+            })?;
+        let first = ExportChunk {
+            msg: Some(Msg::Backup(to_proto(&row))),
+        };
+        let rest = bytes.map(|r| match r {
+            Ok(data) => Ok(ExportChunk {
+                msg: Some(Msg::Data(data.to_vec())),
+            }),
+            Err(crate::repo::ReadError::Corrupt(m)) => Err(Status::data_loss(m)),
+            Err(crate::repo::ReadError::Storage(m)) => Err(Status::unavailable(m)),
+        });
+        Ok(Response::new(Box::pin(
+            futures::stream::once(async move { Ok(first) }).chain(rest),
+        )))
+    }
 
     async fn list_agents(
         &self,

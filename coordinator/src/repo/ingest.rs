@@ -40,6 +40,8 @@ pub struct Trailer {
     pub checksum: String,
     pub raw_bytes: u64,
     pub stored_bytes: u64,
+    /// `blake3:<hex>` of the plain pg_dump output (empty from old agents).
+    pub raw_checksum: String,
 }
 
 /// One element of an upload.
@@ -148,6 +150,7 @@ impl Repository {
             raw_bytes: trailer.raw_bytes,
             stored_bytes: info.size,
             checksum: ours,
+            raw_checksum: trailer.raw_checksum,
             compression: codec.name().into(),
             encrypted: meta.encrypted,
             encryption_recipient: meta.encryption_recipient,
@@ -342,6 +345,7 @@ mod tests {
             checksum: "blake3:00".into(),
             raw_bytes: 1,
             stored_bytes: 10,
+            raw_checksum: String::new(),
         }));
         let (r, keys, _) = attempt(Fault::None, body).await;
         assert!(r.unwrap_err().to_string().contains("checksum mismatch"));

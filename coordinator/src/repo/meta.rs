@@ -45,6 +45,9 @@ pub struct Meta {
     pub stored_bytes: u64,
     pub duration_ms: u64,
     pub checksum: String,
+    /// Of the plain pg_dump output (absent in older meta files).
+    #[serde(default)]
+    pub raw_checksum: String,
     pub tags: Vec<String>,
     pub object_key: String,
     pub meta_key: String,
@@ -85,6 +88,7 @@ impl Meta {
             stored_bytes: b.stored_bytes,
             duration_ms: b.duration_ms,
             checksum: b.checksum.clone(),
+            raw_checksum: b.raw_checksum.clone(),
             tags: b.tags.clone(),
             object_key: b.object_key.clone(),
             meta_key: b.meta_key.clone(),
@@ -135,6 +139,7 @@ impl Meta {
             pg_dump_version: self.pg_dump_version.clone(),
             extensions: self.database.extensions.clone(),
             system_identifier: self.database.system_identifier.clone(),
+            raw_checksum: self.raw_checksum.clone(),
             error: None,
             pinned: self.pinned,
             tags: self.tags.clone(),
@@ -178,6 +183,7 @@ mod tests {
         b.checksum = "blake3:ab".into();
         b.extensions = vec!["hstore".into(), "plpgsql".into()];
         b.system_identifier = "7312345678901234567".into();
+        b.raw_checksum = "blake3:cd".into();
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {
             at: b.created_at,

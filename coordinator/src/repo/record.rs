@@ -164,6 +164,8 @@ pub struct BackupRecord {
     pub extensions: Vec<String>,
     /// The server's `system_identifier` (empty when not recorded).
     pub system_identifier: String,
+    /// `blake3:<hex>` of the plain pg_dump output (empty when not recorded).
+    pub raw_checksum: String,
     pub error: Option<String>,
     pub pinned: bool,
     pub tags: Vec<String>,
@@ -207,6 +209,7 @@ impl BackupRecord {
             pg_dump_version: String::new(),
             extensions: Vec::new(),
             system_identifier: String::new(),
+            raw_checksum: String::new(),
             error: None,
             pinned: false,
             tags: Vec::new(),

@@ -55,13 +55,18 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         7,
         "ALTER TABLE backups ADD COLUMN system_identifier TEXT NOT NULL DEFAULT '';",
     ),
+    // 8: the checksum of the plain pg_dump output (`dsctl export` checks it)
+    (
+        8,
+        "ALTER TABLE backups ADD COLUMN raw_checksum TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result, extensions, system_identifier";
+    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -123,12 +128,13 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
             .map(String::from)
             .collect(),
         system_identifier: r.get(29)?,
+        raw_checksum: r.get(30)?,
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)"),
         params![
             b.id,
             b.target,
@@ -160,6 +166,7 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             b.verification.as_ref().map(Verification::result),
             b.extensions.join(","),
             b.system_identifier,
+            b.raw_checksum,
         ],
     )?;
     Ok(())
@@ -259,7 +266,7 @@ impl BackupStore {
                        stored_bytes = ?5, checksum = ?6, compression = ?7, encrypted = ?8, encryption_recipient = ?9,
                        format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
                        server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL,
-                       extensions = ?18, system_identifier = ?19
+                       extensions = ?18, system_identifier = ?19, raw_checksum = ?20
                      WHERE id = ?1 AND status = 'running'",
                     params![
                         b.id,
@@ -281,6 +288,7 @@ impl BackupStore {
                         b.tags.join(","),
                         b.extensions.join(","),
                         b.system_identifier,
+                        b.raw_checksum,
                     ],
                 )?;
                 if n == 1 {

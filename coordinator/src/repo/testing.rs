@@ -256,6 +256,7 @@ pub fn upload(data: &[u8]) -> Vec<Result<Piece, super::ingest::IngestError>> {
             checksum: h.finish(),
             raw_bytes: data.len() as u64 * 3,
             stored_bytes: data.len() as u64,
+            raw_checksum: "blake3:plain".into(),
         })),
     ]
 }

@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use datasaver_tests::fidelity::{compare_databases, load_fidelity};
 use datasaver_tests::webhook::WebhookReceiver;
 use datasaver_tests::{assert_one_line_error, wait_until, Fleet, FleetOptions, PgCluster};
 
@@ -209,4 +210,153 @@ fn a_new_server_behind_a_target_is_announced_once() {
         hook.delivered()
     );
     assert_eq!(hook.events("target.server_changed").len(), 1);
+}
+
+/// No lock-in: `dsctl export` writes the plain pg_dump archive of an
+/// encrypted backup with the operator's identity, and plain `pg_restore`
+/// gives back a database identical to the source; a damaged object writes
+/// nothing.
+#[test]
+fn an_exported_backup_restores_with_plain_pg_restore_and_a_damaged_one_writes_nothing() {
+    let pg = PgCluster::new();
+    load_fidelity(&pg, "shop");
+    let mut fleet = Fleet::start();
+    let keys = fleet.dir().join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    let identity = keys.join("backup.agekey");
+    let identity = identity.to_str().expect("utf-8 path").to_string();
+    let recipient = fleet
+        .dsctl(&["keygen", "--out", &identity])
+        .expect_success("dsctl keygen")
+        .stdout
+        .trim()
+        .to_string();
+    // The agent can only encrypt: the operator's identity is what decrypts.
+    let spec = fleet
+        .agent_spec("vault", &pg, "shop")
+        .env("DATASAVER_ENCRYPTION_RECIPIENT", &recipient);
+    fleet.add_agent_spec("vault", spec);
+    let b = fleet.backup("vault", None);
+    assert!(b.encrypted, "{}", b.raw);
+    assert!(
+        b.raw["raw_checksum"]
+            .as_str()
+            .is_some_and(|c| c.starts_with("blake3:") && c.len() == 71),
+        "{}",
+        b.raw
+    );
+
+    let exports = fleet.dir().join("exports");
+    std::fs::create_dir_all(&exports).expect("exports dir");
+    let out = exports.join("shop.dump");
+    let out_s = out.to_str().expect("utf-8 path");
+    let listing = || {
+        let mut v: Vec<String> = std::fs::read_dir(&exports)
+            .expect("exports dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+
+    // Without the identity: one line, nothing written.
+    let refused = fleet
+        .dsctl(&["--quiet", "export", &b.id, "--out", out_s])
+        .expect_code(1, "export of an encrypted backup without --identity");
+    assert_one_line_error(&refused.stderr, "pass --identity FILE");
+    assert!(listing().is_empty(), "{:?}", listing());
+
+    let done = fleet
+        .dsctl(&["export", &b.id, "--out", out_s, "--identity", &identity])
+        .expect_success("dsctl export");
+    assert!(
+        done.stdout.contains(&format!("exported backup {}", b.id))
+            && done
+                .stdout
+                .contains("matches pg_dump's output at backup time"),
+        "{}",
+        done.stdout
+    );
+    assert_eq!(listing(), vec!["shop.dump".to_string()]);
+    let archive = std::fs::read(&out).expect("exported archive");
+    assert!(
+        archive.starts_with(b"PGDMP"),
+        "not a pg_dump custom archive"
+    );
+
+    // Plain PostgreSQL tools, no datasaver.
+    pg.psql("postgres", "CREATE DATABASE shop_plain;");
+    let restored = pg
+        .client_command("pg_restore")
+        .args(["--exit-on-error", "-d", "shop_plain", out_s])
+        .output()
+        .expect("run pg_restore");
+    assert!(
+        restored.status.success(),
+        "pg_restore: {}",
+        String::from_utf8_lossy(&restored.stderr)
+    );
+    compare_databases(&pg, "shop", &pg, "shop_plain").expect("the export restores to the source");
+
+    // Never overwrites.
+    let again = fleet
+        .dsctl(&[
+            "--quiet",
+            "export",
+            &b.id,
+            "--out",
+            out_s,
+            "--identity",
+            &identity,
+        ])
+        .expect_code(1, "export over an existing file");
+    assert_one_line_error(&again.stderr, "never overwrites");
+    assert_eq!(std::fs::read(&out).expect("archive"), archive);
+
+    // JSON names the file and the check.
+    let json_out = exports.join("shop2.dump");
+    let v = fleet
+        .dsctl(&[
+            "--json",
+            "export",
+            &b.id,
+            "--out",
+            json_out.to_str().expect("utf-8 path"),
+            "--identity",
+            &identity,
+        ])
+        .expect_success("dsctl --json export")
+        .json();
+    assert_eq!(v["id"], b.id.as_str(), "{v}");
+    assert_eq!(v["checked_against_backup"], true, "{v}");
+    assert_eq!(v["checksum"], b.raw["raw_checksum"], "{v}");
+    assert_eq!(std::fs::read(&json_out).expect("second export"), archive);
+
+    // One flipped byte in storage: refused as corrupt, nothing written.
+    let object = fleet
+        .storage_dir()
+        .join(format!("vault/logical/{}.dump.zst.age", b.id));
+    let mut stored = std::fs::read(&object).expect("stored object");
+    let mid = stored.len() / 2;
+    stored[mid] ^= 0x01;
+    std::fs::write(&object, &stored).expect("damage the object");
+    let damaged = exports.join("damaged.dump");
+    let bad = fleet
+        .dsctl(&[
+            "--quiet",
+            "export",
+            &b.id,
+            "--out",
+            damaged.to_str().expect("utf-8 path"),
+            "--identity",
+            &identity,
+        ])
+        .expect_code(1, "export of a damaged backup");
+    let line = assert_one_line_error(&bad.stderr, "corrupt");
+    assert!(line.contains(&b.id), "{line}");
+    assert_eq!(
+        listing(),
+        vec!["shop.dump".to_string(), "shop2.dump".to_string()],
+        "a damaged export left a file"
+    );
 }

@@ -210,8 +210,14 @@ fn operators_act_only_within_their_role_and_scope() {
     fleet
         .dsctl_as(&viewer, "vera", &["health"])
         .expect_success("viewer health");
+    let export_to = fleet.dir().join("viewer-export.dump");
+    let export_to = export_to.to_str().expect("utf-8 path").to_string();
     for (args, verb) in [
         (vec!["backup", "acme-main"], "may not start a backup"),
+        (
+            vec!["export", acme.id.as_str(), "--out", export_to.as_str()],
+            "may not export a backup",
+        ),
         (
             vec!["restore", acme.id.as_str(), "--target-db", "v_copy"],
             "may not restore a backup",
@@ -228,6 +234,7 @@ fn operators_act_only_within_their_role_and_scope() {
         assert!(line.contains("operator vera (role viewer)"), "{line}");
     }
     assert!(!pg.db_exists("v_copy"));
+    assert!(!std::path::Path::new(&export_to).exists());
 
     // operator: backs up and restores into a new database, but neither
     // deletes nor restores with --force over an existing one.
