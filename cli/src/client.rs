@@ -186,7 +186,7 @@ impl Explainer {
     /// refuses this client.
     async fn closed_before_answer(&self, text: &str) -> anyhow::Error {
         let url = &self.url;
-        let probe = async {
+        let probe = || async {
             let channel = self.endpoint.connect().await.map_err(|e| {
                 let text = datasaver_common::error_chain(&e);
                 (false, text)
@@ -202,7 +202,14 @@ impl Explainer {
                     )
                 })
         };
-        match tokio::time::timeout(PROBE_TIMEOUT, probe).await {
+        let mut answer = tokio::time::timeout(PROBE_TIMEOUT, probe()).await;
+        // A refusal's alert can still be lost to a close that races it: one
+        // more look before saying only "closed".
+        if matches!(&answer, Ok(Err((true, again))) if hint(again).is_empty() && connection_closed(again))
+        {
+            answer = tokio::time::timeout(PROBE_TIMEOUT, probe()).await;
+        }
+        match answer {
             // It answers (again): the first connection went away under the call.
             Ok(Ok(_)) => closed_error(url, text),
             // It does not listen any more: stopped, or not back yet.

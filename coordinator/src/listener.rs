@@ -44,7 +44,12 @@ pub fn incoming(
             let tx = tx.clone();
             let revocation = revocation.clone();
             tokio::spawn(async move {
-                match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                match tokio::time::timeout(
+                    Duration::from_secs(10),
+                    acceptor.accept(tcp).into_fallible(),
+                )
+                .await
+                {
                     Ok(Ok(tls)) => {
                         let registration = tls
                             .get_ref()
@@ -55,11 +60,34 @@ pub fn incoming(
                             .map(|id| revocation.register(&id.serial, &id.to_string()));
                         let _ = tx.send(Ok(Guarded::new(tls, registration))).await;
                     }
-                    Ok(Err(e)) => tracing::warn!(peer = %addr, error = %e, "TLS handshake refused"),
+                    Ok(Err((e, tcp))) => {
+                        tracing::warn!(peer = %addr, error = %e, "TLS handshake refused");
+                        linger_close(tcp).await;
+                    }
                     Err(_) => tracing::warn!(peer = %addr, "TLS handshake timed out"),
                 }
             });
         }
     });
     ReceiverStream::new(rx)
+}
+
+/// Closes a refused connection so its TLS alert ("certificate expired",
+/// "revoked") reaches the client. In TLS 1.3 the client sends its first
+/// request before the server has judged its certificate; closing a socket
+/// with those bytes unread makes the kernel send a reset, and the client
+/// then loses the alert and sees only "connection closed". So: end our side,
+/// and read what the client still sends (briefly) before the close.
+async fn linger_close(mut tcp: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = tcp.shutdown().await;
+    let mut sink = [0u8; 4096];
+    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+        while let Ok(n) = tcp.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
