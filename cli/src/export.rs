@@ -182,9 +182,27 @@ pub async fn run(
             backup.raw_checksum
         );
     }
-    std::fs::rename(&partial.path, out)
-        .with_context(|| format!("cannot move the export into place at {}", out.display()))?;
-    partial.kept = true;
+    // A link, not a rename: a file created at FILE meanwhile is never
+    // replaced.
+    match std::fs::hard_link(&partial.path, out) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => bail!(
+            "--out {}: the file appeared during the export; export never overwrites (nothing was written)",
+            out.display()
+        ),
+        // A filesystem without hard links.
+        Err(_) if !out.exists() => {
+            std::fs::rename(&partial.path, out).with_context(|| {
+                format!("cannot move the export into place at {}", out.display())
+            })?;
+            partial.kept = true;
+        }
+        Err(e) => {
+            return Err(e).with_context(|| {
+                format!("cannot move the export into place at {}", out.display())
+            })
+        }
+    }
     if let Ok(d) = std::fs::File::open(&dir) {
         let _ = d.sync_all();
     }
