@@ -85,6 +85,10 @@ pub async fn run(
         r = tools.extensions(&target.db) => r.map_err(|e| format!("cannot list the database's extensions: {e}"))?,
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
     };
+    let roles = tokio::select! {
+        r = tools.referenced_roles(&target.db) => r.map_err(|e| format!("cannot list the roles the database names: {e}"))?,
+        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
+    };
     let system_identifier = tokio::select! {
         s = tools.system_identifier(&target.db) => s.unwrap_or_default(),
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
@@ -102,6 +106,7 @@ pub async fn run(
         pg_dump_version: dump_v.text.clone(),
         extensions,
         system_identifier,
+        roles,
         encrypted: target.encrypt_to.is_some(),
         encryption_recipient: target
             .encrypt_to

@@ -192,6 +192,31 @@ pub fn missing_extensions(
     ))
 }
 
+/// Why a backup cannot be restored onto a server with `existing` roles: the
+/// ones the archive `needs` (owners, grantees) that it lacks, named, with
+/// what to do. `None` when none is missing.
+pub fn missing_roles(backup_id: &str, needs: &[String], existing: &[String]) -> Option<String> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|n| !existing.contains(n))
+        .map(String::as_str)
+        .collect();
+    if missing.is_empty() {
+        return None;
+    }
+    let create: Vec<String> = missing
+        .iter()
+        .map(|r| format!("CREATE ROLE {};", quote_ident(r)))
+        .collect();
+    Some(format!(
+        "backup {backup_id} needs role{} {} that this server does not have (a pg_dump archive names the roles that own and are granted objects but does not create them): create {} first ({}; with LOGIN and a password where the application logs in), then restore again; nothing was changed",
+        if missing.len() == 1 { "" } else { "s" },
+        missing.join(", "),
+        if missing.len() == 1 { "it" } else { "them" },
+        create.join(" "),
+    ))
+}
+
 /// Quotes an identifier for SQL.
 pub fn quote_ident(s: &str) -> String {
     format!("\"{}\"", s.replace('"', "\"\""))
@@ -232,6 +257,46 @@ pub mod sql {
     /// The extensions installed in the database connected to, one per line.
     pub fn extensions() -> Statement {
         Statement::new("SELECT extname FROM pg_extension ORDER BY 1;")
+    }
+
+    /// The roles the connected database's objects name, one per line: the
+    /// database's owner and grantees, the owners of schemas, relations,
+    /// functions and types outside the system schemas, the grantees of
+    /// their privileges, and default privileges. A pg_dump archive says
+    /// `OWNER TO` and `GRANT ... TO` these but does not create them. Built-in
+    /// `pg_*` roles exist on any server as new as the source.
+    pub fn referenced_roles() -> Statement {
+        Statement::new(
+            "WITH user_ns AS (
+                SELECT oid, nspowner, nspacl FROM pg_namespace
+                 WHERE nspname NOT LIKE 'pg\\_%' AND nspname <> 'information_schema'
+             ), used(oid) AS (
+                SELECT datdba FROM pg_database WHERE datname = current_database()
+                UNION SELECT (aclexplode(datacl)).grantee FROM pg_database
+                      WHERE datname = current_database() AND datacl IS NOT NULL
+                UNION SELECT nspowner FROM user_ns
+                UNION SELECT (aclexplode(nspacl)).grantee FROM user_ns WHERE nspacl IS NOT NULL
+                UNION SELECT relowner FROM pg_class WHERE relnamespace IN (SELECT oid FROM user_ns)
+                UNION SELECT (aclexplode(relacl)).grantee FROM pg_class
+                      WHERE relacl IS NOT NULL AND relnamespace IN (SELECT oid FROM user_ns)
+                UNION SELECT (aclexplode(attacl)).grantee FROM pg_attribute a
+                      JOIN pg_class c ON c.oid = a.attrelid
+                      WHERE attacl IS NOT NULL AND c.relnamespace IN (SELECT oid FROM user_ns)
+                UNION SELECT proowner FROM pg_proc WHERE pronamespace IN (SELECT oid FROM user_ns)
+                UNION SELECT (aclexplode(proacl)).grantee FROM pg_proc
+                      WHERE proacl IS NOT NULL AND pronamespace IN (SELECT oid FROM user_ns)
+                UNION SELECT typowner FROM pg_type WHERE typnamespace IN (SELECT oid FROM user_ns)
+                UNION SELECT defaclrole FROM pg_default_acl
+                UNION SELECT (aclexplode(defaclacl)).grantee FROM pg_default_acl
+             )
+             SELECT rolname FROM pg_roles WHERE oid IN (SELECT oid FROM used)
+                AND rolname NOT LIKE 'pg\\_%' ORDER BY 1;",
+        )
+    }
+
+    /// Every role on the server, one per line.
+    pub fn roles() -> Statement {
+        Statement::new("SELECT rolname FROM pg_roles ORDER BY 1;")
     }
 
     /// The server's `system_identifier`.
@@ -494,6 +559,16 @@ impl PgTools {
         }
     }
 
+    /// The roles `db`'s objects name (recorded with each backup).
+    pub async fn referenced_roles(&self, db: &DbConn) -> Result<Vec<String>, String> {
+        self.lines(db, &db.dbname, &sql::referenced_roles()).await
+    }
+
+    /// Every role of the server behind `db`, asked from `dbname`.
+    pub async fn roles(&self, db: &DbConn, dbname: &str) -> Result<Vec<String>, String> {
+        self.lines(db, dbname, &sql::roles()).await
+    }
+
     /// The extensions installed in `db` (recorded with each backup).
     pub async fn extensions(&self, db: &DbConn) -> Result<Vec<String>, String> {
         self.lines(db, &db.dbname, &sql::extensions()).await
@@ -552,6 +627,27 @@ impl PgTools {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_roles_are_named_with_what_to_run() {
+        let s = |l: &[&str]| l.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        let existing = s(&["postgres", "app_owner"]);
+        assert_eq!(missing_roles("b1", &s(&["postgres"]), &existing), None);
+        assert_eq!(missing_roles("b1", &[], &existing), None);
+        let m = missing_roles(
+            "b1",
+            &s(&["app_owner", "app_reader", "Weird \"Role\""]),
+            &existing,
+        )
+        .expect("refused");
+        assert!(
+            m.starts_with(
+                "backup b1 needs roles app_reader, Weird \"Role\" that this server does not have"
+            ) && m.contains(r#"CREATE ROLE "app_reader"; CREATE ROLE "Weird ""Role""";"#)
+                && m.ends_with("nothing was changed"),
+            "{m}"
+        );
+    }
 
     #[test]
     fn missing_extensions_are_named() {

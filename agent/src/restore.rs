@@ -224,9 +224,14 @@ pub async fn run(
         } else {
             tools.available_extensions(db, &admin_db).await?
         };
-        Ok::<_, String>((server, pg_restore, available))
+        let roles = if job.roles.is_empty() {
+            Vec::new()
+        } else {
+            tools.roles(db, &admin_db).await?
+        };
+        Ok::<_, String>((server, pg_restore, available, roles))
     };
-    let (server, pg_restore, available) = tokio::select! {
+    let (server, pg_restore, available, roles) = tokio::select! {
         r = versions => r.map_err(|e| format!("cannot check the server before restoring: {e}"))?,
         _ = cancel.cancelled() => return Err(stopped(&cancel)),
     };
@@ -242,6 +247,9 @@ pub async fn run(
     if let Some(problem) =
         crate::pg::missing_extensions(&job.backup_id, &job.extensions, &available, &server)
     {
+        return Err(problem.into());
+    }
+    if let Some(problem) = crate::pg::missing_roles(&job.backup_id, &job.roles, &roles) {
         return Err(problem.into());
     }
     // Looking is harmless to stop; creating, dropping and swapping run to

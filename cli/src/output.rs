@@ -147,6 +147,7 @@ pub fn backup_json(b: &Backup) -> Value {
         "server_version": b.server_version,
         "pg_dump_version": b.pg_dump_version,
         "extensions": b.extensions,
+        "roles": b.roles,
         "system_identifier": b.system_identifier,
         "object_key": b.object_key,
         "error": opt(&b.error),
@@ -480,6 +481,7 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ),
         ("pg_dump", b.pg_dump_version.clone()),
         ("extensions", b.extensions.join(", ")),
+        ("roles", b.roles.join(", ")),
         ("system identifier", b.system_identifier.clone()),
         (
             "size",

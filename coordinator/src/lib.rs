@@ -141,6 +141,7 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         extensions: b.extensions.clone(),
         system_identifier: b.system_identifier.clone(),
         raw_checksum: b.raw_checksum.clone(),
+        roles: b.roles.clone(),
     }
 }
 

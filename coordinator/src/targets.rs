@@ -36,6 +36,13 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
     ),
     // 5: the owning agent's certificate expiry, as last seen (`dsctl targets`)
     (5, "ALTER TABLE targets ADD COLUMN agent_cert_expires TEXT;"),
+    // 10: the server behind the target (system_identifier) and an
+    // unconfirmed change of it: "old new backup_id"
+    (
+        10,
+        "ALTER TABLE targets ADD COLUMN system_identifier TEXT;
+    ALTER TABLE targets ADD COLUMN server_change TEXT;",
+    ),
 ];
 
 /// What the catalog remembers about a target between restarts.
@@ -59,10 +66,27 @@ pub struct TargetRecord {
     pub last_seen: String,
     /// The owner's certificate expiry as last seen (RFC 3339).
     pub agent_cert_expires: Option<String>,
+    /// The `system_identifier` of the server its last backup came from.
+    pub system_identifier: Option<String>,
+    /// A change of server not confirmed yet: "old new backup_id".
+    pub server_change: Option<String>,
+}
+
+impl TargetRecord {
+    /// The unconfirmed change of server, if any.
+    pub fn server_change(&self) -> Option<crate::alerts::rules::ServerChange> {
+        let mut parts = self.server_change.as_deref()?.split(' ');
+        let (old, new, backup_id) = (parts.next()?, parts.next()?, parts.next()?);
+        Some(crate::alerts::rules::ServerChange {
+            old: old.into(),
+            new: new.into(),
+            backup_id: backup_id.into(),
+        })
+    }
 }
 
 const COLUMNS: &str = "name, agent, schedule, retention, last_slot, first_seen, missed_slots, \
-     last_missed_at, last_seen, agent_cert_expires";
+     last_missed_at, last_seen, agent_cert_expires, system_identifier, server_change";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
     Ok(TargetRecord {
@@ -76,6 +100,8 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
         last_missed_at: r.get(7)?,
         last_seen: r.get(8)?,
         agent_cert_expires: r.get(9)?,
+        system_identifier: r.get(10)?,
+        server_change: r.get(11)?,
     })
 }
 
@@ -166,6 +192,49 @@ impl TargetStore {
                     )?;
                 }
                 Ok(n)
+            })
+            .await
+    }
+
+    /// Records the server backup `backup_id` of `target` came from. A new
+    /// identifier opens a change ("old new backup_id"); the next backup of
+    /// the same server confirms it and clears the change.
+    pub async fn note_server(
+        &self,
+        target: &str,
+        system_identifier: &str,
+        backup_id: &str,
+    ) -> Result<(), CatalogError> {
+        let (target, sys, id) = (
+            target.to_string(),
+            system_identifier.to_string(),
+            backup_id.to_string(),
+        );
+        if sys.is_empty() || sys.contains(' ') {
+            return Ok(());
+        }
+        self.db
+            .call(move |c| {
+                let known: Option<(Option<String>, Option<String>)> = c
+                    .query_row(
+                        "SELECT system_identifier, server_change FROM targets WHERE name = ?1",
+                        [&target],
+                        |r| Ok((r.get(0)?, r.get(1)?)),
+                    )
+                    .optional()?;
+                let Some((old, change)) = known else {
+                    return Ok(());
+                };
+                let change = match old {
+                    Some(old) if !old.is_empty() && old != sys => Some(format!("{old} {sys} {id}")),
+                    // The same server again: a pending change is confirmed.
+                    _ => change.filter(|c| c.ends_with(&format!(" {id}"))),
+                };
+                c.execute(
+                    "UPDATE targets SET system_identifier = ?2, server_change = ?3 WHERE name = ?1",
+                    params![target, sys, change],
+                )?;
+                Ok(())
             })
             .await
     }
@@ -403,6 +472,8 @@ mod tests {
                 last_missed_at: Some("2024-01-04T03:00:01.000Z".into()),
                 last_seen: "t9".into(),
                 agent_cert_expires: Some("2027-01-01T00:00:00Z".into()),
+                system_identifier: None,
+                server_change: None,
             }
         );
         assert_eq!(
@@ -414,6 +485,44 @@ mod tests {
                 last_seen: "t0".into(),
                 ..Default::default()
             }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_new_server_is_a_change_until_its_second_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(&dir.path().join("catalog.db"));
+        store.claim("a", "agent1", "t0".into()).await.unwrap();
+        let change = |store: TargetStore| async move {
+            store.get("a").await.unwrap().unwrap().server_change()
+        };
+        store.note_server("a", "7001", "a_1").await.unwrap();
+        store.note_server("a", "7001", "a_2").await.unwrap();
+        assert_eq!(change(store.clone()).await, None, "same server");
+        store.note_server("a", "7002", "a_3").await.unwrap();
+        assert_eq!(
+            change(store.clone()).await,
+            Some(crate::alerts::rules::ServerChange {
+                old: "7001".into(),
+                new: "7002".into(),
+                backup_id: "a_3".into(),
+            })
+        );
+        // Unknown identifiers (a role that may not read it) change nothing.
+        store.note_server("a", "", "a_4").await.unwrap();
+        assert!(change(store.clone()).await.is_some());
+        // The second backup of the new server confirms it.
+        store.note_server("a", "7002", "a_5").await.unwrap();
+        assert_eq!(change(store.clone()).await, None);
+        assert_eq!(
+            store
+                .get("a")
+                .await
+                .unwrap()
+                .unwrap()
+                .system_identifier
+                .as_deref(),
+            Some("7002")
         );
     }
 }

@@ -135,7 +135,6 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
             ok: r.status == Status::Completed,
             raw_bytes: r.raw_bytes,
             error: r.error.clone(),
-            system_identifier: r.system_identifier.clone(),
         })
         .take(50)
         .collect();
@@ -166,6 +165,7 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         disconnected_since,
         last_verify,
         last_missed,
+        server_change: record.as_ref().and_then(|r| r.server_change()),
     }
 }
 

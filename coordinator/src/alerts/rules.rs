@@ -62,8 +62,15 @@ pub struct Attempt {
     pub ok: bool,
     pub raw_bytes: u64,
     pub error: Option<String>,
-    /// The server's `system_identifier` (empty when not recorded).
-    pub system_identifier: String,
+}
+
+/// The server behind a target changed (see `targets::TargetStore::note_server`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServerChange {
+    pub old: String,
+    pub new: String,
+    /// The first backup of the new server.
+    pub backup_id: String,
 }
 
 #[derive(Clone, Debug)]
@@ -82,6 +89,8 @@ pub struct Facts {
     /// The last scheduled slot that could not start before the next one,
     /// and how many were missed in all.
     pub last_missed: Option<(DateTime<Utc>, u64)>,
+    /// A change of server not yet confirmed by a second backup of it.
+    pub server_change: Option<ServerChange>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -227,19 +236,16 @@ pub fn conditions(f: &Facts, r: &Rules, now: DateTime<Utc>) -> Vec<Condition> {
         }
     }
     // A new server behind the target (rebuilt, failed over, restored
-    // elsewhere): said once, open until the next backup of the same server.
-    if let [newest, before, ..] = oks.as_slice() {
-        let (new, old) = (&newest.system_identifier, &before.system_identifier);
-        if !new.is_empty() && !old.is_empty() && new != old {
-            out.push(Condition {
-                kind: Kind::ServerChanged,
-                message: format!(
-                    "{t} is now a different server: backup {} has system identifier {new}, the backup before it ({}) had {old}; backups continue, and a logical restore onto the new server still works",
-                    newest.id, before.id
-                ),
-                backup_id: Some(newest.id.clone()),
-            });
-        }
+    // elsewhere): open until the next backup of that same server.
+    if let Some(c) = &f.server_change {
+        out.push(Condition {
+            kind: Kind::ServerChanged,
+            message: format!(
+                "{t} is now a different server: backup {} has system identifier {}, the backup before it had {}; backups continue, and a logical restore onto the new server still works",
+                c.backup_id, c.new, c.old
+            ),
+            backup_id: Some(c.backup_id.clone()),
+        });
     }
     if let Some(since) = f.disconnected_since {
         if now - since > r.agent_grace {
@@ -293,46 +299,7 @@ mod tests {
             ok,
             raw_bytes: size,
             error: (!ok).then(|| "pg_dump failed".to_string()),
-            system_identifier: String::new(),
         }
-    }
-
-    #[test]
-    fn a_new_server_is_said_once_and_cleared_by_its_next_backup() {
-        let on = |i, ok, sys: &str| Attempt {
-            system_identifier: sys.into(),
-            ..attempt(i, ok, 100)
-        };
-        let r = Rules::default();
-        let same = facts(vec![on(1, true, "7001"), on(2, true, "7001")]);
-        assert!(!kinds(&conditions(&same, &r, at(3))).contains(&Kind::ServerChanged));
-        let changed = facts(vec![on(1, true, "7001"), on(2, true, "7002")]);
-        let c = conditions(&changed, &r, at(3));
-        let sc: Vec<_> = c.iter().filter(|c| c.kind == Kind::ServerChanged).collect();
-        assert_eq!(sc.len(), 1, "{c:?}");
-        assert!(
-            sc[0].message.contains("7001") && sc[0].message.contains("7002"),
-            "{}",
-            sc[0].message
-        );
-        assert_eq!(sc[0].backup_id.as_deref(), Some("b2"));
-        // A failed attempt in between changes nothing; the next success of
-        // the new server clears it.
-        let failed_between = facts(vec![
-            on(1, true, "7001"),
-            on(2, false, ""),
-            on(3, true, "7002"),
-        ]);
-        assert!(kinds(&conditions(&failed_between, &r, at(4))).contains(&Kind::ServerChanged));
-        let settled = facts(vec![
-            on(1, true, "7001"),
-            on(2, true, "7002"),
-            on(3, true, "7002"),
-        ]);
-        assert!(!kinds(&conditions(&settled, &r, at(4))).contains(&Kind::ServerChanged));
-        // Backups from before identifiers were recorded are not a change.
-        let old = facts(vec![on(1, true, ""), on(2, true, "7002")]);
-        assert!(!kinds(&conditions(&old, &r, at(3))).contains(&Kind::ServerChanged));
     }
 
     fn facts(mut recent: Vec<Attempt>) -> Facts {
@@ -344,11 +311,34 @@ mod tests {
             disconnected_since: None,
             last_verify: None,
             last_missed: None,
+            server_change: None,
         }
     }
 
     fn kinds(c: &[Condition]) -> Vec<Kind> {
         c.iter().map(|c| c.kind).collect()
+    }
+
+    #[test]
+    fn a_changed_server_is_a_condition_naming_both_identifiers() {
+        let r = Rules::default();
+        let mut f = facts(vec![attempt(1, true, 100), attempt(2, true, 100)]);
+        assert!(!kinds(&conditions(&f, &r, at(3))).contains(&Kind::ServerChanged));
+        f.server_change = Some(ServerChange {
+            old: "7001".into(),
+            new: "7002".into(),
+            backup_id: "b2".into(),
+        });
+        let c = conditions(&f, &r, at(3));
+        let sc: Vec<_> = c.iter().filter(|c| c.kind == Kind::ServerChanged).collect();
+        assert_eq!(sc.len(), 1, "{c:?}");
+        assert!(
+            sc[0].message.contains("7001") && sc[0].message.contains("7002"),
+            "{}",
+            sc[0].message
+        );
+        assert_eq!(sc[0].backup_id.as_deref(), Some("b2"));
+        assert!(!Kind::ServerChanged.is_critical());
     }
 
     #[test]

@@ -202,6 +202,7 @@ impl AgentService for AgentSvc {
             pg_dump_version: header.pg_dump_version.clone(),
             extensions: header.extensions.clone(),
             system_identifier: header.system_identifier.clone(),
+            roles: header.roles.clone(),
         };
         let stored = tracing::Instrument::instrument(
             crate::jobs::store_upload(
@@ -348,8 +349,9 @@ mod clean {
     use datasaver_common::proto::{agent_message, AgentMessage, UploadHeader};
     use datasaver_common::text::{sanitize, MAX_MESSAGE, MAX_NAME};
 
-    /// More extensions than any real database uses.
-    const MAX_EXTENSIONS: usize = 256;
+    /// More extensions (or roles) than any real database names; the rest is
+    /// dropped.
+    const MAX_LIST: usize = 1024;
 
     pub fn error(s: &str) -> String {
         sanitize(s, MAX_MESSAGE)
@@ -419,11 +421,13 @@ mod clean {
         }
         // Stored comma-joined: a name with a comma (impossible for a real
         // extension) is dropped, and the list is bounded.
-        h.extensions.truncate(MAX_EXTENSIONS);
-        for e in &mut h.extensions {
-            name(e);
+        for list in [&mut h.extensions, &mut h.roles] {
+            list.truncate(MAX_LIST);
+            for e in list.iter_mut() {
+                name(e);
+            }
+            list.retain(|e| !e.is_empty() && !e.contains(','));
         }
-        h.extensions.retain(|e| !e.is_empty() && !e.contains(','));
         h
     }
 

@@ -165,6 +165,13 @@ pub(super) async fn decide(
     let row = core.repo.get(id).await.ok().flatten();
     if let Some(row) = row.filter(|r| r.status == repo::Status::Completed) {
         tracing::info!(backup = %id, "backup completed");
+        if let Err(e) = core
+            .targets
+            .note_server(target, &row.system_identifier, id)
+            .await
+        {
+            tracing::error!(backup = %id, error = %e, "could not record the backup's server");
+        }
         core.metrics.backup_succeeded(
             target,
             row.duration_ms as f64 / 1000.0,

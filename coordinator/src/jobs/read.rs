@@ -90,6 +90,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 server_version: row.server_version.clone(),
                 pg_dump_version: row.pg_dump_version.clone(),
                 extensions: row.extensions.clone(),
+                roles: row.roles.clone(),
             });
             let result = match job.send(msg).await {
                 Err(f) => Err(f),

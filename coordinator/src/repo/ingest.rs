@@ -31,6 +31,8 @@ pub struct IngestMeta {
     pub extensions: Vec<String>,
     /// The server's `system_identifier` (empty when unknown).
     pub system_identifier: String,
+    /// The roles the database's objects name.
+    pub roles: Vec<String>,
 }
 
 /// What the agent says after the last byte.
@@ -167,6 +169,7 @@ impl Repository {
             pg_dump_version: meta.pg_dump_version,
             extensions: meta.extensions,
             system_identifier: meta.system_identifier,
+            roles: meta.roles,
             tags,
             error: None,
             ..running

@@ -18,6 +18,9 @@ pub struct DatabaseInfo {
     /// The server's `system_identifier` (absent in older meta files).
     #[serde(default)]
     pub system_identifier: String,
+    /// The roles the database's objects name (absent in older meta files).
+    #[serde(default)]
+    pub roles: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +80,7 @@ impl Meta {
                 server_version: b.server_version.clone(),
                 extensions: b.extensions.clone(),
                 system_identifier: b.system_identifier.clone(),
+                roles: b.roles.clone(),
             },
             pg_dump_version: b.pg_dump_version.clone(),
             format: b.format.clone(),
@@ -140,6 +144,7 @@ impl Meta {
             extensions: self.database.extensions.clone(),
             system_identifier: self.database.system_identifier.clone(),
             raw_checksum: self.raw_checksum.clone(),
+            roles: self.database.roles.clone(),
             error: None,
             pinned: self.pinned,
             tags: self.tags.clone(),
@@ -184,6 +189,7 @@ mod tests {
         b.extensions = vec!["hstore".into(), "plpgsql".into()];
         b.system_identifier = "7312345678901234567".into();
         b.raw_checksum = "blake3:cd".into();
+        b.roles = vec!["app_owner".into(), "postgres".into()];
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {
             at: b.created_at,

@@ -166,6 +166,8 @@ pub struct BackupRecord {
     pub system_identifier: String,
     /// `blake3:<hex>` of the plain pg_dump output (empty when not recorded).
     pub raw_checksum: String,
+    /// The roles the database's objects name (owners, grantees).
+    pub roles: Vec<String>,
     pub error: Option<String>,
     pub pinned: bool,
     pub tags: Vec<String>,
@@ -210,6 +212,7 @@ impl BackupRecord {
             extensions: Vec::new(),
             system_identifier: String::new(),
             raw_checksum: String::new(),
+            roles: Vec::new(),
             error: None,
             pinned: false,
             tags: Vec::new(),

@@ -60,13 +60,18 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         8,
         "ALTER TABLE backups ADD COLUMN raw_checksum TEXT NOT NULL DEFAULT '';",
     ),
+    // 9: the roles a backup's database names (checked before a restore)
+    (
+        9,
+        "ALTER TABLE backups ADD COLUMN roles TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum";
+    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -78,6 +83,14 @@ fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
 
 fn time(col: usize, s: &str) -> rusqlite::Result<chrono::DateTime<chrono::Utc>> {
     parse_time(s).ok_or_else(|| bad(col, "time", s))
+}
+
+/// A comma-joined list column (names never hold commas: see the agent API).
+fn list(s: &str) -> Vec<String> {
+    s.split(',')
+        .filter(|s| !s.is_empty())
+        .map(String::from)
+        .collect()
 }
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
@@ -122,19 +135,16 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
             .collect(),
         agent: r.get(25)?,
         verification: Verification::parse(verified_at.as_deref(), verify_result.as_deref()),
-        extensions: extensions
-            .split(',')
-            .filter(|s| !s.is_empty())
-            .map(String::from)
-            .collect(),
+        extensions: list(&extensions),
         system_identifier: r.get(29)?,
         raw_checksum: r.get(30)?,
+        roles: list(&r.get::<_, String>(31)?),
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)"),
         params![
             b.id,
             b.target,
@@ -167,6 +177,7 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             b.extensions.join(","),
             b.system_identifier,
             b.raw_checksum,
+            b.roles.join(","),
         ],
     )?;
     Ok(())
@@ -266,7 +277,8 @@ impl BackupStore {
                        stored_bytes = ?5, checksum = ?6, compression = ?7, encrypted = ?8, encryption_recipient = ?9,
                        format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
                        server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL,
-                       extensions = ?18, system_identifier = ?19, raw_checksum = ?20
+                       extensions = ?18, system_identifier = ?19, raw_checksum = ?20,
+                       roles = ?21
                      WHERE id = ?1 AND status = 'running'",
                     params![
                         b.id,
@@ -289,6 +301,7 @@ impl BackupStore {
                         b.extensions.join(","),
                         b.system_identifier,
                         b.raw_checksum,
+                        b.roles.join(","),
                     ],
                 )?;
                 if n == 1 {

@@ -241,6 +241,7 @@ pub fn header() -> IngestMeta {
         pg_dump_version: "15.1".into(),
         extensions: vec!["plpgsql".into()],
         system_identifier: "7300000000000000001".into(),
+        roles: vec!["postgres".into()],
     }
 }
 

@@ -6,42 +6,128 @@ use datasaver_tests::fidelity::{compare_databases, load_fidelity};
 use datasaver_tests::webhook::WebhookReceiver;
 use datasaver_tests::{assert_one_line_error, wait_until, Fleet, FleetOptions, PgCluster};
 
-/// The roles a database needs are not in its `pg_dump` archive: on a new
-/// server without them, pg_restore stops at the first `OWNER TO`. The user
-/// must read Postgres's own words (which role is missing), not a broken
-/// pipe, and find no half-restored database left behind.
+/// The roles a database needs are not in its `pg_dump` archive: on a new,
+/// empty server the restore is refused before anything is created, naming
+/// every missing role and what to run; once they exist, the same restore
+/// brings the data, the owner and the grants back.
 #[test]
-fn a_restore_onto_a_new_server_without_the_owner_role_says_what_postgres_said() {
+fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
     let old = PgCluster::new();
-    old.psql("postgres", "CREATE ROLE app_owner LOGIN;");
+    old.psql(
+        "postgres",
+        "CREATE ROLE app_owner LOGIN; CREATE ROLE app_reader;",
+    );
     old.psql("postgres", "CREATE DATABASE shop OWNER app_owner;");
     old.psql(
         "shop",
         "SET ROLE app_owner;
          CREATE TABLE orders (id int PRIMARY KEY, item text);
-         INSERT INTO orders SELECT g, 'item ' || g FROM generate_series(1, 50000) g;",
+         INSERT INTO orders SELECT g, 'item ' || g FROM generate_series(1, 50000) g;
+         GRANT SELECT ON orders TO app_reader;",
     );
     let mut fleet = Fleet::start();
     fleet.add_agent("shop", &old, "shop");
     let b = fleet.backup("shop", None);
     assert!(b.is_completed(), "{}", b.raw);
+    assert_eq!(
+        b.raw["roles"],
+        serde_json::json!(["app_owner", "app_reader"]),
+        "{}",
+        b.raw
+    );
 
     // The server dies; the agent comes back against a new, empty one.
     fleet.remove_agent("shop");
     drop(old);
     let new = PgCluster::new();
     fleet.add_agent("shop", &new, "postgres");
-
+    let before = new.databases();
     let out = fleet
         .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop"])
-        .expect_code(1, "restore onto a server without the owner role");
-    let line = assert_one_line_error(&out.stderr, r#"role "app_owner" does not exist"#);
-    assert!(line.contains("pg_restore failed"), "{line}");
-    assert!(!line.contains("Broken pipe"), "{line}");
+        .expect_code(1, "restore onto a server without the roles");
+    let line = assert_one_line_error(
+        &out.stderr,
+        "needs roles app_owner, app_reader that this server does not have",
+    );
     assert!(
-        !new.db_exists("shop"),
-        "the half-restored database was left behind: {:?}",
-        new.databases()
+        line.contains(r#"CREATE ROLE "app_owner"; CREATE ROLE "app_reader";"#)
+            && line.contains("nothing was changed"),
+        "{line}"
+    );
+    assert_eq!(new.databases(), before, "a database was created");
+
+    // What the message says to do, then the same restore.
+    new.psql(
+        "postgres",
+        "CREATE ROLE app_owner LOGIN; CREATE ROLE app_reader;",
+    );
+    fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop"])
+        .expect_success("restore once the roles exist");
+    assert_eq!(
+        new.query_one("shop", "SELECT count(*) FROM orders"),
+        "50000"
+    );
+    assert_eq!(
+        new.query_one(
+            "shop",
+            "SELECT tableowner FROM pg_tables WHERE tablename = 'orders'"
+        ),
+        "app_owner"
+    );
+    assert_eq!(
+        new.query_one(
+            "shop",
+            "SELECT has_table_privilege('app_reader', 'orders', 'SELECT')::text"
+        ),
+        "true"
+    );
+}
+
+/// When pg_restore itself fails (here: the archive puts a table in a
+/// tablespace the new server does not have, which no archive carries), the
+/// error is Postgres's own words, not a broken pipe, and the half-restored
+/// database is dropped.
+#[test]
+fn a_failed_pg_restore_says_what_postgres_said() {
+    use std::os::unix::fs::MetadataExt;
+    let old = PgCluster::new();
+    // A tablespace directory owned by whoever runs this server.
+    let space = old.dir().join("fast_space");
+    std::fs::create_dir_all(&space).expect("tablespace dir");
+    let owner = std::fs::metadata(old.data_dir()).expect("data dir");
+    std::os::unix::fs::chown(&space, Some(owner.uid()), Some(owner.gid()))
+        .expect("chown tablespace dir");
+    old.psql(
+        "postgres",
+        &format!("CREATE TABLESPACE fast LOCATION '{}';", space.display()),
+    );
+    old.create_small_db("shop", 1000);
+    old.psql(
+        "shop",
+        "CREATE TABLE hot (id int) TABLESPACE fast; INSERT INTO hot VALUES (1);",
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent("shop", &old, "shop");
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed(), "{}", b.raw);
+
+    fleet.remove_agent("shop");
+    let new = PgCluster::new();
+    fleet.add_agent("shop", &new, "postgres");
+    let before = new.databases();
+    let out = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop"])
+        .expect_code(1, "restore onto a server without the tablespace");
+    let line = assert_one_line_error(&out.stderr, "pg_restore failed: ");
+    assert!(
+        line.contains("ERROR:") && line.contains("fast") && !line.contains("Broken pipe"),
+        "{line}"
+    );
+    assert_eq!(
+        new.databases(),
+        before,
+        "the half-restored database was left behind"
     );
 }
 
