@@ -204,7 +204,7 @@ where
         .unwrap_or_default();
     let result = match (fed, transfer) {
         // A corrupt object is the cause whatever else went wrong after it.
-        (Err(e @ PipelineError::Corrupt(_)), _) => Err(e),
+        (Err(e @ PipelineError::Corrupt(_)), _) | (_, Err(e @ PipelineError::Corrupt(_))) => Err(e),
         // The child quit (pg_restore stops at its first error): what it said
         // is the cause, not the pipe it left.
         (Err(PipelineError::ChildStopped(m)), _) => {
@@ -287,20 +287,18 @@ fn feed<W: std::io::Write>(
         proc.kill();
     }
     drop(sink);
-    match result {
-        Ok(()) => Ok(()),
-        Err(Side::Write(e)) => Err(e),
-        Err(Side::Read(e)) => {
-            // A decoder that chokes mid-stream usually means damaged bytes:
-            // read the rest so the checksum, not a codec message, says so.
-            if !source.ended() {
-                let _ = source.drain();
-            }
-            match source.take_mismatch() {
-                Some(corrupt) => Err(PipelineError::Corrupt(corrupt)),
-                None => Err(e),
-            }
-        }
+    // A decoder that chokes mid-stream, or a child that quits on what it
+    // was fed, usually means damaged bytes: read the rest so the checksum,
+    // not a codec's or pg_restore's complaint, says so.
+    let (Err(Side::Read(e)) | Err(Side::Write(e))) = result else {
+        return Ok(());
+    };
+    if !source.ended() {
+        let _ = source.drain();
+    }
+    match source.take_mismatch() {
+        Some(corrupt) => Err(PipelineError::Corrupt(corrupt)),
+        None => Err(e),
     }
 }
 
@@ -557,6 +555,29 @@ exit 1"#;
                 && m.contains("ALTER TABLE public.orders OWNER TO app_owner")
                 && !m.contains("Broken pipe")
                 && !m.contains("errors ignored"),
+            "{e:?}"
+        );
+
+        // The same child on damaged bytes: the checksum names the cause.
+        let mut flipped = chunks.concat();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 0x01;
+        let mut cmd = std::process::Command::new("sh");
+        cmd.args(["-c", script]);
+        let feed = Feed {
+            cmd,
+            name: "pg_restore",
+            reads_prefix_only: false,
+        };
+        let decode = Decode {
+            codec: Compression::None,
+            identities: None,
+        };
+        let e = download(&flipped, &expected, decode, feed, &never)
+            .await
+            .expect_err("a damaged object fails");
+        assert!(
+            matches!(&e, PipelineError::Corrupt(m) if m.contains("backup b9 is corrupt")),
             "{e:?}"
         );
     }
