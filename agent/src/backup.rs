@@ -89,6 +89,10 @@ pub async fn run(
         r = tools.referenced_roles(&target.db) => r.map_err(|e| format!("cannot list the roles the database names: {e}"))?,
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
     };
+    let shape = tokio::select! {
+        r = tools.database_shape(&target.db) => r.map_err(|e| format!("cannot read how the database was created: {e}"))?,
+        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
+    };
     let system_identifier = tokio::select! {
         s = tools.system_identifier(&target.db) => s.unwrap_or_default(),
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
@@ -107,6 +111,12 @@ pub async fn run(
         extensions,
         system_identifier,
         roles,
+        database_shape: Some(datasaver_common::proto::DatabaseShape {
+            owner: shape.owner,
+            encoding: shape.encoding,
+            collate: shape.collate,
+            ctype: shape.ctype,
+        }),
         encrypted: target.encrypt_to.is_some(),
         encryption_recipient: target
             .encrypt_to

@@ -243,9 +243,19 @@ impl Statement {
     }
 }
 
+/// How a database is created: owner, encoding, locale (empty: the server's
+/// default).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Shape {
+    pub owner: String,
+    pub encoding: String,
+    pub collate: String,
+    pub ctype: String,
+}
+
 /// The statements, built without a connection so they can be checked.
 pub mod sql {
-    use super::{quote_ident, Statement};
+    use super::{quote_ident, Shape, Statement};
 
     /// `server_version_num|server_version`.
     pub fn server_version() -> Statement {
@@ -294,6 +304,51 @@ pub mod sql {
         )
     }
 
+    /// `owner|encoding|collate|ctype` of the connected database.
+    pub fn database_shape() -> Statement {
+        Statement::new(
+            "SELECT pg_get_userbyid(datdba) || '|' || pg_encoding_to_char(encoding) || '|' || datcollate || '|' || datctype
+               FROM pg_database WHERE datname = current_database();",
+        )
+    }
+
+    /// `t` when the connected role may create a database owned by `owner`
+    /// (a superuser, or a member of that role).
+    pub fn may_own_as(owner: &str) -> Statement {
+        Statement::new(
+            "SELECT (SELECT rolsuper FROM pg_roles WHERE rolname = current_user)
+                 OR pg_has_role(current_user, :'owner', 'MEMBER');",
+        )
+        .var("owner", owner)
+    }
+
+    /// `CREATE DATABASE name` shaped like the original: owner (when given),
+    /// encoding and locale (when recorded), from template0 so any encoding
+    /// and locale the server supports can be used.
+    pub fn create_database_like(name: &str, shape: &Shape) -> Statement {
+        let mut sql = format!("CREATE DATABASE {} TEMPLATE template0", quote_ident(name));
+        let mut st = Statement::new(String::new());
+        if !shape.owner.is_empty() {
+            sql.push_str(" OWNER :\"owner\"");
+            st = st.var("owner", &shape.owner);
+        }
+        if !shape.encoding.is_empty() {
+            sql.push_str(" ENCODING :'encoding'");
+            st = st.var("encoding", &shape.encoding);
+        }
+        if !shape.collate.is_empty() {
+            sql.push_str(" LC_COLLATE :'collate'");
+            st = st.var("collate", &shape.collate);
+        }
+        if !shape.ctype.is_empty() {
+            sql.push_str(" LC_CTYPE :'ctype'");
+            st = st.var("ctype", &shape.ctype);
+        }
+        sql.push(';');
+        st.sql = sql;
+        st
+    }
+
     /// Every role on the server, one per line.
     pub fn roles() -> Statement {
         Statement::new("SELECT rolname FROM pg_roles ORDER BY 1;")
@@ -331,15 +386,6 @@ pub mod sql {
                       WHERE n.nspname NOT IN ('pg_catalog', 'information_schema'))
                   + (SELECT count(*) FROM pg_largeobject_metadata);",
         )
-    }
-
-    /// An empty database (from template0, so nothing of template1 collides
-    /// with what a restore creates).
-    pub fn create_database(name: &str) -> Statement {
-        Statement::new(format!(
-            "CREATE DATABASE {} TEMPLATE template0;",
-            quote_ident(name)
-        ))
     }
 
     /// Drops `name` if it exists, ending its sessions.
@@ -494,18 +540,6 @@ impl PgTools {
         Ok(self.psql(db, name, &sql::user_objects()).await?.trim() == "0")
     }
 
-    /// Creates an empty database `name`, from `admin_db`.
-    pub async fn create_database(
-        &self,
-        db: &DbConn,
-        admin_db: &str,
-        name: &str,
-    ) -> Result<(), String> {
-        self.psql(db, admin_db, &sql::create_database(name))
-            .await
-            .map(|_| ())
-    }
-
     /// Drops database `name` (if it exists), from `admin_db`.
     pub async fn drop_database(
         &self,
@@ -557,6 +591,49 @@ impl PgTools {
                 None
             }
         }
+    }
+
+    /// How `db` was created (recorded with each backup).
+    pub async fn database_shape(&self, db: &DbConn) -> Result<Shape, String> {
+        let out = self.psql(db, &db.dbname, &sql::database_shape()).await?;
+        let mut f = out.trim().splitn(4, '|').map(String::from);
+        let mut next = || f.next().unwrap_or_default();
+        Ok(Shape {
+            owner: next(),
+            encoding: next(),
+            collate: next(),
+            ctype: next(),
+        })
+    }
+
+    /// Creates database `name` shaped like `shape`, from `admin_db`. The
+    /// owner is set only when the connected role may hand the database to
+    /// it; otherwise the database belongs to the connected role (said in
+    /// the returned note).
+    pub async fn create_database_like(
+        &self,
+        db: &DbConn,
+        admin_db: &str,
+        name: &str,
+        shape: &Shape,
+    ) -> Result<Option<String>, String> {
+        let mut shape = shape.clone();
+        let mut note = None;
+        if !shape.owner.is_empty() {
+            let may = self
+                .psql(db, admin_db, &sql::may_own_as(&shape.owner))
+                .await?;
+            if may.trim() != "t" {
+                note = Some(format!(
+                    "database {name} belongs to {} (not to its original owner {}: the agent's role may not create databases for it)",
+                    db.user, shape.owner
+                ));
+                shape.owner.clear();
+            }
+        }
+        self.psql(db, admin_db, &sql::create_database_like(name, &shape))
+            .await?;
+        Ok(note)
     }
 
     /// The roles `db`'s objects name (recorded with each backup).
@@ -850,7 +927,7 @@ mod tests {
         let quoted = "\"my \"\"db\"\"; DROP DATABASE x; --\"";
         assert_eq!(quote_ident(odd), quoted);
         assert_eq!(
-            sql::create_database(odd).sql,
+            sql::create_database_like(odd, &Shape::default()).sql,
             format!("CREATE DATABASE {quoted} TEMPLATE template0;")
         );
         assert_eq!(
@@ -862,7 +939,7 @@ mod tests {
             "DROP DATABASE \"app\" WITH (FORCE);\nALTER DATABASE \"app_dsrestore_1\"\"x\" RENAME TO \"app\";"
         );
         for st in [
-            sql::create_database(odd),
+            sql::create_database_like(odd, &Shape::default()),
             sql::drop_database(odd),
             sql::swap_database(odd, odd),
         ] {
@@ -871,6 +948,39 @@ mod tests {
             let inner = st.sql.replace(quoted, "");
             assert!(!inner.contains("DROP DATABASE x"), "{}", st.sql);
         }
+    }
+
+    /// The original database's owner, encoding and locale are variables too.
+    #[test]
+    fn a_database_is_created_like_the_original() {
+        let shape = Shape {
+            owner: "app \"owner\"".into(),
+            encoding: "LATIN1".into(),
+            collate: "de_DE'; DROP".into(),
+            ctype: "C".into(),
+        };
+        let st = sql::create_database_like("shop", &shape);
+        assert_eq!(
+            st.sql,
+            "CREATE DATABASE \"shop\" TEMPLATE template0 OWNER :\"owner\" ENCODING :'encoding' LC_COLLATE :'collate' LC_CTYPE :'ctype';"
+        );
+        assert_eq!(
+            st.vars,
+            vec![
+                ("owner", "app \"owner\"".to_string()),
+                ("encoding", "LATIN1".to_string()),
+                ("collate", "de_DE'; DROP".to_string()),
+                ("ctype", "C".to_string()),
+            ]
+        );
+        let partial = Shape {
+            encoding: "UTF8".into(),
+            ..Shape::default()
+        };
+        assert_eq!(
+            sql::create_database_like("x", &partial).sql,
+            "CREATE DATABASE \"x\" TEMPLATE template0 ENCODING :'encoding';"
+        );
     }
 
     /// Values are psql variables, never part of the SQL text.

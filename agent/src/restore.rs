@@ -294,9 +294,23 @@ pub async fn run(
     if cancel.is_cancelled() {
         return Err(stopped(&cancel));
     }
+    // Created the way the original was (owner, encoding, locale), so the
+    // restored database is the one that was lost, not one shaped by this
+    // server's defaults.
+    let mut note = None;
     if created {
-        tools
-            .create_database(db, &admin_db, &restore_into)
+        let shape = job
+            .database_shape
+            .as_ref()
+            .map(|s| crate::pg::Shape {
+                owner: s.owner.clone(),
+                encoding: s.encoding.clone(),
+                collate: s.collate.clone(),
+                ctype: s.ctype.clone(),
+            })
+            .unwrap_or_default();
+        note = tools
+            .create_database_like(db, &admin_db, &restore_into, &shape)
             .await
             .map_err(|e| format!("cannot create database {restore_into}: {e}"))?;
     }
@@ -338,12 +352,17 @@ pub async fn run(
                 format!("restored into {restore_into}, but replacing {name} failed: {e}")
             })?;
     }
+    let mut message = format!(
+        "restored backup {} into database {name} ({} bytes of archive)",
+        job.backup_id,
+        counters.raw.load(Ordering::Relaxed)
+    );
+    if let Some(n) = note {
+        message.push_str("; ");
+        message.push_str(&n.replace(&restore_into, &name));
+    }
     Ok(Outcome {
-        message: format!(
-            "restored backup {} into database {name} ({} bytes of archive)",
-            job.backup_id,
-            counters.raw.load(Ordering::Relaxed)
-        ),
+        message,
         target_db: name,
         toc_entries: 0,
     })

@@ -203,6 +203,16 @@ impl AgentService for AgentSvc {
             extensions: header.extensions.clone(),
             system_identifier: header.system_identifier.clone(),
             roles: header.roles.clone(),
+            database_shape: header
+                .database_shape
+                .clone()
+                .map(|s| crate::repo::record::DatabaseShape {
+                    owner: s.owner,
+                    encoding: s.encoding,
+                    collate: s.collate,
+                    ctype: s.ctype,
+                })
+                .unwrap_or_default(),
         };
         let stored = tracing::Instrument::instrument(
             crate::jobs::store_upload(
@@ -418,6 +428,11 @@ mod clean {
             &mut h.system_identifier,
         ] {
             name(f);
+        }
+        if let Some(s) = &mut h.database_shape {
+            for f in [&mut s.owner, &mut s.encoding, &mut s.collate, &mut s.ctype] {
+                name(f);
+            }
         }
         // Stored comma-joined: a name with a comma (impossible for a real
         // extension) is dropped, and the list is bounded.

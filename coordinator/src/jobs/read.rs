@@ -91,6 +91,12 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 pg_dump_version: row.pg_dump_version.clone(),
                 extensions: row.extensions.clone(),
                 roles: row.roles.clone(),
+                database_shape: Some(datasaver_common::proto::DatabaseShape {
+                    owner: row.database_shape.owner.clone(),
+                    encoding: row.database_shape.encoding.clone(),
+                    collate: row.database_shape.collate.clone(),
+                    ctype: row.database_shape.ctype.clone(),
+                }),
             });
             let result = match job.send(msg).await {
                 Err(f) => Err(f),

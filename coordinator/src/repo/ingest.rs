@@ -33,6 +33,8 @@ pub struct IngestMeta {
     pub system_identifier: String,
     /// The roles the database's objects name.
     pub roles: Vec<String>,
+    /// How the database was created.
+    pub database_shape: super::record::DatabaseShape,
 }
 
 /// What the agent says after the last byte.
@@ -170,6 +172,7 @@ impl Repository {
             extensions: meta.extensions,
             system_identifier: meta.system_identifier,
             roles: meta.roles,
+            database_shape: meta.database_shape,
             tags,
             error: None,
             ..running

@@ -21,6 +21,9 @@ pub struct DatabaseInfo {
     /// The roles the database's objects name (absent in older meta files).
     #[serde(default)]
     pub roles: Vec<String>,
+    /// Owner, encoding and locale of the database (absent in older files).
+    #[serde(default, flatten)]
+    pub shape: super::record::DatabaseShape,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -81,6 +84,7 @@ impl Meta {
                 extensions: b.extensions.clone(),
                 system_identifier: b.system_identifier.clone(),
                 roles: b.roles.clone(),
+                shape: b.database_shape.clone(),
             },
             pg_dump_version: b.pg_dump_version.clone(),
             format: b.format.clone(),
@@ -145,6 +149,7 @@ impl Meta {
             system_identifier: self.database.system_identifier.clone(),
             raw_checksum: self.raw_checksum.clone(),
             roles: self.database.roles.clone(),
+            database_shape: self.database.shape.clone(),
             error: None,
             pinned: self.pinned,
             tags: self.tags.clone(),
@@ -190,6 +195,12 @@ mod tests {
         b.system_identifier = "7312345678901234567".into();
         b.raw_checksum = "blake3:cd".into();
         b.roles = vec!["app_owner".into(), "postgres".into()];
+        b.database_shape = super::super::record::DatabaseShape {
+            owner: "app_owner".into(),
+            encoding: "UTF8".into(),
+            collate: "C".into(),
+            ctype: "C.UTF-8".into(),
+        };
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {
             at: b.created_at,

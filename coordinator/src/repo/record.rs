@@ -133,6 +133,20 @@ impl Verification {
     }
 }
 
+/// How the backed-up database was created (owner, encoding, locale); empty
+/// fields were not recorded.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseShape {
+    #[serde(default)]
+    pub owner: String,
+    #[serde(default)]
+    pub encoding: String,
+    #[serde(default)]
+    pub collate: String,
+    #[serde(default)]
+    pub ctype: String,
+}
+
 /// One backup, as the repository knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupRecord {
@@ -168,6 +182,8 @@ pub struct BackupRecord {
     pub raw_checksum: String,
     /// The roles the database's objects name (owners, grantees).
     pub roles: Vec<String>,
+    /// How the database was created, for a restore to do the same.
+    pub database_shape: DatabaseShape,
     pub error: Option<String>,
     pub pinned: bool,
     pub tags: Vec<String>,
@@ -213,6 +229,7 @@ impl BackupRecord {
             system_identifier: String::new(),
             raw_checksum: String::new(),
             roles: Vec::new(),
+            database_shape: DatabaseShape::default(),
             error: None,
             pinned: false,
             tags: Vec::new(),

@@ -65,13 +65,18 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         9,
         "ALTER TABLE backups ADD COLUMN roles TEXT NOT NULL DEFAULT '';",
     ),
+    // 11: how the database was created (JSON of `DatabaseShape`)
+    (
+        11,
+        "ALTER TABLE backups ADD COLUMN database_shape TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles";
+    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -83,6 +88,15 @@ fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
 
 fn time(col: usize, s: &str) -> rusqlite::Result<chrono::DateTime<chrono::Utc>> {
     parse_time(s).ok_or_else(|| bad(col, "time", s))
+}
+
+/// The shape column: JSON, empty when nothing was recorded.
+fn shape_json(s: &super::record::DatabaseShape) -> String {
+    if *s == super::record::DatabaseShape::default() {
+        String::new()
+    } else {
+        serde_json::to_string(s).unwrap_or_default()
+    }
 }
 
 /// A comma-joined list column (names never hold commas: see the agent API).
@@ -139,12 +153,13 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
         system_identifier: r.get(29)?,
         raw_checksum: r.get(30)?,
         roles: list(&r.get::<_, String>(31)?),
+        database_shape: serde_json::from_str(&r.get::<_, String>(32)?).unwrap_or_default(),
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"),
         params![
             b.id,
             b.target,
@@ -178,6 +193,7 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             b.system_identifier,
             b.raw_checksum,
             b.roles.join(","),
+            shape_json(&b.database_shape),
         ],
     )?;
     Ok(())
@@ -278,7 +294,7 @@ impl BackupStore {
                        format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
                        server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL,
                        extensions = ?18, system_identifier = ?19, raw_checksum = ?20,
-                       roles = ?21
+                       roles = ?21, database_shape = ?22
                      WHERE id = ?1 AND status = 'running'",
                     params![
                         b.id,
@@ -302,6 +318,7 @@ impl BackupStore {
                         b.system_identifier,
                         b.raw_checksum,
                         b.roles.join(","),
+                        shape_json(&b.database_shape),
                     ],
                 )?;
                 if n == 1 {

@@ -242,6 +242,7 @@ pub fn header() -> IngestMeta {
         extensions: vec!["plpgsql".into()],
         system_identifier: "7300000000000000001".into(),
         roles: vec!["postgres".into()],
+        database_shape: Default::default(),
     }
 }
 

@@ -17,7 +17,11 @@ fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
         "postgres",
         "CREATE ROLE app_owner LOGIN; CREATE ROLE app_reader;",
     );
-    old.psql("postgres", "CREATE DATABASE shop OWNER app_owner;");
+    // Not the server's defaults: the restore must recreate these.
+    old.psql(
+        "postgres",
+        "CREATE DATABASE shop OWNER app_owner ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0;",
+    );
     old.psql(
         "shop",
         "SET ROLE app_owner;
@@ -81,6 +85,15 @@ fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
             "SELECT has_table_privilege('app_reader', 'orders', 'SELECT')::text"
         ),
         "true"
+    );
+    // The database itself, as it was created.
+    assert_eq!(
+        new.query_one(
+            "postgres",
+            "SELECT pg_get_userbyid(datdba) || ' ' || pg_encoding_to_char(encoding) || ' ' || datcollate || ' ' || datctype
+               FROM pg_database WHERE datname = 'shop'"
+        ),
+        "app_owner LATIN1 C C"
     );
 }
 
