@@ -116,6 +116,18 @@ pub async fn run(
             encoding: shape.encoding,
             collate: shape.collate,
             ctype: shape.ctype,
+            explicit_acl: shape.explicit_acl,
+            grants: shape
+                .grants
+                .into_iter()
+                .map(
+                    |(grantee, privilege, grantable)| datasaver_common::proto::DatabaseGrant {
+                        grantee,
+                        privilege,
+                        grantable,
+                    },
+                )
+                .collect(),
         }),
         encrypted: target.encrypt_to.is_some(),
         encryption_recipient: target

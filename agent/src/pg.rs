@@ -251,6 +251,10 @@ pub struct Shape {
     pub encoding: String,
     pub collate: String,
     pub ctype: String,
+    /// The database's privileges were set: `grants` are exactly them.
+    pub explicit_acl: bool,
+    /// (grantee, privilege, grantable); an empty grantee is PUBLIC.
+    pub grants: Vec<(String, String, bool)>,
 }
 
 /// The statements, built without a connection so they can be checked.
@@ -304,12 +308,44 @@ pub mod sql {
         )
     }
 
-    /// `owner|encoding|collate|ctype` of the connected database.
+    /// `owner|encoding|collate|ctype|explicit` of the connected database,
+    /// then one `grantee|privilege|grantable` line per privilege on it (an
+    /// empty grantee is PUBLIC).
     pub fn database_shape() -> Statement {
         Statement::new(
-            "SELECT pg_get_userbyid(datdba) || '|' || pg_encoding_to_char(encoding) || '|' || datcollate || '|' || datctype
-               FROM pg_database WHERE datname = current_database();",
+            "SELECT pg_get_userbyid(datdba) || '|' || pg_encoding_to_char(encoding) || '|' || datcollate
+                    || '|' || datctype || '|' || (datacl IS NOT NULL)::text
+               FROM pg_database WHERE datname = current_database();
+             SELECT coalesce(r.rolname, '') || '|' || a.privilege_type || '|' || a.is_grantable::text
+               FROM pg_database d CROSS JOIN LATERAL aclexplode(d.datacl) a
+               LEFT JOIN pg_roles r ON r.oid = a.grantee
+              WHERE d.datname = current_database()
+              ORDER BY 1;",
         )
+    }
+
+    /// The database's privileges as recorded: PUBLIC's defaults revoked,
+    /// then each grant. Privileges outside CONNECT/CREATE/TEMPORARY are
+    /// not database privileges and are skipped.
+    pub fn database_grants(name: &str, grants: &[(String, String, bool)]) -> Statement {
+        let mut sql = format!("REVOKE ALL ON DATABASE {} FROM PUBLIC;", quote_ident(name));
+        for (grantee, privilege, grantable) in grants {
+            let privilege = match privilege.as_str() {
+                p @ ("CONNECT" | "CREATE" | "TEMPORARY") => p,
+                _ => continue,
+            };
+            let to = if grantee.is_empty() {
+                "PUBLIC".to_string()
+            } else {
+                quote_ident(grantee)
+            };
+            sql.push_str(&format!(
+                "\nGRANT {privilege} ON DATABASE {} TO {to}{};",
+                quote_ident(name),
+                if *grantable { " WITH GRANT OPTION" } else { "" }
+            ));
+        }
+        Statement::new(sql)
     }
 
     /// `t` when the connected role may create a database owned by `owner`
@@ -596,13 +632,28 @@ impl PgTools {
     /// How `db` was created (recorded with each backup).
     pub async fn database_shape(&self, db: &DbConn) -> Result<Shape, String> {
         let out = self.psql(db, &db.dbname, &sql::database_shape()).await?;
-        let mut f = out.trim().splitn(4, '|').map(String::from);
+        let mut lines = out.lines().map(str::trim).filter(|l| !l.is_empty());
+        let first = lines.next().unwrap_or_default();
+        let mut f = first.splitn(5, '|').map(String::from);
         let mut next = || f.next().unwrap_or_default();
+        let (owner, encoding, collate, ctype) = (next(), next(), next(), next());
+        let explicit_acl = next() == "true";
+        let grants = lines
+            .filter_map(|l| {
+                let mut p = l.rsplitn(3, '|');
+                let grantable = p.next()? == "true";
+                let privilege = p.next()?.to_string();
+                let grantee = p.next()?.to_string();
+                Some((grantee, privilege, grantable))
+            })
+            .collect();
         Ok(Shape {
-            owner: next(),
-            encoding: next(),
-            collate: next(),
-            ctype: next(),
+            owner,
+            encoding,
+            collate,
+            ctype,
+            explicit_acl,
+            grants,
         })
     }
 
@@ -633,6 +684,10 @@ impl PgTools {
         }
         self.psql(db, admin_db, &sql::create_database_like(name, &shape))
             .await?;
+        if shape.explicit_acl {
+            self.psql(db, admin_db, &sql::database_grants(name, &shape.grants))
+                .await?;
+        }
         Ok(note)
     }
 
@@ -958,6 +1013,7 @@ mod tests {
             encoding: "LATIN1".into(),
             collate: "de_DE'; DROP".into(),
             ctype: "C".into(),
+            ..Shape::default()
         };
         let st = sql::create_database_like("shop", &shape);
         assert_eq!(
@@ -980,6 +1036,20 @@ mod tests {
         assert_eq!(
             sql::create_database_like("x", &partial).sql,
             "CREATE DATABASE \"x\" TEMPLATE template0 ENCODING :'encoding';"
+        );
+    }
+
+    #[test]
+    fn database_privileges_are_regranted_exactly() {
+        let grants = vec![
+            ("app_reader".to_string(), "CONNECT".to_string(), false),
+            (String::new(), "TEMPORARY".to_string(), false),
+            ("odd \"r\"".to_string(), "CREATE".to_string(), true),
+            ("x".to_string(), "DROP TABLE y; --".to_string(), false),
+        ];
+        assert_eq!(
+            sql::database_grants("shop", &grants).sql,
+            "REVOKE ALL ON DATABASE \"shop\" FROM PUBLIC;\nGRANT CONNECT ON DATABASE \"shop\" TO \"app_reader\";\nGRANT TEMPORARY ON DATABASE \"shop\" TO PUBLIC;\nGRANT CREATE ON DATABASE \"shop\" TO \"odd \"\"r\"\"\" WITH GRANT OPTION;"
         );
     }
 

@@ -307,6 +307,12 @@ pub async fn run(
                 encoding: s.encoding.clone(),
                 collate: s.collate.clone(),
                 ctype: s.ctype.clone(),
+                explicit_acl: s.explicit_acl,
+                grants: s
+                    .grants
+                    .iter()
+                    .map(|g| (g.grantee.clone(), g.privilege.clone(), g.grantable))
+                    .collect(),
             })
             .unwrap_or_default();
         note = tools

@@ -211,6 +211,16 @@ impl AgentService for AgentSvc {
                     encoding: s.encoding,
                     collate: s.collate,
                     ctype: s.ctype,
+                    explicit_acl: s.explicit_acl,
+                    grants: s
+                        .grants
+                        .into_iter()
+                        .map(|g| crate::repo::record::DatabaseGrant {
+                            grantee: g.grantee,
+                            privilege: g.privilege,
+                            grantable: g.grantable,
+                        })
+                        .collect(),
                 })
                 .unwrap_or_default(),
         };
@@ -432,6 +442,11 @@ mod clean {
         if let Some(s) = &mut h.database_shape {
             for f in [&mut s.owner, &mut s.encoding, &mut s.collate, &mut s.ctype] {
                 name(f);
+            }
+            s.grants.truncate(MAX_LIST);
+            for g in &mut s.grants {
+                name(&mut g.grantee);
+                name(&mut g.privilege);
             }
         }
         // Stored comma-joined: a name with a comma (impossible for a real

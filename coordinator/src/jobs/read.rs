@@ -96,6 +96,17 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                     encoding: row.database_shape.encoding.clone(),
                     collate: row.database_shape.collate.clone(),
                     ctype: row.database_shape.ctype.clone(),
+                    explicit_acl: row.database_shape.explicit_acl,
+                    grants: row
+                        .database_shape
+                        .grants
+                        .iter()
+                        .map(|g| datasaver_common::proto::DatabaseGrant {
+                            grantee: g.grantee.clone(),
+                            privilege: g.privilege.clone(),
+                            grantable: g.grantable,
+                        })
+                        .collect(),
                 }),
             });
             let result = match job.send(msg).await {

@@ -200,6 +200,12 @@ mod tests {
             encoding: "UTF8".into(),
             collate: "C".into(),
             ctype: "C.UTF-8".into(),
+            explicit_acl: true,
+            grants: vec![super::super::record::DatabaseGrant {
+                grantee: "app_reader".into(),
+                privilege: "CONNECT".into(),
+                grantable: false,
+            }],
         };
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {

@@ -145,6 +145,21 @@ pub struct DatabaseShape {
     pub collate: String,
     #[serde(default)]
     pub ctype: String,
+    /// The database's privileges were set explicitly: `grants` are all of them.
+    #[serde(default)]
+    pub explicit_acl: bool,
+    #[serde(default)]
+    pub grants: Vec<DatabaseGrant>,
+}
+
+/// One privilege on the database itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseGrant {
+    /// Empty: PUBLIC.
+    pub grantee: String,
+    pub privilege: String,
+    #[serde(default)]
+    pub grantable: bool,
 }
 
 /// One backup, as the repository knows it.

@@ -29,6 +29,11 @@ fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
          INSERT INTO orders SELECT g, 'item ' || g FROM generate_series(1, 50000) g;
          GRANT SELECT ON orders TO app_reader;",
     );
+    // Only app_reader (and the owner) may connect.
+    old.psql(
+        "postgres",
+        "REVOKE ALL ON DATABASE shop FROM PUBLIC; GRANT CONNECT ON DATABASE shop TO app_reader;",
+    );
     let mut fleet = Fleet::start();
     fleet.add_agent("shop", &old, "shop");
     let b = fleet.backup("shop", None);
@@ -94,6 +99,16 @@ fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
                FROM pg_database WHERE datname = 'shop'"
         ),
         "app_owner LATIN1 C C"
+    );
+    new.psql("postgres", "CREATE ROLE outsider LOGIN;");
+    assert_eq!(
+        new.query_one(
+            "postgres",
+            "SELECT has_database_privilege('app_reader', 'shop', 'CONNECT')::text || ' '
+                 || has_database_privilege('outsider', 'shop', 'CONNECT')::text"
+        ),
+        "true false",
+        "the database's own grants did not come back"
     );
 }
 
