@@ -111,24 +111,7 @@ pub async fn run(
         extensions,
         system_identifier,
         roles,
-        database_shape: Some(datasaver_common::proto::DatabaseShape {
-            owner: shape.owner,
-            encoding: shape.encoding,
-            collate: shape.collate,
-            ctype: shape.ctype,
-            explicit_acl: shape.explicit_acl,
-            grants: shape
-                .grants
-                .into_iter()
-                .map(
-                    |(grantee, privilege, grantable)| datasaver_common::proto::DatabaseGrant {
-                        grantee,
-                        privilege,
-                        grantable,
-                    },
-                )
-                .collect(),
-        }),
+        database_shape: Some(shape),
         encrypted: target.encrypt_to.is_some(),
         encryption_recipient: target
             .encrypt_to

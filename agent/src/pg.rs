@@ -164,6 +164,16 @@ pub fn restore_version_problem(
     None
 }
 
+/// What of `needs` is not in `have`, in order; `None` when nothing is.
+fn not_in<'a>(needs: &'a [String], have: &[String]) -> Option<Vec<&'a str>> {
+    let missing: Vec<&str> = needs
+        .iter()
+        .filter(|n| !have.contains(n))
+        .map(String::as_str)
+        .collect();
+    (!missing.is_empty()).then_some(missing)
+}
+
 /// Why a backup cannot be restored onto a server offering `available`
 /// extensions: the ones it `needs` that the server lacks, named, with what
 /// to do. `None` when nothing is missing.
@@ -173,14 +183,7 @@ pub fn missing_extensions(
     available: &[String],
     server: &PgVersion,
 ) -> Option<String> {
-    let missing: Vec<&str> = needs
-        .iter()
-        .filter(|n| !available.contains(n))
-        .map(String::as_str)
-        .collect();
-    if missing.is_empty() {
-        return None;
-    }
+    let missing = not_in(needs, available)?;
     Some(format!(
         "backup {backup_id} uses extension{} {} that this server (PostgreSQL {}) does not have: install {} on the server (its PostgreSQL {} package) or restore onto a server that has {}; nothing was changed",
         if missing.len() == 1 { "" } else { "s" },
@@ -196,14 +199,7 @@ pub fn missing_extensions(
 /// ones the archive `needs` (owners, grantees) that it lacks, named, with
 /// what to do. `None` when none is missing.
 pub fn missing_roles(backup_id: &str, needs: &[String], existing: &[String]) -> Option<String> {
-    let missing: Vec<&str> = needs
-        .iter()
-        .filter(|n| !existing.contains(n))
-        .map(String::as_str)
-        .collect();
-    if missing.is_empty() {
-        return None;
-    }
+    let missing = not_in(needs, existing)?;
     let create: Vec<String> = missing
         .iter()
         .map(|r| format!("CREATE ROLE {};", quote_ident(r)))
@@ -243,23 +239,13 @@ impl Statement {
     }
 }
 
-/// How a database is created: owner, encoding, locale (empty: the server's
-/// default).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Shape {
-    pub owner: String,
-    pub encoding: String,
-    pub collate: String,
-    pub ctype: String,
-    /// The database's privileges were set: `grants` are exactly them.
-    pub explicit_acl: bool,
-    /// (grantee, privilege, grantable); an empty grantee is PUBLIC.
-    pub grants: Vec<(String, String, bool)>,
-}
+/// How a database is created (owner, encoding, locale, its own privileges;
+/// empty fields: the server's default), as recorded with a backup.
+pub use datasaver_common::proto::{DatabaseGrant, DatabaseShape as Shape};
 
 /// The statements, built without a connection so they can be checked.
 pub mod sql {
-    use super::{quote_ident, Shape, Statement};
+    use super::{quote_ident, DatabaseGrant, Shape, Statement};
 
     /// `server_version_num|server_version`.
     pub fn server_version() -> Statement {
@@ -327,22 +313,26 @@ pub mod sql {
     /// The database's privileges as recorded: PUBLIC's defaults revoked,
     /// then each grant. Privileges outside CONNECT/CREATE/TEMPORARY are
     /// not database privileges and are skipped.
-    pub fn database_grants(name: &str, grants: &[(String, String, bool)]) -> Statement {
+    pub fn database_grants(name: &str, grants: &[DatabaseGrant]) -> Statement {
         let mut sql = format!("REVOKE ALL ON DATABASE {} FROM PUBLIC;", quote_ident(name));
-        for (grantee, privilege, grantable) in grants {
-            let privilege = match privilege.as_str() {
+        for g in grants {
+            let privilege = match g.privilege.as_str() {
                 p @ ("CONNECT" | "CREATE" | "TEMPORARY") => p,
                 _ => continue,
             };
-            let to = if grantee.is_empty() {
+            let to = if g.grantee.is_empty() {
                 "PUBLIC".to_string()
             } else {
-                quote_ident(grantee)
+                quote_ident(&g.grantee)
             };
             sql.push_str(&format!(
                 "\nGRANT {privilege} ON DATABASE {} TO {to}{};",
                 quote_ident(name),
-                if *grantable { " WITH GRANT OPTION" } else { "" }
+                if g.grantable {
+                    " WITH GRANT OPTION"
+                } else {
+                    ""
+                }
             ));
         }
         Statement::new(sql)
@@ -644,7 +634,11 @@ impl PgTools {
                 let grantable = p.next()? == "true";
                 let privilege = p.next()?.to_string();
                 let grantee = p.next()?.to_string();
-                Some((grantee, privilege, grantable))
+                Some(DatabaseGrant {
+                    grantee,
+                    privilege,
+                    grantable,
+                })
             })
             .collect();
         Ok(Shape {
@@ -1041,11 +1035,16 @@ mod tests {
 
     #[test]
     fn database_privileges_are_regranted_exactly() {
+        let g = |grantee: &str, privilege: &str, grantable| DatabaseGrant {
+            grantee: grantee.into(),
+            privilege: privilege.into(),
+            grantable,
+        };
         let grants = vec![
-            ("app_reader".to_string(), "CONNECT".to_string(), false),
-            (String::new(), "TEMPORARY".to_string(), false),
-            ("odd \"r\"".to_string(), "CREATE".to_string(), true),
-            ("x".to_string(), "DROP TABLE y; --".to_string(), false),
+            g("app_reader", "CONNECT", false),
+            g("", "TEMPORARY", false),
+            g("odd \"r\"", "CREATE", true),
+            g("x", "DROP TABLE y; --", false),
         ];
         assert_eq!(
             sql::database_grants("shop", &grants).sql,

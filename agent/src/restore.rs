@@ -299,22 +299,7 @@ pub async fn run(
     // server's defaults.
     let mut note = None;
     if created {
-        let shape = job
-            .database_shape
-            .as_ref()
-            .map(|s| crate::pg::Shape {
-                owner: s.owner.clone(),
-                encoding: s.encoding.clone(),
-                collate: s.collate.clone(),
-                ctype: s.ctype.clone(),
-                explicit_acl: s.explicit_acl,
-                grants: s
-                    .grants
-                    .iter()
-                    .map(|g| (g.grantee.clone(), g.privilege.clone(), g.grantable))
-                    .collect(),
-            })
-            .unwrap_or_default();
+        let shape = job.database_shape.clone().unwrap_or_default();
         note = tools
             .create_database_like(db, &admin_db, &restore_into, &shape)
             .await

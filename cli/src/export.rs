@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use datasaver_common::checksum::Checksum;
-use datasaver_common::codec::{decode_reader, Compression};
+use datasaver_common::codec::Compression;
 use datasaver_common::proto::{export_chunk, Backup, ExportChunk};
 use tokio::sync::mpsc;
 
@@ -266,15 +266,12 @@ fn decode(
     let mut raw = Checksum::new();
     let mut out = std::io::BufWriter::new(file);
     let copied = (|| -> std::result::Result<(), String> {
-        let source: Box<dyn Read + '_> = match &identities {
-            Some(ids) => Box::new(
-                datasaver_common::crypt::decrypt_reader(&mut incoming, ids)
-                    .map_err(|e| format!("backup {} cannot be decrypted: {e}", backup.id))?,
-            ),
-            None => Box::new(&mut incoming),
-        };
-        let mut plain = decode_reader(codec, source)
-            .map_err(|e| format!("backup {} cannot be read: {e}", backup.id))?;
+        use datasaver_common::crypt::{stored_reader, StoredError};
+        let mut plain =
+            stored_reader(&mut incoming, codec, identities.as_deref()).map_err(|e| match e {
+                StoredError::Decrypt(m) => format!("backup {} cannot be decrypted: {m}", backup.id),
+                StoredError::Decode(m) => format!("backup {} cannot be read: {m}", backup.id),
+            })?;
         let mut buf = vec![0u8; 256 * 1024];
         loop {
             let n = plain

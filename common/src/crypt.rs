@@ -113,6 +113,30 @@ impl Encrypt {
     }
 }
 
+/// Why stored bytes cannot be turned back into what was backed up.
+#[derive(Debug)]
+pub enum StoredError {
+    /// Decryption could not start (wrong identity, not an age stream).
+    Decrypt(String),
+    /// Decompression could not start.
+    Decode(String),
+}
+
+/// The stored bytes of a backup as the plain stream that was backed up:
+/// decrypted with `identities` (when encrypted), then decompressed. Shared by
+/// the agent's restores and `dsctl export`.
+pub fn stored_reader<'r, R: std::io::Read + 'r>(
+    stored: R,
+    codec: crate::codec::Compression,
+    identities: Option<&[Identity]>,
+) -> Result<Box<dyn std::io::Read + 'r>, StoredError> {
+    let decrypted: Box<dyn std::io::Read + 'r> = match identities {
+        None => Box::new(stored),
+        Some(ids) => Box::new(decrypt_reader(stored, ids).map_err(StoredError::Decrypt)?),
+    };
+    crate::codec::decode_reader(codec, decrypted).map_err(|e| StoredError::Decode(e.to_string()))
+}
+
 /// Wraps a reader of ciphertext into a reader of plaintext.
 pub fn decrypt_reader<R: std::io::Read>(
     input: R,

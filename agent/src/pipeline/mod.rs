@@ -533,18 +533,21 @@ echo 'pg_restore: error: could not execute query: ERROR:  role "app_owner" does 
 echo 'Command was: ALTER TABLE public.orders OWNER TO app_owner;' >&2
 echo 'pg_restore: warning: errors ignored on restore: 1' >&2
 exit 1"#;
-        let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", script]);
-        let feed = Feed {
-            cmd,
-            name: "pg_restore",
-            reads_prefix_only: false,
+        // pg_restore that reads a little, says why it stops, and exits 1.
+        let quitter = || {
+            let mut cmd = std::process::Command::new("sh");
+            cmd.args(["-c", script]);
+            Feed {
+                cmd,
+                name: "pg_restore",
+                reads_prefix_only: false,
+            }
         };
-        let decode = Decode {
+        let plain = || Decode {
             codec: Compression::None,
             identities: None,
         };
-        let e = download(&chunks.concat(), &expected, decode, feed, &never)
+        let e = download(&chunks.concat(), &expected, plain(), quitter(), &never)
             .await
             .expect_err("the child failed");
         let m = e.to_string();
@@ -562,18 +565,7 @@ exit 1"#;
         let mut flipped = chunks.concat();
         let last = flipped.len() - 1;
         flipped[last] ^= 0x01;
-        let mut cmd = std::process::Command::new("sh");
-        cmd.args(["-c", script]);
-        let feed = Feed {
-            cmd,
-            name: "pg_restore",
-            reads_prefix_only: false,
-        };
-        let decode = Decode {
-            codec: Compression::None,
-            identities: None,
-        };
-        let e = download(&flipped, &expected, decode, feed, &never)
+        let e = download(&flipped, &expected, plain(), quitter(), &never)
             .await
             .expect_err("a damaged object fails");
         assert!(

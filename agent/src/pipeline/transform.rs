@@ -269,14 +269,12 @@ impl Decode {
         stored: R,
         backup_id: &str,
     ) -> Result<Box<dyn Read + 'r>, PipelineError> {
-        let decrypted: Box<dyn Read + 'r> = match &self.identities {
-            None => Box::new(stored),
-            Some(ids) => Box::new(
-                datasaver_common::crypt::decrypt_reader(stored, &ids[..])
-                    .map_err(|m| PipelineError::Failed(format!("backup {backup_id}: {m}")))?,
-            ),
-        };
-        datasaver_common::codec::decode_reader(self.codec, decrypted)
-            .map_err(|e| PipelineError::Failed(format!("backup {backup_id} cannot be read: {e}")))
+        use datasaver_common::crypt::{stored_reader, StoredError};
+        stored_reader(stored, self.codec, self.identities.as_ref().map(|i| &i[..])).map_err(|e| {
+            PipelineError::Failed(match e {
+                StoredError::Decrypt(m) => format!("backup {backup_id}: {m}"),
+                StoredError::Decode(m) => format!("backup {backup_id} cannot be read: {m}"),
+            })
+        })
     }
 }

@@ -206,22 +206,7 @@ impl AgentService for AgentSvc {
             database_shape: header
                 .database_shape
                 .clone()
-                .map(|s| crate::repo::record::DatabaseShape {
-                    owner: s.owner,
-                    encoding: s.encoding,
-                    collate: s.collate,
-                    ctype: s.ctype,
-                    explicit_acl: s.explicit_acl,
-                    grants: s
-                        .grants
-                        .into_iter()
-                        .map(|g| crate::repo::record::DatabaseGrant {
-                            grantee: g.grantee,
-                            privilege: g.privilege,
-                            grantable: g.grantable,
-                        })
-                        .collect(),
-                })
+                .map(Into::into)
                 .unwrap_or_default(),
         };
         let stored = tracing::Instrument::instrument(
@@ -312,19 +297,6 @@ impl AgentService for AgentSvc {
     }
 }
 
-/// A checksum from an agent as stored: `blake3:` and 64 hex digits, or
-/// nothing (anything else cannot be one, and is not kept).
-fn clean_checksum(s: String) -> String {
-    let ok = s
-        .strip_prefix("blake3:")
-        .is_some_and(|h| h.len() == 64 && h.bytes().all(|b| b.is_ascii_hexdigit()));
-    if ok {
-        s
-    } else {
-        String::new()
-    }
-}
-
 /// The upload's messages after the header, as the repository takes them.
 fn pieces(
     inbound: Streaming<UploadRequest>,
@@ -343,7 +315,10 @@ fn pieces(
                     checksum: t.checksum,
                     raw_bytes: t.raw_bytes,
                     stored_bytes: t.stored_bytes,
-                    raw_checksum: clean_checksum(t.raw_checksum),
+                    // anything but a checksum is not kept
+                    raw_checksum: Some(t.raw_checksum)
+                        .filter(|c| datasaver_common::checksum::is_valid(c))
+                        .unwrap_or_default(),
                 })),
                 Some(upload_request::Msg::Abort(a)) if a.interrupted => {
                     Err(IngestError::Interrupted(clean::error(&a.reason)))

@@ -91,23 +91,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 pg_dump_version: row.pg_dump_version.clone(),
                 extensions: row.extensions.clone(),
                 roles: row.roles.clone(),
-                database_shape: Some(datasaver_common::proto::DatabaseShape {
-                    owner: row.database_shape.owner.clone(),
-                    encoding: row.database_shape.encoding.clone(),
-                    collate: row.database_shape.collate.clone(),
-                    ctype: row.database_shape.ctype.clone(),
-                    explicit_acl: row.database_shape.explicit_acl,
-                    grants: row
-                        .database_shape
-                        .grants
-                        .iter()
-                        .map(|g| datasaver_common::proto::DatabaseGrant {
-                            grantee: g.grantee.clone(),
-                            privilege: g.privilege.clone(),
-                            grantable: g.grantable,
-                        })
-                        .collect(),
-                }),
+                database_shape: Some((&row.database_shape).into()),
             });
             let result = match job.send(msg).await {
                 Err(f) => Err(f),

@@ -152,6 +152,48 @@ pub struct DatabaseShape {
     pub grants: Vec<DatabaseGrant>,
 }
 
+impl From<datasaver_common::proto::DatabaseShape> for DatabaseShape {
+    fn from(s: datasaver_common::proto::DatabaseShape) -> Self {
+        Self {
+            owner: s.owner,
+            encoding: s.encoding,
+            collate: s.collate,
+            ctype: s.ctype,
+            explicit_acl: s.explicit_acl,
+            grants: s
+                .grants
+                .into_iter()
+                .map(|g| DatabaseGrant {
+                    grantee: g.grantee,
+                    privilege: g.privilege,
+                    grantable: g.grantable,
+                })
+                .collect(),
+        }
+    }
+}
+
+impl From<&DatabaseShape> for datasaver_common::proto::DatabaseShape {
+    fn from(s: &DatabaseShape) -> Self {
+        Self {
+            owner: s.owner.clone(),
+            encoding: s.encoding.clone(),
+            collate: s.collate.clone(),
+            ctype: s.ctype.clone(),
+            explicit_acl: s.explicit_acl,
+            grants: s
+                .grants
+                .iter()
+                .map(|g| datasaver_common::proto::DatabaseGrant {
+                    grantee: g.grantee.clone(),
+                    privilege: g.privilege.clone(),
+                    grantable: g.grantable,
+                })
+                .collect(),
+        }
+    }
+}
+
 /// One privilege on the database itself.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct DatabaseGrant {
