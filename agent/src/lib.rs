@@ -15,6 +15,7 @@ pub mod child;
 pub mod config;
 pub mod health;
 pub mod jobs;
+pub mod part;
 pub mod pg;
 pub mod pipeline;
 pub mod progress;

@@ -422,6 +422,124 @@ pub mod sql {
         ))
     }
 
+    /// `'text'` with quotes doubled. Only for names already validated
+    /// (`names::parse_table`), in lists psql variables cannot carry.
+    fn literal(s: &str) -> String {
+        format!("'{}'", s.replace('\'', "''"))
+    }
+
+    /// SQL true when the relation `nsp`.`rel` is in the selection (one of
+    /// `tables`, or in one of `schemas`).
+    fn selected(nsp: &str, rel: &str, tables: &[(String, String)], schemas: &[String]) -> String {
+        let mut any = Vec::new();
+        if !tables.is_empty() {
+            let pairs: Vec<String> = tables
+                .iter()
+                .map(|(s, t)| format!("({}, {})", literal(s), literal(t)))
+                .collect();
+            any.push(format!("({nsp}, {rel}) IN ({})", pairs.join(", ")));
+        }
+        if !schemas.is_empty() {
+            let names: Vec<String> = schemas.iter().map(|s| literal(s)).collect();
+            any.push(format!("{nsp} IN ({})", names.join(", ")));
+        }
+        if any.is_empty() {
+            "false".into()
+        } else {
+            format!("({})", any.join(" OR "))
+        }
+    }
+
+    /// Of `tables` and `schemas`, those the connected database lacks, one
+    /// per line (`table schema.name`, `schema NAME`).
+    pub fn missing_part(tables: &[(String, String)], schemas: &[String]) -> Statement {
+        presence(
+            tables,
+            schemas,
+            false,
+            "table ",
+            "AND c.relkind IN ('r', 'p', 'v', 'm', 'f')",
+        )
+    }
+
+    /// What a restore of `tables` creates besides schemas: each table, its
+    /// indexes and the sequences it owns (serial and identity columns), as
+    /// `kind|schema|name`, one per line.
+    pub fn part_relations(tables: &[(String, String)]) -> Statement {
+        let sel = selected("n.nspname", "c.relname", tables, &[]);
+        Statement::new(format!(
+            "WITH t AS (SELECT c.oid FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE {sel})
+             SELECT CASE c.relkind WHEN 'i' THEN 'index' WHEN 'S' THEN 'sequence' WHEN 'v' THEN 'view' ELSE 'table' END,
+                    n.nspname, c.relname
+               FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+              WHERE c.oid IN (SELECT oid FROM t)
+                 OR c.oid IN (SELECT indexrelid FROM pg_index WHERE indrelid IN (SELECT oid FROM t))
+                 OR (c.relkind = 'S' AND c.oid IN (
+                        SELECT objid FROM pg_depend
+                         WHERE classid = 'pg_class'::regclass AND refclassid = 'pg_class'::regclass
+                           AND refobjid IN (SELECT oid FROM t) AND deptype IN ('a', 'i')))
+              ORDER BY 2, 3;"
+        ))
+    }
+
+    /// Of `relations` (`schema`, `name`) and `schemas`, those the connected
+    /// database already has, as `schema.name` / `schema NAME` lines.
+    pub fn existing_part(relations: &[(String, String)], schemas: &[String]) -> Statement {
+        presence(relations, schemas, true, "", "")
+    }
+
+    /// Those of `relations` (`label` before each, `and_kind` narrowing
+    /// them) and `schemas` that exist (`exist`) or do not.
+    fn presence(
+        relations: &[(String, String)],
+        schemas: &[String],
+        exist: bool,
+        label: &str,
+        and_kind: &str,
+    ) -> Statement {
+        let test = if exist { "EXISTS" } else { "NOT EXISTS" };
+        let mut parts = vec!["SELECT NULL::text WHERE false".to_string()];
+        for (s, r) in relations {
+            parts.push(format!(
+                "SELECT '{label}' || {s} || '.' || {r} WHERE {test} (SELECT 1 FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = {s} AND c.relname = {r} {and_kind})",
+                s = literal(s),
+                r = literal(r)
+            ));
+        }
+        for s in schemas {
+            parts.push(format!(
+                "SELECT 'schema ' || {s} WHERE {test} (SELECT 1 FROM pg_namespace WHERE nspname = {s})",
+                s = literal(s)
+            ));
+        }
+        Statement::new(format!("{};", parts.join("\nUNION ALL ")))
+    }
+
+    /// Foreign keys from the selection to tables outside it, as
+    /// `schema|table|constraint|referenced table` lines.
+    pub fn outside_foreign_keys(tables: &[(String, String)], schemas: &[String]) -> Statement {
+        let from = selected("n.nspname", "c.relname", tables, schemas);
+        let to = selected("fn.nspname", "fc.relname", tables, schemas);
+        Statement::new(format!(
+            "SELECT n.nspname, c.relname, con.conname, fn.nspname || '.' || fc.relname
+               FROM pg_constraint con
+               JOIN pg_class c ON c.oid = con.conrelid JOIN pg_namespace n ON n.oid = c.relnamespace
+               JOIN pg_class fc ON fc.oid = con.confrelid JOIN pg_namespace fn ON fn.oid = fc.relnamespace
+              WHERE con.contype = 'f' AND {from} AND NOT {to}
+              ORDER BY 1, 2, 3;"
+        ))
+    }
+
+    /// Drops constraint `name` of table `schema.table`.
+    pub fn drop_constraint(schema: &str, table: &str, name: &str) -> Statement {
+        Statement::new(format!(
+            "ALTER TABLE {}.{} DROP CONSTRAINT {};",
+            quote_ident(schema),
+            quote_ident(table),
+            quote_ident(name)
+        ))
+    }
+
     /// Replaces database `name` with database `with` (renamed to `name`).
     pub fn swap_database(name: &str, with: &str) -> Statement {
         Statement::new(format!(
@@ -479,6 +597,47 @@ impl PgTools {
             "--single-transaction",
             "--no-password",
             &format!("--dbname={dbname}"),
+        ]);
+        c
+    }
+
+    /// `pg_dump` of only `tables` and `schemas` of `dbname`, as a plain SQL
+    /// script to stdout. Each name is quoted, so it is that one object, not
+    /// a pattern; `--strict-names` fails on one that is not there.
+    pub fn pg_dump_part(
+        &self,
+        db: &DbConn,
+        dbname: &str,
+        tables: &[(String, String)],
+        schemas: &[String],
+    ) -> std::process::Command {
+        let mut c = self.command("pg_dump", db, dbname);
+        c.args(["--format=plain", "--no-password", "--strict-names"]);
+        for (s, t) in tables {
+            c.arg(format!("--table={}.{}", quote_ident(s), quote_ident(t)));
+        }
+        for s in schemas {
+            c.arg(format!("--schema={}", quote_ident(s)));
+        }
+        c
+    }
+
+    /// `psql` running the script on its stdin in `dbname` in one
+    /// transaction, stopping at the first error, its query output
+    /// discarded.
+    pub fn psql_script(&self, db: &DbConn, dbname: &str) -> std::process::Command {
+        let mut c = self.command("psql", db, dbname);
+        c.args([
+            "-X",
+            "-q",
+            "--no-password",
+            "--single-transaction",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-o",
+            "/dev/null",
+            "-f",
+            "-",
         ]);
         c
     }
@@ -708,6 +867,108 @@ impl PgTools {
         dbname: &str,
     ) -> Result<Vec<String>, String> {
         self.lines(db, dbname, &sql::available_extensions()).await
+    }
+
+    /// Runs `st` in `dbname` and returns its output lines (for the
+    /// statements of a partial restore, `sql::missing_part` and the like).
+    pub async fn query_lines(
+        &self,
+        db: &DbConn,
+        dbname: &str,
+        st: &Statement,
+    ) -> Result<Vec<String>, String> {
+        self.lines(db, dbname, st).await
+    }
+
+    /// Copies the tables and schemas of `sel` from database `from` into database `to`
+    /// on the same server: `pg_dump` piped into `psql` in one transaction,
+    /// after `prelude` (SQL run first, in that transaction). Both are
+    /// stopped when `cancel` fires. The error is Postgres's own first error
+    /// when there is one.
+    pub async fn copy_part(
+        &self,
+        db: &DbConn,
+        from: &str,
+        to: &str,
+        sel: &crate::part::Selection,
+        prelude: String,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<(), String> {
+        use crate::child::Proc;
+        let (dump, dump_pipes) = Proc::spawn(
+            self.pg_dump_part(db, from, &sel.tables, &sel.schemas),
+            "pg_dump",
+            false,
+        )
+        .map_err(|e| e.to_string())?;
+        let (apply, apply_pipes) = match Proc::spawn(self.psql_script(db, to), "psql", true) {
+            Ok(p) => p,
+            Err(e) => {
+                dump.kill_and_reap();
+                return Err(e.to_string());
+            }
+        };
+        let _stop_dump = dump.kill_on(cancel);
+        let _stop_apply = apply.kill_on(cancel);
+        let (d, a) = (dump.clone(), apply.clone());
+        let joined = tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut out = dump_pipes.stdout;
+            // psql writes nothing to stdout (-o /dev/null, -q).
+            drop(apply_pipes.stdout);
+            let Some(mut stdin) = apply_pipes.stdin else {
+                d.kill_and_reap();
+                a.kill_and_reap();
+                return (
+                    Err(std::io::Error::other("psql has no stdin")),
+                    d.wait(),
+                    a.wait(),
+                );
+            };
+            let wrote = stdin
+                .write_all(prelude.as_bytes())
+                .and_then(|()| std::io::copy(&mut out, &mut stdin).map(drop));
+            // A psql that quit early ends pg_dump too.
+            drop(out);
+            if wrote.is_err() {
+                d.stop_and_reap();
+            }
+            let dumped = d.wait();
+            // psql commits at the end of its input, so it sees the end only
+            // after pg_dump succeeded; otherwise it is killed first and its
+            // transaction rolls back with its connection.
+            if !matches!(&dumped, Ok(e) if e.status.success()) || wrote.is_err() {
+                a.kill();
+            }
+            drop(stdin);
+            (wrote, dumped, a.wait())
+        })
+        .await
+        .map_err(|e| format!("copying the tables failed: {e}"))?;
+        let (wrote, dumped, applied) = joined;
+        let applied = applied.map_err(|e| e.to_string())?;
+        // psql's own error first: a psql that failed made pg_dump stop.
+        if !applied.status.success() {
+            if let Some(e) = postgres_errors(&applied.stderr) {
+                return Err(e);
+            }
+        }
+        let dumped = dumped.map_err(|e| e.to_string())?;
+        if !dumped.status.success() {
+            return Err(format!(
+                "pg_dump of the restored tables failed ({}): {}",
+                dumped.describe(),
+                summarize_stderr(&dumped.stderr)
+            ));
+        }
+        if !applied.status.success() {
+            return Err(format!(
+                "psql failed ({}): {}",
+                applied.describe(),
+                summarize_stderr(&applied.stderr)
+            ));
+        }
+        wrote.map_err(|e| format!("feeding psql failed: {e}"))
     }
 
     async fn lines(

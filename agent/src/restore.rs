@@ -63,7 +63,7 @@ impl Job for RestoreJob {
 }
 
 /// The error of a restore stopped by `cancel`.
-fn stopped(cancel: &JobCancel) -> JobError {
+pub(crate) fn stopped(cancel: &JobCancel) -> JobError {
     match cancel.stop() {
         Some(stop @ Stop::Coordinator(_)) => stop.message("restore").into(),
         _ => "restore cancelled (agent shutting down or connection lost)".into(),
@@ -72,7 +72,7 @@ fn stopped(cancel: &JobCancel) -> JobError {
 
 /// Streams the backup into a freshly started `cmd` (pg_restore); returns
 /// what it wrote to stdout.
-async fn stream_into(
+pub(crate) async fn stream_into(
     cmd: std::process::Command,
     client: &mut AgentServiceClient<Channel>,
     job: &RestoreJob,
@@ -112,7 +112,7 @@ async fn stream_into(
         })
 }
 
-fn valid_db_name(name: &str) -> Result<(), String> {
+pub(crate) fn valid_db_name(name: &str) -> Result<(), String> {
     let ok = !name.is_empty()
         && name.len() <= 63
         && name
@@ -251,6 +251,18 @@ pub async fn run(
     }
     if let Some(problem) = crate::pg::missing_roles(&job.backup_id, &job.roles, &roles) {
         return Err(problem.into());
+    }
+    if let Some(sel) = crate::part::Selection::of(&job)? {
+        let cx = crate::part::Context {
+            client: &mut client,
+            job: &job,
+            decode,
+            db,
+            tools: &tools,
+            reporter: &reporter,
+            cancel: &cancel,
+        };
+        return crate::part::run(cx, &sel).await;
     }
     // Looking is harmless to stop; creating, dropping and swapping run to
     // their end so no database is left half done.

@@ -92,7 +92,7 @@ enum Cmd {
         #[arg(long, value_name = "TEXT")]
         label: Option<String>,
     },
-    /// Restore a backup into a new database (default <dbname>_restored_<time>).
+    /// Restore a backup, or some of its tables or schemas, into a new database (default <dbname>_restored_<time>).
     Restore(RestoreArgs),
     /// Re-read a backup from storage, check its BLAKE3 checksum and its archive's table of contents.
     Verify {
@@ -217,6 +217,18 @@ struct RestoreArgs {
     /// Download, checksum and list the archive; change nothing.
     #[arg(long)]
     dry_run: bool,
+    /// Restore only this table (repeatable), with its indexes, constraints,
+    /// triggers, grants and comments. Names are exact and case-sensitive.
+    #[arg(long, value_name = "SCHEMA.NAME")]
+    table: Vec<String>,
+    /// Restore only this schema and everything in it (repeatable).
+    #[arg(long, value_name = "NAME")]
+    schema: Vec<String>,
+    /// With --table/--schema: add them to an existing database (--target-db,
+    /// default the agent's own) instead of a new one. Refused, changing
+    /// nothing, when any of them already exists there.
+    #[arg(long)]
+    into_existing: bool,
 }
 
 #[derive(Subcommand)]
@@ -600,6 +612,15 @@ async fn run(cli: Cli) -> Result<()> {
             if a.target.is_some() && !a.latest && a.at.is_none() {
                 bail!("--target needs --latest or --at TIME");
             }
+            for t in &a.table {
+                datasaver_common::names::parse_table(t).map_err(anyhow::Error::msg)?;
+            }
+            for s in &a.schema {
+                datasaver_common::names::validate_schema(s).map_err(anyhow::Error::msg)?;
+            }
+            if a.into_existing && a.table.is_empty() && a.schema.is_empty() {
+                bail!("--into-existing adds tables or schemas to a database: give --table SCHEMA.NAME or --schema NAME");
+            }
             let stream = why
                 .answer(
                     c.restore(RestoreRequest {
@@ -610,6 +631,9 @@ async fn run(cli: Cli) -> Result<()> {
                         target_db: a.target_db.unwrap_or_default(),
                         force: a.force,
                         dry_run: a.dry_run,
+                        tables: a.table,
+                        schemas: a.schema,
+                        into_existing: a.into_existing,
                     })
                     .await,
                 )

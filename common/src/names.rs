@@ -117,11 +117,76 @@ pub fn default_restore_db(dbname: &str, at: DateTime<Utc>) -> String {
     format!("{base}{suffix}")
 }
 
+/// Whether `name` is accepted as a Postgres object name in a partial
+/// restore: 1-63 ASCII letters, digits, `_`, `$` or `-`, taken exactly as
+/// stored (case-sensitive, never a pattern), so it reaches `pg_dump` and SQL
+/// as that one object.
+fn is_object_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 63
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"_$-".contains(&b))
+}
+
+/// Splits a `--table` argument, `schema.name`, into its two parts.
+pub fn parse_table(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('.') {
+        Some((schema, name)) if is_object_name(schema) && is_object_name(name) => {
+            Ok((schema.to_string(), name.to_string()))
+        }
+        _ => Err(format!(
+            "--table {arg:?} is not accepted: give SCHEMA.NAME (e.g. public.orders), each part 1-63 letters, digits, '_', '$' or '-', exactly as stored (case-sensitive)"
+        )),
+    }
+}
+
+/// Checks a `--schema` argument.
+pub fn validate_schema(arg: &str) -> Result<(), String> {
+    if is_object_name(arg) {
+        Ok(())
+    } else {
+        Err(format!(
+            "--schema {arg:?} is not accepted: give a schema name of 1-63 letters, digits, '_', '$' or '-', exactly as stored (case-sensitive)"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use chrono::TimeZone;
     use proptest::prelude::*;
+
+    #[test]
+    fn partial_restore_names() {
+        assert_eq!(
+            parse_table("public.orders"),
+            Ok(("public".into(), "orders".into()))
+        );
+        assert_eq!(
+            parse_table("Sales.Order-Items$2"),
+            Ok(("Sales".into(), "Order-Items$2".into()))
+        );
+        for bad in [
+            "orders",
+            ".orders",
+            "public.",
+            "a.b.c",
+            "public.ord*",
+            "public.\"x\"",
+            "public.a b",
+            "public.a;drop",
+            &format!("public.{}", "x".repeat(64)),
+        ] {
+            let e = parse_table(bad).unwrap_err();
+            assert!(e.starts_with("--table"), "{bad}: {e}");
+        }
+        assert!(validate_schema("sales").is_ok());
+        for bad in ["", "a.b", "s*", "a'b"] {
+            assert!(validate_schema(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn patterns() {

@@ -22,7 +22,7 @@ use super::{internal, Caller};
 use crate::authz::{self, Action, Denied};
 use crate::backups::{self, ActionError, Selector};
 use crate::fleet::JobKind;
-use crate::jobs::{self, Read, StartError};
+use crate::jobs::{self, Part, Read, StartError};
 use crate::{to_proto, Core};
 
 pub struct OperatorSvc {
@@ -149,10 +149,20 @@ impl OperatorService for OperatorSvc {
     async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<EventStream>, Status> {
         let who = Caller::of(&req)?;
         let req = req.into_inner();
-        // Over an existing database is the admin's call; into a new one, or
-        // only checking the archive, the operator's.
+        let part = Part::new(
+            req.tables.clone(),
+            req.schemas.clone(),
+            req.into_existing,
+            req.force,
+            req.dry_run,
+        )
+        .map_err(Status::invalid_argument)?;
+        // Over or into an existing database is the admin's call; into a new
+        // one, or only checking the archive, the operator's.
         let action = if req.force && !req.dry_run {
             Action::RestoreForce
+        } else if part.into_existing {
+            Action::RestoreIntoExisting
         } else {
             Action::Restore
         };
@@ -192,9 +202,10 @@ impl OperatorService for OperatorSvc {
             Read::Restore {
                 target_db: req.target_db.clone(),
                 force: req.force,
+                part,
             }
         };
-        tracing::info!(operator = %who, backup = %row.id, dry_run = req.dry_run, target_db = %req.target_db, "restore requested");
+        tracing::info!(operator = %who, backup = %row.id, dry_run = req.dry_run, target_db = %req.target_db, tables = ?req.tables, schemas = ?req.schemas, into_existing = req.into_existing, "restore requested");
         let started = jobs::start_read(&self.core, row, read).map_err(start_status)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
     }

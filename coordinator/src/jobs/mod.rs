@@ -32,7 +32,7 @@ use crate::Core;
 
 pub use crate::repo::Trigger;
 pub use backup::{record_failed_attempt, start_backup};
-pub use read::{start_read, Read};
+pub use read::{start_read, Part, Read};
 pub use upload::store_upload;
 
 #[derive(Debug, thiserror::Error)]

@@ -21,12 +21,69 @@ use crate::{to_proto, Core};
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Read {
     /// Restore into `target_db` (empty: the agent picks a new name);
-    /// `force` replaces an existing database (through a scratch database).
-    Restore { target_db: String, force: bool },
+    /// `force` replaces an existing database (through a scratch database);
+    /// `part` limits it to some tables or schemas.
+    Restore {
+        target_db: String,
+        force: bool,
+        part: Part,
+    },
     /// Read the whole archive and list it; change nothing.
     DryRun,
     /// A dry run whose result is kept as the backup's verification.
     Verify,
+}
+
+/// A part of a backup to restore (empty: all of it).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Part {
+    /// `schema.name` of each table.
+    pub tables: Vec<String>,
+    pub schemas: Vec<String>,
+    /// Add them to an existing database instead of a new one.
+    pub into_existing: bool,
+}
+
+impl Part {
+    /// Checks a requested part against the rest of the restore request,
+    /// before any job starts.
+    pub fn new(
+        tables: Vec<String>,
+        schemas: Vec<String>,
+        into_existing: bool,
+        force: bool,
+        dry_run: bool,
+    ) -> Result<Self, String> {
+        for t in &tables {
+            datasaver_common::names::parse_table(t)?;
+        }
+        for s in &schemas {
+            datasaver_common::names::validate_schema(s)?;
+        }
+        let part = Self {
+            tables,
+            schemas,
+            into_existing,
+        };
+        let partial = part.is_partial();
+        if into_existing && !partial {
+            return Err(
+                "--into-existing adds tables or schemas to a database: give --table SCHEMA.NAME or --schema NAME"
+                    .into(),
+            );
+        }
+        if partial && force {
+            return Err("--force replaces a whole database and cannot be combined with --table or --schema; use --into-existing to add them to an existing database".into());
+        }
+        if partial && dry_run {
+            return Err("--dry-run checks the whole archive and cannot be combined with --table or --schema".into());
+        }
+        Ok(part)
+    }
+
+    pub fn is_partial(&self) -> bool {
+        !self.tables.is_empty() || !self.schemas.is_empty()
+    }
 }
 
 impl Read {
@@ -68,11 +125,15 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                     ),
                 )))
                 .await;
-            let (mode, target_db, force) = match &read {
-                Read::Restore { target_db, force } => {
-                    (RestoreMode::Restore, target_db.clone(), *force)
+            let (mode, target_db, force, part) = match &read {
+                Read::Restore {
+                    target_db,
+                    force,
+                    part,
+                } => (RestoreMode::Restore, target_db.clone(), *force, part.clone()),
+                Read::DryRun | Read::Verify => {
+                    (RestoreMode::List, String::new(), false, Part::default())
                 }
-                Read::DryRun | Read::Verify => (RestoreMode::List, String::new(), false),
             };
             let msg = coordinator_message::Msg::Restore(RestoreJob {
                 trace_context: datasaver_common::telemetry::context_of(&tracing::Span::current()),
@@ -92,6 +153,9 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 extensions: row.extensions.clone(),
                 roles: row.roles.clone(),
                 database_shape: Some((&row.database_shape).into()),
+                tables: part.tables,
+                schemas: part.schemas,
+                into_existing: part.into_existing,
             });
             let result = match job.send(msg).await {
                 Err(f) => Err(f),
@@ -181,5 +245,50 @@ async fn next_good(core: &Core, row: &BackupRecord) -> String {
         },
         Ok(None) => format!("no older good backup of {} is known", row.target),
         Err(e) => format!("the catalog could not name an older backup: {e}"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Part;
+
+    fn part(
+        tables: &[&str],
+        schemas: &[&str],
+        into: bool,
+        force: bool,
+        dry: bool,
+    ) -> Result<Part, String> {
+        Part::new(
+            tables.iter().map(|s| s.to_string()).collect(),
+            schemas.iter().map(|s| s.to_string()).collect(),
+            into,
+            force,
+            dry,
+        )
+    }
+
+    #[test]
+    fn a_part_is_checked_against_the_rest_of_the_request() {
+        assert!(!part(&[], &[], false, true, false).unwrap().is_partial());
+        assert!(part(&["public.orders"], &["sales"], true, false, false)
+            .unwrap()
+            .is_partial());
+        for (bad, says) in [
+            (part(&[], &[], true, false, false), "--into-existing adds"),
+            (
+                part(&["public.t"], &[], false, true, false),
+                "--force replaces",
+            ),
+            (part(&[], &["s"], false, false, true), "--dry-run checks"),
+            (
+                part(&["orders"], &[], false, false, false),
+                "--table \"orders\"",
+            ),
+            (part(&[], &["a.b"], false, false, false), "--schema \"a.b\""),
+        ] {
+            let e = bad.unwrap_err();
+            assert!(e.starts_with(says), "{e}");
+        }
     }
 }

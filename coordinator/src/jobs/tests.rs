@@ -321,6 +321,7 @@ async fn a_corrupt_backup_is_recorded_and_the_error_names_the_next_good_one() {
         Read::Restore {
             target_db: "shop".into(),
             force: false,
+            part: Default::default(),
         },
     )
     .expect("started");

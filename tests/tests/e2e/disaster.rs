@@ -474,3 +474,216 @@ fn an_exported_backup_restores_with_plain_pg_restore_and_a_damaged_one_writes_no
         "a damaged export left a file"
     );
 }
+
+/// What `psql` says about table `t` of `db`: its constraints, indexes,
+/// triggers, comment and who may read it — the parts of a table that are
+/// not its rows, which a table restored without them is not the same table.
+fn table_shape(pg: &PgCluster, db: &str, t: &str) -> String {
+    pg.query_one(
+        db,
+        &format!(
+            "SELECT coalesce((SELECT string_agg(conname || ':' || pg_get_constraintdef(oid), ', ' ORDER BY conname)
+                       FROM pg_constraint WHERE conrelid = '{t}'::regclass), '')
+                 || ' | ' || coalesce((SELECT string_agg(indexdef, ', ' ORDER BY indexname) FROM pg_indexes
+                               WHERE schemaname || '.' || tablename = '{t}'), '')
+                 || ' | ' || coalesce((SELECT string_agg(tgname, ', ' ORDER BY tgname) FROM pg_trigger
+                               WHERE tgrelid = '{t}'::regclass AND NOT tgisinternal), '')
+                 || ' | ' || coalesce(obj_description('{t}'::regclass, 'pg_class'), '')
+                 || ' | ' || has_table_privilege('app_reader', '{t}', 'SELECT')::text"
+        ),
+    )
+}
+
+/// Rows of `t` as one fingerprint.
+fn rows_of(pg: &PgCluster, db: &str, t: &str) -> String {
+    pg.query_one(
+        db,
+        &format!(
+            "SELECT count(*) || ' ' || md5(string_agg(x::text, ',' ORDER BY x::text)) FROM {t} x"
+        ),
+    )
+}
+
+/// "Someone dropped the orders table": the table comes back alone into the
+/// live database with its rows, keys, index, trigger, comment and grant,
+/// the rest of the live database untouched; the same command once it exists
+/// is refused, naming it, and changes nothing.
+#[test]
+fn a_dropped_table_comes_back_alone_into_the_live_database() {
+    let pg = PgCluster::new();
+    pg.psql("postgres", "CREATE ROLE app_reader; CREATE DATABASE shop;");
+    pg.psql(
+        "shop",
+        "CREATE TABLE customers (id int PRIMARY KEY, name text);
+         INSERT INTO customers SELECT g, 'customer ' || g FROM generate_series(1, 100) g;
+         CREATE TABLE orders (id serial PRIMARY KEY,
+                              customer int NOT NULL REFERENCES customers,
+                              total numeric CHECK (total >= 0),
+                              placed timestamptz DEFAULT '2026-01-01');
+         CREATE INDEX orders_customer_idx ON orders (customer);
+         CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN NEW.placed := now(); RETURN NEW; END$$;
+         CREATE TRIGGER orders_touch BEFORE UPDATE ON orders FOR EACH ROW EXECUTE FUNCTION touch();
+         COMMENT ON TABLE orders IS 'every order ever placed';
+         GRANT SELECT ON orders TO app_reader;
+         INSERT INTO orders (customer, total) SELECT 1 + g % 100, g FROM generate_series(1, 20000) g;",
+    );
+    let shape = table_shape(&pg, "shop", "public.orders");
+    let rows = rows_of(&pg, "shop", "public.orders");
+    assert!(
+        shape.contains("orders_customer_fkey") && shape.contains("orders_touch"),
+        "{shape}"
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent("shop", &pg, "shop");
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed(), "{}", b.raw);
+
+    // The accident, and life going on after it.
+    pg.psql(
+        "shop",
+        "DROP TABLE orders; INSERT INTO customers VALUES (101, 'after the backup');",
+    );
+    let customers = rows_of(&pg, "shop", "public.customers");
+    let before = pg.databases();
+    let restore_orders = [
+        "restore",
+        &b.id,
+        "--table",
+        "public.orders",
+        "--into-existing",
+        "--target-db",
+        "shop",
+    ];
+    let out = fleet
+        .dsctl(&restore_orders)
+        .expect_success("restore the dropped table");
+    assert!(
+        out.stdout.contains(&format!(
+            "restored table public.orders of backup {} into database shop",
+            b.id
+        )),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(rows_of(&pg, "shop", "public.orders"), rows);
+    assert_eq!(table_shape(&pg, "shop", "public.orders"), shape);
+    assert_eq!(
+        rows_of(&pg, "shop", "public.customers"),
+        customers,
+        "the live table was touched"
+    );
+    // Its sequence came back where it was.
+    assert_eq!(
+        pg.query_one(
+            "shop",
+            "INSERT INTO orders (customer, total) VALUES (1, 1) RETURNING id"
+        ),
+        "20001"
+    );
+    assert_eq!(
+        pg.databases(),
+        before,
+        "the scratch database was left behind"
+    );
+
+    // Again, now that it exists: refused, nothing changed.
+    let rows = rows_of(&pg, "shop", "public.orders");
+    let out = fleet
+        .dsctl(&[&["--quiet"], &restore_orders[..]].concat())
+        .expect_code(1, "restore over an existing table");
+    let line = assert_one_line_error(&out.stderr, "database shop already has public.orders");
+    assert!(line.contains("nothing was changed"), "{line}");
+    assert_eq!(rows_of(&pg, "shop", "public.orders"), rows);
+    assert_eq!(pg.databases(), before);
+}
+
+/// A schema restored into a new database comes back whole; a foreign key to
+/// a table left behind is named, not silently dropped; a table the backup
+/// does not have is refused, leaving no database behind.
+#[test]
+fn a_schema_comes_back_into_a_new_database_and_a_missing_table_is_refused() {
+    let pg = PgCluster::new();
+    pg.psql("postgres", "CREATE ROLE app_reader; CREATE DATABASE shop;");
+    pg.psql(
+        "shop",
+        "CREATE TABLE customers (id int PRIMARY KEY);
+         INSERT INTO customers SELECT generate_series(1, 10);
+         CREATE SCHEMA sales;
+         CREATE TABLE sales.invoices (id int PRIMARY KEY, customer int REFERENCES public.customers, amount int);
+         CREATE INDEX invoices_amount_idx ON sales.invoices (amount);
+         COMMENT ON TABLE sales.invoices IS 'sent';
+         GRANT USAGE ON SCHEMA sales TO app_reader;
+         GRANT SELECT ON sales.invoices TO app_reader;
+         INSERT INTO sales.invoices SELECT g, 1 + g % 10, g * 3 FROM generate_series(1, 5000) g;",
+    );
+    let rows = rows_of(&pg, "shop", "sales.invoices");
+    let mut fleet = Fleet::start();
+    fleet.add_agent("shop", &pg, "shop");
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed(), "{}", b.raw);
+
+    let out = fleet
+        .dsctl(&[
+            "restore",
+            &b.id,
+            "--schema",
+            "sales",
+            "--target-db",
+            "shop_sales",
+        ])
+        .expect_success("restore a schema into a new database");
+    assert!(
+        out.stdout.contains(
+            "foreign key invoices_customer_fkey of sales.invoices (to public.customers) was not created"
+        ),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(rows_of(&pg, "shop_sales", "sales.invoices"), rows);
+    let shape = table_shape(&pg, "shop_sales", "sales.invoices");
+    assert!(
+        shape.contains("invoices_pkey")
+            && shape.contains("invoices_amount_idx")
+            && !shape.contains("invoices_customer_fkey")
+            && shape.ends_with("sent | true"),
+        "{shape}"
+    );
+    assert_eq!(
+        pg.query_one(
+            "shop_sales",
+            "SELECT count(*) FROM pg_tables WHERE schemaname = 'public'"
+        ),
+        "0",
+        "more than the schema was restored"
+    );
+
+    let before = pg.databases();
+    let out = fleet
+        .dsctl(&[
+            "--quiet",
+            "restore",
+            &b.id,
+            "--table",
+            "public.nope",
+            "--target-db",
+            "shop_nope",
+        ])
+        .expect_code(1, "restore of a table the backup lacks");
+    assert_one_line_error(
+        &out.stderr,
+        &format!(
+            "backup {} has no table public.nope; nothing was changed",
+            b.id
+        ),
+    );
+    assert_eq!(pg.databases(), before, "a database was left behind");
+
+    // Bad names never reach the agent.
+    let out = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--table", "orders"])
+        .expect_code(1, "a table without its schema");
+    assert_one_line_error(
+        &out.stderr,
+        "--table \"orders\" is not accepted: give SCHEMA.NAME",
+    );
+}
