@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
 use datasaver_common::proto::{
-    upload_request, BackupJob, JobResult, UploadAbort, UploadHeader, UploadRequest,
+    upload_request, BackupJob, JobResult, UploadAbort, UploadHeader, UploadPartStart, UploadRequest,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -97,6 +97,12 @@ pub async fn run(
         s = tools.system_identifier(&target.db) => s.unwrap_or_default(),
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
     };
+    // Role passwords can only be read by a superuser; without them the
+    // globals are still taken, and say so.
+    let role_passwords = tokio::select! {
+        r = tools.is_superuser(&target.db) => r.map_err(|e| format!("cannot read the agent's role: {e}"))?,
+        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
+    };
     let header = UploadHeader {
         job_id: job.job_id.clone(),
         backup_id: job.backup_id.clone(),
@@ -137,13 +143,21 @@ pub async fn run(
     ));
 
     let counters = Arc::new(Counters::default());
+    let chain = || {
+        Chain::encode(
+            target.compression,
+            target.compression_level,
+            target.compression_threads,
+            target.encrypt_to.as_ref().map(|e| &e.recipient),
+        )
+    };
+    reporter.phase(
+        "globals",
+        "dumping the cluster's roles (pg_dumpall --globals-only)",
+    );
+    let globals = send_globals(&tools, &target, role_passwords, chain, &tx, cancel.token()).await;
     let progress = reporter.start_ticker("dump", counters.clone());
-    let dumped = match Chain::encode(
-        target.compression,
-        target.compression_level,
-        target.compression_threads,
-        target.encrypt_to.as_ref().map(|e| &e.recipient),
-    ) {
+    let dumped = match globals.and_then(|()| chain()) {
         Ok(chain) => {
             pipeline::upload_child_output(
                 tools.pg_dump(&target.db, target.lock_wait_timeout),
@@ -216,10 +230,51 @@ pub async fn run(
         .map_err(|s| format!("upload failed: {}", s.message()))?
         .into_inner();
     Ok(format!(
-        "backup {} stored: {} bytes from {} bytes of pg_dump output ({})",
+        "backup {} stored: {} bytes from {} bytes of pg_dump output ({}), with the cluster's roles{}",
         resp.backup_id,
         resp.stored_bytes,
         counters.raw.load(Ordering::Relaxed),
-        resp.checksum
+        resp.checksum,
+        if role_passwords {
+            ""
+        } else {
+            " (without role passwords: the agent's role is not a superuser)"
+        }
     ))
+}
+
+/// Sends the cluster's globals as the upload's `globals` part, ahead of the
+/// dump: its start, its chunks through a chain of its own, its trailer.
+async fn send_globals<F>(
+    tools: &PgTools,
+    target: &TargetConfig,
+    role_passwords: bool,
+    chain: F,
+    tx: &mpsc::Sender<UploadRequest>,
+    cancel: &tokio_util::sync::CancellationToken,
+) -> Result<(), PipelineError>
+where
+    F: Fn() -> Result<Chain, PipelineError>,
+{
+    let send = |msg| async {
+        tokio::select! {
+            r = tx.send(UploadRequest { msg: Some(msg) }) => r.map_err(|_| PipelineError::UploadClosed),
+            _ = cancel.cancelled() => Err(PipelineError::Cancelled),
+        }
+    };
+    send(upload_request::Msg::PartStart(UploadPartStart {
+        name: "globals".into(),
+        role_passwords,
+    }))
+    .await?;
+    let trailer = pipeline::upload_child_output(
+        tools.pg_dumpall_globals(&target.db, role_passwords),
+        "pg_dumpall",
+        chain()?,
+        tx.clone(),
+        Arc::new(Counters::default()),
+        cancel,
+    )
+    .await?;
+    send(upload_request::Msg::PartEnd(trailer)).await
 }

@@ -13,6 +13,7 @@
 pub mod backup;
 pub mod child;
 pub mod config;
+pub mod globals;
 pub mod health;
 pub mod jobs;
 pub mod part;

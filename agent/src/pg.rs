@@ -380,6 +380,11 @@ pub mod sql {
         Statement::new("SELECT rolname FROM pg_roles ORDER BY 1;")
     }
 
+    /// `t` when the connected role is a superuser.
+    pub fn is_superuser() -> Statement {
+        Statement::new("SELECT rolsuper FROM pg_roles WHERE rolname = current_user;")
+    }
+
     /// The server's `system_identifier`.
     pub fn system_identifier() -> Statement {
         Statement::new("SELECT system_identifier FROM pg_control_system();")
@@ -589,6 +594,19 @@ impl PgTools {
         c
     }
 
+    /// `pg_dumpall --globals-only` (roles, memberships, role settings,
+    /// tablespaces) as SQL to stdout; role passwords only with `passwords`
+    /// (reading them takes a superuser).
+    pub fn pg_dumpall_globals(&self, db: &DbConn, passwords: bool) -> std::process::Command {
+        let mut c = self.command("pg_dumpall", db, &db.dbname);
+        c.args(["--globals-only", "--no-password"]);
+        c.arg(format!("--database={}", db.dbname));
+        if !passwords {
+            c.arg("--no-role-passwords");
+        }
+        c
+    }
+
     /// `pg_restore` reading an archive from stdin into `dbname`.
     pub fn pg_restore_into(&self, db: &DbConn, dbname: &str) -> std::process::Command {
         let mut c = self.command("pg_restore", db, dbname);
@@ -763,6 +781,25 @@ impl PgTools {
             ));
         }
         Ok((dump_v, server))
+    }
+
+    /// Whether the connected role is a superuser.
+    pub async fn is_superuser(&self, db: &DbConn) -> Result<bool, String> {
+        Ok(self
+            .psql(db, &db.dbname, &sql::is_superuser())
+            .await?
+            .trim()
+            == "t")
+    }
+
+    /// Runs `script` (one transaction of its own) in `dbname`. For scripts
+    /// that carry secrets (role passwords): they go to psql on stdin, and
+    /// an error that quotes them back is redacted.
+    pub async fn run_script(&self, db: &DbConn, dbname: &str, script: &str) -> Result<(), String> {
+        self.psql(db, dbname, &Statement::new(script.to_string()))
+            .await
+            .map(drop)
+            .map_err(|e| crate::globals::redact_passwords(&e))
     }
 
     /// The server's `system_identifier`, or `None` when this role may not

@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use datasaver_common::codec::Compression;
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
-use datasaver_common::proto::{DownloadRequest, JobResult, RestoreJob, RestoreMode};
+use datasaver_common::proto::{BackupPart, DownloadRequest, JobResult, RestoreJob, RestoreMode};
 use tonic::transport::Channel;
 
 use crate::config::TargetConfig;
@@ -84,6 +84,7 @@ pub(crate) async fn stream_into(
     let request = DownloadRequest {
         job_id: job.job_id.clone(),
         backup_id: job.backup_id.clone(),
+        part: String::new(),
     };
     let download = tokio::select! {
         r = client.download(request) => r
@@ -110,6 +111,83 @@ pub(crate) async fn stream_into(
             | PipelineError::ChildStopped(_)
             | PipelineError::UploadClosed) => e.to_string().into(),
         })
+}
+
+/// The most a part (the globals) may hold; it is read into memory.
+const MAX_PART_BYTES: u64 = 64 << 20;
+
+/// Downloads part `part` of the job's backup into memory, checks it against
+/// its checksum and returns it decrypted and decompressed.
+async fn fetch_part(
+    client: &mut AgentServiceClient<Channel>,
+    job: &RestoreJob,
+    part: &BackupPart,
+    decode: &Decode,
+    cancel: &JobCancel,
+) -> Result<Vec<u8>, JobError> {
+    let what = format!("the {} of backup {}", part.name, job.backup_id);
+    if part.stored_bytes > MAX_PART_BYTES {
+        return Err(format!(
+            "{what} hold {} bytes, more than the {MAX_PART_BYTES} a restore reads into memory; nothing was changed",
+            part.stored_bytes
+        )
+        .into());
+    }
+    let request = DownloadRequest {
+        job_id: job.job_id.clone(),
+        backup_id: job.backup_id.clone(),
+        part: part.name.clone(),
+    };
+    let mut stream = tokio::select! {
+        r = client.download(request) => r
+            .map_err(|s| format!("download of {what} failed: {}", s.message()))?
+            .into_inner(),
+        _ = cancel.cancelled() => return Err(stopped(cancel)),
+    };
+    let mut stored = Vec::new();
+    loop {
+        let next = tokio::select! {
+            m = stream.message() => m,
+            _ = cancel.cancelled() => return Err(stopped(cancel)),
+        };
+        match next {
+            Ok(Some(c)) => {
+                stored.extend_from_slice(&c.data);
+                if stored.len() as u64 > part.stored_bytes {
+                    break;
+                }
+            }
+            Ok(None) => break,
+            Err(s) if s.code() == tonic::Code::DataLoss => {
+                return Err(JobError::checksum_mismatch(s.message().to_string()))
+            }
+            Err(s) => return Err(format!("download of {what} failed: {}", s.message()).into()),
+        }
+    }
+    let (part, decode, backup_id) = (part.clone(), decode.clone(), job.backup_id.clone());
+    tokio::task::spawn_blocking(move || {
+        let mut sum = datasaver_common::checksum::Checksum::new();
+        sum.update(&stored);
+        let got = sum.finish();
+        if got != part.checksum || stored.len() as u64 != part.stored_bytes {
+            return Err(JobError::checksum_mismatch(format!(
+                "the {} of backup {backup_id} are corrupt: checksum {got} ({} bytes), {} ({} bytes) recorded; nothing was changed",
+                part.name,
+                stored.len(),
+                part.checksum,
+                part.stored_bytes
+            )));
+        }
+        let mut plain = Vec::new();
+        std::io::Read::read_to_end(
+            &mut decode.reader(&stored[..], &backup_id).map_err(|e| e.to_string())?,
+            &mut plain,
+        )
+        .map_err(|e| format!("the {} of backup {backup_id} cannot be read: {e}", part.name))?;
+        Ok(plain)
+    })
+    .await
+    .map_err(|e| JobError::from(format!("reading {what} failed: {e}")))?
 }
 
 pub(crate) fn valid_db_name(name: &str) -> Result<(), String> {
@@ -231,7 +309,7 @@ pub async fn run(
         };
         Ok::<_, String>((server, pg_restore, available, roles))
     };
-    let (server, pg_restore, available, roles) = tokio::select! {
+    let (server, pg_restore, available, mut roles) = tokio::select! {
         r = versions => r.map_err(|e| format!("cannot check the server before restoring: {e}"))?,
         _ = cancel.cancelled() => return Err(stopped(&cancel)),
     };
@@ -249,6 +327,48 @@ pub async fn run(
     {
         return Err(problem.into());
     }
+    // Roles the archive needs and the server lacks come from the backup's
+    // globals when it has them; only what they cannot supply is refused.
+    let mut roles_note = None;
+    let lacking = job.roles.iter().any(|r| !roles.contains(r));
+    if let (true, Some(part)) = (lacking, &job.globals) {
+        reporter.phase(
+            "roles",
+            "reading the backup's globals for the roles it needs",
+        );
+        let script = fetch_part(&mut client, &job, part, &decode, &cancel).await?;
+        let plan = crate::globals::plan(
+            &crate::globals::parse(&String::from_utf8_lossy(&script)),
+            &job.roles,
+            &roles,
+        );
+        if !plan.create.is_empty() {
+            if cancel.is_cancelled() {
+                return Err(stopped(&cancel));
+            }
+            tools
+                .run_script(db, &admin_db, &plan.script)
+                .await
+                .map_err(|e| {
+                    format!(
+                        "creating roles {} from backup {}'s globals failed: {e}; nothing was changed",
+                        plan.create.join(", "),
+                        job.backup_id
+                    )
+                })?;
+            tracing::info!(roles = ?plan.create, "created the roles the backup needs from its globals");
+            roles_note = Some(format!(
+                "created roles {} from the backup's globals{}",
+                plan.create.join(", "),
+                if part.role_passwords {
+                    ""
+                } else {
+                    " (the backup holds no role passwords: set them with ALTER ROLE ... PASSWORD)"
+                }
+            ));
+            roles.extend(plan.create);
+        }
+    }
     if let Some(problem) = crate::pg::missing_roles(&job.backup_id, &job.roles, &roles) {
         return Err(problem.into());
     }
@@ -262,7 +382,12 @@ pub async fn run(
             reporter: &reporter,
             cancel: &cancel,
         };
-        return crate::part::run(cx, &sel).await;
+        let mut o = crate::part::run(cx, &sel).await?;
+        if let Some(n) = roles_note {
+            o.message.push_str("; ");
+            o.message.push_str(&n);
+        }
+        return Ok(o);
     }
     // Looking is harmless to stop; creating, dropping and swapping run to
     // their end so no database is left half done.
@@ -363,6 +488,10 @@ pub async fn run(
     if let Some(n) = note {
         message.push_str("; ");
         message.push_str(&n.replace(&restore_into, &name));
+    }
+    if let Some(n) = roles_note {
+        message.push_str("; ");
+        message.push_str(&n);
     }
     Ok(Outcome {
         message,

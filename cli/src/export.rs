@@ -18,6 +18,8 @@ use tokio::sync::mpsc;
 /// What was written.
 pub struct Exported {
     pub backup: Backup,
+    /// The part exported (`globals`), `None` for the dump.
+    pub part: Option<String>,
     pub out: PathBuf,
     pub bytes: u64,
     /// `blake3:<hex>` of the file.
@@ -67,10 +69,12 @@ impl Drop for Partial {
     }
 }
 
-/// Streams the export answer into `out`. `identity` is the age identity file
-/// for an encrypted backup. `why` explains a broken stream.
+/// Streams the export answer into `out`: the dump, or with `part` that part
+/// of the backup (`globals`). `identity` is the age identity file for an
+/// encrypted backup. `why` explains a broken stream.
 pub async fn run(
     mut stream: tonic::Streaming<ExportChunk>,
+    part: Option<&str>,
     out: &Path,
     identity: Option<&Path>,
     why: &crate::client::Explainer,
@@ -81,6 +85,29 @@ pub async fn run(
         })) => b,
         Ok(_) => bail!("the coordinator's export answer did not start with the backup"),
         Err(s) => return Err(why.stream_error(s)),
+    };
+    // What the file must match: the dump's checksums or the part's.
+    let (what, stored_sum, stored_size, raw_sum) = match part {
+        None => (
+            format!("backup {}", backup.id),
+            backup.checksum.clone(),
+            backup.stored_bytes,
+            backup.raw_checksum.clone(),
+        ),
+        Some(name) => {
+            let Some(p) = backup.parts.iter().find(|p| p.name == name) else {
+                bail!(
+                    "backup {} has no {name} (it was taken before they were captured); nothing was written",
+                    backup.id
+                );
+            };
+            (
+                format!("the {name} of backup {}", backup.id),
+                p.checksum.clone(),
+                p.stored_bytes,
+                p.raw_checksum.clone(),
+            )
+        }
     };
     let codec: Compression = backup
         .compression
@@ -163,23 +190,18 @@ pub async fn run(
         return Err(e);
     }
     let d = decoded.map_err(|e| anyhow::anyhow!("{e}; nothing was written"))?;
-    if d.stored != backup.checksum || d.stored_bytes != backup.stored_bytes {
+    if d.stored != stored_sum || d.stored_bytes != stored_size {
         bail!(
-            "backup {} is corrupt: its stored bytes hash to {} ({} bytes), the catalog recorded {} ({} bytes); nothing was written",
-            backup.id,
+            "{what} is corrupt: its stored bytes hash to {} ({} bytes), the catalog recorded {stored_sum} ({stored_size} bytes); nothing was written",
             d.stored,
             d.stored_bytes,
-            backup.checksum,
-            backup.stored_bytes
         );
     }
-    let checked = !backup.raw_checksum.is_empty();
-    if checked && d.raw != backup.raw_checksum {
+    let checked = !raw_sum.is_empty();
+    if checked && d.raw != raw_sum {
         bail!(
-            "backup {}: the exported archive hashes to {}, but pg_dump's output hashed to {} at backup time; nothing was written",
-            backup.id,
+            "{what}: the exported file hashes to {}, but the output it was made from hashed to {raw_sum} at backup time; nothing was written",
             d.raw,
-            backup.raw_checksum
         );
     }
     // A link, not a rename: a file created at FILE meanwhile is never
@@ -208,6 +230,7 @@ pub async fn run(
     }
     Ok(Exported {
         backup,
+        part: part.map(String::from),
         out: out.to_path_buf(),
         bytes: d.raw_bytes,
         checksum: d.raw,

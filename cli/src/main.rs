@@ -110,8 +110,13 @@ enum Cmd {
         /// Backup id.
         id: String,
         /// Where to write the archive (must not exist).
+        #[arg(long, value_name = "FILE", required_unless_present = "globals")]
+        out: Option<PathBuf>,
+        /// Where to write the backup's globals: the cluster's roles, their
+        /// memberships and settings as SQL (`pg_dumpall --globals-only`;
+        /// must not exist). Apply what you need with psql.
         #[arg(long, value_name = "FILE")]
-        out: PathBuf,
+        globals: Option<PathBuf>,
         /// The age identity file (AGE-SECRET-KEY-1…) for an encrypted backup.
         #[arg(long, value_name = "FILE")]
         identity: Option<PathBuf>,
@@ -718,11 +723,32 @@ async fn run(cli: Cli) -> Result<()> {
             output::cancelled(&r.jobs, cli.json);
             Ok(())
         }
-        Cmd::Export { id, out, identity } => {
-            export::check_out(&out)?;
-            let stream = why.answer(c.export(ExportRequest { id }).await).await?;
-            let done = export::run(stream, &out, identity.as_deref(), &why).await?;
-            output::exported(&done, cli.json);
+        Cmd::Export {
+            id,
+            out,
+            globals,
+            identity,
+        } => {
+            let wanted: Vec<(&str, PathBuf)> = [("", out), ("globals", globals)]
+                .into_iter()
+                .filter_map(|(part, f)| f.map(|f| (part, f)))
+                .collect();
+            if wanted.len() == 2 && wanted[0].1 == wanted[1].1 {
+                bail!("--out and --globals name the same file");
+            }
+            for (_, f) in &wanted {
+                export::check_out(f)?;
+            }
+            for (part, f) in wanted {
+                let request = ExportRequest {
+                    id: id.clone(),
+                    part: part.into(),
+                };
+                let stream = why.answer(c.export(request).await).await?;
+                let part = (!part.is_empty()).then_some(part);
+                let done = export::run(stream, part, &f, identity.as_deref(), &why).await?;
+                output::exported(&done, cli.json);
+            }
             Ok(())
         }
         Cmd::Health => {

@@ -94,7 +94,31 @@ pub fn exported(e: &crate::export::Exported, as_json: bool) {
                 "checksum": e.checksum,
                 "checked_against_backup": e.checked_against_backup,
                 "database": e.backup.database,
+                "part": e.part.clone().unwrap_or_else(|| "dump".into()),
             })
+        );
+        return;
+    }
+    if let Some(part) = &e.part {
+        let passwords = e
+            .backup
+            .parts
+            .iter()
+            .any(|p| &p.name == part && p.role_passwords);
+        println!(
+            "exported the {part} of backup {} to {}: {}, SQL from pg_dumpall --globals-only ({})",
+            e.backup.id,
+            e.out.display(),
+            human_bytes(e.bytes),
+            if passwords {
+                "with role passwords: keep the file secret"
+            } else {
+                "without role passwords"
+            }
+        );
+        println!(
+            "checksum {} matches pg_dumpall's output at backup time; it holds every role of the old server: review it and apply the statements you need with psql (run whole, it would also alter roles that already exist)",
+            e.checksum
         );
         return;
     }
@@ -150,6 +174,14 @@ pub fn backup_json(b: &Backup) -> Value {
         "roles": b.roles,
         "system_identifier": b.system_identifier,
         "object_key": b.object_key,
+        "parts": b.parts.iter().map(|p| json!({
+            "name": p.name,
+            "stored_bytes": p.stored_bytes,
+            "checksum": p.checksum,
+            "raw_bytes": p.raw_bytes,
+            "raw_checksum": p.raw_checksum,
+            "role_passwords": p.role_passwords,
+        })).collect::<Vec<_>>(),
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
         "verify_result": opt(&b.verify_result),
@@ -496,6 +528,23 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ("checksum", b.checksum.clone()),
         ("pg_dump checksum", b.raw_checksum.clone()),
         ("object", b.object_key.clone()),
+        (
+            "globals",
+            match b.parts.iter().find(|p| p.name == "globals") {
+                None => "not captured (backup from before globals were taken)".into(),
+                Some(p) => format!(
+                    "{} stored, {} of SQL ({}), checksum {}",
+                    human_bytes(p.stored_bytes),
+                    human_bytes(p.raw_bytes),
+                    if p.role_passwords {
+                        "roles with passwords"
+                    } else {
+                        "roles without passwords: the agent's role is not a superuser"
+                    },
+                    p.checksum
+                ),
+            },
+        ),
         ("tags", b.tags.join(",")),
         ("pinned", b.pinned.to_string()),
         (

@@ -273,11 +273,21 @@ impl Fleet {
     }
 
     /// The connection serving `target`: (conn_id, agent name, sender).
+    /// The agent that takes new jobs for `target`: connected and not
+    /// leaving (one that said goodbye finishes nothing new).
     pub fn agent_for(&self, target: &str) -> Option<(u64, String, AgentTx)> {
         let g = lock!(self.inner);
         let id = g.targets.get(target)?;
         let a = g.agents.get(id)?;
+        if a.leaving.is_some() {
+            return None;
+        }
         Some((a.conn_id, a.name.clone(), a.tx.clone()))
+    }
+
+    /// Whether an agent takes new jobs for `target` now (see `agent_for`).
+    pub fn takes_jobs(&self, target: &str) -> bool {
+        self.agent_for(target).is_some()
     }
 
     /// How many agents are connected.
@@ -451,8 +461,12 @@ impl Fleet {
     }
 
     /// Whether an agent serving `target` is connected.
+    /// Whether an agent serving `target` is connected (possibly leaving).
     pub fn is_connected(&self, target: &str) -> bool {
-        self.agent_for(target).is_some()
+        let g = lock!(self.inner);
+        g.targets
+            .get(target)
+            .is_some_and(|id| g.agents.contains_key(id))
     }
 
     pub fn remove_job(&self, job_id: &str) {
@@ -691,8 +705,9 @@ mod tests {
         f.mark_leaving(a + 1, "nope");
         assert_eq!(f.leaving(a).as_deref(), Some("SIGTERM"));
         assert_eq!(f.leaving(a + 1), None);
-        // still serving until the stream ends
+        // connected until the stream ends, but given nothing new
         assert!(f.is_connected("acme"));
+        assert!(!f.takes_jobs("acme") && f.agent_for("acme").is_none());
         assert_eq!(next(&mut job), "empty");
 
         f.remove_agent(a, "agent node-a stopped");

@@ -142,6 +142,18 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         system_identifier: b.system_identifier.clone(),
         raw_checksum: b.raw_checksum.clone(),
         roles: b.roles.clone(),
+        parts: b.parts.iter().map(part_to_proto).collect(),
+    }
+}
+
+pub fn part_to_proto(p: &repo::PartRecord) -> datasaver_common::proto::BackupPart {
+    datasaver_common::proto::BackupPart {
+        name: p.name.clone(),
+        stored_bytes: p.stored_bytes,
+        checksum: p.checksum.clone(),
+        raw_bytes: p.raw_bytes,
+        raw_checksum: p.raw_checksum.clone(),
+        role_passwords: p.role_passwords,
     }
 }
 

@@ -271,12 +271,16 @@ impl AgentService for AgentSvc {
         })?;
         // Verified as it streams: bytes that do not match end the stream with
         // DATA_LOSS instead of a clean end.
+        let part = (!req.part.is_empty()).then_some(req.part.as_str());
         let stream = self
             .core
             .repo
-            .open_verified(&backup)
+            .open_verified(&backup, part)
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| match e {
+                RepoError::NotFound(_) => Status::not_found(e.to_string()),
+                _ => Status::unavailable(e.to_string()),
+            })?;
         // A download that moves no byte for DATASAVER_TRANSFER_IDLE_TIMEOUT
         // (the agent stopped reading, or storage stalled) fails its job.
         let watched = crate::jobs::transfer::watch(
@@ -311,15 +315,15 @@ fn pieces(
             Ok(None) => return None,
             Ok(Some(m)) => match m.msg {
                 Some(upload_request::Msg::Chunk(data)) => Ok(Piece::Data(Bytes::from(data))),
-                Some(upload_request::Msg::Trailer(t)) => Ok(Piece::End(Trailer {
-                    checksum: t.checksum,
-                    raw_bytes: t.raw_bytes,
-                    stored_bytes: t.stored_bytes,
-                    // anything but a checksum is not kept
-                    raw_checksum: Some(t.raw_checksum)
-                        .filter(|c| datasaver_common::checksum::is_valid(c))
-                        .unwrap_or_default(),
-                })),
+                Some(upload_request::Msg::Trailer(t)) => Ok(Piece::End(trailer(t))),
+                Some(upload_request::Msg::PartStart(mut p)) => {
+                    clean::name(&mut p.name);
+                    Ok(Piece::PartStart {
+                        name: p.name,
+                        role_passwords: p.role_passwords,
+                    })
+                }
+                Some(upload_request::Msg::PartEnd(t)) => Ok(Piece::PartEnd(trailer(t))),
                 Some(upload_request::Msg::Abort(a)) if a.interrupted => {
                     Err(IngestError::Interrupted(clean::error(&a.reason)))
                 }
@@ -332,9 +336,24 @@ fn pieces(
             },
         };
         // Nothing after an error or the trailer is read.
-        let more = matches!(item, Ok(Piece::Data(_)));
+        let more = matches!(
+            item,
+            Ok(Piece::Data(_) | Piece::PartStart { .. } | Piece::PartEnd(_))
+        );
         Some((item, more.then_some(inbound)))
     })
+}
+
+fn trailer(t: datasaver_common::proto::UploadTrailer) -> Trailer {
+    Trailer {
+        checksum: t.checksum,
+        raw_bytes: t.raw_bytes,
+        stored_bytes: t.stored_bytes,
+        // anything but a checksum is not kept
+        raw_checksum: Some(t.raw_checksum)
+            .filter(|c| datasaver_common::checksum::is_valid(c))
+            .unwrap_or_default(),
+    }
 }
 
 /// Strings from agents, cleaned where they arrive (see
@@ -352,7 +371,7 @@ mod clean {
         sanitize(s, MAX_MESSAGE)
     }
 
-    fn name(s: &mut String) {
+    pub fn name(s: &mut String) {
         if s.len() > MAX_NAME || s.chars().any(char::is_control) {
             *s = sanitize(s, MAX_NAME);
         }

@@ -45,16 +45,19 @@ impl OperatorService for OperatorSvc {
         use datasaver_common::proto::export_chunk::Msg;
         use futures::StreamExt;
         let who = Caller::of(&req)?;
-        let id = req.into_inner().id;
+        let req = req.into_inner();
+        let id = req.id;
         let row = self.find_for(&who, Action::Export, &id).await?;
-        tracing::info!(operator = %who, backup = %id, "export started");
+        tracing::info!(operator = %who, backup = %id, part = %req.part, "export started");
+        let part = (!req.part.is_empty()).then_some(req.part.as_str());
         let bytes = self
             .core
             .repo
-            .open_verified(&row)
+            .open_verified(&row, part)
             .await
             .map_err(|e| match e {
                 crate::repo::RepoError::Conflict(m) => Status::failed_precondition(m),
+                crate::repo::RepoError::NotFound(m) => Status::not_found(m),
                 e => Status::unavailable(e.to_string()),
             })?;
         let first = ExportChunk {

@@ -11,7 +11,9 @@ use datasaver_common::proto::{coordinator_message, JobDone, RestoreJob, RestoreM
 use tokio::sync::{mpsc, oneshot};
 use tracing::Instrument;
 
-use super::{done, failed, progress, AgentJob, Expected, FailureKind, StartError, Started};
+use super::{
+    done, failed, progress, AgentJob, Expected, FailureKind, JobFailure, StartError, Started,
+};
 use crate::fleet::JobKind;
 use crate::repo::BackupRecord;
 use crate::schedule::planner::Outcome;
@@ -156,8 +158,25 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 tables: part.tables,
                 schemas: part.schemas,
                 into_existing: part.into_existing,
+                globals: row.part(crate::repo::GLOBALS).map(crate::part_to_proto),
             });
-            let result = match job.send(msg).await {
+            // A verify reads and checks the parts (globals) here, first:
+            // the agent checks the dump, and may not even hold the key.
+            let parts = match read {
+                Read::Verify => match core.repo.check_parts(&row).await {
+                    Ok(()) => Ok(()),
+                    Err(crate::repo::ReadError::Corrupt(m)) => {
+                        Err(JobFailure::new(FailureKind::Corrupt, m))
+                    }
+                    Err(crate::repo::ReadError::Storage(m)) => Err(JobFailure::failed(m)),
+                },
+                _ => Ok(()),
+            };
+            let result = match parts {
+                Err(f) => Err(f),
+                Ok(()) => job.send(msg).await,
+            };
+            let result = match result {
                 Err(f) => Err(f),
                 Ok(()) => {
                     let expected = Expected {
@@ -168,6 +187,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                     job.wait(&tx, expected, &what).await
                 }
             };
+
             drop(job);
             match read {
                 Read::Verify => core.metrics.verify_finished(&row.target, result.is_ok()),
@@ -180,7 +200,14 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
             // and `dsctl list` know.
             if read == Read::Verify || corrupt {
                 let (ok, detail) = match &result {
-                    Ok(r) => (true, format!("checksum matches, {} archive entries", r.toc_entries)),
+                    Ok(r) => (
+                        true,
+                        format!(
+                            "checksum matches, {} archive entries{}",
+                            r.toc_entries,
+                            if row.parts.is_empty() { "" } else { "; globals checksum matches" }
+                        ),
+                    ),
                     Err(f) => (false, f.message.clone()),
                 };
                 if let Err(e) = core.repo.record_verification(&row.id, ok, &detail).await {

@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 
 use super::keys;
 use super::meta::Meta;
-use super::record::{BackupRecord, Kind, Status};
+use super::record::{BackupRecord, Kind, PartRecord, Status};
 use super::{hash_off_thread, Repository};
 use crate::storage::ObjectWriter;
 
@@ -48,11 +48,14 @@ pub struct Trailer {
     pub raw_checksum: String,
 }
 
-/// One element of an upload.
+/// One element of an upload. Parts (`PartStart`, its data, `PartEnd`)
+/// come before the dump's own data and `End`.
 #[derive(Debug, Clone)]
 pub enum Piece {
     Data(Bytes),
     End(Trailer),
+    PartStart { name: String, role_passwords: bool },
+    PartEnd(Trailer),
 }
 
 /// Why an upload did not become a completed backup.
@@ -87,6 +90,30 @@ impl Repository {
     where
         S: Stream<Item = Result<Piece, IngestError>> + Send,
     {
+        // The parts stored so far are removed on any failure — also when
+        // this future is dropped (the agent's connection went away).
+        let mut guard = RemoveUnlessKept {
+            storage: self.storage.clone(),
+            keys: Vec::new(),
+        };
+        let r = self.ingest_into(id, meta, body, tags, &mut guard).await;
+        if r.is_err() {
+            guard.remove_now().await;
+        }
+        r
+    }
+
+    async fn ingest_into<S>(
+        &self,
+        id: &str,
+        meta: IngestMeta,
+        body: S,
+        tags: Vec<String>,
+        guard: &mut RemoveUnlessKept,
+    ) -> Result<BackupRecord, IngestError>
+    where
+        S: Stream<Item = Result<Piece, IngestError>> + Send,
+    {
         let running = self
             .store
             .get(id)
@@ -105,46 +132,59 @@ impl Repository {
         };
         let object_key = keys::object_key(Kind::Logical, &running.target, id, &extension);
         let meta_key = keys::meta_key(Kind::Logical, &running.target, id);
-        let writer = self
-            .storage
-            .create(&object_key)
-            .await
-            .map_err(|e| IngestError::Failed(e.to_string()))?;
-        let (writer, hash, trailer) = match receive(writer, body).await {
-            Ok(r) => r,
-            Err((writer, e)) => {
-                // One place undoes the partial object, whatever went wrong.
-                let _ = writer.abort().await;
-                return Err(e);
+        let mut body = std::pin::pin!(body);
+        // The parts first, each stored whole before the next.
+        let mut parts: Vec<PartRecord> = Vec::new();
+        let first = loop {
+            match body.next().await {
+                Some(Ok(Piece::PartStart {
+                    name,
+                    role_passwords,
+                })) => {
+                    let stored = if !keys::PART_NAMES.contains(&name.as_str()) {
+                        Err(IngestError::Failed(format!(
+                            "upload has an unknown part {name:?} (known: {})",
+                            keys::PART_NAMES.join(", ")
+                        )))
+                    } else if parts.iter().any(|p| p.name == name) {
+                        Err(IngestError::Failed(format!(
+                            "upload has part {name:?} twice"
+                        )))
+                    } else {
+                        let key =
+                            keys::part_key(Kind::Logical, &running.target, id, &name, &extension);
+                        self.store_object(&key, &mut body, true)
+                            .await
+                            .map(|(size, checksum, t)| PartRecord {
+                                name,
+                                key,
+                                stored_bytes: size,
+                                checksum,
+                                raw_bytes: t.raw_bytes,
+                                raw_checksum: t.raw_checksum,
+                                role_passwords,
+                            })
+                    };
+                    match stored {
+                        Ok(p) => {
+                            guard.keys.push(p.key.clone());
+                            parts.push(p);
+                            if let Err(e) = self.store.note_parts(id, &parts).await {
+                                return Err(IngestError::Failed(format!(
+                                    "recording the backup's {} in the catalog failed: {e}",
+                                    parts.last().map(|p| p.name.as_str()).unwrap_or("parts")
+                                )));
+                            }
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+                other => break other,
             }
         };
-        let ours = hash.finish();
-        if trailer.checksum != ours || trailer.stored_bytes != hash.len() {
-            let _ = writer.abort().await;
-            return Err(IngestError::Failed(format!(
-                "checksum mismatch on upload: agent sent {} ({} bytes), coordinator received {} ({} bytes)",
-                trailer.checksum,
-                trailer.stored_bytes,
-                ours,
-                hash.len()
-            )));
-        }
-        let info = tracing::Instrument::instrument(
-            writer.commit(),
-            tracing::info_span!("storage.commit", key = %object_key),
-        )
-        .await
-        .map_err(|e| IngestError::Failed(e.to_string()))?;
-        // A backend that kept fewer bytes than it was given must not leave a
-        // "completed" backup whose checksum describes bytes it does not hold.
-        if info.size != hash.len() {
-            let _ = self.storage.delete(std::slice::from_ref(&object_key)).await;
-            return Err(IngestError::Failed(format!(
-                "storage kept {} of the {} bytes written to {object_key}",
-                info.size,
-                hash.len()
-            )));
-        }
+        let rest = futures::stream::iter(first).chain(body);
+        let (size, ours, trailer) = self.store_object(&object_key, rest, false).await?;
+        let part_keys: Vec<String> = parts.iter().map(|p| p.key.clone()).collect();
 
         let finished = self.now();
         let done = BackupRecord {
@@ -152,7 +192,7 @@ impl Repository {
             finished_at: Some(finished),
             duration_ms: (finished - running.created_at).num_milliseconds().max(0) as u64,
             raw_bytes: trailer.raw_bytes,
-            stored_bytes: info.size,
+            stored_bytes: size,
             checksum: ours,
             raw_checksum: trailer.raw_checksum,
             compression: codec.name().into(),
@@ -173,24 +213,135 @@ impl Repository {
             system_identifier: meta.system_identifier,
             roles: meta.roles,
             database_shape: meta.database_shape,
+            parts,
             tags,
             error: None,
             ..running
         };
         let json = Meta::from_record(&done).to_json();
         if let Err(e) = self.storage.put(&meta_key, Bytes::from(json)).await {
-            let _ = self.storage.delete(std::slice::from_ref(&object_key)).await;
+            let mut written = part_keys;
+            written.push(object_key);
+            let _ = self.storage.delete(&written).await;
             return Err(IngestError::Failed(format!(
                 "writing the meta file failed: {e}"
             )));
         }
         if let Err(e) = self.store.complete(done.clone()).await {
-            let _ = self.storage.delete(&[object_key, meta_key]).await;
+            let _ = self.storage.delete(&done.keys()).await;
             return Err(IngestError::Failed(format!(
                 "recording the backup in the catalog failed: {e}"
             )));
         }
+        guard.keys.clear();
         Ok(done)
+    }
+}
+
+impl Repository {
+    /// Streams one object from `body` into `key` until its end (`PartEnd`
+    /// for a part, `End` for the dump), checks the agent's checksum against
+    /// ours and that the backend kept every byte, and commits it. Returns
+    /// the size, our checksum and the agent's trailer. Nothing is left at
+    /// `key` on failure.
+    async fn store_object<S>(
+        &self,
+        key: &str,
+        body: S,
+        part: bool,
+    ) -> Result<(u64, String, Trailer), IngestError>
+    where
+        S: Stream<Item = Result<Piece, IngestError>> + Send,
+    {
+        let writer = self
+            .storage
+            .create(key)
+            .await
+            .map_err(|e| IngestError::Failed(e.to_string()))?;
+        let (writer, hash, trailer) = match receive(writer, body, part).await {
+            Ok(r) => r,
+            Err((writer, e)) => {
+                // One place undoes the partial object, whatever went wrong.
+                let _ = writer.abort().await;
+                return Err(e);
+            }
+        };
+        let ours = hash.finish();
+        if trailer.checksum != ours || trailer.stored_bytes != hash.len() {
+            let _ = writer.abort().await;
+            return Err(IngestError::Failed(format!(
+                "checksum mismatch on upload of {key}: agent sent {} ({} bytes), coordinator received {} ({} bytes)",
+                trailer.checksum,
+                trailer.stored_bytes,
+                ours,
+                hash.len()
+            )));
+        }
+        let info = tracing::Instrument::instrument(
+            writer.commit(),
+            tracing::info_span!("storage.commit", key = %key),
+        )
+        .await
+        .map_err(|e| IngestError::Failed(e.to_string()))?;
+        // A backend that kept fewer bytes than it was given must not leave a
+        // "completed" backup whose checksum describes bytes it does not hold.
+        if info.size != hash.len() {
+            let _ = self.storage.delete(&[key.to_string()]).await;
+            return Err(IngestError::Failed(format!(
+                "storage kept {} of the {} bytes written to {key}",
+                info.size,
+                hash.len()
+            )));
+        }
+        Ok((info.size, ours, trailer))
+    }
+}
+
+/// How often, and how many times, the parts of a failed upload are tried
+/// to be removed (storage may be what failed).
+const REMOVE_EVERY: std::time::Duration = std::time::Duration::from_secs(2);
+const REMOVE_ATTEMPTS: u32 = 150;
+
+/// The parts an upload has stored: removed when it is dropped before the
+/// backup completed (`keys` cleared), in the background and retried while
+/// storage fails. They are also noted on the running row, so a later
+/// cleanup of the failed attempt finds them if storage stays away.
+struct RemoveUnlessKept {
+    storage: std::sync::Arc<dyn crate::storage::Storage>,
+    keys: Vec<String>,
+}
+
+impl RemoveUnlessKept {
+    /// One attempt now; what it could not remove is retried from `drop`.
+    async fn remove_now(&mut self) {
+        if !self.keys.is_empty() && self.storage.delete(&self.keys).await.is_ok() {
+            self.keys.clear();
+        }
+    }
+}
+
+impl Drop for RemoveUnlessKept {
+    fn drop(&mut self) {
+        let keys = std::mem::take(&mut self.keys);
+        if keys.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            tracing::error!(keys = ?keys, "could not remove the parts of a failed upload (no runtime); a cleanup of the failed attempt removes them");
+            return;
+        };
+        let storage = self.storage.clone();
+        rt.spawn(async move {
+            for attempt in 1..=REMOVE_ATTEMPTS {
+                match storage.delete(&keys).await {
+                    Ok(()) => return,
+                    Err(e) if attempt == REMOVE_ATTEMPTS => {
+                        tracing::error!(error = %e, keys = ?keys, "could not remove the parts of a failed upload; a cleanup of the failed attempt removes them");
+                    }
+                    Err(_) => tokio::time::sleep(REMOVE_EVERY).await,
+                }
+            }
+        });
     }
 }
 
@@ -201,6 +352,7 @@ type Received = (Box<dyn ObjectWriter>, Checksum, Trailer);
 async fn receive<S>(
     mut writer: Box<dyn ObjectWriter>,
     body: S,
+    part: bool,
 ) -> Result<Received, (Box<dyn ObjectWriter>, IngestError)>
 where
     S: Stream<Item = Result<Piece, IngestError>> + Send,
@@ -217,7 +369,22 @@ where
                     return Err((writer, IngestError::Failed(e.to_string())));
                 }
             }
-            Some(Ok(Piece::End(t))) => return Ok((writer, hash, t)),
+            Some(Ok(Piece::End(t))) if !part => return Ok((writer, hash, t)),
+            Some(Ok(Piece::PartEnd(t))) if part => return Ok((writer, hash, t)),
+            Some(Ok(other)) => {
+                return Err((
+                    writer,
+                    IngestError::Failed(format!(
+                        "upload out of order: {} inside {}",
+                        match other {
+                            Piece::PartStart { .. } => "a part's start",
+                            Piece::PartEnd(_) => "a part's end",
+                            _ => "the end of the dump",
+                        },
+                        if part { "a part" } else { "the dump" }
+                    )),
+                ))
+            }
             Some(Err(e)) => return Err((writer, e)),
             None => {
                 return Err((
@@ -232,7 +399,7 @@ where
 #[cfg(test)]
 mod tests {
     use super::super::testing::{
-        completed_backup, header, repo_with, upload, Fault, FaultyStorage,
+        completed_backup, header, repo_with, upload, upload_with_globals, Fault, FaultyStorage,
     };
     use super::super::Trigger;
     use super::*;
@@ -342,6 +509,113 @@ mod tests {
             assert!(keys.is_empty(), "{what}: left {keys:?}");
             assert_eq!(row.unwrap().status, Status::Running, "{what}");
         }
+    }
+
+    /// The globals are stored beside the dump under the same id, recorded
+    /// in the row and the meta file, read back checked, and deleted with it.
+    #[tokio::test]
+    async fn a_part_is_stored_read_and_deleted_with_its_backup() {
+        use futures::StreamExt;
+        let (repo, storage, _dir) = repo_with(FaultyStorage::new());
+        let b = repo
+            .begin("app", Trigger::Scheduled, None, "agent1")
+            .await
+            .unwrap();
+        let done = repo
+            .ingest(
+                &b.id,
+                header(),
+                futures::stream::iter(upload_with_globals(b"CREATE ROLE app;", b"the dump")),
+                vec![],
+            )
+            .await
+            .unwrap();
+        let g = done.part("globals").expect("a globals part").clone();
+        assert_eq!(g.key, format!("app/logical/{}.globals.sql", b.id));
+        assert_eq!((g.stored_bytes, g.role_passwords), (16, true));
+        assert_eq!(g.raw_checksum, "blake3:globals");
+        let mut want = vec![
+            done.object_key.clone(),
+            done.meta_key.clone(),
+            g.key.clone(),
+        ];
+        want.sort();
+        assert_eq!(storage.keys().await, want);
+        assert_eq!(repo.get(&b.id).await.unwrap().unwrap(), done);
+        let meta = storage.read_meta(&done.meta_key).await;
+        assert_eq!(meta.to_record().unwrap().parts, done.parts);
+        let mut read = Vec::new();
+        let mut s = repo.open_verified(&done, Some("globals")).await.unwrap();
+        while let Some(c) = s.next().await {
+            read.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(read, b"CREATE ROLE app;");
+        repo.check_parts(&done).await.unwrap();
+        // A damaged part is found by a verify.
+        storage.inner_put_raw(&g.key, b"CREATE ROLE apX;").await;
+        let e = repo.check_parts(&done).await.unwrap_err();
+        assert!(e.to_string().contains("is corrupt"), "{e}");
+        assert!(repo.delete(&done, "test").await.unwrap());
+        assert!(storage.keys().await.is_empty());
+    }
+
+    /// A dump that fails after its part was stored takes the part with it;
+    /// an unknown part is refused.
+    #[tokio::test]
+    async fn a_failed_upload_leaves_none_of_its_parts() {
+        let data = vec![7u8; 300_000];
+        let mut cut = upload_with_globals(b"CREATE ROLE app;", &data);
+        cut.truncate(4);
+        let (r, keys, row) = attempt(Fault::None, cut).await;
+        assert!(r.unwrap_err().to_string().contains("without a trailer"));
+        assert!(keys.is_empty(), "left {keys:?}");
+        assert_eq!(row.unwrap().status, Status::Running);
+        let (r, keys, _) = attempt(
+            Fault::FailCall { op: "put", nth: 1 },
+            upload_with_globals(b"x", &data),
+        )
+        .await;
+        assert!(r.unwrap_err().to_string().contains("meta file"));
+        assert!(keys.is_empty(), "left {keys:?}");
+        let mut odd = upload_with_globals(b"x", &data);
+        odd[0] = Ok(Piece::PartStart {
+            name: "../../etc".into(),
+            role_passwords: false,
+        });
+        let (r, keys, _) = attempt(Fault::None, odd).await;
+        assert!(r.unwrap_err().to_string().contains("unknown part"));
+        assert!(keys.is_empty());
+    }
+
+    /// The agent's connection goes away after the globals were stored: the
+    /// upload's future is dropped, and the part goes anyway; the running row
+    /// named it meanwhile, for a cleanup of the attempt.
+    #[tokio::test]
+    async fn a_dropped_upload_removes_its_stored_parts() {
+        use futures::StreamExt;
+        let (repo, storage, _dir) = repo_with(FaultyStorage::new());
+        let b = repo
+            .begin("app", Trigger::Scheduled, None, "agent1")
+            .await
+            .unwrap();
+        let mut first = upload_with_globals(b"CREATE ROLE app;", b"dump");
+        first.truncate(4);
+        let body = futures::stream::iter(first).chain(futures::stream::pending());
+        let cut = tokio::time::timeout(
+            std::time::Duration::from_millis(500),
+            repo.ingest(&b.id, header(), body, vec![]),
+        )
+        .await;
+        assert!(cut.is_err(), "the upload should still be waiting");
+        let row = repo.get(&b.id).await.unwrap().unwrap();
+        assert_eq!(row.parts.len(), 1, "the stored part is not on the row");
+        for _ in 0..100 {
+            if storage.keys().await.is_empty() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        panic!("left {:?}", storage.keys().await);
     }
 
     #[tokio::test]

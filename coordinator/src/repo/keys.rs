@@ -14,6 +14,17 @@ pub fn object_key(kind: Kind, target: &str, id: &str, extension: &str) -> String
     }
 }
 
+/// Key of a further object of a backup (a part such as `globals`, SQL),
+/// beside its dump: `<target>/logical/<id>.<name>.sql` plus the extension.
+pub fn part_key(kind: Kind, target: &str, id: &str, name: &str, extension: &str) -> String {
+    match kind {
+        Kind::Logical => format!("{target}/logical/{id}.{name}.sql{extension}"),
+    }
+}
+
+/// The parts a backup may have; anything else in an upload is refused.
+pub const PART_NAMES: &[&str] = &[super::record::GLOBALS];
+
 /// Key of a backup's meta file.
 pub fn meta_key(kind: Kind, target: &str, id: &str) -> String {
     match kind {
@@ -27,9 +38,8 @@ pub fn id_of(key: &str) -> Option<&str> {
     if !dir.ends_with("/logical") {
         return None;
     }
-    let id = file
-        .strip_suffix(META_SUFFIX)
-        .or_else(|| file.split_once(".dump").map(|(id, _)| id))?;
+    // Ids hold no dots: whatever follows the first one is the kind of file.
+    let id = file.split_once('.').map(|(id, _)| id)?;
     datasaver_common::names::validate_backup_id(id).ok()?;
     Some(id)
 }
@@ -80,8 +90,20 @@ pub fn is_own_key(key: &str) -> bool {
     let Some((_, target, file)) = split_layout(key) else {
         return false;
     };
-    let Some((id, ext)) = file.split_once(".dump") else {
+    let Some((id, rest)) = file.split_once('.') else {
         return false;
+    };
+    let ext = match rest.strip_prefix("dump") {
+        Some(ext) => ext,
+        None => {
+            let Some(ext) = PART_NAMES
+                .iter()
+                .find_map(|p| rest.strip_prefix(p).and_then(|r| r.strip_prefix(".sql")))
+            else {
+                return false;
+            };
+            ext
+        }
     };
     let ext = ext.strip_suffix(".age").unwrap_or(ext);
     is_id_of(id, target) && ["", ".zst", ".gz"].contains(&ext)
@@ -99,6 +121,15 @@ mod tests {
         assert_eq!(m, "acme/logical/acme_20240111_020015.meta.json");
         assert_eq!(id_of(&o), Some("acme_20240111_020015"));
         assert_eq!(id_of(&m), Some("acme_20240111_020015"));
+        let g = part_key(
+            Kind::Logical,
+            "acme",
+            "acme_20240111_020015",
+            "globals",
+            ".zst",
+        );
+        assert_eq!(g, "acme/logical/acme_20240111_020015.globals.sql.zst");
+        assert_eq!(id_of(&g), Some("acme_20240111_020015"));
         assert_eq!(
             id_of("prefix/acme/logical/acme_20240111_020015.dump"),
             Some("acme_20240111_020015")
@@ -118,6 +149,8 @@ mod tests {
             "acme/logical/acme_20240111_020015_2.dump.gz.age",
             "acme-main/logical/acme-main_20240111_020015.dump.zst.age",
             "acme/logical/acme_20240111_020015.meta.json",
+            "acme/logical/acme_20240111_020015.globals.sql.zst.age",
+            "acme/logical/acme_20240111_020015.globals.sql",
         ] {
             assert!(is_own_key(own), "{own}");
         }
@@ -132,6 +165,9 @@ mod tests {
             "acme/logical/globex_20240111_020015.dump.zst",
             "acme/logical/acme_20240111_020015.dump.tar",
             "acme/logical/acme_20240111_020015.dump.zst.bak",
+            "acme/logical/acme_20240111_020015.other.sql.zst",
+            "acme/logical/acme_20240111_020015.globals.zst",
+            "acme/logical/acme_20240111_020015.globals.sql.tar",
             "Acme/logical/Acme_20240111_020015.dump",
             "acme/logical/acmex_20240111_020015.dump",
             "acme/logical/.acme_20240111_020015.dump",

@@ -56,6 +56,9 @@ pub struct Meta {
     pub raw_checksum: String,
     pub tags: Vec<String>,
     pub object_key: String,
+    /// Further objects stored with the dump (absent in older meta files).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<super::record::PartRecord>,
     pub meta_key: String,
     pub agent: String,
     #[serde(default)]
@@ -99,6 +102,7 @@ impl Meta {
             raw_checksum: b.raw_checksum.clone(),
             tags: b.tags.clone(),
             object_key: b.object_key.clone(),
+            parts: b.parts.clone(),
             meta_key: b.meta_key.clone(),
             agent: b.agent.clone(),
             pinned: b.pinned,
@@ -150,6 +154,7 @@ impl Meta {
             raw_checksum: self.raw_checksum.clone(),
             roles: self.database.roles.clone(),
             database_shape: self.database.shape.clone(),
+            parts: self.parts.clone(),
             error: None,
             pinned: self.pinned,
             tags: self.tags.clone(),

@@ -26,7 +26,7 @@ use futures::StreamExt;
 use crate::catalog::{Catalog, CatalogError};
 use crate::clock::Clock;
 use crate::storage::{ByteStream, Storage, StorageError};
-pub use record::{BackupRecord, Kind, Status, Trigger, Verification};
+pub use record::{BackupRecord, Kind, PartRecord, Status, Trigger, Verification, GLOBALS};
 use store::BackupStore;
 
 /// Why a verified read did not deliver the whole object.
@@ -232,21 +232,49 @@ impl Repository {
     /// bytes do not match the recorded checksum and size, the stream ends
     /// with `ReadError::Corrupt` instead of a clean end, so no reader can take
     /// a damaged object for a good one.
-    pub async fn open_verified(&self, b: &BackupRecord) -> Result<VerifiedStream, RepoError> {
+    /// Reads every part of `b` and checks it against its checksum.
+    pub async fn check_parts(&self, b: &BackupRecord) -> Result<(), ReadError> {
+        for p in &b.parts {
+            let mut s = self
+                .open_verified(b, Some(&p.name))
+                .await
+                .map_err(|e| ReadError::Storage(e.to_string()))?;
+            while let Some(chunk) = s.next().await {
+                chunk?;
+            }
+        }
+        Ok(())
+    }
+
+    /// With `part`, that part of the backup (`globals`) instead of its dump.
+    pub async fn open_verified(
+        &self,
+        b: &BackupRecord,
+        part: Option<&str>,
+    ) -> Result<VerifiedStream, RepoError> {
         if b.status != Status::Completed {
             return Err(RepoError::Conflict(format!(
                 "backup {} is {}; only completed backups can be read",
                 b.id, b.status
             )));
         }
-        let inner = self.storage.get(&b.object_key).await?;
+        let (key, checksum, size) = match part {
+            None => (&b.object_key, &b.checksum, b.stored_bytes),
+            Some(name) => {
+                let p = b.part(name).ok_or_else(|| {
+                    RepoError::NotFound(format!("backup {} has no {name} part", b.id))
+                })?;
+                (&p.key, &p.checksum, p.stored_bytes)
+            }
+        };
+        let inner = self.storage.get(key).await?;
         let state = Verifying {
             inner,
             hash: Some(Checksum::new()),
             id: b.id.clone(),
-            key: b.object_key.clone(),
-            checksum: b.checksum.clone(),
-            size: b.stored_bytes,
+            key: key.clone(),
+            checksum: checksum.clone(),
+            size,
         };
         Ok(read_ahead(futures::stream::unfold(
             state,
@@ -389,11 +417,7 @@ impl Repository {
     /// The object and meta file, then the row. Deleting what is already gone
     /// is not an error, so this can be repeated.
     async fn delete_objects(&self, b: &BackupRecord) -> Result<(), RepoError> {
-        let keys: Vec<String> = [&b.meta_key, &b.object_key]
-            .into_iter()
-            .filter(|k| !k.is_empty())
-            .cloned()
-            .collect();
+        let keys = b.keys();
         if !keys.is_empty() {
             self.storage.delete(&keys).await.map_err(|e| {
                 RepoError::Conflict(format!("deleting its objects failed (will retry): {e}"))
@@ -424,7 +448,7 @@ mod tests {
         let (repo, storage, _dir) = repo_with(FaultyStorage::new());
         let b = completed_backup(&repo, "app", b"the archive bytes").await;
         let got: Vec<Bytes> = repo
-            .open_verified(&b)
+            .open_verified(&b, None)
             .await
             .unwrap()
             .try_collect()
@@ -436,7 +460,7 @@ mod tests {
             .inner_put_raw(&b.object_key, b"the archive byteZ")
             .await;
         let err = repo
-            .open_verified(&b)
+            .open_verified(&b, None)
             .await
             .unwrap()
             .try_collect::<Vec<Bytes>>()
@@ -448,7 +472,7 @@ mod tests {
         );
         storage.inner_put_raw(&b.object_key, b"the archive").await;
         let err = repo
-            .open_verified(&b)
+            .open_verified(&b, None)
             .await
             .unwrap()
             .try_collect::<Vec<Bytes>>()

@@ -100,6 +100,28 @@ impl Repository {
                 }
                 Some(_) => {}
             }
+            // Each part must be there, whole, too.
+            let mut parts_ok = true;
+            for part in &meta.parts {
+                claimed.insert(part.key.clone());
+                let problem = match sizes.get(&part.key) {
+                    None => Some(format!("its {} part {} is missing", part.name, part.key)),
+                    Some(size) if *size != part.stored_bytes => Some(format!(
+                        "its {} part {} has {size} bytes, the meta file records {}",
+                        part.name, part.key, part.stored_bytes
+                    )),
+                    Some(_) => None,
+                };
+                if let Some(p) = problem {
+                    report
+                        .problems
+                        .push(format!("{}: {p}; not imported", o.key));
+                    parts_ok = false;
+                }
+            }
+            if !parts_ok {
+                continue;
+            }
             if known.contains(&meta.id) {
                 report.already_known += 1;
                 continue;
@@ -183,6 +205,15 @@ pub(super) fn check_own_key(found_at: &str, meta: &Meta) -> Result<(), String> {
             "names object {:?}, not {expected:?} (its target, id and format)",
             meta.object_key
         ));
+    }
+    for part in &meta.parts {
+        let expected = keys::part_key(kind, target, id, &part.name, &extension);
+        if !keys::PART_NAMES.contains(&part.name.as_str()) || part.key != expected {
+            return Err(format!(
+                "names part {:?} at {:?}, not a part of its own",
+                part.name, part.key
+            ));
+        }
     }
     Ok(())
 }

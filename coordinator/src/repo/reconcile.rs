@@ -112,6 +112,17 @@ impl Repository {
         if info.size != done.stored_bytes || !self.checksum_matches(&done).await {
             return Ok(None);
         }
+        for part in &done.parts {
+            let whole = self
+                .storage
+                .head(&part.key)
+                .await
+                .map_err(|e| e.to_string())?
+                .is_some_and(|i| i.size == part.stored_bytes);
+            if !whole {
+                return Ok(None);
+            }
+        }
         done.status = Status::Completed;
         // What the catalog knew of the attempt stays (its label, trigger).
         done.label = r.label.clone();

@@ -204,6 +204,28 @@ pub struct DatabaseGrant {
     pub grantable: bool,
 }
 
+/// A further object of a backup, stored beside its dump under the same id
+/// and checked the same way. Today: `globals`, the cluster's roles, role
+/// memberships and role settings (`pg_dumpall --globals-only`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct PartRecord {
+    pub name: String,
+    pub key: String,
+    pub stored_bytes: u64,
+    /// `blake3:<hex>` of the stored bytes.
+    pub checksum: String,
+    pub raw_bytes: u64,
+    /// `blake3:<hex>` of the plain output.
+    pub raw_checksum: String,
+    /// Globals only: whether role passwords are in it (taken by a
+    /// superuser; otherwise with `--no-role-passwords`).
+    #[serde(default)]
+    pub role_passwords: bool,
+}
+
+/// The name of the globals part.
+pub const GLOBALS: &str = "globals";
+
 /// One backup, as the repository knows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BackupRecord {
@@ -241,6 +263,8 @@ pub struct BackupRecord {
     pub roles: Vec<String>,
     /// How the database was created, for a restore to do the same.
     pub database_shape: DatabaseShape,
+    /// Further objects stored with the dump.
+    pub parts: Vec<PartRecord>,
     pub error: Option<String>,
     pub pinned: bool,
     pub tags: Vec<String>,
@@ -250,6 +274,21 @@ pub struct BackupRecord {
 }
 
 impl BackupRecord {
+    /// Its part called `name`, if it has one.
+    pub fn part(&self, name: &str) -> Option<&PartRecord> {
+        self.parts.iter().find(|p| p.name == name)
+    }
+
+    /// Every storage key it owns: meta file, dump and parts.
+    pub fn keys(&self) -> Vec<String> {
+        [&self.meta_key, &self.object_key]
+            .into_iter()
+            .chain(self.parts.iter().map(|p| &p.key))
+            .filter(|k| !k.is_empty())
+            .cloned()
+            .collect()
+    }
+
     /// A backup that is about to run.
     pub fn running(
         id: String,
@@ -287,6 +326,7 @@ impl BackupRecord {
             raw_checksum: String::new(),
             roles: Vec::new(),
             database_shape: DatabaseShape::default(),
+            parts: Vec::new(),
             error: None,
             pinned: false,
             tags: Vec::new(),

@@ -70,13 +70,18 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         11,
         "ALTER TABLE backups ADD COLUMN database_shape TEXT NOT NULL DEFAULT '';",
     ),
+    // 12: further objects stored with the dump (JSON list of `PartRecord`)
+    (
+        12,
+        "ALTER TABLE backups ADD COLUMN parts TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape";
+    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape, parts";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -97,6 +102,24 @@ fn shape_json(s: &super::record::DatabaseShape) -> String {
     } else {
         serde_json::to_string(s).unwrap_or_default()
     }
+}
+
+/// The parts column: JSON, empty when there are none.
+fn parts_json(p: &[super::record::PartRecord]) -> String {
+    if p.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(p).unwrap_or_default()
+    }
+}
+
+/// Unlike the shape (a restore works without it), parts name objects the
+/// backup owns: one that cannot be read must not be forgotten.
+fn parts_from(col: usize, s: &str) -> rusqlite::Result<Vec<super::record::PartRecord>> {
+    if s.is_empty() {
+        return Ok(Vec::new());
+    }
+    serde_json::from_str(s).map_err(|_| bad(col, "parts", s))
 }
 
 /// A comma-joined list column (names never hold commas: see the agent API).
@@ -154,12 +177,13 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
         raw_checksum: r.get(30)?,
         roles: list(&r.get::<_, String>(31)?),
         database_shape: serde_json::from_str(&r.get::<_, String>(32)?).unwrap_or_default(),
+        parts: parts_from(33, &r.get::<_, String>(33)?)?,
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)"),
         params![
             b.id,
             b.target,
@@ -194,6 +218,7 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             b.raw_checksum,
             b.roles.join(","),
             shape_json(&b.database_shape),
+            parts_json(&b.parts),
         ],
     )?;
     Ok(())
@@ -294,7 +319,7 @@ impl BackupStore {
                        format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
                        server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL,
                        extensions = ?18, system_identifier = ?19, raw_checksum = ?20,
-                       roles = ?21, database_shape = ?22
+                       roles = ?21, database_shape = ?22, parts = ?23
                      WHERE id = ?1 AND status = 'running'",
                     params![
                         b.id,
@@ -319,6 +344,7 @@ impl BackupStore {
                         b.raw_checksum,
                         b.roles.join(","),
                         shape_json(&b.database_shape),
+                        parts_json(&b.parts),
                     ],
                 )?;
                 if n == 1 {
@@ -377,6 +403,26 @@ impl BackupStore {
                 c.execute(
                     "UPDATE backups SET error = ?2 WHERE id = ?1 AND status = 'running' AND error IS NULL",
                     params![id, error],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Records the parts a running backup has stored so far, so whatever
+    /// later removes the attempt (its failure, a cleanup of failed rows)
+    /// knows their keys.
+    pub async fn note_parts(
+        &self,
+        id: &str,
+        parts: &[super::record::PartRecord],
+    ) -> Result<(), CatalogError> {
+        let (id, parts) = (id.to_string(), parts_json(parts));
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE backups SET parts = ?2 WHERE id = ?1 AND status = 'running'",
+                    params![id, parts],
                 )?;
                 Ok(())
             })

@@ -264,6 +264,30 @@ pub fn upload(data: &[u8]) -> Vec<Result<Piece, super::ingest::IngestError>> {
 }
 
 /// Begins and stores a backup of `target` holding `data`.
+/// An upload with a `globals` part before the dump.
+pub fn upload_with_globals(
+    globals: &[u8],
+    dump: &[u8],
+) -> Vec<Result<Piece, super::ingest::IngestError>> {
+    let mut h = datasaver_common::checksum::Checksum::new();
+    h.update(globals);
+    let mut v = vec![
+        Ok(Piece::PartStart {
+            name: "globals".into(),
+            role_passwords: true,
+        }),
+        Ok(Piece::Data(Bytes::copy_from_slice(globals))),
+        Ok(Piece::PartEnd(Trailer {
+            checksum: h.finish(),
+            raw_bytes: globals.len() as u64,
+            stored_bytes: globals.len() as u64,
+            raw_checksum: "blake3:globals".into(),
+        })),
+    ];
+    v.extend(upload(dump));
+    v
+}
+
 pub async fn completed_backup(repo: &Repository, target: &str, data: &[u8]) -> BackupRecord {
     let b = repo
         .begin(target, Trigger::Scheduled, None, "agent1")

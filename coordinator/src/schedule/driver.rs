@@ -99,7 +99,7 @@ impl Scheduler {
         target: &str,
         label: Option<String>,
     ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, StartError> {
-        if !core.fleet.is_connected(target) {
+        if !core.fleet.takes_jobs(target) {
             return Err(StartError::NoAgent(target.to_string()));
         }
         let (tx, rx) = mpsc::channel(32);
@@ -223,7 +223,7 @@ pub async fn run(core: Arc<Core>) {
     let mut persisted: HashMap<String, DateTime<Utc>> = HashMap::new();
     loop {
         let now = core.clock.now();
-        let connected = |t: &str| core.fleet.is_connected(t);
+        let connected = |t: &str| core.fleet.takes_jobs(t);
         let (poll, accounted, next, places) = {
             let mut p = lock!(core.scheduler.planner);
             let poll = p.poll(now, &connected);

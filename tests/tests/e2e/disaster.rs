@@ -6,16 +6,58 @@ use datasaver_tests::fidelity::{compare_databases, load_fidelity};
 use datasaver_tests::webhook::WebhookReceiver;
 use datasaver_tests::{assert_one_line_error, wait_until, Fleet, FleetOptions, PgCluster};
 
-/// The roles a database needs are not in its `pg_dump` archive: on a new,
-/// empty server the restore is refused before anything is created, naming
-/// every missing role and what to run; once they exist, the same restore
-/// brings the data, the owner and the grants back.
+/// Can `role` log in to `db` over TCP with `password` (scram), and what does
+/// `sql` give it?
+fn as_role(
+    pg: &PgCluster,
+    role: &str,
+    password: &str,
+    db: &str,
+    sql: &str,
+) -> Result<String, String> {
+    let mut cmd = pg.client_command("psql");
+    cmd.env("PGHOST", pg.host())
+        .env("PGUSER", role)
+        .env("PGPASSWORD", password)
+        .args([
+            "-X",
+            "-q",
+            "-A",
+            "-t",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            db,
+            "-c",
+            sql,
+        ]);
+    let out = datasaver_tests::procs::run_with_input(cmd, None, Duration::from_secs(30));
+    if out.success() {
+        Ok(out.stdout.trim().to_string())
+    } else {
+        Err(out.stderr)
+    }
+}
+
+/// The disaster: the server is gone. A `pg_dump` archive holds no roles, so
+/// each backup also carries the cluster's globals. Onto a brand-new, empty
+/// server one restore brings back the roles the database needs (with their
+/// passwords, settings and memberships, and only those), the database as it
+/// was created, its data, owners and grants, column and view grants through
+/// a group role, and default privileges; the read-only login can log in with
+/// its old password and read what it could read before. No password reaches
+/// a log.
 #[test]
-fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
+fn a_lost_server_comes_back_with_its_roles_in_one_restore() {
     let old = PgCluster::new();
     old.psql(
         "postgres",
-        "CREATE ROLE app_owner LOGIN; CREATE ROLE app_reader;",
+        "CREATE ROLE app_owner LOGIN PASSWORD 'owner-secret-1';
+         CREATE ROLE app_readers NOLOGIN;
+         CREATE ROLE reader_login LOGIN PASSWORD 'reader-secret-2' CONNECTION LIMIT 5;
+         GRANT app_readers TO reader_login;
+         ALTER ROLE reader_login SET statement_timeout = '7s';
+         CREATE ROLE unrelated LOGIN PASSWORD 'other-secret-3';",
     );
     // Not the server's defaults: the restore must recreate these.
     old.psql(
@@ -25,14 +67,36 @@ fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
     old.psql(
         "shop",
         "SET ROLE app_owner;
-         CREATE TABLE orders (id int PRIMARY KEY, item text);
-         INSERT INTO orders SELECT g, 'item ' || g FROM generate_series(1, 50000) g;
-         GRANT SELECT ON orders TO app_reader;",
+         CREATE SCHEMA app;
+         CREATE TABLE app.orders (id int PRIMARY KEY, item text, secret_note text);
+         INSERT INTO app.orders SELECT g, 'item ' || g, 'note ' || g FROM generate_series(1, 50000) g;
+         CREATE VIEW app.order_items AS SELECT id, item FROM app.orders;
+         GRANT USAGE ON SCHEMA app TO app_readers;
+         GRANT SELECT (id, item) ON app.orders TO app_readers;
+         GRANT SELECT ON app.order_items TO app_readers;
+         ALTER DEFAULT PRIVILEGES IN SCHEMA app GRANT SELECT ON TABLES TO app_readers;",
     );
-    // Only app_reader (and the owner) may connect.
+    // Only the readers (and the owner) may connect.
     old.psql(
         "postgres",
-        "REVOKE ALL ON DATABASE shop FROM PUBLIC; GRANT CONNECT ON DATABASE shop TO app_reader;",
+        "REVOKE ALL ON DATABASE shop FROM PUBLIC; GRANT CONNECT ON DATABASE shop TO app_readers;",
+    );
+    let hash = |pg: &PgCluster| {
+        pg.query_one(
+            "postgres",
+            "SELECT rolpassword FROM pg_authid WHERE rolname = 'reader_login'",
+        )
+    };
+    let reader_hash = hash(&old);
+    assert_eq!(
+        as_role(
+            &old,
+            "reader_login",
+            "reader-secret-2",
+            "shop",
+            "SELECT count(*) FROM app.order_items"
+        ),
+        Ok("50000".into())
     );
     let mut fleet = Fleet::start();
     fleet.add_agent("shop", &old, "shop");
@@ -40,58 +104,48 @@ fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
     assert!(b.is_completed(), "{}", b.raw);
     assert_eq!(
         b.raw["roles"],
-        serde_json::json!(["app_owner", "app_reader"]),
+        serde_json::json!(["app_owner", "app_readers"]),
         "{}",
         b.raw
     );
+    assert_eq!(b.raw["parts"][0]["name"], "globals", "{}", b.raw);
+    assert_eq!(b.raw["parts"][0]["role_passwords"], true, "{}", b.raw);
+    let mut logs = fleet.agent("shop").proc.log();
 
     // The server dies; the agent comes back against a new, empty one.
     fleet.remove_agent("shop");
     drop(old);
     let new = PgCluster::new();
     fleet.add_agent("shop", &new, "postgres");
-    let before = new.databases();
     let out = fleet
-        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop"])
-        .expect_code(1, "restore onto a server without the roles");
-    let line = assert_one_line_error(
-        &out.stderr,
-        "needs roles app_owner, app_reader that this server does not have",
-    );
+        .dsctl(&["restore", &b.id, "--target-db", "shop"])
+        .expect_success("one restore onto the new server");
     assert!(
-        line.contains(r#"CREATE ROLE "app_owner"; CREATE ROLE "app_reader";"#)
-            && line.contains("nothing was changed"),
-        "{line}"
+        out.stdout.contains(
+            "created roles app_owner, app_readers, reader_login from the backup's globals"
+        ),
+        "{}",
+        out.stdout
     );
-    assert_eq!(new.databases(), before, "a database was created");
-
-    // What the message says to do, then the same restore.
-    new.psql(
-        "postgres",
-        "CREATE ROLE app_owner LOGIN; CREATE ROLE app_reader;",
-    );
-    fleet
-        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop"])
-        .expect_success("restore once the roles exist");
+    // The roles it needs, as they were; not the unrelated one.
+    assert_eq!(hash(&new), reader_hash, "the password did not come back");
     assert_eq!(
-        new.query_one("shop", "SELECT count(*) FROM orders"),
-        "50000"
+        new.query_one(
+            "postgres",
+            "SELECT string_agg(rolname || ':' || rolcanlogin || ':' || rolconnlimit, ' ' ORDER BY rolname)
+               FROM pg_roles WHERE rolname IN ('app_owner', 'app_readers', 'reader_login', 'unrelated')"
+        ),
+        "app_owner:true:-1 app_readers:false:-1 reader_login:true:5"
     );
     assert_eq!(
         new.query_one(
-            "shop",
-            "SELECT tableowner FROM pg_tables WHERE tablename = 'orders'"
+            "postgres",
+            "SELECT array_to_string(setconfig, ',') FROM pg_db_role_setting s JOIN pg_roles r ON r.oid = s.setrole
+              WHERE r.rolname = 'reader_login'"
         ),
-        "app_owner"
+        "statement_timeout=7s"
     );
-    assert_eq!(
-        new.query_one(
-            "shop",
-            "SELECT has_table_privilege('app_reader', 'orders', 'SELECT')::text"
-        ),
-        "true"
-    );
-    // The database itself, as it was created.
+    // The database as it was created, its data, owners and grants.
     assert_eq!(
         new.query_one(
             "postgres",
@@ -100,16 +154,78 @@ fn a_restore_onto_a_new_server_names_the_missing_roles_then_works() {
         ),
         "app_owner LATIN1 C C"
     );
-    new.psql("postgres", "CREATE ROLE outsider LOGIN;");
     assert_eq!(
         new.query_one(
-            "postgres",
-            "SELECT has_database_privilege('app_reader', 'shop', 'CONNECT')::text || ' '
-                 || has_database_privilege('outsider', 'shop', 'CONNECT')::text"
+            "shop",
+            "SELECT count(*) || ' ' || min(tableowner) FROM pg_tables WHERE schemaname = 'app'"
         ),
-        "true false",
-        "the database's own grants did not come back"
+        "1 app_owner"
     );
+    // The reader logs in with its old password and reads what it could,
+    // through its group: the view and two columns, not the third.
+    assert_eq!(
+        as_role(
+            &new,
+            "reader_login",
+            "reader-secret-2",
+            "shop",
+            "SELECT count(*) FROM app.order_items"
+        ),
+        Ok("50000".into())
+    );
+    assert_eq!(
+        as_role(
+            &new,
+            "reader_login",
+            "reader-secret-2",
+            "shop",
+            "SELECT max(item) FROM app.orders"
+        ),
+        Ok("item 9999".into())
+    );
+    let denied = as_role(
+        &new,
+        "reader_login",
+        "reader-secret-2",
+        "shop",
+        "SELECT max(secret_note) FROM app.orders",
+    )
+    .expect_err("a column it could not read");
+    assert!(denied.contains("permission denied"), "{denied}");
+    assert!(
+        as_role(&new, "reader_login", "wrong", "shop", "SELECT 1").is_err(),
+        "a wrong password was accepted"
+    );
+    // Default privileges: a table the owner creates now is readable too.
+    new.psql(
+        "shop",
+        "SET ROLE app_owner; CREATE TABLE app.later AS SELECT 1 AS x;",
+    );
+    assert_eq!(
+        as_role(
+            &new,
+            "reader_login",
+            "reader-secret-2",
+            "shop",
+            "SELECT x FROM app.later"
+        ),
+        Ok("1".into())
+    );
+    // Only who could connect before may connect.
+    new.psql("postgres", "CREATE ROLE outsider LOGIN PASSWORD 'x';");
+    assert!(as_role(&new, "outsider", "x", "shop", "SELECT 1").is_err());
+
+    logs.push_str(&fleet.agent("shop").proc.log());
+    logs.push_str(&fleet.coordinator().log());
+    for secret in [
+        "owner-secret-1",
+        "reader-secret-2",
+        "other-secret-3",
+        "SCRAM-SHA-256$",
+        &reader_hash,
+    ] {
+        assert!(!logs.contains(secret), "{secret} reached a log");
+    }
 }
 
 /// When pg_restore itself fails (here: the archive puts a table in a
@@ -446,26 +562,60 @@ fn an_exported_backup_restores_with_plain_pg_restore_and_a_damaged_one_writes_no
     assert_eq!(v["checksum"], b.raw["raw_checksum"], "{v}");
     assert_eq!(std::fs::read(&json_out).expect("second export"), archive);
 
+    // The globals, decrypted: the roles as pg_dumpall wrote them.
+    pg.psql(
+        "postgres",
+        "CREATE ROLE exported_role LOGIN PASSWORD 'exported-secret';",
+    );
+    let g = fleet.backup("vault", None);
+    let globals = exports.join("globals.sql");
+    let done = fleet
+        .dsctl(&[
+            "export",
+            &g.id,
+            "--globals",
+            globals.to_str().expect("utf-8 path"),
+            "--identity",
+            &identity,
+        ])
+        .expect_success("dsctl export --globals");
+    assert!(
+        done.stdout
+            .contains(&format!("exported the globals of backup {}", g.id))
+            && done
+                .stdout
+                .contains("with role passwords: keep the file secret")
+            && done
+                .stdout
+                .contains("matches pg_dumpall's output at backup time"),
+        "{}",
+        done.stdout
+    );
+    let sql = std::fs::read_to_string(&globals).expect("globals file");
+    assert!(
+        sql.contains("CREATE ROLE exported_role;") && sql.contains("PASSWORD 'SCRAM-SHA-256$"),
+        "{sql}"
+    );
+    std::fs::remove_file(&globals).expect("remove the globals file");
+
     // One flipped byte in storage: refused as corrupt, nothing written.
     let object = fleet
         .storage_dir()
         .join(format!("vault/logical/{}.dump.zst.age", b.id));
-    let mut stored = std::fs::read(&object).expect("stored object");
-    let mid = stored.len() / 2;
-    stored[mid] ^= 0x01;
-    std::fs::write(&object, &stored).expect("damage the object");
+    flip_middle_byte(&object);
     let damaged = exports.join("damaged.dump");
-    let bad = fleet
-        .dsctl(&[
+    let export_of = |id: &str, what: &str, file: &std::path::Path| {
+        fleet.dsctl(&[
             "--quiet",
             "export",
-            &b.id,
-            "--out",
-            damaged.to_str().expect("utf-8 path"),
+            id,
+            what,
+            file.to_str().expect("utf-8 path"),
             "--identity",
             &identity,
         ])
-        .expect_code(1, "export of a damaged backup");
+    };
+    let bad = export_of(&b.id, "--out", &damaged).expect_code(1, "export of a damaged backup");
     let line = assert_one_line_error(&bad.stderr, "corrupt");
     assert!(line.contains(&b.id), "{line}");
     assert_eq!(
@@ -473,6 +623,28 @@ fn an_exported_backup_restores_with_plain_pg_restore_and_a_damaged_one_writes_no
         vec!["shop.dump".to_string(), "shop2.dump".to_string()],
         "a damaged export left a file"
     );
+    // The same for damaged globals; and a verify finds them.
+    let part = fleet
+        .storage_dir()
+        .join(format!("vault/logical/{}.globals.sql.zst.age", g.id));
+    flip_middle_byte(&part);
+    let bad = export_of(&g.id, "--globals", &globals).expect_code(1, "export of damaged globals");
+    let line = assert_one_line_error(&bad.stderr, "corrupt");
+    assert!(line.contains(&g.id), "{line}");
+    assert!(!globals.exists(), "damaged globals were written");
+    let verified = fleet
+        .dsctl(&["--quiet", "verify", &g.id])
+        .expect_code(1, "verify of a backup with damaged globals");
+    let line = assert_one_line_error(&verified.stderr, "corrupt");
+    assert!(line.contains(".globals.sql.zst.age"), "{line}");
+}
+
+/// Damages a stored file: one bit in its middle byte.
+fn flip_middle_byte(path: &std::path::Path) {
+    let mut stored = std::fs::read(path).expect("stored file");
+    let mid = stored.len() / 2;
+    stored[mid] ^= 0x01;
+    std::fs::write(path, &stored).expect("damage the stored file");
 }
 
 /// What `psql` says about table `t` of `db`: its constraints, indexes,

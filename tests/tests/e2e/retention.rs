@@ -38,12 +38,14 @@ fn stored_files(root: &Path) -> BTreeSet<String> {
     out
 }
 
-/// The object and meta file every completed row must have.
+/// The object, globals and meta file every completed row must have.
 fn expected_files(fleet: &Fleet, target: &str) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     for b in fleet.list_backups(Some(target)) {
         if b.status == "completed" {
-            out.insert(b.raw["object_key"].as_str().unwrap_or_default().to_string());
+            let object = b.raw["object_key"].as_str().unwrap_or_default();
+            out.insert(object.to_string());
+            out.insert(object.replace(".dump", ".globals.sql"));
             out.insert(format!("{target}/logical/{}.meta.json", b.id));
         }
     }

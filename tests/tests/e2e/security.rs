@@ -435,6 +435,7 @@ fn an_agent_cannot_upload_or_download_for_another_agents_job() {
                 .download(DownloadRequest {
                     job_id: verify_job.clone(),
                     backup_id: verify_backup.clone(),
+                    part: "globals".into(),
                 })
                 .await
                 .expect_err("alpha reading beta's backup");
