@@ -241,7 +241,7 @@ impl Statement {
 
 /// How a database is created (owner, encoding, locale, its own privileges;
 /// empty fields: the server's default), as recorded with a backup.
-pub use datasaver_common::proto::{DatabaseGrant, DatabaseShape as Shape};
+pub use datasaver_common::proto::{DatabaseGrant, DatabaseSetting, DatabaseShape as Shape};
 
 /// The statements, built without a connection so they can be checked.
 pub mod sql {
@@ -308,6 +308,70 @@ pub mod sql {
               WHERE d.datname = current_database()
               ORDER BY 1;",
         )
+    }
+
+    /// The database's settings (`ALTER DATABASE ... SET`, also per role),
+    /// as one line of JSON: `[{"role": "", "config": "name=value"}, ...]`.
+    pub fn database_settings() -> Statement {
+        Statement::new(
+            "SELECT coalesce(json_agg(json_build_object('role', coalesce(r.rolname, ''), 'config', c)
+                                      ORDER BY coalesce(r.rolname, ''), c), '[]')
+               FROM pg_db_role_setting s
+               LEFT JOIN pg_roles r ON r.oid = s.setrole
+               CROSS JOIN LATERAL unnest(s.setconfig) c
+              WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = current_database());",
+        )
+    }
+
+    /// `E'...'`: a string literal whatever `standard_conforming_strings` is.
+    fn literal_e(s: &str) -> String {
+        format!("E'{}'", s.replace('\\', "\\\\").replace('\'', "''"))
+    }
+
+    /// Settings whose value is a list, each item quoted on its own (as
+    /// pg_dump does): one quoted string would be one item.
+    const LIST_SETTINGS: &[&str] = &[
+        "search_path",
+        "temp_tablespaces",
+        "session_preload_libraries",
+        "shared_preload_libraries",
+        "local_preload_libraries",
+        "unix_socket_directories",
+    ];
+
+    /// `name TO value` for a `name=value` setting as Postgres keeps it;
+    /// `None` for a name that is not a setting name.
+    pub fn setting_clause(config: &str) -> Option<String> {
+        let (name, value) = config.split_once('=')?;
+        let ok = !name.is_empty()
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'.');
+        if !ok {
+            return None;
+        }
+        if !LIST_SETTINGS.contains(&name.to_ascii_lowercase().as_str()) {
+            return Some(format!("{name} TO {}", literal_e(value)));
+        }
+        // Items split at commas outside double quotes; quoted ones lose
+        // their quotes ("" inside is one ").
+        let mut items = Vec::new();
+        let (mut cur, mut quoted, mut chars) = (String::new(), false, value.chars().peekable());
+        while let Some(c) = chars.next() {
+            match c {
+                '"' if quoted && chars.peek() == Some(&'"') => {
+                    cur.push('"');
+                    chars.next();
+                }
+                '"' => quoted = !quoted,
+                ',' if !quoted => items.push(std::mem::take(&mut cur)),
+                c if c.is_whitespace() && !quoted && cur.is_empty() => {}
+                c => cur.push(c),
+            }
+        }
+        items.push(cur);
+        let items: Vec<String> = items.iter().map(|i| literal_e(i.trim_end())).collect();
+        Some(format!("{name} TO {}", items.join(", ")))
     }
 
     /// The database's privileges as recorded: PUBLIC's defaults revoked,
@@ -837,6 +901,16 @@ impl PgTools {
                 })
             })
             .collect();
+        let settings = self.psql(db, &db.dbname, &sql::database_settings()).await?;
+        let settings: Vec<DatabaseSetting> =
+            serde_json::from_str::<Vec<serde_json::Value>>(settings.trim())
+                .map_err(|e| format!("cannot read the database's settings: {e}"))?
+                .iter()
+                .map(|v| DatabaseSetting {
+                    role: v["role"].as_str().unwrap_or_default().to_string(),
+                    config: v["config"].as_str().unwrap_or_default().to_string(),
+                })
+                .collect();
         Ok(Shape {
             owner,
             encoding,
@@ -844,6 +918,7 @@ impl PgTools {
             ctype,
             explicit_acl,
             grants,
+            settings,
         })
     }
 
@@ -877,6 +952,41 @@ impl PgTools {
         if shape.explicit_acl {
             self.psql(db, admin_db, &sql::database_grants(name, &shape.grants))
                 .await?;
+        }
+        if !shape.settings.is_empty() {
+            let roles = self.roles(db, admin_db).await?;
+            let mut script = String::new();
+            let mut skipped = Vec::new();
+            for st in &shape.settings {
+                let Some(clause) = sql::setting_clause(&st.config) else {
+                    skipped.push(format!("{} (not a setting)", st.config));
+                    continue;
+                };
+                if st.role.is_empty() {
+                    script.push_str(&format!(
+                        "ALTER DATABASE {} SET {clause};\n",
+                        quote_ident(name)
+                    ));
+                } else if roles.contains(&st.role) {
+                    script.push_str(&format!(
+                        "ALTER ROLE {} IN DATABASE {} SET {clause};\n",
+                        quote_ident(&st.role),
+                        quote_ident(name)
+                    ));
+                } else {
+                    skipped.push(format!("{} for role {} (no such role)", st.config, st.role));
+                }
+            }
+            if !script.is_empty() {
+                self.psql(db, admin_db, &Statement::new(script)).await?;
+            }
+            if !skipped.is_empty() {
+                let s = format!("settings not restored: {}", skipped.join(", "));
+                note = Some(match note {
+                    Some(n) => format!("{n}; {s}"),
+                    None => s,
+                });
+            }
         }
         Ok(note)
     }
@@ -1098,6 +1208,25 @@ mod tests {
             two.contains("extensions postgis, old_snapshot that"),
             "{two}"
         );
+    }
+
+    #[test]
+    fn database_settings_are_set_again_quoted_like_pg_dump_does() {
+        assert_eq!(
+            sql::setting_clause("work_mem=8MB").as_deref(),
+            Some("work_mem TO E'8MB'")
+        );
+        assert_eq!(
+            sql::setting_clause(r#"search_path="$user", app, "Odd ""x"", y""#).as_deref(),
+            Some(r#"search_path TO E'$user', E'app', E'Odd "x", y'"#)
+        );
+        assert_eq!(
+            sql::setting_clause(r"app.note=it's a \ path").as_deref(),
+            Some(r"app.note TO E'it''s a \\ path'")
+        );
+        assert_eq!(sql::setting_clause("bad name=1"), None);
+        assert_eq!(sql::setting_clause("x;DROP=1"), None);
+        assert_eq!(sql::setting_clause("novalue"), None);
     }
 
     #[test]

@@ -442,6 +442,11 @@ mod clean {
                 name(&mut g.grantee);
                 name(&mut g.privilege);
             }
+            s.settings.truncate(MAX_LIST);
+            for x in &mut s.settings {
+                name(&mut x.role);
+                text(&mut x.config);
+            }
         }
         // Stored comma-joined: a name with a comma (impossible for a real
         // extension) is dropped, and the list is bounded.

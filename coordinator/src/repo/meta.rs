@@ -211,7 +211,26 @@ mod tests {
                 privilege: "CONNECT".into(),
                 grantable: false,
             }],
+            settings: vec![
+                super::super::record::DatabaseSetting {
+                    role: String::new(),
+                    config: "search_path=app, public".into(),
+                },
+                super::super::record::DatabaseSetting {
+                    role: "app_reader".into(),
+                    config: "statement_timeout=3s".into(),
+                },
+            ],
         };
+        b.parts = vec![super::super::record::PartRecord {
+            name: "globals".into(),
+            key: "a/logical/a_20240101_000000.globals.sql".into(),
+            stored_bytes: 10,
+            checksum: "blake3:ef".into(),
+            raw_bytes: 10,
+            raw_checksum: "blake3:ef".into(),
+            role_passwords: true,
+        }];
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {
             at: b.created_at,
@@ -243,6 +262,8 @@ mod tests {
         }
         assert_eq!(v["encryption"]["recipient"], "age1xyz");
         assert_eq!(v["database"]["extensions"][0], "hstore");
+        assert_eq!(v["database"]["settings"][1]["role"], "app_reader");
+        assert_eq!(v["parts"][0]["name"], "globals");
         let back = Meta::parse(&serde_json::to_vec(&v).unwrap())
             .unwrap()
             .to_record()

@@ -150,6 +150,18 @@ pub struct DatabaseShape {
     pub explicit_acl: bool,
     #[serde(default)]
     pub grants: Vec<DatabaseGrant>,
+    /// Its settings (`ALTER DATABASE ... SET`, per role too).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub settings: Vec<DatabaseSetting>,
+}
+
+/// One setting of the database (`role` empty: for everyone).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseSetting {
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub role: String,
+    /// `name=value`.
+    pub config: String,
 }
 
 impl From<datasaver_common::proto::DatabaseShape> for DatabaseShape {
@@ -167,6 +179,14 @@ impl From<datasaver_common::proto::DatabaseShape> for DatabaseShape {
                     grantee: g.grantee,
                     privilege: g.privilege,
                     grantable: g.grantable,
+                })
+                .collect(),
+            settings: s
+                .settings
+                .into_iter()
+                .map(|x| DatabaseSetting {
+                    role: x.role,
+                    config: x.config,
                 })
                 .collect(),
         }
@@ -188,6 +208,14 @@ impl From<&DatabaseShape> for datasaver_common::proto::DatabaseShape {
                     grantee: g.grantee.clone(),
                     privilege: g.privilege.clone(),
                     grantable: g.grantable,
+                })
+                .collect(),
+            settings: s
+                .settings
+                .iter()
+                .map(|x| datasaver_common::proto::DatabaseSetting {
+                    role: x.role.clone(),
+                    config: x.config.clone(),
                 })
                 .collect(),
         }

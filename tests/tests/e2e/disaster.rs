@@ -76,11 +76,25 @@ fn a_lost_server_comes_back_with_its_roles_in_one_restore() {
          GRANT SELECT ON app.order_items TO app_readers;
          ALTER DEFAULT PRIVILEGES IN SCHEMA app GRANT SELECT ON TABLES TO app_readers;",
     );
-    // Only the readers (and the owner) may connect.
+    // Only the readers (and the owner) may connect; the database and one
+    // role in it have settings of their own.
     old.psql(
         "postgres",
-        "REVOKE ALL ON DATABASE shop FROM PUBLIC; GRANT CONNECT ON DATABASE shop TO app_readers;",
+        "REVOKE ALL ON DATABASE shop FROM PUBLIC; GRANT CONNECT ON DATABASE shop TO app_readers;
+         ALTER DATABASE shop SET search_path TO app, \"$user\", public;
+         ALTER DATABASE shop SET work_mem = '8MB';
+         ALTER ROLE reader_login IN DATABASE shop SET statement_timeout = '3s';",
     );
+    let settings = |pg: &PgCluster| {
+        pg.query_one(
+            "postgres",
+            "SELECT string_agg(coalesce(r.rolname, '-') || ':' || array_to_string(s.setconfig, ';'), ' ' ORDER BY 1)
+               FROM pg_db_role_setting s LEFT JOIN pg_roles r ON r.oid = s.setrole
+              WHERE s.setdatabase = (SELECT oid FROM pg_database WHERE datname = 'shop')",
+        )
+    };
+    let shop_settings = settings(&old);
+    assert!(shop_settings.contains("work_mem=8MB"), "{shop_settings}");
     let hash = |pg: &PgCluster| {
         pg.query_one(
             "postgres",
@@ -160,6 +174,27 @@ fn a_lost_server_comes_back_with_its_roles_in_one_restore() {
             "SELECT count(*) || ' ' || min(tableowner) FROM pg_tables WHERE schemaname = 'app'"
         ),
         "1 app_owner"
+    );
+    assert_eq!(settings(&new), shop_settings, "the database's settings");
+    assert_eq!(
+        as_role(
+            &new,
+            "reader_login",
+            "reader-secret-2",
+            "shop",
+            "SHOW search_path"
+        ),
+        Ok("app, \"$user\", public".into())
+    );
+    assert_eq!(
+        as_role(
+            &new,
+            "reader_login",
+            "reader-secret-2",
+            "shop",
+            "SHOW statement_timeout"
+        ),
+        Ok("3s".into())
     );
     // The reader logs in with its old password and reads what it could,
     // through its group: the view and two columns, not the third.
