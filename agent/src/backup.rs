@@ -162,6 +162,7 @@ pub async fn run(
             pipeline::upload_child_output(
                 tools.pg_dump(&target.db, target.lock_wait_timeout),
                 "pg_dump",
+                true,
                 chain,
                 tx.clone(),
                 counters.clone(),
@@ -270,6 +271,7 @@ where
     let trailer = pipeline::upload_child_output(
         tools.pg_dumpall_globals(&target.db, role_passwords),
         "pg_dumpall",
+        false,
         chain()?,
         tx.clone(),
         Arc::new(Counters::default()),

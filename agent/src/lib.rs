@@ -10,6 +10,7 @@
 //! [`pg`] every Postgres command line and SQL statement; [`config`] the
 //! settings; [`health`] and [`progress`] what the agent tells others.
 
+pub mod archive;
 pub mod backup;
 pub mod child;
 pub mod config;

@@ -182,6 +182,12 @@ pub fn backup_json(b: &Backup) -> Value {
             "raw_checksum": p.raw_checksum,
             "role_passwords": p.role_passwords,
         })).collect::<Vec<_>>(),
+        "tables": b.tables.iter().map(|t| json!({
+            "schema": t.schema,
+            "name": t.name,
+            "rows": t.rows,
+        })).collect::<Vec<_>>(),
+        "rows_not_counted": b.rows_not_counted,
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
         "verify_result": opt(&b.verify_result),
@@ -543,6 +549,21 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
                     },
                     p.checksum
                 ),
+            },
+        ),
+        (
+            "rows",
+            if !b.tables.is_empty() {
+                format!(
+                    "{} in {} table{} at backup time (dsctl --json get lists them)",
+                    b.tables.iter().map(|t| t.rows).sum::<u64>(),
+                    b.tables.len(),
+                    if b.tables.len() == 1 { "" } else { "s" }
+                )
+            } else if !b.rows_not_counted.is_empty() {
+                format!("not counted: {}", b.rows_not_counted)
+            } else {
+                "not counted (no tables, or a backup from before rows were counted)".into()
             },
         ),
         ("tags", b.tags.join(",")),

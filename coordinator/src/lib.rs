@@ -143,7 +143,19 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         raw_checksum: b.raw_checksum.clone(),
         roles: b.roles.clone(),
         parts: b.parts.iter().map(part_to_proto).collect(),
+        tables: tables_to_proto(&b.row_counts.tables),
+        rows_not_counted: b.row_counts.not_counted.clone(),
     }
+}
+
+pub fn tables_to_proto(t: &[repo::TableRows]) -> Vec<datasaver_common::proto::TableRows> {
+    t.iter()
+        .map(|r| datasaver_common::proto::TableRows {
+            schema: r.schema.clone(),
+            name: r.name.clone(),
+            rows: r.rows,
+        })
+        .collect()
 }
 
 pub fn part_to_proto(p: &repo::PartRecord) -> datasaver_common::proto::BackupPart {

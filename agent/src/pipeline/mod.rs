@@ -23,7 +23,7 @@ use std::io::Read;
 use std::sync::Arc;
 use std::time::Instant;
 
-use datasaver_common::proto::{DownloadChunk, UploadRequest, UploadTrailer};
+use datasaver_common::proto::{DownloadChunk, TableRows, UploadRequest, UploadTrailer};
 use datasaver_common::CHUNK_SIZE;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -65,11 +65,13 @@ pub enum Piece {
 
 /// Runs `cmd` (`name` in messages) and streams its stdout through `chain`
 /// onto the upload behind `tx`. Returns the trailer once the child exited
-/// 0; the caller sends it. Every failure after `cancel` fired is
-/// `Cancelled`.
+/// 0; the caller sends it. With `count_rows` (a pg_dump archive) the
+/// trailer carries each table's rows. Every failure after `cancel` fired
+/// is `Cancelled`.
 pub async fn upload_child_output(
     cmd: std::process::Command,
     name: &'static str,
+    count_rows: bool,
     chain: Chain,
     tx: mpsc::Sender<UploadRequest>,
     counters: Arc<Counters>,
@@ -81,7 +83,8 @@ pub async fn upload_child_output(
     let _kill = proc.kill_on(cancel);
     let source = ChildOutput::new(proc, pipes.stdout, counters.clone());
     let sink = UploadSink::new(tx, cancel.clone(), counters);
-    let result = tokio::task::spawn_blocking(move || pump(source, chain, sink, started))
+    let rows = count_rows.then(crate::archive::RowCounter::default);
+    let result = tokio::task::spawn_blocking(move || pump(source, chain, sink, rows, started))
         .await
         .map_err(|e| PipelineError::Failed(format!("{name} worker failed: {e}")))
         .and_then(|r| r);
@@ -97,6 +100,7 @@ fn pump(
     mut source: ChildOutput,
     mut chain: Chain,
     mut sink: UploadSink,
+    mut rows: Option<crate::archive::RowCounter>,
     started: Instant,
 ) -> Result<UploadTrailer, PipelineError> {
     let mut buf = vec![0u8; CHUNK_SIZE];
@@ -110,6 +114,9 @@ fn pump(
                 break;
             }
             raw_sum.update(&buf[..n]);
+            if let Some(r) = rows.as_mut() {
+                r.feed(&buf[..n]);
+            }
             sink.write(chain.push(&buf[..n])?)?;
         }
         chain.finish()
@@ -127,12 +134,28 @@ fn pump(
     let elapsed = started.elapsed();
     sink.write(tail)?;
     let (checksum, stored) = sink.finish()?;
+    let (tables, rows_not_counted) = match rows.map(crate::archive::RowCounter::finish) {
+        None => (Vec::new(), String::new()),
+        Some(Ok(counts)) => (
+            counts
+                .into_iter()
+                .map(|((schema, name), rows)| TableRows { schema, name, rows })
+                .collect(),
+            String::new(),
+        ),
+        Some(Err(why)) => {
+            tracing::warn!(reason = %why, "the table row counts of this backup could not be read from its archive");
+            (Vec::new(), why)
+        }
+    };
     Ok(UploadTrailer {
         checksum,
         raw_bytes: raw,
         stored_bytes: stored,
         dump_duration_ms: elapsed.as_millis() as u64,
         raw_checksum: raw_sum.finish(),
+        tables,
+        rows_not_counted,
     })
 }
 
@@ -388,7 +411,7 @@ mod tests {
             chunks
         });
         let counters = Arc::new(Counters::default());
-        let r = upload_child_output(cmd, "pg_dump", chain, tx, counters, cancel).await;
+        let r = upload_child_output(cmd, "pg_dump", false, chain, tx, counters, cancel).await;
         (collect.await.unwrap(), r)
     }
 
@@ -668,7 +691,15 @@ exit 1"#;
         let mut endless = std::process::Command::new("cat");
         endless.arg("/dev/zero");
         let counters = Arc::new(Counters::default());
-        let run = upload_child_output(endless, "pg_dump", chain, tx, counters.clone(), &cancel);
+        let run = upload_child_output(
+            endless,
+            "pg_dump",
+            false,
+            chain,
+            tx,
+            counters.clone(),
+            &cancel,
+        );
         let c2 = cancel.clone();
         let stop = async move {
             tokio::time::sleep(Duration::from_millis(300)).await;

@@ -353,6 +353,23 @@ fn trailer(t: datasaver_common::proto::UploadTrailer) -> Trailer {
         raw_checksum: Some(t.raw_checksum)
             .filter(|c| datasaver_common::checksum::is_valid(c))
             .unwrap_or_default(),
+        row_counts: crate::repo::RowCounts {
+            tables: t
+                .tables
+                .into_iter()
+                .take(clean::MAX_TABLES)
+                .map(|mut r| {
+                    clean::name(&mut r.schema);
+                    clean::name(&mut r.name);
+                    crate::repo::TableRows {
+                        schema: r.schema,
+                        name: r.name,
+                        rows: r.rows,
+                    }
+                })
+                .collect(),
+            not_counted: clean::error(&t.rows_not_counted),
+        },
     }
 }
 
@@ -366,6 +383,9 @@ mod clean {
     /// More extensions (or roles) than any real database names; the rest is
     /// dropped.
     const MAX_LIST: usize = 1024;
+
+    /// Row counts kept per backup: more tables than this are not counted.
+    pub const MAX_TABLES: usize = 100_000;
 
     pub fn error(s: &str) -> String {
         sanitize(s, MAX_MESSAGE)

@@ -159,6 +159,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 schemas: part.schemas,
                 into_existing: part.into_existing,
                 globals: row.part(crate::repo::GLOBALS).map(crate::part_to_proto),
+                table_rows: crate::tables_to_proto(&row.row_counts.tables),
             });
             // A verify reads and checks the parts (globals) here, first:
             // the agent checks the dump, and may not even hold the key.

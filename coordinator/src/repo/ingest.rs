@@ -46,6 +46,8 @@ pub struct Trailer {
     pub stored_bytes: u64,
     /// `blake3:<hex>` of the plain pg_dump output (empty from old agents).
     pub raw_checksum: String,
+    /// Each table's rows, read from the archive by the agent.
+    pub row_counts: super::record::RowCounts,
 }
 
 /// One element of an upload. Parts (`PartStart`, its data, `PartEnd`)
@@ -214,6 +216,7 @@ impl Repository {
             roles: meta.roles,
             database_shape: meta.database_shape,
             parts,
+            row_counts: trailer.row_counts,
             tags,
             error: None,
             ..running
@@ -626,6 +629,7 @@ mod tests {
             raw_bytes: 1,
             stored_bytes: 10,
             raw_checksum: String::new(),
+            row_counts: Default::default(),
         }));
         let (r, keys, _) = attempt(Fault::None, body).await;
         assert!(r.unwrap_err().to_string().contains("checksum mismatch"));

@@ -59,6 +59,9 @@ pub struct Meta {
     /// Further objects stored with the dump (absent in older meta files).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<super::record::PartRecord>,
+    /// Each table's rows at backup time (absent in older meta files).
+    #[serde(default, skip_serializing_if = "super::record::RowCounts::is_empty")]
+    pub row_counts: super::record::RowCounts,
     pub meta_key: String,
     pub agent: String,
     #[serde(default)]
@@ -103,6 +106,7 @@ impl Meta {
             tags: b.tags.clone(),
             object_key: b.object_key.clone(),
             parts: b.parts.clone(),
+            row_counts: b.row_counts.clone(),
             meta_key: b.meta_key.clone(),
             agent: b.agent.clone(),
             pinned: b.pinned,
@@ -155,6 +159,7 @@ impl Meta {
             roles: self.database.roles.clone(),
             database_shape: self.database.shape.clone(),
             parts: self.parts.clone(),
+            row_counts: self.row_counts.clone(),
             error: None,
             pinned: self.pinned,
             tags: self.tags.clone(),

@@ -26,7 +26,9 @@ use futures::StreamExt;
 use crate::catalog::{Catalog, CatalogError};
 use crate::clock::Clock;
 use crate::storage::{ByteStream, Storage, StorageError};
-pub use record::{BackupRecord, Kind, PartRecord, Status, Trigger, Verification, GLOBALS};
+pub use record::{
+    BackupRecord, Kind, PartRecord, RowCounts, Status, TableRows, Trigger, Verification, GLOBALS,
+};
 use store::BackupStore;
 
 /// Why a verified read did not deliver the whole object.

@@ -251,6 +251,30 @@ pub struct PartRecord {
     pub role_passwords: bool,
 }
 
+/// How many rows a table had in the dump's snapshot.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct TableRows {
+    pub schema: String,
+    pub name: String,
+    pub rows: u64,
+}
+
+/// The row counts of a backup, read from its archive as it was stored.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RowCounts {
+    #[serde(default)]
+    pub tables: Vec<TableRows>,
+    /// Why there are none, when they could not be read.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub not_counted: String,
+}
+
+impl RowCounts {
+    pub fn is_empty(&self) -> bool {
+        self.tables.is_empty() && self.not_counted.is_empty()
+    }
+}
+
 /// The name of the globals part.
 pub const GLOBALS: &str = "globals";
 
@@ -293,6 +317,8 @@ pub struct BackupRecord {
     pub database_shape: DatabaseShape,
     /// Further objects stored with the dump.
     pub parts: Vec<PartRecord>,
+    /// Each table's rows at backup time.
+    pub row_counts: RowCounts,
     pub error: Option<String>,
     pub pinned: bool,
     pub tags: Vec<String>,
@@ -355,6 +381,7 @@ impl BackupRecord {
             roles: Vec::new(),
             database_shape: DatabaseShape::default(),
             parts: Vec::new(),
+            row_counts: RowCounts::default(),
             error: None,
             pinned: false,
             tags: Vec::new(),

@@ -75,13 +75,18 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         12,
         "ALTER TABLE backups ADD COLUMN parts TEXT NOT NULL DEFAULT '';",
     ),
+    // 13: each table's rows at backup time (JSON of `RowCounts`)
+    (
+        13,
+        "ALTER TABLE backups ADD COLUMN row_counts TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape, parts";
+    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape, parts, row_counts";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -101,6 +106,15 @@ fn shape_json(s: &super::record::DatabaseShape) -> String {
         String::new()
     } else {
         serde_json::to_string(s).unwrap_or_default()
+    }
+}
+
+/// The row counts column: JSON, empty when nothing was recorded.
+fn rows_json(r: &super::record::RowCounts) -> String {
+    if r.is_empty() {
+        String::new()
+    } else {
+        serde_json::to_string(r).unwrap_or_default()
     }
 }
 
@@ -178,12 +192,13 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
         roles: list(&r.get::<_, String>(31)?),
         database_shape: serde_json::from_str(&r.get::<_, String>(32)?).unwrap_or_default(),
         parts: parts_from(33, &r.get::<_, String>(33)?)?,
+        row_counts: serde_json::from_str(&r.get::<_, String>(34)?).unwrap_or_default(),
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35)"),
         params![
             b.id,
             b.target,
@@ -219,6 +234,7 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             b.roles.join(","),
             shape_json(&b.database_shape),
             parts_json(&b.parts),
+            rows_json(&b.row_counts),
         ],
     )?;
     Ok(())
@@ -319,7 +335,7 @@ impl BackupStore {
                        format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
                        server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL,
                        extensions = ?18, system_identifier = ?19, raw_checksum = ?20,
-                       roles = ?21, database_shape = ?22, parts = ?23
+                       roles = ?21, database_shape = ?22, parts = ?23, row_counts = ?24
                      WHERE id = ?1 AND status = 'running'",
                     params![
                         b.id,
@@ -345,6 +361,7 @@ impl BackupStore {
                         b.roles.join(","),
                         shape_json(&b.database_shape),
                         parts_json(&b.parts),
+                        rows_json(&b.row_counts),
                     ],
                 )?;
                 if n == 1 {

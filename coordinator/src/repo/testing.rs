@@ -259,6 +259,14 @@ pub fn upload(data: &[u8]) -> Vec<Result<Piece, super::ingest::IngestError>> {
             raw_bytes: data.len() as u64 * 3,
             stored_bytes: data.len() as u64,
             raw_checksum: "blake3:plain".into(),
+            row_counts: super::RowCounts {
+                tables: vec![super::TableRows {
+                    schema: "public".into(),
+                    name: "t".into(),
+                    rows: data.len() as u64,
+                }],
+                not_counted: String::new(),
+            },
         })),
     ]
 }
@@ -282,6 +290,7 @@ pub fn upload_with_globals(
             raw_bytes: globals.len() as u64,
             stored_bytes: globals.len() as u64,
             raw_checksum: "blake3:globals".into(),
+            row_counts: Default::default(),
         })),
     ];
     v.extend(upload(dump));

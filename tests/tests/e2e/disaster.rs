@@ -123,6 +123,13 @@ fn a_lost_server_comes_back_with_its_roles_in_one_restore() {
         b.raw
     );
     assert_eq!(b.raw["parts"][0]["name"], "globals", "{}", b.raw);
+    // Rows as of the dump, read from its archive as it passed.
+    assert_eq!(
+        b.raw["tables"],
+        serde_json::json!([{"schema": "app", "name": "orders", "rows": 50000}]),
+        "{}",
+        b.raw
+    );
     assert_eq!(b.raw["parts"][0]["role_passwords"], true, "{}", b.raw);
     let mut logs = fleet.agent("shop").proc.log();
 
@@ -322,6 +329,13 @@ fn a_restore_onto_an_older_server_is_refused_before_anything_is_created() {
     };
     let source = PgCluster::start_with_bindir(&newer);
     source.create_small_db("shop", 1000);
+    // Rows with newlines and tabs in them, and a large object: still rows.
+    source.psql(
+        "shop",
+        "CREATE TABLE notes (id int, body text);
+         INSERT INTO notes SELECT g, E'line one\nline two\ttab' FROM generate_series(1, 7) g;
+         SELECT lo_from_bytea(0, E'\\x0a0a0a');",
+    );
     let mut fleet = Fleet::start();
     let spec = fleet
         .agent_spec("shop", &source, "shop")
@@ -329,6 +343,16 @@ fn a_restore_onto_an_older_server_is_refused_before_anything_is_created() {
     fleet.add_agent_spec("shop", spec);
     let b = fleet.backup("shop", None);
     assert!(b.is_completed(), "{}", b.raw);
+    // The newer pg_dump's archive format is read for row counts too.
+    assert_eq!(
+        b.raw["tables"],
+        serde_json::json!([
+            {"schema": "public", "name": "notes", "rows": 7},
+            {"schema": "public", "name": "t", "rows": 1000}
+        ]),
+        "{}",
+        b.raw
+    );
 
     // The replacement server is an older major version.
     fleet.remove_agent("shop");
