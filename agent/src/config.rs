@@ -109,6 +109,10 @@ pub struct TargetConfig {
     /// How long pg_dump waits for each table's lock before the backup fails
     /// (`DATASAVER_LOCK_WAIT_TIMEOUT`).
     pub lock_wait_timeout: std::time::Duration,
+    /// Where restore drills run (`DATASAVER_DRILL_DATABASE_URL`; its
+    /// database is where the agent connects to create and drop the scratch
+    /// database); `None`: on the target's own server.
+    pub drill_db: Option<DbConn>,
 }
 
 #[derive(Debug, Clone)]
@@ -303,6 +307,21 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         },
     };
 
+    let drill_db = match env.secret("DATASAVER_DRILL_DATABASE_URL") {
+        Ok(None) => None,
+        Ok(Some(url)) => match parse_database_url_for("DATASAVER_DRILL_DATABASE_URL", &url) {
+            Ok(d) => Some(d),
+            Err(e) => {
+                errs.push(e);
+                None
+            }
+        },
+        Err(e) => {
+            errs.push(e);
+            None
+        }
+    };
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -343,6 +362,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 encrypt_to,
                 identities,
                 lock_wait_timeout,
+                drill_db,
             },
             tls,
             pg_bin_dir: bin,
@@ -442,9 +462,14 @@ fn percent_decode(s: &str) -> Option<String> {
 /// `postgres://user:password@host:port/dbname?sslmode=require`. Errors never
 /// repeat the URL: it may hold the password.
 pub fn parse_database_url(url: &str) -> Result<DbConn, SettingError> {
+    parse_database_url_for("DATASAVER_DATABASE_URL", url)
+}
+
+/// [`parse_database_url`] for the setting named `setting`.
+pub fn parse_database_url_for(setting: &str, url: &str) -> Result<DbConn, SettingError> {
     let bad = |why: &str| {
         SettingError::new(
-            "DATASAVER_DATABASE_URL",
+            setting,
             format!("{why} (expected postgres://USER:PASSWORD@HOST:PORT/DBNAME)"),
         )
     };

@@ -531,6 +531,25 @@ pub mod sql {
         )
     }
 
+    /// The rows of each of `tables`, one count per line in their order.
+    pub fn row_counts(tables: &[(String, String)]) -> Statement {
+        let parts: Vec<String> = tables
+            .iter()
+            .enumerate()
+            .map(|(i, (s, t))| {
+                format!(
+                    "SELECT {i} AS i, (SELECT count(*) FROM ONLY {}.{}) AS n",
+                    quote_ident(s),
+                    quote_ident(t)
+                )
+            })
+            .collect();
+        Statement::new(format!(
+            "SELECT n FROM ({}) c ORDER BY i;",
+            parts.join("\nUNION ALL ")
+        ))
+    }
+
     /// What a restore of `tables` creates besides schemas: each table, its
     /// indexes and the sequences it owns (serial and identity columns), as
     /// `kind|schema|name`, one per line.

@@ -113,6 +113,83 @@ pub(crate) async fn stream_into(
         })
 }
 
+/// The scratch database of a drill of `backup_id`: `datasaver_drill_` and
+/// as much of the id as fits.
+fn drill_db_name(backup_id: &str) -> String {
+    let mut n = format!("datasaver_drill_{backup_id}");
+    n.truncate(63);
+    n
+}
+
+/// Compares the rows of every table in database `name` with the counts
+/// recorded at backup time; a summary, or what differs.
+async fn check_rows(
+    tools: &PgTools,
+    db: &crate::config::DbConn,
+    name: &str,
+    job: &RestoreJob,
+) -> Result<String, String> {
+    use crate::pg::sql;
+    if job.table_rows.is_empty() {
+        return Ok("its row counts were not recorded (a backup from before they were counted, or no tables): only the restore itself was proven".into());
+    }
+    let tables: Vec<(String, String)> = job
+        .table_rows
+        .iter()
+        .map(|t| (t.schema.clone(), t.name.clone()))
+        .collect();
+    let missing = tools
+        .query_lines(db, name, &sql::missing_part(&tables, &[]))
+        .await
+        .map_err(|e| format!("cannot inspect the scratch database: {e}"))?;
+    if !missing.is_empty() {
+        return Err(format!(
+            "the restored database lacks {}",
+            missing.join(", ")
+        ));
+    }
+    let counts = tools
+        .query_lines(db, name, &sql::row_counts(&tables))
+        .await
+        .map_err(|e| format!("cannot count the restored rows: {e}"))?;
+    let mut wrong = Vec::new();
+    let mut total = 0u64;
+    for (t, line) in job.table_rows.iter().zip(&counts) {
+        let got: u64 = line.trim().parse().unwrap_or(u64::MAX);
+        total += t.rows;
+        if got != t.rows {
+            wrong.push(format!(
+                "{}.{} has {got} rows, {} were recorded",
+                t.schema, t.name, t.rows
+            ));
+        }
+    }
+    if counts.len() != job.table_rows.len() {
+        return Err(format!(
+            "counted {} tables, {} were recorded",
+            counts.len(),
+            job.table_rows.len()
+        ));
+    }
+    if !wrong.is_empty() {
+        let more = wrong.len().saturating_sub(5);
+        wrong.truncate(5);
+        return Err(format!(
+            "{}{}",
+            wrong.join("; "),
+            if more > 0 {
+                format!(" (and {more} more)")
+            } else {
+                String::new()
+            }
+        ));
+    }
+    Ok(format!(
+        "every table's rows as recorded ({} tables, {total} rows)",
+        job.table_rows.len()
+    ))
+}
+
 /// The most a part (the globals) may hold; it is read into memory.
 const MAX_PART_BYTES: u64 = 64 << 20;
 
@@ -239,7 +316,13 @@ pub async fn run(
         None
     };
     let decode = Decode { codec, identities };
-    let db = &target.db;
+    let drill = job.mode == RestoreMode::Drill as i32;
+    // A drill runs on the drill server when the agent has one.
+    let db = match (&target.drill_db, drill) {
+        (Some(d), true) => d,
+        _ => &target.db,
+    };
+    let started = std::time::Instant::now();
     let counters = Arc::new(Counters::default());
 
     if job.mode == RestoreMode::List as i32 {
@@ -278,7 +361,9 @@ pub async fn run(
         });
     }
 
-    let name = if job.target_db.is_empty() {
+    let name = if drill {
+        drill_db_name(&job.backup_id)
+    } else if job.target_db.is_empty() {
         datasaver_common::names::default_restore_db(&db.dbname, chrono::Utc::now())
     } else {
         job.target_db.clone()
@@ -389,6 +474,14 @@ pub async fn run(
         }
         return Ok(o);
     }
+    // A drill's scratch database left by an earlier drill that was cut off
+    // (it is ours by its name) goes first.
+    if drill {
+        tools
+            .drop_database(db, &admin_db, &name)
+            .await
+            .map_err(|e| format!("cannot drop the drill database {name} left earlier: {e}"))?;
+    }
     // Looking is harmless to stop; creating, dropping and swapping run to
     // their end so no database is left half done.
     let exists = tokio::select! {
@@ -471,6 +564,33 @@ pub async fn run(
             }
         }
         return Err(e);
+    }
+    if drill {
+        reporter.phase(
+            "check",
+            "checking every table's rows against the backup's counts",
+        );
+        let checked = check_rows(&tools, db, &name, &job).await;
+        let dropped = tools.drop_database(db, &admin_db, &name).await;
+        let summary =
+            checked.map_err(|e| format!("drill of backup {} failed: {e}", job.backup_id))?;
+        dropped.map_err(|e| {
+            format!(
+                "drill of backup {} passed ({summary}), but its scratch database {name} could not be dropped: {e}",
+                job.backup_id
+            )
+        })?;
+        return Ok(Outcome {
+            message: format!(
+                "drill of backup {} passed in {:.1} s on {}:{}: restored into a scratch database, {summary}; the scratch database was dropped",
+                job.backup_id,
+                started.elapsed().as_secs_f64(),
+                db.host,
+                db.port
+            ),
+            target_db: String::new(),
+            toc_entries: 0,
+        });
     }
     if nonempty {
         tools
@@ -573,6 +693,7 @@ mod tests {
             encrypt_to: None,
             identities: Identities::default(),
             lock_wait_timeout: crate::config::DEFAULT_LOCK_WAIT_TIMEOUT,
+            drill_db: None,
         };
         let job = RestoreJob {
             job_id: "j1".into(),

@@ -94,10 +94,17 @@ enum Cmd {
     },
     /// Restore a backup, or some of its tables or schemas, into a new database (default <dbname>_restored_<time>).
     Restore(RestoreArgs),
-    /// Re-read a backup from storage, check its BLAKE3 checksum and its archive's table of contents.
+    /// Re-read a backup from storage, check its BLAKE3 checksum and its archive's table of contents; with --restore, prove it restores (a drill).
     Verify {
         /// Backup id.
         id: String,
+        /// A restore drill: restore the backup into a scratch database
+        /// (datasaver_drill_<id>, on DATASAVER_DRILL_DATABASE_URL's server when
+        /// the agent has one, else on its own), check every table has the rows
+        /// recorded at backup time, drop it. The result is kept with the backup
+        /// (`dsctl list` PROVEN, `dsctl get`).
+        #[arg(long)]
+        restore: bool,
     },
     /// Write a backup's plain pg_dump archive to a file, to restore it without datasaver.
     ///
@@ -756,8 +763,10 @@ async fn run(cli: Cli) -> Result<()> {
             output::health(&h, cli.json);
             Ok(())
         }
-        Cmd::Verify { id } => {
-            let stream = why.answer(c.verify(VerifyRequest { id }).await).await?;
+        Cmd::Verify { id, restore } => {
+            let stream = why
+                .answer(c.verify(VerifyRequest { id, restore }).await)
+                .await?;
             let mut p = Progress::new(mode, progress::Counter::Stored);
             let done = follow(stream, &why, &mut p).await?;
             p.done(None);

@@ -191,6 +191,8 @@ pub fn backup_json(b: &Backup) -> Value {
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
         "verify_result": opt(&b.verify_result),
+        "drilled_at": opt(&b.drilled_at),
+        "drill_result": opt(&b.drill_result),
         "next_backup_at": opt(&b.next_backup_at),
     })
 }
@@ -484,6 +486,11 @@ pub fn backups(list: &[Backup], as_json: bool) {
         .col("STATUS", |b| b.status.clone())
         .col("TAGS", |b| b.tags.join(","))
         .col("PINNED", |b| if b.pinned { "yes" } else { "" }.to_string())
+        .col("PROVEN", |b| match (&b.drilled_at, &b.drill_result) {
+            (Some(at), Some(r)) if r.starts_with("ok") => short_time(at),
+            (Some(_), Some(_)) => "FAILED".into(),
+            _ => String::new(),
+        })
         .col("LABEL", |b| b.label.clone().unwrap_or_default())
         .print(list);
 }
@@ -584,6 +591,13 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
             format!("{v}: {}", b.verify_result.clone().unwrap_or_default()),
         ));
     }
+    rows.push((
+        "last proven",
+        match (&b.drilled_at, &b.drill_result) {
+            (Some(at), Some(r)) => format!("{at}: {r}"),
+            _ => "never (dsctl verify --restore ID runs a restore drill)".into(),
+        },
+    ));
     let kv = Columns::<(&str, String)>::new()
         .col("", |r| r.0.to_string())
         .col("", |r| r.1.clone());

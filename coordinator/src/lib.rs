@@ -145,6 +145,8 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         parts: b.parts.iter().map(part_to_proto).collect(),
         tables: tables_to_proto(&b.row_counts.tables),
         rows_not_counted: b.row_counts.not_counted.clone(),
+        drilled_at: b.drill.as_ref().map(|v| repo::record::format_time(v.at)),
+        drill_result: b.drill.as_ref().map(repo::Verification::result),
     }
 }
 

@@ -238,14 +238,19 @@ impl OperatorService for OperatorSvc {
 
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<EventStream>, Status> {
         let who = Caller::of(&req)?;
-        let id = req.into_inner().id;
-        self.find_for(&who, Action::Verify, &id).await?;
-        let sel = Selector::Id(id);
+        let req = req.into_inner();
+        self.find_for(&who, Action::Verify, &req.id).await?;
+        let sel = Selector::Id(req.id);
         let row = backups::pick(&self.core, &sel, "verified")
             .await
             .map_err(action_status)?;
-        tracing::info!(operator = %who, backup = %row.id, "verify requested");
-        let started = jobs::start_read(&self.core, row, Read::Verify).map_err(start_status)?;
+        tracing::info!(operator = %who, backup = %row.id, drill = req.restore, "verify requested");
+        let read = if req.restore {
+            Read::Drill
+        } else {
+            Read::Verify
+        };
+        let started = jobs::start_read(&self.core, row, read).map_err(start_status)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
     }
 

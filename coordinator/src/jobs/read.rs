@@ -34,6 +34,9 @@ pub enum Read {
     DryRun,
     /// A dry run whose result is kept as the backup's verification.
     Verify,
+    /// A restore drill: into a scratch database, rows checked, dropped; the
+    /// result kept as the backup's last drill.
+    Drill,
 }
 
 /// A part of a backup to restore (empty: all of it).
@@ -94,6 +97,7 @@ impl Read {
             Read::Restore { .. } => "restore",
             Read::DryRun => "list",
             Read::Verify => "verify",
+            Read::Drill => "drill",
         }
     }
 }
@@ -101,7 +105,7 @@ impl Read {
 /// Starts `read` of completed backup `row` on its target's agent.
 pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Started, StartError> {
     let kind = match read {
-        Read::Restore { .. } => JobKind::Restore,
+        Read::Restore { .. } | Read::Drill => JobKind::Restore,
         Read::DryRun | Read::Verify => JobKind::List,
     };
     // Registered now so the backup counts as in use from the start.
@@ -136,6 +140,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 Read::DryRun | Read::Verify => {
                     (RestoreMode::List, String::new(), false, Part::default())
                 }
+                Read::Drill => (RestoreMode::Drill, String::new(), false, Part::default()),
             };
             let msg = coordinator_message::Msg::Restore(RestoreJob {
                 trace_context: datasaver_common::telemetry::context_of(&tracing::Span::current()),
@@ -193,7 +198,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
             match read {
                 Read::Verify => core.metrics.verify_finished(&row.target, result.is_ok()),
                 Read::Restore { .. } => core.metrics.restore_finished(&row.target, result.is_ok()),
-                Read::DryRun => {}
+                Read::DryRun | Read::Drill => {}
             }
             let corrupt = matches!(&result, Err(f) if f.kind == FailureKind::Corrupt);
             // A verify, and any read that found the object corrupt, is kept
@@ -213,6 +218,17 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 };
                 if let Err(e) = core.repo.record_verification(&row.id, ok, &detail).await {
                     tracing::warn!(backup = %row.id, error = %e, "could not record the verify result");
+                }
+            }
+            // A drill's result is kept as the backup's last drill (a corrupt
+            // object also as its verification, above).
+            if read == Read::Drill && !matches!(&result, Err(f) if f.kind == FailureKind::Interrupted || f.kind == FailureKind::Cancelled) {
+                let (ok, detail) = match &result {
+                    Ok(r) => (true, r.message.clone()),
+                    Err(f) => (false, f.message.clone()),
+                };
+                if let Err(e) = core.repo.record_drill(&row.id, ok, &detail).await {
+                    tracing::warn!(backup = %row.id, error = %e, "could not record the drill result");
                 }
             }
             let outcome = match &result {

@@ -70,6 +70,11 @@ pub struct Meta {
     pub verified_at: Option<String>,
     #[serde(default)]
     pub verify_result: Option<String>,
+    /// The last restore drill (absent in older meta files).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drilled_at: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drill_result: Option<String>,
 }
 
 impl Meta {
@@ -112,6 +117,8 @@ impl Meta {
             pinned: b.pinned,
             verified_at: b.verification.as_ref().map(|v| format_time(v.at)),
             verify_result: b.verification.as_ref().map(Verification::result),
+            drilled_at: b.drill.as_ref().map(|v| format_time(v.at)),
+            drill_result: b.drill.as_ref().map(Verification::result),
         }
     }
 
@@ -168,6 +175,7 @@ impl Meta {
                 self.verified_at.as_deref(),
                 self.verify_result.as_deref(),
             ),
+            drill: Verification::parse(self.drilled_at.as_deref(), self.drill_result.as_deref()),
         })
     }
 
@@ -241,6 +249,11 @@ mod tests {
             at: b.created_at,
             ok: true,
             detail: "checksum matches".into(),
+        });
+        b.drill = Some(Verification {
+            at: b.created_at,
+            ok: false,
+            detail: "table public.t has 3 rows, 4 were recorded".into(),
         });
         let v: serde_json::Value =
             serde_json::from_slice(&Meta::from_record(&b).to_json()).unwrap();

@@ -360,6 +360,27 @@ impl Repository {
         ok: bool,
         detail: &str,
     ) -> Result<BackupRecord, RepoError> {
+        self.record_check(id, ok, detail, false).await
+    }
+
+    /// Keeps the result of a restore drill of backup `id` (catalog and
+    /// meta file).
+    pub async fn record_drill(
+        &self,
+        id: &str,
+        ok: bool,
+        detail: &str,
+    ) -> Result<BackupRecord, RepoError> {
+        self.record_check(id, ok, detail, true).await
+    }
+
+    async fn record_check(
+        &self,
+        id: &str,
+        ok: bool,
+        detail: &str,
+        drill: bool,
+    ) -> Result<BackupRecord, RepoError> {
         let lock = self.meta_lock(id);
         let _one = lock.lock().await;
         let v = Verification {
@@ -367,7 +388,7 @@ impl Repository {
             ok,
             detail: detail.to_string(),
         };
-        self.store.set_verification(id, v).await?;
+        self.store.set_check(id, v, drill).await?;
         let b = self.find(id).await?;
         if b.status == Status::Completed {
             if let Err(e) = self.write_meta(&b).await {

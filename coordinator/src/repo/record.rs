@@ -325,6 +325,8 @@ pub struct BackupRecord {
     /// The agent that made it.
     pub agent: String,
     pub verification: Option<Verification>,
+    /// The last restore drill (`dsctl verify --restore`).
+    pub drill: Option<Verification>,
 }
 
 impl BackupRecord {
@@ -387,6 +389,7 @@ impl BackupRecord {
             tags: Vec::new(),
             agent: agent.to_string(),
             verification: None,
+            drill: None,
         }
     }
 

@@ -80,13 +80,20 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         13,
         "ALTER TABLE backups ADD COLUMN row_counts TEXT NOT NULL DEFAULT '';",
     ),
+    // 14: the last restore drill of each backup
+    (
+        14,
+        "ALTER TABLE backups ADD COLUMN drilled_at TEXT;
+         ALTER TABLE backups ADD COLUMN drill_result TEXT;",
+    ),
 ];
 
 const COLUMNS: &str =
     "id, target, kind, status, trigger, label, created_at, finished_at, duration_ms,
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
-    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape, parts, row_counts";
+    agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape, parts, row_counts,
+    drilled_at, drill_result";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -193,12 +200,16 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
         database_shape: serde_json::from_str(&r.get::<_, String>(32)?).unwrap_or_default(),
         parts: parts_from(33, &r.get::<_, String>(33)?)?,
         row_counts: serde_json::from_str(&r.get::<_, String>(34)?).unwrap_or_default(),
+        drill: Verification::parse(
+            r.get::<_, Option<String>>(35)?.as_deref(),
+            r.get::<_, Option<String>>(36)?.as_deref(),
+        ),
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37)"),
         params![
             b.id,
             b.target,
@@ -235,6 +246,8 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             shape_json(&b.database_shape),
             parts_json(&b.parts),
             rows_json(&b.row_counts),
+            b.drill.as_ref().map(|v| format_time(v.at)),
+            b.drill.as_ref().map(Verification::result),
         ],
     )?;
     Ok(())
@@ -526,14 +539,23 @@ impl BackupStore {
             .await
     }
 
-    pub async fn set_verification(&self, id: &str, v: Verification) -> Result<(), CatalogError> {
+    /// Keeps the result of a verify (or, with `drill`, of a restore drill)
+    /// of backup `id`.
+    pub async fn set_check(
+        &self,
+        id: &str,
+        v: Verification,
+        drill: bool,
+    ) -> Result<(), CatalogError> {
         let id = id.to_string();
+        let sql = if drill {
+            "UPDATE backups SET drilled_at = ?2, drill_result = ?3 WHERE id = ?1"
+        } else {
+            "UPDATE backups SET verified_at = ?2, verify_result = ?3 WHERE id = ?1"
+        };
         self.db
             .call(move |c| {
-                c.execute(
-                    "UPDATE backups SET verified_at = ?2, verify_result = ?3 WHERE id = ?1",
-                    params![id, format_time(v.at), v.result()],
-                )?;
+                c.execute(sql, params![id, format_time(v.at), v.result()])?;
                 Ok(())
             })
             .await
@@ -662,21 +684,29 @@ mod tests {
 
         // verification and pins survive a reopen, with their types
         store
-            .set_verification(
+            .set_check(
                 "a_1",
                 Verification {
                     at: at(7),
                     ok: false,
                     detail: "corrupt".into(),
                 },
+                false,
             )
             .await
             .unwrap();
+        let drilled = Verification {
+            at: at(8),
+            ok: true,
+            detail: "drill passed".into(),
+        };
+        store.set_check("a_1", drilled.clone(), true).await.unwrap();
         assert!(store.set_pinned("a_1", true).await.unwrap());
         drop(store);
         let store = BackupStore::new(Catalog::open(&path).unwrap());
         let got = store.get("a_1").await.unwrap().unwrap();
         assert!(got.pinned && got.known_bad());
+        assert_eq!(got.drill, Some(drilled));
         assert_eq!(store.list(None).await.unwrap().len(), 4);
         assert_eq!(store.targets().await.unwrap(), vec!["a", "b"]);
     }

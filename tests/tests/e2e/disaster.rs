@@ -918,3 +918,107 @@ fn a_schema_comes_back_into_a_new_database_and_a_missing_table_is_refused() {
         "--table \"orders\" is not accepted: give SCHEMA.NAME",
     );
 }
+
+/// A restore drill proves a backup: restored into a scratch database, every
+/// table's rows checked against the counts recorded at backup time, the
+/// scratch database dropped, the result kept and shown. A drill whose
+/// restore fails (the drill server lacks an extension) is recorded as
+/// failed and leaves nothing behind on the drill server.
+#[test]
+fn a_restore_drill_proves_a_backup_and_a_failed_one_leaves_nothing() {
+    let pg = PgCluster::new();
+    pg.create_small_db("shop", 1000);
+    pg.psql(
+        "shop",
+        "CREATE TABLE notes (id int, body text);
+         INSERT INTO notes SELECT g, E'two\\nlines' FROM generate_series(1, 25) g;
+         CREATE TABLE empty (id int);",
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent("shop", &pg, "shop");
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed(), "{}", b.raw);
+    let before = pg.databases();
+    let out = fleet
+        .dsctl(&["verify", &b.id, "--restore"])
+        .expect_success("restore drill");
+    assert!(
+        out.stdout
+            .contains(&format!("drill of backup {} passed", b.id))
+            && out
+                .stdout
+                .contains("every table's rows as recorded (3 tables, 1025 rows)")
+            && out.stdout.contains("the scratch database was dropped"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(pg.databases(), before, "the drill left a database");
+    let list = fleet.dsctl(&["list"]).expect_success("dsctl list");
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&b.id))
+        .unwrap_or_else(|| panic!("{}", list.stdout));
+    assert!(
+        list.stdout.starts_with("ID") && list.stdout.contains("PROVEN"),
+        "{}",
+        list.stdout
+    );
+    assert!(
+        !row.contains("FAILED") && row.contains(&b.raw["created_at"].as_str().unwrap_or("")[..10]),
+        "{row}"
+    );
+    let shown = fleet.dsctl(&["get", &b.id]).expect_success("dsctl get");
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("last proven") && l.contains(": ok: drill of backup")),
+        "{}",
+        shown.stdout
+    );
+
+    // A drill server without an extension the backup needs.
+    let Some(newer) = PgCluster::newer_bindir() else {
+        datasaver_tests::skip(
+            "no newer PostgreSQL major version installed (tests/install-newer-pg.sh)",
+        );
+        return;
+    };
+    let drills = PgCluster::start_with_bindir(&newer);
+    pg.psql("shop", "CREATE EXTENSION old_snapshot;");
+    fleet.remove_agent("shop");
+    let spec = fleet
+        .agent_spec("shop", &pg, "shop")
+        .env("DATASAVER_DRILL_DATABASE_URL", drills.url("postgres"));
+    fleet.add_agent_spec("shop", spec);
+    let c = fleet.backup("shop", None);
+    assert!(c.is_completed(), "{}", c.raw);
+    let on_drill_server = drills.databases();
+    let out = fleet
+        .dsctl(&["--quiet", "verify", &c.id, "--restore"])
+        .expect_code(1, "a drill on a server without the extension");
+    assert_one_line_error(&out.stderr, "old_snapshot");
+    assert_eq!(
+        drills.databases(),
+        on_drill_server,
+        "the failed drill left a database"
+    );
+    assert_eq!(pg.databases(), before, "the drill ran on the wrong server");
+    let list = fleet.dsctl(&["list"]).expect_success("dsctl list");
+    let row = list
+        .stdout
+        .lines()
+        .find(|l| l.starts_with(&c.id))
+        .unwrap_or_else(|| panic!("{}", list.stdout));
+    assert!(row.contains("FAILED"), "{row}");
+    let v = fleet.dsctl_json(&["get", &c.id]);
+    assert!(
+        v["drill_result"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("failed: ") && r.contains("old_snapshot")),
+        "{v}"
+    );
+    // The password in the drill server's URL reaches no log.
+    assert!(!fleet.agent("shop").proc.log().contains(drills.password()));
+}
