@@ -16,10 +16,12 @@ use tokio_util::sync::CancellationToken;
 ///   DATASAVER_TLS_CA / _CERT / _KEY   fleet CA and this agent's certificate (dsctl certs issue)
 ///   DATASAVER_COMPRESSION       zstd (default), gzip or none; DATASAVER_COMPRESSION_LEVEL
 ///   DATASAVER_COMPRESSION_THREADS  zstd worker threads (default: CPUs, at most 4; 0 = none)
-///   DATASAVER_PG_BIN_DIR        where pg_dump, pg_restore and psql are (default: PATH)
+///   DATASAVER_PG_BIN_DIR        where pg_dump, pg_dumpall, pg_restore and psql are (default: PATH)
 ///   DATASAVER_SCHEDULE, DATASAVER_KEEP_*  schedule and retention this agent asks for
 ///   DATASAVER_LOCK_WAIT_TIMEOUT how long pg_dump waits for a table's lock (default 10m)
 ///                               before the backup fails naming the table
+///   DATASAVER_DRILL_DATABASE_URL  a server for restore drills (postgres://...; default: the
+///                               target's own server): scratch databases are made there
 ///   DATASAVER_HTTP_LISTEN       serve GET /health here (e.g. 127.0.0.1:9091): 200 when
 ///                               connected to the coordinator and the database answers
 ///   DATASAVER_SHUTDOWN_GRACE    how long SIGTERM may take (default 10s): the running backup

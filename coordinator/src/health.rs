@@ -67,6 +67,11 @@ pub struct TargetStatus {
     pub last_success_at: Option<String>,
     #[serde(skip)]
     pub last_success_unix: Option<i64>,
+    /// The restore-drill schedule, and when a drill last passed.
+    pub drill_schedule: Option<String>,
+    pub last_drill_success_at: Option<String>,
+    #[serde(skip)]
+    pub last_drill_success_unix: Option<i64>,
     pub backups: u32,
     pub stored_bytes: u64,
     pub agent_connected: bool,
@@ -113,7 +118,8 @@ impl Report {
                         | Kind::SizeAnomaly
                         | Kind::AgentDisconnected
                         | Kind::ScheduleMissed
-                        | Kind::ServerChanged,
+                        | Kind::ServerChanged
+                        | Kind::DrillStale,
                     ) => std::mem::take(&mut a.message),
                     Some(Kind::BackupFailed) => format!(
                         "backup {id} of {} failed: {}",
@@ -123,6 +129,9 @@ impl Report {
                             .unwrap_or_else(|| public_error(""))
                     ),
                     Some(Kind::VerifyFailed) => format!("verify of {id} failed ({DETAILS})"),
+                    Some(Kind::DrillFailed) => {
+                        format!("restore drill of {id} failed ({DETAILS})")
+                    }
                     None => format!("{} ({DETAILS})", a.event),
                 };
             }
@@ -184,6 +193,10 @@ pub async fn report(core: &Core) -> Result<Report, String> {
         let record = core.targets.get(&name).await.map_err(|e| e.to_string())?;
         let last = rows.iter().find(|r| r.status.is_finished());
         let last_ok = rows.iter().find(|r| r.status == Status::Completed);
+        let last_drill_ok = rows
+            .iter()
+            .filter_map(|r| r.drill.as_ref().filter(|v| v.ok).map(|v| v.at))
+            .max();
         let completed: Vec<_> = rows
             .iter()
             .filter(|r| r.status == Status::Completed)
@@ -261,6 +274,12 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             last_backup_error: last.and_then(|r| r.error.clone()),
             last_success_unix: last_success.map(|d| d.timestamp()),
             last_success_at: last_success.map(format_time),
+            drill_schedule: core
+                .policies
+                .drill_schedule_for(&name)
+                .map(|s| s.expr().to_string()),
+            last_drill_success_at: last_drill_ok.map(format_time),
+            last_drill_success_unix: last_drill_ok.map(|d| d.timestamp()),
             backups: completed.len() as u32,
             stored_bytes: completed.iter().map(|r| r.stored_bytes).sum(),
             agent_connected: connected,
@@ -308,6 +327,9 @@ mod tests {
             last_backup_error: Some(error.into()),
             last_success_at: None,
             last_success_unix: None,
+            drill_schedule: None,
+            last_drill_success_at: None,
+            last_drill_success_unix: None,
             backups: 0,
             stored_bytes: 0,
             agent_connected: true,

@@ -31,6 +31,7 @@ pub struct Metrics {
     restores: Family<Labels, Counter>,
     verifies: Family<Labels, Counter>,
     last_success: Family<Labels, Gauge<f64, AtomicU64>>,
+    last_drill_success: Family<Labels, Gauge<f64, AtomicU64>>,
     stored_bytes: Family<Labels, Gauge<f64, AtomicU64>>,
     backups_stored: Family<Labels, Gauge>,
     agents_connected: Gauge,
@@ -107,6 +108,13 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             last_success.clone(),
         );
+        let last_drill_success = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "last_drill_success_timestamp",
+            "Unix time of the latest passing restore drill",
+            prometheus_client::registry::Unit::Seconds,
+            last_drill_success.clone(),
+        );
         let stored_bytes = Family::<Labels, Gauge<f64, AtomicU64>>::default();
         registry.register_with_unit(
             "stored",
@@ -178,6 +186,7 @@ impl Metrics {
             restores,
             verifies,
             last_success,
+            last_drill_success,
             stored_bytes,
             backups_stored,
             agents_connected,
@@ -283,6 +292,9 @@ impl Metrics {
             self.backups_stored.get_or_create(&l).set(t.backups as i64);
             if let Some(ts) = t.last_success_unix {
                 self.last_success.get_or_create(&l).set(ts as f64);
+            }
+            if let Some(ts) = t.last_drill_success_unix {
+                self.last_drill_success.get_or_create(&l).set(ts as f64);
             }
         }
         self.alerts_open.clear();

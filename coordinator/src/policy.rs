@@ -113,6 +113,9 @@ pub const DEFAULT_SHUTDOWN_GRACE: std::time::Duration = std::time::Duration::fro
 pub struct TargetFile {
     /// Overrides the agent's DATASAVER_SCHEDULE; "off" disables scheduling.
     pub schedule: Option<String>,
+    /// When to run a restore drill of the newest completed backup (cron,
+    /// like `schedule`; "off" or absent: no scheduled drills).
+    pub drill_schedule: Option<String>,
     /// Dead man's switch for this target, e.g. "26h" (overrides DATASAVER_ALERT_AFTER).
     pub alert_after: Option<String>,
     /// The longest one job of this target may run, e.g. "36h" (overrides
@@ -291,6 +294,16 @@ impl Policies {
                     })?;
                 }
             }
+            if let Some(s) = &t.drill_schedule {
+                if !is_off(s) {
+                    Schedule::parse(s, tz).map_err(|m| {
+                        SettingError::new(
+                            "DATASAVER_CONFIG",
+                            format!("targets.{name}.drill_schedule: {m}"),
+                        )
+                    })?;
+                }
+            }
             if let Some(a) = &t.alert_after {
                 parse_duration(&format!("DATASAVER_CONFIG: targets.{name}.alert_after"), a)?;
             }
@@ -381,6 +394,25 @@ impl Policies {
             Some(s) if is_off(s) => Ok(None),
             Some(s) => Schedule::parse(s, self.tz).map(Some),
         }
+    }
+
+    /// The restore-drill schedule of `target` (the YAML file's
+    /// `drill_schedule`), `None` when it has none.
+    pub fn drill_schedule_for(&self, target: &str) -> Option<Schedule> {
+        let expr = self.targets.get(target)?.drill_schedule.as_deref()?;
+        if is_off(expr) {
+            return None;
+        }
+        Schedule::parse(expr, self.tz).ok()
+    }
+
+    /// Targets with a restore-drill schedule.
+    pub fn drilled_targets(&self) -> Vec<String> {
+        self.targets
+            .keys()
+            .filter(|t| self.drill_schedule_for(t).is_some())
+            .cloned()
+            .collect()
     }
 
     /// Retention for a target: defaults, then the agent's request raised to

@@ -16,10 +16,12 @@ pub enum Kind {
     VerifyFailed,
     ScheduleMissed,
     ServerChanged,
+    DrillFailed,
+    DrillStale,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 10] = [
         Kind::BackupFailed,
         Kind::BackupOverdue,
         Kind::ConsecutiveFailures,
@@ -28,6 +30,8 @@ impl Kind {
         Kind::VerifyFailed,
         Kind::ScheduleMissed,
         Kind::ServerChanged,
+        Kind::DrillFailed,
+        Kind::DrillStale,
     ];
 
     pub fn event(self) -> &'static str {
@@ -40,6 +44,8 @@ impl Kind {
             Kind::VerifyFailed => "verify.failed",
             Kind::ScheduleMissed => "schedule.missed",
             Kind::ServerChanged => "target.server_changed",
+            Kind::DrillFailed => "drill.failed",
+            Kind::DrillStale => "drill.stale",
         }
     }
 
@@ -91,6 +97,12 @@ pub struct Facts {
     pub last_missed: Option<(DateTime<Utc>, u64)>,
     /// A change of server not yet confirmed by a second backup of it.
     pub server_change: Option<ServerChange>,
+    /// The latest restore drill: (ok, backup id, result).
+    pub last_drill: Option<(bool, String, String)>,
+    /// When a drill last passed.
+    pub last_drill_ok_at: Option<DateTime<Utc>>,
+    /// Whether drills run on a schedule for it (only then can they go stale).
+    pub drills_scheduled: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -105,6 +117,9 @@ pub struct Rules {
     pub size_window: usize,
     /// Agent away longer than this is an alert.
     pub agent_grace: Duration,
+    /// A target with scheduled drills and no passing one for this long is
+    /// degraded (`DATASAVER_DRILL_MAX_AGE`).
+    pub drill_max_age: Duration,
 }
 
 impl Default for Rules {
@@ -115,6 +130,7 @@ impl Default for Rules {
             size_tolerance: 0.5,
             size_window: 5,
             agent_grace: Duration::minutes(5),
+            drill_max_age: Duration::days(7),
         }
     }
 }
@@ -272,6 +288,35 @@ pub fn conditions(f: &Facts, r: &Rules, now: DateTime<Utc>) -> Vec<Condition> {
             });
         }
     }
+    if let Some((false, id, msg)) = &f.last_drill {
+        out.push(Condition {
+            kind: Kind::DrillFailed,
+            message: format!("restore drill of {id} failed: {msg}"),
+            backup_id: Some(id.clone()),
+        });
+    }
+    if f.drills_scheduled {
+        let since = f.last_drill_ok_at.unwrap_or(f.known_since);
+        if now - since > r.drill_max_age {
+            out.push(Condition {
+                kind: Kind::DrillStale,
+                message: match f.last_drill_ok_at {
+                    Some(at) => format!(
+                        "no restore drill of {t} has passed for {} (last at {}); the limit is {} (DATASAVER_DRILL_MAX_AGE)",
+                        hours(now - at),
+                        at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                        hours(r.drill_max_age)
+                    ),
+                    None => format!(
+                        "no restore drill of {t} has passed in the {} since it was first seen; the limit is {} (DATASAVER_DRILL_MAX_AGE)",
+                        hours(now - since),
+                        hours(r.drill_max_age)
+                    ),
+                },
+                backup_id: None,
+            });
+        }
+    }
     if let Some((false, id, msg)) = &f.last_verify {
         out.push(Condition {
             kind: Kind::VerifyFailed,
@@ -312,7 +357,47 @@ mod tests {
             last_verify: None,
             last_missed: None,
             server_change: None,
+            last_drill: None,
+            last_drill_ok_at: None,
+            drills_scheduled: false,
         }
+    }
+
+    /// A failed drill alerts until one passes; with drills on a schedule,
+    /// no passing drill within the limit is a condition of its own — from
+    /// when the target was first seen, and from the last passing drill —
+    /// over simulated weeks.
+    #[test]
+    fn drills_that_fail_or_go_stale_are_conditions() {
+        let r = Rules::default();
+        let mut f = facts(vec![attempt(1, true, 100)]);
+        assert!(
+            conditions(&f, &r, at(24 * 30)).is_empty(),
+            "no drill schedule, nothing stale"
+        );
+        f.drills_scheduled = true;
+        assert!(conditions(&f, &r, at(24 * 7)).is_empty());
+        let c = conditions(&f, &r, at(24 * 7 + 1));
+        assert_eq!(kinds(&c), [Kind::DrillStale]);
+        assert!(
+            c[0].message.contains("since it was first seen"),
+            "{}",
+            c[0].message
+        );
+        f.last_drill = Some((true, "b1".into(), "ok: passed".into()));
+        f.last_drill_ok_at = Some(at(24 * 7 + 2));
+        assert!(conditions(&f, &r, at(24 * 14 + 2)).is_empty());
+        let c = conditions(&f, &r, at(24 * 14 + 3));
+        assert_eq!(kinds(&c), [Kind::DrillStale]);
+        assert!(c[0].message.contains("last at"), "{}", c[0].message);
+        f.last_drill = Some((false, "b1".into(), "table t has 3 rows".into()));
+        let c = conditions(&f, &r, at(24 * 8));
+        assert_eq!(kinds(&c), [Kind::DrillFailed]);
+        assert!(
+            c[0].message.contains("restore drill of b1 failed"),
+            "{}",
+            c[0].message
+        );
     }
 
     fn kinds(c: &[Condition]) -> Vec<Kind> {

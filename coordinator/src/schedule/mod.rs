@@ -3,5 +3,6 @@
 //! and the driver that runs it against the real fleet.
 
 pub mod cron;
+pub mod drills;
 pub mod driver;
 pub mod planner;

@@ -1022,3 +1022,148 @@ fn a_restore_drill_proves_a_backup_and_a_failed_one_leaves_nothing() {
     // The password in the drill server's URL reaches no log.
     assert!(!fleet.agent("shop").proc.log().contains(drills.password()));
 }
+
+/// Drills on a schedule: a drill that fails (the drill server lacks an
+/// extension) is announced once as `drill.failed` however often it fails
+/// again, leaves no scratch database, and makes `/health` degraded; once a
+/// drill passes the alert resolves and `/metrics` has the time of it. With
+/// no passing drill for longer than DATASAVER_DRILL_MAX_AGE (the agent is
+/// away) `drill.stale` opens, and a passing drill closes it.
+#[test]
+fn scheduled_drills_alert_when_they_fail_or_go_stale_and_recover() {
+    let Some(newer) = PgCluster::newer_bindir() else {
+        datasaver_tests::skip(
+            "no newer PostgreSQL major version installed (tests/install-newer-pg.sh)",
+        );
+        return;
+    };
+    let hook = WebhookReceiver::start();
+    let pg = PgCluster::new();
+    pg.create_small_db("shop", 500);
+    pg.psql("shop", "CREATE EXTENSION old_snapshot;");
+    let drills = PgCluster::start_with_bindir(&newer);
+    let dir = datasaver_tests::short_tempdir("dsdrill");
+    let config = dir.path().join("datasaver.yaml");
+    std::fs::write(
+        &config,
+        "targets:\n  shop:\n    drill_schedule: \"*/2 * * * * *\"\n",
+    )
+    .expect("write config");
+    let mut fleet = Fleet::start_with(FleetOptions {
+        coordinator_env: vec![
+            (
+                "DATASAVER_CONFIG".into(),
+                config.to_str().expect("utf-8 path").into(),
+            ),
+            ("DATASAVER_WEBHOOK_URL".into(), hook.url("/hook")),
+            ("DATASAVER_DRILL_MAX_AGE".into(), "10s".into()),
+        ],
+        ..Default::default()
+    });
+    let spec = |fleet: &Fleet| {
+        fleet
+            .agent_spec("shop", &pg, "shop")
+            .env("DATASAVER_DRILL_DATABASE_URL", drills.url("postgres"))
+    };
+    let s = spec(&fleet);
+    fleet.add_agent_spec("shop", s);
+    assert!(fleet.backup("shop", None).is_completed());
+
+    assert!(
+        wait_until(Duration::from_secs(60), || !hook
+            .events("drill.failed")
+            .is_empty()),
+        "no drill.failed: {:?}",
+        hook.delivered()
+    );
+    let failed = &hook.events("drill.failed")[0];
+    assert!(
+        failed["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("old_snapshot")),
+        "{failed}"
+    );
+    // More drills fail meanwhile; still one announcement.
+    std::thread::sleep(Duration::from_secs(6));
+    assert_eq!(
+        hook.events("drill.failed").len(),
+        1,
+        "{:?}",
+        hook.delivered()
+    );
+    let h = fleet.http_get("/health").expect("GET /health");
+    assert!(
+        h.status == 503 && h.body.contains("drill.failed"),
+        "{} {}",
+        h.status,
+        h.body
+    );
+    assert!(
+        drills
+            .databases()
+            .iter()
+            .all(|d| !d.starts_with("datasaver_drill")),
+        "{:?}",
+        drills.databases()
+    );
+
+    // The extension goes; the next drill (of the new backup) passes.
+    pg.psql("shop", "DROP EXTENSION old_snapshot;");
+    assert!(fleet.backup("shop", None).is_completed());
+    assert!(
+        wait_until(Duration::from_secs(60), || !hook
+            .resolved_of("drill.failed")
+            .is_empty()),
+        "drill.failed never resolved: {:?}",
+        hook.delivered()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || fleet
+            .http_get("/health")
+            .is_ok_and(|h| h.status == 200)),
+        "{:?}",
+        fleet.http_get("/health").map(|h| h.body)
+    );
+    let m = fleet.http_get("/metrics").expect("GET /metrics");
+    assert!(
+        m.body
+            .lines()
+            .any(|l| l
+                .starts_with("datasaver_last_drill_success_timestamp_seconds{target=\"shop\"}")),
+        "{}",
+        m.body
+    );
+
+    // No drill can run while the agent is away: stale after 10 s.
+    fleet.remove_agent("shop");
+    assert!(
+        wait_until(Duration::from_secs(60), || !hook
+            .events("drill.stale")
+            .is_empty()),
+        "no drill.stale: {:?}",
+        hook.delivered()
+    );
+    let h = fleet.http_get("/health").expect("GET /health");
+    assert!(
+        h.status == 503 && h.body.contains("drill.stale"),
+        "{} {}",
+        h.status,
+        h.body
+    );
+    let s = spec(&fleet);
+    fleet.add_agent_spec("shop", s);
+    assert!(
+        wait_until(Duration::from_secs(60), || !hook
+            .resolved_of("drill.stale")
+            .is_empty()),
+        "drill.stale never resolved: {:?}",
+        hook.delivered()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || fleet
+            .http_get("/health")
+            .is_ok_and(|h| h.status == 200)),
+        "{:?}",
+        fleet.http_get("/health").map(|h| h.body)
+    );
+}
