@@ -113,6 +113,9 @@ pub struct TargetConfig {
     /// database is where the agent connects to create and drop the scratch
     /// database); `None`: on the target's own server.
     pub drill_db: Option<DbConn>,
+    /// The restore-drill schedule this agent asks for
+    /// (`DATASAVER_DRILL_SCHEDULE`; the coordinator's file wins).
+    pub drill_schedule: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -227,6 +230,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
     };
 
     let schedule = env.get("DATASAVER_SCHEDULE").map(str::to_string);
+    let drill_schedule = env.get("DATASAVER_DRILL_SCHEDULE").map(str::to_string);
     let retention = proto::Retention {
         keep_last: take!(env.parse_opt("DATASAVER_KEEP_LAST")).flatten(),
         keep_daily: take!(env.parse_opt("DATASAVER_KEEP_DAILY")).flatten(),
@@ -363,6 +367,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 identities,
                 lock_wait_timeout,
                 drill_db,
+                drill_schedule,
             },
             tls,
             pg_bin_dir: bin,

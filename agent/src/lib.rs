@@ -157,6 +157,7 @@ async fn session(
                 encrypted: t.encrypt_to.is_some(),
                 database: t.db.dbname.clone(),
                 db_host: format!("{}:{}", t.db.host, t.db.port),
+                drill_schedule: t.drill_schedule.clone().unwrap_or_default(),
             }],
         })),
     })

@@ -18,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 ///   DATASAVER_COMPRESSION_THREADS  zstd worker threads (default: CPUs, at most 4; 0 = none)
 ///   DATASAVER_PG_BIN_DIR        where pg_dump, pg_dumpall, pg_restore and psql are (default: PATH)
 ///   DATASAVER_SCHEDULE, DATASAVER_KEEP_*  schedule and retention this agent asks for
+///   DATASAVER_DRILL_SCHEDULE    when to run restore drills (cron), as this agent asks
 ///   DATASAVER_LOCK_WAIT_TIMEOUT how long pg_dump waits for a table's lock (default 10m)
 ///                               before the backup fails naming the table
 ///   DATASAVER_DRILL_DATABASE_URL  a server for restore drills (postgres://...; default: the

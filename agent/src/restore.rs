@@ -694,6 +694,7 @@ mod tests {
             identities: Identities::default(),
             lock_wait_timeout: crate::config::DEFAULT_LOCK_WAIT_TIMEOUT,
             drill_db: None,
+            drill_schedule: None,
         };
         let job = RestoreJob {
             job_id: "j1".into(),

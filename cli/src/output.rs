@@ -293,6 +293,8 @@ pub fn health(h: &HealthResponse, as_json: bool) {
                     "last_backup_status": opt(&t.last_backup_status),
                     "last_backup_error": opt(&t.last_backup_error),
                     "last_success_at": opt(&t.last_success_at),
+                    "drill_schedule": if t.drill_schedule.is_empty() { Value::Null } else { t.drill_schedule.clone().into() },
+                    "last_drill_success_at": opt(&t.last_drill_success_at),
                     "backups": t.backups,
                     "stored_bytes": t.stored_bytes,
                     "agent_connected": t.agent_connected,
@@ -350,6 +352,15 @@ fn health_text(h: &HealthResponse) -> String {
         .col("AGENT", |t| {
             if t.agent_connected { "yes" } else { "no" }.to_string()
         });
+    if h.targets.iter().any(|t| !t.drill_schedule.is_empty()) {
+        cols = cols.col("LAST DRILL OK", |t| {
+            match (&t.last_drill_success_at, t.drill_schedule.is_empty()) {
+                (Some(at), _) => short_time(at),
+                (None, false) => "never".into(),
+                (None, true) => "-".into(),
+            }
+        });
+    }
     if h.targets.iter().any(|t| !t.status_reason.is_empty()) {
         cols = cols.col("NOTE", |t| t.status_reason.clone());
     }

@@ -239,9 +239,17 @@ pub async fn remember_requests(core: &Core, targets: &[TargetInfo]) {
                 r.message()
             );
         }
+        let drill_schedule = Some(t.drill_schedule.clone()).filter(|s| !s.trim().is_empty());
+        if let Some(Err(e)) = drill_schedule
+            .as_deref()
+            .filter(|s| !crate::policy::is_off(s))
+            .map(|s| crate::schedule::cron::Schedule::parse(s, core.policies.tz))
+        {
+            tracing::warn!(target = %t.name, error = %e, "the agent's DATASAVER_DRILL_SCHEDULE is not a schedule; no drills are scheduled from it");
+        }
         if let Err(e) = core
             .targets
-            .set_request(&t.name, schedule.clone(), retention)
+            .set_request(&t.name, schedule.clone(), retention, drill_schedule)
             .await
         {
             tracing::error!(target = %t.name, error = %e, "could not record the agent's settings");

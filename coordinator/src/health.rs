@@ -276,7 +276,10 @@ pub async fn report(core: &Core) -> Result<Report, String> {
             last_success_at: last_success.map(format_time),
             drill_schedule: core
                 .policies
-                .drill_schedule_for(&name)
+                .drill_schedule_for(
+                    &name,
+                    record.as_ref().and_then(|r| r.drill_schedule.as_deref()),
+                )
                 .map(|s| s.expr().to_string()),
             last_drill_success_at: last_drill_ok.map(format_time),
             last_drill_success_unix: last_drill_ok.map(|d| d.timestamp()),

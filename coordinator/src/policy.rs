@@ -396,23 +396,22 @@ impl Policies {
         }
     }
 
-    /// The restore-drill schedule of `target` (the YAML file's
-    /// `drill_schedule`), `None` when it has none.
-    pub fn drill_schedule_for(&self, target: &str) -> Option<Schedule> {
-        let expr = self.targets.get(target)?.drill_schedule.as_deref()?;
+    /// The restore-drill schedule of `target`: the YAML file's
+    /// `drill_schedule`, else what its agent asked for
+    /// (`DATASAVER_DRILL_SCHEDULE`); `None` when it has none (or "off").
+    pub fn drill_schedule_for(&self, target: &str, requested: Option<&str>) -> Option<Schedule> {
+        let expr = match self
+            .targets
+            .get(target)
+            .and_then(|t| t.drill_schedule.as_deref())
+        {
+            Some(s) => s,
+            None => requested.filter(|s| !s.trim().is_empty())?,
+        };
         if is_off(expr) {
             return None;
         }
         Schedule::parse(expr, self.tz).ok()
-    }
-
-    /// Targets with a restore-drill schedule.
-    pub fn drilled_targets(&self) -> Vec<String> {
-        self.targets
-            .keys()
-            .filter(|t| self.drill_schedule_for(t).is_some())
-            .cloned()
-            .collect()
     }
 
     /// Retention for a target: defaults, then the agent's request raised to
@@ -493,7 +492,7 @@ impl Policies {
     }
 }
 
-fn is_off(s: &str) -> bool {
+pub fn is_off(s: &str) -> bool {
     matches!(s.trim().to_ascii_lowercase().as_str(), "off" | "none" | "")
 }
 
@@ -563,6 +562,33 @@ mod tests {
     }
 
     #[test]
+    fn drill_schedules_come_from_the_file_else_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "targets:\n  acme:\n    drill_schedule: \"0 5 * * 0\"\n  quiet:\n    drill_schedule: \"off\"\n",
+        )
+        .unwrap();
+        let p = Policies::load(Some(&f), &env(&[])).unwrap();
+        let expr = |t: &str, asked: Option<&str>| {
+            p.drill_schedule_for(t, asked).map(|s| s.expr().to_string())
+        };
+        assert_eq!(
+            expr("acme", Some("0 1 * * *")).as_deref(),
+            Some("0 5 * * 0")
+        );
+        assert_eq!(expr("quiet", Some("0 1 * * *")), None);
+        assert_eq!(
+            expr("other", Some("0 1 * * *")).as_deref(),
+            Some("0 1 * * *")
+        );
+        assert_eq!(expr("other", Some("off")), None);
+        assert_eq!(expr("other", Some("not cron")), None);
+        assert_eq!(expr("other", None), None);
+    }
+
+    #[test]
     fn bad_files_and_values_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
@@ -572,6 +598,10 @@ mod tests {
                 "targets.acme.schedule",
             ),
             ("targets:\n  acme:\n    shedule: \"0 2 * * *\"\n", "shedule"),
+            (
+                "targets:\n  acme:\n    drill_schedule: \"every sunday\"\n",
+                "targets.acme.drill_schedule",
+            ),
             ("timezone: Mars/Base\n", "DATASAVER_TIMEZONE"),
             ("retention:\n  failed_grace: soon\n", "failed_grace"),
             (

@@ -43,6 +43,8 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         "ALTER TABLE targets ADD COLUMN system_identifier TEXT;
     ALTER TABLE targets ADD COLUMN server_change TEXT;",
     ),
+    // 15: the restore-drill schedule the agent asks for
+    (15, "ALTER TABLE targets ADD COLUMN drill_schedule TEXT;"),
 ];
 
 /// What the catalog remembers about a target between restarts.
@@ -70,6 +72,8 @@ pub struct TargetRecord {
     pub system_identifier: Option<String>,
     /// A change of server not confirmed yet: "old new backup_id".
     pub server_change: Option<String>,
+    /// The restore-drill schedule the agent asked for.
+    pub drill_schedule: Option<String>,
 }
 
 impl TargetRecord {
@@ -86,7 +90,7 @@ impl TargetRecord {
 }
 
 const COLUMNS: &str = "name, agent, schedule, retention, last_slot, first_seen, missed_slots, \
-     last_missed_at, last_seen, agent_cert_expires, system_identifier, server_change";
+     last_missed_at, last_seen, agent_cert_expires, system_identifier, server_change, drill_schedule";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
     Ok(TargetRecord {
@@ -102,6 +106,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
         agent_cert_expires: r.get(9)?,
         system_identifier: r.get(10)?,
         server_change: r.get(11)?,
+        drill_schedule: r.get(12)?,
     })
 }
 
@@ -257,19 +262,21 @@ impl TargetStore {
             .await
     }
 
-    /// Records the schedule and retention an agent asks for its target.
+    /// Records the schedules (backups, drills) and retention an agent asks
+    /// for its target.
     pub async fn set_request(
         &self,
         target: &str,
         schedule: Option<String>,
         retention: Option<String>,
+        drill_schedule: Option<String>,
     ) -> Result<(), CatalogError> {
         let target = target.to_string();
         self.db
             .call(move |c| {
                 c.execute(
-                    "UPDATE targets SET schedule = ?2, retention = ?3 WHERE name = ?1",
-                    params![target, schedule, retention],
+                    "UPDATE targets SET schedule = ?2, retention = ?3, drill_schedule = ?4 WHERE name = ?1",
+                    params![target, schedule, retention, drill_schedule],
                 )?;
                 Ok(())
             })
@@ -396,7 +403,12 @@ mod tests {
         store.claim("b", "agent1", "t0".into()).await.unwrap();
         store.claim("a", "agent1", "t0".into()).await.unwrap();
         store
-            .set_request("a", Some("0 3 * * *".into()), Some("{\"daily\":7}".into()))
+            .set_request(
+                "a",
+                Some("0 3 * * *".into()),
+                Some("{\"daily\":7}".into()),
+                None,
+            )
             .await
             .unwrap();
         store
@@ -409,7 +421,7 @@ mod tests {
             .unwrap();
         // what the store does not know is not invented
         store
-            .set_request("ghost", Some("@daily".into()), None)
+            .set_request("ghost", Some("@daily".into()), None, None)
             .await
             .unwrap();
         store.set_last_slot("ghost", "x".into()).await.unwrap();
@@ -426,7 +438,12 @@ mod tests {
             .await
             .unwrap();
         store
-            .set_request("a", Some("0 3 * * *".into()), None)
+            .set_request(
+                "a",
+                Some("0 3 * * *".into()),
+                None,
+                Some("0 5 * * 0".into()),
+            )
             .await
             .unwrap();
         store.claim("a", "agent1", "t9".into()).await.unwrap();
@@ -474,6 +491,7 @@ mod tests {
                 agent_cert_expires: Some("2027-01-01T00:00:00Z".into()),
                 system_identifier: None,
                 server_change: None,
+                drill_schedule: Some("0 5 * * 0".into()),
             }
         );
         assert_eq!(

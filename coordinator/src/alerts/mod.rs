@@ -176,7 +176,13 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         server_change: record.as_ref().and_then(|r| r.server_change()),
         last_drill: last_drill.map(|(r, v)| (v.ok, r.id.clone(), v.detail.clone())),
         last_drill_ok_at,
-        drills_scheduled: core.policies.drill_schedule_for(target).is_some(),
+        drills_scheduled: core
+            .policies
+            .drill_schedule_for(
+                target,
+                record.as_ref().and_then(|r| r.drill_schedule.as_deref()),
+            )
+            .is_some(),
     }
 }
 

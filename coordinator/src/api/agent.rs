@@ -413,6 +413,7 @@ mod clean {
                     // name is refused with the reason.
                     for f in [
                         &mut t.schedule,
+                        &mut t.drill_schedule,
                         &mut t.compression,
                         &mut t.database,
                         &mut t.db_host,

@@ -428,6 +428,8 @@ impl OperatorService for OperatorSvc {
                 last_backup_status: t.last_backup_status,
                 last_backup_error: t.last_backup_error,
                 last_success_at: t.last_success_at,
+                drill_schedule: t.drill_schedule.unwrap_or_default(),
+                last_drill_success_at: t.last_drill_success_at,
                 backups: t.backups,
                 stored_bytes: t.stored_bytes,
                 agent_connected: t.agent_connected,

@@ -1,5 +1,5 @@
 //! Restore drills on a schedule (`drill_schedule` per target in the YAML
-//! file): when a slot of a target's drill schedule has passed and no drill of
+//! file, else the agent's `DATASAVER_DRILL_SCHEDULE`): when a slot of a target's drill schedule has passed and no drill of
 //! the target has finished since, a drill of its newest completed backup
 //! starts (`jobs::start_read` with `Read::Drill`), one per target at a time.
 //! When a drill last finished is read from the catalog (each backup keeps
@@ -45,7 +45,18 @@ pub async fn run(core: Arc<Core>) {
             _ = core.cancel.cancelled() => return,
             _ = tokio::time::sleep(TICK) => {}
         }
-        for target in core.policies.drilled_targets() {
+        // The file's targets and every target an agent registered (with
+        // what it asked for).
+        let mut targets: std::collections::BTreeMap<String, Option<String>> = core
+            .policies
+            .targets
+            .keys()
+            .map(|t| (t.clone(), None))
+            .collect();
+        for t in core.targets.list().await.unwrap_or_default() {
+            targets.insert(t.name, t.drill_schedule);
+        }
+        for (target, requested) in targets {
             if running
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -53,7 +64,10 @@ pub async fn run(core: Arc<Core>) {
             {
                 continue;
             }
-            let Some(schedule) = core.policies.drill_schedule_for(&target) else {
+            let Some(schedule) = core
+                .policies
+                .drill_schedule_for(&target, requested.as_deref())
+            else {
                 continue;
             };
             let slot = schedule.last_at_or_before(core.clock.now());

@@ -1042,19 +1042,10 @@ fn scheduled_drills_alert_when_they_fail_or_go_stale_and_recover() {
     pg.create_small_db("shop", 500);
     pg.psql("shop", "CREATE EXTENSION old_snapshot;");
     let drills = PgCluster::start_with_bindir(&newer);
-    let dir = datasaver_tests::short_tempdir("dsdrill");
-    let config = dir.path().join("datasaver.yaml");
-    std::fs::write(
-        &config,
-        "targets:\n  shop:\n    drill_schedule: \"*/2 * * * * *\"\n",
-    )
-    .expect("write config");
+    // The agent asks for the drill schedule (the coordinator's file could
+    // override it: `drill_schedule`).
     let mut fleet = Fleet::start_with(FleetOptions {
         coordinator_env: vec![
-            (
-                "DATASAVER_CONFIG".into(),
-                config.to_str().expect("utf-8 path").into(),
-            ),
             ("DATASAVER_WEBHOOK_URL".into(), hook.url("/hook")),
             ("DATASAVER_DRILL_MAX_AGE".into(), "10s".into()),
         ],
@@ -1064,6 +1055,7 @@ fn scheduled_drills_alert_when_they_fail_or_go_stale_and_recover() {
         fleet
             .agent_spec("shop", &pg, "shop")
             .env("DATASAVER_DRILL_DATABASE_URL", drills.url("postgres"))
+            .env("DATASAVER_DRILL_SCHEDULE", "*/2 * * * * *")
     };
     let s = spec(&fleet);
     fleet.add_agent_spec("shop", s);
@@ -1123,6 +1115,18 @@ fn scheduled_drills_alert_when_they_fail_or_go_stale_and_recover() {
             .is_ok_and(|h| h.status == 200)),
         "{:?}",
         fleet.http_get("/health").map(|h| h.body)
+    );
+    let health = fleet.dsctl(&["health"]).expect_success("dsctl health");
+    let header = health.stdout.lines().next().unwrap_or_default();
+    let row = health
+        .stdout
+        .lines()
+        .find(|l| l.starts_with("shop"))
+        .unwrap_or_default();
+    assert!(
+        header.contains("LAST DRILL OK") && !row.contains("never"),
+        "{}",
+        health.stdout
     );
     let m = fleet.http_get("/metrics").expect("GET /metrics");
     assert!(
