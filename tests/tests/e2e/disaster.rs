@@ -1023,6 +1023,24 @@ fn a_restore_drill_proves_a_backup_and_a_failed_one_leaves_nothing() {
     assert!(!fleet.agent("shop").proc.log().contains(drills.password()));
 }
 
+/// Waits for `alert` to be resolved by webhook and `/health` to answer 200.
+fn resolved_and_healthy(fleet: &Fleet, hook: &WebhookReceiver, alert: &str) {
+    assert!(
+        wait_until(Duration::from_secs(60), || !hook
+            .resolved_of(alert)
+            .is_empty()),
+        "{alert} never resolved: {:?}",
+        hook.delivered()
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || fleet
+            .http_get("/health")
+            .is_ok_and(|h| h.status == 200)),
+        "{:?}",
+        fleet.http_get("/health").map(|h| h.body)
+    );
+}
+
 /// Drills on a schedule: a drill that fails (the drill server lacks an
 /// extension) is announced once as `drill.failed` however often it fails
 /// again, leaves no scratch database, and makes `/health` degraded; once a
@@ -1102,20 +1120,7 @@ fn scheduled_drills_alert_when_they_fail_or_go_stale_and_recover() {
     // The extension goes; the next drill (of the new backup) passes.
     pg.psql("shop", "DROP EXTENSION old_snapshot;");
     assert!(fleet.backup("shop", None).is_completed());
-    assert!(
-        wait_until(Duration::from_secs(60), || !hook
-            .resolved_of("drill.failed")
-            .is_empty()),
-        "drill.failed never resolved: {:?}",
-        hook.delivered()
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || fleet
-            .http_get("/health")
-            .is_ok_and(|h| h.status == 200)),
-        "{:?}",
-        fleet.http_get("/health").map(|h| h.body)
-    );
+    resolved_and_healthy(&fleet, &hook, "drill.failed");
     let health = fleet.dsctl(&["health"]).expect_success("dsctl health");
     let header = health.stdout.lines().next().unwrap_or_default();
     let row = health
@@ -1156,18 +1161,5 @@ fn scheduled_drills_alert_when_they_fail_or_go_stale_and_recover() {
     );
     let s = spec(&fleet);
     fleet.add_agent_spec("shop", s);
-    assert!(
-        wait_until(Duration::from_secs(60), || !hook
-            .resolved_of("drill.stale")
-            .is_empty()),
-        "drill.stale never resolved: {:?}",
-        hook.delivered()
-    );
-    assert!(
-        wait_until(Duration::from_secs(30), || fleet
-            .http_get("/health")
-            .is_ok_and(|h| h.status == 200)),
-        "{:?}",
-        fleet.http_get("/health").map(|h| h.body)
-    );
+    resolved_and_healthy(&fleet, &hook, "drill.stale");
 }
