@@ -457,167 +457,179 @@ pub async fn run(
     if let Some(problem) = crate::pg::missing_roles(&job.backup_id, &job.roles, &roles) {
         return Err(problem.into());
     }
-    if let Some(sel) = crate::part::Selection::of(&job)? {
-        let cx = crate::part::Context {
-            client: &mut client,
-            job: &job,
-            decode,
-            db,
-            tools: &tools,
-            reporter: &reporter,
-            cancel: &cancel,
-        };
-        let mut o = crate::part::run(cx, &sel).await?;
-        if let Some(n) = roles_note {
-            o.message.push_str("; ");
-            o.message.push_str(&n);
+    // Roles created above stay when what follows fails: the error says so.
+    let created_roles = roles_note.clone();
+    let restored = async {
+        if let Some(sel) = crate::part::Selection::of(&job)? {
+            let cx = crate::part::Context {
+                client: &mut client,
+                job: &job,
+                decode,
+                db,
+                tools: &tools,
+                reporter: &reporter,
+                cancel: &cancel,
+            };
+            let mut o = crate::part::run(cx, &sel).await?;
+            if let Some(n) = roles_note {
+                o.message.push_str("; ");
+                o.message.push_str(&n);
+            }
+            return Ok(o);
         }
-        return Ok(o);
-    }
-    // A drill's scratch database left by an earlier drill that was cut off
-    // (it is ours by its name) goes first.
-    if drill {
-        tools
-            .drop_database(db, &admin_db, &name)
-            .await
-            .map_err(|e| format!("cannot drop the drill database {name} left earlier: {e}"))?;
-    }
-    // Looking is harmless to stop; creating, dropping and swapping run to
-    // their end so no database is left half done.
-    let exists = tokio::select! {
-        r = tools.database_exists(db, &admin_db, &name) => r.map_err(|e| {
-            format!(
-                "cannot connect to the server at {}:{}: {e}",
-                db.host, db.port
-            )
-        })?,
-        _ = cancel.cancelled() => return Err(stopped(&cancel)),
-    };
-    let nonempty = if exists {
-        let empty = tokio::select! {
-            r = tools.is_empty(db, &name) => r.map_err(|e| format!("cannot inspect existing database {name}: {e}"))?,
+        // A drill's scratch database left by an earlier drill that was cut off
+        // (it is ours by its name) goes first.
+        if drill {
+            tools
+                .drop_database(db, &admin_db, &name)
+                .await
+                .map_err(|e| format!("cannot drop the drill database {name} left earlier: {e}"))?;
+        }
+        // Looking is harmless to stop; creating, dropping and swapping run to
+        // their end so no database is left half done.
+        let exists = tokio::select! {
+            r = tools.database_exists(db, &admin_db, &name) => r.map_err(|e| {
+                format!(
+                    "cannot connect to the server at {}:{}: {e}",
+                    db.host, db.port
+                )
+            })?,
             _ = cancel.cancelled() => return Err(stopped(&cancel)),
         };
-        !empty
-    } else {
-        false
-    };
-    if nonempty && !job.force {
-        return Err(format!(
-            "database {name} already exists and is not empty; nothing was changed. Restore into a new database with --target-db, or pass --force to replace it"
-        ).into());
-    }
-    // With --force the backup goes into a scratch database first; the
-    // existing one is replaced only after the restore fully succeeded.
-    let (restore_into, created) = if nonempty {
-        let mut base = name.clone();
-        base.truncate(40);
-        (
-            format!("{base}_dsrestore_{:08x}", rand::random::<u32>()),
-            true,
-        )
-    } else if exists {
-        (name.clone(), false)
-    } else {
-        (name.clone(), true)
-    };
-    if cancel.is_cancelled() {
-        return Err(stopped(&cancel));
-    }
-    // Created the way the original was (owner, encoding, locale), so the
-    // restored database is the one that was lost, not one shaped by this
-    // server's defaults.
-    let mut note = None;
-    if created {
-        let shape = job.database_shape.clone().unwrap_or_default();
-        note = tools
-            .create_database_like(db, &admin_db, &restore_into, &shape)
-            .await
-            .map_err(|e| format!("cannot create database {restore_into}: {e}"))?;
-    }
-    reporter.phase(
-        "restore",
-        &format!("restoring {} into {restore_into}", job.backup_id),
-    );
-    let ticker = reporter.start_ticker("restore", counters.clone());
-    let restored = stream_into(
-        tools.pg_restore_into(db, &restore_into),
-        &mut client,
-        &job,
-        decode,
-        counters.clone(),
-        &cancel,
-        false,
-    )
-    .await;
-    ticker.abort();
-    // A cancel that came as pg_restore finished still wins before the swap.
-    let restored = match restored {
-        Ok(_) if nonempty && cancel.is_cancelled() => Err(stopped(&cancel)),
-        r => r,
-    };
-    if let Err(e) = restored {
-        // Failed, corrupt or cancelled: a database this restore created goes.
-        if created {
-            if let Err(de) = tools.drop_database(db, &admin_db, &restore_into).await {
-                tracing::error!(database = %restore_into, error = %de, "could not drop the incomplete restore database");
-            }
+        let nonempty = if exists {
+            let empty = tokio::select! {
+                r = tools.is_empty(db, &name) => r.map_err(|e| format!("cannot inspect existing database {name}: {e}"))?,
+                _ = cancel.cancelled() => return Err(stopped(&cancel)),
+            };
+            !empty
+        } else {
+            false
+        };
+        if nonempty && !job.force {
+            return Err(format!(
+                "database {name} already exists and is not empty; nothing was changed. Restore into a new database with --target-db, or pass --force to replace it"
+            ).into());
         }
-        return Err(e);
-    }
-    if drill {
-        reporter.phase(
-            "check",
-            "checking every table's rows against the backup's counts",
-        );
-        let checked = check_rows(&tools, db, &name, &job).await;
-        let dropped = tools.drop_database(db, &admin_db, &name).await;
-        let summary =
-            checked.map_err(|e| format!("drill of backup {} failed: {e}", job.backup_id))?;
-        dropped.map_err(|e| {
-            format!(
-                "drill of backup {} passed ({summary}), but its scratch database {name} could not be dropped: {e}",
-                job.backup_id
+        // With --force the backup goes into a scratch database first; the
+        // existing one is replaced only after the restore fully succeeded.
+        let (restore_into, created) = if nonempty {
+            let mut base = name.clone();
+            base.truncate(40);
+            (
+                format!("{base}_dsrestore_{:08x}", rand::random::<u32>()),
+                true,
             )
-        })?;
-        return Ok(Outcome {
-            message: format!(
-                "drill of backup {} passed in {:.1} s on {}:{}: restored into a scratch database, {summary}; the scratch database was dropped",
-                job.backup_id,
-                started.elapsed().as_secs_f64(),
-                db.host,
-                db.port
-            ),
-            target_db: String::new(),
-            toc_entries: 0,
-        });
-    }
-    if nonempty {
-        tools
-            .swap_database(db, &admin_db, &name, &restore_into)
-            .await
-            .map_err(|e| {
-                format!("restored into {restore_into}, but replacing {name} failed: {e}")
+        } else if exists {
+            (name.clone(), false)
+        } else {
+            (name.clone(), true)
+        };
+        if cancel.is_cancelled() {
+            return Err(stopped(&cancel));
+        }
+        // Created the way the original was (owner, encoding, locale), so the
+        // restored database is the one that was lost, not one shaped by this
+        // server's defaults.
+        let mut note = None;
+        if created {
+            let shape = job.database_shape.clone().unwrap_or_default();
+            note = tools
+                .create_database_like(db, &admin_db, &restore_into, &shape)
+                .await
+                .map_err(|e| format!("cannot create database {restore_into}: {e}"))?;
+        }
+        reporter.phase(
+            "restore",
+            &format!("restoring {} into {restore_into}", job.backup_id),
+        );
+        let ticker = reporter.start_ticker("restore", counters.clone());
+        let restored = stream_into(
+            tools.pg_restore_into(db, &restore_into),
+            &mut client,
+            &job,
+            decode,
+            counters.clone(),
+            &cancel,
+            false,
+        )
+        .await;
+        ticker.abort();
+        // A cancel that came as pg_restore finished still wins before the swap.
+        let restored = match restored {
+            Ok(_) if nonempty && cancel.is_cancelled() => Err(stopped(&cancel)),
+            r => r,
+        };
+        if let Err(e) = restored {
+            // Failed, corrupt or cancelled: a database this restore created goes.
+            if created {
+                if let Err(de) = tools.drop_database(db, &admin_db, &restore_into).await {
+                    tracing::error!(database = %restore_into, error = %de, "could not drop the incomplete restore database");
+                }
+            }
+            return Err(e);
+        }
+        if drill {
+            reporter.phase(
+                "check",
+                "checking every table's rows against the backup's counts",
+            );
+            let checked = check_rows(&tools, db, &name, &job).await;
+            let dropped = tools.drop_database(db, &admin_db, &name).await;
+            let summary =
+                checked.map_err(|e| format!("drill of backup {} failed: {e}", job.backup_id))?;
+            dropped.map_err(|e| {
+                format!(
+                    "drill of backup {} passed ({summary}), but its scratch database {name} could not be dropped: {e}",
+                    job.backup_id
+                )
             })?;
+            return Ok(Outcome {
+                message: format!(
+                    "drill of backup {} passed in {:.1} s on {}:{}: restored into a scratch database, {summary}; the scratch database was dropped",
+                    job.backup_id,
+                    started.elapsed().as_secs_f64(),
+                    db.host,
+                    db.port
+                ),
+                target_db: String::new(),
+                toc_entries: 0,
+            });
+        }
+        if nonempty {
+            tools
+                .swap_database(db, &admin_db, &name, &restore_into)
+                .await
+                .map_err(|e| {
+                    format!("restored into {restore_into}, but replacing {name} failed: {e}")
+                })?;
+        }
+        let mut message = format!(
+            "restored backup {} into database {name} ({} bytes of archive)",
+            job.backup_id,
+            counters.raw.load(Ordering::Relaxed)
+        );
+        if let Some(n) = note {
+            message.push_str("; ");
+            message.push_str(&n.replace(&restore_into, &name));
+        }
+        if let Some(n) = roles_note {
+            message.push_str("; ");
+            message.push_str(&n);
+        }
+        Ok(Outcome {
+            message,
+            target_db: name,
+            toc_entries: 0,
+        })
     }
-    let mut message = format!(
-        "restored backup {} into database {name} ({} bytes of archive)",
-        job.backup_id,
-        counters.raw.load(Ordering::Relaxed)
-    );
-    if let Some(n) = note {
-        message.push_str("; ");
-        message.push_str(&n.replace(&restore_into, &name));
+    .await;
+    match (restored, created_roles) {
+        (Err(mut e), Some(n)) if !drill => {
+            e.message.push_str(&format!(" ({n}; they stay)"));
+            Err(e)
+        }
+        (r, _) => r,
     }
-    if let Some(n) = roles_note {
-        message.push_str("; ");
-        message.push_str(&n);
-    }
-    Ok(Outcome {
-        message,
-        target_db: name,
-        toc_entries: 0,
-    })
 }
 
 #[cfg(test)]

@@ -101,7 +101,7 @@ pub async fn delete(core: &Core, id: &str, force: bool, by: &str) -> Result<Stri
     }
     if core.fleet.backups_in_use().contains(&row.id) {
         return Err(ActionError::Refused(format!(
-            "backup {} is in use by a restore or verify",
+            "backup {} is in use by a restore, verify or export; try again when it has finished",
             row.id
         )));
     }

@@ -82,6 +82,24 @@ pub struct JobTicket {
     upload: std::sync::Arc<Mutex<Option<CancellationToken>>>,
 }
 
+/// A backup being exported; see [`Fleet::exporting`].
+pub struct ExportGuard {
+    exports: std::sync::Arc<Mutex<HashMap<String, usize>>>,
+    backup_id: String,
+}
+
+impl Drop for ExportGuard {
+    fn drop(&mut self) {
+        let mut e = lock!(self.exports);
+        if let Some(n) = e.get_mut(&self.backup_id) {
+            *n -= 1;
+            if *n == 0 {
+                e.remove(&self.backup_id);
+            }
+        }
+    }
+}
+
 /// A job's one upload, as its handler holds it: `stop` fires when the job is
 /// stopped (cancel, deadline, idle limit), and dropping the claim tells the
 /// job the upload has ended.
@@ -161,6 +179,9 @@ struct Inner {
 
 pub struct Fleet {
     inner: Mutex<Inner>,
+    /// Backups an operator is exporting now (`dsctl export`), with how many
+    /// exports of each: in use like a backup a job reads.
+    exports: std::sync::Arc<Mutex<HashMap<String, usize>>>,
     next_id: AtomicU64,
     clock: std::sync::Arc<dyn crate::clock::Clock>,
     /// When this coordinator started: the earliest an agent can have been
@@ -172,6 +193,7 @@ impl Fleet {
     pub fn new(clock: std::sync::Arc<dyn crate::clock::Clock>) -> Self {
         Self {
             inner: Mutex::default(),
+            exports: std::sync::Arc::default(),
             next_id: AtomicU64::new(0),
             started: clock.now(),
             clock,
@@ -428,14 +450,29 @@ impl Fleet {
         v
     }
 
-    /// Backups a restore or verify is reading now: retention must keep them.
+    /// Backups a restore, verify or export is reading now: retention and
+    /// deletion must keep them.
     pub fn backups_in_use(&self) -> HashSet<String> {
-        lock!(self.inner)
+        let mut used: HashSet<String> = lock!(self.inner)
             .jobs
             .values()
             .filter(|j| j.info.kind != JobKind::Backup)
             .map(|j| j.info.backup_id.clone())
-            .collect()
+            .collect();
+        used.extend(lock!(self.exports).keys().cloned());
+        used
+    }
+
+    /// Marks `backup_id` as being exported until the guard is dropped (the
+    /// export's stream ends, however it ends).
+    pub fn exporting(&self, backup_id: &str) -> ExportGuard {
+        *lock!(self.exports)
+            .entry(backup_id.to_string())
+            .or_default() += 1;
+        ExportGuard {
+            exports: self.exports.clone(),
+            backup_id: backup_id.to_string(),
+        }
     }
 
     /// When the agent serving `target` went away (`None`: connected, or not
@@ -908,6 +945,14 @@ mod tests {
         );
         f.remove_job("j4");
         f.remove_job("j3");
+        assert!(f.backups_in_use().is_empty());
+        // an export holds its backup until its stream is dropped
+        let one = f.exporting("b-exp");
+        let two = f.exporting("b-exp");
+        assert_eq!(f.backups_in_use(), HashSet::from(["b-exp".to_string()]));
+        drop(one);
+        assert_eq!(f.backups_in_use(), HashSet::from(["b-exp".to_string()]));
+        drop(two);
         assert!(f.backups_in_use().is_empty());
     }
 

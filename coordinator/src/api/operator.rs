@@ -50,6 +50,8 @@ impl OperatorService for OperatorSvc {
         let row = self.find_for(&who, Action::Export, &id).await?;
         tracing::info!(operator = %who, backup = %id, part = %req.part, "export started");
         let part = (!req.part.is_empty()).then_some(req.part.as_str());
+        // Retention and `dsctl delete` keep it while the export reads it.
+        let in_use = self.core.fleet.exporting(&row.id);
         let bytes = self
             .core
             .repo
@@ -63,12 +65,16 @@ impl OperatorService for OperatorSvc {
         let first = ExportChunk {
             msg: Some(Msg::Backup(to_proto(&row))),
         };
-        let rest = bytes.map(|r| match r {
-            Ok(data) => Ok(ExportChunk {
-                msg: Some(Msg::Data(data.to_vec())),
-            }),
-            Err(crate::repo::ReadError::Corrupt(m)) => Err(Status::data_loss(m)),
-            Err(crate::repo::ReadError::Storage(m)) => Err(Status::unavailable(m)),
+        let rest = bytes.map(move |r| {
+            // Held by the stream: dropped with it, however the export ends.
+            let _in_use = &in_use;
+            match r {
+                Ok(data) => Ok(ExportChunk {
+                    msg: Some(Msg::Data(data.to_vec())),
+                }),
+                Err(crate::repo::ReadError::Corrupt(m)) => Err(Status::data_loss(m)),
+                Err(crate::repo::ReadError::Storage(m)) => Err(Status::unavailable(m)),
+            }
         });
         Ok(Response::new(Box::pin(
             futures::stream::once(async move { Ok(first) }).chain(rest),

@@ -123,9 +123,10 @@ pub async fn run(core: &Core, target: Option<&str>, dry_run: bool) -> Result<Rep
                 let reason = d.reasons.first().map(|r| r.to_string()).unwrap_or_default();
                 // Checked again right before: a restore may have started.
                 if core.fleet.backups_in_use().contains(&row.id) {
-                    report
-                        .errors
-                        .push(format!("{}: in use by a restore or verify, kept", row.id));
+                    report.errors.push(format!(
+                        "{}: in use by a restore, verify or export, kept",
+                        row.id
+                    ));
                     continue;
                 }
                 match core.repo.delete(row, &reason).await {

@@ -166,7 +166,7 @@ impl fmt::Display for Reason {
         match self {
             Reason::NewestCompleted => f.write_str("newest completed backup"),
             Reason::Pinned => f.write_str("pinned"),
-            Reason::InUse => f.write_str("in use by a restore or verify"),
+            Reason::InUse => f.write_str("in use by a restore, verify or export"),
             Reason::Running => f.write_str("running"),
             Reason::Last { rank, of } => write!(f, "last {rank} of {of}"),
             Reason::Slot { tag, rank, of } => write!(f, "{tag} {rank} of {of}"),
@@ -751,7 +751,7 @@ mod tests {
         assert_eq!(texts(decision(&ds, "pinned")), vec!["pinned"]);
         assert_eq!(
             texts(decision(&ds, "in-use")),
-            vec!["in use by a restore or verify"]
+            vec!["in use by a restore, verify or export"]
         );
         assert_eq!(texts(decision(&ds, "pinned-failed")), vec!["pinned"]);
         assert_eq!(

@@ -291,7 +291,9 @@ fn a_failed_pg_restore_says_what_postgres_said() {
     old.create_small_db("shop", 1000);
     old.psql(
         "shop",
-        "CREATE TABLE hot (id int) TABLESPACE fast; INSERT INTO hot VALUES (1);",
+        "CREATE ROLE hot_owner;
+         CREATE TABLE hot (id int) TABLESPACE fast; INSERT INTO hot VALUES (1);
+         ALTER TABLE hot OWNER TO hot_owner;",
     );
     let mut fleet = Fleet::start();
     fleet.add_agent("shop", &old, "shop");
@@ -309,6 +311,19 @@ fn a_failed_pg_restore_says_what_postgres_said() {
     assert!(
         line.contains("ERROR:") && line.contains("fast") && !line.contains("Broken pipe"),
         "{line}"
+    );
+    // The role it needed was created from the globals first, and the error
+    // says it is still there.
+    assert!(
+        line.contains("created roles hot_owner from the backup's globals; they stay"),
+        "{line}"
+    );
+    assert_eq!(
+        new.query_one(
+            "postgres",
+            "SELECT count(*) FROM pg_roles WHERE rolname = 'hot_owner'"
+        ),
+        "1"
     );
     assert_eq!(
         new.databases(),
