@@ -1178,3 +1178,67 @@ fn scheduled_drills_alert_when_they_fail_or_go_stale_and_recover() {
     fleet.add_agent_spec("shop", s);
     resolved_and_healthy(&fleet, &hook, "drill.stale");
 }
+
+/// An agent whose role is not a superuser (a managed database's admin role,
+/// say) still captures the globals, without role passwords (reading them
+/// takes a superuser), and says so; a restore from such a backup creates the
+/// roles and tells the operator to set their passwords.
+#[test]
+fn globals_taken_without_superuser_have_no_passwords_and_say_so() {
+    let old = PgCluster::new();
+    old.psql(
+        "postgres",
+        "CREATE ROLE backup_agent LOGIN PASSWORD 'agent-pw' CREATEDB CREATEROLE;
+         CREATE ROLE app_owner LOGIN PASSWORD 'owner-pw';
+         GRANT app_owner TO backup_agent;
+         CREATE DATABASE shop OWNER app_owner;",
+    );
+    old.psql(
+        "shop",
+        "SET ROLE app_owner; CREATE TABLE orders AS SELECT generate_series(1, 300) AS id;",
+    );
+    let mut fleet = Fleet::start();
+    let spec = fleet.agent_spec("shop", &old, "shop").env(
+        "DATASAVER_DATABASE_URL",
+        format!(
+            "postgresql://backup_agent:agent-pw@127.0.0.1:{}/shop",
+            old.port()
+        ),
+    );
+    fleet.add_agent_spec("shop", spec);
+    let b = fleet.backup("shop", None);
+    assert!(b.is_completed(), "{}", b.raw);
+    assert_eq!(b.raw["parts"][0]["role_passwords"], false, "{}", b.raw);
+    let shown = fleet.dsctl(&["get", &b.id]).expect_success("dsctl get");
+    assert!(
+        shown
+            .stdout
+            .lines()
+            .any(|l| l.starts_with("globals") && l.contains("roles without passwords")),
+        "{}",
+        shown.stdout
+    );
+
+    fleet.remove_agent("shop");
+    let new = PgCluster::new();
+    fleet.add_agent("shop", &new, "postgres");
+    let out = fleet
+        .dsctl(&["restore", &b.id, "--target-db", "shop"])
+        .expect_success("restore from globals without passwords");
+    // backup_agent reads through app_owner: connected by membership.
+    assert!(
+        out.stdout
+            .contains("created roles app_owner, backup_agent from the backup's globals")
+            && out.stdout.contains("the backup holds no role passwords"),
+        "{}",
+        out.stdout
+    );
+    assert_eq!(
+        new.query_one(
+            "postgres",
+            "SELECT (rolpassword IS NULL)::text || ' ' || rolcanlogin::text FROM pg_authid WHERE rolname = 'app_owner'"
+        ),
+        "true true"
+    );
+    assert_eq!(new.query_one("shop", "SELECT count(*) FROM orders"), "300");
+}
