@@ -33,23 +33,21 @@ pub struct Selection {
 impl Selection {
     /// The job's selection; `None` for a whole restore.
     pub fn of(job: &RestoreJob) -> Result<Option<Self>, String> {
+        datasaver_common::names::check_restore_part(
+            &job.tables,
+            &job.schemas,
+            job.into_existing,
+            job.force,
+            false,
+        )?;
         if job.tables.is_empty() && job.schemas.is_empty() {
-            if job.into_existing {
-                return Err("--into-existing needs --table or --schema".into());
-            }
             return Ok(None);
-        }
-        if job.force {
-            return Err("--force cannot be combined with --table or --schema".into());
         }
         let tables = job
             .tables
             .iter()
             .map(|t| datasaver_common::names::parse_table(t))
             .collect::<Result<_, _>>()?;
-        for s in &job.schemas {
-            datasaver_common::names::validate_schema(s)?;
-        }
         Ok(Some(Self {
             tables,
             schemas: job.schemas.clone(),
@@ -163,7 +161,7 @@ async fn refuse_existing(
     schemas: &[String],
 ) -> Result<(), JobError> {
     let clash = tools
-        .query_lines(db, name, &sql::existing_part(relations, schemas))
+        .lines(db, name, &sql::existing_part(relations, schemas))
         .await
         .map_err(|e| format!("cannot inspect database {name}: {e}"))?;
     if clash.is_empty() {
@@ -212,7 +210,7 @@ async fn take_part(
         return Err(stopped(cancel));
     }
     let q = |st| async move {
-        tools.query_lines(db, scratch, &st).await.map_err(|e| {
+        tools.lines(db, scratch, &st).await.map_err(|e| {
             JobError::from(format!(
                 "cannot inspect the scratch database {scratch}: {e}"
             ))

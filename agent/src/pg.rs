@@ -1035,17 +1035,6 @@ impl PgTools {
         self.lines(db, dbname, &sql::available_extensions()).await
     }
 
-    /// Runs `st` in `dbname` and returns its output lines (for the
-    /// statements of a partial restore, `sql::missing_part` and the like).
-    pub async fn query_lines(
-        &self,
-        db: &DbConn,
-        dbname: &str,
-        st: &Statement,
-    ) -> Result<Vec<String>, String> {
-        self.lines(db, dbname, st).await
-    }
-
     /// Copies the tables and schemas of `sel` from database `from` into database `to`
     /// on the same server: `pg_dump` piped into `psql` in one transaction,
     /// after `prelude` (SQL run first, in that transaction). Both are
@@ -1137,7 +1126,8 @@ impl PgTools {
         wrote.map_err(|e| format!("feeding psql failed: {e}"))
     }
 
-    async fn lines(
+    /// Runs `st` in `dbname` and returns its non-empty output lines.
+    pub async fn lines(
         &self,
         db: &DbConn,
         dbname: &str,

@@ -139,7 +139,7 @@ async fn check_rows(
         .map(|t| (t.schema.clone(), t.name.clone()))
         .collect();
     let missing = tools
-        .query_lines(db, name, &sql::missing_part(&tables, &[]))
+        .lines(db, name, &sql::missing_part(&tables, &[]))
         .await
         .map_err(|e| format!("cannot inspect the scratch database: {e}"))?;
     if !missing.is_empty() {
@@ -149,7 +149,7 @@ async fn check_rows(
         ));
     }
     let counts = tools
-        .query_lines(db, name, &sql::row_counts(&tables))
+        .lines(db, name, &sql::row_counts(&tables))
         .await
         .map_err(|e| format!("cannot count the restored rows: {e}"))?;
     let mut wrong = Vec::new();

@@ -624,15 +624,14 @@ async fn run(cli: Cli) -> Result<()> {
             if a.target.is_some() && !a.latest && a.at.is_none() {
                 bail!("--target needs --latest or --at TIME");
             }
-            for t in &a.table {
-                datasaver_common::names::parse_table(t).map_err(anyhow::Error::msg)?;
-            }
-            for s in &a.schema {
-                datasaver_common::names::validate_schema(s).map_err(anyhow::Error::msg)?;
-            }
-            if a.into_existing && a.table.is_empty() && a.schema.is_empty() {
-                bail!("--into-existing adds tables or schemas to a database: give --table SCHEMA.NAME or --schema NAME");
-            }
+            datasaver_common::names::check_restore_part(
+                &a.table,
+                &a.schema,
+                a.into_existing,
+                a.force,
+                a.dry_run,
+            )
+            .map_err(anyhow::Error::msg)?;
             let stream = why
                 .answer(
                     c.restore(RestoreRequest {

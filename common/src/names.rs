@@ -152,6 +152,41 @@ pub fn validate_schema(arg: &str) -> Result<(), String> {
     }
 }
 
+/// Checks a partial restore's request (`--table`, `--schema`,
+/// `--into-existing`) against the rest of it: the same rules for dsctl, the
+/// coordinator and the agent.
+pub fn check_restore_part(
+    tables: &[String],
+    schemas: &[String],
+    into_existing: bool,
+    force: bool,
+    dry_run: bool,
+) -> Result<(), String> {
+    for t in tables {
+        parse_table(t)?;
+    }
+    for s in schemas {
+        validate_schema(s)?;
+    }
+    let partial = !tables.is_empty() || !schemas.is_empty();
+    if into_existing && !partial {
+        return Err(
+            "--into-existing adds tables or schemas to a database: give --table SCHEMA.NAME or --schema NAME"
+                .into(),
+        );
+    }
+    if partial && force {
+        return Err("--force replaces a whole database and cannot be combined with --table or --schema; use --into-existing to add them to an existing database".into());
+    }
+    if partial && dry_run {
+        return Err(
+            "--dry-run checks the whole archive and cannot be combined with --table or --schema"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -193,10 +193,7 @@ pub async fn report(core: &Core) -> Result<Report, String> {
         let record = core.targets.get(&name).await.map_err(|e| e.to_string())?;
         let last = rows.iter().find(|r| r.status.is_finished());
         let last_ok = rows.iter().find(|r| r.status == Status::Completed);
-        let last_drill_ok = rows
-            .iter()
-            .filter_map(|r| r.drill.as_ref().filter(|v| v.ok).map(|v| v.at))
-            .max();
+        let last_drill_ok = crate::repo::latest_drill(&rows, true).map(|(_, v)| v.at);
         let completed: Vec<_> = rows
             .iter()
             .filter(|r| r.status == Status::Completed)

@@ -154,14 +154,8 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         .filter_map(|r| r.verification.as_ref().map(|v| (r, v)))
         .max_by_key(|(_, v)| v.at)
         .map(|(r, v)| (v.ok, r.id.clone(), v.result()));
-    let last_drill = rows
-        .iter()
-        .filter_map(|r| r.drill.as_ref().map(|v| (r, v)))
-        .max_by_key(|(_, v)| v.at);
-    let last_drill_ok_at = rows
-        .iter()
-        .filter_map(|r| r.drill.as_ref().filter(|v| v.ok).map(|v| v.at))
-        .max();
+    let last_drill = crate::repo::latest_drill(&rows, false);
+    let last_drill_ok_at = crate::repo::latest_drill(&rows, true).map(|(_, v)| v.at);
     let last_missed = record.as_ref().and_then(|r| {
         let at = parse(r.last_missed_at.as_deref()?)?;
         Some((at, r.missed_slots))

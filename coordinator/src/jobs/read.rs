@@ -59,30 +59,18 @@ impl Part {
         force: bool,
         dry_run: bool,
     ) -> Result<Self, String> {
-        for t in &tables {
-            datasaver_common::names::parse_table(t)?;
-        }
-        for s in &schemas {
-            datasaver_common::names::validate_schema(s)?;
-        }
+        datasaver_common::names::check_restore_part(
+            &tables,
+            &schemas,
+            into_existing,
+            force,
+            dry_run,
+        )?;
         let part = Self {
             tables,
             schemas,
             into_existing,
         };
-        let partial = part.is_partial();
-        if into_existing && !partial {
-            return Err(
-                "--into-existing adds tables or schemas to a database: give --table SCHEMA.NAME or --schema NAME"
-                    .into(),
-            );
-        }
-        if partial && force {
-            return Err("--force replaces a whole database and cannot be combined with --table or --schema; use --into-existing to add them to an existing database".into());
-        }
-        if partial && dry_run {
-            return Err("--dry-run checks the whole archive and cannot be combined with --table or --schema".into());
-        }
         Ok(part)
     }
 

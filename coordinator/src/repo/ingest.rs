@@ -186,7 +186,6 @@ impl Repository {
         };
         let rest = futures::stream::iter(first).chain(body);
         let (size, ours, trailer) = self.store_object(&object_key, rest, false).await?;
-        let part_keys: Vec<String> = parts.iter().map(|p| p.key.clone()).collect();
 
         let finished = self.now();
         let done = BackupRecord {
@@ -223,9 +222,8 @@ impl Repository {
         };
         let json = Meta::from_record(&done).to_json();
         if let Err(e) = self.storage.put(&meta_key, Bytes::from(json)).await {
-            let mut written = part_keys;
-            written.push(object_key);
-            let _ = self.storage.delete(&written).await;
+            // The parts go with the guard (`ingest`).
+            let _ = self.storage.delete(std::slice::from_ref(&object_key)).await;
             return Err(IngestError::Failed(format!(
                 "writing the meta file failed: {e}"
             )));

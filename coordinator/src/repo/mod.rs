@@ -27,7 +27,8 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::clock::Clock;
 use crate::storage::{ByteStream, Storage, StorageError};
 pub use record::{
-    BackupRecord, Kind, PartRecord, RowCounts, Status, TableRows, Trigger, Verification, GLOBALS,
+    latest_drill, BackupRecord, Kind, PartRecord, RowCounts, Status, TableRows, Trigger,
+    Verification, GLOBALS,
 };
 use store::BackupStore;
 

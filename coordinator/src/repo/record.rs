@@ -133,6 +133,14 @@ impl Verification {
     }
 }
 
+/// The newest restore drill among `rows` (one target's backups), with its
+/// backup; with `passed`, the newest that passed.
+pub fn latest_drill(rows: &[BackupRecord], passed: bool) -> Option<(&BackupRecord, &Verification)> {
+    rows.iter()
+        .filter_map(|r| r.drill.as_ref().filter(|v| v.ok || !passed).map(|v| (r, v)))
+        .max_by_key(|(_, v)| v.at)
+}
+
 /// How the backed-up database was created (owner, encoding, locale); empty
 /// fields were not recorded.
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]

@@ -107,31 +107,26 @@ fn time(col: usize, s: &str) -> rusqlite::Result<chrono::DateTime<chrono::Utc>> 
     parse_time(s).ok_or_else(|| bad(col, "time", s))
 }
 
-/// The shape column: JSON, empty when nothing was recorded.
+/// A JSON column (shape, parts, row counts): empty when nothing was
+/// recorded, so rows from before the column read back as the default.
+fn json_column<T: serde::Serialize + ?Sized>(v: &T, nothing: bool) -> String {
+    if nothing {
+        String::new()
+    } else {
+        serde_json::to_string(v).unwrap_or_default()
+    }
+}
+
 fn shape_json(s: &super::record::DatabaseShape) -> String {
-    if *s == super::record::DatabaseShape::default() {
-        String::new()
-    } else {
-        serde_json::to_string(s).unwrap_or_default()
-    }
+    json_column(s, *s == super::record::DatabaseShape::default())
 }
 
-/// The row counts column: JSON, empty when nothing was recorded.
 fn rows_json(r: &super::record::RowCounts) -> String {
-    if r.is_empty() {
-        String::new()
-    } else {
-        serde_json::to_string(r).unwrap_or_default()
-    }
+    json_column(r, r.is_empty())
 }
 
-/// The parts column: JSON, empty when there are none.
 fn parts_json(p: &[super::record::PartRecord]) -> String {
-    if p.is_empty() {
-        String::new()
-    } else {
-        serde_json::to_string(p).unwrap_or_default()
-    }
+    json_column(p, p.is_empty())
 }
 
 /// Unlike the shape (a restore works without it), parts name objects the

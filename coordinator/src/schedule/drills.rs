@@ -28,11 +28,7 @@ const TICK: Duration = Duration::from_secs(2);
 /// the backup to drill when it is.
 pub fn due(rows: &[BackupRecord], slot: Option<DateTime<Utc>>) -> Option<&BackupRecord> {
     let slot = slot?;
-    let last = rows
-        .iter()
-        .filter_map(|r| r.drill.as_ref().map(|v| v.at))
-        .max();
-    if last.is_some_and(|l| l >= slot) {
+    if crate::repo::latest_drill(rows, false).is_some_and(|(_, v)| v.at >= slot) {
         return None;
     }
     rows.iter().find(|r| r.status == Status::Completed)
@@ -40,6 +36,9 @@ pub fn due(rows: &[BackupRecord], slot: Option<DateTime<Utc>>) -> Option<&Backup
 
 pub async fn run(core: Arc<Core>) {
     let running: Arc<Mutex<HashSet<String>>> = Arc::default();
+    // The slot each target was last found drilled for: the catalog is read
+    // again only when a new slot comes (or while a drill is still owed).
+    let mut drilled: std::collections::HashMap<String, DateTime<Utc>> = Default::default();
     loop {
         tokio::select! {
             _ = core.cancel.cancelled() => return,
@@ -71,15 +70,25 @@ pub async fn run(core: Arc<Core>) {
                 continue;
             };
             let slot = schedule.last_at_or_before(core.clock.now());
+            if slot.is_none() || slot == drilled.get(&target).copied() {
+                continue;
+            }
+            if !core.fleet.takes_jobs(&target) {
+                continue;
+            }
             let Ok(rows) = core.repo.list(Some(&target)).await else {
                 continue;
             };
             let Some(row) = due(&rows, slot).cloned() else {
+                // Drilled for this slot (not merely nothing to drill yet).
+                if let (Some(slot), Some((_, v))) = (slot, crate::repo::latest_drill(&rows, false))
+                {
+                    if v.at >= slot {
+                        drilled.insert(target, slot);
+                    }
+                }
                 continue;
             };
-            if !core.fleet.takes_jobs(&target) {
-                continue;
-            }
             match jobs::start_read(&core, row.clone(), Read::Drill) {
                 Ok(started) => {
                     tracing::info!(target = %target, backup = %row.id, "scheduled restore drill started");
