@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
 use datasaver_common::proto::{
-    upload_request, BackupJob, JobResult, UploadAbort, UploadHeader, UploadPartStart, UploadRequest,
+    upload_request, BackupJob, DatabaseShape, JobResult, UploadAbort, UploadHeader,
+    UploadPartStart, UploadRequest, UploadTrailer,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -80,18 +81,13 @@ pub async fn run(
         r = tools.probe(&target.db) => r?,
         _ = cancel.cancelled() => return Err(stopped(&cancel).0),
     };
-    // Recorded so a restore can refuse a server without them up front.
-    let extensions = tokio::select! {
-        r = tools.extensions(&target.db) => r.map_err(|e| format!("cannot list the database's extensions: {e}"))?,
-        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
-    };
-    let roles = tokio::select! {
-        r = tools.referenced_roles(&target.db) => r.map_err(|e| format!("cannot list the roles the database names: {e}"))?,
-        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
-    };
-    let shape = tokio::select! {
-        r = tools.database_shape(&target.db) => r.map_err(|e| format!("cannot read how the database was created: {e}"))?,
-        _ = cancel.cancelled() => return Err(stopped(&cancel).0),
+    // A whole server describes each database with its part instead.
+    let (extensions, roles, shape) = match &target.databases {
+        Some(_) => (Vec::new(), Vec::new(), None),
+        None => tokio::select! {
+            r = describe(&tools, &target.db) => { let (e, r, s) = r?; (e, r, Some(s)) }
+            _ = cancel.cancelled() => return Err(stopped(&cancel).0),
+        },
     };
     let system_identifier = tokio::select! {
         s = tools.system_identifier(&target.db) => s.unwrap_or_default(),
@@ -110,14 +106,19 @@ pub async fn run(
         compression: target.compression.name().into(),
         compression_level: target.compression_level,
         format: "pg_dump-custom".into(),
-        database: target.db.dbname.clone(),
+        database: if target.databases.is_some() {
+            String::new()
+        } else {
+            target.db.dbname.clone()
+        },
         db_host: format!("{}:{}", target.db.host, target.db.port),
         server_version: server_v.text.clone(),
         pg_dump_version: dump_v.text.clone(),
         extensions,
         system_identifier,
         roles,
-        database_shape: Some(shape),
+        database_shape: shape,
+        whole_server: target.databases.is_some(),
         encrypted: target.encrypt_to.is_some(),
         encryption_recipient: target
             .encrypt_to
@@ -157,20 +158,40 @@ pub async fn run(
     );
     let globals = send_globals(&tools, &target, role_passwords, chain, &tx, cancel.token()).await;
     let progress = reporter.start_ticker("dump", counters.clone());
-    let dumped = match globals.and_then(|()| chain()) {
-        Ok(chain) => {
-            pipeline::upload_child_output(
-                tools.pg_dump(&target.db, target.lock_wait_timeout),
-                "pg_dump",
-                true,
+    let mut databases = Vec::new();
+    let dumped = match (globals, &target.databases) {
+        (Err(e), _) => Err(e),
+        (Ok(()), Some(selection)) => {
+            let server = Server {
+                tools: &tools,
+                target: &target,
+                selection,
+            };
+            send_databases(
+                server,
                 chain,
-                tx.clone(),
-                counters.clone(),
+                &tx,
+                &counters,
                 cancel.token(),
+                &mut databases,
             )
             .await
         }
-        Err(e) => Err(e),
+        (Ok(()), None) => match chain() {
+            Ok(chain) => {
+                pipeline::upload_child_output(
+                    tools.pg_dump(&target.db, target.lock_wait_timeout),
+                    "pg_dump",
+                    true,
+                    chain,
+                    tx.clone(),
+                    counters.clone(),
+                    cancel.token(),
+                )
+                .await
+            }
+            Err(e) => Err(e),
+        },
     };
     progress.abort();
     let cancelled = cancel.is_cancelled();
@@ -190,9 +211,13 @@ pub async fn run(
             | PipelineError::Corrupt(reason)
             | PipelineError::ChildStopped(reason),
         ) => {
-            // A held lock says so, with the table and the setting.
-            let reason =
-                crate::pg::lock_wait_failure(&reason, target.lock_wait_timeout).unwrap_or(reason);
+            // A held lock says so, with the table and the setting (a whole
+            // server's databases said it already, with their names).
+            let reason = match target.databases {
+                Some(_) => reason,
+                None => crate::pg::lock_wait_failure(&reason, target.lock_wait_timeout)
+                    .unwrap_or(reason),
+            };
             let abort = UploadAbort {
                 reason: reason.clone(),
                 interrupted: false,
@@ -230,12 +255,20 @@ pub async fn run(
     let resp = uploaded
         .map_err(|s| format!("upload failed: {}", s.message()))?
         .into_inner();
+    let what = if databases.is_empty() {
+        format!("({})", resp.checksum)
+    } else {
+        format!(
+            "of {} databases ({})",
+            databases.len(),
+            databases.join(", ")
+        )
+    };
     Ok(format!(
-        "backup {} stored: {} bytes from {} bytes of pg_dump output ({}), with the cluster's roles{}",
+        "backup {} stored: {} bytes from {} bytes of pg_dump output {what}, with the cluster's roles{}",
         resp.backup_id,
         resp.stored_bytes,
         counters.raw.load(Ordering::Relaxed),
-        resp.checksum,
         if role_passwords {
             ""
         } else {
@@ -266,6 +299,7 @@ where
     send(upload_request::Msg::PartStart(UploadPartStart {
         name: "globals".into(),
         role_passwords,
+        ..Default::default()
     }))
     .await?;
     let trailer = pipeline::upload_child_output(
@@ -279,4 +313,124 @@ where
     )
     .await?;
     send(upload_request::Msg::PartEnd(trailer)).await
+}
+
+/// What a backup records of one database so a restore can check the server
+/// and create the database the same way: its extensions, the roles its
+/// objects name, and how it was created.
+async fn describe(
+    tools: &PgTools,
+    db: &crate::config::DbConn,
+) -> Result<(Vec<String>, Vec<String>, DatabaseShape), String> {
+    let extensions = tools
+        .extensions(db)
+        .await
+        .map_err(|e| format!("cannot list the extensions of database {}: {e}", db.dbname))?;
+    let roles = tools
+        .referenced_roles(db)
+        .await
+        .map_err(|e| format!("cannot list the roles database {} names: {e}", db.dbname))?;
+    let shape = tools
+        .database_shape(db)
+        .await
+        .map_err(|e| format!("cannot read how database {} was created: {e}", db.dbname))?;
+    Ok((extensions, roles, shape))
+}
+
+/// The server a whole-server backup takes, and which of its databases.
+struct Server<'a> {
+    tools: &'a PgTools,
+    target: &'a TargetConfig,
+    selection: &'a crate::config::DatabaseSelection,
+}
+
+/// Sends every selected database of the server, found now, as a
+/// `database:<name>` part, one after the other; returns the upload's empty
+/// trailer (a whole server has no dump of its own) and names the databases
+/// in `sent`.
+async fn send_databases<F>(
+    server: Server<'_>,
+    chain: F,
+    tx: &mpsc::Sender<UploadRequest>,
+    counters: &Arc<Counters>,
+    cancel: &tokio_util::sync::CancellationToken,
+    sent: &mut Vec<String>,
+) -> Result<UploadTrailer, PipelineError>
+where
+    F: Fn() -> Result<Chain, PipelineError>,
+{
+    let Server {
+        tools,
+        target,
+        selection,
+    } = server;
+    let send = |msg| async {
+        tokio::select! {
+            r = tx.send(UploadRequest { msg: Some(msg) }) => r.map_err(|_| PipelineError::UploadClosed),
+            _ = cancel.cancelled() => Err(PipelineError::Cancelled),
+        }
+    };
+    let all = tokio::select! {
+        r = tools.databases(&target.db) => r.map_err(|e| PipelineError::Failed(format!("cannot list the server's databases: {e}")))?,
+        _ = cancel.cancelled() => return Err(PipelineError::Cancelled),
+    };
+    let chosen: Vec<String> = all
+        .iter()
+        .filter(|d| selection.matches(d))
+        .cloned()
+        .collect();
+    if chosen.is_empty() {
+        return Err(PipelineError::Failed(format!(
+            "no database of the server matches {} (it has {}); nothing was backed up",
+            selection.describe(),
+            all.join(", ")
+        )));
+    }
+    for name in chosen {
+        if let Err(e) = datasaver_common::names::validate_database_name(&name) {
+            return Err(PipelineError::Failed(e));
+        }
+        let db = crate::config::DbConn {
+            dbname: name.clone(),
+            ..target.db.clone()
+        };
+        let (extensions, roles, shape) = tokio::select! {
+            r = describe(tools, &db) => r.map_err(PipelineError::Failed)?,
+            _ = cancel.cancelled() => return Err(PipelineError::Cancelled),
+        };
+        send(upload_request::Msg::PartStart(UploadPartStart {
+            name: datasaver_common::names::database_part(&name),
+            role_passwords: false,
+            database: name.clone(),
+            extensions,
+            roles,
+            database_shape: Some(shape),
+        }))
+        .await?;
+        let trailer = pipeline::upload_child_output(
+            tools.pg_dump(&db, target.lock_wait_timeout),
+            "pg_dump",
+            true,
+            chain()?,
+            tx.clone(),
+            counters.clone(),
+            cancel,
+        )
+        .await
+        .map_err(|e| match e {
+            PipelineError::Failed(r)
+            | PipelineError::Corrupt(r)
+            | PipelineError::ChildStopped(r) => {
+                let r = crate::pg::lock_wait_failure(&r, target.lock_wait_timeout).unwrap_or(r);
+                PipelineError::Failed(format!("database {name}: {r}"))
+            }
+            e => e,
+        })?;
+        send(upload_request::Msg::PartEnd(trailer)).await?;
+        sent.push(name);
+    }
+    Ok(UploadTrailer {
+        checksum: datasaver_common::checksum::Checksum::new().finish(),
+        ..Default::default()
+    })
 }

@@ -116,6 +116,92 @@ pub struct TargetConfig {
     /// The restore-drill schedule this agent asks for
     /// (`DATASAVER_DRILL_SCHEDULE`; the coordinator's file wins).
     pub drill_schedule: Option<String>,
+    /// A whole server (`DATASAVER_DATABASES`): these of its databases, found
+    /// afresh at each backup; `None`: only `db`'s database.
+    pub databases: Option<DatabaseSelection>,
+}
+
+/// Which databases of its server a whole-server agent backs up
+/// (`DATASAVER_DATABASES`, `DATASAVER_EXCLUDE_DATABASES`): names or
+/// patterns where `*` stands for any run of characters.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct DatabaseSelection {
+    /// Empty: every database (`all`).
+    pub include: Vec<String>,
+    pub exclude: Vec<String>,
+}
+
+impl DatabaseSelection {
+    /// From the two settings' values (`include` unset: no selection).
+    pub fn parse(
+        include: Option<&str>,
+        exclude: Option<&str>,
+    ) -> Result<Option<Self>, SettingError> {
+        let list = |setting: &'static str, v: &str| -> Result<Vec<String>, SettingError> {
+            let items: Vec<String> = v
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect();
+            if items.is_empty() {
+                return Err(SettingError::new(
+                    setting,
+                    "is empty: give database names or patterns, comma-separated (e.g. app,shop_*)",
+                ));
+            }
+            for i in &items {
+                datasaver_common::names::validate_database_name(i)
+                    .map_err(|e| SettingError::new(setting, e))?;
+            }
+            Ok(items)
+        };
+        let Some(include) = include else {
+            return match exclude {
+                Some(_) => Err(SettingError::new(
+                    "DATASAVER_EXCLUDE_DATABASES",
+                    "only applies to a whole-server agent: set DATASAVER_DATABASES (e.g. all) too",
+                )),
+                None => Ok(None),
+            };
+        };
+        let include = if include.trim() == "all" {
+            Vec::new()
+        } else {
+            list("DATASAVER_DATABASES", include)?
+        };
+        let exclude = match exclude {
+            Some(v) => list("DATASAVER_EXCLUDE_DATABASES", v)?,
+            None => Vec::new(),
+        };
+        Ok(Some(Self { include, exclude }))
+    }
+
+    /// Whether database `name` is backed up.
+    pub fn matches(&self, name: &str) -> bool {
+        let any = |ps: &[String]| {
+            ps.iter()
+                .any(|p| datasaver_common::names::pattern_matches(p, name))
+        };
+        (self.include.is_empty() || any(&self.include)) && !any(&self.exclude)
+    }
+
+    /// The selection as the settings say it, for messages.
+    pub fn describe(&self) -> String {
+        let include = if self.include.is_empty() {
+            "all".to_string()
+        } else {
+            self.include.join(",")
+        };
+        if self.exclude.is_empty() {
+            format!("DATASAVER_DATABASES={include}")
+        } else {
+            format!(
+                "DATASAVER_DATABASES={include}, DATASAVER_EXCLUDE_DATABASES={}",
+                self.exclude.join(",")
+            )
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -231,6 +317,11 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
 
     let schedule = env.get("DATASAVER_SCHEDULE").map(str::to_string);
     let drill_schedule = env.get("DATASAVER_DRILL_SCHEDULE").map(str::to_string);
+    let databases = take!(DatabaseSelection::parse(
+        env.get("DATASAVER_DATABASES"),
+        env.get("DATASAVER_EXCLUDE_DATABASES")
+    ))
+    .flatten();
     let retention = proto::Retention {
         keep_last: take!(env.parse_opt("DATASAVER_KEEP_LAST")).flatten(),
         keep_daily: take!(env.parse_opt("DATASAVER_KEEP_DAILY")).flatten(),
@@ -368,6 +459,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 lock_wait_timeout,
                 drill_db,
                 drill_schedule,
+                databases,
             },
             tls,
             pg_bin_dir: bin,
@@ -620,6 +712,35 @@ mod tests {
         ] {
             let e = parse_coordinator_url(bad).unwrap_err();
             assert_eq!(e.setting, "DATASAVER_COORDINATOR_URL", "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_whole_server_selection_takes_what_it_names_and_not_what_it_excludes() {
+        assert_eq!(DatabaseSelection::parse(None, None), Ok(None));
+        let all = DatabaseSelection::parse(Some("all"), Some("postgres, scratch_*"))
+            .unwrap()
+            .unwrap();
+        let taken: Vec<&str> = ["app", "crm", "postgres", "scratch_1", "scratchy"]
+            .into_iter()
+            .filter(|d| all.matches(d))
+            .collect();
+        assert_eq!(taken, ["app", "crm", "scratchy"]);
+        assert_eq!(
+            all.describe(),
+            "DATASAVER_DATABASES=all, DATASAVER_EXCLUDE_DATABASES=postgres,scratch_*"
+        );
+        let some = DatabaseSelection::parse(Some("shop_*,crm"), None)
+            .unwrap()
+            .unwrap();
+        assert!(some.matches("shop_eu") && some.matches("crm") && !some.matches("crm2"));
+        for (include, exclude, setting) in [
+            (None, Some("x"), "DATASAVER_EXCLUDE_DATABASES"),
+            (Some(" , "), None, "DATASAVER_DATABASES"),
+            (Some("all"), Some(""), "DATASAVER_EXCLUDE_DATABASES"),
+        ] {
+            let e = DatabaseSelection::parse(include, exclude).unwrap_err();
+            assert_eq!(e.setting, setting, "{e}");
         }
     }
 

@@ -22,6 +22,7 @@ pub mod pg;
 pub mod pipeline;
 pub mod progress;
 pub mod restore;
+pub mod server;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -19,6 +19,10 @@ use tokio_util::sync::CancellationToken;
 ///   DATASAVER_PG_BIN_DIR        where pg_dump, pg_dumpall, pg_restore and psql are (default: PATH)
 ///   DATASAVER_SCHEDULE, DATASAVER_KEEP_*  schedule and retention this agent asks for
 ///   DATASAVER_DRILL_SCHEDULE    when to run restore drills (cron), as this agent asks
+///   DATASAVER_DATABASES         a whole server: all, or names/patterns (shop_*,crm); every
+///                               matching database (no templates), found at each backup, in
+///                               one backup; unset: only the database of the settings above
+///   DATASAVER_EXCLUDE_DATABASES names/patterns a whole server leaves out (postgres,scratch_*)
 ///   DATASAVER_LOCK_WAIT_TIMEOUT how long pg_dump waits for a table's lock (default 10m)
 ///                               before the backup fails naming the table
 ///   DATASAVER_DRILL_DATABASE_URL  a server for restore drills (postgres://...; default: the

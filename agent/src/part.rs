@@ -103,11 +103,7 @@ pub async fn run(cx: Context<'_>, sel: &Selection) -> Result<Outcome, JobError> 
         datasaver_common::names::default_restore_db(&db.dbname, chrono::Utc::now())
     };
     valid_db_name(&name)?;
-    let admin_db = if name == db.dbname {
-        "postgres".to_string()
-    } else {
-        db.dbname.clone()
-    };
+    let admin_db = crate::pg::admin_db(db, &name);
     let what = sel.describe();
     let exists = tokio::select! {
         r = tools.database_exists(db, &admin_db, &name) => r.map_err(|e| format!("cannot connect to the server at {}:{}: {e}", db.host, db.port))?,

@@ -111,6 +111,17 @@ pub fn lock_wait_failure(summary: &str, lock_wait: Duration) -> Option<String> {
     ))
 }
 
+/// The database admin statements about database `name` (create, drop,
+/// rename) run from: the agent's own, unless that is `name`, which is
+/// about to be dropped or replaced.
+pub fn admin_db(db: &DbConn, name: &str) -> String {
+    match (name == db.dbname, name == "postgres") {
+        (false, _) => db.dbname.clone(),
+        (true, false) => "postgres".into(),
+        (true, true) => "template1".into(),
+    }
+}
+
 /// Parses `pg_dump (PostgreSQL) 15.18 (Debian ...)`.
 pub fn parse_tool_version(out: &str) -> Option<PgVersion> {
     let v = out.split_whitespace().nth(2)?;
@@ -437,6 +448,14 @@ pub mod sql {
         sql.push(';');
         st.sql = sql;
         st
+    }
+
+    /// The databases a whole-server backup may take, one per line: every
+    /// database but the templates and those that refuse connections.
+    pub fn databases() -> Statement {
+        Statement::new(
+            "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY 1;",
+        )
     }
 
     /// Every role on the server, one per line.
@@ -1013,6 +1032,12 @@ impl PgTools {
     /// The roles `db`'s objects name (recorded with each backup).
     pub async fn referenced_roles(&self, db: &DbConn) -> Result<Vec<String>, String> {
         self.lines(db, &db.dbname, &sql::referenced_roles()).await
+    }
+
+    /// The databases of the server behind `db` a whole-server backup may
+    /// take (no templates), asked from `db`'s own database.
+    pub async fn databases(&self, db: &DbConn) -> Result<Vec<String>, String> {
+        self.lines(db, &db.dbname, &sql::databases()).await
     }
 
     /// Every role of the server behind `db`, asked from `dbname`.

@@ -44,15 +44,14 @@ impl Job for RestoreJob {
     }
 
     async fn run(self, ctx: JobContext) -> Result<JobResult, JobError> {
-        let o = run(
-            ctx.client,
-            self,
-            ctx.target,
-            ctx.tools,
-            ctx.reporter,
-            ctx.cancel,
-        )
-        .await?;
+        // A whole-server backup is read one database at a time.
+        let (c, t, tools, r, cancel) =
+            (ctx.client, ctx.target, ctx.tools, ctx.reporter, ctx.cancel);
+        let o = if self.databases.is_empty() {
+            run(c, self, t, tools, r, cancel).await?
+        } else {
+            crate::server::run(c, self, t, tools, r, cancel).await?
+        };
         Ok(JobResult {
             message: o.message,
             target_db: o.target_db,
@@ -84,7 +83,7 @@ pub(crate) async fn stream_into(
     let request = DownloadRequest {
         job_id: job.job_id.clone(),
         backup_id: job.backup_id.clone(),
-        part: String::new(),
+        part: job.dump_part.clone(),
     };
     let download = tokio::select! {
         r = client.download(request) => r
@@ -369,12 +368,7 @@ pub async fn run(
         job.target_db.clone()
     };
     valid_db_name(&name)?;
-    // Admin statements run from a database we are not about to drop.
-    let admin_db = if name == db.dbname {
-        "postgres".to_string()
-    } else {
-        db.dbname.clone()
-    };
+    let admin_db = crate::pg::admin_db(db, &name);
     reporter.phase("prepare", &format!("preparing database {name}"));
     // A server or pg_restore too old for this backup is refused before
     // anything is created, naming both versions (not pg_restore's failure
@@ -707,6 +701,7 @@ mod tests {
             lock_wait_timeout: crate::config::DEFAULT_LOCK_WAIT_TIMEOUT,
             drill_db: None,
             drill_schedule: None,
+            databases: None,
         };
         let job = RestoreJob {
             job_id: "j1".into(),

@@ -119,6 +119,10 @@ enum Cmd {
         /// Where to write the archive (must not exist).
         #[arg(long, value_name = "FILE", required_unless_present = "globals")]
         out: Option<PathBuf>,
+        /// Of a whole-server backup, the archive of this database (which
+        /// ones it holds: `dsctl get ID`).
+        #[arg(long, value_name = "NAME")]
+        database: Option<String>,
         /// Where to write the backup's globals: the cluster's roles, their
         /// memberships and settings as SQL (`pg_dumpall --globals-only`;
         /// must not exist). Apply what you need with psql.
@@ -220,9 +224,14 @@ struct RestoreArgs {
     /// With --target: the newest completed backup at or before this time (RFC 3339 or YYYY-MM-DD).
     #[arg(long, requires = "target", value_name = "TIME")]
     at: Option<String>,
-    /// Database to restore into (created if missing).
+    /// Database to restore into (created if missing). Of a whole-server
+    /// backup, with --database: the name that database gets.
     #[arg(long, value_name = "NAME")]
     target_db: Option<String>,
+    /// Of a whole-server backup, only this database (without it, every
+    /// database comes back under its own name).
+    #[arg(long, value_name = "NAME")]
+    database: Option<String>,
     /// Replace an existing non-empty database (its connections are terminated).
     #[arg(long)]
     force: bool,
@@ -600,9 +609,15 @@ async fn run(cli: Cli) -> Result<()> {
                 p.failed();
                 bail!("the coordinator reported success without the backup: see `dsctl list`");
             };
+            // The coordinator's message says what else there is to know
+            // (a whole server's databases that came or went).
             p.done(Some(format!(
-                "backup {} completed: {} stored ({} from pg_dump) in {:.1} s",
-                b.id,
+                "{}: {} stored ({} from pg_dump) in {:.1} s",
+                if done.message.is_empty() {
+                    format!("backup {} completed", b.id)
+                } else {
+                    done.message.clone()
+                },
                 output::human_bytes(b.stored_bytes),
                 output::human_bytes(b.raw_bytes),
                 b.duration_ms as f64 / 1000.0
@@ -645,6 +660,7 @@ async fn run(cli: Cli) -> Result<()> {
                         tables: a.table,
                         schemas: a.schema,
                         into_existing: a.into_existing,
+                        database: a.database.unwrap_or_default(),
                     })
                     .await,
                 )
@@ -732,10 +748,22 @@ async fn run(cli: Cli) -> Result<()> {
         Cmd::Export {
             id,
             out,
+            database,
             globals,
             identity,
         } => {
-            let wanted: Vec<(&str, PathBuf)> = [("", out), ("globals", globals)]
+            let dump = match &database {
+                Some(d) => {
+                    datasaver_common::names::validate_database_name(d)
+                        .map_err(|e| anyhow::anyhow!("--database: {e}"))?;
+                    if out.is_none() {
+                        bail!("--database {d} names the archive to write: add --out FILE");
+                    }
+                    datasaver_common::names::database_part(d)
+                }
+                None => String::new(),
+            };
+            let wanted: Vec<(&str, PathBuf)> = [(dump.as_str(), out), ("globals", globals)]
                 .into_iter()
                 .filter_map(|(part, f)| f.map(|f| (part, f)))
                 .collect();

@@ -93,13 +93,17 @@ pub fn exported(e: &crate::export::Exported, as_json: bool) {
                 "bytes": e.bytes,
                 "checksum": e.checksum,
                 "checked_against_backup": e.checked_against_backup,
-                "database": e.backup.database,
+                "database": exported_database(e),
                 "part": e.part.clone().unwrap_or_else(|| "dump".into()),
             })
         );
         return;
     }
-    if let Some(part) = &e.part {
+    let database_part = e
+        .part
+        .as_deref()
+        .and_then(datasaver_common::names::part_database);
+    if let Some(part) = e.part.as_ref().filter(|_| database_part.is_none()) {
         let passwords = e
             .backup
             .parts
@@ -125,7 +129,7 @@ pub fn exported(e: &crate::export::Exported, as_json: bool) {
     println!(
         "exported backup {} (database {}) to {}: {}, pg_dump custom format",
         e.backup.id,
-        e.backup.database,
+        exported_database(e),
         e.out.display(),
         human_bytes(e.bytes)
     );
@@ -144,6 +148,132 @@ pub fn exported(e: &crate::export::Exported, as_json: bool) {
         "restore it with: createdb NEWDB && pg_restore -d NEWDB {}",
         e.out.display()
     );
+}
+
+/// The database an export holds: the backup's, or the one of a
+/// whole-server backup's that was asked for.
+fn exported_database(e: &crate::export::Exported) -> String {
+    e.part
+        .as_deref()
+        .and_then(datasaver_common::names::part_database)
+        .unwrap_or(&e.backup.database)
+        .to_string()
+}
+
+/// The databases a backup holds: its one, or a whole server's.
+fn databases_of(b: &Backup) -> Vec<String> {
+    if b.whole_server {
+        b.parts
+            .iter()
+            .filter(|p| !p.database.is_empty())
+            .map(|p| p.database.clone())
+            .collect()
+    } else if b.database.is_empty() {
+        Vec::new()
+    } else {
+        vec![b.database.clone()]
+    }
+}
+
+/// The databases a backup holds, as a list column shows them: at most
+/// three names, then how many more.
+fn databases_column(b: &Backup) -> String {
+    let all = databases_of(b);
+    if all.len() <= 3 {
+        return all.join(",");
+    }
+    format!("{} (+{})", all[..3].join(","), all.len() - 3)
+}
+
+/// A list of the backup's (`own`), or for a whole server every name its
+/// databases' lists hold (`of`), once each.
+fn every(
+    b: &Backup,
+    of: impl Fn(&datasaver_common::proto::BackupPart) -> &Vec<String>,
+    own: &[String],
+) -> String {
+    if !b.whole_server {
+        return own.join(", ");
+    }
+    let mut all: Vec<&String> = b.parts.iter().flat_map(of).collect();
+    all.sort();
+    all.dedup();
+    all.into_iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// `N rows in M tables`.
+fn rows_in(tables: &[datasaver_common::proto::TableRows]) -> String {
+    format!(
+        "{} rows in {} table{}",
+        tables.iter().map(|t| t.rows).sum::<u64>(),
+        tables.len(),
+        if tables.len() == 1 { "" } else { "s" }
+    )
+}
+
+/// `dsctl get`'s rows about a whole-server backup's databases.
+fn server_rows(b: &Backup) -> Vec<(&'static str, String)> {
+    let mut rows = vec![(
+        "database",
+        format!(
+            "whole server on {} (PostgreSQL {})",
+            b.db_host, b.server_version
+        ),
+    )];
+    for p in b.parts.iter().filter(|p| !p.database.is_empty()) {
+        let rows_text = if !p.tables.is_empty() {
+            rows_in(&p.tables)
+        } else if !p.rows_not_counted.is_empty() {
+            format!("rows not counted: {}", p.rows_not_counted)
+        } else {
+            "no tables".into()
+        };
+        let owner = p
+            .database_shape
+            .as_ref()
+            .map(|s| s.owner.clone())
+            .filter(|o| !o.is_empty())
+            .map(|o| format!(", owner {o}"))
+            .unwrap_or_default();
+        rows.push((
+            "  database",
+            format!(
+                "{}: {} stored, {}{owner}",
+                p.database,
+                human_bytes(p.stored_bytes),
+                rows_text
+            ),
+        ));
+    }
+    if !b.databases_appeared.is_empty() {
+        rows.push(("new since previous", b.databases_appeared.join(", ")));
+    }
+    if !b.databases_disappeared.is_empty() {
+        rows.push(("gone since previous", b.databases_disappeared.join(", ")));
+    }
+    rows
+}
+
+fn part_json(p: &datasaver_common::proto::BackupPart) -> Value {
+    json!({
+        "name": p.name,
+        "stored_bytes": p.stored_bytes,
+        "checksum": p.checksum,
+        "raw_bytes": p.raw_bytes,
+        "raw_checksum": p.raw_checksum,
+        "role_passwords": p.role_passwords,
+        "database": p.database,
+        "extensions": p.extensions,
+        "roles": p.roles,
+        "tables": p.tables.iter().map(|t| json!({
+            "schema": t.schema,
+            "name": t.name,
+            "rows": t.rows,
+        })).collect::<Vec<_>>(),
+    })
 }
 
 pub fn backup_json(b: &Backup) -> Value {
@@ -174,14 +304,11 @@ pub fn backup_json(b: &Backup) -> Value {
         "roles": b.roles,
         "system_identifier": b.system_identifier,
         "object_key": b.object_key,
-        "parts": b.parts.iter().map(|p| json!({
-            "name": p.name,
-            "stored_bytes": p.stored_bytes,
-            "checksum": p.checksum,
-            "raw_bytes": p.raw_bytes,
-            "raw_checksum": p.raw_checksum,
-            "role_passwords": p.role_passwords,
-        })).collect::<Vec<_>>(),
+        "parts": b.parts.iter().map(part_json).collect::<Vec<_>>(),
+        "whole_server": b.whole_server,
+        "databases": databases_of(b),
+        "databases_appeared": b.databases_appeared,
+        "databases_disappeared": b.databases_disappeared,
         "tables": b.tables.iter().map(|t| json!({
             "schema": t.schema,
             "name": t.name,
@@ -491,6 +618,7 @@ pub fn backups(list: &[Backup], as_json: bool) {
     Columns::<Backup>::new()
         .col("ID", |b| b.id.clone())
         .col("TARGET", |b| b.target.clone())
+        .col("DATABASES", databases_column)
         .col("DATE", |b| short_time(&b.created_at))
         .col("SIZE", |b| human_bytes(b.stored_bytes))
         .col("TYPE", |b| b.kind.clone())
@@ -528,16 +656,22 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
             "duration",
             format!("{:.1} s", b.duration_ms as f64 / 1000.0),
         ),
-        (
+    ];
+    if b.whole_server {
+        rows.extend(server_rows(b));
+    } else {
+        rows.push((
             "database",
             format!(
                 "{} on {} (PostgreSQL {})",
                 b.database, b.db_host, b.server_version
             ),
-        ),
+        ));
+    }
+    rows.extend([
         ("pg_dump", b.pg_dump_version.clone()),
-        ("extensions", b.extensions.join(", ")),
-        ("roles", b.roles.join(", ")),
+        ("extensions", every(b, |p| &p.extensions, &b.extensions)),
+        ("roles", every(b, |p| &p.roles, &b.roles)),
         ("system identifier", b.system_identifier.clone()),
         (
             "size",
@@ -551,7 +685,14 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ("encrypted", b.encrypted.to_string()),
         ("checksum", b.checksum.clone()),
         ("pg_dump checksum", b.raw_checksum.clone()),
-        ("object", b.object_key.clone()),
+        (
+            "object",
+            if b.whole_server {
+                "one per database (dsctl export ID --database NAME)".into()
+            } else {
+                b.object_key.clone()
+            },
+        ),
         (
             "globals",
             match b.parts.iter().find(|p| p.name == "globals") {
@@ -571,12 +712,18 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
         ),
         (
             "rows",
-            if !b.tables.is_empty() {
+            if b.whole_server {
+                let tables = b.parts.iter().map(|p| p.tables.len()).sum::<usize>();
                 format!(
-                    "{} in {} table{} at backup time (dsctl --json get lists them)",
-                    b.tables.iter().map(|t| t.rows).sum::<u64>(),
-                    b.tables.len(),
-                    if b.tables.len() == 1 { "" } else { "s" }
+                    "{} in {tables} table{} of {} databases at backup time (dsctl --json get lists them)",
+                    b.parts.iter().flat_map(|p| &p.tables).map(|t| t.rows).sum::<u64>(),
+                    if tables == 1 { "" } else { "s" },
+                    databases_of(b).len()
+                )
+            } else if !b.tables.is_empty() {
+                format!(
+                    "{} at backup time (dsctl --json get lists them)",
+                    rows_in(&b.tables)
                 )
             } else if !b.rows_not_counted.is_empty() {
                 format!("not counted: {}", b.rows_not_counted)
@@ -592,7 +739,7 @@ pub fn backup_detail(b: &Backup, as_json: bool) {
                 .clone()
                 .unwrap_or_else(|| "not scheduled".into()),
         ),
-    ];
+    ]);
     if let Some(e) = &b.error {
         rows.push(("error", e.clone()));
     }

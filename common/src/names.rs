@@ -82,6 +82,32 @@ pub fn pattern_matches(pattern: &str, name: &str) -> bool {
     p[pi..].iter().all(|&b| b == b'*')
 }
 
+/// What the part holding database `name` of a whole-server backup is called.
+pub const DATABASE_PART_PREFIX: &str = "database:";
+
+/// The part of a whole-server backup that holds database `name`.
+pub fn database_part(name: &str) -> String {
+    format!("{DATABASE_PART_PREFIX}{name}")
+}
+
+/// The database a part holds, when it is one of a whole-server backup's.
+pub fn part_database(part: &str) -> Option<&str> {
+    part.strip_prefix(DATABASE_PART_PREFIX)
+        .filter(|n| validate_database_name(n).is_ok())
+}
+
+/// Checks a database name as Postgres can hold it: 1-63 bytes, no control
+/// characters.
+pub fn validate_database_name(name: &str) -> Result<(), String> {
+    if !name.is_empty() && name.len() <= 63 && !name.chars().any(char::is_control) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{name:?} is not a database name (1-63 bytes, no control characters)"
+        ))
+    }
+}
+
 /// The base backup id for `target` at `at`: `<target>_<YYYYMMDD>_<HHMMSS>`.
 /// Callers append `_2`, `_3`... when that id is already taken.
 pub fn backup_id(target: &str, at: DateTime<Utc>) -> String {
@@ -192,6 +218,16 @@ mod tests {
     use super::*;
     use chrono::TimeZone;
     use proptest::prelude::*;
+
+    #[test]
+    fn database_parts_name_their_database() {
+        assert_eq!(database_part("shop"), "database:shop");
+        assert_eq!(part_database("database:my db"), Some("my db"));
+        assert_eq!(part_database("globals"), None);
+        assert_eq!(part_database("database:"), None);
+        assert!(validate_database_name(&"d".repeat(64)).is_err());
+        assert!(validate_database_name("a\nb").is_err());
+    }
 
     #[test]
     fn partial_restore_names() {

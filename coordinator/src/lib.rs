@@ -147,6 +147,9 @@ pub fn to_proto(b: &BackupRecord) -> datasaver_common::proto::Backup {
         rows_not_counted: b.row_counts.not_counted.clone(),
         drilled_at: b.drill.as_ref().map(|v| repo::record::format_time(v.at)),
         drill_result: b.drill.as_ref().map(repo::Verification::result),
+        whole_server: b.is_whole_server(),
+        databases_appeared: Vec::new(),
+        databases_disappeared: Vec::new(),
     }
 }
 
@@ -168,6 +171,28 @@ pub fn part_to_proto(p: &repo::PartRecord) -> datasaver_common::proto::BackupPar
         raw_bytes: p.raw_bytes,
         raw_checksum: p.raw_checksum.clone(),
         role_passwords: p.role_passwords,
+        database: p
+            .dump
+            .as_ref()
+            .map(|d| d.database.clone())
+            .unwrap_or_default(),
+        extensions: p
+            .dump
+            .as_ref()
+            .map(|d| d.extensions.clone())
+            .unwrap_or_default(),
+        roles: p.dump.as_ref().map(|d| d.roles.clone()).unwrap_or_default(),
+        database_shape: p.dump.as_ref().map(|d| (&d.shape).into()),
+        tables: p
+            .dump
+            .as_ref()
+            .map(|d| tables_to_proto(&d.row_counts.tables))
+            .unwrap_or_default(),
+        rows_not_counted: p
+            .dump
+            .as_ref()
+            .map(|d| d.row_counts.not_counted.clone())
+            .unwrap_or_default(),
     }
 }
 

@@ -23,6 +23,7 @@ use super::Caller;
 use crate::agents::JoinError;
 use crate::fleet::{AgentConn, JobKind, Report};
 use crate::repo::ingest::{IngestError, IngestMeta, Piece, Trailer};
+use crate::repo::record::DatabaseDump;
 use crate::repo::{ReadError, RepoError};
 use crate::Core;
 
@@ -208,6 +209,7 @@ impl AgentService for AgentSvc {
                 .clone()
                 .map(Into::into)
                 .unwrap_or_default(),
+            whole_server: header.whole_server,
         };
         let stored = tracing::Instrument::instrument(
             crate::jobs::store_upload(
@@ -318,9 +320,17 @@ fn pieces(
                 Some(upload_request::Msg::Trailer(t)) => Ok(Piece::End(trailer(t))),
                 Some(upload_request::Msg::PartStart(mut p)) => {
                     clean::name(&mut p.name);
+                    let dump = (!p.database.is_empty()).then(|| DatabaseDump {
+                        database: p.database,
+                        extensions: p.extensions,
+                        roles: p.roles,
+                        shape: p.database_shape.map(Into::into).unwrap_or_default(),
+                        row_counts: Default::default(),
+                    });
                     Ok(Piece::PartStart {
                         name: p.name,
                         role_passwords: p.role_passwords,
+                        dump,
                     })
                 }
                 Some(upload_request::Msg::PartEnd(t)) => Ok(Piece::PartEnd(trailer(t))),

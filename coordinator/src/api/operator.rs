@@ -128,6 +128,15 @@ impl OperatorService for OperatorSvc {
         tracing::info!(operator = %who, backup = %id, "get backup");
         let row = self.find_for(&who, Action::Get, &id).await?;
         let mut b = to_proto(&row);
+        match self.core.repo.database_changes(&row).await {
+            Ok((appeared, gone)) => {
+                b.databases_appeared = appeared;
+                b.databases_disappeared = gone;
+            }
+            Err(e) => {
+                tracing::warn!(backup = %id, error = %e, "could not compare the backup's databases with the previous backup's")
+            }
+        }
         b.next_backup_at = self
             .core
             .scheduler
@@ -165,7 +174,8 @@ impl OperatorService for OperatorSvc {
             req.force,
             req.dry_run,
         )
-        .map_err(Status::invalid_argument)?;
+        .map_err(Status::invalid_argument)?
+        .of_database(&req.database);
         // Over or into an existing database is the admin's call; into a new
         // one, or only checking the archive, the operator's.
         let action = if req.force && !req.dry_run {
@@ -205,6 +215,8 @@ impl OperatorService for OperatorSvc {
         let row = backups::pick(&self.core, &sel, "restored")
             .await
             .map_err(action_status)?;
+        part.databases_of(&row, &req.target_db)
+            .map_err(Status::invalid_argument)?;
         let read = if req.dry_run {
             Read::DryRun
         } else {

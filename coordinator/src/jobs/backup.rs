@@ -178,9 +178,36 @@ pub(super) async fn decide(
             row.stored_bytes,
             row.raw_bytes,
         );
+        // A whole server's databases come and go: the event says which.
+        let mut message = format!("backup {id} completed");
+        if row.is_whole_server() {
+            message.push_str(&format!(" ({} databases)", row.databases().len()));
+            match core.repo.database_changes(&row).await {
+                Ok((appeared, gone)) => {
+                    if !appeared.is_empty() {
+                        message.push_str(&format!(
+                            "; new since the previous backup: {}",
+                            appeared.join(", ")
+                        ));
+                    }
+                    if !gone.is_empty() {
+                        message.push_str(&format!(
+                            "; gone since the previous backup: {}",
+                            gone.join(", ")
+                        ));
+                    }
+                    if !appeared.is_empty() || !gone.is_empty() {
+                        tracing::info!(backup = %id, appeared = ?appeared, disappeared = ?gone, "the server's databases changed since the previous backup");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(backup = %id, error = %e, "could not compare the backup's databases with the previous backup's")
+                }
+            }
+        }
         let event = done(JobDone {
             ok: true,
-            message: format!("backup {id} completed"),
+            message,
             backup: Some(to_proto(&row)),
             ..Default::default()
         });

@@ -15,7 +15,7 @@ use super::{
     done, failed, progress, AgentJob, Expected, FailureKind, JobFailure, StartError, Started,
 };
 use crate::fleet::JobKind;
-use crate::repo::BackupRecord;
+use crate::repo::{BackupRecord, PartRecord};
 use crate::schedule::planner::Outcome;
 use crate::{to_proto, Core};
 
@@ -47,6 +47,8 @@ pub struct Part {
     pub schemas: Vec<String>,
     /// Add them to an existing database instead of a new one.
     pub into_existing: bool,
+    /// Of a whole-server backup, only this database.
+    pub database: Option<String>,
 }
 
 impl Part {
@@ -70,12 +72,71 @@ impl Part {
             tables,
             schemas,
             into_existing,
+            database: None,
         };
         Ok(part)
     }
 
+    /// Only database `name` of a whole-server backup (empty: all of them).
+    pub fn of_database(self, name: &str) -> Self {
+        Self {
+            database: (!name.is_empty()).then(|| name.to_string()),
+            ..self
+        }
+    }
+
     pub fn is_partial(&self) -> bool {
         !self.tables.is_empty() || !self.schemas.is_empty()
+    }
+
+    /// The databases of `row` a restore into `target_db` reads: those of a
+    /// whole-server backup (all, or the one named), none for a
+    /// single-database backup. Refuses what does not fit the backup.
+    pub fn databases_of<'a>(
+        &self,
+        row: &'a BackupRecord,
+        target_db: &str,
+    ) -> Result<Vec<&'a PartRecord>, String> {
+        let all = row.databases();
+        if !row.is_whole_server() {
+            return match &self.database {
+                Some(d) => Err(format!(
+                    "backup {} holds one database ({}); --database {d:?} is for whole-server backups",
+                    row.id, row.database
+                )),
+                None => Ok(Vec::new()),
+            };
+        }
+        let names = row.database_names();
+        let Some(name) = &self.database else {
+            if !target_db.is_empty() {
+                return Err(format!(
+                    "backup {} holds {} databases ({}); --target-db renames one: add --database NAME",
+                    row.id,
+                    names.len(),
+                    names.join(", ")
+                ));
+            }
+            if self.is_partial() {
+                return Err(format!(
+                    "backup {} holds {} databases ({}); say which one holds the tables or schemas with --database NAME",
+                    row.id,
+                    names.len(),
+                    names.join(", ")
+                ));
+            }
+            return Ok(all);
+        };
+        all.into_iter()
+            .find(|p| p.dump.as_ref().is_some_and(|d| &d.database == name))
+            .map(|p| vec![p])
+            .ok_or_else(|| {
+                format!(
+                    "backup {} holds no database {name:?}; it holds {}",
+                    row.id,
+                    names.join(", ")
+                )
+            })
     }
 }
 
@@ -110,15 +171,18 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
     let core = core.clone();
     core.clone().tasks.spawn(
         async move {
-            let _ = tx
-                .send(Ok(progress(
-                    "download",
-                    format!(
-                        "reading {} from storage; the agent checks it against {} as it arrives",
-                        row.id, row.checksum
-                    ),
-                )))
-                .await;
+            let reading = if row.is_whole_server() {
+                format!(
+                    "reading the databases of {} from storage; the agent checks each against its checksum as it arrives",
+                    row.id
+                )
+            } else {
+                format!(
+                    "reading {} from storage; the agent checks it against {} as it arrives",
+                    row.id, row.checksum
+                )
+            };
+            let _ = tx.send(Ok(progress("download", reading))).await;
             let (mode, target_db, force, part) = match &read {
                 Read::Restore {
                     target_db,
@@ -130,6 +194,18 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 }
                 Read::Drill => (RestoreMode::Drill, String::new(), false, Part::default()),
             };
+            // Checked by the request's handler; all of them if it was not.
+            let databases: Vec<_> = part
+                .databases_of(&row, &target_db)
+                .unwrap_or_else(|_| row.databases())
+                .into_iter()
+                .map(crate::part_to_proto)
+                .collect();
+            let stored_bytes = if databases.is_empty() {
+                row.stored_bytes
+            } else {
+                databases.iter().map(|d| d.stored_bytes).sum()
+            };
             let msg = coordinator_message::Msg::Restore(RestoreJob {
                 trace_context: datasaver_common::telemetry::context_of(&tracing::Span::current()),
                 job_id: job.id.clone(),
@@ -140,7 +216,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 force,
                 compression: row.compression.clone(),
                 checksum: row.checksum.clone(),
-                stored_bytes: row.stored_bytes,
+                stored_bytes,
                 encrypted: row.encrypted,
                 encryption_recipient: row.encryption_recipient.clone(),
                 server_version: row.server_version.clone(),
@@ -153,6 +229,8 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 into_existing: part.into_existing,
                 globals: row.part(crate::repo::GLOBALS).map(crate::part_to_proto),
                 table_rows: crate::tables_to_proto(&row.row_counts.tables),
+                databases,
+                dump_part: String::new(),
             });
             // A verify reads and checks the parts (globals) here, first:
             // the agent checks the dump, and may not even hold the key.
@@ -173,10 +251,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
             let result = match result {
                 Err(f) => Err(f),
                 Ok(()) => {
-                    let expected = Expected {
-                        raw: 0,
-                        stored: row.stored_bytes,
-                    };
+                    let expected = Expected { raw: 0, stored: stored_bytes };
                     let what = format!("{} of backup {}", read.name(), row.id);
                     job.wait(&tx, expected, &what).await
                 }
@@ -197,8 +272,13 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                     Ok(r) => (
                         true,
                         format!(
-                            "checksum matches, {} archive entries{}",
+                            "checksum matches, {} archive entries{}{}",
                             r.toc_entries,
+                            if row.is_whole_server() {
+                                format!(" in {} databases", row.databases().len())
+                            } else {
+                                String::new()
+                            },
                             if row.parts.is_empty() { "" } else { "; globals checksum matches" }
                         ),
                     ),

@@ -10,7 +10,7 @@ use futures::{Stream, StreamExt};
 
 use super::keys;
 use super::meta::Meta;
-use super::record::{BackupRecord, Kind, PartRecord, Status};
+use super::record::{BackupRecord, DatabaseDump, Kind, PartRecord, Status};
 use super::{hash_off_thread, Repository};
 use crate::storage::ObjectWriter;
 
@@ -35,6 +35,9 @@ pub struct IngestMeta {
     pub roles: Vec<String>,
     /// How the database was created.
     pub database_shape: super::record::DatabaseShape,
+    /// A whole server: each database is a part, the upload ends with an
+    /// empty trailer and the backup has no dump of its own.
+    pub whole_server: bool,
 }
 
 /// What the agent says after the last byte.
@@ -56,7 +59,13 @@ pub struct Trailer {
 pub enum Piece {
     Data(Bytes),
     End(Trailer),
-    PartStart { name: String, role_passwords: bool },
+    PartStart {
+        name: String,
+        role_passwords: bool,
+        /// A whole-server backup's database (its row counts come with the
+        /// part's end).
+        dump: Option<DatabaseDump>,
+    },
     PartEnd(Trailer),
 }
 
@@ -142,11 +151,17 @@ impl Repository {
                 Some(Ok(Piece::PartStart {
                     name,
                     role_passwords,
+                    dump,
                 })) => {
-                    let stored = if !keys::PART_NAMES.contains(&name.as_str()) {
+                    let is_database = datasaver_common::names::part_database(&name).is_some();
+                    let stored = if !keys::is_part_name(&name) {
                         Err(IngestError::Failed(format!(
                             "upload has an unknown part {name:?} (known: {})",
-                            keys::PART_NAMES.join(", ")
+                            keys::PART_NAMES_TEXT
+                        )))
+                    } else if is_database && !(meta.whole_server && dump.is_some()) {
+                        Err(IngestError::Failed(format!(
+                            "upload has part {name:?}, which only a whole-server backup has, with its database described"
                         )))
                     } else if parts.iter().any(|p| p.name == name) {
                         Err(IngestError::Failed(format!(
@@ -165,6 +180,10 @@ impl Repository {
                                 raw_bytes: t.raw_bytes,
                                 raw_checksum: t.raw_checksum,
                                 role_passwords,
+                                dump: dump.map(|d| DatabaseDump {
+                                    row_counts: t.row_counts,
+                                    ..d
+                                }),
                             })
                     };
                     match stored {
@@ -184,8 +203,39 @@ impl Repository {
                 other => break other,
             }
         };
-        let rest = futures::stream::iter(first).chain(body);
-        let (size, ours, trailer) = self.store_object(&object_key, rest, false).await?;
+        let (object_key, size, ours, trailer) = if meta.whole_server {
+            // No dump of its own: the databases were the parts.
+            let trailer = match first {
+                Some(Ok(Piece::End(t))) if t.stored_bytes == 0 => t,
+                Some(Err(e)) => return Err(e),
+                None => {
+                    return Err(IngestError::Failed(
+                        "upload ended without a trailer (agent stopped?)".into(),
+                    ))
+                }
+                Some(Ok(_)) => {
+                    return Err(IngestError::Failed(
+                        "a whole-server upload holds data outside its databases".into(),
+                    ))
+                }
+            };
+            let dumps: Vec<&PartRecord> = parts.iter().filter(|p| p.dump.is_some()).collect();
+            if dumps.is_empty() {
+                return Err(IngestError::Failed(
+                    "a whole-server upload ended without any database".into(),
+                ));
+            }
+            let trailer = Trailer {
+                raw_bytes: dumps.iter().map(|p| p.raw_bytes).sum(),
+                ..trailer
+            };
+            let size = dumps.iter().map(|p| p.stored_bytes).sum();
+            (String::new(), size, String::new(), trailer)
+        } else {
+            let rest = futures::stream::iter(first).chain(body);
+            let (size, ours, trailer) = self.store_object(&object_key, rest, false).await?;
+            (object_key, size, ours, trailer)
+        };
 
         let finished = self.now();
         let done = BackupRecord {
@@ -195,7 +245,11 @@ impl Repository {
             raw_bytes: trailer.raw_bytes,
             stored_bytes: size,
             checksum: ours,
-            raw_checksum: trailer.raw_checksum,
+            raw_checksum: if meta.whole_server {
+                String::new()
+            } else {
+                trailer.raw_checksum
+            },
             compression: codec.name().into(),
             encrypted: meta.encrypted,
             encryption_recipient: meta.encryption_recipient,
@@ -215,7 +269,11 @@ impl Repository {
             roles: meta.roles,
             database_shape: meta.database_shape,
             parts,
-            row_counts: trailer.row_counts,
+            row_counts: if meta.whole_server {
+                Default::default()
+            } else {
+                trailer.row_counts
+            },
             tags,
             error: None,
             ..running
@@ -223,7 +281,9 @@ impl Repository {
         let json = Meta::from_record(&done).to_json();
         if let Err(e) = self.storage.put(&meta_key, Bytes::from(json)).await {
             // The parts go with the guard (`ingest`).
-            let _ = self.storage.delete(std::slice::from_ref(&object_key)).await;
+            if !object_key.is_empty() {
+                let _ = self.storage.delete(std::slice::from_ref(&object_key)).await;
+            }
             return Err(IngestError::Failed(format!(
                 "writing the meta file failed: {e}"
             )));
@@ -400,7 +460,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::super::testing::{
-        completed_backup, header, repo_with, upload, upload_with_globals, Fault, FaultyStorage,
+        completed_backup, header, repo_with, upload, upload_server, upload_with_globals, Fault,
+        FaultyStorage,
     };
     use super::super::Trigger;
     use super::*;
@@ -560,6 +621,117 @@ mod tests {
         assert!(storage.keys().await.is_empty());
     }
 
+    /// A whole server is one backup with one object per database and none
+    /// of its own: each is read back checked by its part name, the backup
+    /// as a whole is refused (name a database), the next backup says which
+    /// databases came and went, and a new catalog rebuilt from storage
+    /// knows it the same way. Dump data outside the databases is refused.
+    #[tokio::test]
+    async fn a_whole_server_is_one_backup_with_an_object_per_database() {
+        use futures::StreamExt;
+        let (repo, storage, _dir) = repo_with(FaultyStorage::new());
+        let server = IngestMeta {
+            whole_server: true,
+            database: String::new(),
+            ..header()
+        };
+        let store = |dbs: &'static [(&'static str, &'static [u8])]| {
+            let (repo, server) = (&repo, server.clone());
+            async move {
+                let b = repo
+                    .begin("srv", Trigger::Scheduled, None, "agent1")
+                    .await
+                    .unwrap();
+                repo.ingest(
+                    &b.id,
+                    server,
+                    futures::stream::iter(upload_server(dbs)),
+                    vec![],
+                )
+                .await
+            }
+        };
+        let first = store(&[("crm", b"crm dump"), ("my db", b"shop dump!")])
+            .await
+            .unwrap();
+        assert!(first.is_whole_server());
+        assert_eq!(first.object_key, "");
+        assert_eq!(first.database_names(), ["crm", "my db"]);
+        assert_eq!((first.stored_bytes, first.raw_bytes), (18, 18));
+        let mut want = vec![
+            first.meta_key.clone(),
+            format!("srv/logical/{}.globals.sql", first.id),
+            format!("srv/logical/{}.db-crm.dump", first.id),
+            format!("srv/logical/{}.db-my%20db.dump", first.id),
+        ];
+        want.sort();
+        assert_eq!(storage.keys().await, want);
+        let mut read = Vec::new();
+        let mut s = repo
+            .open_verified(&first, Some("database:my db"))
+            .await
+            .unwrap();
+        while let Some(c) = s.next().await {
+            read.extend_from_slice(&c.unwrap());
+        }
+        assert_eq!(read, b"shop dump!");
+        let e = repo.open_verified(&first, None).await.err().unwrap();
+        assert!(e.to_string().contains("name one with --database"), "{e}");
+
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        let second = store(&[("crm", b"crm dump"), ("new", b"new dump")])
+            .await
+            .unwrap();
+        assert_eq!(
+            repo.database_changes(&second).await.unwrap(),
+            (vec!["new".to_string()], vec!["my db".to_string()])
+        );
+        assert_eq!(
+            repo.database_changes(&first).await.unwrap(),
+            (vec![], vec![])
+        );
+
+        let (fresh, _, _dir2) = repo_with(storage.clone());
+        let report = fresh.rebuild().await.unwrap();
+        assert!(report.problems.is_empty(), "{:?}", report.problems);
+        assert_eq!(
+            fresh.get(&first.id).await.unwrap().unwrap().parts,
+            first.parts
+        );
+
+        // Dump data after the databases is no whole server.
+        let b = repo
+            .begin("srv", Trigger::Scheduled, None, "agent1")
+            .await
+            .unwrap();
+        let mut odd = upload_server(&[("crm", b"crm dump")]);
+        odd.insert(odd.len() - 1, Ok(Piece::Data(Bytes::from_static(b"x"))));
+        let before = storage.keys().await;
+        let e = repo
+            .ingest(&b.id, server.clone(), futures::stream::iter(odd), vec![])
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("outside its databases"), "{e}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert_eq!(storage.keys().await, before, "its parts were left");
+        // A database part in a single-database upload is refused.
+        let mut odd = upload_server(&[("crm", b"crm dump")]);
+        odd.pop();
+        odd.extend(upload(b"the dump"));
+        let b = repo
+            .begin("srv", Trigger::Scheduled, None, "agent1")
+            .await
+            .unwrap();
+        let e = repo
+            .ingest(&b.id, header(), futures::stream::iter(odd), vec![])
+            .await
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("only a whole-server backup has"),
+            "{e}"
+        );
+    }
+
     /// A dump that fails after its part was stored takes the part with it;
     /// an unknown part is refused.
     #[tokio::test]
@@ -582,6 +754,7 @@ mod tests {
         odd[0] = Ok(Piece::PartStart {
             name: "../../etc".into(),
             role_passwords: false,
+            dump: None,
         });
         let (r, keys, _) = attempt(Fault::None, odd).await;
         assert!(r.unwrap_err().to_string().contains("unknown part"));

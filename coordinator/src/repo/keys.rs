@@ -14,16 +14,64 @@ pub fn object_key(kind: Kind, target: &str, id: &str, extension: &str) -> String
     }
 }
 
-/// Key of a further object of a backup (a part such as `globals`, SQL),
-/// beside its dump: `<target>/logical/<id>.<name>.sql` plus the extension.
+/// Key of a further object of a backup, beside its dump: the `globals` SQL
+/// at `<target>/logical/<id>.globals.sql`, a whole-server backup's database
+/// `d` at `<target>/logical/<id>.db-<d>.dump` (`d` escaped, see
+/// [`escape_database`]), plus the extension.
 pub fn part_key(kind: Kind, target: &str, id: &str, name: &str, extension: &str) -> String {
-    match kind {
-        Kind::Logical => format!("{target}/logical/{id}.{name}.sql{extension}"),
+    match (kind, datasaver_common::names::part_database(name)) {
+        (Kind::Logical, Some(db)) => {
+            format!(
+                "{target}/logical/{id}.db-{}.dump{extension}",
+                escape_database(db)
+            )
+        }
+        (Kind::Logical, None) => format!("{target}/logical/{id}.{name}.sql{extension}"),
     }
 }
 
-/// The parts a backup may have; anything else in an upload is refused.
-pub const PART_NAMES: &[&str] = &[super::record::GLOBALS];
+/// A database name as a key holds it: ASCII letters, digits, `_` and `-`
+/// as they are, every other byte as `%XX`, so no name can add a dot, a
+/// slash or anything a backend treats specially.
+pub fn escape_database(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for b in name.bytes() {
+        if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// Whether a key segment is an escaped database name.
+fn is_escaped_database(s: &str) -> bool {
+    let b = s.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            if i + 2 >= b.len() || !(b[i + 1].is_ascii_hexdigit() && b[i + 2].is_ascii_hexdigit()) {
+                return false;
+            }
+            i += 3;
+        } else if b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'-' {
+            i += 1;
+        } else {
+            return false;
+        }
+    }
+    !b.is_empty()
+}
+
+/// Whether a backup may have a part called `name`: the globals, or one of a
+/// whole-server backup's databases. Anything else in an upload is refused.
+pub fn is_part_name(name: &str) -> bool {
+    name == super::record::GLOBALS || datasaver_common::names::part_database(name).is_some()
+}
+
+/// The parts an upload may hold, as an error message names them.
+pub const PART_NAMES_TEXT: &str = "globals, database:<name>";
 
 /// Key of a backup's meta file.
 pub fn meta_key(kind: Kind, target: &str, id: &str) -> String {
@@ -93,17 +141,20 @@ pub fn is_own_key(key: &str) -> bool {
     let Some((id, rest)) = file.split_once('.') else {
         return false;
     };
-    let ext = match rest.strip_prefix("dump") {
-        Some(ext) => ext,
-        None => {
-            let Some(ext) = PART_NAMES
-                .iter()
-                .find_map(|p| rest.strip_prefix(p).and_then(|r| r.strip_prefix(".sql")))
-            else {
-                return false;
-            };
-            ext
+    let ext = if let Some(ext) = rest.strip_prefix("dump") {
+        ext
+    } else if let Some(ext) = rest
+        .strip_prefix(super::record::GLOBALS)
+        .and_then(|r| r.strip_prefix(".sql"))
+    {
+        ext
+    } else if let Some((db, ext)) = rest.strip_prefix("db-").and_then(|r| r.split_once(".dump")) {
+        if !is_escaped_database(db) {
+            return false;
         }
+        ext
+    } else {
+        return false;
     };
     let ext = ext.strip_suffix(".age").unwrap_or(ext);
     is_id_of(id, target) && ["", ".zst", ".gz"].contains(&ext)
@@ -130,6 +181,21 @@ mod tests {
         );
         assert_eq!(g, "acme/logical/acme_20240111_020015.globals.sql.zst");
         assert_eq!(id_of(&g), Some("acme_20240111_020015"));
+        let d = part_key(
+            Kind::Logical,
+            "acme",
+            "acme_20240111_020015",
+            "database:my db.v2/x",
+            ".zst",
+        );
+        assert_eq!(
+            d,
+            "acme/logical/acme_20240111_020015.db-my%20db%2Ev2%2Fx.dump.zst"
+        );
+        assert!(is_own_key(&d), "{d}");
+        assert_eq!(id_of(&d), Some("acme_20240111_020015"));
+        assert!(is_part_name("database:shop") && is_part_name("globals"));
+        assert!(!is_part_name("database:") && !is_part_name("other"));
         assert_eq!(
             id_of("prefix/acme/logical/acme_20240111_020015.dump"),
             Some("acme_20240111_020015")
@@ -151,6 +217,8 @@ mod tests {
             "acme/logical/acme_20240111_020015.meta.json",
             "acme/logical/acme_20240111_020015.globals.sql.zst.age",
             "acme/logical/acme_20240111_020015.globals.sql",
+            "acme/logical/acme_20240111_020015.db-shop.dump.zst",
+            "acme/logical/acme_20240111_020015.db-my%20db.dump.gz.age",
         ] {
             assert!(is_own_key(own), "{own}");
         }
@@ -168,6 +236,10 @@ mod tests {
             "acme/logical/acme_20240111_020015.other.sql.zst",
             "acme/logical/acme_20240111_020015.globals.zst",
             "acme/logical/acme_20240111_020015.globals.sql.tar",
+            "acme/logical/acme_20240111_020015.db-.dump",
+            "acme/logical/acme_20240111_020015.db-a%2.dump",
+            "acme/logical/acme_20240111_020015.db-a b.dump",
+            "acme/logical/acme_20240111_020015.db-shop.sql",
             "Acme/logical/Acme_20240111_020015.dump",
             "acme/logical/acmex_20240111_020015.dump",
             "acme/logical/.acme_20240111_020015.dump",

@@ -243,6 +243,7 @@ mod tests {
             raw_bytes: 10,
             raw_checksum: "blake3:ef".into(),
             role_passwords: true,
+            dump: None,
         }];
         b.finished_at = Some(b.created_at + chrono::Duration::milliseconds(1500));
         b.verification = Some(Verification {

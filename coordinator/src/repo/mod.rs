@@ -27,8 +27,8 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::clock::Clock;
 use crate::storage::{ByteStream, Storage, StorageError};
 pub use record::{
-    latest_drill, BackupRecord, Kind, PartRecord, RowCounts, Status, TableRows, Trigger,
-    Verification, GLOBALS,
+    latest_drill, BackupRecord, DatabaseDump, Kind, PartRecord, RowCounts, Status, TableRows,
+    Trigger, Verification, GLOBALS,
 };
 use store::BackupStore;
 
@@ -182,6 +182,40 @@ impl Repository {
             .find(|b| !b.known_bad()))
     }
 
+    /// For whole-server backup `b`: the databases it holds that the
+    /// target's previous completed backup did not, and those that backup
+    /// held that `b` does not (both empty for other backups, or the first).
+    pub async fn database_changes(
+        &self,
+        b: &BackupRecord,
+    ) -> Result<(Vec<String>, Vec<String>), RepoError> {
+        if !b.is_whole_server() {
+            return Ok((Vec::new(), Vec::new()));
+        }
+        let Some(prev) = self
+            .store
+            .older_completed(&b.target, &b.id)
+            .await?
+            .into_iter()
+            .next()
+        else {
+            return Ok((Vec::new(), Vec::new()));
+        };
+        let before = if prev.is_whole_server() {
+            prev.database_names()
+        } else {
+            vec![prev.database.clone()]
+        };
+        let now = b.database_names();
+        let appeared = now
+            .iter()
+            .filter(|d| !before.contains(d))
+            .cloned()
+            .collect();
+        let gone = before.into_iter().filter(|d| !now.contains(d)).collect();
+        Ok((appeared, gone))
+    }
+
     // ------------------------------------------------------------ life of a backup
 
     /// Records a backup that is starting, under a fresh id.
@@ -235,9 +269,10 @@ impl Repository {
     /// bytes do not match the recorded checksum and size, the stream ends
     /// with `ReadError::Corrupt` instead of a clean end, so no reader can take
     /// a damaged object for a good one.
-    /// Reads every part of `b` and checks it against its checksum.
+    /// Reads every part of `b` but its databases (which the agent reads and
+    /// checks as archives) and checks it against its checksum.
     pub async fn check_parts(&self, b: &BackupRecord) -> Result<(), ReadError> {
-        for p in &b.parts {
+        for p in b.parts.iter().filter(|p| p.dump.is_none()) {
             let mut s = self
                 .open_verified(b, Some(&p.name))
                 .await
@@ -262,6 +297,13 @@ impl Repository {
             )));
         }
         let (key, checksum, size) = match part {
+            None if b.is_whole_server() => {
+                return Err(RepoError::Conflict(format!(
+                    "backup {} is a whole-server backup of databases {}; name one with --database",
+                    b.id,
+                    b.database_names().join(", ")
+                )))
+            }
             None => (&b.object_key, &b.checksum, b.stored_bytes),
             Some(name) => {
                 let p = b.part(name).ok_or_else(|| {

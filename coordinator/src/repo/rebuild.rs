@@ -82,8 +82,12 @@ impl Repository {
                     .push(format!("{}: {e}; not imported", o.key));
                 continue;
             }
+            // A whole-server backup has no dump of its own (its databases
+            // are parts, checked below).
+            let whole_server = meta.object_key.is_empty();
             claimed.insert(meta.object_key.clone());
             match sizes.get(&meta.object_key) {
+                None if whole_server => {}
                 None => {
                     report.problems.push(format!(
                         "{}: its object {} is missing; not imported",
@@ -200,7 +204,12 @@ pub(super) fn check_own_key(found_at: &str, meta: &Meta) -> Result<(), String> {
         codec.extension().to_string()
     };
     let expected = keys::object_key(kind, target, id, &extension);
-    if meta.object_key != expected {
+    let whole_server = meta.object_key.is_empty()
+        && meta
+            .parts
+            .iter()
+            .any(|p| datasaver_common::names::part_database(&p.name).is_some());
+    if meta.object_key != expected && !whole_server {
         return Err(format!(
             "names object {:?}, not {expected:?} (its target, id and format)",
             meta.object_key
@@ -208,7 +217,7 @@ pub(super) fn check_own_key(found_at: &str, meta: &Meta) -> Result<(), String> {
     }
     for part in &meta.parts {
         let expected = keys::part_key(kind, target, id, &part.name, &extension);
-        if !keys::PART_NAMES.contains(&part.name.as_str()) || part.key != expected {
+        if !keys::is_part_name(&part.name) || part.key != expected {
             return Err(format!(
                 "names part {:?} at {:?}, not a part of its own",
                 part.name, part.key

@@ -101,16 +101,19 @@ impl Repository {
         if done.id != r.id || done.target != r.target {
             return Ok(None);
         }
-        let Some(info) = self
-            .storage
-            .head(&done.object_key)
-            .await
-            .map_err(|e| e.to_string())?
-        else {
-            return Ok(None);
-        };
-        if info.size != done.stored_bytes || !self.checksum_matches(&done).await {
-            return Ok(None);
+        // A whole-server backup has no dump of its own: its parts are all.
+        if !done.is_whole_server() {
+            let Some(info) = self
+                .storage
+                .head(&done.object_key)
+                .await
+                .map_err(|e| e.to_string())?
+            else {
+                return Ok(None);
+            };
+            if info.size != done.stored_bytes || !self.checksum_matches(&done).await {
+                return Ok(None);
+            }
         }
         for part in &done.parts {
             let whole = self

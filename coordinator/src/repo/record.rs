@@ -257,6 +257,25 @@ pub struct PartRecord {
     /// superuser; otherwise with `--no-role-passwords`).
     #[serde(default)]
     pub role_passwords: bool,
+    /// A database of a whole-server backup (`database:<name>` parts): what
+    /// the dump it holds needs and counted.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dump: Option<DatabaseDump>,
+}
+
+/// One database's dump in a whole-server backup: what a single-database
+/// backup records on the backup itself.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct DatabaseDump {
+    pub database: String,
+    #[serde(default)]
+    pub extensions: Vec<String>,
+    #[serde(default)]
+    pub roles: Vec<String>,
+    #[serde(default)]
+    pub shape: DatabaseShape,
+    #[serde(default)]
+    pub row_counts: RowCounts,
 }
 
 /// How many rows a table had in the dump's snapshot.
@@ -341,6 +360,26 @@ impl BackupRecord {
     /// Its part called `name`, if it has one.
     pub fn part(&self, name: &str) -> Option<&PartRecord> {
         self.parts.iter().find(|p| p.name == name)
+    }
+
+    /// The databases of a whole-server backup (its `database:` parts), in
+    /// the order they were dumped; empty for a single-database backup.
+    pub fn databases(&self) -> Vec<&PartRecord> {
+        self.parts.iter().filter(|p| p.dump.is_some()).collect()
+    }
+
+    /// The names of its databases (whole-server backups).
+    pub fn database_names(&self) -> Vec<String> {
+        self.databases()
+            .iter()
+            .filter_map(|p| p.dump.as_ref().map(|d| d.database.clone()))
+            .collect()
+    }
+
+    /// A whole-server backup: its databases are parts, it has no dump of
+    /// its own.
+    pub fn is_whole_server(&self) -> bool {
+        self.object_key.is_empty() && self.parts.iter().any(|p| p.dump.is_some())
     }
 
     /// Every storage key it owns: meta file, dump and parts.

@@ -243,6 +243,7 @@ pub fn header() -> IngestMeta {
         system_identifier: "7300000000000000001".into(),
         roles: vec!["postgres".into()],
         database_shape: Default::default(),
+        whole_server: false,
     }
 }
 
@@ -283,6 +284,7 @@ pub fn upload_with_globals(
         Ok(Piece::PartStart {
             name: "globals".into(),
             role_passwords: true,
+            dump: None,
         }),
         Ok(Piece::Data(Bytes::copy_from_slice(globals))),
         Ok(Piece::PartEnd(Trailer {
@@ -294,6 +296,50 @@ pub fn upload_with_globals(
         })),
     ];
     v.extend(upload(dump));
+    v
+}
+
+/// The upload of a whole server: globals, then each `(database, dump)` as
+/// a `database:` part, then the empty trailer.
+pub fn upload_server(dbs: &[(&str, &[u8])]) -> Vec<Result<Piece, super::ingest::IngestError>> {
+    let part = |name: String, data: &[u8], dump| {
+        let mut h = datasaver_common::checksum::Checksum::new();
+        h.update(data);
+        vec![
+            Ok(Piece::PartStart {
+                name,
+                role_passwords: true,
+                dump,
+            }),
+            Ok(Piece::Data(Bytes::copy_from_slice(data))),
+            Ok(Piece::PartEnd(Trailer {
+                checksum: h.finish(),
+                raw_bytes: data.len() as u64,
+                stored_bytes: data.len() as u64,
+                raw_checksum: "blake3:plain".into(),
+                row_counts: Default::default(),
+            })),
+        ]
+    };
+    let mut v = part("globals".into(), b"CREATE ROLE app;", None);
+    for (db, data) in dbs {
+        v.extend(part(
+            datasaver_common::names::database_part(db),
+            data,
+            Some(super::DatabaseDump {
+                database: db.to_string(),
+                roles: vec!["app".into()],
+                ..Default::default()
+            }),
+        ));
+    }
+    v.push(Ok(Piece::End(Trailer {
+        checksum: datasaver_common::checksum::Checksum::new().finish(),
+        raw_bytes: 0,
+        stored_bytes: 0,
+        raw_checksum: String::new(),
+        row_counts: Default::default(),
+    })));
     v
 }
 

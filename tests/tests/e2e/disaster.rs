@@ -1242,3 +1242,273 @@ fn globals_taken_without_superuser_have_no_passwords_and_say_so() {
     );
     assert_eq!(new.query_one("shop", "SELECT count(*) FROM orders"), "300");
 }
+
+/// What a whole-server test compares: each database's owner, encoding and
+/// its table's rows and owner.
+fn server_state(pg: &PgCluster, dbs: &[&str]) -> Vec<String> {
+    dbs.iter()
+        .map(|db| {
+            let shape = pg.query_one(
+                "postgres",
+                &format!(
+                    "SELECT pg_get_userbyid(datdba) || ' ' || pg_encoding_to_char(encoding) FROM pg_database WHERE datname = '{db}'"
+                ),
+            );
+            let data = pg.query_one(
+                db,
+                "SELECT count(*) || ' rows, sum ' || sum(id) || ', owner ' || min(pg_get_userbyid(c.relowner))
+                   FROM items, pg_class c WHERE c.relname = 'items'",
+            );
+            format!("{db}: {shape}; {data}")
+        })
+        .collect()
+}
+
+/// An agent can serve a whole server (`DATASAVER_DATABASES=all`, minus
+/// `DATASAVER_EXCLUDE_DATABASES`): every matching database, found afresh at
+/// each backup, under one backup id with one object each; `dsctl list` and
+/// `get` say which, and what appeared or disappeared since the previous
+/// backup (the backup's event says it too). When the server is gone, one
+/// `dsctl restore ID` onto a new, empty server brings back every database
+/// under its own name with its owner, roles and rows; a second one is
+/// refused, naming the databases, and changes nothing; one database can come
+/// back under a new name and be exported on its own.
+#[test]
+fn a_whole_server_comes_back_onto_an_empty_one() {
+    let old = PgCluster::new();
+    old.psql(
+        "postgres",
+        "CREATE ROLE shop_owner LOGIN PASSWORD 'shop-secret-9';
+         CREATE ROLE crm_owner NOLOGIN;
+         CREATE ROLE analyst NOLOGIN;
+         CREATE DATABASE shop OWNER shop_owner;
+         CREATE DATABASE crm OWNER crm_owner ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0;
+         CREATE DATABASE hr;
+         CREATE DATABASE scratch_tmp;",
+    );
+    let fill = |db: &str, owner: &str, rows: u32| {
+        old.psql(
+            db,
+            &format!(
+                "SET ROLE {owner}; CREATE TABLE items (id int PRIMARY KEY, v text);
+                 INSERT INTO items SELECT g, 'v' || g FROM generate_series(1, {rows}) g;
+                 GRANT SELECT ON items TO analyst;"
+            ),
+        );
+    };
+    fill("shop", "shop_owner", 3000);
+    fill("crm", "crm_owner", 200);
+    fill("hr", "postgres", 10);
+    fill("scratch_tmp", "postgres", 1);
+    let mut fleet = Fleet::start();
+    let env = [
+        ("DATASAVER_DATABASES", "all"),
+        ("DATASAVER_EXCLUDE_DATABASES", "postgres,scratch_*"),
+        // Every backup of the day stays (GFS keeps one a day).
+        ("DATASAVER_KEEP_LAST", "10"),
+    ];
+    fleet.add_agent_with("srv", &old, "postgres", &env);
+    let first = fleet.backup("srv", None);
+    assert!(first.is_completed(), "{}", first.raw);
+    assert_eq!(
+        first.raw["databases"],
+        serde_json::json!(["crm", "hr", "shop"]),
+        "templates, postgres and scratch_* are not taken: {}",
+        first.raw
+    );
+
+    // A fourth database appears; the next backup finds it.
+    old.psql("postgres", "CREATE DATABASE billing OWNER crm_owner;");
+    fill("billing", "crm_owner", 42);
+    let b = fleet.backup("srv", None);
+    assert_eq!(
+        b.raw["databases"],
+        serde_json::json!(["billing", "crm", "hr", "shop"]),
+        "{}",
+        b.raw
+    );
+    assert_eq!(b.raw["whole_server"], true);
+    assert_eq!(b.raw["object_key"], "", "no dump of its own: {}", b.raw);
+    let shop = b.raw["parts"]
+        .as_array()
+        .and_then(|p| p.iter().find(|p| p["database"] == "shop"))
+        .cloned()
+        .expect("a part for shop");
+    assert_eq!(
+        shop["tables"],
+        serde_json::json!([{"schema": "public", "name": "items", "rows": 3000}])
+    );
+    assert_eq!(shop["roles"], serde_json::json!(["analyst", "shop_owner"]));
+    let got = fleet.dsctl_json(&["get", &b.id]);
+    assert_eq!(got["databases_appeared"], serde_json::json!(["billing"]));
+    assert_eq!(got["databases_disappeared"], serde_json::json!([]));
+    let shown = fleet.dsctl(&["get", &b.id]).expect_success("dsctl get");
+    for line in [
+        "whole server on",
+        "billing: ",
+        "shop: ",
+        "3000 rows in 1 table, owner shop_owner",
+        "new since previous",
+    ] {
+        assert!(shown.stdout.contains(line), "{line}: {}", shown.stdout);
+    }
+    let listed = fleet
+        .dsctl(&["list", "--target", "srv"])
+        .expect_success("dsctl list");
+    assert!(listed.stdout.contains("DATABASES"), "{}", listed.stdout);
+    assert!(
+        listed.stdout.contains("billing,crm,hr (+1)") && listed.stdout.contains("crm,hr,shop"),
+        "{}",
+        listed.stdout
+    );
+    // One that disappears is named by the backup's event.
+    old.psql("postgres", "DROP DATABASE hr;");
+    let third = fleet
+        .dsctl(&["backup", "srv"])
+        .expect_success("dsctl backup");
+    assert!(
+        third
+            .stderr
+            .contains("(3 databases); gone since the previous backup: hr: "),
+        "{}",
+        third.stderr
+    );
+    let verified = fleet
+        .dsctl(&["verify", &b.id])
+        .expect_success("dsctl verify");
+    assert!(
+        verified.stdout.contains("4 databases"),
+        "{}",
+        verified.stdout
+    );
+    let drilled = fleet
+        .dsctl(&["verify", &b.id, "--restore"])
+        .expect_success("a drill of every database");
+    assert!(
+        drilled.stdout.contains("4 databases drilled")
+            && drilled
+                .stdout
+                .contains("every table's rows as recorded (1 tables, 3000 rows)"),
+        "{}",
+        drilled.stdout
+    );
+
+    let dbs = ["billing", "crm", "hr", "shop"];
+    old.psql("postgres", "CREATE DATABASE hr;");
+    let before = {
+        // hr as it was at the second backup, for the comparison below.
+        fill("hr", "postgres", 10);
+        server_state(&old, &dbs)
+    };
+    // The server dies; the agent comes back against a new, empty one.
+    fleet.remove_agent("srv");
+    drop(old);
+    let new = PgCluster::new();
+    fleet.add_agent_with("srv", &new, "postgres", &env);
+    let renamed = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--target-db", "shop2"])
+        .expect_failure("--target-db without --database");
+    assert_one_line_error(&renamed.stderr, "add --database NAME");
+    let restored = fleet
+        .dsctl(&["restore", &b.id])
+        .expect_success("one restore of the whole server");
+    assert!(
+        restored.stdout.contains("4 databases restored"),
+        "{}",
+        restored.stdout
+    );
+    assert_eq!(server_state(&new, &dbs), before);
+    assert_eq!(
+        new.query_one(
+            "postgres",
+            "SELECT string_agg(rolname, ',' ORDER BY rolname) FROM pg_roles WHERE rolname IN ('shop_owner', 'crm_owner', 'analyst')"
+        ),
+        "analyst,crm_owner,shop_owner"
+    );
+    assert_eq!(
+        as_role(
+            &new,
+            "shop_owner",
+            "shop-secret-9",
+            "shop",
+            "SELECT count(*) FROM items"
+        ),
+        Ok("3000".into())
+    );
+    assert_eq!(
+        new.query_one(
+            "postgres",
+            "SELECT datcollate FROM pg_database WHERE datname = 'crm'"
+        ),
+        "C"
+    );
+    // Again: every database is there and not empty; nothing changes.
+    new.psql("shop", "INSERT INTO items VALUES (999999, 'after');");
+    let again = fleet
+        .dsctl(&["--quiet", "restore", &b.id])
+        .expect_failure("a second whole-server restore");
+    assert_one_line_error(
+        &again.stderr,
+        "databases billing, crm, hr, shop already exist",
+    );
+    assert_eq!(new.query_one("shop", "SELECT count(*) FROM items"), "3001");
+    // One database under a new name, and one exported on its own.
+    fleet
+        .dsctl(&[
+            "restore",
+            &b.id,
+            "--database",
+            "crm",
+            "--target-db",
+            "crm_copy",
+        ])
+        .expect_success("one database under a new name");
+    assert_eq!(
+        new.query_one("crm_copy", "SELECT count(*) FROM items"),
+        "200"
+    );
+    let missing = fleet
+        .dsctl(&["--quiet", "restore", &b.id, "--database", "nope"])
+        .expect_failure("a database the backup lacks");
+    assert_one_line_error(&missing.stderr, "holds no database \"nope\"");
+    let out = fleet.dir().join("billing.dump");
+    let exported = fleet
+        .dsctl(&[
+            "export",
+            &b.id,
+            "--database",
+            "billing",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .expect_success("export of one database");
+    assert!(
+        exported.stdout.contains("(database billing)")
+            && exported
+                .stdout
+                .contains("matches pg_dump's output at backup time"),
+        "{}",
+        exported.stdout
+    );
+    let whole = fleet
+        .dsctl(&[
+            "--quiet",
+            "export",
+            &b.id,
+            "--out",
+            fleet.dir().join("all.dump").to_str().unwrap(),
+        ])
+        .expect_failure("export of a whole server without --database");
+    assert_one_line_error(&whole.stderr, "name one with --database");
+    new.psql("postgres", "CREATE DATABASE billing_plain;");
+    let mut pg_restore = new.client_command("pg_restore");
+    pg_restore
+        .args(["-d", "billing_plain", "--no-owner"])
+        .arg(&out);
+    let r = datasaver_tests::procs::run(pg_restore, Duration::from_secs(60));
+    assert!(r.success(), "{}", r.stderr);
+    assert_eq!(
+        new.query_one("billing_plain", "SELECT count(*) FROM items"),
+        "42"
+    );
+}
