@@ -13,6 +13,7 @@
 #   cargo fmt --all -- --check
 #   cargo clippy --workspace --all-targets -- -D warnings
 #   cargo build --workspace           (the integration tests run these binaries)
+#   tests/deploy-check.sh             (hadolint, kubernetes-validate, systemd-analyze)
 #   cargo test --workspace            (unit, property and end-to-end tests)
 # and exits non-zero if any step fails.  Debug profile only: no release build.
 #
@@ -92,11 +93,23 @@ s3_server() {
 if ((deps)) && [[ -z "${DATASAVER_TEST_S3S_FS:-}" ]]; then
     run_step "S3 test server (tests/install-s3-server.sh)" s3_server
 fi
+# podman and a Debian base image for the container test (no Docker engine,
+# no registry here; see tests/install-podman.sh).
+podman_ready() {
+    local dir
+    dir=$(bash tests/install-podman.sh "${DATASAVER_TEST_PODMAN_DIR:-/opt/datasaver-test-podman}")
+    export DATASAVER_TEST_PODMAN_DIR=$dir
+    echo "DATASAVER_TEST_PODMAN_DIR=$dir"
+}
+if ((deps)); then
+    run_step "podman for the container test (tests/install-podman.sh)" podman_ready
+fi
 echo "DATASAVER_TEST_DISALLOW_SKIP=${DATASAVER_TEST_DISALLOW_SKIP:-<unset>}"
 run_step "cargo fmt --all -- --check" cargo fmt --all -- --check
 run_step "cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets -- -D warnings
 run_step "cargo build --workspace" cargo build --workspace
+run_step "deploy files (tests/deploy-check.sh)" bash tests/deploy-check.sh target/debug
 run_step "cargo test --workspace" cargo test --workspace --no-fail-fast "${extra[@]}"
 
 printf '\n==> all steps passed\n'

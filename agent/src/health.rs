@@ -1,6 +1,7 @@
 //! The agent's own `GET /health` (when `DATASAVER_HTTP_LISTEN` is set): is it
 //! connected to the coordinator, and can it reach its database? 200 when both,
-//! 503 otherwise, for a sidecar's Docker HEALTHCHECK. The database check is
+//! 503 otherwise, for readiness and monitoring. `GET /live` asks only for the
+//! database (liveness, the image's HEALTHCHECK). The database check is
 //! cached for [`DB_CHECK_TTL`]; its error text stays in the log.
 
 use std::convert::Infallible;
@@ -54,7 +55,10 @@ impl State {
     }
 }
 
-async fn check(config: &AgentConfig, state: &State) -> (StatusCode, String) {
+/// `/health` (`live` false): connected and the database answers; `/live`:
+/// the database answers — a lost coordinator is not fixed by restarting
+/// the agent, so liveness does not ask for it.
+async fn check(config: &AgentConfig, state: &State, live: bool) -> (StatusCode, String) {
     let connected = state.connected.load(Ordering::Relaxed);
     let reach = state
         .db_reachable(Instant::now(), || async {
@@ -77,7 +81,7 @@ async fn check(config: &AgentConfig, state: &State) -> (StatusCode, String) {
     let error = reach
         .err()
         .map(|_| "database unreachable (details in the agent's log)");
-    let ok = connected && reachable;
+    let ok = reachable && (connected || live);
     let body = serde_json::json!({
         "status": if ok { "healthy" } else { "unhealthy" },
         "target": config.target.name,
@@ -113,13 +117,13 @@ pub async fn serve(
                 hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let (config, state) = (config.clone(), state.clone());
                     async move {
-                        let (code, body) = if req.uri().path() == "/health" {
-                            check(&config, &state).await
-                        } else {
-                            (
+                        let (code, body) = match req.uri().path() {
+                            "/health" => check(&config, &state, false).await,
+                            "/live" => check(&config, &state, true).await,
+                            _ => (
                                 StatusCode::NOT_FOUND,
-                                "not found: try /health\n".to_string(),
-                            )
+                                "not found: try /health or /live\n".to_string(),
+                            ),
                         };
                         let mut r = Response::new(Full::new(Bytes::from(body)));
                         *r.status_mut() = code;

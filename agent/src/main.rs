@@ -36,11 +36,33 @@ use tokio_util::sync::CancellationToken;
 ///   OTEL_EXPORTER_OTLP_ENDPOINT export traces over OTLP/gRPC (e.g. http://collector:4317)
 #[derive(Parser)]
 #[command(name = "datasaver-agent", version, verbatim_doc_comment)]
-struct Args {}
+struct Args {
+    #[command(subcommand)]
+    command: Option<Cmd>,
+}
+
+#[derive(clap::Subcommand)]
+enum Cmd {
+    /// Exit 0 when the running agent's GET /live (on DATASAVER_HTTP_LISTEN)
+    /// answers 200: it serves and its database answers. For an image's
+    /// HEALTHCHECK or a liveness probe.
+    Healthcheck,
+}
+
+/// `datasaver-agent healthcheck`.
+fn healthcheck() -> std::process::ExitCode {
+    let Ok(listen) = std::env::var("DATASAVER_HTTP_LISTEN") else {
+        eprintln!("datasaver-agent healthcheck: DATASAVER_HTTP_LISTEN is not set, so the agent serves no /live to ask");
+        return std::process::ExitCode::from(2);
+    };
+    datasaver_common::probe::healthcheck("datasaver-agent", &listen)
+}
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    let _ = Args::parse();
+    if let Some(Cmd::Healthcheck) = Args::parse().command {
+        return healthcheck();
+    }
     let config = match datasaver_agent::config::from_env(&Env::from_process()) {
         Ok(c) => c,
         Err(errs) => {

@@ -2,7 +2,8 @@
 //! generated gRPC types (`proto`), TLS identity loading and peer identities
 //! (`tls`), names of targets and backups (`names`), the stream codecs used on
 //! both ends of a transfer (`codec`, `checksum`), configuration helpers
-//! (`config`) and the cleaning of text received from other processes (`text`).
+//! (`config`), the cleaning of text received from other processes (`text`)
+//! and the binaries' own liveness probe (`probe`).
 
 pub mod checksum;
 pub mod codec;
@@ -10,6 +11,7 @@ pub mod config;
 pub mod crl;
 pub mod crypt;
 pub mod names;
+pub mod probe;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;
 pub mod text;

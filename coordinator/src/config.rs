@@ -35,10 +35,12 @@ use crate::storage::s3::{S3Settings, Sse, MAX_PART_SIZE, MIN_PART_SIZE};
                   DATASAVER_LOG for the log level."
 )]
 pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// gRPC address for agents and dsctl.
     #[arg(long, env = "DATASAVER_GRPC_LISTEN", default_value = "0.0.0.0:50051")]
     pub grpc_listen: String,
-    /// HTTP address for /health and /metrics.
+    /// HTTP address for /health, /live and /metrics.
     #[arg(long, env = "DATASAVER_HTTP_LISTEN", default_value = "0.0.0.0:9090")]
     pub http_listen: String,
     /// Directory for catalog.db and (local backend) backups.
@@ -116,6 +118,15 @@ pub enum Backend {
         min_free_bytes: u64,
     },
     S3(Box<S3Settings>),
+}
+
+/// What the binary does instead of serving.
+#[derive(Debug, Clone, clap::Subcommand)]
+pub enum Command {
+    /// Exit 0 when the running coordinator's GET /live (on
+    /// DATASAVER_HTTP_LISTEN) answers 200: it serves, and its catalog and
+    /// storage answer. For an image's HEALTHCHECK or a liveness probe.
+    Healthcheck,
 }
 
 #[derive(Debug, Clone)]

@@ -8,6 +8,9 @@ use tokio_util::sync::CancellationToken;
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if let Some(datasaver_coordinator::config::Command::Healthcheck) = args.command {
+        return datasaver_common::probe::healthcheck("datasaver-coordinator", &args.http_listen);
+    }
     let config = match args.validate(&datasaver_common::config::Env::from_process()) {
         Ok(c) => c,
         Err(e) => {

@@ -11,6 +11,7 @@ mod e2e {
     mod agent_stop;
     mod cli_text;
     mod codecs;
+    mod containers;
     mod deadlines;
     mod disaster;
     mod faults;

@@ -1,5 +1,7 @@
-//! Plain HTTP for probes and scrapers: `GET /health` (200 when healthy, 503
-//! otherwise, so it works as a Docker HEALTHCHECK or a Kubernetes probe) and
+//! Plain HTTP for probes and scrapers: `GET /live` (200 while serving with
+//! the catalog and storage answering: liveness, the image's HEALTHCHECK),
+//! `GET /health` (200 when the fleet is healthy, 503 otherwise: readiness and
+//! monitoring) and
 //! `GET /metrics` (Prometheus text format). No secrets are served here, and
 //! no error texts: they can name a database's user, host and port (see
 //! `health::Report::public`).
@@ -55,6 +57,21 @@ async fn handle(core: Arc<Core>, req: Request<hyper::body::Incoming>) -> Respons
                 )
             }
         },
+        // Liveness, for a container HEALTHCHECK or a Kubernetes liveness
+        // probe: serving, with the catalog and storage answering. Not the
+        // fleet's verdict (/health): restarting a coordinator never fixes a
+        // failed backup.
+        "/live" | "/livez" => match core.repo.reachable().await {
+            Ok(()) => reply(StatusCode::OK, "text/plain", "ok\n".into()),
+            Err(e) => {
+                tracing::warn!(error = %e, "GET /live: not live");
+                reply(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "not live: the catalog or storage does not answer (see the log)\n".into(),
+                )
+            }
+        },
         "/metrics" => {
             if let Ok(r) = crate::health::report(&core).await {
                 let open: Vec<(String, String)> = r
@@ -74,7 +91,7 @@ async fn handle(core: Arc<Core>, req: Request<hyper::body::Incoming>) -> Respons
         _ => reply(
             StatusCode::NOT_FOUND,
             "text/plain",
-            "not found: try /health or /metrics\n".into(),
+            "not found: try /health, /live or /metrics\n".into(),
         ),
     }
 }

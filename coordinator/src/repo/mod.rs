@@ -71,7 +71,20 @@ pub struct Repository {
     meta_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     /// One deletion pass at a time: two would race on the same rows.
     deleting: tokio::sync::Mutex<()>,
+    /// The last liveness check and when it was made; held while checking,
+    /// so concurrent probes wait for one check.
+    live: tokio::sync::Mutex<Option<(std::time::Instant, Result<(), String>)>>,
 }
+
+/// How long one liveness check answers: a probe hammering `/live` must not
+/// reach storage on every request.
+pub const LIVE_CHECK_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long storage and the catalog may take to answer a liveness check.
+const LIVE_CHECK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// What a liveness check asks storage about (it need not exist).
+const LIVE_KEY: &str = ".datasaver-live";
 
 /// Adds `data` to a checksum on the blocking pool (chunks are up to 1 MiB:
 /// too much hashing for an async worker thread).
@@ -119,7 +132,41 @@ impl Repository {
             clock,
             meta_locks: Mutex::new(HashMap::new()),
             deleting: tokio::sync::Mutex::new(()),
+            live: tokio::sync::Mutex::new(None),
         }
+    }
+
+    /// Whether the catalog and storage answer: the coordinator's liveness
+    /// (`GET /live`). Cached for [`LIVE_CHECK_TTL`]; the error names which
+    /// one did not answer, for the log.
+    pub async fn reachable(&self) -> Result<(), String> {
+        let mut cached = self.live.lock().await;
+        if let Some((at, result)) = cached.as_ref() {
+            if at.elapsed() < LIVE_CHECK_TTL {
+                return result.clone();
+            }
+        }
+        let check = async {
+            self.store
+                .get(LIVE_KEY)
+                .await
+                .map_err(|e| format!("the catalog does not answer: {e}"))?;
+            self.storage
+                .head(LIVE_KEY)
+                .await
+                .map_err(|e| format!("storage does not answer: {e}"))?;
+            Ok(())
+        };
+        let result = tokio::time::timeout(LIVE_CHECK_TIMEOUT, check)
+            .await
+            .unwrap_or_else(|_| {
+                Err(format!(
+                    "the catalog or storage did not answer within {} s",
+                    LIVE_CHECK_TIMEOUT.as_secs()
+                ))
+            });
+        *cached = Some((std::time::Instant::now(), result.clone()));
+        result
     }
 
     /// Now, to the millisecond: what records store, so a record read back

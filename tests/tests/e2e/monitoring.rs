@@ -314,6 +314,16 @@ fn agent_health_reports_coordinator_and_database() {
     let (code, v) = get();
     assert_eq!(code, 503, "{v}");
     assert_eq!(v["database_reachable"], false);
+    // Liveness (the image's HEALTHCHECK) asks for the database too.
+    assert_eq!(
+        datasaver_tests::http_get(port, "/live")
+            .map(|r| r.status)
+            .ok(),
+        Some(503)
+    );
+    let out = agent_healthcheck(port);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    datasaver_tests::assert_one_line_error(&out.stderr, "503");
     assert!(!v.to_string().contains(pg.password()));
     // The error's detail (host, port, user) stays in the agent's log.
     for detail in [
@@ -336,4 +346,23 @@ fn agent_health_reports_coordinator_and_database() {
     );
     assert_eq!(get().1["coordinator_connected"], false);
     assert_eq!(get().1["database_reachable"], true);
+    // A lost coordinator is not the agent's liveness: restarting the agent
+    // would not bring it back.
+    assert_eq!(
+        datasaver_tests::http_get(port, "/live")
+            .map(|r| r.status)
+            .ok(),
+        Some(200)
+    );
+    agent_healthcheck(port).expect_success("healthcheck without a coordinator");
+}
+
+/// `datasaver-agent healthcheck` (the image's HEALTHCHECK) against an agent
+/// serving on `port`.
+fn agent_healthcheck(port: u16) -> datasaver_tests::procs::Output {
+    let mut cmd =
+        datasaver_tests::procs::clean_command(datasaver_tests::procs::bin_path("datasaver-agent"));
+    cmd.arg("healthcheck")
+        .env("DATASAVER_HTTP_LISTEN", format!("127.0.0.1:{port}"));
+    datasaver_tests::procs::run(cmd, Duration::from_secs(30))
 }

@@ -357,3 +357,59 @@ fn killed_between_object_and_row_leaves_no_orphan() {
         );
     }
 }
+
+/// `datasaver-coordinator healthcheck` (the image's HEALTHCHECK) against the
+/// running coordinator.
+fn coordinator_healthcheck(fleet: &Fleet) -> datasaver_tests::procs::Output {
+    let mut cmd = datasaver_tests::procs::clean_command(datasaver_tests::procs::bin_path(
+        "datasaver-coordinator",
+    ));
+    cmd.arg("healthcheck").env(
+        "DATASAVER_HTTP_LISTEN",
+        format!("0.0.0.0:{}", fleet.http_port()),
+    );
+    datasaver_tests::procs::run(cmd, Duration::from_secs(30))
+}
+
+/// Liveness is the process and what it needs to work, not the fleet's
+/// verdict: `/live` (and `healthcheck`, the image's HEALTHCHECK) answer 200
+/// while the catalog and storage answer, even with no backup ever taken (so
+/// `/health` says unhealthy); when the S3 server goes away they fail with
+/// one line, and recover when it is back.
+#[test]
+fn liveness_follows_storage_not_the_fleets_backups() {
+    let mut srv = S3Server::start();
+    let fleet = s3_fleet(&srv, "live");
+    let live = || fleet.http_get("/live").map(|r| r.status).unwrap_or(0);
+    // (The HTTP listener may still be starting when gRPC answers.)
+    assert!(
+        wait_until(Duration::from_secs(20), || live() == 200),
+        "/live answered {}",
+        live()
+    );
+    coordinator_healthcheck(&fleet).expect_success("healthcheck of a live coordinator");
+    srv.kill();
+    // One check answers for 10 s, so probes never hammer storage.
+    assert!(
+        wait_until(Duration::from_secs(30), || live() == 503),
+        "/live stayed {}",
+        live()
+    );
+    let out = coordinator_healthcheck(&fleet);
+    assert_eq!(out.code, Some(1), "{}", out.describe());
+    datasaver_tests::assert_one_line_error(&out.stderr, "503");
+    assert!(
+        fleet
+            .coordinator()
+            .wait_for_log("not live", Duration::from_secs(5)),
+        "{}",
+        fleet.coordinator().log()
+    );
+    srv.restart();
+    assert!(
+        wait_until(Duration::from_secs(30), || live() == 200),
+        "/live stayed {}",
+        live()
+    );
+    coordinator_healthcheck(&fleet).expect_success("healthcheck once storage is back");
+}
