@@ -218,7 +218,7 @@ impl OperatorService for OperatorSvc {
         part.databases_of(&row, &req.target_db)
             .map_err(Status::invalid_argument)?;
         let read = if req.dry_run {
-            Read::DryRun
+            Read::DryRun { part }
         } else {
             Read::Restore {
                 target_db: req.target_db.clone(),

@@ -30,8 +30,9 @@ pub enum Read {
         force: bool,
         part: Part,
     },
-    /// Read the whole archive and list it; change nothing.
-    DryRun,
+    /// Read the whole archive and list it; change nothing (of a
+    /// whole-server backup, `part.database` or every database).
+    DryRun { part: Part },
     /// A dry run whose result is kept as the backup's verification.
     Verify,
     /// A restore drill: into a scratch database, rows checked, dropped; the
@@ -144,7 +145,7 @@ impl Read {
     fn name(&self) -> &'static str {
         match self {
             Read::Restore { .. } => "restore",
-            Read::DryRun => "list",
+            Read::DryRun { .. } => "list",
             Read::Verify => "verify",
             Read::Drill => "drill",
         }
@@ -155,7 +156,7 @@ impl Read {
 pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Started, StartError> {
     let kind = match read {
         Read::Restore { .. } | Read::Drill => JobKind::Restore,
-        Read::DryRun | Read::Verify => JobKind::List,
+        Read::DryRun { .. } | Read::Verify => JobKind::List,
     };
     // Registered now so the backup counts as in use from the start.
     let mut job = AgentJob::register(core, kind, &row.target, &row.id, &row.object_key)?;
@@ -189,9 +190,8 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                     force,
                     part,
                 } => (RestoreMode::Restore, target_db.clone(), *force, part.clone()),
-                Read::DryRun | Read::Verify => {
-                    (RestoreMode::List, String::new(), false, Part::default())
-                }
+                Read::DryRun { part } => (RestoreMode::List, String::new(), false, part.clone()),
+                Read::Verify => (RestoreMode::List, String::new(), false, Part::default()),
                 Read::Drill => (RestoreMode::Drill, String::new(), false, Part::default()),
             };
             // Checked by the request's handler; all of them if it was not.
@@ -261,7 +261,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
             match read {
                 Read::Verify => core.metrics.verify_finished(&row.target, result.is_ok()),
                 Read::Restore { .. } => core.metrics.restore_finished(&row.target, result.is_ok()),
-                Read::DryRun | Read::Drill => {}
+                Read::DryRun { .. } | Read::Drill => {}
             }
             let corrupt = matches!(&result, Err(f) if f.kind == FailureKind::Corrupt);
             // A verify, and any read that found the object corrupt, is kept

@@ -405,7 +405,14 @@ async fn a_restore_past_its_deadline_is_cancelled_on_the_agent() {
     });
     let b = completed_backup(&f.core.repo, "shop", b"a dump").await;
     let (_conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_read(&f.core, b, Read::DryRun).expect("started");
+    let mut started = start_read(
+        &f.core,
+        b,
+        Read::DryRun {
+            part: Default::default(),
+        },
+    )
+    .expect("started");
     let job = restore_job(&mut agent).await;
     let (cancelled, _) = cancel_job(&mut agent).await;
     assert_eq!(cancelled, job.job_id);

@@ -1381,6 +1381,14 @@ fn a_whole_server_comes_back_onto_an_empty_one() {
         "{}",
         verified.stdout
     );
+    let listed_one = fleet
+        .dsctl(&["restore", &b.id, "--dry-run", "--database", "crm"])
+        .expect_success("a dry run of one database");
+    assert!(
+        listed_one.stdout.contains("1 database verified: crm: "),
+        "{}",
+        listed_one.stdout
+    );
     let drilled = fleet
         .dsctl(&["verify", &b.id, "--restore"])
         .expect_success("a drill of every database");
