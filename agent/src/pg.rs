@@ -111,6 +111,19 @@ pub fn lock_wait_failure(summary: &str, lock_wait: Duration) -> Option<String> {
     ))
 }
 
+/// A name the server sent hex-encoded (UTF-8 bytes).
+fn decode_hex_name(hex: &str) -> Result<String, String> {
+    let bytes = (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|b| u8::from_str_radix(b, 16).ok())
+        })
+        .collect::<Option<Vec<u8>>>()
+        .ok_or_else(|| format!("unexpected database name reply {hex:?}"))?;
+    String::from_utf8(bytes).map_err(|_| format!("database name {hex:?} is not UTF-8"))
+}
+
 /// The database admin statements about database `name` (create, drop,
 /// rename) run from: the agent's own, unless that is `name`, which is
 /// about to be dropped or replaced.
@@ -452,9 +465,11 @@ pub mod sql {
 
     /// The databases a whole-server backup may take, one per line: every
     /// database but the templates and those that refuse connections.
+    /// Hex-encoded, so a name with spaces at its ends (or any other byte)
+    /// comes back exactly.
     pub fn databases() -> Statement {
         Statement::new(
-            "SELECT datname FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY 1;",
+            "SELECT encode(convert_to(datname, 'UTF8'), 'hex') FROM pg_database WHERE NOT datistemplate AND datallowconn ORDER BY datname;",
         )
     }
 
@@ -1037,7 +1052,11 @@ impl PgTools {
     /// The databases of the server behind `db` a whole-server backup may
     /// take (no templates), asked from `db`'s own database.
     pub async fn databases(&self, db: &DbConn) -> Result<Vec<String>, String> {
-        self.lines(db, &db.dbname, &sql::databases()).await
+        self.lines(db, &db.dbname, &sql::databases())
+            .await?
+            .iter()
+            .map(|h| decode_hex_name(h))
+            .collect()
     }
 
     /// Every role of the server behind `db`, asked from `dbname`.
@@ -1195,6 +1214,15 @@ impl PgTools {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn database_names_come_back_exactly() {
+        assert_eq!(decode_hex_name("2073686f7020").unwrap(), " shop ");
+        assert_eq!(decode_hex_name("c3a9").unwrap(), "é");
+        assert!(decode_hex_name("7").is_err());
+        assert!(decode_hex_name("zz").is_err());
+        assert!(decode_hex_name("ff").is_err());
+    }
 
     #[test]
     fn missing_roles_are_named_with_what_to_run() {
