@@ -320,6 +320,23 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
         podman.sql("shop", "SELECT count(*) || ' ' || sum(id) FROM orders")
     );
 
+    // A restarted coordinator container: the agent comes back by itself
+    // with the certificate it has, and the next backup works.
+    podman.ok(
+        &["restart", "-t", "10", "coordinator"],
+        Duration::from_secs(120),
+    );
+    let again = (0..60).find_map(|_| {
+        std::thread::sleep(Duration::from_secs(1));
+        let b = dsctl(&["--json", "backup", "shop"]);
+        b.success().then_some(b)
+    });
+    assert!(
+        again.is_some(),
+        "no backup after the restart\n{}",
+        describe()
+    );
+
     // The images' own HEALTHCHECKs (liveness) pass in the running containers.
     for c in ["coordinator", "agent"] {
         let h = run(
