@@ -61,12 +61,17 @@ pub async fn run(
         .iter()
         .map(|p| (p, target_of(&job, p)))
         .collect();
+    // Every name is checked before the first database is written.
+    if restore {
+        for (_, name) in &plan {
+            crate::restore::valid_db_name(name)?;
+        }
+    }
     // Every database a full restore writes is checked first; a part's own
     // checks are as for one database.
     if restore && !partial && !job.force {
         let mut taken = Vec::new();
         for (_, name) in &plan {
-            crate::restore::valid_db_name(name)?;
             let admin = crate::pg::admin_db(&target.db, name);
             let exists = tokio::select! {
                 r = tools.database_exists(&target.db, &admin, name) => r.map_err(|e| format!("cannot connect to the server at {}:{}: {e}", target.db.host, target.db.port))?,
