@@ -63,8 +63,14 @@ pub async fn run(
         .collect();
     // Every name is checked before the first database is written.
     if restore {
-        for (_, name) in &plan {
-            crate::restore::valid_db_name(name)?;
+        for (part, name) in &plan {
+            if crate::restore::valid_db_name(name).is_err() {
+                return Err(format!(
+                    "database {name:?} of backup {} cannot be restored under that name (restores take 1-63 letters, digits, '_' or '-'); restore it alone with --database {:?} --target-db NEW_NAME; nothing was changed",
+                    job.backup_id, part.database
+                )
+                .into());
+            }
         }
     }
     // Every database a full restore writes is checked first; a part's own

@@ -1520,3 +1520,66 @@ fn a_whole_server_comes_back_onto_an_empty_one() {
         "42"
     );
 }
+
+/// A database whose name has characters a restore does not take as a
+/// destination (here a space) is backed up like any other (its object key
+/// escaped); a whole-server restore refuses before writing any database,
+/// saying how to restore it alone, and that works.
+#[test]
+fn an_oddly_named_database_is_kept_and_comes_back_under_a_new_name() {
+    let pg = PgCluster::new();
+    pg.psql(
+        "postgres",
+        "CREATE DATABASE plain; CREATE DATABASE \"odd db\";",
+    );
+    pg.psql(
+        "odd db",
+        "CREATE TABLE t AS SELECT generate_series(1, 77) AS id;",
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent_with(
+        "srv",
+        &pg,
+        "postgres",
+        &[("DATASAVER_DATABASES", "plain,odd*")],
+    );
+    let b = fleet.backup("srv", None);
+    assert_eq!(
+        b.raw["databases"],
+        serde_json::json!(["odd db", "plain"]),
+        "{}",
+        b.raw
+    );
+    let keys = datasaver_tests::fleet::files_under(&fleet.storage_dir());
+    assert!(
+        keys.iter()
+            .any(|k| k.ends_with(&format!("{}.db-odd%20db.dump.zst", b.id))),
+        "{keys:?}"
+    );
+    let dbs = || {
+        pg.query_one(
+            "postgres",
+            "SELECT string_agg(datname, ',' ORDER BY datname) FROM pg_database",
+        )
+    };
+    let before = dbs();
+    let refused = fleet
+        .dsctl(&["--quiet", "restore", &b.id])
+        .expect_failure("a whole-server restore with a name it cannot take");
+    assert_one_line_error(
+        &refused.stderr,
+        "--database \"odd db\" --target-db NEW_NAME",
+    );
+    assert_eq!(dbs(), before, "the refused restore changed the server");
+    fleet
+        .dsctl(&[
+            "restore",
+            &b.id,
+            "--database",
+            "odd db",
+            "--target-db",
+            "odd_copy",
+        ])
+        .expect_success("the odd database alone, under a new name");
+    assert_eq!(pg.query_one("odd_copy", "SELECT count(*) FROM t"), "77");
+}
