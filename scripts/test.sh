@@ -15,6 +15,7 @@
 #   cargo build --workspace           (the integration tests run these binaries)
 #   tests/deploy-check.sh             (hadolint, kubernetes-validate, systemd-analyze)
 #   cargo test --workspace            (unit, property and end-to-end tests)
+#   the container test                (tests/tests/e2e/containers.rs, alone)
 # and exits non-zero if any step fails.  Debug profile only: no release build.
 #
 # Under CI (CI set and not "false"), DATASAVER_TEST_DISALLOW_SKIP=1 is set so an
@@ -110,7 +111,11 @@ run_step "cargo clippy --workspace --all-targets -- -D warnings" \
     cargo clippy --workspace --all-targets -- -D warnings
 run_step "cargo build --workspace" cargo build --workspace
 run_step "deploy files (tests/deploy-check.sh)" bash tests/deploy-check.sh target/debug
-run_step "cargo test --workspace" cargo test --workspace --no-fail-fast "${extra[@]}"
+# The container test builds images (CPU-heavy for a minute or two): alone,
+# after the rest, so it never slows the timing-sensitive tests beside it.
+run_step "cargo test --workspace" cargo test --workspace --no-fail-fast "${extra[@]}" -- --skip e2e::containers::
+run_step "container test (cargo test --test e2e containers)" \
+    cargo test -p datasaver-tests --test e2e --no-fail-fast "${extra[@]}" -- e2e::containers::
 
 printf '\n==> all steps passed\n'
 printf '    %s\n' "${timings[@]}"

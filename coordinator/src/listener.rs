@@ -82,7 +82,8 @@ async fn linger_close(mut tcp: TcpStream) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let _ = tcp.shutdown().await;
     let mut sink = [0u8; 4096];
-    let _ = tokio::time::timeout(Duration::from_secs(2), async {
+    // Long enough for a client on a loaded machine to read the alert.
+    let _ = tokio::time::timeout(Duration::from_secs(5), async {
         while let Ok(n) = tcp.read(&mut sink).await {
             if n == 0 {
                 break;
