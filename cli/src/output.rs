@@ -257,6 +257,14 @@ fn server_rows(b: &Backup) -> Vec<(&'static str, String)> {
     rows
 }
 
+/// Each table's rows, as `--json` shows them.
+fn tables_json(tables: &[datasaver_common::proto::TableRows]) -> Value {
+    tables
+        .iter()
+        .map(|t| json!({ "schema": t.schema, "name": t.name, "rows": t.rows }))
+        .collect()
+}
+
 fn part_json(p: &datasaver_common::proto::BackupPart) -> Value {
     json!({
         "name": p.name,
@@ -268,11 +276,7 @@ fn part_json(p: &datasaver_common::proto::BackupPart) -> Value {
         "database": p.database,
         "extensions": p.extensions,
         "roles": p.roles,
-        "tables": p.tables.iter().map(|t| json!({
-            "schema": t.schema,
-            "name": t.name,
-            "rows": t.rows,
-        })).collect::<Vec<_>>(),
+        "tables": tables_json(&p.tables),
     })
 }
 
@@ -309,11 +313,7 @@ pub fn backup_json(b: &Backup) -> Value {
         "databases": databases_of(b),
         "databases_appeared": b.databases_appeared,
         "databases_disappeared": b.databases_disappeared,
-        "tables": b.tables.iter().map(|t| json!({
-            "schema": t.schema,
-            "name": t.name,
-            "rows": t.rows,
-        })).collect::<Vec<_>>(),
+        "tables": tables_json(&b.tables),
         "rows_not_counted": b.rows_not_counted,
         "error": opt(&b.error),
         "verified_at": opt(&b.verified_at),
