@@ -204,12 +204,23 @@ impl DatabaseSelection {
     }
 }
 
+/// Where the agent's certificate comes from.
+#[derive(Debug, Clone)]
+pub enum Identity {
+    /// `DATASAVER_TLS_CA`, `_CERT`, `_KEY`: files someone issued with
+    /// `dsctl certs issue`.
+    Files(TlsPaths),
+    /// `DATASAVER_JOIN_TOKEN` and `DATASAVER_STATE_DIR`: the agent's own
+    /// key and the certificate the coordinator issued for it, kept there.
+    Join(crate::enroll::JoinSettings),
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     pub coordinator_url: String,
     pub coordinator_host: String,
     pub target: TargetConfig,
-    pub tls: TlsPaths,
+    pub identity: Identity,
     pub pg_bin_dir: PathBuf,
     pub log_json: bool,
     /// `GET /health` here, when set.
@@ -242,16 +253,29 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         };
     }
 
+    let token = match env.secret("DATASAVER_JOIN_TOKEN") {
+        Ok(None) => None,
+        Ok(Some(t)) => take!(datasaver_common::enroll::JoinToken::parse(&t)
+            .map_err(|m| SettingError::new("DATASAVER_JOIN_TOKEN", m))),
+        Err(e) => {
+            errs.push(e);
+            None
+        }
+    };
     let url = env.get("DATASAVER_COORDINATOR_URL");
-    let coord = match url {
-        None => {
+    let coord = match (url, &token) {
+        (None, None) => {
             errs.push(SettingError::new(
                 "DATASAVER_COORDINATOR_URL",
-                "not set: the coordinator's address, e.g. https://backup-host:50051",
+                "not set: the coordinator's address, e.g. https://backup-host:50051 (or give DATASAVER_JOIN_TOKEN, which carries it)",
             ));
             None
         }
-        Some(u) => take!(parse_coordinator_url(u)),
+        (Some(u), _) => take!(parse_coordinator_url(u)),
+        (None, Some(t)) => take!(parse_coordinator_url(&t.url).map_err(|e| SettingError::new(
+            "DATASAVER_JOIN_TOKEN",
+            format!("its coordinator address: {}", e.message)
+        ))),
     };
 
     let target = match env.get("DATASAVER_TARGET") {
@@ -330,11 +354,62 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         max_age_days: take!(env.parse_opt("DATASAVER_MAX_AGE_DAYS")).flatten(),
     };
 
-    let tls = take!(TlsPaths::new(
-        env.get("DATASAVER_TLS_CA").map(PathBuf::from),
-        env.get("DATASAVER_TLS_CERT").map(PathBuf::from),
-        env.get("DATASAVER_TLS_KEY").map(PathBuf::from),
-    ));
+    let files_given = [
+        "DATASAVER_TLS_CA",
+        "DATASAVER_TLS_CERT",
+        "DATASAVER_TLS_KEY",
+    ]
+    .iter()
+    .any(|s| env.get(s).is_some());
+    let state_dir = env.get("DATASAVER_STATE_DIR").map(PathBuf::from);
+    let join = token.is_some() || (state_dir.is_some() && !files_given);
+    if join && files_given {
+        errs.push(SettingError::new(
+            "DATASAVER_JOIN_TOKEN",
+            "set, and so are DATASAVER_TLS_CA/_CERT/_KEY: use either the token (the agent gets and keeps its own certificate) or certificate files, not both",
+        ));
+    }
+    let agent_name = env
+        .get("DATASAVER_AGENT_NAME")
+        .map(str::to_string)
+        .or_else(|| target.clone());
+    if let Some(n) = env.get("DATASAVER_AGENT_NAME") {
+        if let Err(e) = datasaver_common::pki::check_name("agent", n) {
+            errs.push(SettingError::new("DATASAVER_AGENT_NAME", e.to_string()));
+        }
+    }
+    let tls = if join {
+        None
+    } else {
+        take!(TlsPaths::new(
+            env.get("DATASAVER_TLS_CA").map(PathBuf::from),
+            env.get("DATASAVER_TLS_CERT").map(PathBuf::from),
+            env.get("DATASAVER_TLS_KEY").map(PathBuf::from),
+        )
+        .map_err(|e| SettingError::new(
+            &e.setting,
+            format!(
+                "{} (or join with a token: DATASAVER_JOIN_TOKEN from `dsctl tokens create`)",
+                e.message
+            )
+        )))
+    };
+    let identity = if join {
+        Some(Identity::Join(crate::enroll::JoinSettings {
+            token,
+            state_dir: state_dir.unwrap_or_else(|| PathBuf::from(crate::enroll::DEFAULT_STATE_DIR)),
+            agent_name: agent_name.unwrap_or_default(),
+            // DATASAVER_RENEWAL_CHECK (undocumented, for tests): look more often.
+            renewal_check: env
+                .get("DATASAVER_RENEWAL_CHECK")
+                .and_then(|v| {
+                    datasaver_common::config::parse_duration("DATASAVER_RENEWAL_CHECK", v).ok()
+                })
+                .unwrap_or(crate::enroll::RENEWAL_CHECK),
+        }))
+    } else {
+        tls.clone().map(Identity::Files)
+    };
     if let Some(tls) = &tls {
         for (setting, path) in [
             ("DATASAVER_TLS_CA", &tls.ca),
@@ -426,7 +501,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         db,
         compression,
         level,
-        tls,
+        identity,
         pg_bin_dir,
         threads,
         encrypt_to,
@@ -438,7 +513,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
             Some(db),
             Some(compression),
             Some(level),
-            Some(tls),
+            Some(identity),
             Some(bin),
             Some(compression_threads),
             Some(encrypt_to),
@@ -461,7 +536,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 drill_schedule,
                 databases,
             },
-            tls,
+            identity,
             pg_bin_dir: bin,
             log_json,
             http_listen,
@@ -692,6 +767,56 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Env {
         Env::from_pairs(pairs)
+    }
+
+    #[test]
+    fn a_join_token_carries_the_address_and_replaces_the_certificate_files() {
+        let token = datasaver_common::enroll::JoinToken::generate(b"ca", "https://coord:50051")
+            .unwrap()
+            .encode();
+        let base = vec![
+            ("DATASAVER_TARGET", "app"),
+            ("DATASAVER_DB_NAME", "app"),
+            ("DATASAVER_PG_BIN_DIR", "/usr/bin"),
+            ("DATASAVER_JOIN_TOKEN", token.as_str()),
+        ];
+        let c = from_env(&env(&base)).unwrap();
+        assert_eq!(c.coordinator_url, "https://coord:50051");
+        let Identity::Join(j) = &c.identity else {
+            panic!("not joining: {:?}", c.identity);
+        };
+        assert_eq!(j.state_dir, PathBuf::from(crate::enroll::DEFAULT_STATE_DIR));
+        assert_eq!(j.agent_name, "app");
+        // DATASAVER_COORDINATOR_URL wins over the token's address.
+        let mut other = base.clone();
+        other.push(("DATASAVER_COORDINATOR_URL", "https://backup.internal:443"));
+        other.push(("DATASAVER_AGENT_NAME", "app-sidecar"));
+        let c = from_env(&env(&other)).unwrap();
+        assert_eq!(c.coordinator_host, "backup.internal");
+        assert!(matches!(&c.identity, Identity::Join(j) if j.agent_name == "app-sidecar"));
+        // Both a token and certificate files: refused, naming the token.
+        let mut both = base.clone();
+        both.push(("DATASAVER_TLS_CERT", "/pki/a.crt"));
+        let errs = from_env(&env(&both)).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.setting == "DATASAVER_JOIN_TOKEN"),
+            "{errs:?}"
+        );
+        // A damaged token: refused without being echoed.
+        let mut bad = base[..3].to_vec();
+        let cut = &token[..30];
+        bad.push(("DATASAVER_JOIN_TOKEN", cut));
+        let errs = from_env(&env(&bad)).unwrap_err();
+        let e = errs
+            .iter()
+            .find(|e| e.setting == "DATASAVER_JOIN_TOKEN")
+            .expect("token error");
+        assert!(!e.to_string().contains(cut), "{e}");
+        // Neither a token nor files nor an address: each is named.
+        let errs = from_env(&env(&base[..3])).unwrap_err();
+        let named: Vec<&str> = errs.iter().map(|e| e.setting.as_str()).collect();
+        assert!(named.contains(&"DATASAVER_COORDINATOR_URL"), "{named:?}");
+        assert!(named.contains(&"DATASAVER_TLS_CA"), "{named:?}");
     }
 
     #[test]

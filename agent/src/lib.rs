@@ -14,6 +14,7 @@ pub mod archive;
 pub mod backup;
 pub mod child;
 pub mod config;
+pub mod enroll;
 pub mod globals;
 pub mod health;
 pub mod jobs;
@@ -37,7 +38,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::config::AgentConfig;
+use crate::config::{AgentConfig, Identity};
 use crate::jobs::Jobs;
 use crate::pg::PgTools;
 
@@ -49,6 +50,8 @@ pub enum AgentError {
     Tls(#[from] datasaver_common::tls::TlsError),
     #[error("DATASAVER_TLS_CERT: the certificate's role is {0}, not agent (issue one with `dsctl certs issue --agent NAME`)")]
     WrongRole(String),
+    #[error("{0}")]
+    Enroll(#[from] enroll::EnrollError),
     #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
     Http {
         addr: String,
@@ -56,22 +59,50 @@ pub enum AgentError {
     },
 }
 
+/// The certificate to connect with: the files', or the stored one of a
+/// joined agent (joining first when there is none). A token the coordinator
+/// refuses, or a state directory that cannot be used, ends the agent; a
+/// coordinator not reachable yet is waited for.
+async fn load_identity(
+    config: &AgentConfig,
+    cancel: &CancellationToken,
+) -> Result<Option<TlsMaterial>, AgentError> {
+    let s = match &config.identity {
+        Identity::Files(paths) => return Ok(Some(paths.load()?)),
+        Identity::Join(s) => s,
+    };
+    enroll::check_state_dir(&s.state_dir)?;
+    let targets = vec![config.target.name.clone()];
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        match enroll::identity(
+            s,
+            &config.coordinator_url,
+            &config.coordinator_host,
+            &targets,
+        )
+        .await
+        {
+            Ok(m) => return Ok(Some(m)),
+            Err(e) if e.is_final() => return Err(e.into()),
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot join the fleet yet");
+                tokio::select! {
+                    _ = cancel.cancelled() => return Ok(None),
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(30));
+            }
+        }
+    }
+}
+
 /// Connects, serves, and reconnects until `cancel` fires.
 pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), AgentError> {
-    let tls = config.tls.load()?;
-    if tls.identity.role != Role::Agent {
-        return Err(AgentError::WrongRole(tls.identity.role.as_str().into()));
-    }
-    tracing::info!(
-        identity = %tls.identity,
-        coordinator = %config.coordinator_url,
-        target = %config.target.name,
-        database = %config.target.db.describe(),
-        pg_bin_dir = %config.pg_bin_dir.display(),
-        "agent starting"
-    );
     let state = Arc::new(health::State::default());
     let config = Arc::new(config);
+    // Before joining: the liveness probe answers while the agent waits for
+    // its coordinator.
     if let Some(addr) = config.http_listen {
         let l = tokio::net::TcpListener::bind(addr)
             .await
@@ -87,10 +118,44 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
             cancel.clone(),
         ));
     }
+    let Some(mut tls) = load_identity(&config, &cancel).await? else {
+        return Ok(());
+    };
+    if tls.identity.role != Role::Agent {
+        return Err(AgentError::WrongRole(tls.identity.role.as_str().into()));
+    }
+    tracing::info!(
+        identity = %tls.identity,
+        coordinator = %config.coordinator_url,
+        target = %config.target.name,
+        database = %config.target.db.describe(),
+        pg_bin_dir = %config.pg_bin_dir.display(),
+        "agent starting"
+    );
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = Instant::now();
         let result = session(&config, &tls, &cancel, &state).await;
+        if let Identity::Join(s) = &config.identity {
+            // A renewed or re-joined certificate is in the state directory.
+            match enroll::stored(&s.state_dir) {
+                Ok(Some(m)) if m.identity.serial != tls.identity.serial => {
+                    tracing::info!(serial = %m.identity.serial, "connecting with the renewed certificate");
+                    tls = m;
+                }
+                Ok(_) => {}
+                Err(e) => tracing::error!(error = %e, "keeping the certificate in use"),
+            }
+            // Away longer than its certificate lived: join again (with the
+            // token, if it is still set and valid).
+            if tls.identity.not_after <= chrono::Utc::now().timestamp() {
+                tracing::warn!("the stored certificate expired; joining again");
+                match load_identity(&config, &cancel).await? {
+                    Some(m) => tls = m,
+                    None => return Ok(()),
+                }
+            }
+        }
         state
             .connected
             .store(false, std::sync::atomic::Ordering::Relaxed);
@@ -103,7 +168,8 @@ pub async fn run(config: AgentConfig, cancel: CancellationToken) -> Result<(), A
         }
         let err = match result {
             Ok(()) => "coordinator closed the connection".to_string(),
-            Err(e) => e,
+            Err(SessionEnd::Renewed) => continue,
+            Err(SessionEnd::Error(e)) => e,
         };
         // Jitter spreads a fleet's reconnects after a coordinator restart.
         let jitter = Duration::from_millis(rand::random::<u64>() % 500);
@@ -134,12 +200,27 @@ async fn connect(config: &AgentConfig, tls: &TlsMaterial) -> Result<Channel, Str
         .map_err(|e| datasaver_common::error_chain(&e))
 }
 
+/// Why a session ended early.
+enum SessionEnd {
+    /// the connection failed or broke
+    Error(String),
+    /// a joined agent renewed its certificate and, with no job running,
+    /// reconnects with it
+    Renewed,
+}
+
+impl From<String> for SessionEnd {
+    fn from(s: String) -> Self {
+        SessionEnd::Error(s)
+    }
+}
+
 async fn session(
     config: &AgentConfig,
     tls: &TlsMaterial,
     cancel: &CancellationToken,
     state: &health::State,
-) -> Result<(), String> {
+) -> Result<(), SessionEnd> {
     let channel = connect(config, tls).await?;
     let max = datasaver_common::MAX_MESSAGE_SIZE;
     let mut client = AgentServiceClient::new(channel)
@@ -163,11 +244,16 @@ async fn session(
         })),
     })
     .await
-    .map_err(|_| "control channel closed".to_string())?;
+    .map_err(|_| SessionEnd::Error("control channel closed".into()))?;
     let mut inbound = client
         .control(ReceiverStream::new(rx))
         .await
-        .map_err(|s| format!("coordinator refused the control stream: {}", s.message()))?
+        .map_err(|s| {
+            SessionEnd::Error(format!(
+                "coordinator refused the control stream: {}",
+                s.message()
+            ))
+        })?
         .into_inner();
     // Jobs of this session stop when it ends: the coordinator has already
     // failed them, and a dump nobody receives only loads the database. Not a
@@ -176,18 +262,34 @@ async fn session(
     let _guard = jobs.cancel_on_drop();
     let tools = PgTools::new(config.pg_bin_dir.clone());
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
+    let every = match &config.identity {
+        Identity::Join(s) => s.renewal_check,
+        Identity::Files(_) => Duration::from_secs(86_400),
+    };
+    let mut renewal = tokio::time::interval(every);
+    let mut renewed = false;
     loop {
         let msg = tokio::select! {
             _ = cancel.cancelled() => {
                 leave(config, jobs, tx, inbound).await;
                 return Ok(());
             }
+            _ = renewal.tick(), if !renewed => {
+                if let Identity::Join(s) = &config.identity {
+                    renewed = renew_if_due(&mut client, s, tls).await;
+                }
+                continue;
+            }
             _ = heartbeat.tick() => {
                 let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
                     unix_ms: chrono::Utc::now().timestamp_millis(),
                 })) };
                 if tx.send(hb).await.is_err() {
-                    return Err("control stream closed".into());
+                    return Err(SessionEnd::Error("control stream closed".into()));
+                }
+                if renewed && jobs.is_empty() {
+                    tracing::info!("reconnecting with the renewed certificate (no job running)");
+                    return Err(SessionEnd::Renewed);
                 }
                 continue;
             }
@@ -196,7 +298,12 @@ async fn session(
         let msg = match msg {
             Ok(Some(m)) => m,
             Ok(None) => return Ok(()),
-            Err(s) => return Err(format!("control stream broke: {}", s.message())),
+            Err(s) => {
+                return Err(SessionEnd::Error(format!(
+                    "control stream broke: {}",
+                    s.message()
+                )))
+            }
         };
         match msg.msg {
             Some(coordinator_message::Msg::Registered(r)) => {
@@ -219,6 +326,40 @@ async fn session(
                 }
             }
             None => {}
+        }
+    }
+}
+
+/// Renews a joined agent's certificate once half its life has passed;
+/// whether it did. A failure is logged and tried again at the next check:
+/// the current certificate still has half its life.
+async fn renew_if_due(
+    client: &mut AgentServiceClient<Channel>,
+    s: &enroll::JoinSettings,
+    tls: &TlsMaterial,
+) -> bool {
+    let Some(nb) = tls
+        .certs
+        .first()
+        .and_then(|c| datasaver_common::tls::not_before(c.as_ref()))
+    else {
+        return false;
+    };
+    let now = chrono::Utc::now().timestamp();
+    if !enroll::renewal_due(nb, tls.identity.not_after, now) {
+        return false;
+    }
+    match enroll::renew(client, s).await {
+        Ok(not_after) => {
+            tracing::info!(
+                not_after = %chrono::DateTime::from_timestamp(not_after, 0).map(|t| t.to_rfc3339()).unwrap_or_default(),
+                "certificate renewed and stored"
+            );
+            true
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot renew the certificate; trying again later");
+            false
         }
     }
 }

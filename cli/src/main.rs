@@ -15,9 +15,10 @@ use std::process::ExitCode;
 use anyhow::{bail, Context, Result};
 use clap::{Args, CommandFactory, Parser, Subcommand};
 use datasaver_common::proto::{
-    job_event, CancelRequest, CleanupRequest, DeleteBackupRequest, ExportRequest, GetBackupRequest,
-    HealthRequest, JobDone, ListAgentsRequest, ListBackupsRequest, ListTargetsRequest, PinRequest,
-    RestoreRequest, StartBackupRequest, VerifyRequest,
+    job_event, CancelRequest, CleanupRequest, CreateTokenRequest, DeleteBackupRequest,
+    ExportRequest, GetBackupRequest, HealthRequest, JobDone, ListAgentsRequest, ListBackupsRequest,
+    ListTargetsRequest, ListTokensRequest, PinRequest, RestoreRequest, RevokeTokenRequest,
+    StartBackupRequest, VerifyRequest,
 };
 use progress::Progress;
 
@@ -68,6 +69,12 @@ enum Cmd {
     /// Create or issue fleet certificates.
     #[command(subcommand)]
     Certs(CertsCmd),
+    /// Join tokens: an agent started with one (DATASAVER_JOIN_TOKEN) makes
+    /// its own key and gets its certificate from the coordinator, so no PEM
+    /// files need copying. Needs an admin certificate and a coordinator with
+    /// an enrollment CA (`dsctl certs init --enrollment`).
+    #[command(subcommand)]
+    Tokens(TokensCmd),
     /// Show connected agents and their targets.
     Agents,
     /// List targets: the agent bound to each, whether it is connected, its
@@ -262,6 +269,37 @@ enum CatalogCmd {
 }
 
 #[derive(Subcommand)]
+enum TokensCmd {
+    /// Create a token; it is printed once, on stdout (`T=$(dsctl tokens create --target app)`).
+    ///
+    /// The token holds the coordinator's address and the fingerprint of the
+    /// fleet CA, so the agent checks it is talking to this coordinator
+    /// before it sends the token's secret. The coordinator keeps only a hash.
+    Create {
+        /// A target agents joining with it may serve (repeat for more; `acme-*` matches by prefix).
+        #[arg(long, value_name = "T", required = true)]
+        target: Vec<String>,
+        /// How long the token may be used to join (e.g. 30m, 24h, 7d).
+        #[arg(long, default_value = "24h", value_name = "DURATION")]
+        ttl: String,
+        /// How many agents may join with it (0: any number until it expires).
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// The coordinator's address as agents reach it (default: --coordinator).
+        /// An agent's DATASAVER_COORDINATOR_URL overrides it.
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+    },
+    /// List tokens: their targets, state, expiry, uses and the agents that joined.
+    List,
+    /// Revoke a token: no agent can join with it any more.
+    Revoke {
+        /// The token's id (from `dsctl tokens list`).
+        id: String,
+    },
+}
+
+#[derive(Subcommand)]
 enum CertsCmd {
     /// Create a fleet CA plus coordinator and operator certificates in DIR.
     Init {
@@ -281,6 +319,14 @@ enum CertsCmd {
         /// Overwrite existing files.
         #[arg(long)]
         force: bool,
+        /// Also write the enrollment CA (enrollment-ca.crt/.key), an
+        /// intermediate of the fleet CA that the coordinator signs joining
+        /// agents' certificates with (DATASAVER_ENROLLMENT_CA_CERT/_KEY), so
+        /// agents join with `dsctl tokens create` tokens instead of PEM files.
+        /// With an existing ca.crt/ca.key in DIR, only the enrollment CA is
+        /// written.
+        #[arg(long)]
+        enrollment: bool,
     },
     /// Issue an agent or operator certificate from the CA in --ca DIR.
     ///
@@ -428,9 +474,23 @@ async fn run(cli: Cli) -> Result<()> {
                 operator,
                 days,
                 force,
+                enrollment,
             } => {
-                certs::init(out, san, operator, *days, *force)?;
-                println!("wrote ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key crl.pem to {}", out.display());
+                let existing = out.join("ca.crt").exists() && out.join("ca.key").exists();
+                if !(*enrollment && existing && !*force) {
+                    certs::init(out, san, operator, *days, *force)?;
+                    println!("wrote ca.crt ca.key coordinator.crt coordinator.key operator.crt operator.key crl.pem to {}", out.display());
+                }
+                if *enrollment {
+                    certs::init_enrollment(out, *force)?;
+                    println!(
+                        "wrote {} {} to {}, signed by the fleet CA there",
+                        certs::ENROLLMENT_CERT,
+                        certs::ENROLLMENT_KEY,
+                        out.display()
+                    );
+                    println!("give them to the coordinator (DATASAVER_ENROLLMENT_CA_CERT, DATASAVER_ENROLLMENT_CA_KEY); agents then join with a token from `dsctl tokens create`");
+                }
                 println!("keep ca.key offline if you can: whoever has it can issue certificates for your fleet");
                 Ok(())
             }
@@ -569,6 +629,42 @@ async fn run(cli: Cli) -> Result<()> {
                 .await?
                 .agents;
             output::agents(&agents, cli.json);
+            Ok(())
+        }
+        Cmd::Tokens(TokensCmd::Create {
+            target,
+            ttl,
+            uses,
+            url,
+        }) => {
+            let ttl = datasaver_common::config::parse_duration("--ttl", &ttl)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let r = why
+                .answer(
+                    c.create_token(CreateTokenRequest {
+                        targets: target,
+                        ttl_seconds: ttl.as_secs(),
+                        uses,
+                        url: url.unwrap_or_else(|| cli.coordinator.clone()),
+                    })
+                    .await,
+                )
+                .await?;
+            output::token_created(&r, cli.json);
+            Ok(())
+        }
+        Cmd::Tokens(TokensCmd::List) => {
+            let r = why
+                .answer(c.list_tokens(ListTokensRequest {}).await)
+                .await?;
+            output::tokens(&r.tokens, cli.json);
+            Ok(())
+        }
+        Cmd::Tokens(TokensCmd::Revoke { id }) => {
+            let t = why
+                .answer(c.revoke_token(RevokeTokenRequest { id }).await)
+                .await?;
+            output::token_revoked(&t, cli.json);
             Ok(())
         }
         Cmd::Targets => {

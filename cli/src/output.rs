@@ -3,8 +3,8 @@
 //! spaces, one header row, no colours, no box drawing.
 
 use datasaver_common::proto::{
-    AgentInfo, Backup, CancelledJob, CleanupItem, CleanupResponse, HealthResponse, JobDone,
-    TargetHealth, TargetInfoRow,
+    AgentInfo, Backup, CancelledJob, CleanupItem, CleanupResponse, CreateTokenResponse,
+    HealthResponse, JobDone, JoinToken, TargetHealth, TargetInfoRow,
 };
 use serde_json::{json, Value};
 
@@ -863,6 +863,141 @@ pub fn rebuild(imported: &[String], already_known: u32, problems: &[String], as_
     }
     for p in problems {
         println!("problem   {p}");
+    }
+}
+
+fn unix_time(t: i64) -> String {
+    chrono::DateTime::from_timestamp(t, 0)
+        .map(|d| d.format("%Y-%m-%d %H:%M:%S").to_string())
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// A token's state as `dsctl tokens list` shows it.
+fn token_status(t: &JoinToken, now: i64) -> &'static str {
+    if t.revoked_unix != 0 {
+        "revoked"
+    } else if now >= t.expires_unix {
+        "expired"
+    } else if t.uses_allowed > 0 && t.uses >= t.uses_allowed {
+        "used up"
+    } else {
+        "active"
+    }
+}
+
+fn token_json(t: &JoinToken, now: i64) -> Value {
+    let time = |v: i64| {
+        (v != 0)
+            .then(|| chrono::DateTime::from_timestamp(v, 0).map(|d| d.to_rfc3339()))
+            .flatten()
+    };
+    json!({
+        "id": t.id,
+        "targets": t.targets,
+        "status": token_status(t, now),
+        "created": time(t.created_unix),
+        "created_by": t.created_by,
+        "expires": time(t.expires_unix),
+        "uses_allowed": (t.uses_allowed > 0).then_some(t.uses_allowed),
+        "uses": t.uses,
+        "revoked": time(t.revoked_unix),
+        "last_used": time(t.last_used_unix),
+        "agents": t.agents,
+    })
+}
+
+fn uses_text(t: &JoinToken) -> String {
+    if t.uses_allowed == 0 {
+        format!("{} (no limit)", t.uses)
+    } else {
+        format!("{} of {}", t.uses, t.uses_allowed)
+    }
+}
+
+/// `dsctl tokens create`: the token alone on stdout (`T=$(dsctl tokens
+/// create ...)`), what it allows on stderr.
+pub fn token_created(r: &CreateTokenResponse, as_json: bool) {
+    let now = chrono::Utc::now().timestamp();
+    let Some(t) = &r.info else {
+        println!("{}", r.token);
+        return;
+    };
+    if as_json {
+        let mut v = token_json(t, now);
+        v["token"] = json!(r.token);
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    println!("{}", r.token);
+    let hours = (t.expires_unix - now).max(0) as f64 / 3600.0;
+    eprintln!(
+        "join token {} for target{} {}: expires {} UTC (in {:.1} h), {}",
+        t.id,
+        if t.targets.len() == 1 { "" } else { "s" },
+        t.targets.join(", "),
+        unix_time(t.expires_unix),
+        hours,
+        if t.uses_allowed == 0 {
+            "any number of agents".to_string()
+        } else if t.uses_allowed == 1 {
+            "one agent".to_string()
+        } else {
+            format!("up to {} agents", t.uses_allowed)
+        }
+    );
+    eprintln!("it is shown only now and works like a password: give it to the agent as DATASAVER_JOIN_TOKEN (or DATASAVER_JOIN_TOKEN_FILE), with DATASAVER_STATE_DIR on a volume that keeps the agent's certificate");
+}
+
+/// `dsctl tokens list`.
+pub fn tokens(list: &[JoinToken], as_json: bool) {
+    let now = chrono::Utc::now().timestamp();
+    if as_json {
+        let v: Vec<Value> = list.iter().map(|t| token_json(t, now)).collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if list.is_empty() {
+        println!("no join tokens (create one with `dsctl tokens create --target T`)");
+        return;
+    }
+    Columns::<JoinToken>::new()
+        .col("ID", |t| t.id.clone())
+        .col("TARGETS", |t| t.targets.join(","))
+        .col("STATUS", |t| token_status(t, now).to_string())
+        .col("EXPIRES", |t| unix_time(t.expires_unix))
+        .col("USES", uses_text)
+        .col("AGENTS", |t| {
+            if t.agents.is_empty() {
+                "-".to_string()
+            } else {
+                t.agents.join(",")
+            }
+        })
+        .col("CREATED BY", |t| t.created_by.clone())
+        .print(list);
+}
+
+/// `dsctl tokens revoke`.
+pub fn token_revoked(t: &JoinToken, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&token_json(t, chrono::Utc::now().timestamp()))
+                .unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "revoked join token {} (targets {}; used {})",
+        t.id,
+        t.targets.join(", "),
+        uses_text(t)
+    );
+    if !t.agents.is_empty() {
+        println!(
+            "agents that joined with it keep their certificates: {}",
+            t.agents.join(", ")
+        );
     }
 }
 

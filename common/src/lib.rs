@@ -2,7 +2,7 @@
 //! generated gRPC types (`proto`), TLS identity loading and peer identities
 //! (`tls`), names of targets and backups (`names`), the stream codecs used on
 //! both ends of a transfer (`codec`, `checksum`), configuration helpers
-//! (`config`), the cleaning of text received from other processes (`text`)
+//! (`config`), join tokens and the pinned first contact (`enroll`), the cleaning of text received from other processes (`text`)
 //! and the binaries' own liveness probe (`probe`).
 
 pub mod checksum;
@@ -10,7 +10,10 @@ pub mod codec;
 pub mod config;
 pub mod crl;
 pub mod crypt;
+pub mod enroll;
 pub mod names;
+#[cfg(feature = "pki")]
+pub mod pki;
 pub mod probe;
 #[cfg(feature = "telemetry")]
 pub mod telemetry;

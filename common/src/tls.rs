@@ -279,18 +279,21 @@ pub fn install_crypto_provider() {
 /// Server side: TLS 1.3 only, a client certificate from the fleet CA required,
 /// HTTP/2 negotiated for gRPC.
 pub fn server_config(m: &TlsMaterial) -> Result<Arc<rustls::ServerConfig>, TlsError> {
-    server_config_with(m, client_verifier(&m.ca_certs, Vec::new())?)
+    server_config_with(m, client_verifier(&m.ca_certs, Vec::new(), false)?)
 }
 
 /// The standard client-certificate check: issued by the fleet CA, valid now,
 /// and (when `crls` is not empty) not revoked by them. Only the end-entity
-/// certificate is checked for revocation: the fleet CA is the only issuer,
-/// and it signs the CRL itself. A CRL's `nextUpdate` is not enforced (rustls'
+/// certificate is checked for revocation: each CA (the fleet's, the
+/// enrollment CA) signs its own CRL. A CRL's `nextUpdate` is not enforced (rustls'
 /// default): `dsctl certs revoke` writes a new CRL only when something is
 /// revoked, and a CRL that "expired" must not lock the whole fleet out.
+/// `optional`: a client without a certificate completes the handshake (an
+/// agent joining with a token); every service but enrollment refuses it.
 pub fn client_verifier(
     ca_certs: &[CertificateDer<'static>],
     crls: Vec<rustls::pki_types::CertificateRevocationListDer<'static>>,
+    optional: bool,
 ) -> Result<Arc<dyn rustls::server::danger::ClientCertVerifier>, TlsError> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut roots = rustls::RootCertStore::empty();
@@ -303,6 +306,9 @@ pub fn client_verifier(
         rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
     if !crls.is_empty() {
         builder = builder.with_crls(crls).only_check_end_entity_revocation();
+    }
+    if optional {
+        builder = builder.allow_unauthenticated();
     }
     builder.build().map_err(|e| TlsError::Config(e.to_string()))
 }
@@ -409,6 +415,12 @@ pub fn identity_from_der(der: &[u8]) -> Result<PeerIdentity, String> {
         serial: normalize_serial(&serial),
         not_after: cert.validity().not_after.timestamp(),
     })
+}
+
+/// When a certificate (DER) becomes valid, Unix seconds.
+pub fn not_before(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(cert.validity().not_before.timestamp())
 }
 
 /// A serial number as lowercase hex with no separators and no leading zero

@@ -29,6 +29,7 @@ pub enum Action {
     Delete,
     Cleanup,
     RebuildCatalog,
+    Tokens,
 }
 
 /// One row of the table: what an action needs and how it is named.
@@ -72,6 +73,7 @@ impl Action {
             Delete => (Admin, "delete a backup", "delete"),
             Cleanup => (Admin, "run a cleanup", "cleanup"),
             RebuildCatalog => (Admin, "rebuild the catalog", "catalog_rebuild"),
+            Tokens => (Admin, "create, list or revoke join tokens", "tokens"),
         };
         Rule {
             needs,
@@ -98,7 +100,9 @@ impl Action {
     /// Actions over every target at once: only an unscoped certificate may
     /// do them, as a scoped one would reach targets it cannot see.
     fn fleet_wide(self, target: Option<&str>) -> bool {
-        matches!(self, Action::RebuildCatalog)
+        // A join token makes agent identities: only whoever may act on the
+        // whole fleet hands them out.
+        matches!(self, Action::RebuildCatalog | Action::Tokens)
             || (target.is_none() && matches!(self, Action::Cleanup | Action::CleanupDryRun))
     }
 }
@@ -231,6 +235,7 @@ mod tests {
             Delete,
             Cleanup,
             RebuildCatalog,
+            Tokens,
         ];
         let f = fixture(Policies::default());
         let allowed = |a: Access| -> Vec<Action> {

@@ -39,6 +39,7 @@ const OWNERS: &[(&str, Migrations)] = &[
     ("repo::store", crate::repo::store::MIGRATIONS),
     ("targets", crate::targets::MIGRATIONS),
     ("alerts::store", crate::alerts::store::MIGRATIONS),
+    ("tokens", crate::tokens::MIGRATIONS),
 ];
 
 /// Version 1 predates the split into stores: it created `backups` and
@@ -294,7 +295,7 @@ mod tests {
         let steps = plan(OWNERS).unwrap();
         assert_eq!(
             steps.iter().map(|s| s.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]
         );
         assert_eq!(steps[0].parts.len(), 2, "version 1: backups, then targets");
         for (step, before) in steps.iter().zip(BEFORE_SPLIT) {
@@ -350,7 +351,7 @@ mod tests {
             drop(before_split(&path, version));
             drop(Catalog::open(&path).unwrap());
             let c = Connection::open(&path).unwrap();
-            assert_eq!(user_version(&c), 15, "from version {version}");
+            assert_eq!(user_version(&c), 16, "from version {version}");
             assert_eq!(schema(&c), fresh, "from version {version}");
         }
 
@@ -398,13 +399,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.db");
         let c = before_split(&path, 4);
-        c.pragma_update(None, "user_version", 16).unwrap();
+        c.pragma_update(None, "user_version", 17).unwrap();
         drop(c);
         assert!(matches!(
             Catalog::open(&path),
             Err(CatalogError::TooNew {
-                found: 16,
-                known: 15
+                found: 17,
+                known: 16
             })
         ));
     }

@@ -101,6 +101,18 @@ pub struct Args {
     /// `dsctl certs init`/`revoke`; reloaded when it changes.
     #[arg(long, env = "DATASAVER_TLS_CRL")]
     pub tls_crl: Option<PathBuf>,
+    /// The enrollment CA's certificate (PEM, `dsctl certs init --enrollment`):
+    /// with its key, agents join with tokens from `dsctl tokens create`.
+    #[arg(long, env = "DATASAVER_ENROLLMENT_CA_CERT")]
+    pub enrollment_ca_cert: Option<PathBuf>,
+    /// The enrollment CA's private key (PEM).
+    #[arg(long, env = "DATASAVER_ENROLLMENT_CA_KEY")]
+    pub enrollment_ca_key: Option<PathBuf>,
+    /// Validity of a joined agent's certificate, in days; the agent renews
+    /// it when half of that has passed (before `certificate.expiring`'s
+    /// 30 days).
+    #[arg(long, env = "DATASAVER_ENROLLMENT_CERT_DAYS", default_value_t = 90)]
+    pub enrollment_cert_days: i64,
     /// YAML file with per-target schedules and retention, time zone, limits.
     #[arg(long, env = "DATASAVER_CONFIG")]
     pub config: Option<PathBuf>,
@@ -138,11 +150,22 @@ pub struct Config {
     pub tls: TlsPaths,
     /// `DATASAVER_TLS_CRL`, checked when the TLS material is loaded
     pub tls_crl: Option<PathBuf>,
+    /// `DATASAVER_ENROLLMENT_CA_*`: join tokens are accepted
+    pub enrollment: Option<EnrollmentPaths>,
     pub log_json: bool,
     pub policies: Policies,
     pub alerts: crate::alerts::AlertConfig,
     /// Limits of the plain-HTTP server (`/health`, `/metrics`).
     pub http: HttpLimits,
+}
+
+/// The enrollment CA's files and what it issues.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EnrollmentPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// validity of an issued certificate
+    pub validity: std::time::Duration,
 }
 
 /// The default of `DATASAVER_MIN_FREE_BYTES`: room for the catalog, logs and
@@ -230,7 +253,48 @@ impl Args {
         let policies = Policies::load(self.config.as_deref(), env)?;
         let alerts = alert_config(env, &policies)?;
         let http = HttpLimits::from_env(env)?;
+        let set = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        let enrollment = match (set(self.enrollment_ca_cert), set(self.enrollment_ca_key)) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => {
+                if !(1..=3650).contains(&self.enrollment_cert_days) {
+                    return Err(SettingError::new(
+                        "DATASAVER_ENROLLMENT_CERT_DAYS",
+                        format!("{} is not between 1 and 3650", self.enrollment_cert_days),
+                    ));
+                }
+                // DATASAVER_ENROLLMENT_CERT_TTL (undocumented, for tests):
+                // certificates short enough to be renewed at once.
+                let validity = match env.get("DATASAVER_ENROLLMENT_CERT_TTL") {
+                    Some(v) => datasaver_common::config::parse_duration(
+                        "DATASAVER_ENROLLMENT_CERT_TTL",
+                        v,
+                    )?,
+                    None => std::time::Duration::from_secs(
+                        self.enrollment_cert_days as u64 * 86_400,
+                    ),
+                };
+                Some(EnrollmentPaths {
+                    cert,
+                    key,
+                    validity,
+                })
+            }
+            (Some(_), None) => {
+                return Err(SettingError::new(
+                    "DATASAVER_ENROLLMENT_CA_KEY",
+                    "not set, but DATASAVER_ENROLLMENT_CA_CERT is: give both (enrollment-ca.key from `dsctl certs init --enrollment`)",
+                ))
+            }
+            (None, Some(_)) => {
+                return Err(SettingError::new(
+                    "DATASAVER_ENROLLMENT_CA_CERT",
+                    "not set, but DATASAVER_ENROLLMENT_CA_KEY is: give both (enrollment-ca.crt from `dsctl certs init --enrollment`)",
+                ))
+            }
+        };
         Ok(Config {
+            enrollment,
             http,
             alerts,
             policies,
@@ -530,6 +594,47 @@ mod tests {
             Backend::S3(s) => s,
             other => panic!("expected the S3 backend, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_enrollment_ca_needs_both_files() {
+        let none = args(&[]).validate(&env(&[])).unwrap();
+        assert_eq!(none.enrollment, None);
+        let both = args(&[
+            "--enrollment-ca-cert",
+            "/pki/e.crt",
+            "--enrollment-ca-key",
+            "/pki/e.key",
+        ])
+        .validate(&env(&[]))
+        .unwrap();
+        assert_eq!(
+            both.enrollment,
+            Some(EnrollmentPaths {
+                cert: "/pki/e.crt".into(),
+                key: "/pki/e.key".into(),
+                validity: Duration::from_secs(90 * 86_400),
+            })
+        );
+        let e = args(&["--enrollment-ca-cert", "/pki/e.crt"])
+            .validate(&env(&[]))
+            .unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_ENROLLMENT_CA_KEY");
+        let e = args(&["--enrollment-ca-key", "/pki/e.key"])
+            .validate(&env(&[]))
+            .unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_ENROLLMENT_CA_CERT");
+        let e = args(&[
+            "--enrollment-ca-cert",
+            "/pki/e.crt",
+            "--enrollment-ca-key",
+            "/pki/e.key",
+            "--enrollment-cert-days",
+            "0",
+        ])
+        .validate(&env(&[]))
+        .unwrap_err();
+        assert_eq!(e.setting, "DATASAVER_ENROLLMENT_CERT_DAYS");
     }
 
     const S3_ARGS: [&str; 4] = ["--storage-backend", "s3", "--s3-bucket", "backups-eu"];

@@ -11,6 +11,7 @@ pub mod backups;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod enrollment;
 pub mod fleet;
 pub mod floors;
 pub mod health;
@@ -27,11 +28,13 @@ pub mod storage;
 pub mod targets;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod tokens;
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use datasaver_common::proto::agent_service_server::AgentServiceServer;
+use datasaver_common::proto::enrollment_service_server::EnrollmentServiceServer;
 use datasaver_common::proto::operator_service_server::OperatorServiceServer;
 use datasaver_common::tls::Role;
 use tokio::net::TcpListener;
@@ -66,6 +69,9 @@ pub struct Core {
     pub tasks: tokio_util::task::TaskTracker,
     /// Agents' requests raised to the floor that were logged already.
     pub floors_logged: floors::Logged,
+    /// Join tokens and the enrollment CA, when `DATASAVER_ENROLLMENT_CA_*`
+    /// are set.
+    pub enrollment: Option<Arc<enrollment::Enrollment>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -92,6 +98,8 @@ pub enum StartError {
     /// `DATASAVER_TLS_CRL` unusable (the message names the setting).
     #[error("{0}")]
     Crl(String),
+    #[error("{0}")]
+    Enrollment(#[from] enrollment::EnrollmentError),
     #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
     Http {
         addr: String,
@@ -203,13 +211,32 @@ pub async fn run(
     grpc: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), StartError> {
-    let tls = config.tls.load()?;
+    let mut tls = config.tls.load()?;
     if tls.identity.role != Role::Coordinator {
         return Err(StartError::WrongRole(tls.identity.role.as_str().into()));
     }
+    let enroller = match (&config.enrollment, tls.ca_certs.first()) {
+        (Some(paths), Some(ca)) => Some(enrollment::Enroller::load(paths, ca, &tls.ca_pem)?),
+        _ => None,
+    };
+    let mut enrolled = revocation::Enrolled::default();
+    if let Some(e) = &enroller {
+        enrolled.anchor = Some(e.anchor());
+        enrolled.crl =
+            Some(e.crl().map_err(|err| {
+                StartError::Crl(format!("signing the enrollment CA's CRL: {err}"))
+            })?);
+        // A joining agent finds the CA its token pins in the chain we serve.
+        if let Some(ca) = tls.ca_certs.first().cloned() {
+            if !tls.certs.contains(&ca) {
+                tls.certs.push(ca);
+            }
+        }
+    }
     // The client-certificate check, with the CRL when DATASAVER_TLS_CRL is
     // set; `revocation::watch` reloads it when the file changes.
-    let revocation = revocation::Revocation::start(&tls.ca_certs, config.tls_crl.clone())?;
+    let revocation =
+        revocation::Revocation::start(&tls.ca_certs, config.tls_crl.clone(), enrolled)?;
     let server_tls = datasaver_common::tls::server_config_with(&tls, revocation.verifier.clone())?;
     std::fs::create_dir_all(&config.data_dir).map_err(|source| StartError::DataDir {
         path: config.data_dir.display().to_string(),
@@ -269,10 +296,16 @@ pub async fn run(
         clock,
         metrics: metrics::Metrics::new(),
         alert_config: config.alerts.clone(),
-        alerter: alerts::Alerter::new(alerts::store::AlertStore::new(catalog), started),
+        alerter: alerts::Alerter::new(alerts::store::AlertStore::new(catalog.clone()), started),
         cleanup: tokio::sync::Mutex::new(()),
         tasks: tokio_util::task::TaskTracker::new(),
         floors_logged: floors::Logged::default(),
+        enrollment: enroller.map(|enroller| {
+            Arc::new(enrollment::Enrollment {
+                enroller,
+                tokens: tokens::TokenStore::new(catalog.clone()),
+            })
+        }),
     });
     core.alerter.certificates.seen(
         alerts::expiry::Cert::of(alerts::expiry::CertKind::Coordinator, &tls.identity),
@@ -352,6 +385,13 @@ pub async fn run(
             .max_encoding_message_size(max),
         api::require(Role::Operator),
     );
+    // No interceptor: this is what a client without a certificate may call.
+    let enroll_svc = core.enrollment.clone().map(|enrollment| {
+        EnrollmentServiceServer::new(api::enrollment::EnrollmentSvc {
+            enrollment,
+            clock: core.clock.clone(),
+        })
+    });
     tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
@@ -360,6 +400,7 @@ pub async fn run(
         .max_frame_size(datasaver_common::H2_MAX_FRAME)
         .add_service(agent_svc)
         .add_service(op_svc)
+        .add_optional_service(enroll_svc)
         .serve_with_incoming_shutdown(incoming, cancel.cancelled_owned())
         .await?;
     let _ = sched.await;

@@ -125,7 +125,7 @@ impl ClientCertVerifier for ReloadingVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        true
+        self.current().client_auth_mandatory()
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -358,8 +358,33 @@ pub struct Revocation {
     pub verifier: Arc<ReloadingVerifier>,
     pub connections: Arc<Connections>,
     ca_certs: Vec<CertificateDer<'static>>,
+    enrolled: Enrolled,
     path: Option<PathBuf>,
     state: Mutex<State>,
+}
+
+/// What the TLS server trusts besides the fleet CA when the coordinator
+/// holds an enrollment CA: that CA as an anchor of its own, its CRL (used
+/// only beside a fleet CRL), and clients without a certificate (to enroll).
+#[derive(Clone, Default)]
+pub struct Enrolled {
+    pub anchor: Option<CertificateDer<'static>>,
+    pub crl: Option<CertificateRevocationListDer<'static>>,
+}
+
+fn build(
+    ca_certs: &[CertificateDer<'static>],
+    enrolled: &Enrolled,
+    fleet_crl: Option<CertificateRevocationListDer<'static>>,
+) -> Result<Arc<dyn ClientCertVerifier>, datasaver_common::tls::TlsError> {
+    let mut roots = ca_certs.to_vec();
+    roots.extend(enrolled.anchor.clone());
+    let mut crls = Vec::new();
+    if let Some(c) = fleet_crl {
+        crls.push(c);
+        crls.extend(enrolled.crl.clone());
+    }
+    client_verifier(&roots, crls, enrolled.anchor.is_some())
 }
 
 #[derive(Default)]
@@ -379,9 +404,10 @@ impl Revocation {
     pub fn start(
         ca_certs: &[CertificateDer<'static>],
         path: Option<PathBuf>,
+        enrolled: Enrolled,
     ) -> Result<Arc<Self>, crate::StartError> {
         let (inner, state) = match &path {
-            None => (client_verifier(ca_certs, Vec::new())?, State::default()),
+            None => (build(ca_certs, &enrolled, None)?, State::default()),
             Some(p) => {
                 let ca = ca_certs.first().ok_or_else(|| {
                     crate::StartError::Crl(format!(
@@ -391,7 +417,7 @@ impl Revocation {
                 let crl = read(p)
                     .and_then(|b| load(p, &b, ca))
                     .map_err(|e| crate::StartError::Crl(e.to_string()))?;
-                let inner = client_verifier(ca_certs, vec![crl.der.clone()]).map_err(|e| {
+                let inner = build(ca_certs, &enrolled, Some(crl.der.clone())).map_err(|e| {
                     crate::StartError::Crl(format!("{SETTING}: {}: {e}", p.display()))
                 })?;
                 tracing::info!(crl = %p.display(), revoked = crl.info.revoked.len(), "certificate revocation list loaded");
@@ -407,6 +433,7 @@ impl Revocation {
             verifier: Arc::new(ReloadingVerifier::new(inner)),
             connections: Arc::default(),
             ca_certs: ca_certs.to_vec(),
+            enrolled,
             path,
             state: Mutex::new(state),
         }))
@@ -455,7 +482,7 @@ impl Revocation {
         }
         let loaded = match self.ca_certs.first() {
             Some(ca) => load(path, &bytes, ca).and_then(|crl| {
-                client_verifier(&self.ca_certs, vec![crl.der.clone()])
+                build(&self.ca_certs, &self.enrolled, Some(crl.der.clone()))
                     .map(|v| (crl, v))
                     .map_err(|e| CrlError {
                         path: path.display().to_string(),

@@ -43,6 +43,7 @@ pub fn fixture(policies: Policies) -> Fixture {
         cleanup: tokio::sync::Mutex::new(()),
         tasks: tokio_util::task::TaskTracker::new(),
         floors_logged: crate::floors::Logged::default(),
+        enrollment: None,
     });
     Fixture {
         core,

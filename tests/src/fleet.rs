@@ -30,6 +30,9 @@ pub struct FleetOptions {
     /// Start the coordinator with `DATASAVER_TLS_CRL` naming `certs/crl.pem` (written by
     /// `dsctl certs init`, updated by `dsctl certs revoke`).
     pub tls_crl: bool,
+    /// `dsctl certs init --enrollment` and the coordinator started with
+    /// `DATASAVER_ENROLLMENT_CA_CERT`/`_KEY`: agents may join with tokens.
+    pub enrollment: bool,
 }
 
 /// One running agent.
@@ -140,6 +143,9 @@ impl Fleet {
         for san in &opts.cert_sans {
             cmd.args(["--san", san]);
         }
+        if opts.enrollment {
+            cmd.arg("--enrollment");
+        }
         run(cmd, Duration::from_secs(60)).expect_success("dsctl certs init");
         for f in [
             "ca.crt",
@@ -173,6 +179,17 @@ impl Fleet {
             .current_dir(dir.path());
         if opts.tls_crl {
             spec = spec.env("DATASAVER_TLS_CRL", certs.join("crl.pem"));
+        }
+        if opts.enrollment {
+            spec = spec
+                .env(
+                    "DATASAVER_ENROLLMENT_CA_CERT",
+                    certs.join("enrollment-ca.crt"),
+                )
+                .env(
+                    "DATASAVER_ENROLLMENT_CA_KEY",
+                    certs.join("enrollment-ca.key"),
+                );
         }
         for (k, v) in &opts.coordinator_env {
             spec = spec.env(k, v);
@@ -348,8 +365,33 @@ impl Fleet {
         if !cert_dir.join(format!("{target}.crt")).is_file() {
             self.issue_agent_cert(target);
         }
-        ProcSpec::new(bin_path("datasaver-agent"))
+        self.agent_base(target, pg, db)
             .env("DATASAVER_COORDINATOR_URL", self.coordinator_url())
+            .env("DATASAVER_TLS_CA", cert_dir.join("ca.crt"))
+            .env("DATASAVER_TLS_CERT", cert_dir.join(format!("{target}.crt")))
+            .env("DATASAVER_TLS_KEY", cert_dir.join(format!("{target}.key")))
+            .current_dir(self.dir.path())
+    }
+
+    /// An agent spec for `target` that joins with `token` and keeps its
+    /// certificate in `state_dir`: no certificate files, and the coordinator's
+    /// address only in the token.
+    pub fn join_agent_spec(
+        &self,
+        target: &str,
+        pg: &PgCluster,
+        db: &str,
+        token: &str,
+        state_dir: &Path,
+    ) -> ProcSpec {
+        self.agent_base(target, pg, db)
+            .env("DATASAVER_JOIN_TOKEN", token)
+            .env("DATASAVER_STATE_DIR", state_dir)
+    }
+
+    /// An agent for `target` serving `db` on `pg`, before its identity.
+    fn agent_base(&self, target: &str, pg: &PgCluster, db: &str) -> ProcSpec {
+        ProcSpec::new(bin_path("datasaver-agent"))
             .env("DATASAVER_TARGET", target)
             .env("DATASAVER_DB_HOST", pg.host())
             .env("DATASAVER_DB_PORT", pg.port().to_string())
@@ -357,9 +399,6 @@ impl Fleet {
             .env("DATASAVER_DB_USER", pg.user())
             .env("DATASAVER_DB_PASSWORD", pg.password())
             .env("DATASAVER_PG_BIN_DIR", pg.client_bindir())
-            .env("DATASAVER_TLS_CA", cert_dir.join("ca.crt"))
-            .env("DATASAVER_TLS_CERT", cert_dir.join(format!("{target}.crt")))
-            .env("DATASAVER_TLS_KEY", cert_dir.join(format!("{target}.key")))
             .current_dir(self.dir.path())
     }
 

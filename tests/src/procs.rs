@@ -335,7 +335,8 @@ impl ProcSpec {
         self.env.iter().find(|(k, _)| k == key).map(|(_, v)| v)
     }
 
-    fn command(&self) -> Command {
+    /// The spec as a command, to run to completion with [`run`].
+    pub fn command(&self) -> Command {
         let mut cmd = clean_command(&self.program);
         cmd.args(&self.args);
         for (k, v) in &self.env {

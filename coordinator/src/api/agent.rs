@@ -11,7 +11,8 @@ use bytes::Bytes;
 use datasaver_common::proto::agent_service_server::AgentService;
 use datasaver_common::proto::{
     agent_message, coordinator_message, upload_request, AgentMessage, CoordinatorMessage,
-    DownloadChunk, DownloadRequest, Registered, UploadRequest, UploadResponse,
+    DownloadChunk, DownloadRequest, IssuedCertificate, Registered, RenewCertificateRequest,
+    UploadRequest, UploadResponse,
 };
 use futures::{Stream, StreamExt};
 
@@ -239,6 +240,36 @@ impl AgentService for AgentSvc {
             Err(e) => {
                 tracing::warn!(agent = %who, backup = %backup_id, error = %e, "upload failed");
                 Err(Status::aborted(e.to_string()))
+            }
+        }
+    }
+
+    async fn renew_certificate(
+        &self,
+        req: Request<RenewCertificateRequest>,
+    ) -> Result<Response<IssuedCertificate>, Status> {
+        let who = Caller::of(&req)?;
+        let Some(enrollment) = self.core.enrollment.clone() else {
+            return Err(Status::failed_precondition(
+                "this coordinator has no enrollment CA (DATASAVER_ENROLLMENT_CA_CERT/_KEY): renew the certificate with `dsctl certs issue`",
+            ));
+        };
+        let der = req
+            .peer_certs()
+            .and_then(|c| c.first().map(|c| c.as_ref().to_vec()))
+            .ok_or_else(|| Status::unauthenticated("no client certificate"))?;
+        let csr = req.into_inner().csr_pem;
+        match enrollment.renew(&der, &who.identity, &csr) {
+            Ok(i) => {
+                tracing::info!(agent = %who, not_after = i.not_after_unix, "agent certificate renewed");
+                Ok(Response::new(super::enrollment::issued(
+                    i,
+                    enrollment.enroller.fleet_ca_pem(),
+                )))
+            }
+            Err(e) => {
+                tracing::warn!(agent = %who, error = %e, "certificate renewal refused");
+                Err(super::enrollment::status(e))
             }
         }
     }

@@ -4,6 +4,7 @@
 //! `schedule`, `health`); what a request does is decided there, not here.
 
 pub mod agent;
+pub mod enrollment;
 pub mod http;
 pub mod operator;
 

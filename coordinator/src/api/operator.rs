@@ -14,6 +14,10 @@ use datasaver_common::proto::{
     ListTargetsResponse, OpenAlert, PinRequest, RebuildCatalogRequest, RebuildCatalogResponse,
     RestoreRequest, StartBackupRequest, TargetCleanup, TargetHealth, TargetInfoRow, VerifyRequest,
 };
+use datasaver_common::proto::{
+    CreateTokenRequest, CreateTokenResponse, JoinToken, ListTokensRequest, ListTokensResponse,
+    RevokeTokenRequest,
+};
 use futures::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
@@ -37,6 +41,62 @@ impl OperatorService for OperatorSvc {
     type RestoreStream = EventStream;
     type VerifyStream = EventStream;
     type ExportStream = Pin<Box<dyn Stream<Item = Result<ExportChunk, Status>> + Send>>;
+
+    async fn create_token(
+        &self,
+        req: Request<CreateTokenRequest>,
+    ) -> Result<Response<CreateTokenResponse>, Status> {
+        let who = self.allow(&req, Action::Tokens, None)?;
+        let enrollment = self.enrollment()?;
+        let r = req.into_inner();
+        let now = self.core.clock.now().timestamp();
+        let (token, record) = enrollment
+            .create_token(&r.targets, r.ttl_seconds, r.uses, &r.url, who.name(), now)
+            .await
+            .map_err(super::enrollment::status)?;
+        tracing::info!(operator = %who, token = %record.id, targets = ?record.targets, expires = record.expires_at, uses = record.uses_allowed, "join token created");
+        Ok(Response::new(CreateTokenResponse {
+            token,
+            info: Some(token_proto(record)),
+        }))
+    }
+
+    async fn list_tokens(
+        &self,
+        req: Request<ListTokensRequest>,
+    ) -> Result<Response<ListTokensResponse>, Status> {
+        self.allow(&req, Action::Tokens, None)?;
+        let enrollment = self.enrollment()?;
+        let tokens = enrollment.tokens.list().await.map_err(internal)?;
+        Ok(Response::new(ListTokensResponse {
+            tokens: tokens.into_iter().map(token_proto).collect(),
+        }))
+    }
+
+    async fn revoke_token(
+        &self,
+        req: Request<RevokeTokenRequest>,
+    ) -> Result<Response<JoinToken>, Status> {
+        let who = self.allow(&req, Action::Tokens, None)?;
+        let enrollment = self.enrollment()?;
+        let id = req.into_inner().id;
+        let now = self.core.clock.now().timestamp();
+        match enrollment
+            .tokens
+            .revoke(id.trim(), now)
+            .await
+            .map_err(internal)?
+        {
+            Some(t) => {
+                tracing::info!(operator = %who, token = %t.id, "join token revoked");
+                Ok(Response::new(token_proto(t)))
+            }
+            None => Err(Status::not_found(format!(
+                "no join token {:?} (see `dsctl tokens list`)",
+                datasaver_common::text::sanitize(&id, 40)
+            ))),
+        }
+    }
 
     async fn export(
         &self,
@@ -545,6 +605,14 @@ impl OperatorSvc {
         Ok(who)
     }
 
+    fn enrollment(&self) -> Result<Arc<crate::enrollment::Enrollment>, Status> {
+        self.core.enrollment.clone().ok_or_else(|| {
+            Status::failed_precondition(
+                "this coordinator has no enrollment CA: create one with `dsctl certs init --enrollment` and set DATASAVER_ENROLLMENT_CA_CERT and DATASAVER_ENROLLMENT_CA_KEY",
+            )
+        })
+    }
+
     fn allow_caller(
         &self,
         who: &Caller,
@@ -552,6 +620,21 @@ impl OperatorSvc {
         target: Option<&str>,
     ) -> Result<(), Status> {
         authz::check(&self.core, &who.identity, action, target).map_err(denied_status)
+    }
+}
+
+fn token_proto(t: crate::tokens::TokenRecord) -> JoinToken {
+    JoinToken {
+        id: t.id,
+        targets: t.targets,
+        created_unix: t.created_at,
+        expires_unix: t.expires_at,
+        uses_allowed: t.uses_allowed,
+        uses: t.uses,
+        revoked_unix: t.revoked_at.unwrap_or(0),
+        created_by: t.created_by,
+        agents: t.agents,
+        last_used_unix: t.last_used_at.unwrap_or(0),
     }
 }
 
