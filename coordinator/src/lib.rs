@@ -11,6 +11,7 @@ pub mod backups;
 pub mod catalog;
 pub mod clock;
 pub mod config;
+pub mod embedded;
 pub mod enrollment;
 pub mod fleet;
 pub mod floors;
@@ -100,6 +101,10 @@ pub enum StartError {
     Crl(String),
     #[error("{0}")]
     Enrollment(#[from] enrollment::EnrollmentError),
+    #[error("{0}")]
+    Embedded(#[from] embedded::EmbeddedError),
+    #[error("DATASAVER_GRPC_LISTEN: the listening socket has no address: {0}")]
+    GrpcAddr(std::io::Error),
     #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
     Http {
         addr: String,
@@ -246,6 +251,16 @@ pub async fn run(
     // would otherwise fail the running backups of another coordinator on the
     // same directory and remove its temp files. Held until `run` returns.
     let _lock = lock::DataDirLock::acquire(&config.data_dir)?;
+    // Targets this coordinator backs up itself: checked, and their
+    // identities made, before anything else starts.
+    let grpc_addr = grpc.local_addr().map_err(StartError::GrpcAddr)?;
+    let embedded_agents = embedded::prepare(
+        &config.policies.embedded,
+        enroller.as_ref(),
+        &config.data_dir,
+        grpc_addr,
+        &tls,
+    )?;
     let storage: Arc<dyn Storage> = match &config.backend {
         Backend::Local {
             path,
@@ -370,6 +385,7 @@ pub async fn run(
     tracing::info!(grpc = %addr, http = %http_addr, storage = %core.repo.describe_storage(), identity = %tls.identity, webhooks = core.alert_config.webhook_urls.len(), "coordinator ready");
 
     let incoming = listener::incoming(grpc, server_tls, revocation, cancel.clone());
+    let _embedded = embedded::spawn(embedded_agents, &cancel);
     let max = datasaver_common::MAX_MESSAGE_SIZE;
     // Who calls is read from the certificate once, by each service's
     // interceptor, and passed down as a typed `api::Caller`.

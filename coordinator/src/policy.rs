@@ -123,6 +123,48 @@ pub struct TargetFile {
     pub job_timeout: Option<String>,
     #[serde(default)]
     pub retention: RetentionSpec,
+    /// The coordinator backs this database up itself with an embedded agent
+    /// (a managed database no sidecar can run beside), e.g.
+    /// `postgres://backup:${SHOP_DB_PASSWORD}@db.example:5432/shop`;
+    /// `${VAR}` is taken from the coordinator's environment.
+    pub database_url: Option<SecretText>,
+    /// The same, read from a file (a mounted secret).
+    pub database_url_file: Option<std::path::PathBuf>,
+}
+
+/// Text that may hold a password: never printed by `Debug`.
+#[derive(Clone, Default, Deserialize, PartialEq, Eq)]
+#[serde(transparent)]
+pub struct SecretText(pub String);
+
+impl std::fmt::Debug for SecretText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+/// `${NAME}` replaced by the variable from `env`; an unset one is an error
+/// naming it (never the text, which may hold a password).
+pub fn expand_vars(text: &str, env: &Env) -> Result<String, String> {
+    let mut out = String::new();
+    let mut rest = text;
+    while let Some(start) = rest.find("${") {
+        out.push_str(&rest[..start]);
+        let after = &rest[start + 2..];
+        let end = after.find('}').ok_or("has a ${ without its closing }")?;
+        let name = &after[..end];
+        if name.is_empty() || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+            return Err(format!("${{{name}}} is not a variable name"));
+        }
+        let value = env
+            .0
+            .get(name)
+            .ok_or_else(|| format!("${{{name}}} is not set in the coordinator's environment"))?;
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Ok(out)
 }
 
 #[derive(Clone, Debug, Default, Deserialize)]
@@ -188,6 +230,9 @@ pub struct Policies {
     pub max_targets_per_agent: usize,
     /// The least an agent's request may keep (`DATASAVER_MIN_*`).
     pub floors: Floors,
+    /// Targets the coordinator backs up itself: name → database URL
+    /// (`targets.<name>.database_url`, variables expanded, or `_file` read).
+    pub embedded: BTreeMap<String, SecretText>,
 }
 
 impl Default for Policies {
@@ -204,6 +249,7 @@ impl Default for Policies {
             shutdown_grace: DEFAULT_SHUTDOWN_GRACE,
             max_targets_per_agent: DEFAULT_MAX_TARGETS_PER_AGENT,
             floors: Floors::from_defaults(&RetentionSpec::default()),
+            embedded: BTreeMap::new(),
         }
     }
 }
@@ -280,6 +326,7 @@ impl Policies {
         from_env.check("DATASAVER_FAILED_GRACE")?;
         let defaults = f.retention.overlay(&from_env);
         let floors = Floors::load(env, &defaults)?;
+        let mut embedded = BTreeMap::new();
         for (name, t) in &f.targets {
             datasaver_common::names::validate_target(name).map_err(|e| {
                 SettingError::new("DATASAVER_CONFIG", format!("targets.{name}: {e}"))
@@ -314,6 +361,33 @@ impl Policies {
             t.retention.check(&format!(
                 "DATASAVER_CONFIG: targets.{name}.retention.failed_grace"
             ))?;
+            let setting = |field: &str| format!("DATASAVER_CONFIG: targets.{name}.{field}");
+            let url = match (&t.database_url, &t.database_url_file) {
+                (Some(_), Some(_)) => {
+                    return Err(SettingError::new(
+                        setting("database_url"),
+                        "give database_url or database_url_file, not both",
+                    ))
+                }
+                (Some(u), None) => Some(
+                    expand_vars(&u.0, env)
+                        .map_err(|m| SettingError::new(setting("database_url"), m))?,
+                ),
+                (None, Some(p)) => Some(
+                    std::fs::read_to_string(p)
+                        .map(|s| s.trim().to_string())
+                        .map_err(|e| {
+                            SettingError::new(
+                                setting("database_url_file"),
+                                format!("cannot read {}: {e}", p.display()),
+                            )
+                        })?,
+                ),
+                (None, None) => None,
+            };
+            if let Some(u) = url {
+                embedded.insert(name.clone(), SecretText(u));
+            }
         }
         let agent_grace = match env.get("DATASAVER_AGENT_GRACE") {
             Some(v) => parse_duration("DATASAVER_AGENT_GRACE", v)?,
@@ -364,6 +438,7 @@ impl Policies {
             transfer_idle,
             shutdown_grace,
             floors,
+            embedded,
         })
     }
 
@@ -502,6 +577,26 @@ mod tests {
 
     fn env(pairs: &[(&str, &str)]) -> Env {
         Env::from_pairs(pairs)
+    }
+
+    #[test]
+    fn variables_in_a_database_url_come_from_the_environment() {
+        let e = env(&[("PW", "p@ss"), ("HOST", "db"), ("EMPTY", "")]);
+        assert_eq!(
+            expand_vars("postgres://u:${PW}@${HOST}:5432/app${EMPTY}", &e).unwrap(),
+            "postgres://u:p@ss@db:5432/app"
+        );
+        assert_eq!(expand_vars("no vars $HOME", &e).unwrap(), "no vars $HOME");
+        let err = expand_vars("postgres://u:${MISSING}@db/app", &e).unwrap_err();
+        assert_eq!(
+            err,
+            "${MISSING} is not set in the coordinator's environment"
+        );
+        assert!(expand_vars("x${PW", &e).unwrap_err().contains("closing"));
+        assert!(expand_vars("${a-b}", &e)
+            .unwrap_err()
+            .contains("not a variable name"));
+        assert_eq!(format!("{:?}", SecretText("p@ss".into())), "<redacted>");
     }
 
     #[test]

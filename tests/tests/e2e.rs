@@ -14,6 +14,7 @@ mod e2e {
     mod containers;
     mod deadlines;
     mod disaster;
+    mod embedded;
     mod enrollment;
     mod faults;
     mod floors;

@@ -1,8 +1,9 @@
 //! The images a user builds from `deploy/Dockerfile`, run the way a compose
 //! file runs them: a Postgres container, a coordinator container and an
-//! agent container on a podman network of their own; a backup, a restore
-//! into a new database with the rows checked, and the images' HEALTHCHECKs
-//! reporting healthy. Podman stands in for a Docker engine (none here), set
+//! agent container on a podman network of their own. The agent joins with a
+//! token (no certificate files), then a backup, a restore into a new
+//! database with the rows checked, both containers restarted, and the
+//! images' HEALTHCHECKs reporting healthy. Podman stands in for a Docker engine (none here), set
 //! up by `tests/install-podman.sh` in `DATASAVER_TEST_PODMAN_DIR`; the images
 //! take the binaries just built (`BINARIES=context`) and Debian's PostgreSQL
 //! (`PG_SOURCE=debian`), since this machine reaches neither an image
@@ -197,21 +198,9 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
         "coordinator",
         "--san",
         "127.0.0.1",
+        "--enrollment",
     ])
     .expect_success("dsctl certs init");
-    dsctl(&[
-        "certs",
-        "issue",
-        "--ca",
-        certs_s,
-        "--agent",
-        "shop-sidecar",
-        "--target",
-        "shop",
-        "--out",
-        &format!("{certs_s}/agent"),
-    ])
-    .expect_success("dsctl certs issue");
     std::fs::write(certs.join("pgpass"), "pg-secret-1\n").expect("password file");
     readable(&certs);
     let mount = format!("{certs_s}:/certs:ro");
@@ -265,9 +254,38 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
             "DATASAVER_TLS_CERT=/certs/coordinator.crt",
             "-e",
             "DATASAVER_TLS_KEY=/certs/coordinator.key",
+            "-e",
+            "DATASAVER_ENROLLMENT_CA_CERT=/certs/enrollment-ca.crt",
+            "-e",
+            "DATASAVER_ENROLLMENT_CA_KEY=/certs/enrollment-ca.key",
             "localhost/datasaver-coordinator:itest",
         ],
     );
+    // A join token for the sidecar, as the README says: the address agents
+    // reach the coordinator at, one use. It goes to the agent as a file.
+    let mut token = None;
+    let made = wait_until(Duration::from_secs(60), || {
+        let out = dsctl(&[
+            "tokens",
+            "create",
+            "--target",
+            "shop",
+            "--url",
+            "https://coordinator:50051",
+        ]);
+        if out.success() {
+            token = Some(out.stdout.trim().to_string());
+        }
+        out.success()
+    });
+    assert!(
+        made,
+        "no token from the coordinator container
+{}",
+        podman.logs("coordinator")
+    );
+    std::fs::write(certs.join("join-token"), token.unwrap_or_default()).expect("token file");
+    readable(&certs);
     podman.run_container(
         "agent",
         &[
@@ -282,11 +300,9 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
             "-e",
             "DATASAVER_DB_PASSWORD_FILE=/certs/pgpass",
             "-e",
-            "DATASAVER_TLS_CA=/certs/agent/ca.crt",
+            "DATASAVER_JOIN_TOKEN_FILE=/certs/join-token",
             "-e",
-            "DATASAVER_TLS_CERT=/certs/agent/shop-sidecar.crt",
-            "-e",
-            "DATASAVER_TLS_KEY=/certs/agent/shop-sidecar.key",
+            "DATASAVER_AGENT_NAME=shop-sidecar",
             "localhost/datasaver-agent:itest",
         ],
     );
@@ -320,12 +336,15 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
         podman.sql("shop", "SELECT count(*) || ' ' || sum(id) FROM orders")
     );
 
-    // A restarted coordinator container: the agent comes back by itself
-    // with the certificate it has, and the next backup works.
+    // A restarted coordinator container, then a restarted agent container:
+    // the agent comes back by itself with the certificate it keeps in its
+    // state volume (the token had one use, spent on joining), and the next
+    // backup works.
     podman.ok(
         &["restart", "-t", "10", "coordinator"],
         Duration::from_secs(120),
     );
+    podman.ok(&["restart", "-t", "10", "agent"], Duration::from_secs(120));
     let again = (0..60).find_map(|_| {
         std::thread::sleep(Duration::from_secs(1));
         let b = dsctl(&["--json", "backup", "shop"]);
@@ -336,6 +355,9 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
         "no backup after the restart\n{}",
         describe()
     );
+    let tokens = dsctl(&["--json", "tokens", "list"]);
+    assert!(tokens.success(), "{}", tokens.describe());
+    assert_eq!(tokens.json()[0]["uses"], 1, "{}", tokens.stdout);
 
     // The images' own HEALTHCHECKs (liveness) pass in the running containers.
     for c in ["coordinator", "agent"] {
