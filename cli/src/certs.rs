@@ -10,8 +10,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 pub use datasaver_common::pki::Grants;
-use datasaver_common::pki::{ca_params, check_name, leaf_params};
-use datasaver_common::tls::Access;
+use datasaver_common::pki::{check_name, enrollment_ca, leaf_params, new_fleet};
 use rcgen::{Issuer, KeyPair};
 use time::OffsetDateTime;
 
@@ -43,59 +42,18 @@ fn write_file(path: &Path, data: &str, mode: u32, overwrite: bool) -> Result<()>
 }
 
 pub fn init(out: &Path, sans: &[String], operator: &str, days: i64, overwrite: bool) -> Result<()> {
-    check_name("operator", operator)?;
+    let (f, _) = new_fleet(sans, operator, days)?;
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let ca_key = KeyPair::generate().context("generating the CA key")?;
-    // Path length 1: the enrollment CA (`--enrollment`) sits below it.
-    let ca = ca_params("datasaver fleet CA", days.max(3650), 1);
-    let ca_cert = ca.self_signed(&ca_key).context("signing the CA")?;
-    let ca_pem = ca_cert.pem();
-    let ca_key_pem = ca_key.serialize_pem();
-    let issuer = Issuer::new(ca, ca_key);
-
-    let sans: Vec<String> = if sans.is_empty() {
-        vec!["localhost".into(), "127.0.0.1".into()]
-    } else {
-        sans.to_vec()
-    };
-    let coord_key = KeyPair::generate()?;
-    let coord = leaf_params(
-        "coordinator",
-        "coordinator",
-        days,
-        &sans,
-        true,
-        &Grants::default(),
-    )?
-    .signed_by(&coord_key, &issuer)
-    .context("signing the coordinator certificate")?;
-    let op_key = KeyPair::generate()?;
-    // Whoever set up the fleet may do everything; narrower certificates are
-    // issued from here with `dsctl certs issue --operator --role/--scope`.
-    let admin = Grants {
-        access: Some(Access::Admin),
-        ..Grants::default()
-    };
-    let op = leaf_params("operator", operator, days, &[], false, &admin)?
-        .signed_by(&op_key, &issuer)
-        .context("signing the operator certificate")?;
-
-    write_file(&out.join("ca.key"), &ca_key_pem, 0o600, overwrite)?;
-    write_file(&out.join("ca.crt"), &ca_pem, 0o644, overwrite)?;
-    write_file(
-        &out.join("coordinator.key"),
-        &coord_key.serialize_pem(),
-        0o600,
-        overwrite,
-    )?;
-    write_file(&out.join("coordinator.crt"), &coord.pem(), 0o644, overwrite)?;
-    write_file(
-        &out.join("operator.key"),
-        &op_key.serialize_pem(),
-        0o600,
-        overwrite,
-    )?;
-    write_file(&out.join("operator.crt"), &op.pem(), 0o644, overwrite)?;
+    for (name, pem, mode) in [
+        ("ca.key", &f.ca_key, 0o600),
+        ("ca.crt", &f.ca_cert, 0o644),
+        ("coordinator.key", &f.coordinator_key, 0o600),
+        ("coordinator.crt", &f.coordinator_cert, 0o644),
+        ("operator.key", &f.operator_key, 0o600),
+        ("operator.crt", &f.operator_cert, 0o644),
+    ] {
+        write_file(&out.join(name), pem, mode, overwrite)?;
+    }
     // An empty CRL from the start, so DATASAVER_TLS_CRL can point at it.
     crate::crl::init(out, overwrite)?;
     Ok(())
@@ -105,19 +63,9 @@ pub fn init(out: &Path, sans: &[String], operator: &str, days: i64, overwrite: b
 /// `dir`) for the coordinator to sign joining agents' certificates with, so
 /// the fleet's root key can stay offline.
 pub fn init_enrollment(dir: &Path, overwrite: bool) -> Result<()> {
-    let issuer = fleet_issuer(dir)?;
-    let key = KeyPair::generate().context("generating the enrollment CA key")?;
-    // Path length 0: it issues agents' certificates, never another CA.
-    let cert = ca_params("datasaver enrollment CA", 3650, 0)
-        .signed_by(&key, &issuer)
-        .context("signing the enrollment CA")?;
-    write_file(
-        &dir.join(ENROLLMENT_KEY),
-        &key.serialize_pem(),
-        0o600,
-        overwrite,
-    )?;
-    write_file(&dir.join(ENROLLMENT_CERT), &cert.pem(), 0o644, overwrite)?;
+    let (cert, key) = enrollment_ca(&fleet_issuer(dir)?)?;
+    write_file(&dir.join(ENROLLMENT_KEY), &key, 0o600, overwrite)?;
+    write_file(&dir.join(ENROLLMENT_CERT), &cert, 0o644, overwrite)?;
     Ok(())
 }
 

@@ -49,6 +49,8 @@ struct Cli {
     #[arg(long, global = true, env = "DATASAVER_TLS_CA", value_name = "FILE")]
     tls_ca: Option<PathBuf>,
     /// Operator certificate (PEM), issued by the fleet CA (`dsctl certs`).
+    /// With no TLS setting at all, $DATASAVER_DATA_DIR/pki/operator.crt
+    /// (what a coordinator with DATASAVER_TLS_AUTO made) is used if present.
     #[arg(long, global = true, env = "DATASAVER_TLS_CERT", value_name = "FILE")]
     tls_cert: Option<PathBuf>,
     /// Operator private key (PEM).
@@ -451,6 +453,32 @@ fn print_revoked(o: &crl::Outcome, json: bool) {
     );
 }
 
+/// With no TLS setting at all, the operator certificate a standalone
+/// coordinator made for itself (`DATASAVER_TLS_AUTO`) in
+/// `$DATASAVER_DATA_DIR/pki/`, if there is one: `dsctl` inside that
+/// container needs no flags.
+fn local_pki(
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+) -> (Option<PathBuf>, Option<PathBuf>, Option<PathBuf>) {
+    if ca.is_some() || cert.is_some() || key.is_some() {
+        return (ca, cert, key);
+    }
+    let Some(dir) = std::env::var_os("DATASAVER_DATA_DIR").map(|d| PathBuf::from(d).join("pki"))
+    else {
+        return (ca, cert, key);
+    };
+    if !dir.join("operator.crt").is_file() {
+        return (ca, cert, key);
+    }
+    (
+        Some(dir.join("ca.crt")),
+        Some(dir.join("operator.crt")),
+        Some(dir.join("operator.key")),
+    )
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
@@ -603,13 +631,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         return Ok(());
     }
-    let (mut c, why) = client::connect(
-        &cli.coordinator,
+    let (ca, cert, key) = local_pki(
         cli.tls_ca.clone(),
         cli.tls_cert.clone(),
         cli.tls_key.clone(),
-    )
-    .await?;
+    );
+    let (mut c, why) = client::connect(&cli.coordinator, ca, cert, key).await?;
     let mode = progress::Mode::choose(cli.quiet, cli.json);
     match cli.cmd {
         Cmd::Certs(_) | Cmd::Keygen { .. } | Cmd::Completion { .. } => Ok(()),

@@ -155,6 +155,79 @@ pub fn ca_params(cn: &str, days: i64, path_len: u8) -> CertificateParams {
     ca
 }
 
+/// The PEM files of a new fleet.
+pub struct NewFleet {
+    /// the fleet CA (path length 1: the enrollment CA sits below it)
+    pub ca_cert: String,
+    pub ca_key: String,
+    pub coordinator_cert: String,
+    pub coordinator_key: String,
+    /// an admin operator (scope `*`): whoever set up the fleet
+    pub operator_cert: String,
+    pub operator_key: String,
+}
+
+/// A new fleet CA, the coordinator's certificate for `sans` (default
+/// `localhost`, `127.0.0.1`) and an admin operator's, each valid `days`
+/// (the CA at least ten years); and the CA as an issuer for more.
+pub fn new_fleet(
+    sans: &[String],
+    operator: &str,
+    days: i64,
+) -> Result<(NewFleet, Issuer<'static, KeyPair>), PkiError> {
+    check_name("operator", operator)?;
+    let ca_key = KeyPair::generate().map_err(err)?;
+    let ca = ca_params("datasaver fleet CA", days.max(3650), 1);
+    let ca_cert = ca.self_signed(&ca_key).map_err(err)?;
+    let ca_key_pem = ca_key.serialize_pem();
+    let issuer = Issuer::new(ca, ca_key);
+    let sans: Vec<String> = if sans.is_empty() {
+        vec!["localhost".into(), "127.0.0.1".into()]
+    } else {
+        sans.to_vec()
+    };
+    let coord_key = KeyPair::generate().map_err(err)?;
+    let coord = leaf_params(
+        "coordinator",
+        "coordinator",
+        days,
+        &sans,
+        true,
+        &Grants::default(),
+    )?
+    .signed_by(&coord_key, &issuer)
+    .map_err(err)?;
+    let op_key = KeyPair::generate().map_err(err)?;
+    let admin = Grants {
+        access: Some(Access::Admin),
+        ..Grants::default()
+    };
+    let op = leaf_params("operator", operator, days, &[], false, &admin)?
+        .signed_by(&op_key, &issuer)
+        .map_err(err)?;
+    Ok((
+        NewFleet {
+            ca_cert: ca_cert.pem(),
+            ca_key: ca_key_pem,
+            coordinator_cert: coord.pem(),
+            coordinator_key: coord_key.serialize_pem(),
+            operator_cert: op.pem(),
+            operator_key: op_key.serialize_pem(),
+        },
+        issuer,
+    ))
+}
+
+/// The enrollment CA below `fleet` (path length 0: it issues agents'
+/// certificates, never another CA): certificate and key PEM.
+pub fn enrollment_ca(fleet: &Issuer<'_, KeyPair>) -> Result<(String, String), PkiError> {
+    let key = KeyPair::generate().map_err(err)?;
+    let cert = ca_params("datasaver enrollment CA", 3650, 0)
+        .signed_by(&key, fleet)
+        .map_err(err)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
 /// A CRL of `issuer` that revokes nothing, numbered `number`: what a
 /// CA that has revoked nothing publishes, so a verifier that checks
 /// revocation knows its certificates' status.

@@ -101,6 +101,12 @@ pub struct Args {
     /// `dsctl certs init`/`revoke`; reloaded when it changes.
     #[arg(long, env = "DATASAVER_TLS_CRL")]
     pub tls_crl: Option<PathBuf>,
+    /// Standalone: with no DATASAVER_TLS_* files, create a fleet CA, the
+    /// coordinator's and an admin operator's certificate and the enrollment
+    /// CA in <data dir>/pki/ at the first start (dsctl inside the container
+    /// finds them through DATASAVER_DATA_DIR).
+    #[arg(long, env = "DATASAVER_TLS_AUTO", default_value = "false")]
+    pub tls_auto: String,
     /// The enrollment CA's certificate (PEM, `dsctl certs init --enrollment`):
     /// with its key, agents join with tokens from `dsctl tokens create`.
     #[arg(long, env = "DATASAVER_ENROLLMENT_CA_CERT")]
@@ -152,6 +158,9 @@ pub struct Config {
     pub tls_crl: Option<PathBuf>,
     /// `DATASAVER_ENROLLMENT_CA_*`: join tokens are accepted
     pub enrollment: Option<EnrollmentPaths>,
+    /// `DATASAVER_TLS_AUTO`: the directory to create the TLS files in when
+    /// they do not exist yet
+    pub tls_auto: Option<PathBuf>,
     pub log_json: bool,
     pub policies: Policies,
     pub alerts: crate::alerts::AlertConfig,
@@ -166,6 +175,40 @@ pub struct EnrollmentPaths {
     pub key: PathBuf,
     /// validity of an issued certificate
     pub validity: std::time::Duration,
+}
+
+/// `DATASAVER_TARGET` and `DATASAVER_DATABASE_URL` on the coordinator: one
+/// more target it backs up itself (the standalone setup), as if the YAML
+/// file named it with `database_url`.
+fn add_env_target(policies: &mut Policies, env: &Env) -> Result<(), SettingError> {
+    let url = env.secret("DATASAVER_DATABASE_URL")?;
+    let Some(target) = env.get("DATASAVER_TARGET") else {
+        if url.is_some() {
+            return Err(SettingError::new(
+                "DATASAVER_TARGET",
+                "not set, but DATASAVER_DATABASE_URL is: name the target the coordinator backs up itself",
+            ));
+        }
+        return Ok(());
+    };
+    datasaver_common::names::validate_target(target)
+        .map_err(|e| SettingError::new("DATASAVER_TARGET", e.to_string()))?;
+    let url = url.ok_or_else(|| {
+        SettingError::new(
+            "DATASAVER_DATABASE_URL",
+            format!("not set, but DATASAVER_TARGET is: the database the coordinator backs up as {target} (also as DATASAVER_DATABASE_URL_FILE)"),
+        )
+    })?;
+    if policies.embedded.contains_key(target) {
+        return Err(SettingError::new(
+            "DATASAVER_TARGET",
+            format!("{target} already has a database_url in DATASAVER_CONFIG"),
+        ));
+    }
+    policies
+        .embedded
+        .insert(target.to_string(), crate::policy::SecretText(url));
+    Ok(())
 }
 
 /// The default of `DATASAVER_MIN_FREE_BYTES`: room for the catalog, logs and
@@ -239,7 +282,39 @@ impl Args {
                 ))
             }
         };
-        let tls = TlsPaths::new(self.tls_ca, self.tls_cert, self.tls_key)?;
+        let tls_auto = match self.tls_auto.trim().to_ascii_lowercase().as_str() {
+            "" | "false" | "0" | "no" => None,
+            "true" | "1" | "yes" => Some(self.data_dir.join("pki")),
+            other => {
+                return Err(SettingError::new(
+                    "DATASAVER_TLS_AUTO",
+                    format!("{other:?} is not true or false"),
+                ))
+            }
+        };
+        let unset = |p: &Option<PathBuf>| p.as_ref().is_none_or(|p| p.as_os_str().is_empty());
+        let (tls_ca, tls_cert, tls_key, mut enrollment_ca_cert, mut enrollment_ca_key) =
+            match &tls_auto {
+                Some(dir) if unset(&self.tls_ca) && unset(&self.tls_cert) && unset(&self.tls_key) => (
+                    Some(dir.join("ca.crt")),
+                    Some(dir.join("coordinator.crt")),
+                    Some(dir.join("coordinator.key")),
+                    Some(dir.join("enrollment-ca.crt")),
+                    Some(dir.join("enrollment-ca.key")),
+                ),
+                Some(_) => {
+                    return Err(SettingError::new(
+                        "DATASAVER_TLS_AUTO",
+                        "set together with DATASAVER_TLS_CA/_CERT/_KEY: use your own certificate files or let the coordinator make them, not both",
+                    ))
+                }
+                None => (self.tls_ca, self.tls_cert, self.tls_key, None, None),
+            };
+        if enrollment_ca_cert.is_none() {
+            enrollment_ca_cert = self.enrollment_ca_cert;
+            enrollment_ca_key = self.enrollment_ca_key;
+        }
+        let tls = TlsPaths::new(tls_ca, tls_cert, tls_key)?;
         let log_json = match self.log_format.as_str() {
             "text" => false,
             "json" => true,
@@ -254,7 +329,7 @@ impl Args {
         let alerts = alert_config(env, &policies)?;
         let http = HttpLimits::from_env(env)?;
         let set = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
-        let enrollment = match (set(self.enrollment_ca_cert), set(self.enrollment_ca_key)) {
+        let enrollment = match (set(enrollment_ca_cert), set(enrollment_ca_key)) {
             (None, None) => None,
             (Some(cert), Some(key)) => {
                 if !(1..=3650).contains(&self.enrollment_cert_days) {
@@ -293,7 +368,10 @@ impl Args {
                 ))
             }
         };
+        let mut policies = policies;
+        add_env_target(&mut policies, env)?;
         Ok(Config {
+            tls_auto,
             enrollment,
             http,
             alerts,

@@ -30,6 +30,30 @@ pub struct EmbeddedError {
     pub message: String,
 }
 
+/// Agent settings taken from the coordinator's environment (each also as
+/// `_FILE` where the agent reads a secret that way).
+const PASSED_THROUGH: [&str; 19] = [
+    "PATH",
+    "DATASAVER_PG_BIN_DIR",
+    "DATASAVER_DB_PASSWORD",
+    "DATASAVER_SCHEDULE",
+    "DATASAVER_DRILL_SCHEDULE",
+    "DATASAVER_DRILL_DATABASE_URL",
+    "DATASAVER_COMPRESSION",
+    "DATASAVER_COMPRESSION_LEVEL",
+    "DATASAVER_COMPRESSION_THREADS",
+    "DATASAVER_ENCRYPTION_RECIPIENT",
+    "DATASAVER_ENCRYPTION_IDENTITY_FILE",
+    "DATASAVER_KEEP_LAST",
+    "DATASAVER_KEEP_DAILY",
+    "DATASAVER_KEEP_WEEKLY",
+    "DATASAVER_KEEP_MONTHLY",
+    "DATASAVER_MAX_AGE_DAYS",
+    "DATASAVER_DATABASES",
+    "DATASAVER_EXCLUDE_DATABASES",
+    "DATASAVER_LOCK_WAIT_TIMEOUT",
+];
+
 /// The agent name of `target`'s embedded agent.
 pub fn agent_name(target: &str) -> String {
     let name = format!("embedded-{target}");
@@ -136,35 +160,40 @@ pub fn prepare(
         let name = agent_name(target);
         let dir: PathBuf = data_dir.join("embedded").join(target);
         ensure_identity(&dir, &name, target, enroller).map_err(err)?;
-        let dir_s = dir.to_string_lossy().into_owned();
-        let mut pairs: Vec<(&str, &str)> = vec![
-            ("DATASAVER_TARGET", target),
-            ("DATASAVER_DATABASE_URL", &db_url.0),
-            ("DATASAVER_COORDINATOR_URL", &url),
-            ("DATASAVER_STATE_DIR", &dir_s),
-            ("DATASAVER_AGENT_NAME", &name),
-        ];
-        // Where the PostgreSQL tools are: the coordinator's own settings.
+        let mut vars: std::collections::HashMap<String, String> = [
+            ("DATASAVER_TARGET", target.as_str()),
+            ("DATASAVER_DATABASE_URL", db_url.0.as_str()),
+            ("DATASAVER_COORDINATOR_URL", url.as_str()),
+            ("DATASAVER_STATE_DIR", &dir.to_string_lossy()),
+            ("DATASAVER_AGENT_NAME", name.as_str()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        // The agent settings in the coordinator's environment apply to its
+        // embedded agents (the standalone container is configured that
+        // way); the YAML file's per-target schedule still wins.
         let process = Env::from_process();
-        for k in ["DATASAVER_PG_BIN_DIR", "PATH"] {
-            if let Some(v) = process.get(k) {
-                pairs.push((k, v));
+        for k in PASSED_THROUGH {
+            for key in [k.to_string(), format!("{k}_FILE")] {
+                if let Some(v) = process.get(&key) {
+                    vars.insert(key, v.to_string());
+                }
             }
         }
-        let mut config =
-            datasaver_agent::config::from_env(&Env::from_pairs(&pairs)).map_err(|errs| {
-                err(errs
-                    .iter()
-                    .map(|e| {
-                        // The URL came from the file, not that variable.
-                        e.to_string().replace(
-                            "DATASAVER_DATABASE_URL",
-                            &format!("targets.{target}.database_url"),
-                        )
-                    })
-                    .collect::<Vec<_>>()
-                    .join("; "))
-            })?;
+        let mut config = datasaver_agent::config::from_env(&Env(vars)).map_err(|errs| {
+            err(errs
+                .iter()
+                .map(|e| {
+                    // The URL came from the file, not that variable.
+                    e.to_string().replace(
+                        "DATASAVER_DATABASE_URL",
+                        &format!("targets.{target}.database_url"),
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "))
+        })?;
         config.coordinator_host.clone_from(&host);
         out.push(config);
     }

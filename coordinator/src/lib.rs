@@ -29,6 +29,7 @@ pub mod storage;
 pub mod targets;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod tls_auto;
 pub mod tokens;
 
 use std::sync::Arc;
@@ -103,6 +104,8 @@ pub enum StartError {
     Enrollment(#[from] enrollment::EnrollmentError),
     #[error("{0}")]
     Embedded(#[from] embedded::EmbeddedError),
+    #[error("{0}")]
+    TlsAuto(#[from] tls_auto::AutoError),
     #[error("DATASAVER_GRPC_LISTEN: the listening socket has no address: {0}")]
     GrpcAddr(std::io::Error),
     #[error("DATASAVER_HTTP_LISTEN: cannot listen on {addr}: {source}")]
@@ -216,6 +219,11 @@ pub async fn run(
     grpc: TcpListener,
     cancel: CancellationToken,
 ) -> Result<(), StartError> {
+    if let Some(dir) = &config.tls_auto {
+        if tls_auto::ensure(dir)? {
+            tracing::info!(pki = %dir.display(), "DATASAVER_TLS_AUTO: made a fleet CA, this coordinator's and an admin operator's certificate, and the enrollment CA");
+        }
+    }
     let mut tls = config.tls.load()?;
     if tls.identity.role != Role::Coordinator {
         return Err(StartError::WrongRole(tls.identity.role.as_str().into()));

@@ -150,6 +150,7 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
     };
     podman.build("coordinator", "localhost/datasaver-coordinator:itest");
     podman.build("agent", "localhost/datasaver-agent:itest");
+    podman.build("standalone", "localhost/datasaver:itest");
     let version = podman
         .ok(
             &[
@@ -359,8 +360,61 @@ fn the_images_back_up_and_restore_a_database_in_containers() {
     assert!(tokens.success(), "{}", tokens.describe());
     assert_eq!(tokens.json()[0]["uses"], 1, "{}", tokens.stdout);
 
+    // The standalone image, as standalone.yml's five lines run it: pointed
+    // at a database, it backs it up into its own volume, and dsctl inside
+    // it needs no flags.
+    podman.run_container(
+        "standalone",
+        &[
+            "-v",
+            &mount,
+            "-e",
+            "DATASAVER_TARGET=shop-local",
+            "-e",
+            "DATASAVER_DATABASE_URL=postgres://postgres@pg:5432/shop",
+            "-e",
+            "DATASAVER_DB_PASSWORD_FILE=/certs/pgpass",
+            "localhost/datasaver:itest",
+        ],
+    );
+    let inside = |args: &[&str]| {
+        let mut all = vec!["exec", "standalone", "dsctl"];
+        all.extend_from_slice(args);
+        run(podman.cmd(&all), Duration::from_secs(300))
+    };
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            std::thread::sleep(Duration::from_millis(500));
+            inside(&["agents"]).stdout.contains("embedded-shop-local")
+        }),
+        "{}",
+        podman.logs("standalone")
+    );
+    let local = inside(&["backup", "shop-local"]);
+    assert!(
+        local.success(),
+        "{}\n{}",
+        local.describe(),
+        podman.logs("standalone")
+    );
+    let local_id = local.stdout.trim().to_string();
+    let restored = inside(&["restore", &local_id, "--target-db", "shop_local_copy"]);
+    assert!(
+        restored.success(),
+        "{}\n{}",
+        restored.describe(),
+        podman.logs("standalone")
+    );
+    assert_eq!(
+        podman.sql(
+            "shop_local_copy",
+            "SELECT count(*) || ' ' || sum(id) FROM orders"
+        ),
+        podman.sql("shop", "SELECT count(*) || ' ' || sum(id) FROM orders")
+    );
+
     // The images' own HEALTHCHECKs (liveness) pass in the running containers.
-    for c in ["coordinator", "agent"] {
+    for c in ["coordinator", "agent", "standalone"] {
         let h = run(
             podman.cmd(&["healthcheck", "run", c]),
             Duration::from_secs(60),

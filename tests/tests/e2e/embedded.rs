@@ -98,3 +98,80 @@ fn an_embedded_target_with_bad_settings_stops_the_coordinator_with_one_line() {
     );
     assert!(!line.contains("s3cret-pw"), "{line}");
 }
+
+/// The one-container setup, with processes: a coordinator given only a data
+/// directory, `DATASAVER_TLS_AUTO`, a target and its database (what the
+/// standalone image sets and the five compose lines add), and `dsctl` run
+/// beside it with nothing but `DATASAVER_DATA_DIR`.
+#[test]
+fn a_standalone_coordinator_needs_no_certificate_steps() {
+    use datasaver_tests::procs::{bin_path, clean_command, Proc, ProcSpec};
+    use datasaver_tests::{free_port, tcp_port_open, wait_until};
+
+    let pg = PgCluster::new();
+    pg.create_small_db("app", 200);
+    let dir = datasaver_tests::short_tempdir("dsstand");
+    let data = dir.path().join("data");
+    let grpc = free_port();
+    let spec = ProcSpec::new(bin_path("datasaver-coordinator"))
+        .env("DATASAVER_DATA_DIR", &data)
+        .env("DATASAVER_TLS_AUTO", "true")
+        .env("DATASAVER_GRPC_LISTEN", format!("127.0.0.1:{grpc}"))
+        .env(
+            "DATASAVER_HTTP_LISTEN",
+            format!("127.0.0.1:{}", free_port()),
+        )
+        .env("DATASAVER_TARGET", "app")
+        .env(
+            "DATASAVER_DATABASE_URL",
+            format!("postgresql://postgres@127.0.0.1:{}/app", pg.port()),
+        )
+        .env("DATASAVER_DB_PASSWORD", pg.password())
+        .env("DATASAVER_PG_BIN_DIR", pg.client_bindir())
+        .env("DATASAVER_MIN_SCHEDULE_INTERVAL", "0s");
+    let mut coordinator = Proc::spawn("standalone", spec, dir.path().join("standalone.log"));
+    assert!(
+        wait_until(Duration::from_secs(30), || tcp_port_open(grpc)),
+        "{}",
+        coordinator.log()
+    );
+    let dsctl = |args: &[&str]| {
+        let mut c = clean_command(bin_path("dsctl"));
+        c.env("DATASAVER_DATA_DIR", &data)
+            .env(
+                "DATASAVER_COORDINATOR_URL",
+                format!("https://localhost:{grpc}"),
+            )
+            .args(args);
+        run(c, Duration::from_secs(120))
+    };
+    assert!(
+        wait_until(Duration::from_secs(30), || dsctl(&["agents"])
+            .stdout
+            .contains("embedded-app")),
+        "{}",
+        coordinator.log()
+    );
+    let out = dsctl(&["backup", "app"]).expect_success("dsctl backup");
+    let id = out.stdout.trim().to_string();
+    assert!(id.starts_with("app_"), "{}", out.describe());
+    let list = dsctl(&["list"]).expect_success("dsctl list");
+    assert!(list.stdout.contains(&id), "{}", list.stdout);
+    dsctl(&["restore", &id, "--target-db", "app_copy"]).expect_success("dsctl restore");
+    assert_eq!(
+        pg.query_rows("app_copy", "SELECT id, v FROM t ORDER BY id"),
+        pg.query_rows("app", "SELECT id, v FROM t ORDER BY id")
+    );
+    // A restart keeps the fleet it made: same CA, the backup still listed.
+    let ca = std::fs::read(data.join("pki/ca.crt")).expect("ca.crt");
+    coordinator.stop(Duration::from_secs(20));
+    coordinator.respawn();
+    assert!(wait_until(Duration::from_secs(30), || tcp_port_open(grpc)));
+    assert_eq!(std::fs::read(data.join("pki/ca.crt")).expect("ca.crt"), ca);
+    let list = dsctl(&["list"]);
+    assert!(list.stdout.contains(&id), "{}", list.describe());
+    assert!(
+        !coordinator.log().contains(pg.password()),
+        "password logged"
+    );
+}
