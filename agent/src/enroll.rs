@@ -245,7 +245,14 @@ async fn enroll(
                 url: url.to_string(),
                 message,
             },
-            None => connect_err(datasaver_common::error_chain(&e)),
+            None => {
+                let text = datasaver_common::error_chain(&e);
+                if text.contains("CertificateRequired") {
+                    EnrollError::Refused(NO_ENROLLMENT.into())
+                } else {
+                    connect_err(text)
+                }
+            }
         })?;
     let r = EnrollmentServiceClient::new(channel)
         .enroll(EnrollRequest {
@@ -262,13 +269,22 @@ async fn enroll(
             tonic::Code::PermissionDenied | tonic::Code::InvalidArgument => {
                 Err(EnrollError::Refused(s.message().to_string()))
             }
-            tonic::Code::Unimplemented => Err(EnrollError::Refused(
-                "the coordinator does not accept join tokens (it has no enrollment CA: DATASAVER_ENROLLMENT_CA_CERT/_KEY)".into(),
-            )),
-            _ => Err(connect_err(s.message().to_string())),
+            tonic::Code::Unimplemented => Err(EnrollError::Refused(NO_ENROLLMENT.into())),
+            _ => {
+                // A coordinator without an enrollment CA wants a client
+                // certificate: it ends the connection with that alert.
+                let text = datasaver_common::error_chain(&s);
+                if text.contains("CertificateRequired") {
+                    Err(EnrollError::Refused(NO_ENROLLMENT.into()))
+                } else {
+                    Err(connect_err(text))
+                }
+            }
         },
     }
 }
+
+const NO_ENROLLMENT: &str = "the coordinator does not accept join tokens: it has no enrollment CA (set DATASAVER_ENROLLMENT_CA_CERT and _KEY, from `dsctl certs init --enrollment`)";
 
 /// A TCP connection wrapped in TLS checked by the token's pin, for tonic.
 #[derive(Clone)]

@@ -239,11 +239,12 @@ pub async fn run(
             Some(e.crl().map_err(|err| {
                 StartError::Crl(format!("signing the enrollment CA's CRL: {err}"))
             })?);
-        // A joining agent finds the CA its token pins in the chain we serve.
-        if let Some(ca) = tls.ca_certs.first().cloned() {
-            if !tls.certs.contains(&ca) {
-                tls.certs.push(ca);
-            }
+    }
+    // A joining agent finds the CA its token pins in the chain we serve
+    // (always: one without an enrollment CA then hears why it is refused).
+    if let Some(ca) = tls.ca_certs.first().cloned() {
+        if !tls.certs.contains(&ca) {
+            tls.certs.push(ca);
         }
     }
     // The client-certificate check, with the CRL when DATASAVER_TLS_CRL is

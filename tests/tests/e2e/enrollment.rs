@@ -259,6 +259,27 @@ fn bad_tokens_are_refused_with_one_line_and_write_nothing() {
 }
 
 #[test]
+fn a_coordinator_without_an_enrollment_ca_refuses_a_token_with_one_line() {
+    let pg = PgCluster::new();
+    pg.create_small_db("app", 10);
+    let fleet = Fleet::start();
+    // A well-formed token for this coordinator's CA (as if its enrollment CA
+    // had been removed since).
+    let ca = std::fs::read(fleet.certs_dir().join("ca.crt")).expect("ca.crt");
+    let der = datasaver_common::crl::cert_der_from_pem(&ca).expect("CA");
+    let token = datasaver_common::enroll::JoinToken::generate(&der, &fleet.coordinator_url())
+        .expect("token")
+        .encode();
+    let state = fleet.dir().join("s-none");
+    let last = refused_agent(fleet.join_agent_spec("app", &pg, "app", &token, &state));
+    assert!(
+        last.contains("the coordinator does not accept join tokens"),
+        "{last}"
+    );
+    assert!(files(&state).is_empty());
+}
+
+#[test]
 fn an_agent_refuses_a_coordinator_the_token_does_not_pin() {
     let pg = PgCluster::new();
     pg.create_small_db("app", 10);
