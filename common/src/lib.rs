@@ -19,6 +19,7 @@ pub mod probe;
 pub mod telemetry;
 pub mod text;
 pub mod tls;
+pub mod wal;
 
 /// Generated code for the `datasaver.v1` protocol.
 #[allow(clippy::all, missing_docs)]

@@ -31,6 +31,7 @@ pub mod targets;
 pub(crate) mod testing;
 pub mod tls_auto;
 pub mod tokens;
+pub mod wal;
 
 use std::sync::Arc;
 use std::time::Duration;

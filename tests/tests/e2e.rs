@@ -30,4 +30,5 @@ mod e2e {
     mod security;
     mod traces;
     mod two_agents;
+    mod wal_stream;
 }
