@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod progress;
 pub mod replication;
 pub mod restore;
+pub mod segmenter;
 pub mod server;
 
 use std::sync::Arc;
