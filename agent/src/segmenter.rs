@@ -33,7 +33,7 @@ impl Segmenter {
     /// A stream of `timeline` starting at `start`, which must be a segment
     /// boundary (streaming is started at one, so every segment is whole).
     pub fn new(timeline: u32, start: Lsn, seg_size: u64) -> Result<Segmenter, String> {
-        if start.0 % seg_size != 0 {
+        if !start.0.is_multiple_of(seg_size) {
             return Err(format!("{start} is not at a segment boundary"));
         }
         Ok(Segmenter {
@@ -110,7 +110,10 @@ mod tests {
         assert!(Segmenter::new(1, Lsn(3 * SEG + 1), SEG).is_err());
         assert!(s.push(Lsn(3 * SEG), &[1, 2, 3]).unwrap().is_empty());
         let e = s.push(Lsn(3 * SEG + 10), &[4]).unwrap_err();
-        assert_eq!(e.to_string(), "WAL arrived at 0/30000A while the stream is at 0/300003: a gap or an overlap");
+        assert_eq!(
+            e.to_string(),
+            "WAL arrived at 0/30000A while the stream is at 0/300003: a gap or an overlap"
+        );
         assert_eq!(s.position(), Lsn(3 * SEG + 3));
         let (seg, held) = s.partial().unwrap();
         assert_eq!((seg.segno, held), (3, &[1u8, 2, 3][..]));

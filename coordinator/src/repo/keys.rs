@@ -128,12 +128,101 @@ pub fn parse_meta_key(key: &str) -> Option<(Kind, &str, &str)> {
     is_id_of(id, target).then_some((kind, target, id))
 }
 
+/// Every segment size PostgreSQL allows: a WAL key is ours under any.
+const WAL_SEG_SIZES: [u64; 11] = [
+    1 << 20,
+    1 << 21,
+    1 << 22,
+    1 << 23,
+    1 << 24,
+    1 << 25,
+    1 << 26,
+    1 << 27,
+    1 << 28,
+    1 << 29,
+    1 << 30,
+];
+
+/// Codec extensions a stored object may end in: the codec's (`.zst`, `.gz`,
+/// none), then `.age` when encrypted.
+fn is_object_extension(ext: &str) -> bool {
+    let ext = ext.strip_suffix(".age").unwrap_or(ext);
+    ["", ".zst", ".gz"].contains(&ext)
+}
+
+/// Key of a stored WAL file (issue 14):
+/// `<target>/wal/<timeline>/<name>-<BLAKE3 of its raw bytes><extension>`,
+/// `name` a segment's, `<segment>.partial` or `<timeline>.history`. The
+/// content's hash in the name (as pgBackRest puts a SHA-1 in its) makes a
+/// listing tell an identical retry from a different file under the same
+/// name, and gives a rebuilt index every checksum without reading a byte.
+pub fn wal_key(
+    target: &str,
+    file: &datasaver_common::wal::WalFile,
+    seg_size: u64,
+    raw_blake3: &str,
+    extension: &str,
+) -> String {
+    use datasaver_common::wal::{history_name, WalFile};
+    let (tli, name) = match file {
+        WalFile::Segment(s) => (s.timeline, s.name(seg_size)),
+        WalFile::Partial(s) => (s.timeline, format!("{}.partial", s.name(seg_size))),
+        WalFile::History(t) => (*t, history_name(*t)),
+    };
+    format!("{target}/wal/{tli:08X}/{name}-{raw_blake3}{extension}")
+}
+
+/// What a WAL key names: target, file, raw BLAKE3 and extension, when the
+/// key has [`wal_key`]'s exact shape.
+pub fn parse_wal_key(
+    key: &str,
+    seg_size: u64,
+) -> Option<(&str, datasaver_common::wal::WalFile, &str, &str)> {
+    use datasaver_common::wal::WalFile;
+    let mut parts = key.split('/');
+    let (target, wal, dir, file, None) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next(),
+    ) else {
+        return None;
+    };
+    if wal != "wal" || datasaver_common::names::validate_target(target).is_err() {
+        return None;
+    }
+    let (name, rest) = file.split_once('-')?;
+    if rest.len() < 64 {
+        return None;
+    }
+    let (hash, ext) = rest.split_at(64);
+    if !hash
+        .bytes()
+        .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        || !is_object_extension(ext)
+    {
+        return None;
+    }
+    let parsed = WalFile::parse(name, seg_size)?;
+    let tli = match parsed {
+        WalFile::Segment(s) | WalFile::Partial(s) => s.timeline,
+        WalFile::History(t) => t,
+    };
+    (dir == format!("{tli:08X}")).then_some((target, parsed, hash, ext))
+}
+
 /// Whether `key` is one of the layout's own keys: a backup object
 /// (`<target>/logical/<id>.dump` plus a codec's extension and `.age`) or a
 /// meta file. Start-up cleanup of a shared S3 bucket touches only these.
 pub fn is_own_key(key: &str) -> bool {
     if parse_meta_key(key).is_some() {
         return true;
+    }
+    if key.split('/').nth(1) == Some("wal") {
+        return WAL_SEG_SIZES
+            .iter()
+            .any(|size| parse_wal_key(key, *size).is_some());
     }
     let Some((_, target, file)) = split_layout(key) else {
         return false;
@@ -163,6 +252,50 @@ pub fn is_own_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn wal_keys_round_trip_and_only_their_exact_shape_is_ours() {
+        use datasaver_common::wal::{Segment, WalFile, DEFAULT_SEG_SIZE as SEG};
+        let hash = "ab".repeat(32);
+        let seg = WalFile::Segment(Segment {
+            timeline: 2,
+            segno: 0x1_05,
+        });
+        let key = wal_key("app", &seg, SEG, &hash, ".zst.age");
+        assert_eq!(
+            key,
+            format!("app/wal/00000002/000000020000000100000005-{hash}.zst.age")
+        );
+        assert_eq!(
+            parse_wal_key(&key, SEG),
+            Some(("app", seg, hash.as_str(), ".zst.age"))
+        );
+        assert!(is_own_key(&key));
+        for (file, name) in [
+            (WalFile::History(3), "00000003.history"),
+            (
+                WalFile::Partial(Segment {
+                    timeline: 3,
+                    segno: 7,
+                }),
+                "000000030000000000000007.partial",
+            ),
+        ] {
+            let k = wal_key("app", &file, SEG, &hash, "");
+            assert!(k.ends_with(&format!("/{name}-{hash}")), "{k}");
+            assert_eq!(parse_wal_key(&k, SEG).map(|p| p.1), Some(file));
+        }
+        for foreign in [
+            format!("app/wal/00000001/000000020000000100000005-{hash}"),
+            format!("app/wal/00000002/000000020000000100000005-{}", &hash[..60]),
+            format!("app/wal/00000002/000000020000000100000005-{hash}.lz4"),
+            "app/wal/00000002/000000020000000100000005".to_string(),
+            format!("app/wal/00000002/x/000000020000000100000005-{hash}"),
+            format!("App/wal/00000002/000000020000000100000005-{hash}"),
+        ] {
+            assert!(!is_own_key(&foreign), "{foreign}");
+        }
+    }
 
     #[test]
     fn layout_and_back() {

@@ -15,6 +15,7 @@ pub mod record;
 pub mod store;
 #[cfg(test)]
 pub(crate) mod testing;
+pub mod wal;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
