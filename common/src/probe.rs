@@ -28,7 +28,11 @@ pub fn get_ok(addr: SocketAddr, path: &str, timeout: Duration) -> Result<(), Str
     s.set_read_timeout(Some(timeout))
         .and_then(|()| s.set_write_timeout(Some(timeout)))
         .map_err(|e| format!("{what}: {e}"))?;
-    write!(s, "GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n").map_err(|e| format!("{what}: {e}"))?;
+    // One write: a server that answers after the first bytes it reads and
+    // closes must not turn the rest of the request into a broken pipe.
+    let request = format!("GET {path} HTTP/1.0\r\nHost: {addr}\r\n\r\n");
+    s.write_all(request.as_bytes())
+        .map_err(|e| format!("{what}: {e}"))?;
     let mut reply = Vec::new();
     s.take(64 * 1024)
         .read_to_end(&mut reply)
@@ -74,8 +78,15 @@ mod tests {
         let addr = l.local_addr().unwrap();
         std::thread::spawn(move || {
             if let Ok((mut s, _)) = l.accept() {
+                // The whole request, as a real server reads it, then the reply.
+                let mut got = Vec::new();
                 let mut buf = [0u8; 1024];
-                let _ = s.read(&mut buf);
+                while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => got.extend_from_slice(&buf[..n]),
+                    }
+                }
                 let _ = s.write_all(reply.as_bytes());
             }
         });
