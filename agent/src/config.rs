@@ -119,6 +119,80 @@ pub struct TargetConfig {
     /// A whole server (`DATASAVER_DATABASES`): these of its databases, found
     /// afresh at each backup; `None`: only `db`'s database.
     pub databases: Option<DatabaseSelection>,
+    /// Continuous WAL (`DATASAVER_WAL=stream`); `None`: off.
+    pub wal: Option<WalSettings>,
+}
+
+/// How the agent streams its server's WAL (issue 14).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WalSettings {
+    /// The physical replication slot (`DATASAVER_WAL_SLOT`, default
+    /// `datasaver`), created if missing: the server keeps WAL for it while
+    /// the agent or the coordinator is away.
+    pub slot: String,
+    /// How often the segment in progress is stored as a partial
+    /// (`DATASAVER_WAL_SYNC_INTERVAL`, default 10 s): the most a quiet
+    /// database can lose.
+    pub sync_interval: std::time::Duration,
+}
+
+/// `DATASAVER_WAL_SYNC_INTERVAL`'s default.
+pub const DEFAULT_WAL_SYNC_INTERVAL: std::time::Duration = std::time::Duration::from_secs(10);
+
+fn wal_settings(env: &Env) -> Result<Option<WalSettings>, Vec<SettingError>> {
+    let mut errs = Vec::new();
+    let on = match env.get("DATASAVER_WAL").map(str::trim) {
+        None | Some("") | Some("off") => false,
+        Some("stream") => true,
+        Some(v) => {
+            errs.push(SettingError::new(
+                "DATASAVER_WAL",
+                format!("{v:?} is not one of: stream, off"),
+            ));
+            false
+        }
+    };
+    let slot = env
+        .get("DATASAVER_WAL_SLOT")
+        .unwrap_or("datasaver")
+        .trim()
+        .to_string();
+    if slot.is_empty()
+        || slot.len() > 63
+        || !slot
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+    {
+        errs.push(SettingError::new(
+            "DATASAVER_WAL_SLOT",
+            format!("{slot:?} is not a replication slot name (lower-case letters, digits and _, at most 63)"),
+        ));
+    }
+    let sync_interval = match env.get("DATASAVER_WAL_SYNC_INTERVAL") {
+        None => DEFAULT_WAL_SYNC_INTERVAL,
+        Some(v) => match datasaver_common::config::parse_duration("DATASAVER_WAL_SYNC_INTERVAL", v)
+        {
+            Ok(d) if d < std::time::Duration::from_millis(200) => {
+                errs.push(SettingError::new(
+                    "DATASAVER_WAL_SYNC_INTERVAL",
+                    "must be at least 200ms",
+                ));
+                DEFAULT_WAL_SYNC_INTERVAL
+            }
+            Ok(d) => d,
+            Err(e) => {
+                errs.push(e);
+                DEFAULT_WAL_SYNC_INTERVAL
+            }
+        },
+    };
+    if !errs.is_empty() {
+        return Err(errs);
+    }
+    Ok(on.then_some(WalSettings {
+        slot,
+        sync_interval,
+    }))
 }
 
 /// Which databases of its server a whole-server agent backs up
@@ -492,6 +566,14 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
         }
     };
 
+    let wal = match wal_settings(env) {
+        Ok(w) => w,
+        Err(e) => {
+            errs.extend(e);
+            None
+        }
+    };
+
     if !errs.is_empty() {
         return Err(errs);
     }
@@ -535,6 +617,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 drill_db,
                 drill_schedule,
                 databases,
+                wal,
             },
             identity,
             pg_bin_dir: bin,
@@ -900,6 +983,9 @@ mod tests {
             ("DATASAVER_TLS_KEY", "/nonexistent/a.key"),
             ("DATASAVER_KEEP_DAILY", "-1"),
             ("DATASAVER_LOCK_WAIT_TIMEOUT", "forever"),
+            ("DATASAVER_WAL", "archive"),
+            ("DATASAVER_WAL_SLOT", "Data-Saver"),
+            ("DATASAVER_WAL_SYNC_INTERVAL", "10ms"),
         ]))
         .unwrap_err();
         let settings: Vec<&str> = errs.iter().map(|e| e.setting.as_str()).collect();
@@ -910,12 +996,38 @@ mod tests {
             "DATASAVER_TLS_CA",
             "DATASAVER_KEEP_DAILY",
             "DATASAVER_LOCK_WAIT_TIMEOUT",
+            "DATASAVER_WAL",
+            "DATASAVER_WAL_SLOT",
+            "DATASAVER_WAL_SYNC_INTERVAL",
         ] {
             assert!(settings.contains(&s), "{s} missing from {settings:?}");
         }
         for e in &errs {
             assert!(!e.to_string().contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn wal_streaming_is_off_unless_asked_for() {
+        assert_eq!(wal_settings(&env(&[])), Ok(None));
+        assert_eq!(
+            wal_settings(&env(&[("DATASAVER_WAL", "stream")])),
+            Ok(Some(WalSettings {
+                slot: "datasaver".into(),
+                sync_interval: DEFAULT_WAL_SYNC_INTERVAL
+            }))
+        );
+        assert_eq!(
+            wal_settings(&env(&[
+                ("DATASAVER_WAL", "stream"),
+                ("DATASAVER_WAL_SLOT", "shop_1"),
+                ("DATASAVER_WAL_SYNC_INTERVAL", "2s")
+            ])),
+            Ok(Some(WalSettings {
+                slot: "shop_1".into(),
+                sync_interval: std::time::Duration::from_secs(2)
+            }))
+        );
     }
 
     #[test]

@@ -26,6 +26,7 @@ pub mod replication;
 pub mod restore;
 pub mod segmenter;
 pub mod server;
+pub mod walstream;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -218,14 +219,14 @@ impl From<String> for SessionEnd {
 }
 
 async fn session(
-    config: &AgentConfig,
+    config: &Arc<AgentConfig>,
     tls: &TlsMaterial,
     cancel: &CancellationToken,
     state: &health::State,
 ) -> Result<(), SessionEnd> {
     let channel = connect(config, tls).await?;
     let max = datasaver_common::MAX_MESSAGE_SIZE;
-    let mut client = AgentServiceClient::new(channel)
+    let mut client = AgentServiceClient::new(channel.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
     let (tx, rx) = mpsc::channel::<AgentMessage>(64);
@@ -262,6 +263,18 @@ async fn session(
     // child of `cancel`: on SIGTERM the goodbye goes out before jobs stop.
     let jobs = Jobs::new(tx.clone(), cancel.clone());
     let _guard = jobs.cancel_on_drop();
+    // The WAL stream lives as long as the session: the coordinator knows
+    // this agent serves the target once it registered.
+    let wal_stop = cancel.child_token();
+    let _wal_guard = wal_stop.clone().drop_guard();
+    let wal = config.target.wal.clone().map(|w| {
+        tokio::spawn(walstream::run(
+            config.clone(),
+            w,
+            channel.clone(),
+            wal_stop.clone(),
+        ))
+    });
     let tools = PgTools::new(config.pg_bin_dir.clone());
     let mut heartbeat = tokio::time::interval(Duration::from_secs(10));
     let every = match &config.identity {
@@ -274,6 +287,10 @@ async fn session(
         let msg = tokio::select! {
             _ = cancel.cancelled() => {
                 leave(config, jobs, tx, inbound).await;
+                // The WAL stream stores its last partial before the exit.
+                if let Some(w) = wal {
+                    let _ = tokio::time::timeout(Duration::from_secs(8), w).await;
+                }
                 return Ok(());
             }
             _ = renewal.tick(), if !renewed => {

@@ -323,6 +323,43 @@ impl ReplConn {
         }
     }
 
+    /// The server's WAL segment size (`SHOW wal_segment_size`).
+    pub async fn seg_size(&mut self) -> Result<u64, ReplError> {
+        let rows = self.query("SHOW wal_segment_size").await?;
+        let text = rows
+            .first()
+            .and_then(|r| r.first().cloned().flatten())
+            .ok_or_else(|| ReplError::Protocol("SHOW wal_segment_size returned nothing".into()))?;
+        parse_size(&text)
+            .filter(|s| datasaver_common::wal::valid_seg_size(*s))
+            .ok_or_else(|| ReplError::Protocol(format!("wal_segment_size {text:?} is not a size")))
+    }
+
+    /// Where slot `name` keeps WAL from, and that position's timeline
+    /// (`READ_REPLICATION_SLOT`, PostgreSQL 15 and later); `None` when the
+    /// slot holds no position.
+    pub async fn read_slot(&mut self, name: &str) -> Result<Option<(Lsn, u32)>, ReplError> {
+        let rows = match self.query(&format!("READ_REPLICATION_SLOT {name}")).await {
+            Ok(r) => r,
+            Err(ReplError::Server { message, .. }) if message.contains("syntax error") => {
+                return Err(ReplError::Unsupported(
+                    "WAL streaming needs PostgreSQL 15 or later (READ_REPLICATION_SLOT)".into(),
+                ))
+            }
+            Err(e) => return Err(e),
+        };
+        let row = rows.first();
+        let field = |i: usize| row.and_then(|r| r.get(i).cloned().flatten());
+        match (field(1), field(2)) {
+            (Some(lsn), Some(tli)) => Ok(Some((
+                Lsn::parse(&lsn).map_err(ReplError::Protocol)?,
+                tli.parse()
+                    .map_err(|_| ReplError::Protocol(format!("slot timeline {tli:?}")))?,
+            ))),
+            _ => Ok(None),
+        }
+    }
+
     /// `TIMELINE_HISTORY tli`: the history file's name and content.
     pub async fn timeline_history(&mut self, tli: u32) -> Result<(String, Vec<u8>), ReplError> {
         let rows = self.query(&format!("TIMELINE_HISTORY {tli}")).await?;
@@ -353,6 +390,22 @@ impl ReplConn {
             )),
         }
     }
+}
+
+/// A size as `SHOW` prints it: "16MB", "1GB", "64kB" or bytes.
+fn parse_size(s: &str) -> Option<u64> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().ok()?;
+    let mult = match unit.trim() {
+        "" | "B" => 1,
+        "kB" => 1 << 10,
+        "MB" => 1 << 20,
+        "GB" => 1 << 30,
+        _ => return None,
+    };
+    n.checked_mul(mult)
 }
 
 fn server_error(body: &backend::ErrorResponseBody) -> ReplError {
@@ -458,5 +511,17 @@ impl WalStream {
         let mut out = BytesMut::new();
         frontend::CopyData::new(&msg[..])?.write(&mut out);
         self.conn.send(&out).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn sizes_as_show_prints_them() {
+        assert_eq!(super::parse_size("16MB"), Some(16 << 20));
+        assert_eq!(super::parse_size("1GB"), Some(1 << 30));
+        assert_eq!(super::parse_size("64kB"), Some(64 << 10));
+        assert_eq!(super::parse_size("8192"), Some(8192));
+        assert_eq!(super::parse_size("16 parsecs"), None);
     }
 }

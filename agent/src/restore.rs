@@ -702,6 +702,7 @@ mod tests {
             drill_db: None,
             drill_schedule: None,
             databases: None,
+            wal: None,
         };
         let job = RestoreJob {
             job_id: "j1".into(),

@@ -81,7 +81,18 @@ enum Cmd {
     Agents,
     /// List targets: the agent bound to each, whether it is connected, its
     /// last contact and when its certificate expires.
-    Targets,
+    Targets {
+        #[command(subcommand)]
+        cmd: Option<TargetsCmd>,
+    },
+    /// Continuous WAL (DATASAVER_WAL=stream on the agent): per target the
+    /// cluster it is bound to and, per timeline, the first and last stored
+    /// segment, gaps and the partial; how far the stored WAL lags the server.
+    Wal {
+        /// Only this target.
+        #[arg(long, value_name = "TARGET")]
+        target: Option<String>,
+    },
     /// List backups: ID TARGET DATE SIZE TYPE STATUS TAGS PINNED LABEL.
     List {
         /// Only this target.
@@ -268,6 +279,18 @@ enum CatalogCmd {
     /// Objects without a meta file, and meta files whose object is missing or has
     /// the wrong size, are reported and not imported.
     Rebuild,
+}
+
+#[derive(Subcommand)]
+enum TargetsCmd {
+    /// Release a target from the cluster its WAL is bound to, so the next
+    /// cluster that streams for it (a rebuilt server, a new `initdb`) starts
+    /// a new WAL series. Until then, WAL from another cluster is refused
+    /// (alert `wal.sysid_mismatch`). The old series stays stored.
+    Rebind {
+        /// The target.
+        target: String,
+    },
 }
 
 #[derive(Subcommand)]
@@ -694,7 +717,33 @@ async fn run(cli: Cli) -> Result<()> {
             output::token_revoked(&t, cli.json);
             Ok(())
         }
-        Cmd::Targets => {
+        Cmd::Targets {
+            cmd: Some(TargetsCmd::Rebind { target }),
+        } => {
+            let r = why
+                .answer(
+                    c.rebind_target(datasaver_common::proto::RebindTargetRequest {
+                        target: target.clone(),
+                    })
+                    .await,
+                )
+                .await?;
+            output::rebound(&target, &r.previous_system_identifier, cli.json);
+            Ok(())
+        }
+        Cmd::Wal { target } => {
+            let r = why
+                .answer(
+                    c.list_wal(datasaver_common::proto::ListWalRequest {
+                        target: target.unwrap_or_default(),
+                    })
+                    .await,
+                )
+                .await?;
+            output::wal(&r.targets, cli.json);
+            Ok(())
+        }
+        Cmd::Targets { cmd: None } => {
             let targets = why
                 .answer(c.list_targets(ListTargetsRequest {}).await)
                 .await?

@@ -1001,6 +1001,125 @@ pub fn token_revoked(t: &JoinToken, as_json: bool) {
     }
 }
 
+/// `dsctl targets rebind`.
+pub fn rebound(target: &str, previous: &str, as_json: bool) {
+    if as_json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({
+                "target": target,
+                "previous_system_identifier": previous,
+            }))
+            .unwrap_or_default()
+        );
+        return;
+    }
+    println!(
+        "target {target} released from cluster {previous}: the next cluster that streams WAL for it starts a new series (the old one stays stored)"
+    );
+}
+
+/// `dsctl wal`.
+pub fn wal(list: &[datasaver_common::proto::WalTarget], as_json: bool) {
+    if as_json {
+        let v: Vec<Value> = list
+            .iter()
+            .map(|t| {
+                json!({
+                    "target": t.target,
+                    "system_identifier": t.system_identifier,
+                    "bound_at": t.bound_at,
+                    "streaming": t.streaming,
+                    "stored_end_lsn": t.stored_end_lsn,
+                    "server_lsn": t.server_lsn,
+                    "lag_bytes": t.lag_bytes,
+                    "lag_seconds": t.lag_seconds,
+                    "last_stored_at": t.last_stored_at,
+                    "refused": t.refused,
+                    "conflict": t.conflict,
+                    "timelines": t.timelines.iter().map(|l| json!({
+                        "timeline": l.timeline,
+                        "first_segment": l.first_segment,
+                        "last_segment": l.last_segment,
+                        "segments": l.segments,
+                        "gaps": l.gaps,
+                        "partial": l.partial,
+                        "stored_bytes": l.stored_bytes,
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&v).unwrap_or_default());
+        return;
+    }
+    if list.is_empty() {
+        println!("no target streams WAL (set DATASAVER_WAL=stream on an agent)");
+        return;
+    }
+    for (i, t) in list.iter().enumerate() {
+        if i > 0 {
+            println!();
+        }
+        let state = if t.streaming {
+            "streaming"
+        } else {
+            "not streaming"
+        };
+        println!("{}  cluster {}  {state}", t.target, t.system_identifier);
+        let lag = if t.server_lsn.is_empty() {
+            "server position unknown".to_string()
+        } else {
+            format!(
+                "server at {}, lag {} ({} s)",
+                t.server_lsn,
+                human_bytes(t.lag_bytes),
+                t.lag_seconds
+            )
+        };
+        let last = if t.last_stored_at.is_empty() {
+            "-".to_string()
+        } else {
+            short_time(&t.last_stored_at)
+        };
+        println!("  stored up to {}, last at {last}; {lag}", t.stored_end_lsn);
+        if t.timelines.is_empty() {
+            println!("  nothing stored yet");
+        }
+        for l in &t.timelines {
+            let range = if l.first_segment.is_empty() {
+                "no whole segment".to_string()
+            } else {
+                format!(
+                    "{} .. {} ({} segments)",
+                    l.first_segment, l.last_segment, l.segments
+                )
+            };
+            let partial = if l.partial.is_empty() {
+                String::new()
+            } else {
+                format!(", then {}", l.partial)
+            };
+            println!(
+                "  timeline {}: {range}{partial}, {} stored",
+                l.timeline,
+                human_bytes(l.stored_bytes)
+            );
+            for g in &l.gaps {
+                println!("    GAP: {g} missing: no restore can pass it");
+            }
+        }
+        if !t.refused.is_empty() {
+            println!(
+                "  REFUSED: {} presented itself as {}; run `dsctl targets rebind {}` if the target moved to it",
+                t.refused, t.target, t.target
+            );
+        }
+        if !t.conflict.is_empty() {
+            println!("  CONFLICT: {}", t.conflict);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -35,6 +35,11 @@ impl Checksum {
     }
 }
 
+/// The BLAKE3 of `data` as bare lower-case hex (the form in WAL keys).
+pub fn blake3_hex(data: &[u8]) -> String {
+    blake3::hash(data).to_hex().to_string()
+}
+
 /// True when `s` looks like a checksum this crate writes.
 pub fn is_valid(s: &str) -> bool {
     s.strip_prefix("blake3:")

@@ -30,6 +30,8 @@ pub enum Action {
     Cleanup,
     RebuildCatalog,
     Tokens,
+    Wal,
+    Rebind,
 }
 
 /// One row of the table: what an action needs and how it is named.
@@ -74,6 +76,12 @@ impl Action {
             Cleanup => (Admin, "run a cleanup", "cleanup"),
             RebuildCatalog => (Admin, "rebuild the catalog", "catalog_rebuild"),
             Tokens => (Admin, "create, list or revoke join tokens", "tokens"),
+            Wal => (Viewer, "show WAL", "wal"),
+            Rebind => (
+                Admin,
+                "rebind a target to another cluster",
+                "targets_rebind",
+            ),
         };
         Rule {
             needs,
@@ -236,6 +244,8 @@ mod tests {
             Cleanup,
             RebuildCatalog,
             Tokens,
+            Wal,
+            Rebind,
         ];
         let f = fixture(Policies::default());
         let allowed = |a: Access| -> Vec<Action> {
@@ -246,7 +256,7 @@ mod tests {
         };
         assert_eq!(
             allowed(Access::Viewer),
-            [ListAgents, List, Get, Health, Targets, CleanupDryRun]
+            [ListAgents, List, Get, Health, Targets, CleanupDryRun, Wal]
         );
         assert_eq!(
             allowed(Access::Operator),
@@ -261,7 +271,8 @@ mod tests {
                 Verify,
                 Restore,
                 Pin,
-                Cancel
+                Cancel,
+                Wal
             ]
         );
         assert_eq!(allowed(Access::Admin), all);

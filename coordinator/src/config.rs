@@ -31,7 +31,7 @@ use crate::storage::s3::{S3Settings, Sse, MAX_PART_SIZE, MIN_PART_SIZE};
                   DATASAVER_SHUTDOWN_GRACE; local storage DATASAVER_MIN_FREE_BYTES; alerting DATASAVER_WEBHOOK_URL, \
                   DATASAVER_WEBHOOK_SECRET (both also *_FILE), DATASAVER_ALERT_AFTER or \
                   DATASAVER_ALERT_AFTER_HOURS, DATASAVER_ALERT_CONSECUTIVE_FAILURES, \
-                  DATASAVER_ALERT_AGENT_GRACE, DATASAVER_DRILL_MAX_AGE; OTEL_EXPORTER_OTLP_ENDPOINT for traces; \
+                  DATASAVER_ALERT_AGENT_GRACE, DATASAVER_ALERT_WAL_LAG, DATASAVER_DRILL_MAX_AGE; OTEL_EXPORTER_OTLP_ENDPOINT for traces; \
                   DATASAVER_LOG for the log level."
 )]
 pub struct Args {
@@ -608,6 +608,12 @@ fn alert_config(
         rules.agent_grace = to_chrono(
             "DATASAVER_ALERT_AGENT_GRACE",
             parse_duration("DATASAVER_ALERT_AGENT_GRACE", v)?,
+        )?;
+    }
+    if let Some(v) = env.get("DATASAVER_ALERT_WAL_LAG") {
+        rules.wal_lag = to_chrono(
+            "DATASAVER_ALERT_WAL_LAG",
+            parse_duration("DATASAVER_ALERT_WAL_LAG", v)?,
         )?;
     }
     if let Some(v) = env.get("DATASAVER_DRILL_MAX_AGE") {

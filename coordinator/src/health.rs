@@ -119,7 +119,11 @@ impl Report {
                         | Kind::AgentDisconnected
                         | Kind::ScheduleMissed
                         | Kind::ServerChanged
-                        | Kind::DrillStale,
+                        | Kind::DrillStale
+                        | Kind::WalGap
+                        | Kind::WalLag
+                        | Kind::WalConflict
+                        | Kind::WalSysidMismatch,
                     ) => std::mem::take(&mut a.message),
                     Some(Kind::BackupFailed) => format!(
                         "backup {id} of {} failed: {}",

@@ -75,6 +75,10 @@ pub struct Core {
     /// Join tokens and the enrollment CA, when `DATASAVER_ENROLLMENT_CA_*`
     /// are set.
     pub enrollment: Option<Arc<enrollment::Enrollment>>,
+    /// The catalog's index of stored WAL and each target's cluster binding.
+    pub wal_index: wal::index::WalIndex,
+    /// WAL streams open now and the servers' positions.
+    pub wal_live: wal::live::Live,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -331,6 +335,8 @@ pub async fn run(
                 tokens: tokens::TokenStore::new(catalog.clone()),
             })
         }),
+        wal_index: wal::index::WalIndex::new(catalog.clone()),
+        wal_live: wal::live::Live::default(),
     });
     core.alerter.certificates.seen(
         alerts::expiry::Cert::of(alerts::expiry::CertKind::Coordinator, &tls.identity),

@@ -34,7 +34,7 @@ pub fn fixture(policies: Policies) -> Fixture {
         scheduler: crate::schedule::driver::Scheduler::new(&policies),
         policies,
         alerter: crate::alerts::Alerter::new(
-            crate::alerts::store::AlertStore::new(catalog),
+            crate::alerts::store::AlertStore::new(catalog.clone()),
             clock.now(),
         ),
         clock,
@@ -44,6 +44,8 @@ pub fn fixture(policies: Policies) -> Fixture {
         tasks: tokio_util::task::TaskTracker::new(),
         floors_logged: crate::floors::Logged::default(),
         enrollment: None,
+        wal_index: crate::wal::index::WalIndex::new(catalog),
+        wal_live: crate::wal::live::Live::default(),
     });
     Fixture {
         core,

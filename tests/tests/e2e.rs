@@ -30,5 +30,6 @@ mod e2e {
     mod security;
     mod traces;
     mod two_agents;
+    mod wal_continuous;
     mod wal_stream;
 }

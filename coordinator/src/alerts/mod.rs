@@ -160,7 +160,12 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
         let at = parse(r.last_missed_at.as_deref()?)?;
         Some((at, r.missed_slots))
     });
+    let wal = crate::wal::view::targets(core, Some(target))
+        .await
+        .ok()
+        .and_then(|v| v.into_iter().next());
     Facts {
+        wal,
         target: target.to_string(),
         recent,
         known_since,

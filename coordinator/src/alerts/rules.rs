@@ -18,10 +18,14 @@ pub enum Kind {
     ServerChanged,
     DrillFailed,
     DrillStale,
+    WalGap,
+    WalLag,
+    WalConflict,
+    WalSysidMismatch,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 10] = [
+    pub const ALL: [Kind; 14] = [
         Kind::BackupFailed,
         Kind::BackupOverdue,
         Kind::ConsecutiveFailures,
@@ -32,6 +36,10 @@ impl Kind {
         Kind::ServerChanged,
         Kind::DrillFailed,
         Kind::DrillStale,
+        Kind::WalGap,
+        Kind::WalLag,
+        Kind::WalConflict,
+        Kind::WalSysidMismatch,
     ];
 
     pub fn event(self) -> &'static str {
@@ -46,6 +54,10 @@ impl Kind {
             Kind::ServerChanged => "target.server_changed",
             Kind::DrillFailed => "drill.failed",
             Kind::DrillStale => "drill.stale",
+            Kind::WalGap => "wal.gap",
+            Kind::WalLag => "wal.lag",
+            Kind::WalConflict => "wal.conflict",
+            Kind::WalSysidMismatch => "wal.sysid_mismatch",
         }
     }
 
@@ -55,7 +67,14 @@ impl Kind {
 
     /// Whether this makes a target unhealthy (not just degraded).
     pub fn is_critical(self) -> bool {
-        matches!(self, Kind::BackupOverdue | Kind::ConsecutiveFailures)
+        matches!(
+            self,
+            Kind::BackupOverdue
+                | Kind::ConsecutiveFailures
+                | Kind::WalGap
+                | Kind::WalConflict
+                | Kind::WalSysidMismatch
+        )
     }
 }
 
@@ -103,6 +122,8 @@ pub struct Facts {
     pub last_drill_ok_at: Option<DateTime<Utc>>,
     /// Whether drills run on a schedule for it (only then can they go stale).
     pub drills_scheduled: bool,
+    /// Its continuous WAL, when it streams any.
+    pub wal: Option<crate::wal::view::TargetWal>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -120,6 +141,9 @@ pub struct Rules {
     /// A target with scheduled drills and no passing one for this long is
     /// degraded (`DATASAVER_DRILL_MAX_AGE`).
     pub drill_max_age: Duration,
+    /// The stored WAL may be this far behind a server that moved on
+    /// (`DATASAVER_ALERT_WAL_LAG`).
+    pub wal_lag: Duration,
 }
 
 impl Default for Rules {
@@ -131,6 +155,7 @@ impl Default for Rules {
             size_window: 5,
             agent_grace: Duration::minutes(5),
             drill_max_age: Duration::days(7),
+            wal_lag: Duration::minutes(5),
         }
     }
 }
@@ -324,6 +349,61 @@ pub fn conditions(f: &Facts, r: &Rules, now: DateTime<Utc>) -> Vec<Condition> {
             backup_id: Some(id.clone()),
         });
     }
+    if let Some(w) = &f.wal {
+        out.extend(wal_conditions(w, r));
+    }
+    out
+}
+
+/// The WAL conditions of one target.
+fn wal_conditions(w: &crate::wal::view::TargetWal, r: &Rules) -> Vec<Condition> {
+    let t = &w.target;
+    let mut out = Vec::new();
+    let gaps: Vec<String> = w
+        .timelines
+        .iter()
+        .flat_map(|l| l.gaps.iter().map(|(a, b)| format!("{a}..{b}")))
+        .collect();
+    if !gaps.is_empty() {
+        out.push(Condition {
+            kind: Kind::WalGap,
+            message: format!(
+                "the WAL of {t} has a gap ({}): no point-in-time restore can pass it; take a base backup",
+                gaps.join(", ")
+            ),
+            backup_id: None,
+        });
+    }
+    if let (Some(bytes), Some(secs)) = (w.lag_bytes, w.lag_seconds) {
+        if bytes > 0 && secs as i64 >= r.wal_lag.num_seconds() {
+            out.push(Condition {
+                kind: Kind::WalLag,
+                message: format!(
+                    "the stored WAL of {t} is {bytes} bytes behind its server and nothing was stored for {}; the limit is {} (DATASAVER_ALERT_WAL_LAG)",
+                    hours(Duration::seconds(secs as i64)),
+                    hours(r.wal_lag)
+                ),
+                backup_id: None,
+            });
+        }
+    }
+    if let Some((m, at)) = &w.conflict {
+        out.push(Condition {
+            kind: Kind::WalConflict,
+            message: format!("{t}: {m} (at {at}); nothing after it is stored"),
+            backup_id: None,
+        });
+    }
+    if let Some((sysid, at)) = &w.refused {
+        out.push(Condition {
+            kind: Kind::WalSysidMismatch,
+            message: format!(
+                "{t} is bound to cluster {} but cluster {sysid} streamed WAL as it (at {at}); its WAL is refused. If the target moved, run `dsctl targets rebind {t}`",
+                w.system_identifier
+            ),
+            backup_id: None,
+        });
+    }
     out
 }
 
@@ -360,7 +440,60 @@ mod tests {
             last_drill: None,
             last_drill_ok_at: None,
             drills_scheduled: false,
+            wal: None,
         }
+    }
+
+    /// The WAL conditions: a gap, a lag past the limit (not below it, and
+    /// not while caught up), a conflict, another cluster.
+    #[test]
+    fn wal_gaps_lag_conflicts_and_other_clusters_are_conditions() {
+        use crate::wal::view::{TargetWal, Timeline};
+        let r = Rules::default();
+        let mut w = TargetWal {
+            target: "t".into(),
+            system_identifier: "7301".into(),
+            bound_at: "x".into(),
+            streaming: true,
+            timelines: vec![Timeline {
+                timeline: 1,
+                first: Some("a".into()),
+                last: Some("d".into()),
+                segments: 2,
+                gaps: vec![],
+                partial: None,
+                stored_bytes: 1,
+            }],
+            stored_end: 100,
+            last_stored_at: None,
+            server_lsn: Some(100),
+            lag_bytes: Some(0),
+            lag_seconds: Some(0),
+            refused: None,
+            conflict: None,
+        };
+        let kinds = |w: &TargetWal| -> Vec<Kind> {
+            let mut f = facts(vec![attempt(1, true, 100)]);
+            f.wal = Some(w.clone());
+            conditions(&f, &r, at(2))
+                .into_iter()
+                .map(|c| c.kind)
+                .collect()
+        };
+        assert!(kinds(&w).is_empty());
+        w.lag_bytes = Some(10);
+        w.lag_seconds = Some(r.wal_lag.num_seconds() as u64 - 1);
+        assert!(kinds(&w).is_empty());
+        w.lag_seconds = Some(r.wal_lag.num_seconds() as u64);
+        assert_eq!(kinds(&w), [Kind::WalLag]);
+        w.lag_bytes = Some(0);
+        w.timelines[0].gaps = vec![("b".into(), "c".into())];
+        w.conflict = Some(("differs".into(), "x".into()));
+        w.refused = Some(("4242".into(), "x".into()));
+        assert_eq!(
+            kinds(&w),
+            [Kind::WalGap, Kind::WalConflict, Kind::WalSysidMismatch]
+        );
     }
 
     /// A failed drill alerts until one passes; with drills on a schedule,

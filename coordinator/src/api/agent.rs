@@ -12,7 +12,7 @@ use datasaver_common::proto::agent_service_server::AgentService;
 use datasaver_common::proto::{
     agent_message, coordinator_message, upload_request, AgentMessage, CoordinatorMessage,
     DownloadChunk, DownloadRequest, IssuedCertificate, Registered, RenewCertificateRequest,
-    UploadRequest, UploadResponse,
+    UploadRequest, UploadResponse, WalAck, WalUpload,
 };
 use futures::{Stream, StreamExt};
 
@@ -38,6 +38,133 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 impl AgentService for AgentSvc {
     type ControlStream = BoxStream<CoordinatorMessage>;
     type DownloadStream = BoxStream<DownloadChunk>;
+    type StreamWalStream = BoxStream<WalAck>;
+
+    async fn stream_wal(
+        &self,
+        req: Request<Streaming<WalUpload>>,
+    ) -> Result<Response<Self::StreamWalStream>, Status> {
+        use crate::wal::receive::{self, Refusal};
+        use datasaver_common::proto::{wal_ack, wal_upload, WalReady, WalStored};
+        fn status(e: Refusal) -> Status {
+            match e {
+                Refusal::NotOwner { .. } => Status::permission_denied(e.to_string()),
+                Refusal::OtherCluster { .. } | Refusal::Conflict { .. } => {
+                    Status::failed_precondition(e.to_string())
+                }
+                Refusal::Invalid(m) => Status::invalid_argument(m),
+                Refusal::Unavailable(m) => Status::unavailable(m),
+            }
+        }
+        let who = Caller::of(&req)?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("no WAL hello within 30 s"))??;
+        let Some(wal_upload::Msg::Hello(h)) = first.and_then(|m| m.msg) else {
+            return Err(Status::invalid_argument(
+                "the first WAL stream message must be a hello",
+            ));
+        };
+        let extension = h.extension.clone();
+        let hello = receive::Hello {
+            target: h.target,
+            system_identifier: h.system_identifier,
+            timeline: h.timeline,
+            seg_size: h.segment_size,
+            extension: h.extension,
+        };
+        let (mut receiver, end) = match receive::open(&self.core, who.name(), hello.clone()).await {
+            Ok(r) => r,
+            Err(e) => {
+                tracing::warn!(agent = %who, target = %hello.target, error = %e, "WAL stream refused");
+                return Err(status(e));
+            }
+        };
+        tracing::info!(agent = %who, target = %hello.target, timeline = hello.timeline, stored_end = %datasaver_common::wal::Lsn(end), "WAL stream started");
+        let max = receive::max_file_bytes(receiver.series.seg_size) as usize;
+        let (tx, rx) = mpsc::channel(16);
+        let ready = WalAck {
+            msg: Some(wal_ack::Msg::Ready(WalReady {
+                stored_end_lsn: end,
+            })),
+        };
+        tx.send(Ok(ready))
+            .await
+            .map_err(|_| Status::cancelled("agent went away"))?;
+        let core = self.core.clone();
+        tokio::spawn(async move {
+            let target = hello.target.clone();
+            let result: Result<(), Status> = async {
+                let mut current: Option<(datasaver_common::proto::WalFileStart, bytes::BytesMut)> =
+                    None;
+                loop {
+                    let m = tokio::select! {
+                        _ = core.cancel.cancelled() => {
+                            return Err(Status::unavailable("coordinator shutting down"))
+                        }
+                        m = inbound.message() => m?,
+                    };
+                    let Some(m) = m else { return Ok(()) };
+                    match m.msg {
+                        Some(wal_upload::Msg::File(f)) if current.is_none() => {
+                            current = Some((f, bytes::BytesMut::new()));
+                        }
+                        Some(wal_upload::Msg::Chunk(c)) => {
+                            let Some((_, buf)) = current.as_mut() else {
+                                return Err(Status::invalid_argument("WAL chunk outside a file"));
+                            };
+                            if buf.len() + c.len() > max {
+                                return Err(Status::invalid_argument(format!(
+                                    "WAL file larger than {max} bytes"
+                                )));
+                            }
+                            buf.extend_from_slice(&c);
+                        }
+                        Some(wal_upload::Msg::End(e)) => {
+                            let Some((f, buf)) = current.take() else {
+                                return Err(Status::invalid_argument("WAL file end without a start"));
+                            };
+                            let name = clean::error(&f.name);
+                            let stored = receiver
+                                .store(
+                                    &name,
+                                    &f.raw_blake3,
+                                    f.end_lsn,
+                                    &e.checksum,
+                                    &extension,
+                                    buf.freeze(),
+                                )
+                                .await
+                                .map_err(status)?;
+                            tracing::debug!(target = %target, file = %stored.name, outcome = stored.outcome, "WAL file");
+                            let ack = WalAck {
+                                msg: Some(wal_ack::Msg::Stored(WalStored {
+                                    name: stored.name,
+                                    outcome: stored.outcome.to_string(),
+                                    end_lsn: stored.end_lsn,
+                                })),
+                            };
+                            tx.send(Ok(ack))
+                                .await
+                                .map_err(|_| Status::cancelled("agent went away"))?;
+                        }
+                        Some(wal_upload::Msg::Position(p)) => receiver.server_position(p.server_lsn),
+                        _ => return Err(Status::invalid_argument("unexpected WAL stream message")),
+                    }
+                }
+            }
+            .await;
+            match result {
+                Ok(()) => tracing::info!(target = %target, "WAL stream ended"),
+                Err(e) => {
+                    tracing::warn!(target = %target, error = %e.message(), "WAL stream ended");
+                    let _ = tx.send(Err(e)).await;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
 
     async fn control(
         &self,

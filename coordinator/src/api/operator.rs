@@ -410,6 +410,91 @@ impl OperatorService for OperatorSvc {
         Ok(Response::new(DeleteBackupResponse { id }))
     }
 
+    async fn list_wal(
+        &self,
+        req: Request<datasaver_common::proto::ListWalRequest>,
+    ) -> Result<Response<datasaver_common::proto::ListWalResponse>, Status> {
+        use datasaver_common::proto::{WalTarget, WalTimeline};
+        use datasaver_common::wal::Lsn;
+        let target = req.get_ref().target.clone();
+        let target = (!target.is_empty()).then_some(target);
+        let who = self.allow(&req, Action::Wal, target.as_deref())?;
+        let rows = crate::wal::view::targets(&self.core, target.as_deref())
+            .await
+            .map_err(internal)?
+            .into_iter()
+            .filter(|t| who.identity.in_scope(&t.target))
+            .map(|t| WalTarget {
+                target: t.target,
+                system_identifier: t.system_identifier,
+                bound_at: t.bound_at,
+                streaming: t.streaming,
+                timelines: t
+                    .timelines
+                    .into_iter()
+                    .map(|l| WalTimeline {
+                        timeline: l.timeline,
+                        first_segment: l.first.unwrap_or_default(),
+                        last_segment: l.last.unwrap_or_default(),
+                        segments: l.segments,
+                        gaps: l
+                            .gaps
+                            .into_iter()
+                            .map(|(a, b)| format!("{a}..{b}"))
+                            .collect(),
+                        partial: l.partial.unwrap_or_default(),
+                        stored_bytes: l.stored_bytes,
+                    })
+                    .collect(),
+                stored_end_lsn: Lsn(t.stored_end).to_string(),
+                server_lsn: t.server_lsn.map(|l| Lsn(l).to_string()).unwrap_or_default(),
+                lag_bytes: t.lag_bytes.unwrap_or(0),
+                last_stored_at: t
+                    .last_stored_at
+                    .map(crate::alerts::stamp)
+                    .unwrap_or_default(),
+                lag_seconds: t.lag_seconds.unwrap_or(0),
+                refused: t
+                    .refused
+                    .map(|(s, at)| format!("cluster {s} at {at}"))
+                    .unwrap_or_default(),
+                conflict: t
+                    .conflict
+                    .map(|(m, at)| format!("{m} (at {at})"))
+                    .unwrap_or_default(),
+            })
+            .collect();
+        Ok(Response::new(datasaver_common::proto::ListWalResponse {
+            targets: rows,
+        }))
+    }
+
+    async fn rebind_target(
+        &self,
+        req: Request<datasaver_common::proto::RebindTargetRequest>,
+    ) -> Result<Response<datasaver_common::proto::RebindTargetResponse>, Status> {
+        let target = req.get_ref().target.clone();
+        let who = self.allow(&req, Action::Rebind, Some(&target))?;
+        let old = self
+            .core
+            .wal_index
+            .unbind(&target)
+            .await
+            .map_err(internal)?
+            .filter(|b| !b.system_identifier.is_empty())
+            .ok_or_else(|| {
+                Status::not_found(format!(
+                    "target {target} is not bound to a cluster (it streams no WAL yet)"
+                ))
+            })?;
+        tracing::warn!(operator = %who, target = %target, previous = %old.system_identifier, "target released from its cluster: the next one to stream starts a new WAL series");
+        Ok(Response::new(
+            datasaver_common::proto::RebindTargetResponse {
+                previous_system_identifier: old.system_identifier,
+            },
+        ))
+    }
+
     async fn list_targets(
         &self,
         req: Request<ListTargetsRequest>,

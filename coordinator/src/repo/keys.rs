@@ -150,14 +150,70 @@ fn is_object_extension(ext: &str) -> bool {
     ["", ".zst", ".gz"].contains(&ext)
 }
 
+/// A WAL series (issue 14): the WAL of one cluster (one
+/// `system_identifier`) streamed for a target. A rebind starts a new one,
+/// so two clusters' segments never share a name.
+pub fn wal_series_prefix(target: &str, system_identifier: &str) -> String {
+    format!("{target}/wal/{system_identifier}/")
+}
+
+/// Key of a series' description (`series.json`: system identifier, segment
+/// size, when it was bound), written when it is bound: a rebuild reads the
+/// segment size from it.
+pub fn wal_series_key(target: &str, system_identifier: &str) -> String {
+    format!(
+        "{}series.json",
+        wal_series_prefix(target, system_identifier)
+    )
+}
+
+/// The target and system identifier a `series.json` key names.
+pub fn parse_wal_series_key(key: &str) -> Option<(&str, &str)> {
+    let mut parts = key.split('/');
+    let (target, wal, sysid, file, None) = (
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next()?,
+        parts.next(),
+    ) else {
+        return None;
+    };
+    (wal == "wal"
+        && file == "series.json"
+        && datasaver_common::names::validate_target(target).is_ok()
+        && is_system_identifier(sysid))
+    .then_some((target, sysid))
+}
+
+/// A system identifier as Postgres prints it: a decimal u64.
+pub fn is_system_identifier(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 20
+        && s.bytes().all(|b| b.is_ascii_digit())
+        && s.parse::<u64>().is_ok()
+}
+
+/// What a WAL key names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WalKey<'a> {
+    pub target: &'a str,
+    pub system_identifier: &'a str,
+    pub file: datasaver_common::wal::WalFile,
+    /// BLAKE3 of the raw bytes, hex
+    pub raw_blake3: &'a str,
+    pub extension: &'a str,
+}
+
 /// Key of a stored WAL file (issue 14):
-/// `<target>/wal/<timeline>/<name>-<BLAKE3 of its raw bytes><extension>`,
+/// `<target>/wal/<system id>/<timeline>/<name>-<BLAKE3 of its raw bytes><extension>`,
 /// `name` a segment's, `<segment>.partial` or `<timeline>.history`. The
 /// content's hash in the name (as pgBackRest puts a SHA-1 in its) makes a
 /// listing tell an identical retry from a different file under the same
 /// name, and gives a rebuilt index every checksum without reading a byte.
 pub fn wal_key(
     target: &str,
+    system_identifier: &str,
     file: &datasaver_common::wal::WalFile,
     seg_size: u64,
     raw_blake3: &str,
@@ -169,18 +225,18 @@ pub fn wal_key(
         WalFile::Partial(s) => (s.timeline, format!("{}.partial", s.name(seg_size))),
         WalFile::History(t) => (*t, history_name(*t)),
     };
-    format!("{target}/wal/{tli:08X}/{name}-{raw_blake3}{extension}")
+    format!(
+        "{}{tli:08X}/{name}-{raw_blake3}{extension}",
+        wal_series_prefix(target, system_identifier)
+    )
 }
 
-/// What a WAL key names: target, file, raw BLAKE3 and extension, when the
-/// key has [`wal_key`]'s exact shape.
-pub fn parse_wal_key(
-    key: &str,
-    seg_size: u64,
-) -> Option<(&str, datasaver_common::wal::WalFile, &str, &str)> {
+/// What a WAL key names, when the key has [`wal_key`]'s exact shape.
+pub fn parse_wal_key(key: &str, seg_size: u64) -> Option<WalKey<'_>> {
     use datasaver_common::wal::WalFile;
     let mut parts = key.split('/');
-    let (target, wal, dir, file, None) = (
+    let (target, wal, sysid, dir, file, None) = (
+        parts.next()?,
         parts.next()?,
         parts.next()?,
         parts.next()?,
@@ -189,7 +245,10 @@ pub fn parse_wal_key(
     ) else {
         return None;
     };
-    if wal != "wal" || datasaver_common::names::validate_target(target).is_err() {
+    if wal != "wal"
+        || datasaver_common::names::validate_target(target).is_err()
+        || !is_system_identifier(sysid)
+    {
         return None;
     }
     let (name, rest) = file.split_once('-')?;
@@ -209,7 +268,13 @@ pub fn parse_wal_key(
         WalFile::Segment(s) | WalFile::Partial(s) => s.timeline,
         WalFile::History(t) => t,
     };
-    (dir == format!("{tli:08X}")).then_some((target, parsed, hash, ext))
+    (dir == format!("{tli:08X}")).then_some(WalKey {
+        target,
+        system_identifier: sysid,
+        file: parsed,
+        raw_blake3: hash,
+        extension: ext,
+    })
 }
 
 /// Whether `key` is one of the layout's own keys: a backup object
@@ -220,9 +285,10 @@ pub fn is_own_key(key: &str) -> bool {
         return true;
     }
     if key.split('/').nth(1) == Some("wal") {
-        return WAL_SEG_SIZES
-            .iter()
-            .any(|size| parse_wal_key(key, *size).is_some());
+        return parse_wal_series_key(key).is_some()
+            || WAL_SEG_SIZES
+                .iter()
+                .any(|size| parse_wal_key(key, *size).is_some());
     }
     let Some((_, target, file)) = split_layout(key) else {
         return false;
@@ -261,15 +327,27 @@ mod tests {
             timeline: 2,
             segno: 0x1_05,
         });
-        let key = wal_key("app", &seg, SEG, &hash, ".zst.age");
+        let key = wal_key("app", "7301", &seg, SEG, &hash, ".zst.age");
         assert_eq!(
             key,
-            format!("app/wal/00000002/000000020000000100000005-{hash}.zst.age")
+            format!("app/wal/7301/00000002/000000020000000100000005-{hash}.zst.age")
         );
         assert_eq!(
             parse_wal_key(&key, SEG),
-            Some(("app", seg, hash.as_str(), ".zst.age"))
+            Some(WalKey {
+                target: "app",
+                system_identifier: "7301",
+                file: seg,
+                raw_blake3: hash.as_str(),
+                extension: ".zst.age"
+            })
         );
+        assert!(is_own_key(&wal_series_key("app", "7301")));
+        assert_eq!(
+            parse_wal_series_key("app/wal/7301/series.json"),
+            Some(("app", "7301"))
+        );
+        assert!(!is_own_key("app/wal/x7301/series.json"));
         assert!(is_own_key(&key));
         for (file, name) in [
             (WalFile::History(3), "00000003.history"),
@@ -281,17 +359,22 @@ mod tests {
                 "000000030000000000000007.partial",
             ),
         ] {
-            let k = wal_key("app", &file, SEG, &hash, "");
+            let k = wal_key("app", "7301", &file, SEG, &hash, "");
             assert!(k.ends_with(&format!("/{name}-{hash}")), "{k}");
-            assert_eq!(parse_wal_key(&k, SEG).map(|p| p.1), Some(file));
+            assert_eq!(parse_wal_key(&k, SEG).map(|p| p.file), Some(file));
         }
         for foreign in [
-            format!("app/wal/00000001/000000020000000100000005-{hash}"),
-            format!("app/wal/00000002/000000020000000100000005-{}", &hash[..60]),
-            format!("app/wal/00000002/000000020000000100000005-{hash}.lz4"),
-            "app/wal/00000002/000000020000000100000005".to_string(),
-            format!("app/wal/00000002/x/000000020000000100000005-{hash}"),
-            format!("App/wal/00000002/000000020000000100000005-{hash}"),
+            format!("app/wal/7301/00000001/000000020000000100000005-{hash}"),
+            format!(
+                "app/wal/7301/00000002/000000020000000100000005-{}",
+                &hash[..60]
+            ),
+            format!("app/wal/7301/00000002/000000020000000100000005-{hash}.lz4"),
+            "app/wal/7301/00000002/000000020000000100000005".to_string(),
+            format!("app/wal/7301/00000002/x/000000020000000100000005-{hash}"),
+            format!("App/wal/7301/00000002/000000020000000100000005-{hash}"),
+            format!("app/wal/00000002/000000020000000100000005-{hash}"),
+            format!("app/wal/73x1/00000002/000000020000000100000005-{hash}"),
         ] {
             assert!(!is_own_key(&foreign), "{foreign}");
         }

@@ -1,15 +1,30 @@
-//! Stored WAL (issue 14, being built; nothing uploads WAL yet): segments,
-//! partials and history files under `<target>/wal/<timeline>/`
-//! (`keys::wal_key`). A name is written once: the same content again is a
-//! retry and accepted without a write; different content under a stored
-//! name is refused and the original kept (the caller raises `wal.conflict`).
-//! A partial is replaced by a longer one and dropped once its segment is
-//! whole. Storage is the source of truth: [`Repository::wal_files`] lists it.
+//! Stored WAL (issue 14): segments, partials and history files of a series
+//! (one cluster's WAL for a target) under
+//! `<target>/wal/<system id>/<timeline>/` (`keys::wal_key`), and the
+//! series' `series.json`. A name is written once: the same content again is
+//! a retry and accepted without a write; different content under a stored
+//! name is refused and the original kept (the caller raises
+//! `wal.conflict`). A partial is replaced by a longer one and dropped once
+//! its segment is whole. Storage is the source of truth:
+//! [`Repository::wal_files`] and [`Repository::wal_series`] list it; the
+//! catalog's index (`wal::index`) is rebuilt from them.
 
 use bytes::Bytes;
 use datasaver_common::wal::{Segment, WalFile};
+use serde::{Deserialize, Serialize};
 
 use super::{keys, RepoError, Repository};
+
+/// One cluster's WAL for a target.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Series {
+    pub target: String,
+    pub system_identifier: String,
+    /// bytes per segment (`wal_segment_size`)
+    pub seg_size: u64,
+    /// when the target was bound to this cluster (RFC 3339)
+    pub bound_at: String,
+}
 
 /// A WAL file in storage.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -37,8 +52,14 @@ pub enum PutWal {
     Superseded(StoredWal),
 }
 
-fn same_name(a: &WalFile, b: &WalFile) -> bool {
-    a == b
+impl PutWal {
+    /// The file written, if one was.
+    pub fn stored(&self) -> Option<&StoredWal> {
+        match self {
+            PutWal::Stored(s) => Some(s),
+            _ => None,
+        }
+    }
 }
 
 fn segment_of(f: &WalFile) -> Option<Segment> {
@@ -48,22 +69,58 @@ fn segment_of(f: &WalFile) -> Option<Segment> {
     }
 }
 
+fn is_hex64(s: &str) -> bool {
+    s.len() == 64
+        && s.bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 impl Repository {
-    /// Every WAL file of `target`, as storage lists them (keys of another
-    /// shape under `wal/` are skipped).
-    pub async fn wal_files(
-        &self,
-        target: &str,
-        seg_size: u64,
-    ) -> Result<Vec<StoredWal>, RepoError> {
-        let prefix = format!("{target}/wal/");
+    /// Every series of `target` in storage (their `series.json`).
+    pub async fn wal_series(&self, target: &str) -> Result<Vec<Series>, RepoError> {
+        let mut out = Vec::new();
+        for o in self.storage.list(&format!("{target}/wal/")).await? {
+            let Some((t, sysid)) = keys::parse_wal_series_key(&o.key) else {
+                continue;
+            };
+            if t != target {
+                continue;
+            }
+            let bytes = match self.read_small(&o.key).await {
+                Ok(b) => b,
+                Err(e) => {
+                    tracing::warn!(key = %o.key, error = %e, "WAL series description not readable");
+                    continue;
+                }
+            };
+            match serde_json::from_slice::<Series>(&bytes) {
+                Ok(s) if s.target == target && s.system_identifier == sysid => out.push(s),
+                _ => tracing::warn!(key = %o.key, "unreadable WAL series description skipped"),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes a series' `series.json` (before any of its WAL).
+    pub async fn put_wal_series(&self, series: &Series) -> Result<(), RepoError> {
+        let key = keys::wal_series_key(&series.target, &series.system_identifier);
+        let json = serde_json::to_vec_pretty(series)
+            .map_err(|e| RepoError::Conflict(format!("cannot describe WAL series: {e}")))?;
+        self.storage.put(&key, Bytes::from(json)).await?;
+        Ok(())
+    }
+
+    /// Every WAL file of a series, as storage lists them (keys of another
+    /// shape are skipped).
+    pub async fn wal_files(&self, series: &Series) -> Result<Vec<StoredWal>, RepoError> {
+        let prefix = keys::wal_series_prefix(&series.target, &series.system_identifier);
         let mut out = Vec::new();
         for o in self.storage.list(&prefix).await? {
-            if let Some((t, file, hash, _)) = keys::parse_wal_key(&o.key, seg_size) {
-                if t == target {
+            if let Some(k) = keys::parse_wal_key(&o.key, series.seg_size) {
+                if k.target == series.target && k.system_identifier == series.system_identifier {
                     out.push(StoredWal {
-                        file,
-                        raw_blake3: hash.to_string(),
+                        file: k.file,
+                        raw_blake3: k.raw_blake3.to_string(),
                         key: o.key.clone(),
                         size: o.size,
                     });
@@ -73,34 +130,39 @@ impl Repository {
         Ok(out)
     }
 
-    /// Stores one WAL file of `target` whose raw bytes hash to
+    /// Stores one WAL file of `series` whose raw bytes hash to
     /// `raw_blake3`, as `data` (already compressed/encrypted, named by
-    /// `extension`), unless the rules above say otherwise.
+    /// `extension`), unless the rules above say otherwise. `known` is what
+    /// the index holds of the series (at least the file's segment or name);
+    /// returns what was done and the keys removed.
     pub async fn put_wal(
         &self,
-        target: &str,
+        series: &Series,
         file: WalFile,
-        seg_size: u64,
         raw_blake3: &str,
         extension: &str,
         data: Bytes,
-    ) -> Result<PutWal, RepoError> {
-        if raw_blake3.len() != 64
-            || !raw_blake3
-                .bytes()
-                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-        {
+        known: &[StoredWal],
+    ) -> Result<(PutWal, Vec<String>), RepoError> {
+        if !is_hex64(raw_blake3) {
             return Err(RepoError::Conflict(format!(
                 "WAL checksum {raw_blake3:?} is not a BLAKE3 in lower-case hex"
             )));
         }
-        let key = keys::wal_key(target, &file, seg_size, raw_blake3, extension);
-        if keys::parse_wal_key(&key, seg_size).is_none() {
+        let key = keys::wal_key(
+            &series.target,
+            &series.system_identifier,
+            &file,
+            series.seg_size,
+            raw_blake3,
+            extension,
+        );
+        if keys::parse_wal_key(&key, series.seg_size).is_none() {
             return Err(RepoError::Conflict(format!(
-                "cannot store WAL for target {target:?} under {key:?}"
+                "cannot store WAL for target {:?} under {key:?}",
+                series.target
             )));
         }
-        let existing = self.wal_files(target, seg_size).await?;
         let stored = StoredWal {
             file,
             raw_blake3: raw_blake3.to_string(),
@@ -109,51 +171,55 @@ impl Repository {
         };
         match file {
             WalFile::Segment(_) | WalFile::History(_) => {
-                if let Some(e) = existing.iter().find(|e| same_name(&e.file, &file)) {
-                    return Ok(if e.raw_blake3 == raw_blake3 {
-                        PutWal::Identical(e.clone())
-                    } else {
-                        PutWal::Conflict {
-                            existing: e.clone(),
-                        }
-                    });
+                if let Some(e) = known.iter().find(|e| e.file == file) {
+                    return Ok((
+                        if e.raw_blake3 == raw_blake3 {
+                            PutWal::Identical(e.clone())
+                        } else {
+                            PutWal::Conflict {
+                                existing: e.clone(),
+                            }
+                        },
+                        Vec::new(),
+                    ));
                 }
                 self.storage.put(&key, data).await?;
                 // The segment is whole now: its partials are not needed.
+                let mut removed = Vec::new();
                 if let WalFile::Segment(s) = file {
-                    let partials: Vec<String> = existing
+                    removed = known
                         .iter()
                         .filter(|e| e.file == WalFile::Partial(s))
                         .map(|e| e.key.clone())
                         .collect();
-                    if !partials.is_empty() {
-                        self.storage.delete(&partials).await?;
+                    if !removed.is_empty() {
+                        self.storage.delete(&removed).await?;
                     }
                 }
-                Ok(PutWal::Stored(stored))
+                Ok((PutWal::Stored(stored), removed))
             }
             WalFile::Partial(s) => {
-                if let Some(whole) = existing.iter().find(|e| e.file == WalFile::Segment(s)) {
-                    return Ok(PutWal::Superseded(whole.clone()));
+                if let Some(whole) = known.iter().find(|e| e.file == WalFile::Segment(s)) {
+                    return Ok((PutWal::Superseded(whole.clone()), Vec::new()));
                 }
-                if let Some(e) = existing
+                if let Some(e) = known
                     .iter()
                     .find(|e| e.file == file && e.raw_blake3 == raw_blake3)
                 {
-                    return Ok(PutWal::Identical(e.clone()));
+                    return Ok((PutWal::Identical(e.clone()), Vec::new()));
                 }
                 // The new partial first, then the older ones: there is
                 // always one in storage.
                 self.storage.put(&key, data).await?;
-                let older: Vec<String> = existing
+                let older: Vec<String> = known
                     .iter()
-                    .filter(|e| e.file == file && segment_of(&e.file) == Some(s))
+                    .filter(|e| e.file == file && segment_of(&e.file) == Some(s) && e.key != key)
                     .map(|e| e.key.clone())
                     .collect();
                 if !older.is_empty() {
                     self.storage.delete(&older).await?;
                 }
-                Ok(PutWal::Stored(stored))
+                Ok((PutWal::Stored(stored), older))
             }
         }
     }
@@ -179,13 +245,24 @@ mod tests {
     #[tokio::test]
     async fn a_name_is_written_once_and_partials_give_way() {
         let (repo, storage, _dir) = repo_with(FaultyStorage::new());
+        let series = Series {
+            target: "app".into(),
+            system_identifier: "7301".into(),
+            seg_size: SEG,
+            bound_at: "2026-12-03T00:00:00Z".into(),
+        };
+        repo.put_wal_series(&series).await.unwrap();
+        assert_eq!(repo.wal_series("app").await.unwrap(), vec![series.clone()]);
         let one = Bytes::from_static(b"segment one");
+        // As the index would: what storage lists.
         let put = |file, data: Bytes| {
-            let repo = &repo;
+            let (repo, series) = (&repo, &series);
             async move {
-                repo.put_wal("app", file, SEG, &b3(&data), ".zst", data)
+                let known = repo.wal_files(series).await.unwrap();
+                repo.put_wal(series, file, &b3(&data), ".zst", data, &known)
                     .await
                     .unwrap()
+                    .0
             }
         };
         assert!(matches!(
@@ -213,7 +290,7 @@ mod tests {
                 .filter(|f| matches!(f.file, WalFile::Partial(_)))
                 .count()
         };
-        let files = repo.wal_files("app", SEG).await.unwrap();
+        let files = repo.wal_files(&series).await.unwrap();
         assert_eq!(partials(&files), 1);
         assert!(files.iter().any(|f| f.raw_blake3 == b3(b"partial")));
         put(WalFile::Segment(seg(6)), Bytes::from_static(b"whole six")).await;
@@ -226,7 +303,7 @@ mod tests {
             Bytes::from_static(b"1\t0/5000000\tx\n"),
         )
         .await;
-        let files = repo.wal_files("app", SEG).await.unwrap();
+        let files = repo.wal_files(&series).await.unwrap();
         assert_eq!(partials(&files), 0);
         let mut names: Vec<String> = files
             .iter()
@@ -250,12 +327,12 @@ mod tests {
         // A checksum that is not one is refused before anything is written.
         assert!(repo
             .put_wal(
-                "app",
+                &series,
                 WalFile::Segment(seg(9)),
-                SEG,
                 "nope",
                 "",
-                Bytes::new()
+                Bytes::new(),
+                &[]
             )
             .await
             .is_err());

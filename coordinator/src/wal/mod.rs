@@ -6,5 +6,9 @@
 //! on these.
 
 pub mod history;
+pub mod index;
+pub mod live;
 pub use datasaver_common::wal as name;
 pub mod plan;
+pub mod receive;
+pub mod view;

@@ -279,6 +279,8 @@ fn cli_text_every_operator_command_against_a_fleet() {
         "dsctl agents (none connected)",
         &r.redact(&out.stdout),
     );
+    let out = ok(&["wal"]);
+    snap("wal_none", "dsctl wal (no target streams WAL)", &out.stdout);
     fleet.add_agent("app", &pg, "app");
     fleet.add_agent("crm", &pg, "crm");
     let ok = |args: &[&str]| -> Output {

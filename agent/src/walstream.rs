@@ -1,0 +1,348 @@
+//! Continuous WAL (`DATASAVER_WAL=stream`, issue 14): the server's WAL,
+//! received over the replication protocol through a physical slot, cut
+//! into segments, compressed (zstd), optionally encrypted, and sent to the
+//! coordinator's `StreamWal`. The position reported to the server as
+//! flushed — which lets the slot release WAL — is only ever what the
+//! coordinator acknowledged as stored; the segment in progress is stored as
+//! a partial every `DATASAVER_WAL_SYNC_INTERVAL`, and on a planned stop.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use datasaver_common::proto::agent_service_client::AgentServiceClient;
+use datasaver_common::proto::{
+    wal_ack, wal_upload, WalFileEnd, WalFileStart, WalHello, WalPosition, WalUpload,
+};
+use datasaver_common::wal::{Lsn, Segment};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::config::{AgentConfig, WalSettings};
+use crate::pipeline::transform::Chain;
+use crate::replication::{Event, ReplConn, WalStream};
+use crate::segmenter::Segmenter;
+
+/// How long a planned stop waits for the last partial's acknowledgement.
+const STOP_WAIT: Duration = Duration::from_secs(5);
+const CHUNK: usize = 1 << 20;
+
+/// Streams until `cancel` fires or the session's channel breaks, starting
+/// again after each failure with a growing pause.
+pub async fn run(
+    config: Arc<AgentConfig>,
+    settings: WalSettings,
+    channel: Channel,
+    cancel: CancellationToken,
+) {
+    let mut backoff = Duration::from_secs(1);
+    loop {
+        let started = std::time::Instant::now();
+        let result = once(&config, &settings, channel.clone(), &cancel).await;
+        if cancel.is_cancelled() {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                backoff = Duration::from_secs(1);
+                continue;
+            }
+            Err(e) => {
+                if started.elapsed() > Duration::from_secs(60) {
+                    backoff = Duration::from_secs(1);
+                }
+                tracing::error!(target = %config.target.name, error = %e, retry_in = ?backoff, "WAL streaming stopped");
+            }
+        }
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(Duration::from_secs(60));
+    }
+}
+
+/// The stored form of one WAL file.
+fn encode(config: &AgentConfig, raw: &[u8]) -> Result<Vec<u8>, String> {
+    let t = &config.target;
+    let level = if t.compression == datasaver_common::codec::Compression::Zstd {
+        t.compression_level
+    } else {
+        3
+    };
+    let mut chain = Chain::encode(
+        datasaver_common::codec::Compression::Zstd,
+        level,
+        0,
+        t.encrypt_to.as_ref().map(|e| &e.recipient),
+    )
+    .map_err(|e| e.to_string())?;
+    let mut out = chain.push(raw).map_err(|e| e.to_string())?;
+    out.extend(chain.finish().map_err(|e| e.to_string())?);
+    Ok(out)
+}
+
+fn extension(config: &AgentConfig) -> &'static str {
+    if config.target.encrypt_to.is_some() {
+        ".zst.age"
+    } else {
+        ".zst"
+    }
+}
+
+/// Sends one file: start, chunks, end. Compression and hashing run off
+/// the async threads.
+async fn send_file(
+    config: &Arc<AgentConfig>,
+    tx: &mpsc::Sender<WalUpload>,
+    name: String,
+    raw: Vec<u8>,
+    end_lsn: u64,
+) -> Result<(), String> {
+    let c = config.clone();
+    let (raw_blake3, raw_bytes, stored) = tokio::task::spawn_blocking(move || {
+        let hash = datasaver_common::checksum::blake3_hex(&raw);
+        encode(&c, &raw).map(|s| (hash, raw.len() as u64, s))
+    })
+    .await
+    .map_err(|e| format!("encoding WAL failed: {e}"))??;
+    let checksum = datasaver_common::checksum::blake3_hex(&stored);
+    let send = |m: wal_upload::Msg| async {
+        tx.send(WalUpload { msg: Some(m) })
+            .await
+            .map_err(|_| "the coordinator's WAL stream closed".to_string())
+    };
+    send(wal_upload::Msg::File(WalFileStart {
+        name,
+        raw_blake3,
+        raw_bytes,
+        end_lsn,
+    }))
+    .await?;
+    for c in stored.chunks(CHUNK) {
+        send(wal_upload::Msg::Chunk(c.to_vec())).await?;
+    }
+    send(wal_upload::Msg::End(WalFileEnd { checksum })).await
+}
+
+fn partial_name(seg: Segment, seg_size: u64) -> String {
+    format!("{}.partial", seg.name(seg_size))
+}
+
+async fn once(
+    config: &Arc<AgentConfig>,
+    settings: &WalSettings,
+    channel: Channel,
+    cancel: &CancellationToken,
+) -> Result<(), String> {
+    let e = |e: crate::replication::ReplError| e.to_string();
+    let db = &config.target.db;
+    let mut repl = ReplConn::connect(db).await.map_err(e)?;
+    let sys = repl.identify_system().await.map_err(e)?;
+    let seg_size = repl.seg_size().await.map_err(e)?;
+    if repl.ensure_slot(&settings.slot).await.map_err(e)? {
+        tracing::info!(slot = %settings.slot, "created replication slot: the server keeps WAL for datasaver from now");
+    }
+    let (restart, tli) = repl
+        .read_slot(&settings.slot)
+        .await
+        .map_err(e)?
+        .unwrap_or((sys.position, sys.timeline));
+    let start = Lsn(restart.0 - restart.0 % seg_size);
+    let mut histories = Vec::new();
+    for t in 2..=sys.timeline {
+        histories.push(repl.timeline_history(t).await.map_err(e)?);
+    }
+
+    let (tx, rx) = mpsc::channel::<WalUpload>(4);
+    tx.send(WalUpload {
+        msg: Some(wal_upload::Msg::Hello(WalHello {
+            target: config.target.name.clone(),
+            system_identifier: sys.system_id.clone(),
+            timeline: tli,
+            segment_size: seg_size,
+            server_version: String::new(),
+            extension: extension(config).into(),
+        })),
+    })
+    .await
+    .map_err(|_| "WAL stream closed".to_string())?;
+    let max = datasaver_common::MAX_MESSAGE_SIZE;
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
+    let mut acks = client
+        .stream_wal(ReceiverStream::new(rx))
+        .await
+        .map_err(|s| format!("the coordinator refused the WAL stream: {}", s.message()))?
+        .into_inner();
+    match acks.message().await {
+        Ok(Some(a)) if matches!(a.msg, Some(wal_ack::Msg::Ready(_))) => {}
+        Ok(_) => return Err("the coordinator did not accept the WAL stream".into()),
+        Err(s) => {
+            return Err(format!(
+                "the coordinator refused the WAL stream: {}",
+                s.message()
+            ))
+        }
+    }
+    tracing::info!(target = %config.target.name, slot = %settings.slot, from = %start, timeline = tli, system_identifier = %sys.system_id, "streaming WAL");
+    let mut unacked: VecDeque<String> = VecDeque::new();
+    for (name, content) in histories {
+        send_file(config, &tx, name.clone(), content, 0).await?;
+        unacked.push_back(name);
+    }
+    let stream = repl.start(&settings.slot, start, tli).await.map_err(e)?;
+    let mut s = Streamer {
+        config: config.clone(),
+        tx,
+        stream,
+        seg: Segmenter::new(tli, start, seg_size)?,
+        seg_size,
+        unacked,
+        flushed: None,
+        slot_start: restart,
+        server: sys.position,
+        last_partial: None,
+    };
+    let mut tick = tokio::time::interval(settings.sync_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => {
+                // A planned stop: the last seconds go as a partial.
+                s.send_partial().await?;
+                let wait = tokio::time::timeout(STOP_WAIT, async {
+                    while !s.unacked.is_empty() {
+                        match acks.message().await {
+                            Ok(Some(a)) => s.acked(a).await?,
+                            _ => break,
+                        }
+                    }
+                    Ok::<(), String>(())
+                });
+                let _ = wait.await;
+                return Ok(());
+            }
+            ev = s.stream.next() => {
+                match ev.map_err(e)? {
+                    Event::Data { start, bytes } => {
+                        let end = Lsn(start.0 + bytes.len() as u64);
+                        s.server = s.server.max(end);
+                        for done in s.seg.push(start, &bytes).map_err(|e| e.to_string())? {
+                            let name = done.segment.name(seg_size);
+                            let end = done.segment.start(seg_size).0 + seg_size;
+                            send_file(&s.config, &s.tx, name.clone(), done.bytes, end).await?;
+                            s.unacked.push_back(name);
+                        }
+                    }
+                    Event::Keepalive { end, reply } => {
+                        s.server = s.server.max(end);
+                        if reply {
+                            s.report().await?;
+                        }
+                    }
+                    Event::TimelineEnd => {
+                        // The server was promoted: keep what this timeline
+                        // has, then start again on the next one.
+                        s.send_partial().await?;
+                        while !s.unacked.is_empty() {
+                            match acks.message().await {
+                                Ok(Some(a)) => s.acked(a).await?,
+                                Ok(None) => return Err("the coordinator ended the WAL stream".into()),
+                                Err(st) => return Err(st.message().to_string()),
+                            }
+                        }
+                        tracing::info!(target = %config.target.name, timeline = tli, "timeline ended on the server; following the next one");
+                        return Ok(());
+                    }
+                }
+            }
+            a = acks.message() => {
+                match a {
+                    Ok(Some(a)) => s.acked(a).await?,
+                    Ok(None) => return Err("the coordinator ended the WAL stream".into()),
+                    Err(st) => return Err(format!("the coordinator stopped the WAL stream: {}", st.message())),
+                }
+            }
+            _ = tick.tick() => {
+                s.send_partial().await?;
+                s.tx
+                    .send(WalUpload { msg: Some(wal_upload::Msg::Position(WalPosition { server_lsn: s.server.0 })) })
+                    .await
+                    .map_err(|_| "the coordinator's WAL stream closed".to_string())?;
+            }
+        }
+    }
+}
+
+struct Streamer {
+    config: Arc<AgentConfig>,
+    tx: mpsc::Sender<WalUpload>,
+    stream: WalStream,
+    seg: Segmenter,
+    seg_size: u64,
+    /// names sent and not acknowledged yet, in order
+    unacked: VecDeque<String>,
+    /// what the coordinator has stored, as reported to the server
+    flushed: Option<Lsn>,
+    /// the slot's position when streaming started: never report below it
+    slot_start: Lsn,
+    /// the server's position as the stream said
+    server: Lsn,
+    /// the last partial sent: (segment, length)
+    last_partial: Option<(Segment, usize)>,
+}
+
+impl Streamer {
+    /// Stores the segment in progress as a partial, if it grew since the
+    /// last one.
+    async fn send_partial(&mut self) -> Result<(), String> {
+        let Some((segment, bytes)) = self.seg.partial() else {
+            return Ok(());
+        };
+        if self.last_partial == Some((segment, bytes.len())) {
+            return Ok(());
+        }
+        let name = partial_name(segment, self.seg_size);
+        let end = segment.start(self.seg_size).0 + bytes.len() as u64;
+        let len = bytes.len();
+        send_file(&self.config, &self.tx, name.clone(), bytes.to_vec(), end).await?;
+        self.unacked.push_back(name);
+        self.last_partial = Some((segment, len));
+        Ok(())
+    }
+
+    async fn acked(&mut self, a: datasaver_common::proto::WalAck) -> Result<(), String> {
+        let Some(wal_ack::Msg::Stored(st)) = a.msg else {
+            return Err("unexpected message on the WAL stream".into());
+        };
+        match self.unacked.pop_front() {
+            Some(n) if n == st.name => {}
+            other => {
+                return Err(format!(
+                    "the coordinator acknowledged {} while {other:?} was next",
+                    st.name
+                ))
+            }
+        }
+        if st.end_lsn > 0 {
+            let end = Lsn(st.end_lsn).max(self.slot_start);
+            self.flushed = Some(self.flushed.map_or(end, |f| f.max(end)));
+        }
+        self.report().await
+    }
+
+    async fn report(&mut self) -> Result<(), String> {
+        let written = self.seg.position();
+        // Nothing acknowledged yet: 0 tells the server nothing is flushed,
+        // and the slot stays where it is.
+        let flushed = self.flushed.unwrap_or(Lsn(0));
+        self.stream
+            .report(written, flushed, false)
+            .await
+            .map_err(|e| e.to_string())
+    }
+}
