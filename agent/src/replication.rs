@@ -75,6 +75,11 @@ pub struct ReplConn {
     buf: BytesMut,
 }
 
+/// Microseconds since 2000-01-01 (the protocol's clock) as Unix microseconds.
+fn unix_micros(pg: i64) -> i64 {
+    pg.saturating_add(946_684_800_000_000)
+}
+
 fn pg_epoch_micros() -> i64 {
     // Microseconds since 2000-01-01, the protocol's clock.
     const OFFSET_SECS: i64 = 946_684_800;
@@ -427,10 +432,17 @@ fn server_error(body: &backend::ErrorResponseBody) -> ReplError {
 /// What the server sends while streaming.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Event {
-    /// WAL bytes starting at `start`
-    Data { start: Lsn, bytes: bytes::Bytes },
-    /// the server's position; answer with [`WalStream::report`] when asked
-    Keepalive { end: Lsn, reply: bool },
+    /// WAL bytes starting at `start`; the server's WAL ended at `end` when
+    /// it sent them, at `time` (its clock, Unix microseconds)
+    Data {
+        start: Lsn,
+        bytes: bytes::Bytes,
+        end: Lsn,
+        time: i64,
+    },
+    /// the server's position at `time`; answer with [`WalStream::report`]
+    /// when asked
+    Keepalive { end: Lsn, reply: bool, time: i64 },
     /// the timeline ended (a promotion on the server's side)
     TimelineEnd,
 }
@@ -458,19 +470,22 @@ impl WalStream {
                     match kind {
                         b'w' if d.len() >= 24 => {
                             let start = d.get_u64();
-                            let _end = d.get_u64();
-                            let _time = d.get_i64();
+                            let end = d.get_u64();
+                            let time = d.get_i64();
                             return Ok(Event::Data {
                                 start: Lsn(start),
                                 bytes: bytes::Bytes::copy_from_slice(d),
+                                end: Lsn(end),
+                                time: unix_micros(time),
                             });
                         }
                         b'k' if d.len() >= 17 => {
                             let end = d.get_u64();
-                            let _time = d.get_i64();
+                            let time = d.get_i64();
                             return Ok(Event::Keepalive {
                                 end: Lsn(end),
                                 reply: d.get_u8() == 1,
+                                time: unix_micros(time),
                             });
                         }
                         other => {

@@ -205,6 +205,7 @@ async fn once(
         flushed: None,
         slot_start: restart,
         server: sys.position,
+        server_time: 0,
         last_partial: None,
     };
     let mut tick = tokio::time::interval(settings.sync_interval);
@@ -228,9 +229,8 @@ async fn once(
             }
             ev = s.stream.next() => {
                 match ev.map_err(e)? {
-                    Event::Data { start, bytes } => {
-                        let end = Lsn(start.0 + bytes.len() as u64);
-                        s.server = s.server.max(end);
+                    Event::Data { start, bytes, end, time } => {
+                        s.mark(end, time);
                         for done in s.seg.push(start, &bytes).map_err(|e| e.to_string())? {
                             let name = done.segment.name(seg_size);
                             let end = done.segment.start(seg_size).0 + seg_size;
@@ -238,8 +238,8 @@ async fn once(
                             s.unacked.push_back(name);
                         }
                     }
-                    Event::Keepalive { end, reply } => {
-                        s.server = s.server.max(end);
+                    Event::Keepalive { end, reply, time } => {
+                        s.mark(end, time);
                         if reply {
                             s.report().await?;
                         }
@@ -269,8 +269,14 @@ async fn once(
             }
             _ = tick.tick() => {
                 s.send_partial().await?;
+                if s.server_time == 0 {
+                    continue;
+                }
                 s.tx
-                    .send(WalUpload { msg: Some(wal_upload::Msg::Position(WalPosition { server_lsn: s.server.0 })) })
+                    .send(WalUpload { msg: Some(wal_upload::Msg::Position(WalPosition {
+                        server_lsn: s.server.0,
+                        server_time_micros: s.server_time,
+                    })) })
                     .await
                     .map_err(|_| "the coordinator's WAL stream closed".to_string())?;
             }
@@ -290,13 +296,21 @@ struct Streamer {
     flushed: Option<Lsn>,
     /// the slot's position when streaming started: never report below it
     slot_start: Lsn,
-    /// the server's position as the stream said
+    /// the server's WAL end as the stream last said, and when (its clock)
     server: Lsn,
+    server_time: i64,
     /// the last partial sent: (segment, length)
     last_partial: Option<(Segment, usize)>,
 }
 
 impl Streamer {
+    fn mark(&mut self, end: Lsn, time: i64) {
+        if time >= self.server_time {
+            self.server = self.server.max(end);
+            self.server_time = time;
+        }
+    }
+
     /// Stores the segment in progress as a partial, if it grew since the
     /// last one.
     async fn send_partial(&mut self) -> Result<(), String> {

@@ -1037,6 +1037,7 @@ pub fn wal(list: &[datasaver_common::proto::WalTarget], as_json: bool) {
                     "last_stored_at": t.last_stored_at,
                     "refused": t.refused,
                     "conflict": t.conflict,
+                    "latest_recoverable": t.latest_recoverable,
                     "timelines": t.timelines.iter().map(|l| json!({
                         "timeline": l.timeline,
                         "first_segment": l.first_segment,
@@ -1082,6 +1083,12 @@ pub fn wal(list: &[datasaver_common::proto::WalTarget], as_json: bool) {
             short_time(&t.last_stored_at)
         };
         println!("  stored up to {}, last at {last}; {lag}", t.stored_end_lsn);
+        if !t.latest_recoverable.is_empty() {
+            println!(
+                "  everything written up to {} is stored",
+                short_time(&t.latest_recoverable)
+            );
+        }
         if t.timelines.is_empty() {
             println!("  nothing stored yet");
         }

@@ -471,6 +471,7 @@ mod tests {
             lag_seconds: Some(0),
             refused: None,
             conflict: None,
+            latest_recoverable: None,
         };
         let kinds = |w: &TargetWal| -> Vec<Kind> {
             let mut f = facts(vec![attempt(1, true, 100)]);

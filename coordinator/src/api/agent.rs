@@ -149,7 +149,10 @@ impl AgentService for AgentSvc {
                                 .await
                                 .map_err(|_| Status::cancelled("agent went away"))?;
                         }
-                        Some(wal_upload::Msg::Position(p)) => receiver.server_position(p.server_lsn),
+                        Some(wal_upload::Msg::Position(p)) => receiver
+                            .server_position(p.server_lsn, p.server_time_micros)
+                            .await
+                            .map_err(status)?,
                         _ => return Err(Status::invalid_argument("unexpected WAL stream message")),
                     }
                 }

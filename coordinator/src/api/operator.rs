@@ -462,6 +462,10 @@ impl OperatorService for OperatorSvc {
                     .conflict
                     .map(|(m, at)| format!("{m} (at {at})"))
                     .unwrap_or_default(),
+                latest_recoverable: t
+                    .latest_recoverable
+                    .map(crate::alerts::stamp)
+                    .unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(datasaver_common::proto::ListWalResponse {

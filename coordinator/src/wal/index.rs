@@ -4,7 +4,10 @@
 //! conflicting segment), and every WAL file of every series. Storage is the
 //! source of truth: [`WalIndex::replace_files`] rebuilds a series' rows from
 //! a listing (`Repository::wal_files`), done whenever an agent starts
-//! streaming.
+//! streaming. And the marks (`wal_marks`): the server's WAL end at a time
+//! of its clock, as the stream reported it — all WAL written before that
+//! time ends there or earlier, which maps a restore's target time to the
+//! WAL it needs and gives the latest recoverable time.
 
 use rusqlite::{params, OptionalExtension, Row};
 
@@ -39,6 +42,13 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         end_lsn INTEGER,
         stored_at TEXT NOT NULL,
         PRIMARY KEY (target, system_identifier, name)
+    );
+    CREATE TABLE wal_marks (
+        target TEXT NOT NULL,
+        system_identifier TEXT NOT NULL,
+        server_time INTEGER NOT NULL,
+        server_lsn INTEGER NOT NULL,
+        PRIMARY KEY (target, system_identifier, server_time)
     );",
     ),
 ];
@@ -234,6 +244,96 @@ impl WalIndex {
                     params![target, message, now],
                 )?;
                 Ok(())
+            })
+            .await
+    }
+
+    /// Records a mark: at `time` (the server's clock, Unix microseconds)
+    /// the server's WAL ended at `lsn`.
+    pub async fn add_mark(
+        &self,
+        target: &str,
+        system_identifier: &str,
+        time: i64,
+        lsn: u64,
+    ) -> Result<(), CatalogError> {
+        let (t, s) = (target.to_string(), system_identifier.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "INSERT OR REPLACE INTO wal_marks(target, system_identifier, server_time, server_lsn)
+                     VALUES (?1, ?2, ?3, ?4)",
+                    params![t, s, time, lsn as i64],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// Moves the mark at `from` to the later time `to` (the position did
+    /// not change in between).
+    pub async fn move_mark(
+        &self,
+        target: &str,
+        system_identifier: &str,
+        from: i64,
+        to: i64,
+    ) -> Result<(), CatalogError> {
+        let (t, s) = (target.to_string(), system_identifier.to_string());
+        self.db
+            .call(move |c| {
+                c.execute(
+                    "UPDATE wal_marks SET server_time = ?4
+                     WHERE target = ?1 AND system_identifier = ?2 AND server_time = ?3",
+                    params![t, s, from, to],
+                )?;
+                Ok(())
+            })
+            .await
+    }
+
+    /// The newest mark at or below `stored_end`: the latest time whose WAL
+    /// is all stored.
+    pub async fn latest_mark_within(
+        &self,
+        target: &str,
+        system_identifier: &str,
+        stored_end: u64,
+    ) -> Result<Option<(i64, u64)>, CatalogError> {
+        let (t, s) = (target.to_string(), system_identifier.to_string());
+        self.db
+            .call(move |c| {
+                Ok(c.query_row(
+                    "SELECT server_time, server_lsn FROM wal_marks
+                     WHERE target = ?1 AND system_identifier = ?2 AND server_lsn <= ?3
+                     ORDER BY server_time DESC LIMIT 1",
+                    params![t, s, stored_end as i64],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)),
+                )
+                .optional()?)
+            })
+            .await
+    }
+
+    /// The first mark at or after `time`: the WAL written before `time`
+    /// ends at its position.
+    pub async fn first_mark_from(
+        &self,
+        target: &str,
+        system_identifier: &str,
+        time: i64,
+    ) -> Result<Option<(i64, u64)>, CatalogError> {
+        let (t, s) = (target.to_string(), system_identifier.to_string());
+        self.db
+            .call(move |c| {
+                Ok(c.query_row(
+                    "SELECT server_time, server_lsn FROM wal_marks
+                     WHERE target = ?1 AND system_identifier = ?2 AND server_time >= ?3
+                     ORDER BY server_time LIMIT 1",
+                    params![t, s, time],
+                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)),
+                )
+                .optional()?)
             })
             .await
     }
@@ -490,6 +590,30 @@ mod tests {
         assert_eq!(files[0], whole);
         assert_eq!(files[1].end_lsn, Some(3 * SEG));
         assert_eq!(files[1].stored_at, "t8");
+        // Marks: the latest within what is stored, the first from a time.
+        for (t, l) in [(100, SEG), (200, 2 * SEG), (300, 3 * SEG + 5)] {
+            index.add_mark("app", "7301", t, l).await.unwrap();
+        }
+        assert_eq!(
+            index
+                .latest_mark_within("app", "7301", 3 * SEG)
+                .await
+                .unwrap(),
+            Some((200, 2 * SEG))
+        );
+        assert_eq!(
+            index.first_mark_from("app", "7301", 150).await.unwrap(),
+            Some((200, 2 * SEG))
+        );
+        assert_eq!(
+            index.first_mark_from("app", "7301", 301).await.unwrap(),
+            None
+        );
+        index.move_mark("app", "7301", 300, 400).await.unwrap();
+        assert_eq!(
+            index.first_mark_from("app", "7301", 301).await.unwrap(),
+            Some((400, 3 * SEG + 5))
+        );
         // Another series of the target is separate.
         assert!(index.files("app", "42", SEG).await.unwrap().is_empty());
         let old = index.unbind("app").await.unwrap().unwrap();

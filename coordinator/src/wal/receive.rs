@@ -63,6 +63,8 @@ pub struct Receiver {
     core: Arc<Core>,
     pub series: Series,
     known: Vec<IndexedWal>,
+    /// the last mark recorded: (server time, position)
+    last_mark: Option<(i64, u64)>,
     _live: super::live::Streaming,
 }
 
@@ -173,6 +175,7 @@ pub async fn open(core: &Arc<Core>, agent: &str, hello: Hello) -> Result<(Receiv
             core: core.clone(),
             series,
             known,
+            last_mark: None,
             _live: live,
         },
         end,
@@ -323,11 +326,36 @@ impl Receiver {
         })
     }
 
-    /// The server's position as the agent last saw it.
-    pub fn server_position(&self, lsn: u64) {
+    /// The server's WAL end at `time` (its clock, Unix microseconds), as
+    /// the agent last saw it.
+    pub async fn server_position(&mut self, lsn: u64, time: i64) -> Result<(), Refusal> {
         self.core
             .wal_live
             .server_position(&self.series.target, lsn, self.core.clock.now());
+        if time <= 0 {
+            return Ok(());
+        }
+        let (target, sysid) = (&self.series.target, &self.series.system_identifier);
+        match self.last_mark {
+            Some((t, _)) if time <= t => {}
+            // Nothing written since: the server's WAL still ended there at
+            // this later time, so the mark moves (a quiet server keeps one).
+            Some((t, l)) if l == lsn => {
+                self.core
+                    .wal_index
+                    .move_mark(target, sysid, t, time)
+                    .await?;
+                self.last_mark = Some((time, lsn));
+            }
+            _ => {
+                self.core
+                    .wal_index
+                    .add_mark(target, sysid, time, lsn)
+                    .await?;
+                self.last_mark = Some((time, lsn));
+            }
+        }
+        Ok(())
     }
 }
 

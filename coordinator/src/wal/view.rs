@@ -42,6 +42,8 @@ pub struct TargetWal {
     pub lag_seconds: Option<u64>,
     pub refused: Option<(String, String)>,
     pub conflict: Option<(String, String)>,
+    /// the newest time (the server's clock) whose WAL is all stored
+    pub latest_recoverable: Option<DateTime<Utc>>,
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
@@ -141,6 +143,7 @@ pub fn summarize(
         lag_seconds,
         refused: binding.refused.clone(),
         conflict: binding.conflict.clone(),
+        latest_recoverable: None,
     }
 }
 
@@ -159,13 +162,19 @@ pub async fn targets(
             .files(&b.target, &b.system_identifier, b.seg_size)
             .await?;
         let live = core.wal_live.get(&b.target);
-        out.push(summarize(
+        let mut v = summarize(
             &b,
             &files,
             live.streams > 0,
             live.server.map(|(l, _)| l),
             core.clock.now(),
-        ));
+        );
+        v.latest_recoverable = core
+            .wal_index
+            .latest_mark_within(&b.target, &b.system_identifier, v.stored_end)
+            .await?
+            .and_then(|(t, _)| DateTime::from_timestamp_micros(t));
+        out.push(v);
     }
     Ok(out)
 }

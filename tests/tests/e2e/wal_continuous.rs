@@ -105,6 +105,21 @@ fn stored_segment(storage: &Path, target: &str, name: &str) -> Vec<u8> {
     zstd::stream::decode_all(&bytes[..]).expect("zstd")
 }
 
+fn time(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// The server's clock now.
+fn server_now(pg: &PgCluster) -> chrono::DateTime<chrono::Utc> {
+    let s = pg.query_one(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    );
+    time(&s).expect("server time")
+}
+
 fn slot_restart(pg: &PgCluster) -> Lsn {
     Lsn::parse(&pg.query_one(
         "postgres",
@@ -170,6 +185,18 @@ fn wal_streams_through_the_coordinator_and_the_slot_follows_what_is_stored() {
     assert!(
         partial.ends_with(".partial"),
         "the segment in progress is stored as a partial: {v:#}"
+    );
+    // And the coordinator knows that everything written until now is
+    // stored: the latest recoverable time passes the insert.
+    let inserted = server_now(&pg);
+    let recoverable = wait_until(WAIT, || {
+        wal_json(&fleet, "app")
+            .and_then(|v| v["latest_recoverable"].as_str().and_then(time))
+            .is_some_and(|t| t >= inserted)
+    });
+    assert!(
+        recoverable,
+        "latest recoverable time never passed {inserted}"
     );
 
     // SIGKILL the agent under writes, write more, start it again: no gap.

@@ -77,7 +77,7 @@ fn the_replication_client_streams_a_segment_as_the_server_wrote_it() {
                 .expect("the segment within a minute")
                 .expect("stream");
             match ev {
-                Event::Data { start, bytes } => {
+                Event::Data { start, bytes, .. } => {
                     assert_eq!(
                         start.0,
                         seg.start(DEFAULT_SEG_SIZE).0 + got.len() as u64,
@@ -85,7 +85,7 @@ fn the_replication_client_streams_a_segment_as_the_server_wrote_it() {
                     );
                     got.extend_from_slice(&bytes);
                 }
-                Event::Keepalive { end, reply } => {
+                Event::Keepalive { end, reply, .. } => {
                     if reply {
                         stream.report(end, slot_start, false).await.expect("reply");
                     }
