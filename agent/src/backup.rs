@@ -44,6 +44,22 @@ impl Job for BackupJob {
     }
 
     async fn run(self, ctx: JobContext) -> Result<JobResult, JobError> {
+        if self.physical {
+            let message = crate::basebackup::run(
+                ctx.client,
+                self,
+                ctx.target,
+                ctx.tools,
+                ctx.reporter,
+                ctx.cancel,
+                ctx.wal,
+            )
+            .await?;
+            return Ok(JobResult {
+                message,
+                ..Default::default()
+            });
+        }
         let message = run(
             ctx.client,
             self,
@@ -65,6 +81,103 @@ impl Job for BackupJob {
 fn stopped(cancel: &JobCancel) -> (String, bool) {
     let stop = cancel.stop().unwrap_or(Stop::SessionEnded);
     (stop.message("backup"), stop == Stop::AgentStopping)
+}
+
+/// The upload being sent.
+pub(crate) type UploadTask = tokio::task::JoinHandle<
+    Result<tonic::Response<datasaver_common::proto::UploadResponse>, tonic::Status>,
+>;
+
+/// Opens the upload with `header`; the messages go to the returned sender.
+pub(crate) async fn open_upload(
+    client: &AgentServiceClient<Channel>,
+    header: UploadHeader,
+) -> Result<(mpsc::Sender<UploadRequest>, UploadTask), String> {
+    let backup_id = header.backup_id.clone();
+    let (tx, rx) = mpsc::channel::<UploadRequest>(4);
+    tx.send(UploadRequest {
+        msg: Some(upload_request::Msg::Header(header)),
+    })
+    .await
+    .map_err(|_| "upload channel closed".to_string())?;
+    let mut upload_client = client.clone();
+    // The upload carries this span's trace context, so the coordinator's
+    // spans for storing it join the same trace.
+    let upload_span = tracing::info_span!("agent.upload", backup = %backup_id);
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    datasaver_common::telemetry::inject_metadata(&upload_span, request.metadata_mut());
+    let upload = tokio::spawn(tracing::Instrument::instrument(
+        async move { upload_client.upload(request).await },
+        upload_span,
+    ));
+    Ok((tx, upload))
+}
+
+/// Ends an upload after its pipeline: the trailer when the child succeeded,
+/// else an abort that says why (interrupted on the agent's planned stop);
+/// then the coordinator's answer. `explain` rewords a child's failure.
+pub(crate) async fn finish_upload(
+    tx: mpsc::Sender<UploadRequest>,
+    mut upload: UploadTask,
+    dumped: Result<UploadTrailer, PipelineError>,
+    cancel: &JobCancel,
+    explain: impl Fn(String) -> String,
+) -> Result<datasaver_common::proto::UploadResponse, String> {
+    let cancelled = cancel.is_cancelled();
+    let (ending, dump_error) = match dumped {
+        Ok(trailer) => (Some(upload_request::Msg::Trailer(trailer)), None),
+        Err(PipelineError::UploadClosed) => (None, None),
+        Err(PipelineError::Cancelled) => {
+            let (reason, interrupted) = stopped(cancel);
+            let abort = UploadAbort {
+                reason: reason.clone(),
+                interrupted,
+            };
+            (Some(upload_request::Msg::Abort(abort)), Some(reason))
+        }
+        Err(
+            PipelineError::Failed(reason)
+            | PipelineError::Corrupt(reason)
+            | PipelineError::ChildStopped(reason),
+        ) => {
+            let reason = explain(reason);
+            let abort = UploadAbort {
+                reason: reason.clone(),
+                interrupted: false,
+            };
+            (Some(upload_request::Msg::Abort(abort)), Some(reason))
+        }
+    };
+    if let Some(msg) = ending {
+        let send = tx.send(UploadRequest { msg: Some(msg) });
+        if cancelled {
+            let _ = tokio::time::timeout(UPLOAD_CLOSE_GRACE, send).await;
+        } else {
+            let _ = send.await;
+        }
+    }
+    drop(tx);
+    let uploaded = if cancelled {
+        match tokio::time::timeout(UPLOAD_CLOSE_GRACE, &mut upload).await {
+            Ok(r) => r,
+            Err(_) => {
+                upload.abort();
+                tracing::warn!(
+                    "the coordinator did not end the upload of a cancelled backup; dropped it"
+                );
+                return Err(dump_error.unwrap_or_else(|| stopped(cancel).0));
+            }
+        }
+    } else {
+        upload.await
+    };
+    let uploaded = uploaded.map_err(|e| format!("upload task failed: {e}"))?;
+    if let Some(msg) = dump_error {
+        return Err(msg);
+    }
+    Ok(uploaded
+        .map_err(|s| format!("upload failed: {}", s.message()))?
+        .into_inner())
 }
 
 /// Runs one backup job; returns a summary or a one-line error.
@@ -126,22 +239,7 @@ pub async fn run(
             .map(|e| e.fingerprint.clone())
             .unwrap_or_default(),
     };
-    let (tx, rx) = mpsc::channel::<UploadRequest>(4);
-    tx.send(UploadRequest {
-        msg: Some(upload_request::Msg::Header(header)),
-    })
-    .await
-    .map_err(|_| "upload channel closed".to_string())?;
-    let mut upload_client = client.clone();
-    // The upload carries this span's trace context, so the coordinator's
-    // spans for storing it join the same trace.
-    let upload_span = tracing::info_span!("agent.upload", backup = %job.backup_id);
-    let mut request = tonic::Request::new(ReceiverStream::new(rx));
-    datasaver_common::telemetry::inject_metadata(&upload_span, request.metadata_mut());
-    let mut upload = tokio::spawn(tracing::Instrument::instrument(
-        async move { upload_client.upload(request).await },
-        upload_span,
-    ));
+    let (tx, upload) = open_upload(&client, header).await?;
 
     let counters = Arc::new(Counters::default());
     let chain = || {
@@ -194,67 +292,13 @@ pub async fn run(
         },
     };
     progress.abort();
-    let cancelled = cancel.is_cancelled();
-    let (ending, dump_error) = match dumped {
-        Ok(trailer) => (Some(upload_request::Msg::Trailer(trailer)), None),
-        Err(PipelineError::UploadClosed) => (None, None),
-        Err(PipelineError::Cancelled) => {
-            let (reason, interrupted) = stopped(&cancel);
-            let abort = UploadAbort {
-                reason: reason.clone(),
-                interrupted,
-            };
-            (Some(upload_request::Msg::Abort(abort)), Some(reason))
-        }
-        Err(
-            PipelineError::Failed(reason)
-            | PipelineError::Corrupt(reason)
-            | PipelineError::ChildStopped(reason),
-        ) => {
-            // A held lock says so, with the table and the setting (a whole
-            // server's databases said it already, with their names).
-            let reason = match target.databases {
-                Some(_) => reason,
-                None => crate::pg::lock_wait_failure(&reason, target.lock_wait_timeout)
-                    .unwrap_or(reason),
-            };
-            let abort = UploadAbort {
-                reason: reason.clone(),
-                interrupted: false,
-            };
-            (Some(upload_request::Msg::Abort(abort)), Some(reason))
-        }
+    // A held lock says so, with the table and the setting (a whole
+    // server's databases said it already, with their names).
+    let explain = |reason: String| match target.databases {
+        Some(_) => reason,
+        None => crate::pg::lock_wait_failure(&reason, target.lock_wait_timeout).unwrap_or(reason),
     };
-    if let Some(msg) = ending {
-        let send = tx.send(UploadRequest { msg: Some(msg) });
-        if cancelled {
-            let _ = tokio::time::timeout(UPLOAD_CLOSE_GRACE, send).await;
-        } else {
-            let _ = send.await;
-        }
-    }
-    drop(tx);
-    let uploaded = if cancelled {
-        match tokio::time::timeout(UPLOAD_CLOSE_GRACE, &mut upload).await {
-            Ok(r) => r,
-            Err(_) => {
-                upload.abort();
-                tracing::warn!(
-                    "the coordinator did not end the upload of a cancelled backup; dropped it"
-                );
-                return Err(dump_error.unwrap_or_else(|| stopped(&cancel).0));
-            }
-        }
-    } else {
-        upload.await
-    };
-    let uploaded = uploaded.map_err(|e| format!("upload task failed: {e}"))?;
-    if let Some(msg) = dump_error {
-        return Err(msg);
-    }
-    let resp = uploaded
-        .map_err(|s| format!("upload failed: {}", s.message()))?
-        .into_inner();
+    let resp = finish_upload(tx, upload, dumped, &cancel, explain).await?;
     let what = if databases.is_empty() {
         format!("({})", resp.checksum)
     } else {

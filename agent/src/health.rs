@@ -30,6 +30,9 @@ type DbCheck = (Instant, Result<(), String>);
 #[derive(Default)]
 pub struct State {
     pub connected: AtomicBool,
+    /// The WAL the coordinator acknowledged (shared by the stream and the
+    /// base backups that wait for it).
+    pub wal: std::sync::Arc<crate::walstream::WalState>,
     /// The last database check; the lock is held while checking, so
     /// concurrent requests wait for one check instead of starting their own.
     db_check: tokio::sync::Mutex<Option<DbCheck>>,

@@ -74,6 +74,8 @@ pub struct JobContext {
     pub tools: PgTools,
     pub reporter: Reporter,
     pub cancel: JobCancel,
+    /// The WAL stream's acknowledged run (base backups wait for it).
+    pub wal: Arc<crate::walstream::WalState>,
 }
 
 /// Why a job was stopped before it ended by itself.
@@ -233,6 +235,7 @@ impl Jobs {
         client: &AgentServiceClient<Channel>,
         target: &TargetConfig,
         tools: &PgTools,
+        wal: &Arc<crate::walstream::WalState>,
     ) {
         let span = job.span();
         let job_id = job.job_id().to_string();
@@ -240,7 +243,8 @@ impl Jobs {
             job_id: job_id.clone(),
             tx: self.tx.clone(),
         };
-        let (client, target, tools) = (client.clone(), target.clone(), tools.clone());
+        let (client, target, tools, wal) =
+            (client.clone(), target.clone(), tools.clone(), wal.clone());
         self.start(span, job_id, J::WHAT, move |cancel| {
             job.run(JobContext {
                 client,
@@ -248,6 +252,7 @@ impl Jobs {
                 tools,
                 reporter,
                 cancel,
+                wal,
             })
         });
     }

@@ -12,6 +12,7 @@
 
 pub mod archive;
 pub mod backup;
+pub mod basebackup;
 pub mod child;
 pub mod config;
 pub mod enroll;
@@ -266,12 +267,14 @@ async fn session(
     // The WAL stream lives as long as the session: the coordinator knows
     // this agent serves the target once it registered.
     let wal_stop = cancel.child_token();
+    let wal_state = state.wal.clone();
     let _wal_guard = wal_stop.clone().drop_guard();
     let wal = config.target.wal.clone().map(|w| {
         tokio::spawn(walstream::run(
             config.clone(),
             w,
             channel.clone(),
+            wal_state.clone(),
             wal_stop.clone(),
         ))
     });
@@ -332,10 +335,10 @@ async fn session(
                     .store(true, std::sync::atomic::Ordering::Relaxed);
             }
             Some(coordinator_message::Msg::Backup(job)) => {
-                jobs.dispatch(job, &client, &config.target, &tools);
+                jobs.dispatch(job, &client, &config.target, &tools, &wal_state);
             }
             Some(coordinator_message::Msg::Restore(job)) => {
-                jobs.dispatch(job, &client, &config.target, &tools);
+                jobs.dispatch(job, &client, &config.target, &tools, &wal_state);
             }
             Some(coordinator_message::Msg::Cancel(c)) => {
                 if jobs.cancel_job(&c.job_id, &c.reason) {

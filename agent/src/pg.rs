@@ -5,6 +5,7 @@
 //! never by interpolation. Passwords go to children through `PGPASSWORD` in
 //! their environment only.
 
+use datasaver_common::wal::Lsn;
 use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
@@ -483,6 +484,22 @@ pub mod sql {
         Statement::new("SELECT rolsuper FROM pg_roles WHERE rolname = current_user;")
     }
 
+    /// The server's WAL position, clock (Unix microseconds) and timeline,
+    /// on one line separated by `|`: the bounds of a base backup.
+    pub fn wal_point() -> Statement {
+        Statement::new(
+            "SELECT pg_current_wal_lsn(), (extract(epoch FROM clock_timestamp()) * 1000000)::bigint, \
+             timeline_id FROM pg_control_checkpoint();",
+        )
+    }
+
+    /// Tablespaces besides the two every cluster has, one per line.
+    pub fn extra_tablespaces() -> Statement {
+        Statement::new(
+            "SELECT spcname FROM pg_tablespace WHERE spcname NOT IN ('pg_default', 'pg_global') ORDER BY 1;",
+        )
+    }
+
     /// The server's `system_identifier`.
     pub fn system_identifier() -> Statement {
         Statement::new("SELECT system_identifier FROM pg_control_system();")
@@ -711,6 +728,22 @@ impl PgTools {
         c
     }
 
+    /// `pg_basebackup` writing the cluster as one tar to stdout (with its
+    /// manifest inside), without WAL: the WAL comes from the agent's
+    /// stream, which the backup waits for.
+    pub fn pg_basebackup(&self, db: &DbConn) -> std::process::Command {
+        let mut c = self.command("pg_basebackup", db, &db.dbname);
+        c.args([
+            "--pgdata=-",
+            "--format=tar",
+            "--wal-method=none",
+            "--checkpoint=fast",
+            "--label=datasaver",
+            "--no-password",
+        ]);
+        c
+    }
+
     /// `pg_dumpall --globals-only` (roles, memberships, role settings,
     /// tablespaces) as SQL to stdout; role passwords only with `passwords`
     /// (reading them takes a superuser).
@@ -917,6 +950,39 @@ impl PgTools {
             .await
             .map(drop)
             .map_err(|e| crate::globals::redact_passwords(&e))
+    }
+
+    /// The server's WAL position, its clock (Unix microseconds) and its
+    /// timeline now.
+    pub async fn wal_point(&self, db: &DbConn) -> Result<(Lsn, i64, u32), String> {
+        let out = self.psql(db, &db.dbname, &sql::wal_point()).await?;
+        let line = out.trim();
+        let mut f = line.split('|');
+        let (Some(lsn), Some(t), Some(tli)) = (f.next(), f.next(), f.next()) else {
+            return Err(format!(
+                "unexpected answer to the WAL position query: {line:?}"
+            ));
+        };
+        Ok((
+            Lsn::parse(lsn.trim())?,
+            t.trim()
+                .parse()
+                .map_err(|_| format!("server clock {t:?} is not a number"))?,
+            tli.trim()
+                .parse()
+                .map_err(|_| format!("timeline {tli:?} is not a number"))?,
+        ))
+    }
+
+    /// Tablespaces besides `pg_default` and `pg_global`.
+    pub async fn extra_tablespaces(&self, db: &DbConn) -> Result<Vec<String>, String> {
+        let out = self.psql(db, &db.dbname, &sql::extra_tablespaces()).await?;
+        Ok(out
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(String::from)
+            .collect())
     }
 
     /// The server's `system_identifier`, or `None` when this role may not

@@ -25,6 +25,56 @@ use crate::pipeline::transform::Chain;
 use crate::replication::{Event, ReplConn, WalStream};
 use crate::segmenter::Segmenter;
 
+/// What the coordinator has acknowledged of this process's stream: one
+/// contiguous run of WAL, `from` to `to` (a base backup is completed only
+/// once its WAL is inside it).
+#[derive(Default)]
+pub struct WalState {
+    run: std::sync::Mutex<Option<(Lsn, Lsn)>>,
+    changed: tokio::sync::Notify,
+}
+
+impl WalState {
+    /// A stream (re)starting at `from`: the run goes on if it continues it,
+    /// or starts again there.
+    fn started(&self, from: Lsn) {
+        let mut r = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        *r = match *r {
+            Some((a, b)) if from >= a && from <= b => Some((a, b)),
+            _ => Some((from, from)),
+        };
+    }
+
+    fn stored(&self, to: Lsn) {
+        let mut r = self.run.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((a, b)) = *r {
+            *r = Some((a, b.max(to)));
+        }
+        drop(r);
+        self.changed.notify_waiters();
+    }
+
+    /// The run stored so far.
+    pub fn run(&self) -> Option<(Lsn, Lsn)> {
+        *self.run.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Waits until the WAL from `start` to `end` is stored, or `limit`
+    /// passes (false).
+    pub async fn wait_stored(&self, start: Lsn, end: Lsn, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let changed = self.changed.notified();
+            if matches!(self.run(), Some((a, b)) if a <= start && b >= end) {
+                return true;
+            }
+            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+                return false;
+            }
+        }
+    }
+}
+
 /// How long a planned stop waits for the last partial's acknowledgement.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 const CHUNK: usize = 1 << 20;
@@ -35,12 +85,13 @@ pub async fn run(
     config: Arc<AgentConfig>,
     settings: WalSettings,
     channel: Channel,
+    state: Arc<WalState>,
     cancel: CancellationToken,
 ) {
     let mut backoff = Duration::from_secs(1);
     loop {
         let started = std::time::Instant::now();
-        let result = once(&config, &settings, channel.clone(), &cancel).await;
+        let result = once(&config, &settings, channel.clone(), &state, &cancel).await;
         if cancel.is_cancelled() {
             return;
         }
@@ -135,6 +186,7 @@ async fn once(
     config: &Arc<AgentConfig>,
     settings: &WalSettings,
     channel: Channel,
+    state: &Arc<WalState>,
     cancel: &CancellationToken,
 ) -> Result<(), String> {
     let e = |e: crate::replication::ReplError| e.to_string();
@@ -195,7 +247,9 @@ async fn once(
         unacked.push_back(name);
     }
     let stream = repl.start(&settings.slot, start, tli).await.map_err(e)?;
+    state.started(start);
     let mut s = Streamer {
+        state: state.clone(),
         config: config.clone(),
         tx,
         stream,
@@ -285,6 +339,7 @@ async fn once(
 }
 
 struct Streamer {
+    state: Arc<WalState>,
     config: Arc<AgentConfig>,
     tx: mpsc::Sender<WalUpload>,
     stream: WalStream,
@@ -343,6 +398,7 @@ impl Streamer {
             }
         }
         if st.end_lsn > 0 {
+            self.state.stored(Lsn(st.end_lsn));
             let end = Lsn(st.end_lsn).max(self.slot_start);
             self.flushed = Some(self.flushed.map_or(end, |f| f.max(end)));
         }

@@ -111,6 +111,12 @@ enum Cmd {
         /// A note kept with the backup (shown by `list` and `get`).
         #[arg(long, value_name = "TEXT")]
         label: Option<String>,
+        /// A base backup of the whole cluster (pg_basebackup) for
+        /// point-in-time restores, instead of a pg_dump of the database. The
+        /// agent must stream WAL (DATASAVER_WAL=stream): the backup is
+        /// completed only when the WAL to its end is stored.
+        #[arg(long)]
+        physical: bool,
     },
     /// Restore a backup, or some of its tables or schemas, into a new database (default <dbname>_restored_<time>).
     Restore(RestoreArgs),
@@ -771,9 +777,20 @@ async fn run(cli: Cli) -> Result<()> {
             output::backup_detail(&b, cli.json);
             Ok(())
         }
-        Cmd::Backup { target, label } => {
+        Cmd::Backup {
+            target,
+            label,
+            physical,
+        } => {
             let stream = why
-                .answer(c.start_backup(StartBackupRequest { target, label }).await)
+                .answer(
+                    c.start_backup(StartBackupRequest {
+                        target,
+                        label,
+                        physical,
+                    })
+                    .await,
+                )
                 .await?;
             let mut p = Progress::new(mode, progress::Counter::Raw);
             let done = follow(stream, &why, &mut p).await?;
@@ -783,8 +800,9 @@ async fn run(cli: Cli) -> Result<()> {
             };
             // The coordinator's message says what else there is to know
             // (a whole server's databases that came or went).
+            let source = if physical { "pg_basebackup" } else { "pg_dump" };
             p.done(Some(format!(
-                "{}: {} stored ({} from pg_dump) in {:.1} s",
+                "{}: {} stored ({} from {source}) in {:.1} s",
                 if done.message.is_empty() {
                     format!("backup {} completed", b.id)
                 } else {

@@ -79,6 +79,12 @@ pub async fn pick(core: &Core, sel: &Selector, what: &str) -> Result<BackupRecor
             row.id, row.status
         )));
     }
+    if row.kind == crate::repo::Kind::Base {
+        return Err(ActionError::Refused(format!(
+            "backup {} is a base backup of the whole cluster; it cannot be {what} like a dump (restore it with `dsctl restore {} --physical --data-dir DIR`)",
+            row.id, row.id
+        )));
+    }
     Ok(row)
 }
 

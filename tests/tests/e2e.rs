@@ -21,6 +21,7 @@ mod e2e {
     mod harness_selftest;
     mod limits;
     mod monitoring;
+    mod pitr;
     mod queue;
     mod rebuild;
     mod retention;

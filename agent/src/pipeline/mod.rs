@@ -156,6 +156,7 @@ fn pump(
         raw_checksum: raw_sum.finish(),
         tables,
         rows_not_counted,
+        ..Default::default()
     })
 }
 

@@ -125,8 +125,10 @@ pub async fn facts(core: &Core, target: &str) -> Facts {
     let rows = core.repo.list(Some(target)).await.unwrap_or_default();
     // Interrupted attempts (a planned agent stop) are neither successes nor
     // failures: only their retry counts.
+    // Dumps only: a base backup's size and schedule are not a dump's.
     let recent: Vec<Attempt> = rows
         .iter()
+        .filter(|r| r.kind == crate::repo::Kind::Logical)
         .filter(|r| r.status == Status::Completed || r.status == Status::Failed)
         .map(|r| Attempt {
             id: r.id.clone(),

@@ -541,6 +541,12 @@ fn trailer(t: datasaver_common::proto::UploadTrailer) -> Trailer {
                 .collect(),
             not_counted: clean::error(&t.rows_not_counted),
         },
+        physical: (t.wal_end_lsn > 0).then_some(crate::repo::record::Physical {
+            start_lsn: t.wal_start_lsn,
+            end_lsn: t.wal_end_lsn,
+            timeline: t.timeline,
+            consistent_at_micros: t.consistent_at_micros,
+        }),
     }
 }
 

@@ -219,7 +219,16 @@ impl OperatorService for OperatorSvc {
         let events = self
             .core
             .scheduler
-            .request_backup(&self.core, &req.target, req.label)
+            .request_backup(
+                &self.core,
+                &req.target,
+                req.label,
+                if req.physical {
+                    crate::repo::Kind::Base
+                } else {
+                    crate::repo::Kind::Logical
+                },
+            )
             .map_err(start_status)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(events))))
     }

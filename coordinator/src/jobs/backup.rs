@@ -53,6 +53,7 @@ pub async fn start_backup(
     target: &str,
     trigger: Trigger,
     label: Option<String>,
+    kind: crate::repo::Kind,
 ) -> Result<Started, StartError> {
     let agent_name = core
         .fleet
@@ -69,7 +70,7 @@ pub async fn start_backup(
     let label = label.filter(|l| !l.trim().is_empty());
     let id = core
         .repo
-        .begin(target, trigger, label, &agent_name)
+        .begin(target, trigger, label, &agent_name, kind)
         .await
         .map_err(|e| StartError::Internal(e.to_string()))?
         .id;
@@ -81,6 +82,7 @@ pub async fn start_backup(
         .await
         .ok()
         .flatten()
+        .filter(|_| kind == crate::repo::Kind::Logical)
         .map(|r| r.raw_bytes)
         .unwrap_or(0);
     // The job's span: a child of the schedule's when the scheduler started it.
@@ -111,6 +113,7 @@ pub async fn start_backup(
                             backup_id: id.clone(),
                             target: target.clone(),
                             trace_context,
+                            physical: kind == crate::repo::Kind::Base,
                         }))
                         .await;
                     match sent {

@@ -109,9 +109,15 @@ fn claim(core: &Core, job: &str) -> crate::fleet::UploadClaim {
 async fn a_stored_backup_completes_and_frees_its_slot() {
     let f = fixture(Policies::default());
     let (conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Manual, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Manual,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     let stored = store_upload(
         &f.core,
@@ -136,7 +142,14 @@ async fn a_stored_backup_completes_and_frees_its_slot() {
         "job left in the fleet"
     );
     // The slot is free: the next backup starts.
-    let next = start_backup(&f.core, "shop", Trigger::Manual, None).await;
+    let next = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Manual,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await;
     assert!(next.is_ok(), "slot still held");
 }
 
@@ -144,9 +157,15 @@ async fn a_stored_backup_completes_and_frees_its_slot() {
 async fn success_without_a_stored_object_is_a_failure() {
     let f = fixture(Policies::default());
     let (conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Scheduled, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Scheduled,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     f.core.fleet.report(conn, &job, result(&job, true, ""));
     let done = final_event(&mut started).await;
@@ -165,9 +184,15 @@ async fn success_without_a_stored_object_is_a_failure() {
 async fn the_agents_error_is_the_backups_error() {
     let f = fixture(Policies::default());
     let (conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Scheduled, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Scheduled,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     f.core.fleet.report(
         conn,
@@ -193,9 +218,15 @@ async fn the_agents_error_is_the_backups_error() {
 async fn a_planned_agent_stop_interrupts_the_backup() {
     let f = fixture(Policies::default());
     let (conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Scheduled, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Scheduled,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     backup_job(&mut agent).await;
     f.core.fleet.mark_leaving(conn, "SIGTERM");
     f.core.fleet.remove_agent(conn, "agent agent1 disconnected");
@@ -213,9 +244,15 @@ async fn the_deadline_cancels_on_the_agent_and_fails_the_backup() {
         ..Policies::default()
     });
     let (_conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Scheduled, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Scheduled,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     // The agent never answers, like a pg_dump stuck behind a lock.
     let (cancelled, reason) = cancel_job(&mut agent).await;
@@ -237,9 +274,15 @@ async fn the_deadline_cancels_on_the_agent_and_fails_the_backup() {
     f.core.tasks.wait().await;
     assert!(f.core.fleet.jobs_of("shop").is_empty());
     assert!(
-        start_backup(&f.core, "shop", Trigger::Scheduled, None)
-            .await
-            .is_ok(),
+        start_backup(
+            &f.core,
+            "shop",
+            Trigger::Scheduled,
+            None,
+            crate::repo::Kind::Logical
+        )
+        .await
+        .is_ok(),
         "the slot is free for the next job"
     );
 }
@@ -248,9 +291,15 @@ async fn the_deadline_cancels_on_the_agent_and_fails_the_backup() {
 async fn cancel_stops_the_job_on_its_agent() {
     let f = fixture(Policies::default());
     let (_conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Manual, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Manual,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     assert!(!cancel(&f.core, "job-0", "no such job"));
     assert!(cancel(&f.core, &job, "by operator alice"));
@@ -270,9 +319,15 @@ async fn cancel_stops_the_job_on_its_agent() {
 async fn shutdown_interrupts_jobs_and_waits_for_their_outcome() {
     let f = fixture(Policies::default());
     let (_conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Scheduled, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Scheduled,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     f.core.cancel.cancel();
     f.core.tasks.close();
@@ -290,7 +345,14 @@ async fn shutdown_interrupts_jobs_and_waits_for_their_outcome() {
 #[tokio::test]
 async fn no_agent_no_job() {
     let f = fixture(Policies::default());
-    let e = start_backup(&f.core, "shop", Trigger::Manual, None).await;
+    let e = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Manual,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await;
     assert!(matches!(e, Err(StartError::NoAgent(t)) if t == "shop"));
     assert!(f
         .core
@@ -428,9 +490,15 @@ async fn a_stalled_upload_fails_the_backup_and_stops_the_agent() {
         ..Policies::default()
     });
     let (_conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Scheduled, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Scheduled,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     // Half a dump, then silence: the agent froze mid-upload.
     let first = upload(b"a dump that never ends").into_iter().take(1);
@@ -475,9 +543,15 @@ async fn a_stalled_upload_fails_the_backup_and_stops_the_agent() {
     f.core.tasks.close();
     f.core.tasks.wait().await;
     assert!(
-        start_backup(&f.core, "shop", Trigger::Scheduled, None)
-            .await
-            .is_ok(),
+        start_backup(
+            &f.core,
+            "shop",
+            Trigger::Scheduled,
+            None,
+            crate::repo::Kind::Logical
+        )
+        .await
+        .is_ok(),
         "the slot is free for the next job"
     );
 }
@@ -486,9 +560,15 @@ async fn a_stalled_upload_fails_the_backup_and_stops_the_agent() {
 async fn a_cancelled_backup_ends_its_upload_before_the_outcome_is_recorded() {
     let f = fixture(Policies::default());
     let (_conn, mut agent) = connect(&f.core, "shop");
-    let mut started = start_backup(&f.core, "shop", Trigger::Manual, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Manual,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     // Part of a dump, then an agent that keeps the stream open (pg_dump
     // still running): only the cancel can end this upload.
@@ -541,9 +621,15 @@ async fn an_upload_that_keeps_moving_is_not_idle() {
         ..Policies::default()
     });
     let (_conn, mut agent) = connect(&f.core, "shop");
-    let started = start_backup(&f.core, "shop", Trigger::Manual, None)
-        .await
-        .expect("started");
+    let started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Manual,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     // Slower than the idle limit in total, never idle that long at once;
     // and the wait before the first byte (pg_dump taking its locks) is not
@@ -575,9 +661,15 @@ async fn an_operator_cancels_by_backup_id_or_target() {
         "{none:?}"
     );
 
-    let mut started = start_backup(&f.core, "shop", Trigger::Manual, None)
-        .await
-        .expect("started");
+    let mut started = start_backup(
+        &f.core,
+        "shop",
+        Trigger::Manual,
+        None,
+        crate::repo::Kind::Logical,
+    )
+    .await
+    .expect("started");
     let job = backup_job(&mut agent).await;
     let reason = "cancelled by operator alice";
     let none = cancel_running(&f.core, &Which::Id("nope".into()), &|_| true, reason, wait).await;

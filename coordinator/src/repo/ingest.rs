@@ -51,6 +51,8 @@ pub struct Trailer {
     pub raw_checksum: String,
     /// Each table's rows, read from the archive by the agent.
     pub row_counts: super::record::RowCounts,
+    /// A base backup's place in the WAL.
+    pub physical: Option<super::record::Physical>,
 }
 
 /// One element of an upload. Parts (`PartStart`, its data, `PartEnd`)
@@ -141,8 +143,9 @@ impl Repository {
         } else {
             codec.extension().to_string()
         };
-        let object_key = keys::object_key(Kind::Logical, &running.target, id, &extension);
-        let meta_key = keys::meta_key(Kind::Logical, &running.target, id);
+        let kind = running.kind;
+        let object_key = keys::object_key(kind, &running.target, id, &extension);
+        let meta_key = keys::meta_key(kind, &running.target, id);
         let mut body = std::pin::pin!(body);
         // The parts first, each stored whole before the next.
         let mut parts: Vec<PartRecord> = Vec::new();
@@ -154,7 +157,11 @@ impl Repository {
                     dump,
                 })) => {
                     let is_database = datasaver_common::names::part_database(&name).is_some();
-                    let stored = if !keys::is_part_name(&name) {
+                    let stored = if kind == Kind::Base {
+                        Err(IngestError::Failed(format!(
+                            "a base backup has no parts; the upload sent {name:?}"
+                        )))
+                    } else if !keys::is_part_name(&name) {
                         Err(IngestError::Failed(format!(
                             "upload has an unknown part {name:?} (known: {})",
                             keys::PART_NAMES_TEXT
@@ -168,8 +175,7 @@ impl Repository {
                             "upload has part {name:?} twice"
                         )))
                     } else {
-                        let key =
-                            keys::part_key(Kind::Logical, &running.target, id, &name, &extension);
+                        let key = keys::part_key(kind, &running.target, id, &name, &extension);
                         self.store_object(&key, &mut body, true)
                             .await
                             .map(|(size, checksum, t)| PartRecord {
@@ -237,6 +243,16 @@ impl Repository {
             (object_key, size, ours, trailer)
         };
 
+        let physical = match (kind, trailer.physical) {
+            (Kind::Base, Some(p)) if p.end_lsn >= p.start_lsn && p.timeline > 0 => Some(p),
+            (Kind::Base, _) => {
+                let _ = self.storage.delete(std::slice::from_ref(&object_key)).await;
+                return Err(IngestError::Failed(
+                    "the base backup's upload did not say where it sits in the WAL".into(),
+                ));
+            }
+            (Kind::Logical, _) => None,
+        };
         let finished = self.now();
         let done = BackupRecord {
             status: Status::Completed,
@@ -276,6 +292,7 @@ impl Repository {
             },
             tags,
             error: None,
+            physical,
             ..running
         };
         let json = Meta::from_record(&done).to_json();
@@ -478,7 +495,13 @@ mod tests {
     ) {
         let (repo, storage, _dir) = repo_with(FaultyStorage::new());
         let b = repo
-            .begin("app", Trigger::Scheduled, None, "agent1")
+            .begin(
+                "app",
+                Trigger::Scheduled,
+                None,
+                "agent1",
+                crate::repo::Kind::Logical,
+            )
             .await
             .unwrap();
         storage.set(fault);
@@ -580,7 +603,13 @@ mod tests {
         use futures::StreamExt;
         let (repo, storage, _dir) = repo_with(FaultyStorage::new());
         let b = repo
-            .begin("app", Trigger::Scheduled, None, "agent1")
+            .begin(
+                "app",
+                Trigger::Scheduled,
+                None,
+                "agent1",
+                crate::repo::Kind::Logical,
+            )
             .await
             .unwrap();
         let done = repo
@@ -639,7 +668,13 @@ mod tests {
             let (repo, server) = (&repo, server.clone());
             async move {
                 let b = repo
-                    .begin("srv", Trigger::Scheduled, None, "agent1")
+                    .begin(
+                        "srv",
+                        Trigger::Scheduled,
+                        None,
+                        "agent1",
+                        crate::repo::Kind::Logical,
+                    )
                     .await
                     .unwrap();
                 repo.ingest(
@@ -701,7 +736,13 @@ mod tests {
 
         // Dump data after the databases is no whole server.
         let b = repo
-            .begin("srv", Trigger::Scheduled, None, "agent1")
+            .begin(
+                "srv",
+                Trigger::Scheduled,
+                None,
+                "agent1",
+                crate::repo::Kind::Logical,
+            )
             .await
             .unwrap();
         let mut odd = upload_server(&[("crm", b"crm dump")]);
@@ -719,7 +760,13 @@ mod tests {
         odd.pop();
         odd.extend(upload(b"the dump"));
         let b = repo
-            .begin("srv", Trigger::Scheduled, None, "agent1")
+            .begin(
+                "srv",
+                Trigger::Scheduled,
+                None,
+                "agent1",
+                crate::repo::Kind::Logical,
+            )
             .await
             .unwrap();
         let e = repo
@@ -769,7 +816,13 @@ mod tests {
         use futures::StreamExt;
         let (repo, storage, _dir) = repo_with(FaultyStorage::new());
         let b = repo
-            .begin("app", Trigger::Scheduled, None, "agent1")
+            .begin(
+                "app",
+                Trigger::Scheduled,
+                None,
+                "agent1",
+                crate::repo::Kind::Logical,
+            )
             .await
             .unwrap();
         let mut first = upload_with_globals(b"CREATE ROLE app;", b"dump");
@@ -801,6 +854,7 @@ mod tests {
             stored_bytes: 10,
             raw_checksum: String::new(),
             row_counts: Default::default(),
+            physical: None,
         }));
         let (r, keys, _) = attempt(Fault::None, body).await;
         assert!(r.unwrap_err().to_string().contains("checksum mismatch"));

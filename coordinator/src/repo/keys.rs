@@ -11,6 +11,7 @@ pub const META_SUFFIX: &str = ".meta.json";
 pub fn object_key(kind: Kind, target: &str, id: &str, extension: &str) -> String {
     match kind {
         Kind::Logical => format!("{target}/logical/{id}.dump{extension}"),
+        Kind::Base => format!("{target}/base/{id}.tar{extension}"),
     }
 }
 
@@ -27,6 +28,9 @@ pub fn part_key(kind: Kind, target: &str, id: &str, name: &str, extension: &str)
             )
         }
         (Kind::Logical, None) => format!("{target}/logical/{id}.{name}.sql{extension}"),
+        // A base backup has no parts; an upload naming one is refused
+        // before this (`repo::ingest`).
+        (Kind::Base, _) => format!("{target}/base/{id}.{name}{extension}"),
     }
 }
 
@@ -77,13 +81,14 @@ pub const PART_NAMES_TEXT: &str = "globals, database:<name>";
 pub fn meta_key(kind: Kind, target: &str, id: &str) -> String {
     match kind {
         Kind::Logical => format!("{target}/logical/{id}{META_SUFFIX}"),
+        Kind::Base => format!("{target}/base/{id}{META_SUFFIX}"),
     }
 }
 
 /// The backup id an object or meta key names, if it is one of ours.
 pub fn id_of(key: &str) -> Option<&str> {
     let (dir, file) = key.rsplit_once('/')?;
-    if !dir.ends_with("/logical") {
+    if !dir.ends_with("/logical") && !dir.ends_with("/base") {
         return None;
     }
     // Ids hold no dots: whatever follows the first one is the kind of file.
@@ -96,6 +101,7 @@ pub fn id_of(key: &str) -> Option<&str> {
 fn kind_of_dir(dir: &str) -> Option<Kind> {
     match dir {
         "logical" => Some(Kind::Logical),
+        "base" => Some(Kind::Base),
         _ => None,
     }
 }
@@ -290,12 +296,19 @@ pub fn is_own_key(key: &str) -> bool {
                 .iter()
                 .any(|size| parse_wal_key(key, *size).is_some());
     }
-    let Some((_, target, file)) = split_layout(key) else {
+    let Some((kind, target, file)) = split_layout(key) else {
         return false;
     };
     let Some((id, rest)) = file.split_once('.') else {
         return false;
     };
+    if kind == Kind::Base {
+        let Some(ext) = rest.strip_prefix("tar") else {
+            return false;
+        };
+        let ext = ext.strip_suffix(".age").unwrap_or(ext);
+        return is_id_of(id, target) && ["", ".zst", ".gz"].contains(&ext);
+    }
     let ext = if let Some(ext) = rest.strip_prefix("dump") {
         ext
     } else if let Some(ext) = rest
@@ -318,6 +331,19 @@ pub fn is_own_key(key: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn base_backups_live_under_base() {
+        let id = "acme_20240111_020015";
+        let o = object_key(Kind::Base, "acme", id, ".zst.age");
+        assert_eq!(o, "acme/base/acme_20240111_020015.tar.zst.age");
+        assert!(is_own_key(&o));
+        let m = meta_key(Kind::Base, "acme", id);
+        assert_eq!(parse_meta_key(&m), Some((Kind::Base, "acme", id)));
+        assert_eq!(id_of(&o), Some(id));
+        assert!(!is_own_key("acme/base/acme_20240111_020015.dump.zst"));
+        assert!(!is_own_key("acme/base/acme_20240111_020015.tar.lz4"));
+    }
 
     #[test]
     fn wal_keys_round_trip_and_only_their_exact_shape_is_ours() {

@@ -75,6 +75,9 @@ pub struct Meta {
     pub drilled_at: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drill_result: Option<String>,
+    /// A base backup's place in the WAL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub physical: Option<super::record::Physical>,
 }
 
 impl Meta {
@@ -119,6 +122,7 @@ impl Meta {
             verify_result: b.verification.as_ref().map(Verification::result),
             drilled_at: b.drill.as_ref().map(|v| format_time(v.at)),
             drill_result: b.drill.as_ref().map(Verification::result),
+            physical: b.physical,
         }
     }
 
@@ -176,6 +180,7 @@ impl Meta {
                 self.verify_result.as_deref(),
             ),
             drill: Verification::parse(self.drilled_at.as_deref(), self.drill_result.as_deref()),
+            physical: self.physical,
         })
     }
 

@@ -273,10 +273,12 @@ impl Repository {
         trigger: Trigger,
         label: Option<String>,
         agent: &str,
+        kind: Kind,
     ) -> Result<BackupRecord, RepoError> {
         let now = self.now();
         let base = datasaver_common::names::backup_id(target, now);
-        let rec = BackupRecord::running(String::new(), target, trigger, label, agent, now);
+        let mut rec = BackupRecord::running(String::new(), target, trigger, label, agent, now);
+        rec.kind = kind;
         Ok(self.store.insert_unique(base, rec).await?)
     }
 
@@ -300,7 +302,7 @@ impl Repository {
         trigger: Trigger,
         error: &str,
     ) -> Result<BackupRecord, RepoError> {
-        let rec = self.begin(target, trigger, None, "").await?;
+        let rec = self.begin(target, trigger, None, "", Kind::Logical).await?;
         self.finish(&rec.id, Status::Failed, error).await?;
         self.find(&rec.id).await
     }

@@ -237,7 +237,7 @@ mod tests {
     async fn a_meta_file_that_does_not_describe_its_own_place_is_reported_not_imported() {
         let (repo, storage, _dir) = repo_with(FaultyStorage::new());
         let b = repo
-            .begin("acme", Trigger::Manual, None, "agent1")
+            .begin("acme", Trigger::Manual, None, "agent1", Kind::Logical)
             .await
             .unwrap();
         let done = repo

@@ -11,7 +11,9 @@ use datasaver_common::checksum::Checksum;
 use futures::StreamExt;
 
 use super::meta::Meta;
-use super::record::{BackupRecord, Kind, Status};
+#[cfg(test)]
+use super::record::Kind;
+use super::record::{BackupRecord, Status};
 use super::{hash_off_thread, keys, RepoError, Repository};
 
 #[derive(Debug, Default)]
@@ -73,7 +75,7 @@ impl Repository {
     /// The completed form of a cut-off attempt if storage holds all of it
     /// (meta file, object of the recorded size and checksum); `None` if not.
     async fn settle(&self, r: &BackupRecord) -> Result<Option<BackupRecord>, String> {
-        let meta_key = keys::meta_key(Kind::Logical, &r.target, &r.id);
+        let meta_key = keys::meta_key(r.kind, &r.target, &r.id);
         let Some(_) = self
             .storage
             .head(&meta_key)
@@ -161,7 +163,13 @@ mod tests {
         // Cut off after the object and meta file were stored, before the row
         // was completed: the catalog completion "never happened".
         let whole = repo
-            .begin("app", Trigger::Manual, Some("keep".into()), "agent1")
+            .begin(
+                "app",
+                Trigger::Manual,
+                Some("keep".into()),
+                "agent1",
+                Kind::Logical,
+            )
             .await
             .unwrap();
         let done = repo
@@ -186,7 +194,7 @@ mod tests {
             .unwrap();
         // Cut off after the object was stored, before its meta file.
         let cut = repo
-            .begin("app", Trigger::Scheduled, None, "agent1")
+            .begin("app", Trigger::Scheduled, None, "agent1", Kind::Logical)
             .await
             .unwrap();
         storage.set(Fault::FailCall { op: "put", nth: 1 });
@@ -205,7 +213,7 @@ mod tests {
         storage.inner_put_raw(&cut_key, b"cut off").await;
         // A damaged whole-looking attempt: meta and object, wrong bytes.
         let damaged = repo
-            .begin("app", Trigger::Scheduled, None, "agent1")
+            .begin("app", Trigger::Scheduled, None, "agent1", Kind::Logical)
             .await
             .unwrap();
         let d = repo

@@ -62,18 +62,40 @@ impl std::fmt::Display for Status {
 pub enum Kind {
     /// A `pg_dump` custom-format archive of one database.
     Logical,
+    /// A base backup of the whole cluster (`pg_basebackup` tar), restored
+    /// with the WAL stream to a point in time (issue 14).
+    Base,
 }
 
 impl Kind {
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Logical => "logical",
+            Kind::Base => "base",
         }
     }
 
     pub fn parse(s: &str) -> Option<Kind> {
-        (s == "logical").then_some(Kind::Logical)
+        match s {
+            "logical" => Some(Kind::Logical),
+            "base" => Some(Kind::Base),
+            _ => None,
+        }
     }
+}
+
+/// Where a base backup sits in its cluster's WAL: a restore needs the WAL
+/// from `start_lsn` and is consistent from `end_lsn` on. The agent reads
+/// both from the server just before and just after `pg_basebackup`, so they
+/// bound the backup's own start and end points.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Physical {
+    pub start_lsn: u64,
+    pub end_lsn: u64,
+    pub timeline: u32,
+    /// The server's clock when it ended (Unix microseconds): the earliest
+    /// time a restore from it can stop at.
+    pub consistent_at_micros: i64,
 }
 
 /// Who asked for a backup.
@@ -354,6 +376,8 @@ pub struct BackupRecord {
     pub verification: Option<Verification>,
     /// The last restore drill (`dsctl verify --restore`).
     pub drill: Option<Verification>,
+    /// A base backup's place in the WAL.
+    pub physical: Option<Physical>,
 }
 
 impl BackupRecord {
@@ -437,6 +461,7 @@ impl BackupRecord {
             agent: agent.to_string(),
             verification: None,
             drill: None,
+            physical: None,
         }
     }
 

@@ -86,6 +86,11 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         "ALTER TABLE backups ADD COLUMN drilled_at TEXT;
          ALTER TABLE backups ADD COLUMN drill_result TEXT;",
     ),
+    // 18: a base backup's place in the WAL (JSON of `Physical`)
+    (
+        18,
+        "ALTER TABLE backups ADD COLUMN physical TEXT NOT NULL DEFAULT '';",
+    ),
 ];
 
 const COLUMNS: &str =
@@ -93,7 +98,7 @@ const COLUMNS: &str =
     raw_bytes, stored_bytes, checksum, compression, encrypted, encryption_recipient, format,
     object_key, meta_key, database, db_host, server_version, pg_dump_version, error, pinned, tags,
     agent, verified_at, verify_result, extensions, system_identifier, raw_checksum, roles, database_shape, parts, row_counts,
-    drilled_at, drill_result";
+    drilled_at, drill_result, physical";
 
 fn bad(col: usize, what: &str, value: &str) -> rusqlite::Error {
     rusqlite::Error::FromSqlConversionFailure(
@@ -136,6 +141,21 @@ fn parts_from(col: usize, s: &str) -> rusqlite::Result<Vec<super::record::PartRe
         return Ok(Vec::new());
     }
     serde_json::from_str(s).map_err(|_| bad(col, "parts", s))
+}
+
+fn physical_json(p: &Option<super::record::Physical>) -> String {
+    json_column(p, p.is_none())
+}
+
+/// A base backup's place in the WAL: like parts, one that cannot be read
+/// must not be taken for a dump.
+fn physical_from(col: usize, s: &str) -> rusqlite::Result<Option<super::record::Physical>> {
+    if s.is_empty() {
+        return Ok(None);
+    }
+    serde_json::from_str(s)
+        .map(Some)
+        .map_err(|_| bad(col, "physical", s))
 }
 
 /// A comma-joined list column (names never hold commas: see the agent API).
@@ -199,12 +219,13 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<BackupRecord> {
             r.get::<_, Option<String>>(35)?.as_deref(),
             r.get::<_, Option<String>>(36)?.as_deref(),
         ),
+        physical: physical_from(37, &r.get::<_, String>(37)?)?,
     })
 }
 
 fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
     c.execute(
-        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37)"),
+        &format!("INSERT INTO backups ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, ?24, ?25, ?26, ?27, ?28, ?29, ?30, ?31, ?32, ?33, ?34, ?35, ?36, ?37, ?38)"),
         params![
             b.id,
             b.target,
@@ -243,6 +264,7 @@ fn insert(c: &Connection, b: &BackupRecord) -> Result<(), CatalogError> {
             rows_json(&b.row_counts),
             b.drill.as_ref().map(|v| format_time(v.at)),
             b.drill.as_ref().map(Verification::result),
+            physical_json(&b.physical),
         ],
     )?;
     Ok(())
@@ -343,7 +365,8 @@ impl BackupStore {
                        format = ?10, object_key = ?11, meta_key = ?12, database = ?13, db_host = ?14,
                        server_version = ?15, pg_dump_version = ?16, tags = ?17, error = NULL,
                        extensions = ?18, system_identifier = ?19, raw_checksum = ?20,
-                       roles = ?21, database_shape = ?22, parts = ?23, row_counts = ?24
+                       roles = ?21, database_shape = ?22, parts = ?23, row_counts = ?24,
+                       physical = ?25
                      WHERE id = ?1 AND status = 'running'",
                     params![
                         b.id,
@@ -370,6 +393,7 @@ impl BackupStore {
                         shape_json(&b.database_shape),
                         parts_json(&b.parts),
                         rows_json(&b.row_counts),
+                        physical_json(&b.physical),
                     ],
                 )?;
                 if n == 1 {
@@ -504,7 +528,7 @@ impl BackupStore {
         self.db
             .call(move |c| {
                 let sql = format!(
-                    "SELECT {COLUMNS} FROM backups WHERE target = ?1 AND status = 'completed'
+                    "SELECT {COLUMNS} FROM backups WHERE target = ?1 AND status = 'completed' AND kind = 'logical'
                        AND (?2 IS NULL OR created_at <= ?2) ORDER BY created_at DESC, id DESC LIMIT 1"
                 );
                 Ok(c.query_row(&sql, params![target, at], from_row)
@@ -524,6 +548,7 @@ impl BackupStore {
             .call(move |c| {
                 let sql = format!(
                     "SELECT {COLUMNS} FROM backups WHERE target = ?1 AND status = 'completed' AND id <> ?2
+                       AND kind = (SELECT kind FROM backups WHERE id = ?2)
                        AND created_at <= (SELECT created_at FROM backups WHERE id = ?2)
                      ORDER BY created_at DESC, id DESC"
                 );

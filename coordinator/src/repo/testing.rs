@@ -268,6 +268,7 @@ pub fn upload(data: &[u8]) -> Vec<Result<Piece, super::ingest::IngestError>> {
                 }],
                 not_counted: String::new(),
             },
+            physical: None,
         })),
     ]
 }
@@ -293,6 +294,7 @@ pub fn upload_with_globals(
             stored_bytes: globals.len() as u64,
             raw_checksum: "blake3:globals".into(),
             row_counts: Default::default(),
+            physical: None,
         })),
     ];
     v.extend(upload(dump));
@@ -318,6 +320,7 @@ pub fn upload_server(dbs: &[(&str, &[u8])]) -> Vec<Result<Piece, super::ingest::
                 stored_bytes: data.len() as u64,
                 raw_checksum: "blake3:plain".into(),
                 row_counts: Default::default(),
+                physical: None,
             })),
         ]
     };
@@ -339,13 +342,20 @@ pub fn upload_server(dbs: &[(&str, &[u8])]) -> Vec<Result<Piece, super::ingest::
         stored_bytes: 0,
         raw_checksum: String::new(),
         row_counts: Default::default(),
+        physical: None,
     })));
     v
 }
 
 pub async fn completed_backup(repo: &Repository, target: &str, data: &[u8]) -> BackupRecord {
     let b = repo
-        .begin(target, Trigger::Scheduled, None, "agent1")
+        .begin(
+            target,
+            Trigger::Scheduled,
+            None,
+            "agent1",
+            crate::repo::Kind::Logical,
+        )
         .await
         .expect("begin");
     repo.ingest(

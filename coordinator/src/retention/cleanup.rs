@@ -41,6 +41,12 @@ pub struct Report {
 }
 
 fn candidate(b: &BackupRecord, in_use: &HashSet<String>) -> Option<Candidate> {
+    // Base backups are not rotated with the dumps: what a point-in-time
+    // restore needs is a window of its own (issue 14), and until that is
+    // built every base backup is kept.
+    if b.kind == crate::repo::Kind::Base {
+        return None;
+    }
     let status = match b.status {
         Status::Completed => gfs::Status::Completed,
         // An interrupted attempt is kept like a failed one, for its grace.

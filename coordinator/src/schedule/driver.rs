@@ -24,6 +24,8 @@ type Events = mpsc::Sender<Result<JobEvent, Status>>;
 struct Waiter {
     target: String,
     label: Option<String>,
+    /// a dump, or a base backup (`dsctl backup --physical`)
+    kind: crate::repo::Kind,
     events: Events,
     /// The last `queued (N ahead)` sent, to send only changes.
     told_ahead: Option<usize>,
@@ -98,6 +100,7 @@ impl Scheduler {
         core: &Core,
         target: &str,
         label: Option<String>,
+        kind: crate::repo::Kind,
     ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, StartError> {
         if !core.fleet.takes_jobs(target) {
             return Err(StartError::NoAgent(target.to_string()));
@@ -112,6 +115,7 @@ impl Scheduler {
             Waiter {
                 target: target.to_string(),
                 label,
+                kind,
                 events: tx,
                 told_ahead: None,
             },
@@ -320,8 +324,8 @@ async fn expired(core: &Core, e: Expired) {
 fn admitted(core: &Arc<Core>, s: Start, done: mpsc::Sender<Finished>) {
     let (running, waiting, limit) = core.scheduler.queue_counts();
     let waited = (core.clock.now() - s.due).num_milliseconds().max(0) as f64 / 1000.0;
-    let (trigger, label, events) = match s.kind {
-        JobKind::Scheduled { .. } => (Trigger::Scheduled, None, None),
+    let (trigger, label, events, kind) = match s.kind {
+        JobKind::Scheduled { .. } => (Trigger::Scheduled, None, None, crate::repo::Kind::Logical),
         JobKind::Manual => {
             let w = lock!(core.scheduler.waiters);
             let waiter = w.get(&s.ticket);
@@ -329,6 +333,7 @@ fn admitted(core: &Arc<Core>, s: Start, done: mpsc::Sender<Finished>) {
                 Trigger::Manual,
                 waiter.and_then(|w| w.label.clone()),
                 waiter.map(|w| w.events.clone()),
+                waiter.map_or(crate::repo::Kind::Logical, |w| w.kind),
             )
         }
     };
@@ -343,7 +348,7 @@ fn admitted(core: &Arc<Core>, s: Start, done: mpsc::Sender<Finished>) {
         span.in_scope(|| tracing::info!(target = %s.target, slot = %crate::rfc3339(slot), attempt = s.attempt, "scheduled backup due"));
     }
     tokio::spawn(tracing::Instrument::instrument(
-        run_one(core.clone(), s, trigger, label, events, done),
+        run_one(core.clone(), s, (trigger, kind), label, events, done),
         span,
     ));
 }
@@ -351,12 +356,14 @@ fn admitted(core: &Arc<Core>, s: Start, done: mpsc::Sender<Finished>) {
 async fn run_one(
     core: Arc<Core>,
     s: Start,
-    trigger: Trigger,
+    (trigger, kind): (Trigger, crate::repo::Kind),
     label: Option<String>,
     events: Option<Events>,
     done: mpsc::Sender<Finished>,
 ) {
-    let (outcome, final_event) = match jobs::start_backup(&core, &s.target, trigger, label).await {
+    let (outcome, final_event) = match jobs::start_backup(&core, &s.target, trigger, label, kind)
+        .await
+    {
         Ok(mut started) => {
             let mut last = None;
             while let Some(ev) = started.events.recv().await {
