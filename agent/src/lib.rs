@@ -22,6 +22,7 @@ pub mod jobs;
 pub mod part;
 pub mod pg;
 pub mod pipeline;
+pub mod pitr;
 pub mod progress;
 pub mod replication;
 pub mod restore;

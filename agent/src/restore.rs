@@ -47,6 +47,13 @@ impl Job for RestoreJob {
         // A whole-server backup is read one database at a time.
         let (c, t, tools, r, cancel) =
             (ctx.client, ctx.target, ctx.tools, ctx.reporter, ctx.cancel);
+        if self.physical.is_some() {
+            let message = crate::pitr::run(c, self, t, tools, r, cancel).await?;
+            return Ok(JobResult {
+                message,
+                ..Default::default()
+            });
+        }
         let o = if self.databases.is_empty() {
             run(c, self, t, tools, r, cancel).await?
         } else {
@@ -59,6 +66,38 @@ impl Job for RestoreJob {
             ..Default::default()
         })
     }
+}
+
+/// How to read the backup of `job` back, decided before anything is
+/// touched: its codec, and the identities when it is encrypted (refused
+/// when this agent cannot decrypt it).
+pub(crate) fn decode_for(job: &RestoreJob, target: &TargetConfig) -> Result<Decode, JobError> {
+    let codec: Compression = job
+        .compression
+        .parse()
+        .map_err(|e| format!("backup {}: {e}", job.backup_id))?;
+    // Decide before touching anything whether this agent can decrypt it.
+    let identities = if job.encrypted {
+        let fps = target.identities.fingerprints();
+        if fps.is_empty() {
+            return Err(format!(
+                "backup {} is encrypted to recipient {}; set DATASAVER_ENCRYPTION_IDENTITY_FILE on the agent to the matching identity (nothing was changed)",
+                job.backup_id, job.encryption_recipient
+            ).into());
+        }
+        if !job.encryption_recipient.is_empty() && !fps.contains(&job.encryption_recipient) {
+            return Err(format!(
+                "backup {} is encrypted to recipient {}, but the agent's identity file holds {}; nothing was changed",
+                job.backup_id,
+                job.encryption_recipient,
+                fps.join(", ")
+            ).into());
+        }
+        Some(target.identities.0.clone())
+    } else {
+        None
+    };
+    Ok(Decode { codec, identities })
 }
 
 /// The error of a restore stopped by `cancel`.
@@ -289,32 +328,7 @@ pub async fn run(
     reporter: Reporter,
     cancel: JobCancel,
 ) -> Result<Outcome, JobError> {
-    let codec: Compression = job
-        .compression
-        .parse()
-        .map_err(|e| format!("backup {}: {e}", job.backup_id))?;
-    // Decide before touching anything whether this agent can decrypt it.
-    let identities = if job.encrypted {
-        let fps = target.identities.fingerprints();
-        if fps.is_empty() {
-            return Err(format!(
-                "backup {} is encrypted to recipient {}; set DATASAVER_ENCRYPTION_IDENTITY_FILE on the agent to the matching identity (nothing was changed)",
-                job.backup_id, job.encryption_recipient
-            ).into());
-        }
-        if !job.encryption_recipient.is_empty() && !fps.contains(&job.encryption_recipient) {
-            return Err(format!(
-                "backup {} is encrypted to recipient {}, but the agent's identity file holds {}; nothing was changed",
-                job.backup_id,
-                job.encryption_recipient,
-                fps.join(", ")
-            ).into());
-        }
-        Some(target.identities.0.clone())
-    } else {
-        None
-    };
-    let decode = Decode { codec, identities };
+    let decode = decode_for(&job, &target)?;
     let drill = job.mode == RestoreMode::Drill as i32;
     // A drill runs on the drill server when the agent has one.
     let db = match (&target.drill_db, drill) {

@@ -276,6 +276,21 @@ struct RestoreArgs {
     /// nothing, when any of them already exists there.
     #[arg(long)]
     into_existing: bool,
+    /// A point-in-time restore of the whole cluster (a base backup and the
+    /// WAL after it) into --data-dir on the agent's host; the agent runs the
+    /// recovery with the server's binaries and leaves a promoted data
+    /// directory to start as usual. With a base backup's id: to its end;
+    /// with --target: to --at TIME, --lsn LSN or --latest. Every WAL file
+    /// needed is proven stored before anything is written.
+    #[arg(long, requires = "data_dir")]
+    physical: bool,
+    /// With --physical: the data directory to write, absent or empty
+    /// (--force replaces a stopped cluster's; refused while a postmaster runs on it).
+    #[arg(long, value_name = "DIR", requires = "physical")]
+    data_dir: Option<String>,
+    /// With --physical --target: stop at this WAL position (e.g. 0/3000060).
+    #[arg(long, value_name = "LSN", requires = "physical", requires = "target", conflicts_with_all = ["at", "latest"])]
+    lsn: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -826,8 +841,8 @@ async fn run(cli: Cli) -> Result<()> {
             if a.id.is_none() && a.target.is_none() {
                 bail!("give a backup id, or --target T with --latest or --at TIME");
             }
-            if a.target.is_some() && !a.latest && a.at.is_none() {
-                bail!("--target needs --latest or --at TIME");
+            if a.target.is_some() && !a.latest && a.at.is_none() && a.lsn.is_none() {
+                bail!("--target needs --latest or --at TIME (or, with --physical, --lsn LSN)");
             }
             datasaver_common::names::check_restore_part(
                 &a.table,
@@ -851,6 +866,9 @@ async fn run(cli: Cli) -> Result<()> {
                         schemas: a.schema,
                         into_existing: a.into_existing,
                         database: a.database.unwrap_or_default(),
+                        physical: a.physical,
+                        data_dir: a.data_dir.unwrap_or_default(),
+                        lsn: a.lsn.unwrap_or_default(),
                     })
                     .await,
                 )

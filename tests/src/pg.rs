@@ -136,6 +136,28 @@ impl PgCluster {
         panic!("could not start postgres: {last_err}");
     }
 
+    /// A cluster directory whose data directory does not exist yet, not
+    /// started: a physical restore writes [`PgCluster::data_dir`], then
+    /// [`PgCluster::start`] runs it. Same binaries, and the same password
+    /// as `like` (the restore brings `like`'s roles).
+    pub fn unstarted_like(like: &PgCluster) -> PgCluster {
+        let dir = crate::short_tempdir("dspg");
+        if let Some((uid, gid)) = like.run_as {
+            chown_recursive(dir.path(), uid, gid).expect("chown cluster dir to postgres");
+        }
+        PgCluster {
+            dir,
+            bindir: like.bindir.clone(),
+            client_bindir: like.client_bindir.clone(),
+            major: like.major,
+            port: free_port(),
+            password: like.password.clone(),
+            settings: like.settings.clone(),
+            run_as: like.run_as,
+            child: None,
+        }
+    }
+
     /// `$DATASAVER_TEST_PG_BINDIR`, else the highest `/usr/lib/postgresql/<N>/bin` that has
     /// `postgres`, else `pg_config --bindir`.
     pub fn default_bindir() -> PathBuf {

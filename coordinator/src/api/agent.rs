@@ -39,6 +39,63 @@ impl AgentService for AgentSvc {
     type ControlStream = BoxStream<CoordinatorMessage>;
     type DownloadStream = BoxStream<DownloadChunk>;
     type StreamWalStream = BoxStream<WalAck>;
+    type DownloadWalStream = BoxStream<DownloadChunk>;
+
+    async fn download_wal(
+        &self,
+        req: Request<datasaver_common::proto::DownloadWalRequest>,
+    ) -> Result<Response<Self::DownloadWalStream>, Status> {
+        use crate::wal::restore::Refused;
+        let who = Caller::of(&req)?;
+        let req = req.into_inner();
+        let job = self
+            .core
+            .fleet
+            .job(&req.job_id)
+            .ok_or_else(|| Status::not_found(format!("no running job {}", req.job_id)))?;
+        if job.kind != JobKind::Restore || job.agent_name != who.name() {
+            return Err(Status::permission_denied(format!(
+                "agent {} has no restore job {}",
+                who.name(),
+                req.job_id
+            )));
+        }
+        let base = self
+            .core
+            .repo
+            .find(&job.backup_id)
+            .await
+            .map_err(|e| match e {
+                RepoError::NotFound(_) => Status::not_found(e.to_string()),
+                _ => Status::unavailable(e.to_string()),
+            })?;
+        if base.kind != crate::repo::Kind::Base {
+            return Err(Status::invalid_argument(format!(
+                "job {} restores a dump, not a base backup",
+                req.job_id
+            )));
+        }
+        let file = crate::wal::restore::wal_for_job(&self.core, &base, &req.name)
+            .await
+            .map_err(|e| match e {
+                Refused::NotFound(m) => Status::not_found(m),
+                Refused::Refused(m) => Status::invalid_argument(m),
+                Refused::Unavailable(m) => Status::unavailable(m),
+            })?;
+        let stream = self
+            .core
+            .repo
+            .open_wal(&file.stored.key)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let out = stream.map(|r| match r {
+            Ok(data) => Ok(DownloadChunk {
+                data: data.to_vec(),
+            }),
+            Err(e) => Err(Status::unavailable(e.to_string())),
+        });
+        Ok(Response::new(Box::pin(out)))
+    }
 
     async fn stream_wal(
         &self,

@@ -236,6 +236,9 @@ impl OperatorService for OperatorSvc {
     async fn restore(&self, req: Request<RestoreRequest>) -> Result<Response<EventStream>, Status> {
         let who = Caller::of(&req)?;
         let req = req.into_inner();
+        if req.physical {
+            return self.restore_physical(who, req).await;
+        }
         let part = Part::new(
             req.tables.clone(),
             req.schemas.clone(),
@@ -670,6 +673,88 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
 }
 
 impl OperatorSvc {
+    /// `dsctl restore --physical`: the plan is made and proven here, before
+    /// the agent is asked to write anything.
+    async fn restore_physical(
+        &self,
+        who: Caller,
+        req: RestoreRequest,
+    ) -> Result<Response<EventStream>, Status> {
+        use crate::wal::restore::{Goal, Refused};
+        if req.data_dir.is_empty() {
+            return Err(Status::invalid_argument(
+                "--physical needs --data-dir DIR (on the agent's host)",
+            ));
+        }
+        if req.dry_run
+            || !req.tables.is_empty()
+            || !req.schemas.is_empty()
+            || !req.target_db.is_empty()
+            || !req.database.is_empty()
+        {
+            return Err(Status::invalid_argument(
+                "--physical restores the whole cluster: --dry-run, --table, --schema, --target-db and --database do not apply",
+            ));
+        }
+        let action = if req.force {
+            Action::RestoreForce
+        } else {
+            Action::Restore
+        };
+        let (target, base_id, goal) = if !req.id.is_empty() {
+            if req.latest || !req.at.is_empty() || !req.lsn.is_empty() {
+                return Err(Status::invalid_argument(
+                    "a base backup's id restores to its end; for --at, --lsn or --latest give --target instead",
+                ));
+            }
+            let row = self.find_for(&who, action, &req.id).await?;
+            if row.kind != crate::repo::Kind::Base {
+                return Err(Status::failed_precondition(format!(
+                    "backup {} is a dump, not a base backup: restore it without --physical",
+                    row.id
+                )));
+            }
+            (row.target.clone(), Some(row.id.clone()), Goal::BaseEnd)
+        } else if !req.target.is_empty() {
+            self.allow_caller(&who, action, Some(&req.target))?;
+            let goal = if req.latest {
+                Goal::Latest
+            } else if !req.at.is_empty() {
+                Goal::Time(parse_time(&req.at)?)
+            } else if !req.lsn.is_empty() {
+                Goal::Lsn(
+                    datasaver_common::wal::Lsn::parse(&req.lsn)
+                        .map_err(|e| Status::invalid_argument(format!("--lsn: {e}")))?,
+                )
+            } else {
+                return Err(Status::invalid_argument(
+                    "with --target, give --latest, --at TIME or --lsn LSN",
+                ));
+            };
+            (req.target.clone(), None, goal)
+        } else {
+            return Err(Status::invalid_argument(
+                "give a base backup's id, or --target with --latest, --at or --lsn",
+            ));
+        };
+        let plan = crate::wal::restore::plan(&self.core, &target, base_id.as_deref(), goal)
+            .await
+            .map_err(|e| match e {
+                Refused::NotFound(m) => Status::not_found(m),
+                Refused::Refused(m) => Status::failed_precondition(m),
+                Refused::Unavailable(m) => Status::unavailable(m),
+            })?;
+        tracing::info!(operator = %who, target = %target, base = %plan.base.id, wal_files = plan.wal.len(), upto = %plan.upto, data_dir = %req.data_dir, "physical restore requested");
+        let row = plan.base.clone();
+        let read = Read::Physical {
+            plan: Box::new(plan),
+            data_dir: req.data_dir.clone(),
+            force: req.force,
+        };
+        let started = jobs::start_read(&self.core, row, read).map_err(start_status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
+    }
+
     async fn find(&self, id: &str) -> Result<crate::repo::BackupRecord, Status> {
         backups::find(&self.core, id).await.map_err(action_status)
     }

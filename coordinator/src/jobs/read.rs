@@ -38,6 +38,13 @@ pub enum Read {
     /// A restore drill: into a scratch database, rows checked, dropped; the
     /// result kept as the backup's last drill.
     Drill,
+    /// A point-in-time restore of a base backup into `data_dir` (issue 14),
+    /// along a plan proven before the job starts.
+    Physical {
+        plan: Box<crate::wal::restore::Plan>,
+        data_dir: String,
+        force: bool,
+    },
 }
 
 /// A part of a backup to restore (empty: all of it).
@@ -141,6 +148,46 @@ impl Part {
     }
 }
 
+/// What the agent is told of a physical restore's plan.
+fn physical_job(
+    plan: &crate::wal::restore::Plan,
+    data_dir: &str,
+    force: bool,
+) -> datasaver_common::proto::PhysicalRestore {
+    use crate::wal::restore::Goal;
+    let p = plan.base.physical.unwrap_or(crate::repo::record::Physical {
+        start_lsn: 0,
+        end_lsn: 0,
+        timeline: plan.timeline,
+        consistent_at_micros: 0,
+    });
+    datasaver_common::proto::PhysicalRestore {
+        data_dir: data_dir.to_string(),
+        force,
+        segment_size: plan.seg_size,
+        timeline: plan.timeline,
+        wal: plan
+            .wal
+            .iter()
+            .map(|w| datasaver_common::proto::PlannedWal {
+                name: w.name.clone(),
+                raw_blake3: w.raw_blake3.clone(),
+                partial: w.partial,
+            })
+            .collect(),
+        target_time: match &plan.goal {
+            Goal::Time(t) => t.format("%Y-%m-%d %H:%M:%S%.6f+00").to_string(),
+            _ => String::new(),
+        },
+        target_lsn: match &plan.goal {
+            Goal::Lsn(l) => l.to_string(),
+            _ => String::new(),
+        },
+        immediate: plan.goal == Goal::BaseEnd,
+        consistent_lsn: datasaver_common::wal::Lsn(p.end_lsn).to_string(),
+    }
+}
+
 impl Read {
     fn name(&self) -> &'static str {
         match self {
@@ -148,6 +195,7 @@ impl Read {
             Read::DryRun { .. } => "list",
             Read::Verify => "verify",
             Read::Drill => "drill",
+            Read::Physical { .. } => "physical restore",
         }
     }
 }
@@ -155,7 +203,7 @@ impl Read {
 /// Starts `read` of completed backup `row` on its target's agent.
 pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Started, StartError> {
     let kind = match read {
-        Read::Restore { .. } | Read::Drill => JobKind::Restore,
+        Read::Restore { .. } | Read::Drill | Read::Physical { .. } => JobKind::Restore,
         Read::DryRun { .. } | Read::Verify => JobKind::List,
     };
     // Registered now so the backup counts as in use from the start.
@@ -193,6 +241,17 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 Read::DryRun { part } => (RestoreMode::List, String::new(), false, part.clone()),
                 Read::Verify => (RestoreMode::List, String::new(), false, Part::default()),
                 Read::Drill => (RestoreMode::Drill, String::new(), false, Part::default()),
+                Read::Physical { force, .. } => {
+                    (RestoreMode::Restore, String::new(), *force, Part::default())
+                }
+            };
+            let physical = match &read {
+                Read::Physical {
+                    plan,
+                    data_dir,
+                    force,
+                } => Some(physical_job(plan, data_dir, *force)),
+                _ => None,
             };
             // Checked by the request's handler; all of them if it was not.
             let databases: Vec<_> = part
@@ -231,6 +290,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 table_rows: crate::tables_to_proto(&row.row_counts.tables),
                 databases,
                 dump_part: String::new(),
+                physical,
             });
             // A verify reads and checks the parts (globals) here, first:
             // the agent checks the dump, and may not even hold the key.
@@ -260,7 +320,9 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
             drop(job);
             match read {
                 Read::Verify => core.metrics.verify_finished(&row.target, result.is_ok()),
-                Read::Restore { .. } => core.metrics.restore_finished(&row.target, result.is_ok()),
+                Read::Restore { .. } | Read::Physical { .. } => {
+                    core.metrics.restore_finished(&row.target, result.is_ok())
+                }
                 Read::DryRun { .. } | Read::Drill => {}
             }
             let corrupt = matches!(&result, Err(f) if f.kind == FailureKind::Corrupt);

@@ -110,6 +110,16 @@ impl Repository {
         Ok(())
     }
 
+    /// The stored bytes of WAL file `key` (one of [`Repository::wal_files`]'s).
+    pub async fn open_wal(&self, key: &str) -> Result<crate::storage::ByteStream, RepoError> {
+        if key.split('/').nth(1) != Some("wal") || !keys::is_own_key(key) {
+            return Err(RepoError::Conflict(format!(
+                "{key:?} is not a stored WAL file"
+            )));
+        }
+        Ok(self.storage.get(key).await?)
+    }
+
     /// Every WAL file of a series, as storage lists them (keys of another
     /// shape are skipped).
     pub async fn wal_files(&self, series: &Series) -> Result<Vec<StoredWal>, RepoError> {

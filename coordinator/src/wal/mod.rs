@@ -11,4 +11,5 @@ pub mod live;
 pub use datasaver_common::wal as name;
 pub mod plan;
 pub mod receive;
+pub mod restore;
 pub mod view;

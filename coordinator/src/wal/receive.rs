@@ -78,6 +78,10 @@ pub struct Stored {
 
 const EXTENSIONS: [&str; 2] = [".zst", ".zst.age"];
 
+/// How long after a commit its WAL is surely flushed, even with
+/// `synchronous_commit=off` (see [`Receiver::server_position`]).
+const ASYNC_COMMIT_MARGIN_MICROS: i64 = 1_000_000;
+
 /// The most a stored file may take: a segment that compression grew a
 /// little, plus the encryption's framing.
 pub fn max_file_bytes(seg_size: u64) -> u64 {
@@ -332,9 +336,14 @@ impl Receiver {
         self.core
             .wal_live
             .server_position(&self.series.target, lsn, self.core.clock.now());
-        if time <= 0 {
+        if time <= ASYNC_COMMIT_MARGIN_MICROS {
             return Ok(());
         }
+        // The stream's end is the server's flushed WAL; a commit with
+        // synchronous_commit=off is flushed by the WAL writer within three
+        // wal_writer_delay (200 ms by default). So the mark says: what was
+        // committed before a second earlier ends at or before `lsn`.
+        let time = time - ASYNC_COMMIT_MARGIN_MICROS;
         let (target, sysid) = (&self.series.target, &self.series.system_identifier);
         match self.last_mark {
             Some((t, _)) if time <= t => {}

@@ -85,3 +85,306 @@ fn a_base_backup_without_the_wal_stream_is_refused() {
                 .unwrap_or(true)
     );
 }
+
+fn time(s: &str) -> Option<chrono::DateTime<chrono::Utc>> {
+    chrono::DateTime::parse_from_rfc3339(s)
+        .ok()
+        .map(|t| t.with_timezone(&chrono::Utc))
+}
+
+/// The server's clock now, as RFC 3339 with microseconds.
+fn server_now(pg: &PgCluster) -> String {
+    pg.query_one(
+        "postgres",
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD\"T\"HH24:MI:SS.US\"Z\"')",
+    )
+}
+
+/// Waits until everything the server wrote up to `at` is stored.
+fn wait_recoverable(fleet: &Fleet, at: &str) {
+    let want = time(at).expect("time");
+    let ok = wait_until(WAIT, || {
+        fleet.dsctl_json(&["wal", "--target", "app"])[0]["latest_recoverable"]
+            .as_str()
+            .and_then(time)
+            .is_some_and(|t| t >= want)
+    });
+    assert!(ok, "the WAL up to {at} was never all stored");
+}
+
+fn ids(pg: &PgCluster) -> Vec<String> {
+    pg.query_rows("shop", "SELECT id FROM t ORDER BY id")
+        .into_iter()
+        .map(|r| r[0].clone())
+        .collect()
+}
+
+#[test]
+fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
+    let pg = PgCluster::new();
+    pg.create_db("shop");
+    pg.psql("shop", "CREATE TABLE t (id int PRIMARY KEY, note text);");
+    pg.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'before the base' FROM generate_series(1, 100) g;",
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent_with("app", &pg, "postgres", &wal_env());
+    assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
+    let out = fleet.dsctl(&["backup", "app", "--physical"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let base = fleet.list_backups(Some("app"))[0].id.clone();
+
+    pg.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'after the base, before T' FROM generate_series(101, 200) g;",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let t = server_now(&pg);
+    std::thread::sleep(Duration::from_millis(1200));
+    pg.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'after T: the bad migration' FROM generate_series(201, 300) g;",
+    );
+    pg.psql("shop", "DELETE FROM t WHERE id <= 50;");
+    let end = server_now(&pg);
+    wait_recoverable(&fleet, &end);
+
+    // To T: the rows before it, none after; on a new timeline; it starts.
+    let mut restored = PgCluster::unstarted_like(&pg);
+    let dir = restored.data_dir();
+    let out = fleet.dsctl(&[
+        "restore",
+        "--target",
+        "app",
+        "--at",
+        &t,
+        "--physical",
+        "--data-dir",
+        dir.to_str().expect("path"),
+    ]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}\n--- agent ---\n{}",
+        out.describe(),
+        fleet.agent("app").proc.log()
+    );
+    assert!(
+        out.stdout.contains(&format!("restored base backup {base}")),
+        "{}",
+        out.stdout
+    );
+    assert!(out.stdout.contains("now on timeline 2"), "{}", out.stdout);
+    assert!(
+        !dir.join("recovery.signal").exists(),
+        "promoted: no recovery.signal left"
+    );
+    restored.start();
+    let want: Vec<String> = (1..=200).map(|i| i.to_string()).collect();
+    assert_eq!(ids(&restored), want, "rows 1-200 exactly");
+    assert_eq!(
+        restored.query_one("shop", "SELECT count(*) FROM t WHERE note LIKE 'after T%'"),
+        "0"
+    );
+    assert_eq!(
+        restored.query_one(
+            "postgres",
+            "SELECT timeline_id FROM pg_control_checkpoint()"
+        ),
+        "2"
+    );
+    // A writable primary, not a standby.
+    assert_eq!(
+        restored.query_one("postgres", "SELECT pg_is_in_recovery()"),
+        "f"
+    );
+    restored.psql(
+        "shop",
+        "INSERT INTO t VALUES (1000, 'written after the restore');",
+    );
+    restored.stop();
+
+    // --latest: everything, including the deletes.
+    let latest = PgCluster::unstarted_like(&pg);
+    let out = fleet.dsctl(&[
+        "restore",
+        "--target",
+        "app",
+        "--latest",
+        "--physical",
+        "--data-dir",
+        latest.data_dir().to_str().expect("path"),
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let mut latest = latest;
+    latest.start();
+    assert_eq!(ids(&latest), ids(&pg), "--latest equals the source");
+    latest.stop();
+
+    // The base backup alone, to its end: the rows it held.
+    let only = PgCluster::unstarted_like(&pg);
+    let out = fleet.dsctl(&[
+        "restore",
+        &base,
+        "--physical",
+        "--data-dir",
+        only.data_dir().to_str().expect("path"),
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let mut only = only;
+    only.start();
+    assert_eq!(only.query_one("shop", "SELECT count(*) FROM t"), "100");
+    only.stop();
+
+    // Outside the window: refused before anything is written.
+    let early = PgCluster::unstarted_like(&pg);
+    let out = fleet.dsctl(&[
+        "restore",
+        "--target",
+        "app",
+        "--at",
+        "2020-01-01T00:00:00Z",
+        "--physical",
+        "--data-dir",
+        early.data_dir().to_str().expect("path"),
+    ]);
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr.contains("before the earliest recoverable point"),
+        "{}",
+        out.stderr
+    );
+    assert!(!early.data_dir().exists(), "nothing written");
+    let out = fleet.dsctl(&[
+        "restore",
+        "--target",
+        "app",
+        "--at",
+        "2100-01-01T00:00:00Z",
+        "--physical",
+        "--data-dir",
+        early.data_dir().to_str().expect("path"),
+    ]);
+    assert_ne!(out.code, Some(0));
+    assert!(
+        out.stderr.contains("after the latest recoverable time"),
+        "{}",
+        out.stderr
+    );
+    assert!(out.stderr.contains("recovery window"), "{}", out.stderr);
+    assert!(!early.data_dir().exists(), "nothing written");
+    // Over a non-empty directory without --force: refused, untouched.
+    let out = fleet.dsctl(&[
+        "restore",
+        "--target",
+        "app",
+        "--latest",
+        "--physical",
+        "--data-dir",
+        only.data_dir().to_str().expect("path"),
+    ]);
+    assert_ne!(out.code, Some(0));
+    assert!(out.stderr.contains("--force"), "{}", out.stderr);
+    assert!(only.data_dir().join("PG_VERSION").exists());
+}
+
+/// The stored object of WAL segment `name` of target app.
+fn stored_wal(fleet: &Fleet, name: &str) -> std::path::PathBuf {
+    let root = fleet.storage_dir().join("app/wal");
+    for sys in std::fs::read_dir(&root).expect("wal dir").flatten() {
+        for f in std::fs::read_dir(sys.path().join("00000001"))
+            .expect("timeline dir")
+            .flatten()
+        {
+            if f.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("{name}-"))
+            {
+                return f.path();
+            }
+        }
+    }
+    panic!("{name} is not stored");
+}
+
+#[test]
+fn a_damaged_or_missing_segment_stops_the_restore_before_anything_is_written() {
+    let pg = PgCluster::new();
+    pg.create_db("shop");
+    pg.psql("shop", "CREATE TABLE t (id int PRIMARY KEY, note text);");
+    let mut fleet = Fleet::start();
+    fleet.add_agent_with("app", &pg, "postgres", &wal_env());
+    assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
+    let out = fleet.dsctl(&["backup", "app", "--physical"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let mut names = Vec::new();
+    for i in 0..3 {
+        pg.psql(
+            "shop",
+            &format!(
+                "INSERT INTO t SELECT g, 'x' FROM generate_series({}, {}) g;",
+                i * 1000 + 1,
+                i * 1000 + 1000
+            ),
+        );
+        names.push(pg.query_one(
+            "postgres",
+            "SELECT pg_walfile_name(pg_current_wal_insert_lsn())",
+        ));
+        pg.psql("postgres", "SELECT pg_switch_wal();");
+    }
+    wait_recoverable(&fleet, &server_now(&pg));
+    let middle = &names[1];
+    let dir = PgCluster::unstarted_like(&pg);
+    let data = dir.data_dir();
+    let restore = |fleet: &Fleet| {
+        fleet.dsctl(&[
+            "restore",
+            "--target",
+            "app",
+            "--latest",
+            "--physical",
+            "--data-dir",
+            data.to_str().expect("path"),
+        ])
+    };
+
+    // One flipped byte: the agent's check refuses it before the data
+    // directory exists.
+    let path = stored_wal(&fleet, middle);
+    let mut bytes = std::fs::read(&path).expect("read");
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, &bytes).expect("write");
+    let out = restore(&fleet);
+    assert_ne!(
+        out.code,
+        Some(0),
+        "{}\nflipped {middle} of {names:?}\n{:#}",
+        out.describe(),
+        fleet.dsctl_json(&["wal"])
+    );
+    assert!(out.stderr.contains(middle.as_str()), "{}", out.stderr);
+    assert!(!data.exists(), "nothing written");
+
+    // Gone altogether: refused by the plan, naming it; dsctl wal shows
+    // the gap and wal.gap fires.
+    std::fs::remove_file(&path).expect("remove");
+    let out = restore(&fleet);
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains(&format!("WAL segment {middle} is missing")),
+        "{}",
+        out.stderr
+    );
+    assert!(!data.exists(), "nothing written");
+    let text = fleet.dsctl(&["wal"]).stdout;
+    assert!(
+        text.contains(&format!("GAP: {middle}..{middle} missing")),
+        "{text}"
+    );
+    let alerted = wait_until(WAIT, || fleet.dsctl(&["health"]).stdout.contains("wal.gap"));
+    assert!(alerted, "wal.gap in dsctl health");
+}

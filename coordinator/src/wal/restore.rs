@@ -1,0 +1,430 @@
+//! A point-in-time restore's plan, decided before anything is written: the
+//! base backup (the newest that is consistent before the target, on the
+//! target's cluster), the WAL position the target needs (a mark at or
+//! after the target time, an LSN, the base's end, or the end of the stored
+//! WAL), and every WAL file from the base's start to there — each one
+//! stored, in order, or the restore is refused naming the first missing
+//! one. A target outside the recovery window is refused naming the window.
+
+use chrono::{DateTime, Utc};
+use datasaver_common::wal::{Lsn, Segment, WalFile};
+
+use super::index::IndexedWal;
+use crate::repo::{BackupRecord, Kind, Status};
+use crate::Core;
+
+/// Where a restore should stop.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Goal {
+    /// the base backup's own end (a restore of one base backup by id)
+    BaseEnd,
+    Time(DateTime<Utc>),
+    Lsn(Lsn),
+    /// everything stored
+    Latest,
+}
+
+/// One WAL file to replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Planned {
+    pub name: String,
+    pub raw_blake3: String,
+    /// a partial, the last file of the plan
+    pub partial: bool,
+}
+
+/// What the agent is told.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Plan {
+    pub base: BackupRecord,
+    pub goal: Goal,
+    pub seg_size: u64,
+    pub timeline: u32,
+    pub wal: Vec<Planned>,
+    /// the WAL position recovery replays to
+    pub upto: Lsn,
+}
+
+/// Why a restore cannot be done; said before anything is written.
+#[derive(Debug, thiserror::Error)]
+pub enum Refused {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Refused(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl From<crate::catalog::CatalogError> for Refused {
+    fn from(e: crate::catalog::CatalogError) -> Self {
+        Refused::Unavailable(e.to_string())
+    }
+}
+
+fn stamp(t: DateTime<Utc>) -> String {
+    t.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}
+
+fn micros(t: i64) -> String {
+    DateTime::from_timestamp_micros(t)
+        .map(stamp)
+        .unwrap_or_else(|| t.to_string())
+}
+
+/// The base backups of `target` a restore may start from, newest first.
+fn usable(rows: Vec<BackupRecord>) -> Vec<BackupRecord> {
+    let mut v: Vec<BackupRecord> = rows
+        .into_iter()
+        .filter(|r| r.kind == Kind::Base && r.status == Status::Completed)
+        .filter(|r| r.physical.is_some() && !r.known_bad())
+        .collect();
+    v.sort_by_key(|r| std::cmp::Reverse(r.physical.map(|p| p.end_lsn)));
+    v
+}
+
+/// Plans a restore of `target` (or of base backup `base_id`) to `goal`.
+pub async fn plan(
+    core: &Core,
+    target: &str,
+    base_id: Option<&str>,
+    goal: Goal,
+) -> Result<Plan, Refused> {
+    let rows = core
+        .repo
+        .list(Some(target))
+        .await
+        .map_err(|e| Refused::Unavailable(e.to_string()))?;
+    let bases = usable(rows);
+    let binding = core.wal_index.binding(target).await?;
+    let base = match base_id {
+        Some(id) => bases.iter().find(|b| b.id == id).cloned().ok_or_else(|| {
+            Refused::NotFound(format!(
+                "{id} is not a completed base backup of {target} (see `dsctl list --target {target}`)"
+            ))
+        })?,
+        None => {
+            let sysid = binding
+                .as_ref()
+                .map(|b| b.system_identifier.clone())
+                .unwrap_or_default();
+            let ours: Vec<&BackupRecord> = bases
+                .iter()
+                .filter(|b| b.system_identifier == sysid)
+                .collect();
+            let Some(oldest) = ours.last() else {
+                return Err(Refused::NotFound(format!(
+                    "target {target} has no completed base backup of its cluster: take one with `dsctl backup {target} --physical`"
+                )));
+            };
+            let fits = |b: &&&BackupRecord| {
+                let p = b.physical.expect("usable bases have one");
+                match &goal {
+                    Goal::Time(t) => p.consistent_at_micros <= t.timestamp_micros(),
+                    Goal::Lsn(l) => p.end_lsn <= l.0,
+                    Goal::Latest | Goal::BaseEnd => true,
+                }
+            };
+            match ours.iter().find(fits) {
+                Some(b) => (**b).clone(),
+                None => {
+                    let p = oldest.physical.expect("usable bases have one");
+                    return Err(Refused::Refused(format!(
+                        "{} is before the earliest recoverable point of {target}: {} ({}, the end of its oldest base backup {})",
+                        match &goal {
+                            Goal::Time(t) => stamp(*t),
+                            Goal::Lsn(l) => l.to_string(),
+                            _ => "the target".into(),
+                        },
+                        micros(p.consistent_at_micros),
+                        Lsn(p.end_lsn),
+                        oldest.id
+                    )));
+                }
+            }
+        }
+    };
+    let p = base.physical.expect("usable bases have one");
+    let sysid = base.system_identifier.clone();
+    let seg_size = match &binding {
+        Some(b) if b.system_identifier == sysid => b.seg_size,
+        _ => core
+            .repo
+            .wal_series(target)
+            .await
+            .map_err(|e| Refused::Unavailable(e.to_string()))?
+            .into_iter()
+            .find(|s| s.system_identifier == sysid)
+            .map(|s| s.seg_size)
+            .ok_or_else(|| {
+                Refused::Refused(format!(
+                    "no WAL of cluster {sysid} is stored for {target}: base backup {} cannot be replayed",
+                    base.id
+                ))
+            })?,
+    };
+    // What storage holds now, not what the index last heard: a file lost
+    // since is a gap, named here, before anything is written.
+    let series = crate::repo::wal::Series {
+        target: target.to_string(),
+        system_identifier: sysid.clone(),
+        seg_size,
+        bound_at: String::new(),
+    };
+    let listed = core
+        .repo
+        .wal_files(&series)
+        .await
+        .map_err(|e| Refused::Unavailable(e.to_string()))?;
+    core.wal_index
+        .replace_files(
+            target,
+            &sysid,
+            seg_size,
+            listed,
+            crate::alerts::stamp(core.clock.now()),
+        )
+        .await?;
+    let files = core.wal_index.files(target, &sysid, seg_size).await?;
+    if let Some(t) = files
+        .iter()
+        .map(|f| match f.stored.file {
+            WalFile::Segment(s) | WalFile::Partial(s) => s.timeline,
+            WalFile::History(t) => t,
+        })
+        .find(|t| *t > p.timeline)
+    {
+        return Err(Refused::Refused(format!(
+            "the WAL of {target} continues on timeline {t} after base backup {}'s timeline {}: restores across a timeline switch are not supported yet; take a base backup on the new timeline",
+            base.id, p.timeline
+        )));
+    }
+    let stored_end = contiguous_end(&files, p.timeline, Lsn(p.start_lsn), seg_size);
+    // Everything stored on the timeline, gaps or not: a target past a gap
+    // is refused naming the missing segment, never cut short at it.
+    let max_end = files
+        .iter()
+        .filter(|f| {
+            matches!(f.stored.file, WalFile::Segment(s) | WalFile::Partial(s) if s.timeline == p.timeline)
+        })
+        .filter_map(|f| f.end_lsn)
+        .max()
+        .map_or(stored_end, |e| Lsn(e).max(stored_end));
+    let latest_time = core
+        .wal_index
+        .latest_mark_within(target, &sysid, stored_end.0)
+        .await?;
+    let window = || {
+        format!(
+            "the recovery window of {target} from base backup {} is {} to {}",
+            base.id,
+            micros(p.consistent_at_micros),
+            latest_time
+                .map(|(t, _)| micros(t))
+                .unwrap_or_else(|| format!("the WAL stored up to {stored_end}"))
+        )
+    };
+    // The last byte recovery must read (exclusive end).
+    let upto = match &goal {
+        Goal::BaseEnd => Lsn(p.end_lsn),
+        Goal::Latest => max_end,
+        Goal::Lsn(l) => {
+            if l.0 < p.end_lsn {
+                return Err(Refused::Refused(format!(
+                    "{l} is before base backup {}'s end {}; {}",
+                    base.id,
+                    Lsn(p.end_lsn),
+                    window()
+                )));
+            }
+            Lsn(l.0 + 1)
+        }
+        Goal::Time(t) => {
+            // All WAL written before `t` ends at the first mark from `t`.
+            match core
+                .wal_index
+                .first_mark_from(target, &sysid, t.timestamp_micros())
+                .await?
+            {
+                Some((_, lsn)) if lsn <= max_end.0 => Lsn(lsn.max(p.end_lsn)),
+                _ => {
+                    return Err(Refused::Refused(format!(
+                        "{} is after the latest recoverable time: {}",
+                        stamp(*t),
+                        window()
+                    )))
+                }
+            }
+        }
+    };
+    if upto.0 < p.end_lsn {
+        return Err(Refused::Refused(format!(
+            "the WAL of {target} is stored only to {stored_end}, before base backup {}'s end {}: it cannot be restored yet",
+            base.id,
+            Lsn(p.end_lsn)
+        )));
+    }
+    let wal = segments(&files, p.timeline, Lsn(p.start_lsn), upto, seg_size)?;
+    tracing::info!(target = %target, base = %base.id, start = %Lsn(p.start_lsn), base_end = %Lsn(p.end_lsn), upto = %upto, stored_end = %stored_end, files = wal.len(), "restore planned");
+    Ok(Plan {
+        base,
+        goal,
+        seg_size,
+        timeline: p.timeline,
+        wal,
+        upto,
+    })
+}
+
+/// The stored file a physical restore job of base backup `base` asks for
+/// by segment name: the whole segment, or its partial.
+pub async fn wal_for_job(
+    core: &Core,
+    base: &BackupRecord,
+    name: &str,
+) -> Result<IndexedWal, Refused> {
+    let sysid = &base.system_identifier;
+    let seg_size = match core.wal_index.binding(&base.target).await? {
+        Some(b) if &b.system_identifier == sysid => b.seg_size,
+        _ => core
+            .repo
+            .wal_series(&base.target)
+            .await
+            .map_err(|e| Refused::Unavailable(e.to_string()))?
+            .into_iter()
+            .find(|s| &s.system_identifier == sysid)
+            .map(|s| s.seg_size)
+            .ok_or_else(|| Refused::NotFound(format!("no WAL of cluster {sysid} is stored")))?,
+    };
+    let seg = Segment::parse(name, seg_size).map_err(Refused::Refused)?;
+    let files = core.wal_index.files(&base.target, sysid, seg_size).await?;
+    files
+        .iter()
+        .find(|f| f.stored.file == WalFile::Segment(seg))
+        .or_else(|| {
+            files
+                .iter()
+                .find(|f| f.stored.file == WalFile::Partial(seg))
+        })
+        .cloned()
+        .ok_or_else(|| Refused::NotFound(format!("WAL segment {name} is not stored")))
+}
+
+/// Where the WAL stored on `tli` from `start` on runs without a gap to.
+pub fn contiguous_end(files: &[IndexedWal], tli: u32, start: Lsn, seg_size: u64) -> Lsn {
+    let mut segno = start.0 / seg_size;
+    let has = |f: WalFile| files.iter().find(|x| x.stored.file == f);
+    loop {
+        let s = Segment {
+            timeline: tli,
+            segno,
+        };
+        if has(WalFile::Segment(s)).is_some() {
+            segno += 1;
+            continue;
+        }
+        if let Some(p) = has(WalFile::Partial(s)) {
+            return Lsn(p.end_lsn.unwrap_or(s.start(seg_size).0));
+        }
+        return s.start(seg_size).max(start);
+    }
+}
+
+/// Every file from `start` to `upto` (exclusive) on `tli`: whole segments,
+/// and a partial only as the last one and only if it reaches `upto`.
+pub fn segments(
+    files: &[IndexedWal],
+    tli: u32,
+    start: Lsn,
+    upto: Lsn,
+    seg_size: u64,
+) -> Result<Vec<Planned>, Refused> {
+    let last = upto.0.saturating_sub(1).max(start.0) / seg_size;
+    let mut out = Vec::new();
+    for segno in start.0 / seg_size..=last {
+        let s = Segment {
+            timeline: tli,
+            segno,
+        };
+        let name = s.name(seg_size);
+        let whole = files.iter().find(|f| f.stored.file == WalFile::Segment(s));
+        let partial = files.iter().find(|f| {
+            f.stored.file == WalFile::Partial(s)
+                && segno == last
+                && f.end_lsn.is_some_and(|e| e >= upto.0)
+        });
+        match (whole, partial) {
+            (Some(f), _) => out.push(Planned {
+                name,
+                raw_blake3: f.stored.raw_blake3.clone(),
+                partial: false,
+            }),
+            (None, Some(f)) => out.push(Planned {
+                name,
+                raw_blake3: f.stored.raw_blake3.clone(),
+                partial: true,
+            }),
+            (None, None) => {
+                return Err(Refused::Refused(format!(
+                    "WAL segment {name} is missing (needed from {start} to {upto}): no restore can pass it; nothing was written (see `dsctl wal`)"
+                )))
+            }
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::repo::wal::StoredWal;
+    use datasaver_common::wal::DEFAULT_SEG_SIZE as SEG;
+
+    fn row(file: WalFile, end: u64) -> IndexedWal {
+        IndexedWal {
+            stored: StoredWal {
+                file,
+                raw_blake3: format!("{file:?}"),
+                key: String::new(),
+                size: 1,
+            },
+            end_lsn: Some(end),
+            stored_at: String::new(),
+        }
+    }
+
+    fn seg(n: u64) -> Segment {
+        Segment {
+            timeline: 1,
+            segno: n,
+        }
+    }
+
+    #[test]
+    fn a_plan_names_the_first_missing_segment_and_ends_on_a_partial() {
+        let files = vec![
+            row(WalFile::Segment(seg(2)), 3 * SEG),
+            row(WalFile::Segment(seg(3)), 4 * SEG),
+            row(WalFile::Segment(seg(5)), 6 * SEG),
+            row(WalFile::Partial(seg(6)), 6 * SEG + 100),
+        ];
+        let start = Lsn(2 * SEG + 40);
+        assert_eq!(contiguous_end(&files, 1, start, SEG), Lsn(4 * SEG));
+        let p = segments(&files, 1, start, Lsn(4 * SEG), SEG).unwrap();
+        assert_eq!(p.len(), 2);
+        let e = segments(&files, 1, start, Lsn(5 * SEG + 1), SEG)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("000000010000000000000004 is missing"), "{e}");
+        // From after the gap: the partial ends the plan when it reaches far
+        // enough, not otherwise.
+        let from5 = Lsn(5 * SEG);
+        assert_eq!(contiguous_end(&files, 1, from5, SEG), Lsn(6 * SEG + 100));
+        let p = segments(&files, 1, from5, Lsn(6 * SEG + 100), SEG).unwrap();
+        assert_eq!(
+            p.iter().map(|w| w.partial).collect::<Vec<_>>(),
+            [false, true]
+        );
+        assert!(segments(&files, 1, from5, Lsn(6 * SEG + 101), SEG).is_err());
+    }
+}
