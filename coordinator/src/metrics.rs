@@ -41,6 +41,9 @@ pub struct Metrics {
     queue_waiting: Gauge,
     refusals: Family<Labels, Counter>,
     certificate_expiry: Family<Labels, Gauge>,
+    wal_lag_bytes: Family<Labels, Gauge>,
+    wal_lag_seconds: Family<Labels, Gauge>,
+    wal_latest_recoverable: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -171,7 +174,31 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             certificate_expiry.clone(),
         );
+        let wal_lag_bytes = Family::<Labels, Gauge>::default();
+        registry.register_with_unit(
+            "wal_lag",
+            "WAL the server has that is not stored yet, as its agent last reported (targets streaming WAL)",
+            prometheus_client::registry::Unit::Bytes,
+            wal_lag_bytes.clone(),
+        );
+        let wal_lag_seconds = Family::<Labels, Gauge>::default();
+        registry.register_with_unit(
+            "wal_lag",
+            "How long the server has had WAL that is not stored (0 when caught up)",
+            prometheus_client::registry::Unit::Seconds,
+            wal_lag_seconds.clone(),
+        );
+        let wal_latest_recoverable = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "wal_latest_recoverable_timestamp",
+            "Unix time (the server's clock) up to which everything written is stored: the end of the recovery window",
+            prometheus_client::registry::Unit::Seconds,
+            wal_latest_recoverable.clone(),
+        );
         Self {
+            wal_lag_bytes,
+            wal_lag_seconds,
+            wal_latest_recoverable,
             certificate_expiry,
             registry,
             refusals,
@@ -302,6 +329,24 @@ impl Metrics {
             self.alerts_open
                 .get_or_create(&labels(&[("target", target), ("kind", kind)]))
                 .inc();
+        }
+    }
+
+    /// Sets the WAL gauges of the targets streaming WAL.
+    pub fn refresh_wal(&self, wal: &[crate::wal::view::TargetWal]) {
+        for w in wal {
+            let l = labels(&[("target", &w.target)]);
+            if let Some(b) = w.lag_bytes {
+                self.wal_lag_bytes.get_or_create(&l).set(b as i64);
+            }
+            if let Some(s) = w.lag_seconds {
+                self.wal_lag_seconds.get_or_create(&l).set(s as i64);
+            }
+            if let Some(t) = w.latest_recoverable {
+                self.wal_latest_recoverable
+                    .get_or_create(&l)
+                    .set(t.timestamp_micros() as f64 / 1e6);
+            }
         }
     }
 

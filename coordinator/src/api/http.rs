@@ -82,6 +82,9 @@ async fn handle(core: Arc<Core>, req: Request<hyper::body::Incoming>) -> Respons
                 core.metrics
                     .refresh(&r.targets, r.agents_connected, &r.queue, &open);
             }
+            if let Ok(w) = crate::wal::view::targets(&core, None).await {
+                core.metrics.refresh_wal(&w);
+            }
             reply(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",

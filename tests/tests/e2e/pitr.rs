@@ -388,3 +388,107 @@ fn a_damaged_or_missing_segment_stops_the_restore_before_anything_is_written() {
     let alerted = wait_until(WAIT, || fleet.dsctl(&["health"]).stdout.contains("wal.gap"));
     assert!(alerted, "wal.gap in dsctl health");
 }
+
+/// pgbench's invariant: every balance is the sum of its history's deltas.
+fn balances_agree(pg: &PgCluster) {
+    for (table, col, key) in [
+        ("pgbench_accounts", "abalance", "aid"),
+        ("pgbench_tellers", "tbalance", "tid"),
+        ("pgbench_branches", "bbalance", "bid"),
+    ] {
+        let bad = pg.query_one(
+            "bench",
+            &format!(
+                "SELECT count(*) FROM {table} x LEFT JOIN (SELECT {key}, sum(delta) AS s FROM pgbench_history GROUP BY {key}) h USING ({key}) WHERE x.{col} <> coalesce(h.s, 0)"
+            ),
+        );
+        assert_eq!(bad, "0", "{table}: balances disagree with the history");
+    }
+}
+
+#[test]
+fn under_pgbench_a_restore_to_a_moment_in_the_load_is_consistent_on_postgresql_17() {
+    let Some(newer) = PgCluster::newer_bindir() else {
+        datasaver_tests::skip(
+            "no newer PostgreSQL major version installed (tests/install-newer-pg.sh)",
+        );
+        return;
+    };
+    let pg = PgCluster::start_with_bindir(&newer);
+    pg.create_db("bench");
+    let init = pg
+        .client_command("pgbench")
+        .args(["-i", "-q", "-s", "2", "bench"])
+        .output()
+        .expect("pgbench -i");
+    assert!(
+        init.status.success(),
+        "{}",
+        String::from_utf8_lossy(&init.stderr)
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent_with("app", &pg, "postgres", &wal_env());
+    assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
+
+    // Load during the base backup and after it.
+    let mut load = pg
+        .client_command("pgbench")
+        .args(["-n", "-c", "4", "-T", "25", "bench"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("pgbench");
+    std::thread::sleep(Duration::from_secs(3));
+    let out = fleet.dsctl(&["backup", "app", "--physical"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    std::thread::sleep(Duration::from_secs(3));
+    let t = server_now(&pg);
+    let ran = load.wait().expect("pgbench ends");
+    assert!(ran.success(), "pgbench failed");
+    let after_t = pg.query_one(
+        "bench",
+        &format!("SELECT count(*) FROM pgbench_history WHERE mtime > '{t}'::timestamptz"),
+    );
+    assert_ne!(after_t, "0", "the load went on after T");
+    wait_recoverable(&fleet, &server_now(&pg));
+
+    let mut restored = PgCluster::unstarted_like(&pg);
+    let dir = restored.data_dir();
+    let out = fleet.dsctl(&[
+        "restore",
+        "--target",
+        "app",
+        "--at",
+        &t,
+        "--physical",
+        "--data-dir",
+        dir.to_str().expect("path"),
+    ]);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}\n--- agent ---\n{}",
+        out.describe(),
+        fleet.agent("app").proc.log()
+    );
+    restored.start();
+    balances_agree(&restored);
+    let n = restored.query_one("bench", "SELECT count(*) FROM pgbench_history");
+    assert_ne!(n, "0", "transactions before T are there");
+    let later = restored.query_one(
+        "bench",
+        &format!("SELECT count(*) FROM pgbench_history WHERE mtime > '{t}'::timestamptz"),
+    );
+    assert_eq!(later, "0", "nothing begun after T");
+    assert!(
+        restored
+            .query_one("bench", "SELECT count(*) FROM pgbench_history")
+            .parse::<u64>()
+            .unwrap_or(0)
+            < pg.query_one("bench", "SELECT count(*) FROM pgbench_history")
+                .parse::<u64>()
+                .unwrap_or(0),
+        "the restore stopped inside the load"
+    );
+    restored.stop();
+}

@@ -198,6 +198,18 @@ fn wal_streams_through_the_coordinator_and_the_slot_follows_what_is_stored() {
         recoverable,
         "latest recoverable time never passed {inserted}"
     );
+    // And /metrics says so, with the lag.
+    let metrics = fleet.http_get("/metrics").expect("/metrics").body;
+    for line in [
+        "datasaver_wal_latest_recoverable_timestamp_seconds{target=\"app\"}",
+        "datasaver_wal_lag_bytes{target=\"app\"}",
+        "datasaver_wal_lag_seconds{target=\"app\"}",
+    ] {
+        assert!(
+            metrics.contains(line),
+            "{line} missing from /metrics:\n{metrics}"
+        );
+    }
 
     // SIGKILL the agent under writes, write more, start it again: no gap.
     fleet
