@@ -233,6 +233,9 @@ pub struct Policies {
     /// Targets the coordinator backs up itself: name → database URL
     /// (`targets.<name>.database_url`, variables expanded, or `_file` read).
     pub embedded: BTreeMap<String, SecretText>,
+    /// How far back every moment stays restorable (`DATASAVER_PITR_WINDOW`);
+    /// `None`: base backups and WAL are all kept.
+    pub pitr_window: Option<std::time::Duration>,
 }
 
 impl Default for Policies {
@@ -250,6 +253,7 @@ impl Default for Policies {
             max_targets_per_agent: DEFAULT_MAX_TARGETS_PER_AGENT,
             floors: Floors::from_defaults(&RetentionSpec::default()),
             embedded: BTreeMap::new(),
+            pitr_window: None,
         }
     }
 }
@@ -417,6 +421,13 @@ impl Policies {
             Some(v) => parse_duration("DATASAVER_SHUTDOWN_GRACE", v)?,
             None => DEFAULT_SHUTDOWN_GRACE,
         };
+        let pitr_window = match env.get("DATASAVER_PITR_WINDOW") {
+            Some(v) if !is_off(v) => Some(positive(
+                "DATASAVER_PITR_WINDOW",
+                parse_duration("DATASAVER_PITR_WINDOW", v)?,
+            )?),
+            _ => None,
+        };
         let max_targets_per_agent = env
             .parse_opt::<usize>("DATASAVER_MAX_TARGETS_PER_AGENT")?
             .unwrap_or(DEFAULT_MAX_TARGETS_PER_AGENT);
@@ -439,6 +450,7 @@ impl Policies {
             shutdown_grace,
             floors,
             embedded,
+            pitr_window,
         })
     }
 

@@ -120,6 +120,19 @@ impl Repository {
         Ok(self.storage.get(key).await?)
     }
 
+    /// Deletes WAL files (retention: no kept base backup needs them).
+    pub async fn delete_wal(&self, keys_: &[String]) -> Result<(), RepoError> {
+        if let Some(k) = keys_
+            .iter()
+            .find(|k| k.split('/').nth(1) != Some("wal") || !keys::is_own_key(k))
+        {
+            return Err(RepoError::Conflict(format!(
+                "{k:?} is not a stored WAL file"
+            )));
+        }
+        Ok(self.storage.delete(keys_).await?)
+    }
+
     /// Every WAL file of a series, as storage lists them (keys of another
     /// shape are skipped).
     pub async fn wal_files(&self, series: &Series) -> Result<Vec<StoredWal>, RepoError> {

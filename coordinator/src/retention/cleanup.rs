@@ -146,6 +146,19 @@ pub async fn run(core: &Core, target: Option<&str>, dry_run: bool) -> Result<Rep
             }
         }
         report.plans.push(plan);
+        // Base backups and WAL follow the recovery window, not GFS.
+        match super::pitr::run(core, &t, dry_run).await {
+            // A dry run's plan shows the dumps only (the window's is logged).
+            Ok((bases, wal)) if dry_run => {
+                if !bases.is_empty() || wal > 0 {
+                    tracing::info!(target = %t, bases = ?bases, wal_files = wal, "a cleanup would delete these base backups and WAL files (DATASAVER_PITR_WINDOW)");
+                }
+            }
+            Ok((bases, _)) => report.deleted.extend(bases),
+            Err(e) => report
+                .errors
+                .push(format!("{t}: point-in-time retention: {e}")),
+        }
     }
     for e in &report.errors {
         tracing::warn!(error = %e, "cleanup could not delete a backup");

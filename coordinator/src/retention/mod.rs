@@ -10,6 +10,7 @@
 
 pub mod cleanup;
 pub mod gfs;
+pub mod pitr;
 
 #[cfg(test)]
 mod gfs_props;

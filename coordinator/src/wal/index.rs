@@ -412,6 +412,33 @@ impl WalIndex {
             .await
     }
 
+    /// Forgets stored files (deleted by retention).
+    pub async fn forget_files(
+        &self,
+        target: &str,
+        system_identifier: &str,
+        keys: &[String],
+    ) -> Result<(), CatalogError> {
+        let (t, s, keys) = (
+            target.to_string(),
+            system_identifier.to_string(),
+            keys.to_vec(),
+        );
+        self.db
+            .call(move |c| {
+                let tx = c.unchecked_transaction()?;
+                for k in &keys {
+                    tx.execute(
+                        "DELETE FROM wal_files WHERE target = ?1 AND system_identifier = ?2 AND key = ?3",
+                        params![t, s, k],
+                    )?;
+                }
+                tx.commit()?;
+                Ok(())
+            })
+            .await
+    }
+
     /// Replaces a series' rows with what storage lists (`files`), keeping
     /// what the index knew of a file that did not change (its end and
     /// when it was stored).

@@ -492,3 +492,95 @@ fn under_pgbench_a_restore_to_a_moment_in_the_load_is_consistent_on_postgresql_1
     );
     restored.stop();
 }
+
+#[test]
+fn a_short_window_keeps_exactly_what_it_needs() {
+    let pg = PgCluster::new();
+    pg.create_db("shop");
+    pg.psql("shop", "CREATE TABLE t (id int PRIMARY KEY);");
+    let mut fleet = Fleet::start_with(datasaver_tests::FleetOptions {
+        coordinator_env: vec![("DATASAVER_PITR_WINDOW".into(), "4s".into())],
+        ..Default::default()
+    });
+    fleet.add_agent_with("app", &pg, "postgres", &wal_env());
+    assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
+    let physical = |fleet: &Fleet| {
+        let out = fleet.dsctl(&["backup", "app", "--physical"]);
+        assert_eq!(out.code, Some(0), "{}", out.describe());
+    };
+    physical(&fleet);
+    let first = fleet.list_backups(Some("app"))[0].id.clone();
+    for i in 0..3 {
+        pg.psql(
+            "shop",
+            &format!("INSERT INTO t VALUES ({i}); SELECT pg_switch_wal();"),
+        );
+    }
+    std::thread::sleep(Duration::from_secs(5));
+    physical(&fleet);
+    let second = fleet
+        .list_backups(Some("app"))
+        .into_iter()
+        .map(|b| b.id)
+        .find(|id| *id != first)
+        .expect("second base");
+    pg.psql("shop", "INSERT INTO t VALUES (100);");
+    wait_recoverable(&fleet, &server_now(&pg));
+    // Right after the second: the first is still the window's anchor.
+    let ids: Vec<String> = fleet
+        .list_backups(Some("app"))
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert!(ids.contains(&first) && ids.contains(&second), "{ids:?}");
+    let before = fleet.dsctl_json(&["wal", "--target", "app"])[0]["timelines"][0]["first_segment"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    // Once the window has passed the second, the first and the WAL before
+    // the second's start go; the rest stays restorable.
+    std::thread::sleep(Duration::from_secs(5));
+    let out = fleet.dsctl(&["cleanup", "--target", "app"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let ids: Vec<String> = fleet
+        .list_backups(Some("app"))
+        .into_iter()
+        .map(|b| b.id)
+        .collect();
+    assert_eq!(ids, vec![second.clone()], "only the anchor stays");
+    let v = fleet.dsctl_json(&["wal", "--target", "app"]);
+    let after = v[0]["timelines"][0]["first_segment"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(
+        after > before,
+        "WAL before the anchor deleted: {before} -> {after}"
+    );
+    assert!(
+        v[0]["timelines"][0]["gaps"]
+            .as_array()
+            .is_some_and(|g| g.is_empty()),
+        "{v:#}"
+    );
+    assert!(!fleet
+        .storage_dir()
+        .join("app/base")
+        .join(format!("{first}.tar.zst"))
+        .exists());
+    let restored = PgCluster::unstarted_like(&pg);
+    let out = fleet.dsctl(&[
+        "restore",
+        "--target",
+        "app",
+        "--latest",
+        "--physical",
+        "--data-dir",
+        restored.data_dir().to_str().expect("path"),
+    ]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let mut restored = restored;
+    restored.start();
+    assert_eq!(restored.query_one("shop", "SELECT count(*) FROM t"), "4");
+    restored.stop();
+}
