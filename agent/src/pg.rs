@@ -493,6 +493,15 @@ pub mod sql {
         )
     }
 
+    /// A replication slot's `wal_status` (`reserved`, `extended`,
+    /// `unreserved`, `lost`; empty when unknown).
+    pub fn slot_status(slot: &str) -> Statement {
+        Statement::new(
+            "SELECT coalesce(wal_status, '') FROM pg_replication_slots WHERE slot_name = :'slot';",
+        )
+        .var("slot", slot)
+    }
+
     /// Tablespaces besides the two every cluster has, one per line.
     pub fn extra_tablespaces() -> Statement {
         Statement::new(
@@ -972,6 +981,15 @@ impl PgTools {
                 .parse()
                 .map_err(|_| format!("timeline {tli:?} is not a number"))?,
         ))
+    }
+
+    /// Slot `slot`'s `wal_status`, or `None` when it cannot be read.
+    pub async fn slot_status(&self, db: &DbConn, slot: &str) -> Option<String> {
+        self.psql(db, &db.dbname, &sql::slot_status(slot))
+            .await
+            .ok()
+            .map(|s| s.trim().to_string())
+            .filter(|s| !s.is_empty())
     }
 
     /// Tablespaces besides `pg_default` and `pg_global`.

@@ -78,6 +78,8 @@ impl WalState {
 /// How long a planned stop waits for the last partial's acknowledgement.
 const STOP_WAIT: Duration = Duration::from_secs(5);
 const CHUNK: usize = 1 << 20;
+/// How often the slot's `wal_status` is read for `wal.slot_at_risk`.
+const SLOT_CHECK_EVERY: Duration = Duration::from_secs(30);
 
 /// Streams until `cancel` fires or the session's channel breaks, starting
 /// again after each failure with a growing pause.
@@ -262,6 +264,8 @@ async fn once(
         server_time: 0,
         last_partial: None,
     };
+    let mut slot_status = String::new();
+    let mut slot_checked = std::time::Instant::now() - SLOT_CHECK_EVERY;
     let mut tick = tokio::time::interval(settings.sync_interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -326,10 +330,19 @@ async fn once(
                 if s.server_time == 0 {
                     continue;
                 }
+                // The slot's state, at most every 30 s (a psql each time).
+                if slot_checked.elapsed() >= SLOT_CHECK_EVERY {
+                    slot_checked = std::time::Instant::now();
+                    slot_status = crate::pg::PgTools::new(config.pg_bin_dir.clone())
+                        .slot_status(db, &settings.slot)
+                        .await
+                        .unwrap_or_default();
+                }
                 s.tx
                     .send(WalUpload { msg: Some(wal_upload::Msg::Position(WalPosition {
                         server_lsn: s.server.0,
                         server_time_micros: s.server_time,
+                        slot_status: slot_status.clone(),
                     })) })
                     .await
                     .map_err(|_| "the coordinator's WAL stream closed".to_string())?;

@@ -1038,6 +1038,7 @@ pub fn wal(list: &[datasaver_common::proto::WalTarget], as_json: bool) {
                     "refused": t.refused,
                     "conflict": t.conflict,
                     "latest_recoverable": t.latest_recoverable,
+                    "slot_status": t.slot_status,
                     "timelines": t.timelines.iter().map(|l| json!({
                         "timeline": l.timeline,
                         "first_segment": l.first_segment,
@@ -1066,7 +1067,15 @@ pub fn wal(list: &[datasaver_common::proto::WalTarget], as_json: bool) {
         } else {
             "not streaming"
         };
-        println!("{}  cluster {}  {state}", t.target, t.system_identifier);
+        let slot = if t.slot_status.is_empty() {
+            String::new()
+        } else {
+            format!("  slot {}", t.slot_status)
+        };
+        println!(
+            "{}  cluster {}  {state}{slot}",
+            t.target, t.system_identifier
+        );
         let lag = if t.server_lsn.is_empty() {
             "server position unknown".to_string()
         } else {

@@ -123,7 +123,8 @@ impl Report {
                         | Kind::WalGap
                         | Kind::WalLag
                         | Kind::WalConflict
-                        | Kind::WalSysidMismatch,
+                        | Kind::WalSysidMismatch
+                        | Kind::WalSlotAtRisk,
                     ) => std::mem::take(&mut a.message),
                     Some(Kind::BackupFailed) => format!(
                         "backup {id} of {} failed: {}",

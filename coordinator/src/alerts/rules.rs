@@ -22,10 +22,11 @@ pub enum Kind {
     WalLag,
     WalConflict,
     WalSysidMismatch,
+    WalSlotAtRisk,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 14] = [
+    pub const ALL: [Kind; 15] = [
         Kind::BackupFailed,
         Kind::BackupOverdue,
         Kind::ConsecutiveFailures,
@@ -40,6 +41,7 @@ impl Kind {
         Kind::WalLag,
         Kind::WalConflict,
         Kind::WalSysidMismatch,
+        Kind::WalSlotAtRisk,
     ];
 
     pub fn event(self) -> &'static str {
@@ -58,6 +60,7 @@ impl Kind {
             Kind::WalLag => "wal.lag",
             Kind::WalConflict => "wal.conflict",
             Kind::WalSysidMismatch => "wal.sysid_mismatch",
+            Kind::WalSlotAtRisk => "wal.slot_at_risk",
         }
     }
 
@@ -394,6 +397,24 @@ fn wal_conditions(w: &crate::wal::view::TargetWal, r: &Rules) -> Vec<Condition> 
             backup_id: None,
         });
     }
+    if let Some(s) = w
+        .slot_status
+        .as_deref()
+        .filter(|s| matches!(*s, "extended" | "unreserved" | "lost"))
+    {
+        out.push(Condition {
+            kind: Kind::WalSlotAtRisk,
+            message: format!(
+                "the replication slot of {t} is {s}: the server keeps more WAL than max_wal_size for it{}",
+                if s == "extended" {
+                    " (the agent or the coordinator is far behind)"
+                } else {
+                    "; past max_slot_wal_keep_size it loses WAL the stream has not stored, a gap until the next base backup"
+                }
+            ),
+            backup_id: None,
+        });
+    }
     if let Some((sysid, at)) = &w.refused {
         out.push(Condition {
             kind: Kind::WalSysidMismatch,
@@ -472,6 +493,7 @@ mod tests {
             refused: None,
             conflict: None,
             latest_recoverable: None,
+            slot_status: Some("reserved".into()),
         };
         let kinds = |w: &TargetWal| -> Vec<Kind> {
             let mut f = facts(vec![attempt(1, true, 100)]);
@@ -495,6 +517,22 @@ mod tests {
             kinds(&w),
             [Kind::WalGap, Kind::WalConflict, Kind::WalSysidMismatch]
         );
+        w.timelines[0].gaps.clear();
+        w.conflict = None;
+        w.refused = None;
+        for (status, at_risk) in [
+            ("reserved", false),
+            ("extended", true),
+            ("unreserved", true),
+            ("lost", true),
+        ] {
+            w.slot_status = Some(status.into());
+            assert_eq!(
+                kinds(&w).contains(&Kind::WalSlotAtRisk),
+                at_risk,
+                "{status}"
+            );
+        }
     }
 
     /// A failed drill alerts until one passes; with drills on a schedule,

@@ -207,7 +207,7 @@ impl AgentService for AgentSvc {
                                 .map_err(|_| Status::cancelled("agent went away"))?;
                         }
                         Some(wal_upload::Msg::Position(p)) => receiver
-                            .server_position(p.server_lsn, p.server_time_micros)
+                            .server_position(p.server_lsn, p.server_time_micros, &p.slot_status)
                             .await
                             .map_err(status)?,
                         _ => return Err(Status::invalid_argument("unexpected WAL stream message")),

@@ -478,6 +478,7 @@ impl OperatorService for OperatorSvc {
                     .latest_recoverable
                     .map(crate::alerts::stamp)
                     .unwrap_or_default(),
+                slot_status: t.slot_status.unwrap_or_default(),
             })
             .collect();
         Ok(Response::new(datasaver_common::proto::ListWalResponse {

@@ -15,6 +15,8 @@ pub struct State {
     pub streams: u32,
     /// the server's position and when it was reported
     pub server: Option<(u64, DateTime<Utc>)>,
+    /// the slot's `wal_status` as the agent last read it
+    pub slot_status: Option<String>,
 }
 
 #[derive(Clone, Default)]
@@ -50,6 +52,13 @@ impl Live {
     pub fn server_position(&self, target: &str, lsn: u64, at: DateTime<Utc>) {
         if let Ok(mut m) = self.0.lock() {
             m.entry(target.to_string()).or_default().server = Some((lsn, at));
+        }
+    }
+
+    pub fn slot_status(&self, target: &str, status: &str) {
+        if let Ok(mut m) = self.0.lock() {
+            m.entry(target.to_string()).or_default().slot_status =
+                (!status.is_empty()).then(|| status.to_string());
         }
     }
 

@@ -332,10 +332,21 @@ impl Receiver {
 
     /// The server's WAL end at `time` (its clock, Unix microseconds), as
     /// the agent last saw it.
-    pub async fn server_position(&mut self, lsn: u64, time: i64) -> Result<(), Refusal> {
+    pub async fn server_position(
+        &mut self,
+        lsn: u64,
+        time: i64,
+        slot_status: &str,
+    ) -> Result<(), Refusal> {
         self.core
             .wal_live
             .server_position(&self.series.target, lsn, self.core.clock.now());
+        let status: String = slot_status
+            .chars()
+            .filter(|c| c.is_ascii_lowercase())
+            .take(20)
+            .collect();
+        self.core.wal_live.slot_status(&self.series.target, &status);
         if time <= ASYNC_COMMIT_MARGIN_MICROS {
             return Ok(());
         }

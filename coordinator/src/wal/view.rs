@@ -44,6 +44,8 @@ pub struct TargetWal {
     pub conflict: Option<(String, String)>,
     /// the newest time (the server's clock) whose WAL is all stored
     pub latest_recoverable: Option<DateTime<Utc>>,
+    /// the slot's `wal_status` as last reported
+    pub slot_status: Option<String>,
 }
 
 fn parse_time(s: &str) -> Option<DateTime<Utc>> {
@@ -144,6 +146,7 @@ pub fn summarize(
         refused: binding.refused.clone(),
         conflict: binding.conflict.clone(),
         latest_recoverable: None,
+        slot_status: None,
     }
 }
 
@@ -174,6 +177,7 @@ pub async fn targets(
             .latest_mark_within(&b.target, &b.system_identifier, v.stored_end)
             .await?
             .and_then(|(t, _)| DateTime::from_timestamp_micros(t));
+        v.slot_status = live.slot_status.clone();
         out.push(v);
     }
     Ok(out)

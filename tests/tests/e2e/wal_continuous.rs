@@ -243,6 +243,7 @@ fn wal_streams_through_the_coordinator_and_the_slot_follows_what_is_stored() {
     let text = out.stdout.clone();
     assert!(out.code == Some(0), "{text}");
     assert!(text.contains("app  cluster "), "{text}");
+    assert!(text.contains("streaming  slot reserved"), "{text}");
     assert!(text.contains("  timeline 1: "), "{text}");
     assert!(!text.contains("GAP"), "{text}");
     // The agent and the coordinator never logged a refusal.
