@@ -53,7 +53,8 @@ impl AgentService for AgentSvc {
             .fleet
             .job(&req.job_id)
             .ok_or_else(|| Status::not_found(format!("no running job {}", req.job_id)))?;
-        if job.kind != JobKind::Restore || job.agent_name != who.name() {
+        // A physical restore, or a verify of a base backup.
+        if job.kind == JobKind::Backup || job.agent_name != who.name() {
             return Err(Status::permission_denied(format!(
                 "agent {} has no restore job {}",
                 who.name(),

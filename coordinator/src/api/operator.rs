@@ -329,7 +329,10 @@ impl OperatorService for OperatorSvc {
     async fn verify(&self, req: Request<VerifyRequest>) -> Result<Response<EventStream>, Status> {
         let who = Caller::of(&req)?;
         let req = req.into_inner();
-        self.find_for(&who, Action::Verify, &req.id).await?;
+        let found = self.find_for(&who, Action::Verify, &req.id).await?;
+        if found.kind == crate::repo::Kind::Base && !req.restore {
+            return self.verify_base(who, found).await;
+        }
         let sel = Selector::Id(req.id);
         let row = backups::pick(&self.core, &sel, "verified")
             .await
@@ -674,6 +677,47 @@ fn parse_time(s: &str) -> Result<chrono::DateTime<chrono::Utc>, Status> {
 }
 
 impl OperatorSvc {
+    /// `dsctl verify` of a base backup: its object and every WAL file from
+    /// its start to the end of what is stored, read and checked by the
+    /// agent; a missing file fails it here, named.
+    async fn verify_base(
+        &self,
+        who: Caller,
+        row: crate::repo::BackupRecord,
+    ) -> Result<Response<EventStream>, Status> {
+        use crate::wal::restore::{Goal, Refused};
+        if row.status != crate::repo::Status::Completed {
+            return Err(Status::failed_precondition(format!(
+                "backup {} is {}, not completed; it cannot be verified",
+                row.id, row.status
+            )));
+        }
+        let plan =
+            match crate::wal::restore::plan(&self.core, &row.target, Some(&row.id), Goal::Latest)
+                .await
+            {
+                Ok(p) => p,
+                Err(Refused::Refused(m)) => {
+                    let _ = self.core.repo.record_verification(&row.id, false, &m).await;
+                    return Err(Status::failed_precondition(format!(
+                        "verify of {} failed: {m}",
+                        row.id
+                    )));
+                }
+                Err(Refused::NotFound(m)) => return Err(Status::not_found(m)),
+                Err(Refused::Unavailable(m)) => return Err(Status::unavailable(m)),
+            };
+        tracing::info!(operator = %who, backup = %row.id, wal_files = plan.wal.len(), "verify of a base backup requested");
+        let read = Read::Physical {
+            plan: Box::new(plan),
+            data_dir: String::new(),
+            force: false,
+            verify: true,
+        };
+        let started = jobs::start_read(&self.core, row, read).map_err(start_status)?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))
+    }
+
     /// `dsctl restore --physical`: the plan is made and proven here, before
     /// the agent is asked to write anything.
     async fn restore_physical(
@@ -751,6 +795,7 @@ impl OperatorSvc {
             plan: Box::new(plan),
             data_dir: req.data_dir.clone(),
             force: req.force,
+            verify: false,
         };
         let started = jobs::start_read(&self.core, row, read).map_err(start_status)?;
         Ok(Response::new(Box::pin(ReceiverStream::new(started.events))))

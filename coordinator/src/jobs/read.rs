@@ -44,6 +44,10 @@ pub enum Read {
         plan: Box<crate::wal::restore::Plan>,
         data_dir: String,
         force: bool,
+        /// only read and check the base backup and every WAL file of the
+        /// plan (`dsctl verify` of a base backup); the result is kept as
+        /// the backup's verification
+        verify: bool,
     },
 }
 
@@ -195,6 +199,7 @@ impl Read {
             Read::DryRun { .. } => "list",
             Read::Verify => "verify",
             Read::Drill => "drill",
+            Read::Physical { verify: true, .. } => "verify",
             Read::Physical { .. } => "physical restore",
         }
     }
@@ -203,6 +208,7 @@ impl Read {
 /// Starts `read` of completed backup `row` on its target's agent.
 pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Started, StartError> {
     let kind = match read {
+        Read::Physical { verify: true, .. } => JobKind::List,
         Read::Restore { .. } | Read::Drill | Read::Physical { .. } => JobKind::Restore,
         Read::DryRun { .. } | Read::Verify => JobKind::List,
     };
@@ -241,6 +247,9 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                 Read::DryRun { part } => (RestoreMode::List, String::new(), false, part.clone()),
                 Read::Verify => (RestoreMode::List, String::new(), false, Part::default()),
                 Read::Drill => (RestoreMode::Drill, String::new(), false, Part::default()),
+                Read::Physical { verify: true, .. } => {
+                    (RestoreMode::List, String::new(), false, Part::default())
+                }
                 Read::Physical { force, .. } => {
                     (RestoreMode::Restore, String::new(), *force, Part::default())
                 }
@@ -250,6 +259,7 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
                     plan,
                     data_dir,
                     force,
+                    ..
                 } => Some(physical_job(plan, data_dir, *force)),
                 _ => None,
             };
@@ -320,6 +330,9 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
             drop(job);
             match read {
                 Read::Verify => core.metrics.verify_finished(&row.target, result.is_ok()),
+                Read::Physical { verify: true, .. } => {
+                    core.metrics.verify_finished(&row.target, result.is_ok())
+                }
                 Read::Restore { .. } | Read::Physical { .. } => {
                     core.metrics.restore_finished(&row.target, result.is_ok())
                 }
@@ -329,8 +342,13 @@ pub fn start_read(core: &Arc<Core>, row: BackupRecord, read: Read) -> Result<Sta
             // A verify, and any read that found the object corrupt, is kept
             // with the backup (catalog and meta file), so the next restore
             // and `dsctl list` know.
-            if read == Read::Verify || corrupt {
+            let physical_verify = matches!(read, Read::Physical { verify: true, .. });
+            // A base backup's verify also reads the WAL after it: a bad WAL
+            // file fails the verify (named) but is not the base's fault, so
+            // only its result or a corrupt base object is kept with it.
+            if read == Read::Verify || corrupt || (physical_verify && result.is_ok()) {
                 let (ok, detail) = match &result {
+                    Ok(r) if physical_verify => (true, r.message.clone()),
                     Ok(r) => (
                         true,
                         format!(

@@ -77,7 +77,7 @@ fn usable(rows: Vec<BackupRecord>) -> Vec<BackupRecord> {
     let mut v: Vec<BackupRecord> = rows
         .into_iter()
         .filter(|r| r.kind == Kind::Base && r.status == Status::Completed)
-        .filter(|r| r.physical.is_some() && !r.known_bad())
+        .filter(|r| r.physical.is_some())
         .collect();
     v.sort_by_key(|r| std::cmp::Reverse(r.physical.map(|p| p.end_lsn)));
     v
@@ -108,11 +108,20 @@ pub async fn plan(
                 .as_ref()
                 .map(|b| b.system_identifier.clone())
                 .unwrap_or_default();
+            // Chosen for the user: never one a verify found bad (named by
+            // id, it is tried: a verify may have been wrong, or repaired).
             let ours: Vec<&BackupRecord> = bases
                 .iter()
-                .filter(|b| b.system_identifier == sysid)
+                .filter(|b| b.system_identifier == sysid && !b.known_bad())
                 .collect();
             let Some(oldest) = ours.last() else {
+                if let Some(bad) = bases.iter().find(|b| b.system_identifier == sysid) {
+                    return Err(Refused::Refused(format!(
+                        "every base backup of {target} failed its last verify (the newest, {}: {}); take a new one with `dsctl backup {target} --physical`, or name one by id",
+                        bad.id,
+                        bad.verification.as_ref().map(|v| v.result()).unwrap_or_default()
+                    )));
+                }
                 return Err(Refused::NotFound(format!(
                     "target {target} has no completed base backup of its cluster: take one with `dsctl backup {target} --physical`"
                 )));

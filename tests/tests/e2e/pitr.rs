@@ -350,13 +350,54 @@ fn a_damaged_or_missing_segment_stops_the_restore_before_anything_is_written() {
         ])
     };
 
-    // One flipped byte: the agent's check refuses it before the data
-    // directory exists.
+    let base = fleet.list_backups(Some("app"))[0].id.clone();
+    let out = fleet.dsctl(&["verify", &base]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stdout.contains("checksum matches"), "{}", out.stdout);
+    assert!(out.stdout.contains("WAL files from it"), "{}", out.stdout);
+
+    // A flipped byte in the base backup: verify finds it; a restore
+    // refuses and leaves no data directory behind.
+    let tar = fleet
+        .storage_dir()
+        .join("app/base")
+        .join(format!("{base}.tar.zst"));
+    let original = std::fs::read(&tar).expect("read base");
+    let mut bad = original.clone();
+    let at = bad.len() / 3;
+    bad[at] ^= 0x01;
+    std::fs::write(&tar, &bad).expect("write");
+    let out = fleet.dsctl(&["verify", &base]);
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stderr.contains("checksum") || out.stderr.contains("corrupt"),
+        "{}",
+        out.stderr
+    );
+    let out = restore(&fleet);
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        !data.exists()
+            || std::fs::read_dir(&data)
+                .map(|d| d.count() == 0)
+                .unwrap_or(true),
+        "no half-written data directory"
+    );
+    std::fs::write(&tar, &original).expect("put it back");
+    // Repaired, it verifies again (and is chosen again).
+    let out = fleet.dsctl(&["verify", &base]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+
+    // One flipped byte in a segment: verify names it, and the agent's
+    // check refuses it before the data directory is written.
     let path = stored_wal(&fleet, middle);
     let mut bytes = std::fs::read(&path).expect("read");
     let at = bytes.len() / 2;
     bytes[at] ^= 0x40;
     std::fs::write(&path, &bytes).expect("write");
+    let out = fleet.dsctl(&["verify", &base]);
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert!(out.stderr.contains(middle.as_str()), "{}", out.stderr);
     let out = restore(&fleet);
     assert_ne!(
         out.code,
@@ -366,7 +407,13 @@ fn a_damaged_or_missing_segment_stops_the_restore_before_anything_is_written() {
         fleet.dsctl_json(&["wal"])
     );
     assert!(out.stderr.contains(middle.as_str()), "{}", out.stderr);
-    assert!(!data.exists(), "nothing written");
+    assert!(
+        !data.exists()
+            || std::fs::read_dir(&data)
+                .map(|d| d.count() == 0)
+                .unwrap_or(true),
+        "nothing written"
+    );
 
     // Gone altogether: refused by the plan, naming it; dsctl wal shows
     // the gap and wal.gap fires.
