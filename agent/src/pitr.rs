@@ -198,37 +198,59 @@ async fn fetch_wal(
         }
     }
     let (decode, name, expect) = (decode.clone(), w.name.clone(), w.raw_blake3.clone());
-    let raw = tokio::task::spawn_blocking(move || -> Result<Vec<u8>, String> {
-        let mut raw = Vec::new();
-        decode
+    let path = spool.join(&w.name);
+    let written = path.clone();
+    let partial = w.partial;
+    // Decoded straight into the spool file, hashed on the way: the raw
+    // segment is never held in memory.
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        use std::io::Write;
+        let fail = |m: String| {
+            let _ = std::fs::remove_file(&path);
+            m
+        };
+        let mut reader = decode
             .reader(&stored[..], &name)
-            .map_err(|e| e.to_string())?
-            .read_to_end(&mut raw)
-            .map_err(|e| format!("WAL {name} cannot be read: {e}"))?;
-        let got = datasaver_common::checksum::blake3_hex(&raw);
-        if got != expect {
-            return Err(format!(
-                "WAL {name} does not match its checksum (stored {expect}, read {got}): the stored file is damaged"
-            ));
+            .map_err(|e| e.to_string())?;
+        let mut file = std::fs::File::create(&path)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        let mut sum = datasaver_common::checksum::Checksum::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = reader
+                .read(&mut buf)
+                .map_err(|e| fail(format!("WAL {name} cannot be read: {e}")))?;
+            if n == 0 {
+                break;
+            }
+            sum.update(&buf[..n]);
+            if sum.len() > seg_size {
+                return Err(fail(format!("WAL {name} is larger than a segment")));
+            }
+            file.write_all(&buf[..n])
+                .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
         }
-        Ok(raw)
+        let got = sum.finish();
+        if got.trim_start_matches("blake3:") != expect {
+            return Err(fail(format!(
+                "WAL {name} does not match its checksum (stored {expect}, read {}): the stored file is damaged",
+                got.trim_start_matches("blake3:")
+            )));
+        }
+        if !partial && sum.len() != seg_size {
+            return Err(fail(format!(
+                "WAL {name} holds {} bytes; a segment holds {seg_size}",
+                sum.len()
+            )));
+        }
+        // A partial is padded with zeros to a whole segment.
+        file.set_len(seg_size)
+            .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
+        Ok(())
     })
     .await
     .map_err(|e| e.to_string())??;
-    if raw.len() as u64 > seg_size || (!w.partial && raw.len() as u64 != seg_size) {
-        return Err(format!(
-            "WAL {} holds {} bytes; a segment holds {seg_size}",
-            w.name,
-            raw.len()
-        ));
-    }
-    let mut whole = raw;
-    whole.resize(seg_size as usize, 0);
-    let path = spool.join(&w.name);
-    tokio::fs::write(&path, &whole)
-        .await
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644));
+    let _ = std::fs::set_permissions(&written, std::fs::Permissions::from_mode(0o644));
     Ok(())
 }
 

@@ -40,7 +40,7 @@ impl Segmenter {
             timeline,
             seg_size,
             position: start,
-            current: Vec::with_capacity(seg_size as usize),
+            current: Vec::new(),
         })
     }
 
@@ -69,10 +69,9 @@ impl Segmenter {
                     timeline: self.timeline,
                     segno: self.position.0 / self.seg_size - 1,
                 };
-                let full = std::mem::replace(
-                    &mut self.current,
-                    Vec::with_capacity(self.seg_size as usize),
-                );
+                // The next one grows as WAL comes: not reserved while this
+                // one is still being compressed and sent.
+                let full = std::mem::take(&mut self.current);
                 done.push(Complete {
                     segment,
                     bytes: full,

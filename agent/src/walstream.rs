@@ -117,24 +117,20 @@ pub async fn run(
     }
 }
 
-/// The stored form of one WAL file.
-fn encode(config: &AgentConfig, raw: &[u8]) -> Result<Vec<u8>, String> {
+fn chain_for(config: &AgentConfig) -> Result<Chain, String> {
     let t = &config.target;
     let level = if t.compression == datasaver_common::codec::Compression::Zstd {
         t.compression_level
     } else {
         3
     };
-    let mut chain = Chain::encode(
+    Chain::encode(
         datasaver_common::codec::Compression::Zstd,
         level,
         0,
         t.encrypt_to.as_ref().map(|e| &e.recipient),
     )
-    .map_err(|e| e.to_string())?;
-    let mut out = chain.push(raw).map_err(|e| e.to_string())?;
-    out.extend(chain.finish().map_err(|e| e.to_string())?);
-    Ok(out)
+    .map_err(|e| e.to_string())
 }
 
 fn extension(config: &AgentConfig) -> &'static str {
@@ -145,8 +141,9 @@ fn extension(config: &AgentConfig) -> &'static str {
     }
 }
 
-/// Sends one file: start, chunks, end. Compression and hashing run off
-/// the async threads.
+/// Sends one file: start, chunks, end. Compression runs on a blocking
+/// thread a megabyte at a time, each piece sent as it comes: the stored
+/// form is never held whole beside the raw bytes.
 async fn send_file(
     config: &Arc<AgentConfig>,
     tx: &mpsc::Sender<WalUpload>,
@@ -155,29 +152,37 @@ async fn send_file(
     end_lsn: u64,
 ) -> Result<(), String> {
     let c = config.clone();
-    let (raw_blake3, raw_bytes, stored) = tokio::task::spawn_blocking(move || {
-        let hash = datasaver_common::checksum::blake3_hex(&raw);
-        encode(&c, &raw).map(|s| (hash, raw.len() as u64, s))
+    let tx = tx.clone();
+    tokio::task::spawn_blocking(move || -> Result<(), String> {
+        let send = |m: wal_upload::Msg| {
+            tx.blocking_send(WalUpload { msg: Some(m) })
+                .map_err(|_| "the coordinator's WAL stream closed".to_string())
+        };
+        send(wal_upload::Msg::File(WalFileStart {
+            name,
+            raw_blake3: datasaver_common::checksum::blake3_hex(&raw),
+            raw_bytes: raw.len() as u64,
+            end_lsn,
+        }))?;
+        let mut chain = chain_for(&c)?;
+        let mut stored = datasaver_common::checksum::Checksum::new();
+        let mut out = |piece: Vec<u8>| -> Result<(), String> {
+            if piece.is_empty() {
+                return Ok(());
+            }
+            stored.update(&piece);
+            send(wal_upload::Msg::Chunk(piece))
+        };
+        for part in raw.chunks(CHUNK) {
+            out(chain.push(part).map_err(|e| e.to_string())?)?;
+        }
+        out(chain.finish().map_err(|e| e.to_string())?)?;
+        send(wal_upload::Msg::End(WalFileEnd {
+            checksum: stored.finish().trim_start_matches("blake3:").to_string(),
+        }))
     })
     .await
-    .map_err(|e| format!("encoding WAL failed: {e}"))??;
-    let checksum = datasaver_common::checksum::blake3_hex(&stored);
-    let send = |m: wal_upload::Msg| async {
-        tx.send(WalUpload { msg: Some(m) })
-            .await
-            .map_err(|_| "the coordinator's WAL stream closed".to_string())
-    };
-    send(wal_upload::Msg::File(WalFileStart {
-        name,
-        raw_blake3,
-        raw_bytes,
-        end_lsn,
-    }))
-    .await?;
-    for c in stored.chunks(CHUNK) {
-        send(wal_upload::Msg::Chunk(c.to_vec())).await?;
-    }
-    send(wal_upload::Msg::End(WalFileEnd { checksum })).await
+    .map_err(|e| format!("encoding WAL failed: {e}"))?
 }
 
 fn partial_name(seg: Segment, seg_size: u64) -> String {
