@@ -422,6 +422,7 @@ pub fn health(h: &HealthResponse, as_json: bool) {
                     "last_success_at": opt(&t.last_success_at),
                     "drill_schedule": if t.drill_schedule.is_empty() { Value::Null } else { t.drill_schedule.clone().into() },
                     "last_drill_success_at": opt(&t.last_drill_success_at),
+                    "recovery_window": if t.recovery_from.is_empty() { Value::Null } else { json!({ "from": t.recovery_from, "to": t.recovery_to }) },
                     "backups": t.backups,
                     "stored_bytes": t.stored_bytes,
                     "agent_connected": t.agent_connected,
@@ -485,6 +486,19 @@ fn health_text(h: &HealthResponse) -> String {
                 (Some(at), _) => short_time(at),
                 (None, false) => "never".into(),
                 (None, true) => "-".into(),
+            }
+        });
+    }
+    if h.targets.iter().any(|t| !t.recovery_from.is_empty()) {
+        cols = cols.col("RECOVERABLE", |t| {
+            if t.recovery_from.is_empty() {
+                "-".into()
+            } else {
+                format!(
+                    "{} .. {}",
+                    short_time(&t.recovery_from),
+                    short_time(&t.recovery_to)
+                )
             }
         });
     }

@@ -78,6 +78,43 @@ pub struct TargetStatus {
     pub missed_slots: u64,
     pub alerts: Vec<OpenAlert>,
     pub raised_to_floor: Vec<FloorNote>,
+    /// With continuous WAL: the times a point-in-time restore can reach.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_window: Option<RecoveryWindow>,
+}
+
+/// From the end of the oldest usable base backup to the newest time whose
+/// WAL is all stored (the server's clock).
+#[derive(Clone, Debug, Serialize)]
+pub struct RecoveryWindow {
+    pub from: String,
+    pub to: String,
+}
+
+/// The recovery window of `target`, when it has a base backup and WAL.
+async fn recovery_window(
+    core: &Core,
+    target: &str,
+    rows: &[crate::repo::BackupRecord],
+) -> Option<RecoveryWindow> {
+    let w = crate::wal::view::targets(core, Some(target))
+        .await
+        .ok()?
+        .into_iter()
+        .next()?;
+    let to = w.latest_recoverable?;
+    let from = rows
+        .iter()
+        .filter(|r| r.kind == crate::repo::Kind::Base && r.status == Status::Completed)
+        .filter(|r| r.system_identifier == w.system_identifier && !r.known_bad())
+        .filter_map(|r| r.physical)
+        .map(|p| p.consistent_at_micros)
+        .min()
+        .and_then(chrono::DateTime::from_timestamp_micros)?;
+    (from <= to).then(|| RecoveryWindow {
+        from: format_time(from),
+        to: format_time(to),
+    })
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -267,7 +304,9 @@ pub async fn report(core: &Core) -> Result<Report, String> {
                 floor: r.floor,
             })
             .collect();
+        let recovery_window = recovery_window(core, &name, &rows).await;
         targets.push(TargetStatus {
+            recovery_window,
             schedule: core.scheduler.schedule_of(&name),
             next_backup_at: core.scheduler.next_run(&name).map(crate::rfc3339),
             last_backup_at: last.map(|r| format_time(r.created_at)),
@@ -321,6 +360,7 @@ mod tests {
 
     fn target(error: &str, alerts: Vec<OpenAlert>) -> TargetStatus {
         TargetStatus {
+            recovery_window: None,
             target: "app".into(),
             status: Level::Degraded,
             status_reason: "backup.failed".into(),

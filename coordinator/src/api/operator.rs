@@ -613,6 +613,16 @@ impl OperatorService for OperatorSvc {
                 last_success_at: t.last_success_at,
                 drill_schedule: t.drill_schedule.unwrap_or_default(),
                 last_drill_success_at: t.last_drill_success_at,
+                recovery_from: t
+                    .recovery_window
+                    .as_ref()
+                    .map(|w| w.from.clone())
+                    .unwrap_or_default(),
+                recovery_to: t
+                    .recovery_window
+                    .as_ref()
+                    .map(|w| w.to.clone())
+                    .unwrap_or_default(),
                 backups: t.backups,
                 stored_bytes: t.stored_bytes,
                 agent_connected: t.agent_connected,

@@ -149,6 +149,27 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
     pg.psql("shop", "DELETE FROM t WHERE id <= 50;");
     let end = server_now(&pg);
     wait_recoverable(&fleet, &end);
+    // The window, as /health and dsctl health show it.
+    let health = fleet.http_get("/health").expect("/health").json();
+    let window = health["targets"]
+        .as_array()
+        .and_then(|ts| ts.iter().find(|t| t["target"] == "app"))
+        .map(|t| t["recovery_window"].clone())
+        .unwrap_or_default();
+    let from = window["from"]
+        .as_str()
+        .and_then(time)
+        .expect("recovery window from");
+    let to = window["to"]
+        .as_str()
+        .and_then(time)
+        .expect("recovery window to");
+    assert!(
+        from <= time(&t).expect("t") && time(&end).expect("end") <= to,
+        "{window}"
+    );
+    let text = fleet.dsctl(&["health"]).stdout;
+    assert!(text.contains("RECOVERABLE"), "{text}");
 
     // To T: the rows before it, none after; on a new timeline; it starts.
     let mut restored = PgCluster::unstarted_like(&pg);
