@@ -78,8 +78,8 @@ pub struct TargetStatus {
     pub missed_slots: u64,
     pub alerts: Vec<OpenAlert>,
     pub raised_to_floor: Vec<FloorNote>,
-    /// With continuous WAL: the times a point-in-time restore can reach.
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// With continuous WAL: the times a point-in-time restore can reach
+    /// (null without; the same fields as `dsctl health --json`).
     pub recovery_window: Option<RecoveryWindow>,
 }
 
