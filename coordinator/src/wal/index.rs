@@ -300,19 +300,13 @@ impl WalIndex {
         system_identifier: &str,
         stored_end: u64,
     ) -> Result<Option<(i64, u64)>, CatalogError> {
-        let (t, s) = (target.to_string(), system_identifier.to_string());
-        self.db
-            .call(move |c| {
-                Ok(c.query_row(
-                    "SELECT server_time, server_lsn FROM wal_marks
-                     WHERE target = ?1 AND system_identifier = ?2 AND server_lsn <= ?3
-                     ORDER BY server_time DESC LIMIT 1",
-                    params![t, s, stored_end as i64],
-                    |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)),
-                )
-                .optional()?)
-            })
-            .await
+        self.one_mark(
+            "server_lsn <= ?3 ORDER BY server_time DESC",
+            target,
+            system_identifier,
+            stored_end as i64,
+        )
+        .await
     }
 
     /// The first mark at or after `time`: the WAL written before `time`
@@ -323,14 +317,32 @@ impl WalIndex {
         system_identifier: &str,
         time: i64,
     ) -> Result<Option<(i64, u64)>, CatalogError> {
+        self.one_mark(
+            "server_time >= ?3 ORDER BY server_time",
+            target,
+            system_identifier,
+            time,
+        )
+        .await
+    }
+
+    /// The first mark of a series matching `condition_and_order` (on ?3).
+    async fn one_mark(
+        &self,
+        condition_and_order: &'static str,
+        target: &str,
+        system_identifier: &str,
+        value: i64,
+    ) -> Result<Option<(i64, u64)>, CatalogError> {
         let (t, s) = (target.to_string(), system_identifier.to_string());
         self.db
             .call(move |c| {
                 Ok(c.query_row(
-                    "SELECT server_time, server_lsn FROM wal_marks
-                     WHERE target = ?1 AND system_identifier = ?2 AND server_time >= ?3
-                     ORDER BY server_time LIMIT 1",
-                    params![t, s, time],
+                    &format!(
+                        "SELECT server_time, server_lsn FROM wal_marks
+                         WHERE target = ?1 AND system_identifier = ?2 AND {condition_and_order} LIMIT 1"
+                    ),
+                    params![t, s, value],
                     |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)? as u64)),
                 )
                 .optional()?)

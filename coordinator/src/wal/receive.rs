@@ -274,7 +274,21 @@ impl Receiver {
             }
             WalFile::History(_) => None,
         };
-        let known: Vec<_> = self.known.iter().map(|f| f.stored.clone()).collect();
+        // Only what bears on this name: its own entry, and its segment's
+        // whole file and partials (not the whole series per file).
+        let segment = |f: &WalFile| match f {
+            WalFile::Segment(s) | WalFile::Partial(s) => Some(*s),
+            WalFile::History(_) => None,
+        };
+        let known: Vec<_> = self
+            .known
+            .iter()
+            .filter(|f| {
+                f.stored.file == file
+                    || (segment(&file).is_some() && segment(&f.stored.file) == segment(&file))
+            })
+            .map(|f| f.stored.clone())
+            .collect();
         let (put, removed) = self
             .core
             .repo

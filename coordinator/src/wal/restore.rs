@@ -155,23 +155,14 @@ pub async fn plan(
     };
     let p = base.physical.expect("usable bases have one");
     let sysid = base.system_identifier.clone();
-    let seg_size = match &binding {
-        Some(b) if b.system_identifier == sysid => b.seg_size,
-        _ => core
-            .repo
-            .wal_series(target)
-            .await
-            .map_err(|e| Refused::Unavailable(e.to_string()))?
-            .into_iter()
-            .find(|s| s.system_identifier == sysid)
-            .map(|s| s.seg_size)
-            .ok_or_else(|| {
-                Refused::Refused(format!(
-                    "no WAL of cluster {sysid} is stored for {target}: base backup {} cannot be replayed",
-                    base.id
-                ))
-            })?,
-    };
+    let seg_size = seg_size_of(core, target, &sysid, binding.as_ref())
+        .await?
+        .ok_or_else(|| {
+            Refused::Refused(format!(
+                "no WAL of cluster {sysid} is stored for {target}: base backup {} cannot be replayed",
+                base.id
+            ))
+        })?;
     // What storage holds now, not what the index last heard: a file lost
     // since is a gap, named here, before anything is written.
     let series = crate::repo::wal::Series {
@@ -285,6 +276,27 @@ pub async fn plan(
     })
 }
 
+/// The segment size of cluster `sysid`'s WAL for `target`: the binding's
+/// when it is bound to that cluster, else its series description.
+async fn seg_size_of(
+    core: &Core,
+    target: &str,
+    sysid: &str,
+    binding: Option<&super::index::Binding>,
+) -> Result<Option<u64>, Refused> {
+    if let Some(b) = binding.filter(|b| b.system_identifier == sysid) {
+        return Ok(Some(b.seg_size));
+    }
+    Ok(core
+        .repo
+        .wal_series(target)
+        .await
+        .map_err(|e| Refused::Unavailable(e.to_string()))?
+        .into_iter()
+        .find(|s| s.system_identifier == sysid)
+        .map(|s| s.seg_size))
+}
+
 /// The stored file a physical restore job of base backup `base` asks for
 /// by segment name: the whole segment, or its partial.
 pub async fn wal_for_job(
@@ -293,18 +305,10 @@ pub async fn wal_for_job(
     name: &str,
 ) -> Result<IndexedWal, Refused> {
     let sysid = &base.system_identifier;
-    let seg_size = match core.wal_index.binding(&base.target).await? {
-        Some(b) if &b.system_identifier == sysid => b.seg_size,
-        _ => core
-            .repo
-            .wal_series(&base.target)
-            .await
-            .map_err(|e| Refused::Unavailable(e.to_string()))?
-            .into_iter()
-            .find(|s| &s.system_identifier == sysid)
-            .map(|s| s.seg_size)
-            .ok_or_else(|| Refused::NotFound(format!("no WAL of cluster {sysid} is stored")))?,
-    };
+    let binding = core.wal_index.binding(&base.target).await?;
+    let seg_size = seg_size_of(core, &base.target, sysid, binding.as_ref())
+        .await?
+        .ok_or_else(|| Refused::NotFound(format!("no WAL of cluster {sysid} is stored")))?;
     let seg = Segment::parse(name, seg_size).map_err(Refused::Refused)?;
     let files = core.wal_index.files(&base.target, sysid, seg_size).await?;
     files
