@@ -201,6 +201,8 @@ async fn fetch_wal(
     let path = spool.join(&w.name);
     let written = path.clone();
     let partial = w.partial;
+    // A history file is a few lines, stored as it is.
+    let history = w.name.ends_with(".history");
     // Decoded straight into the spool file, hashed on the way: the raw
     // segment is never held in memory.
     tokio::task::spawn_blocking(move || -> Result<(), String> {
@@ -236,6 +238,9 @@ async fn fetch_wal(
                 "WAL {name} does not match its checksum (stored {expect}, read {}): the stored file is damaged",
                 got.trim_start_matches("blake3:")
             )));
+        }
+        if history {
+            return Ok(());
         }
         if !partial && sum.len() != seg_size {
             return Err(fail(format!(
@@ -488,7 +493,13 @@ async fn recover(
     set("logging_collector", "off");
     set("restore_command", &restore_command(spool));
     set("recovery_target_action", "promote");
-    set("recovery_target_timeline", "current");
+    // The timeline the plan follows (its history file is in the spool):
+    // the base backup's own, or one a later switch led to.
+    if p.timeline > 0 {
+        set("recovery_target_timeline", &p.timeline.to_string());
+    } else {
+        set("recovery_target_timeline", "current");
+    }
     if p.immediate {
         set("recovery_target", "immediate");
     } else if !p.target_time.is_empty() {

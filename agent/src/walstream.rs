@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use datasaver_common::proto::agent_service_client::AgentServiceClient;
 use datasaver_common::proto::{
-    wal_ack, wal_upload, WalFileEnd, WalFileStart, WalHello, WalPosition, WalUpload,
+    wal_ack, wal_upload, WalFileEnd, WalFileStart, WalHello, WalHistory, WalPosition, WalUpload,
 };
 use datasaver_common::wal::{Lsn, Segment};
 use tokio::sync::mpsc;
@@ -212,7 +212,8 @@ async fn once(
     let start = Lsn(restart.0 - restart.0 % seg_size);
     let mut histories = Vec::new();
     for t in 2..=sys.timeline {
-        histories.push(repl.timeline_history(t).await.map_err(e)?);
+        let (name, content) = repl.timeline_history(t).await.map_err(e)?;
+        histories.push((t, name, content));
     }
 
     let (tx, rx) = mpsc::channel::<WalUpload>(4);
@@ -224,6 +225,13 @@ async fn once(
             segment_size: seg_size,
             server_version: String::new(),
             extension: extension(config).into(),
+            histories: histories
+                .iter()
+                .map(|(t, _, content)| WalHistory {
+                    timeline: *t,
+                    content: content.clone(),
+                })
+                .collect(),
         })),
     })
     .await
@@ -249,7 +257,7 @@ async fn once(
     }
     tracing::info!(target = %config.target.name, slot = %settings.slot, from = %start, timeline = tli, system_identifier = %sys.system_id, "streaming WAL");
     let mut unacked: VecDeque<String> = VecDeque::new();
-    for (name, content) in histories {
+    for (_, name, content) in histories {
         send_file(config, &tx, name.clone(), content, 0).await?;
         unacked.push_back(name);
     }
@@ -278,20 +286,22 @@ async fn once(
             _ = cancel.cancelled() => {
                 // A planned stop: the last seconds go as a partial.
                 s.send_partial().await?;
-                let wait = tokio::time::timeout(STOP_WAIT, async {
-                    while !s.unacked.is_empty() {
-                        match acks.message().await {
-                            Ok(Some(a)) => s.acked(a).await?,
-                            _ => break,
-                        }
-                    }
-                    Ok::<(), String>(())
-                });
-                let _ = wait.await;
+                s.settle(&mut acks).await;
                 return Ok(());
             }
             ev = s.stream.next() => {
-                match ev.map_err(e)? {
+                let ev = match ev {
+                    Ok(ev) => ev,
+                    Err(err) => {
+                        // The server went away (a shutdown, a failover):
+                        // what it sent before is kept as a partial.
+                        if s.send_partial().await.is_ok() {
+                            s.settle(&mut acks).await;
+                        }
+                        return Err(e(err));
+                    }
+                };
+                match ev {
                     Event::Data { start, bytes, end, time } => {
                         s.mark(end, time);
                         for done in s.seg.push(start, &bytes).map_err(|e| e.to_string())? {
@@ -377,6 +387,21 @@ struct Streamer {
 }
 
 impl Streamer {
+    /// Waits (a few seconds at most) for the coordinator to acknowledge
+    /// what was sent.
+    async fn settle(&mut self, acks: &mut tonic::Streaming<datasaver_common::proto::WalAck>) {
+        let wait = tokio::time::timeout(STOP_WAIT, async {
+            while !self.unacked.is_empty() {
+                match acks.message().await {
+                    Ok(Some(a)) => self.acked(a).await?,
+                    _ => break,
+                }
+            }
+            Ok::<(), String>(())
+        });
+        let _ = wait.await;
+    }
+
     fn mark(&mut self, end: Lsn, time: i64) {
         if time >= self.server_time {
             self.server = self.server.max(end);

@@ -158,6 +158,39 @@ impl PgCluster {
         }
     }
 
+    /// A hot standby of `primary`, made with `pg_basebackup -R` over its
+    /// socket and started on a new port: it replays what the primary
+    /// writes until [`PgCluster::promote`].
+    pub fn standby_of(primary: &PgCluster) -> PgCluster {
+        let mut standby = PgCluster::unstarted_like(primary);
+        let mut cmd = primary.server_command("pg_basebackup");
+        cmd.env("PGHOST", primary.socket_dir())
+            .env("PGPORT", primary.port.to_string())
+            .env("PGUSER", "postgres")
+            .args(["-X", "stream", "-c", "fast", "-R", "-D"])
+            .arg(standby.data_dir());
+        let out = run(cmd, Duration::from_secs(300));
+        if !out.success() {
+            panic!("pg_basebackup for a standby failed\n{}", out.describe());
+        }
+        standby.start();
+        standby
+    }
+
+    /// Promotes a standby and waits until it takes writes.
+    pub fn promote(&self) {
+        self.psql("postgres", "SELECT pg_promote(true, 60)");
+        let ok = crate::wait_until(Duration::from_secs(60), || {
+            self.try_query_rows("postgres", "SELECT pg_is_in_recovery()")
+                .is_ok_and(|r| r.first().and_then(|r| r.first()).map(String::as_str) == Some("f"))
+        });
+        assert!(
+            ok,
+            "the standby did not leave recovery\n{}",
+            tail_lines(&self.server_log(), 40)
+        );
+    }
+
     /// `$DATASAVER_TEST_PG_BINDIR`, else the highest `/usr/lib/postgresql/<N>/bin` that has
     /// `postgres`, else `pg_config --bindir`.
     pub fn default_bindir() -> PathBuf {

@@ -131,6 +131,11 @@ impl AgentService for AgentSvc {
             timeline: h.timeline,
             seg_size: h.segment_size,
             extension: h.extension,
+            histories: h
+                .histories
+                .into_iter()
+                .map(|w| (w.timeline, String::from_utf8_lossy(&w.content).into_owned()))
+                .collect(),
         };
         let (mut receiver, end) = match receive::open(&self.core, who.name(), hello.clone()).await {
             Ok(r) => r,

@@ -9,6 +9,8 @@
 //! [`Repository::wal_files`] and [`Repository::wal_series`] list it; the
 //! catalog's index (`wal::index`) is rebuilt from them.
 
+use std::collections::BTreeMap;
+
 use bytes::Bytes;
 use datasaver_common::wal::{Segment, WalFile};
 use serde::{Deserialize, Serialize};
@@ -24,6 +26,10 @@ pub struct Series {
     pub seg_size: u64,
     /// when the target was bound to this cluster (RFC 3339)
     pub bound_at: String,
+    /// each later timeline's history file, as the server gave it (raw:
+    /// the coordinator plans restores across timeline switches with it)
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub histories: BTreeMap<u32, String>,
 }
 
 /// A WAL file in storage.
@@ -273,6 +279,11 @@ mod tests {
             system_identifier: "7301".into(),
             seg_size: SEG,
             bound_at: "2026-12-03T00:00:00Z".into(),
+            histories: [(
+                2,
+                "1\t0/3000158\tno recovery target specified\n".to_string(),
+            )]
+            .into(),
         };
         repo.put_wal_series(&series).await.unwrap();
         assert_eq!(repo.wal_series("app").await.unwrap(), vec![series.clone()]);

@@ -24,6 +24,8 @@ pub struct Hello {
     pub timeline: u32,
     pub seg_size: u64,
     pub extension: String,
+    /// each later timeline's history file (timeline, content)
+    pub histories: Vec<(u32, String)>,
 }
 
 /// Why a stream or a file is refused.
@@ -151,7 +153,11 @@ pub async fn open(core: &Arc<Core>, agent: &str, hello: Hello) -> Result<(Receiv
         system_identifier: binding.system_identifier.clone(),
         seg_size: binding.seg_size,
         bound_at: binding.bound_at.clone(),
+        histories: Default::default(),
     };
+    if !hello.histories.is_empty() {
+        record_histories(core, &series, &hello.histories).await?;
+    }
     // Storage is the source of truth: what it lists is what is indexed.
     let listed = core.repo.wal_files(&series).await?;
     core.wal_index
@@ -184,6 +190,61 @@ pub async fn open(core: &Arc<Core>, agent: &str, hello: Hello) -> Result<(Receiv
         },
         end,
     ))
+}
+
+/// Adds the server's timeline histories to the series' description, where
+/// restores plan with them. A history differing from the stored one of the
+/// same timeline is a conflict: two branches of the cluster under one name.
+async fn record_histories(
+    core: &Core,
+    series: &Series,
+    histories: &[(u32, String)],
+) -> Result<(), Refusal> {
+    let target = &series.target;
+    let mut stored = core
+        .repo
+        .wal_series(target)
+        .await?
+        .into_iter()
+        .find(|s| s.system_identifier == series.system_identifier)
+        .unwrap_or_else(|| series.clone());
+    let mut changed = false;
+    for (tli, text) in histories {
+        super::history::History::parse(*tli, text).map_err(|e| {
+            Refusal::Invalid(format!(
+                "the server's history of timeline {tli} is unreadable: {e}"
+            ))
+        })?;
+        match stored.histories.get(tli) {
+            Some(t) if t == text => {}
+            Some(_) => {
+                let name = datasaver_common::wal::history_name(*tli);
+                let now = crate::alerts::stamp(core.clock.now());
+                core.wal_index
+                    .note_conflict(
+                        target,
+                        format!(
+                            "the server's history of timeline {tli} differs from the stored {name}"
+                        ),
+                        now,
+                    )
+                    .await?;
+                core.alerter.wake.notify_one();
+                return Err(Refusal::Conflict {
+                    target: target.clone(),
+                    name,
+                });
+            }
+            None => {
+                stored.histories.insert(*tli, text.clone());
+                changed = true;
+            }
+        }
+    }
+    if changed {
+        core.repo.put_wal_series(&stored).await?;
+    }
+    Ok(())
 }
 
 fn timeline_of(f: &WalFile) -> u32 {
@@ -223,6 +284,7 @@ async fn bind(core: &Core, hello: &Hello, now: &str) -> Result<Binding, Refusal>
         system_identifier: hello.system_identifier.clone(),
         seg_size: hello.seg_size,
         bound_at: now.to_string(),
+        histories: Default::default(),
     };
     // Its description first: a rebuild must find the segment size.
     core.repo.put_wal_series(&series).await?;
@@ -408,6 +470,7 @@ mod tests {
             timeline: 1,
             seg_size: SEG,
             extension: ".zst".into(),
+            histories: Vec::new(),
         }
     }
 
@@ -495,6 +558,37 @@ mod tests {
         assert!(!conditions(&facts, &Default::default(), now)
             .iter()
             .any(|c| c.kind == Kind::WalSysidMismatch));
+
+        // A timeline's history goes into the series' description; the same
+        // again changes nothing; another history of that timeline is a
+        // conflict, and the stored one is kept.
+        let h2 = "1\t0/3000158\tno recovery target specified\n".to_string();
+        let mut h = hello("7301");
+        h.histories = vec![(2, h2.clone())];
+        open(core, "agent-a", h.clone()).await.unwrap();
+        open(core, "agent-a", h.clone()).await.unwrap();
+        let stored = |core: &Arc<Core>| {
+            let core = core.clone();
+            async move {
+                core.repo.wal_series("app").await.unwrap()[0]
+                    .histories
+                    .clone()
+            }
+        };
+        assert_eq!(stored(core).await.get(&2), Some(&h2));
+        h.histories = vec![(2, "1\t0/4000000\tanother branch\n".into())];
+        assert!(matches!(
+            open(core, "agent-a", h.clone()).await,
+            Err(Refusal::Conflict { .. })
+        ));
+        assert_eq!(stored(core).await.get(&2), Some(&h2));
+        h.histories = vec![(2, "garbage".into())];
+        let e = open(core, "agent-a", h).await.err().expect("refused");
+        assert!(
+            e.to_string()
+                .contains("history of timeline 2 is unreadable"),
+            "{e}"
+        );
 
         // A lost catalog binds to the series storage holds, not the caller.
         core.wal_index.forget("app").await;

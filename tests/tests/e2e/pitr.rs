@@ -174,16 +174,7 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
     // To T: the rows before it, none after; on a new timeline; it starts.
     let mut restored = PgCluster::unstarted_like(&pg);
     let dir = restored.data_dir();
-    let out = fleet.dsctl(&[
-        "restore",
-        "--target",
-        "app",
-        "--at",
-        &t,
-        "--physical",
-        "--data-dir",
-        dir.to_str().expect("path"),
-    ]);
+    let out = restore_into(&fleet, &["--target", "app", "--at", &t], &restored);
     assert_eq!(
         out.code,
         Some(0),
@@ -228,15 +219,7 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
 
     // --latest: everything, including the deletes.
     let latest = PgCluster::unstarted_like(&pg);
-    let out = fleet.dsctl(&[
-        "restore",
-        "--target",
-        "app",
-        "--latest",
-        "--physical",
-        "--data-dir",
-        latest.data_dir().to_str().expect("path"),
-    ]);
+    let out = restore_into(&fleet, &["--target", "app", "--latest"], &latest);
     assert_eq!(out.code, Some(0), "{}", out.describe());
     let mut latest = latest;
     latest.start();
@@ -245,13 +228,7 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
 
     // The base backup alone, to its end: the rows it held.
     let only = PgCluster::unstarted_like(&pg);
-    let out = fleet.dsctl(&[
-        "restore",
-        &base,
-        "--physical",
-        "--data-dir",
-        only.data_dir().to_str().expect("path"),
-    ]);
+    let out = restore_into(&fleet, &[&base], &only);
     assert_eq!(out.code, Some(0), "{}", out.describe());
     let mut only = only;
     only.start();
@@ -260,16 +237,11 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
 
     // Outside the window: refused before anything is written.
     let early = PgCluster::unstarted_like(&pg);
-    let out = fleet.dsctl(&[
-        "restore",
-        "--target",
-        "app",
-        "--at",
-        "2020-01-01T00:00:00Z",
-        "--physical",
-        "--data-dir",
-        early.data_dir().to_str().expect("path"),
-    ]);
+    let out = restore_into(
+        &fleet,
+        &["--target", "app", "--at", "2020-01-01T00:00:00Z"],
+        &early,
+    );
     assert_ne!(out.code, Some(0));
     assert!(
         out.stderr.contains("before the earliest recoverable point"),
@@ -277,16 +249,11 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
         out.stderr
     );
     assert!(!early.data_dir().exists(), "nothing written");
-    let out = fleet.dsctl(&[
-        "restore",
-        "--target",
-        "app",
-        "--at",
-        "2100-01-01T00:00:00Z",
-        "--physical",
-        "--data-dir",
-        early.data_dir().to_str().expect("path"),
-    ]);
+    let out = restore_into(
+        &fleet,
+        &["--target", "app", "--at", "2100-01-01T00:00:00Z"],
+        &early,
+    );
     assert_ne!(out.code, Some(0));
     assert!(
         out.stderr.contains("after the latest recoverable time"),
@@ -296,15 +263,7 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
     assert!(out.stderr.contains("recovery window"), "{}", out.stderr);
     assert!(!early.data_dir().exists(), "nothing written");
     // Over a non-empty directory without --force: refused, untouched.
-    let out = fleet.dsctl(&[
-        "restore",
-        "--target",
-        "app",
-        "--latest",
-        "--physical",
-        "--data-dir",
-        only.data_dir().to_str().expect("path"),
-    ]);
+    let out = restore_into(&fleet, &["--target", "app", "--latest"], &only);
     assert_ne!(out.code, Some(0));
     assert!(out.stderr.contains("--force"), "{}", out.stderr);
     assert!(only.data_dir().join("PG_VERSION").exists());
@@ -359,17 +318,7 @@ fn a_damaged_or_missing_segment_stops_the_restore_before_anything_is_written() {
     let middle = &names[1];
     let dir = PgCluster::unstarted_like(&pg);
     let data = dir.data_dir();
-    let restore = |fleet: &Fleet| {
-        fleet.dsctl(&[
-            "restore",
-            "--target",
-            "app",
-            "--latest",
-            "--physical",
-            "--data-dir",
-            data.to_str().expect("path"),
-        ])
-    };
+    let restore = |fleet: &Fleet| restore_into(fleet, &["--target", "app", "--latest"], &dir);
 
     let base = fleet.list_backups(Some("app"))[0].id.clone();
     let out = fleet.dsctl(&["verify", &base]);
@@ -521,17 +470,7 @@ fn under_pgbench_a_restore_to_a_moment_in_the_load_is_consistent_on_postgresql_1
     wait_recoverable(&fleet, &server_now(&pg));
 
     let mut restored = PgCluster::unstarted_like(&pg);
-    let dir = restored.data_dir();
-    let out = fleet.dsctl(&[
-        "restore",
-        "--target",
-        "app",
-        "--at",
-        &t,
-        "--physical",
-        "--data-dir",
-        dir.to_str().expect("path"),
-    ]);
+    let out = restore_into(&fleet, &["--target", "app", "--at", &t], &restored);
     assert_eq!(
         out.code,
         Some(0),
@@ -637,18 +576,133 @@ fn a_short_window_keeps_exactly_what_it_needs() {
         .join(format!("{first}.tar.zst"))
         .exists());
     let restored = PgCluster::unstarted_like(&pg);
-    let out = fleet.dsctl(&[
-        "restore",
-        "--target",
-        "app",
-        "--latest",
-        "--physical",
-        "--data-dir",
-        restored.data_dir().to_str().expect("path"),
-    ]);
+    let out = restore_into(&fleet, &["--target", "app", "--latest"], &restored);
     assert_eq!(out.code, Some(0), "{}", out.describe());
     let mut restored = restored;
     restored.start();
     assert_eq!(restored.query_one("shop", "SELECT count(*) FROM t"), "4");
     restored.stop();
+}
+
+/// `dsctl restore <how> --physical --data-dir <into's data directory>`.
+fn restore_into(fleet: &Fleet, how: &[&str], into: &PgCluster) -> datasaver_tests::Output {
+    let dir = into.data_dir();
+    let mut args = vec!["restore"];
+    args.extend_from_slice(how);
+    args.extend(["--physical", "--data-dir", dir.to_str().expect("path")]);
+    fleet.dsctl(&args)
+}
+
+#[test]
+fn restores_follow_a_promoted_standby_across_the_timeline_switch() {
+    let mut primary = PgCluster::new();
+    primary.create_db("shop");
+    primary.psql("shop", "CREATE TABLE t (id int PRIMARY KEY, note text);");
+    primary.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'old primary, before the base' FROM generate_series(1, 100) g;",
+    );
+    let mut fleet = Fleet::start();
+    fleet.add_agent_with("app", &primary, "postgres", &wal_env());
+    assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
+    let out = fleet.dsctl(&["backup", "app", "--physical"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let base = fleet.list_backups(Some("app"))[0].id.clone();
+    let standby = PgCluster::standby_of(&primary);
+
+    primary.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'old primary, before T1' FROM generate_series(101, 200) g;",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let t1 = server_now(&primary);
+    std::thread::sleep(Duration::from_millis(1200));
+    primary.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'old primary, after T1' FROM generate_series(201, 300) g;",
+    );
+    let caught_up = wait_until(WAIT, || {
+        standby
+            .try_query_rows("shop", "SELECT count(*) FROM t")
+            .is_ok_and(|r| r.first().and_then(|r| r.first()).map(String::as_str) == Some("300"))
+    });
+    assert!(caught_up, "the standby never replayed the 300 rows");
+    wait_recoverable(&fleet, &server_now(&primary));
+
+    // The failover: the primary goes, the standby is promoted (timeline
+    // 2), and the agent now serves it.
+    primary.stop();
+    standby.promote();
+    fleet.remove_agent("app");
+    fleet.add_agent_with("app", &standby, "postgres", &wal_env());
+    standby.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'new primary, before T2' FROM generate_series(301, 400) g;",
+    );
+    std::thread::sleep(Duration::from_millis(1200));
+    let t2 = server_now(&standby);
+    std::thread::sleep(Duration::from_millis(1200));
+    standby.psql(
+        "shop",
+        "INSERT INTO t SELECT g, 'new primary, after T2' FROM generate_series(401, 500) g;",
+    );
+    wait_recoverable(&fleet, &server_now(&standby));
+    let v = fleet.dsctl_json(&["wal", "--target", "app"]);
+    let timelines: Vec<u64> = v[0]["timelines"]
+        .as_array()
+        .map(|ts| ts.iter().filter_map(|t| t["timeline"].as_u64()).collect())
+        .unwrap_or_default();
+    assert_eq!(timelines, [1, 2], "{v:#}");
+    let text = fleet.dsctl(&["wal", "--target", "app"]).stdout;
+    assert!(!text.contains("GAP"), "{text}");
+
+    // Before the switch: the base backup of timeline 1, replayed to T1.
+    let before = PgCluster::unstarted_like(&primary);
+    let out = restore_into(&fleet, &["--target", "app", "--at", &t1], &before);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}\n--- agent ---\n{}",
+        out.describe(),
+        fleet.agent("app").proc.log()
+    );
+    assert!(
+        out.stdout.contains(&format!("restored base backup {base}")),
+        "{}",
+        out.stdout
+    );
+    let mut before = before;
+    before.start();
+    let want: Vec<String> = (1..=200).map(|i| i.to_string()).collect();
+    assert_eq!(ids(&before), want, "rows 1-200 exactly");
+    before.stop();
+
+    // After the switch: through timeline 1 into timeline 2, to T2. The
+    // result takes a timeline no stored branch has (3).
+    let after = PgCluster::unstarted_like(&primary);
+    let out = restore_into(&fleet, &["--target", "app", "--at", &t2], &after);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}\n--- agent ---\n{}",
+        out.describe(),
+        fleet.agent("app").proc.log()
+    );
+    assert!(out.stdout.contains("now on timeline 3"), "{}", out.stdout);
+    let mut after = after;
+    after.start();
+    let want: Vec<String> = (1..=400).map(|i| i.to_string()).collect();
+    assert_eq!(ids(&after), want, "rows 1-400 exactly");
+    assert_eq!(
+        after.query_one(
+            "shop",
+            "SELECT count(*) FROM t WHERE note = 'new primary, before T2'"
+        ),
+        "100"
+    );
+    after.stop();
+
+    // The base backup of timeline 1 verifies through to timeline 2's end.
+    let out = fleet.dsctl(&["verify", &base]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
 }
