@@ -116,6 +116,10 @@ pub struct TargetConfig {
     /// The restore-drill schedule this agent asks for
     /// (`DATASAVER_DRILL_SCHEDULE`; the coordinator's file wins).
     pub drill_schedule: Option<String>,
+    /// The base-backup schedule this agent asks for
+    /// (`DATASAVER_BASE_SCHEDULE`; needs the WAL stream; the coordinator's
+    /// file wins).
+    pub base_schedule: Option<String>,
     /// A whole server (`DATASAVER_DATABASES`): these of its databases, found
     /// afresh at each backup; `None`: only `db`'s database.
     pub databases: Option<DatabaseSelection>,
@@ -415,6 +419,11 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
 
     let schedule = env.get("DATASAVER_SCHEDULE").map(str::to_string);
     let drill_schedule = env.get("DATASAVER_DRILL_SCHEDULE").map(str::to_string);
+    let base_schedule = env
+        .get("DATASAVER_BASE_SCHEDULE")
+        .map(str::trim)
+        .filter(|s| !s.is_empty() && *s != "off")
+        .map(str::to_string);
     let databases = take!(DatabaseSelection::parse(
         env.get("DATASAVER_DATABASES"),
         env.get("DATASAVER_EXCLUDE_DATABASES")
@@ -573,6 +582,15 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
             None
         }
     };
+    if base_schedule.is_some()
+        && wal.is_none()
+        && !errs.iter().any(|e| e.setting == "DATASAVER_WAL")
+    {
+        errs.push(SettingError::new(
+            "DATASAVER_BASE_SCHEDULE",
+            "base backups need the WAL stream: set DATASAVER_WAL=stream too",
+        ));
+    }
 
     if !errs.is_empty() {
         return Err(errs);
@@ -616,6 +634,7 @@ pub fn from_env(env: &Env) -> Result<AgentConfig, Vec<SettingError>> {
                 lock_wait_timeout,
                 drill_db,
                 drill_schedule,
+                base_schedule,
                 databases,
                 wal,
             },
@@ -1005,6 +1024,38 @@ mod tests {
         for e in &errs {
             assert!(!e.to_string().contains('\n'), "{e}");
         }
+    }
+
+    #[test]
+    fn a_base_schedule_needs_the_wal_stream() {
+        let dir = std::env::temp_dir().join(format!("ds-agent-base-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in ["ca.crt", "a.crt", "a.key"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let p = |f: &str| dir.join(f).to_string_lossy().into_owned();
+        let (ca, cert, key) = (p("ca.crt"), p("a.crt"), p("a.key"));
+        let base = vec![
+            ("DATASAVER_COORDINATOR_URL", "https://backup:50051"),
+            ("DATASAVER_TARGET", "app"),
+            ("DATASAVER_DB_NAME", "app"),
+            ("DATASAVER_TLS_CA", ca.as_str()),
+            ("DATASAVER_TLS_CERT", cert.as_str()),
+            ("DATASAVER_TLS_KEY", key.as_str()),
+            ("DATASAVER_PG_BIN_DIR", "/usr/bin"),
+            ("DATASAVER_BASE_SCHEDULE", "0 4 * * 6"),
+        ];
+        let errs = from_env(&env(&base)).unwrap_err();
+        assert!(
+            errs.iter().any(|e| e.setting == "DATASAVER_BASE_SCHEDULE"
+                && e.message.contains("DATASAVER_WAL=stream")),
+            "{errs:?}"
+        );
+        let mut with = base.clone();
+        with.push(("DATASAVER_WAL", "stream"));
+        let c = from_env(&env(&with)).unwrap();
+        assert_eq!(c.target.base_schedule.as_deref(), Some("0 4 * * 6"));
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

@@ -245,6 +245,7 @@ async fn session(
                 database: t.db.dbname.clone(),
                 db_host: format!("{}:{}", t.db.host, t.db.port),
                 drill_schedule: t.drill_schedule.clone().unwrap_or_default(),
+                base_schedule: t.base_schedule.clone().unwrap_or_default(),
             }],
         })),
     })

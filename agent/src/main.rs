@@ -19,6 +19,12 @@ use tokio_util::sync::CancellationToken;
 ///   DATASAVER_PG_BIN_DIR        where pg_dump, pg_dumpall, pg_restore and psql are (default: PATH)
 ///   DATASAVER_SCHEDULE, DATASAVER_KEEP_*  schedule and retention this agent asks for
 ///   DATASAVER_DRILL_SCHEDULE    when to run restore drills (cron), as this agent asks
+///   DATASAVER_WAL               stream: send the server's WAL continuously (point-in-time
+///                               restores; needs a role with REPLICATION); off (default)
+///   DATASAVER_WAL_SLOT          the physical replication slot (default datasaver)
+///   DATASAVER_WAL_SYNC_INTERVAL how often the segment in progress is stored (default 10s)
+///   DATASAVER_BASE_SCHEDULE     when to take base backups (cron), as this agent asks; needs
+///                               DATASAVER_WAL=stream
 ///   DATASAVER_DATABASES         a whole server: all, or names/patterns (shop_*,crm); every
 ///                               matching database (no templates), found at each backup, in
 ///                               one backup; unset: only the database of the settings above

@@ -715,6 +715,7 @@ mod tests {
             lock_wait_timeout: crate::config::DEFAULT_LOCK_WAIT_TIMEOUT,
             drill_db: None,
             drill_schedule: None,
+            base_schedule: None,
             databases: None,
             wal: None,
         };

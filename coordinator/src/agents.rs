@@ -247,9 +247,23 @@ pub async fn remember_requests(core: &Core, targets: &[TargetInfo]) {
         {
             tracing::warn!(target = %t.name, error = %e, "the agent's DATASAVER_DRILL_SCHEDULE is not a schedule; no drills are scheduled from it");
         }
+        let base_schedule = Some(t.base_schedule.clone()).filter(|s| !s.trim().is_empty());
+        if let Some(Err(e)) = base_schedule
+            .as_deref()
+            .filter(|s| !crate::policy::is_off(s))
+            .map(|s| crate::schedule::cron::Schedule::parse(s, core.policies.tz))
+        {
+            tracing::warn!(target = %t.name, error = %e, "the agent's DATASAVER_BASE_SCHEDULE is not a schedule; no base backups are scheduled from it");
+        }
         if let Err(e) = core
             .targets
-            .set_request(&t.name, schedule.clone(), retention, drill_schedule)
+            .set_request(
+                &t.name,
+                schedule.clone(),
+                retention,
+                drill_schedule,
+                base_schedule,
+            )
             .await
         {
             tracing::error!(target = %t.name, error = %e, "could not record the agent's settings");

@@ -395,6 +395,7 @@ pub async fn run(
         tokio::spawn(alerts::run(core.clone())),
         tokio::spawn(alerts::webhook::run(core.clone())),
         tokio::spawn(schedule::drills::run(core.clone())),
+        tokio::spawn(schedule::bases::run(core.clone())),
         tokio::spawn(revocation::watch(revocation.clone(), cancel.clone())),
     ];
     let addr = grpc.local_addr().map(|a| a.to_string()).unwrap_or_default();

@@ -116,6 +116,10 @@ pub struct TargetFile {
     /// When to run a restore drill of the newest completed backup (cron,
     /// like `schedule`; "off" or absent: no scheduled drills).
     pub drill_schedule: Option<String>,
+    /// When to take a base backup (`dsctl backup --physical`; cron, like
+    /// `schedule`; overrides the agent's DATASAVER_BASE_SCHEDULE; "off":
+    /// none). Needs the agent's WAL stream.
+    pub base_schedule: Option<String>,
     /// Dead man's switch for this target, e.g. "26h" (overrides DATASAVER_ALERT_AFTER).
     pub alert_after: Option<String>,
     /// The longest one job of this target may run, e.g. "36h" (overrides
@@ -345,13 +349,13 @@ impl Policies {
                     })?;
                 }
             }
-            if let Some(s) = &t.drill_schedule {
-                if !is_off(s) {
+            for (key, value) in [
+                ("drill_schedule", &t.drill_schedule),
+                ("base_schedule", &t.base_schedule),
+            ] {
+                if let Some(s) = value.as_ref().filter(|s| !is_off(s)) {
                     Schedule::parse(s, tz).map_err(|m| {
-                        SettingError::new(
-                            "DATASAVER_CONFIG",
-                            format!("targets.{name}.drill_schedule: {m}"),
-                        )
+                        SettingError::new("DATASAVER_CONFIG", format!("targets.{name}.{key}: {m}"))
                     })?;
                 }
             }
@@ -487,11 +491,26 @@ impl Policies {
     /// `drill_schedule`, else what its agent asked for
     /// (`DATASAVER_DRILL_SCHEDULE`); `None` when it has none (or "off").
     pub fn drill_schedule_for(&self, target: &str, requested: Option<&str>) -> Option<Schedule> {
-        let expr = match self
+        let file = self
             .targets
             .get(target)
-            .and_then(|t| t.drill_schedule.as_deref())
-        {
+            .and_then(|t| t.drill_schedule.as_deref());
+        self.file_else_agent(file, requested)
+    }
+
+    /// The base-backup schedule of `target`: the YAML file's
+    /// `base_schedule`, else what its agent asked for
+    /// (`DATASAVER_BASE_SCHEDULE`); `None` when it has none (or "off").
+    pub fn base_schedule_for(&self, target: &str, requested: Option<&str>) -> Option<Schedule> {
+        let file = self
+            .targets
+            .get(target)
+            .and_then(|t| t.base_schedule.as_deref());
+        self.file_else_agent(file, requested)
+    }
+
+    fn file_else_agent(&self, file: Option<&str>, requested: Option<&str>) -> Option<Schedule> {
+        let expr = match file {
             Some(s) => s,
             None => requested.filter(|s| !s.trim().is_empty())?,
         };
@@ -696,6 +715,35 @@ mod tests {
     }
 
     #[test]
+    fn base_schedules_come_from_the_file_else_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("c.yaml");
+        std::fs::write(
+            &f,
+            "targets:\n  acme:\n    base_schedule: \"0 4 * * 6\"\n  quiet:\n    base_schedule: \"off\"\n",
+        )
+        .unwrap();
+        let p = Policies::load(Some(&f), &env(&[])).unwrap();
+        let expr = |t: &str, asked: Option<&str>| {
+            p.base_schedule_for(t, asked).map(|s| s.expr().to_string())
+        };
+        assert_eq!(
+            expr("acme", Some("0 1 * * *")).as_deref(),
+            Some("0 4 * * 6")
+        );
+        assert_eq!(expr("acme", None).as_deref(), Some("0 4 * * 6"));
+        assert_eq!(expr("quiet", Some("0 1 * * *")), None);
+        assert_eq!(
+            expr("other", Some("0 1 * * *")).as_deref(),
+            Some("0 1 * * *")
+        );
+        assert_eq!(expr("other", Some("off")), None);
+        assert_eq!(expr("other", None), None);
+        // The drill schedule is another setting.
+        assert_eq!(p.drill_schedule_for("acme", None), None);
+    }
+
+    #[test]
     fn bad_files_and_values_name_the_setting() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("c.yaml");
@@ -708,6 +756,10 @@ mod tests {
             (
                 "targets:\n  acme:\n    drill_schedule: \"every sunday\"\n",
                 "targets.acme.drill_schedule",
+            ),
+            (
+                "targets:\n  acme:\n    base_schedule: \"weekly\"\n",
+                "targets.acme.base_schedule",
             ),
             ("timezone: Mars/Base\n", "DATASAVER_TIMEZONE"),
             ("retention:\n  failed_grace: soon\n", "failed_grace"),

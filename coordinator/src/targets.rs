@@ -45,6 +45,8 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
     ),
     // 15: the restore-drill schedule the agent asks for
     (15, "ALTER TABLE targets ADD COLUMN drill_schedule TEXT;"),
+    // 19: the base-backup schedule the agent asks for
+    (19, "ALTER TABLE targets ADD COLUMN base_schedule TEXT;"),
 ];
 
 /// What the catalog remembers about a target between restarts.
@@ -74,6 +76,8 @@ pub struct TargetRecord {
     pub server_change: Option<String>,
     /// The restore-drill schedule the agent asked for.
     pub drill_schedule: Option<String>,
+    /// The base-backup schedule the agent asked for.
+    pub base_schedule: Option<String>,
 }
 
 impl TargetRecord {
@@ -90,7 +94,8 @@ impl TargetRecord {
 }
 
 const COLUMNS: &str = "name, agent, schedule, retention, last_slot, first_seen, missed_slots, \
-     last_missed_at, last_seen, agent_cert_expires, system_identifier, server_change, drill_schedule";
+     last_missed_at, last_seen, agent_cert_expires, system_identifier, server_change, drill_schedule, \
+     base_schedule";
 
 fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
     Ok(TargetRecord {
@@ -107,6 +112,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<TargetRecord> {
         system_identifier: r.get(10)?,
         server_change: r.get(11)?,
         drill_schedule: r.get(12)?,
+        base_schedule: r.get(13)?,
     })
 }
 
@@ -270,13 +276,14 @@ impl TargetStore {
         schedule: Option<String>,
         retention: Option<String>,
         drill_schedule: Option<String>,
+        base_schedule: Option<String>,
     ) -> Result<(), CatalogError> {
         let target = target.to_string();
         self.db
             .call(move |c| {
                 c.execute(
-                    "UPDATE targets SET schedule = ?2, retention = ?3, drill_schedule = ?4 WHERE name = ?1",
-                    params![target, schedule, retention, drill_schedule],
+                    "UPDATE targets SET schedule = ?2, retention = ?3, drill_schedule = ?4, base_schedule = ?5 WHERE name = ?1",
+                    params![target, schedule, retention, drill_schedule, base_schedule],
                 )?;
                 Ok(())
             })
@@ -408,6 +415,7 @@ mod tests {
                 Some("0 3 * * *".into()),
                 Some("{\"daily\":7}".into()),
                 None,
+                None,
             )
             .await
             .unwrap();
@@ -421,7 +429,7 @@ mod tests {
             .unwrap();
         // what the store does not know is not invented
         store
-            .set_request("ghost", Some("@daily".into()), None, None)
+            .set_request("ghost", Some("@daily".into()), None, None, None)
             .await
             .unwrap();
         store.set_last_slot("ghost", "x".into()).await.unwrap();
@@ -443,6 +451,7 @@ mod tests {
                 Some("0 3 * * *".into()),
                 None,
                 Some("0 5 * * 0".into()),
+                Some("0 4 * * 6".into()),
             )
             .await
             .unwrap();
@@ -492,6 +501,7 @@ mod tests {
                 system_identifier: None,
                 server_change: None,
                 drill_schedule: Some("0 5 * * 0".into()),
+                base_schedule: Some("0 4 * * 6".into()),
             }
         );
         assert_eq!(

@@ -26,6 +26,8 @@ struct Waiter {
     label: Option<String>,
     /// a dump, or a base backup (`dsctl backup --physical`)
     kind: crate::repo::Kind,
+    /// manual (`dsctl backup`), or scheduled (base backups: `schedule::bases`)
+    trigger: Trigger,
     events: Events,
     /// The last `queued (N ahead)` sent, to send only changes.
     told_ahead: Option<usize>,
@@ -102,6 +104,28 @@ impl Scheduler {
         label: Option<String>,
         kind: crate::repo::Kind,
     ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, StartError> {
+        self.request(core, target, label, kind, Trigger::Manual)
+    }
+
+    /// Queues a scheduled backup of `kind` the way a manual one waits (base
+    /// backups on their schedule: `schedule::bases`); recorded as scheduled.
+    pub fn request_scheduled(
+        &self,
+        core: &Core,
+        target: &str,
+        kind: crate::repo::Kind,
+    ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, StartError> {
+        self.request(core, target, None, kind, Trigger::Scheduled)
+    }
+
+    fn request(
+        &self,
+        core: &Core,
+        target: &str,
+        label: Option<String>,
+        kind: crate::repo::Kind,
+        trigger: Trigger,
+    ) -> Result<mpsc::Receiver<Result<JobEvent, Status>>, StartError> {
         if !core.fleet.takes_jobs(target) {
             return Err(StartError::NoAgent(target.to_string()));
         }
@@ -116,6 +140,7 @@ impl Scheduler {
                 target: target.to_string(),
                 label,
                 kind,
+                trigger,
                 events: tx,
                 told_ahead: None,
             },
@@ -158,7 +183,7 @@ impl Scheduler {
                 .await
                 .unwrap_or_default()
                 .into_iter()
-                .filter(|b| b.trigger == Trigger::Scheduled)
+                .filter(|b| b.trigger == Trigger::Scheduled && b.kind == crate::repo::Kind::Logical)
                 .map(|b| b.created_at)
                 .max(),
             None => None,
@@ -330,7 +355,7 @@ fn admitted(core: &Arc<Core>, s: Start, done: mpsc::Sender<Finished>) {
             let w = lock!(core.scheduler.waiters);
             let waiter = w.get(&s.ticket);
             (
-                Trigger::Manual,
+                waiter.map_or(Trigger::Manual, |w| w.trigger),
                 waiter.and_then(|w| w.label.clone()),
                 waiter.map(|w| w.events.clone()),
                 waiter.map_or(crate::repo::Kind::Logical, |w| w.kind),
@@ -384,7 +409,9 @@ async fn run_one(
             let outcome = started.outcome.await.unwrap_or(Outcome::Failed);
             (outcome, last)
         }
-        Err(StartError::NoAgent(_)) if trigger == Trigger::Scheduled => {
+        Err(StartError::NoAgent(_))
+            if trigger == Trigger::Scheduled && kind == crate::repo::Kind::Logical =>
+        {
             let why = format!(
                 "agent not connected: no agent serving {} was connected when its scheduled backup was due",
                 s.target

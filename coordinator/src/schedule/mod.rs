@@ -2,6 +2,7 @@
 //! configuration may override), a pure planner that decides what runs when,
 //! and the driver that runs it against the real fleet.
 
+pub mod bases;
 pub mod cron;
 pub mod drills;
 pub mod driver;

@@ -706,3 +706,43 @@ fn restores_follow_a_promoted_standby_across_the_timeline_switch() {
     let out = fleet.dsctl(&["verify", &base]);
     assert_eq!(out.code, Some(0), "{}", out.describe());
 }
+
+#[test]
+fn base_backups_run_on_the_schedule_the_agent_asks_for() {
+    let pg = PgCluster::new();
+    pg.create_small_db("shop", 100);
+    let mut fleet = Fleet::start();
+    let mut env = wal_env().to_vec();
+    env.push(("DATASAVER_BASE_SCHEDULE", "*/5 * * * * *"));
+    fleet.add_agent_with("app", &pg, "postgres", &env);
+    let scheduled = |fleet: &Fleet| {
+        fleet
+            .list_backups(Some("app"))
+            .into_iter()
+            .filter(|b| b.is_completed() && b.kind == "base" && b.raw["trigger"] == "scheduled")
+            .count()
+    };
+    // One per slot, never two at once, each a whole base backup with its
+    // WAL; the scheduled dumps are another schedule (none here).
+    assert!(
+        wait_until(WAIT, || scheduled(&fleet) >= 2),
+        "no two scheduled base backups: {:?}\n{}",
+        fleet.list_backups(Some("app")),
+        fleet.coordinator().log()
+    );
+    let rows = fleet.list_backups(Some("app"));
+    assert!(rows.iter().all(|b| b.kind == "base"), "{rows:?}");
+    // A scheduled base backup restores like any other.
+    let newest = rows
+        .iter()
+        .find(|b| b.is_completed())
+        .expect("a completed base backup");
+    let text = fleet.dsctl(&["get", &newest.id]).stdout;
+    assert!(text.contains("scheduled"), "{text}");
+    let into = PgCluster::unstarted_like(&pg);
+    let out = restore_into(&fleet, &[&newest.id], &into);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let mut into = into;
+    into.start();
+    assert_eq!(into.query_one("shop", "SELECT count(*) FROM t"), "100");
+}
