@@ -296,7 +296,7 @@ mod tests {
         let steps = plan(OWNERS).unwrap();
         assert_eq!(
             steps.iter().map(|s| s.version).collect::<Vec<_>>(),
-            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]
+            [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
         );
         assert_eq!(steps[0].parts.len(), 2, "version 1: backups, then targets");
         for (step, before) in steps.iter().zip(BEFORE_SPLIT) {
@@ -352,7 +352,7 @@ mod tests {
             drop(before_split(&path, version));
             drop(Catalog::open(&path).unwrap());
             let c = Connection::open(&path).unwrap();
-            assert_eq!(user_version(&c), 19, "from version {version}");
+            assert_eq!(user_version(&c), 20, "from version {version}");
             assert_eq!(schema(&c), fresh, "from version {version}");
         }
 
@@ -400,13 +400,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("catalog.db");
         let c = before_split(&path, 4);
-        c.pragma_update(None, "user_version", 20).unwrap();
+        c.pragma_update(None, "user_version", 21).unwrap();
         drop(c);
         assert!(matches!(
             Catalog::open(&path),
             Err(CatalogError::TooNew {
-                found: 20,
-                known: 19
+                found: 21,
+                known: 20
             })
         ));
     }

@@ -41,10 +41,12 @@ pub struct Report {
 }
 
 fn candidate(b: &BackupRecord, in_use: &HashSet<String>) -> Option<Candidate> {
-    // Base backups are not rotated with the dumps: what a point-in-time
-    // restore needs is a window of its own (issue 14), and until that is
-    // built every base backup is kept.
-    if b.kind == crate::repo::Kind::Base {
+    // Completed base backups are not rotated with the dumps: what a
+    // point-in-time restore needs is a window of its own
+    // (`retention::pitr`). A failed or interrupted attempt is kept for its
+    // grace like a dump's.
+    if b.kind == crate::repo::Kind::Base && matches!(b.status, Status::Completed | Status::Running)
+    {
         return None;
     }
     let status = match b.status {

@@ -3,8 +3,8 @@
 //! Every moment of the window stays restorable: the newest base backup
 //! consistent at or before the window's start (the anchor), every newer one
 //! and all WAL from the anchor's start on are kept. Older base backups go,
-//! unless pinned or being read (they keep the WAL from their start to their
-//! end). WAL no kept base backup needs goes — of an older cluster (after a
+//! unless pinned, being read, or kept by the target's GFS counts (they keep
+//! the WAL from their start to their end). WAL no kept base backup needs goes — of an older cluster (after a
 //! rebind) all of it once none of its base backups is kept. History files
 //! are never deleted. Without any base backup of the current cluster
 //! nothing is deleted.
@@ -36,6 +36,10 @@ pub struct Wal {
 pub struct Plan {
     /// the base backup every moment of the window replays from
     pub anchor: Option<String>,
+    /// where the window's WAL starts (the anchor's start): below it only
+    /// held base backups' own ranges stay, so a missing run there is
+    /// retention's doing, not a gap
+    pub wal_from: Option<u64>,
     pub delete_bases: Vec<String>,
     pub delete_wal: Vec<String>,
 }
@@ -94,6 +98,7 @@ pub fn plan(
         .collect();
     Plan {
         anchor: anchor.map(|a| a.id.clone()),
+        wal_from: floor,
         delete_bases,
         delete_wal,
     }
@@ -129,6 +134,35 @@ pub async fn run(
         .into_iter()
         .filter(|r| r.kind == crate::repo::Kind::Base && r.status == crate::repo::Status::Completed)
         .collect();
+    // Beyond the window, base backups follow the target's GFS counts
+    // (manual or scheduled alike: each is a whole copy of the cluster); one
+    // kept stays restorable to its end with its own WAL.
+    let policy = super::cleanup::policy_for(core, target).await;
+    let candidates: Vec<super::gfs::Candidate> = rows
+        .iter()
+        .map(|r| super::gfs::Candidate {
+            id: r.id.clone(),
+            created_at: r.created_at,
+            status: super::gfs::Status::Completed,
+            pinned: r.pinned,
+            manual: false,
+            in_use: in_use.contains(&r.id),
+        })
+        .collect();
+    let gfs_kept: std::collections::HashSet<String> =
+        super::gfs::plan(&candidates, &policy, core.clock.now(), &core.policies.tz)
+            .into_iter()
+            .filter(|d| {
+                d.keep
+                    && d.reasons.iter().any(|r| {
+                        matches!(
+                            r,
+                            super::gfs::Reason::Slot { .. } | super::gfs::Reason::Last { .. }
+                        )
+                    })
+            })
+            .map(|d| d.id)
+            .collect();
     let bases: Vec<Base> = rows
         .iter()
         .filter_map(|r| {
@@ -139,7 +173,7 @@ pub async fn run(
                 start: p.start_lsn,
                 end: p.end_lsn,
                 consistent_at: DateTime::from_timestamp_micros(p.consistent_at_micros)?,
-                held: r.pinned || in_use.contains(&r.id),
+                held: r.pinned || in_use.contains(&r.id) || gfs_kept.contains(&r.id),
             })
         })
         .collect();
@@ -182,6 +216,10 @@ pub async fn run(
     if dry_run {
         return Ok((p.delete_bases, p.delete_wal.len()));
     }
+    core.wal_index
+        .set_retained_from(target, &binding.system_identifier, p.wal_from)
+        .await
+        .map_err(|e| e.to_string())?;
     let mut deleted = Vec::new();
     for id in &p.delete_bases {
         let Some(row) = rows.iter().find(|r| &r.id == id) else {

@@ -51,6 +51,11 @@ pub(crate) const MIGRATIONS: &[(u32, &str)] = &[
         PRIMARY KEY (target, system_identifier, server_time)
     );",
     ),
+    // 20: where retention by window last left the bound cluster's WAL
+    (
+        20,
+        "ALTER TABLE wal_targets ADD COLUMN retained_from INTEGER;",
+    ),
 ];
 
 /// A target's binding to one cluster, and what is wrong with its stream.
@@ -65,6 +70,10 @@ pub struct Binding {
     /// a WAL file refused because a different one is stored under its
     /// name: (message, when)
     pub conflict: Option<(String, String)>,
+    /// where retention by window last started the WAL it keeps whole
+    /// (below it only held base backups' own ranges stay): missing runs
+    /// below are retention's doing, not gaps
+    pub retained_from: Option<u64>,
 }
 
 /// One indexed WAL file.
@@ -94,11 +103,12 @@ fn binding_row(r: &Row<'_>) -> rusqlite::Result<Binding> {
         bound_at: r.get(3)?,
         refused: pair(r.get(4)?, r.get(5)?),
         conflict: pair(r.get(6)?, r.get(7)?),
+        retained_from: r.get::<_, Option<i64>>(8)?.map(|v| v as u64),
     })
 }
 
 const BINDING: &str = "target, system_identifier, seg_size, bound_at, refused_sysid, refused_at, \
-     conflict, conflict_at";
+     conflict, conflict_at, retained_from";
 
 #[derive(Clone)]
 pub struct WalIndex {
@@ -186,11 +196,43 @@ impl WalIndex {
                     .optional()?;
                 c.execute(
                     "UPDATE wal_targets SET system_identifier = '', refused_sysid = NULL,
-                       refused_at = NULL, conflict = NULL, conflict_at = NULL
+                       refused_at = NULL, conflict = NULL, conflict_at = NULL,
+                       retained_from = NULL
                      WHERE target = ?1",
                     [&target],
                 )?;
                 Ok(old)
+            })
+            .await
+    }
+
+    /// Notes where retention by window left the WAL of `target`'s bound
+    /// cluster `sysid` (`None`: it keeps everything), and forgets the marks
+    /// below it: no kept base backup replays to a time there by mark.
+    pub async fn set_retained_from(
+        &self,
+        target: &str,
+        sysid: &str,
+        from: Option<u64>,
+    ) -> Result<(), CatalogError> {
+        let (t, s) = (target.to_string(), sysid.to_string());
+        self.db
+            .call(move |c| {
+                let tx = c.unchecked_transaction()?;
+                tx.execute(
+                    "UPDATE wal_targets SET retained_from = ?3
+                     WHERE target = ?1 AND system_identifier = ?2",
+                    params![t, s, from.map(|v| v as i64)],
+                )?;
+                if let Some(from) = from {
+                    tx.execute(
+                        "DELETE FROM wal_marks
+                         WHERE target = ?1 AND system_identifier = ?2 AND server_lsn < ?3",
+                        params![t, s, from as i64],
+                    )?;
+                }
+                tx.commit()?;
+                Ok(())
             })
             .await
     }

@@ -113,8 +113,11 @@ pub fn summarize(
             first: segs.first().map(|s| name(tli, *s)),
             last: segs.last().map(|s| name(tli, *s)),
             segments: segs.len() as u64,
+            // Below where retention keeps the WAL whole, only held base
+            // backups' own ranges stay: the runs between are not gaps.
             gaps: gaps(&segs)
                 .into_iter()
+                .filter(|(_, last)| binding.retained_from.is_none_or(|f| *last >= f / seg_size))
                 .map(|(a, b)| (name(tli, a), name(tli, b)))
                 .collect(),
             // A partial only counts after the last whole segment.
@@ -218,6 +221,7 @@ mod tests {
             bound_at: "2026-12-01T00:00:00Z".into(),
             refused: None,
             conflict: None,
+            retained_from: None,
         };
         let files = vec![
             row(
@@ -278,5 +282,19 @@ mod tests {
         // Position unknown: lag unknown.
         let v = summarize(&b, &files, false, None, now);
         assert_eq!((v.lag_bytes, v.lag_seconds), (None, None));
+        // Retention keeps the WAL whole from segment 5: segments 3-4 went
+        // with a base backup no longer kept, not a gap.
+        let kept = Binding {
+            retained_from: Some(5 * SEG + 40),
+            ..b.clone()
+        };
+        let v = summarize(&kept, &files, true, None, now);
+        assert!(v.timelines[0].gaps.is_empty(), "{:?}", v.timelines[0]);
+        let later = Binding {
+            retained_from: Some(4 * SEG),
+            ..b
+        };
+        let v = summarize(&later, &files, true, None, now);
+        assert_eq!(v.timelines[0].gaps.len(), 1);
     }
 }

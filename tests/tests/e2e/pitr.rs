@@ -509,78 +509,111 @@ fn a_short_window_keeps_exactly_what_it_needs() {
         coordinator_env: vec![("DATASAVER_PITR_WINDOW".into(), "4s".into())],
         ..Default::default()
     });
-    fleet.add_agent_with("app", &pg, "postgres", &wal_env());
+    // GFS beyond the window: the first base backup of the day is kept.
+    let mut env = wal_env().to_vec();
+    env.extend([
+        ("DATASAVER_KEEP_DAILY", "1"),
+        ("DATASAVER_KEEP_WEEKLY", "0"),
+        ("DATASAVER_KEEP_MONTHLY", "0"),
+    ]);
+    fleet.add_agent_with("app", &pg, "postgres", &env);
     assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
     let physical = |fleet: &Fleet| {
+        let before: Vec<String> = fleet
+            .list_backups(Some("app"))
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
         let out = fleet.dsctl(&["backup", "app", "--physical"]);
         assert_eq!(out.code, Some(0), "{}", out.describe());
+        fleet
+            .list_backups(Some("app"))
+            .into_iter()
+            .map(|b| b.id)
+            .find(|id| !before.contains(id))
+            .expect("a new base backup")
     };
-    physical(&fleet);
-    let first = fleet.list_backups(Some("app"))[0].id.clone();
-    for i in 0..3 {
-        pg.psql(
-            "shop",
-            &format!("INSERT INTO t VALUES ({i}); SELECT pg_switch_wal();"),
-        );
-    }
+    let switches = |from: i32| {
+        for i in from..from + 3 {
+            pg.psql(
+                "shop",
+                &format!("INSERT INTO t VALUES ({i}); SELECT pg_switch_wal();"),
+            );
+        }
+    };
+    let first = physical(&fleet);
+    switches(0);
+    let middle = physical(&fleet);
+    switches(10);
     std::thread::sleep(Duration::from_secs(5));
-    physical(&fleet);
-    let second = fleet
-        .list_backups(Some("app"))
-        .into_iter()
-        .map(|b| b.id)
-        .find(|id| *id != first)
-        .expect("second base");
+    let second = physical(&fleet);
     pg.psql("shop", "INSERT INTO t VALUES (100);");
     wait_recoverable(&fleet, &server_now(&pg));
-    // Right after the second: the first is still the window's anchor.
-    let ids: Vec<String> = fleet
-        .list_backups(Some("app"))
-        .into_iter()
-        .map(|b| b.id)
-        .collect();
-    assert!(ids.contains(&first) && ids.contains(&second), "{ids:?}");
-    let before = fleet.dsctl_json(&["wal", "--target", "app"])[0]["timelines"][0]["first_segment"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
-    // Once the window has passed the second, the first and the WAL before
-    // the second's start go; the rest stays restorable.
+    let ids = |fleet: &Fleet| {
+        let mut v: Vec<String> = fleet
+            .list_backups(Some("app"))
+            .into_iter()
+            .map(|b| b.id)
+            .collect();
+        v.sort();
+        v
+    };
+    // Right after the second: the middle one is still the window's anchor.
+    assert_eq!(ids(&fleet).len(), 3, "{:?}", ids(&fleet));
+    let segments = |fleet: &Fleet| {
+        let v = fleet.dsctl_json(&["wal", "--target", "app"]);
+        (
+            v[0]["timelines"][0]["segments"].as_u64().unwrap_or(0),
+            v[0]["timelines"][0]["first_segment"]
+                .as_str()
+                .unwrap_or("")
+                .to_string(),
+            v,
+        )
+    };
+    let (count_before, first_before, _) = segments(&fleet);
+    // Once the window has passed the second: the middle one and the WAL
+    // between the first's end and the second's start go; the first stays
+    // (GFS daily) with its own WAL, the second (the anchor) with all after.
     std::thread::sleep(Duration::from_secs(5));
     let out = fleet.dsctl(&["cleanup", "--target", "app"]);
     assert_eq!(out.code, Some(0), "{}", out.describe());
-    let ids: Vec<String> = fleet
-        .list_backups(Some("app"))
-        .into_iter()
-        .map(|b| b.id)
-        .collect();
-    assert_eq!(ids, vec![second.clone()], "only the anchor stays");
-    let v = fleet.dsctl_json(&["wal", "--target", "app"]);
-    let after = v[0]["timelines"][0]["first_segment"]
-        .as_str()
-        .unwrap_or("")
-        .to_string();
+    let mut want = vec![first.clone(), second.clone()];
+    want.sort();
+    assert_eq!(ids(&fleet), want, "the GFS-kept first and the anchor stay");
+    assert!(!fleet
+        .storage_dir()
+        .join("app/base")
+        .join(format!("{middle}.tar.zst"))
+        .exists());
+    let (count_after, first_after, v) = segments(&fleet);
     assert!(
-        after > before,
-        "WAL before the anchor deleted: {before} -> {after}"
+        count_after < count_before && first_after == first_before,
+        "WAL between the kept ranges deleted, the first's kept: {count_before} -> {count_after}, {v:#}"
     );
+    // What retention removed is not a gap.
     assert!(
         v[0]["timelines"][0]["gaps"]
             .as_array()
             .is_some_and(|g| g.is_empty()),
         "{v:#}"
     );
-    assert!(!fleet
-        .storage_dir()
-        .join("app/base")
-        .join(format!("{first}.tar.zst"))
-        .exists());
+    let text = fleet.dsctl(&["wal", "--target", "app"]).stdout;
+    assert!(!text.contains("GAP"), "{text}");
+    // Both restore: the first to its end, the window to its latest.
+    let restored = PgCluster::unstarted_like(&pg);
+    let out = restore_into(&fleet, &[&first], &restored);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let mut restored = restored;
+    restored.start();
+    assert_eq!(restored.query_one("shop", "SELECT count(*) FROM t"), "0");
+    restored.stop();
     let restored = PgCluster::unstarted_like(&pg);
     let out = restore_into(&fleet, &["--target", "app", "--latest"], &restored);
     assert_eq!(out.code, Some(0), "{}", out.describe());
     let mut restored = restored;
     restored.start();
-    assert_eq!(restored.query_one("shop", "SELECT count(*) FROM t"), "4");
+    assert_eq!(restored.query_one("shop", "SELECT count(*) FROM t"), "7");
     restored.stop();
 }
 
