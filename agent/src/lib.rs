@@ -307,6 +307,7 @@ async fn session(
             _ = heartbeat.tick() => {
                 let hb = AgentMessage { msg: Some(agent_message::Msg::Heartbeat(Heartbeat {
                     unix_ms: chrono::Utc::now().timestamp_millis(),
+                    wal_server_lsn: if config.target.wal.is_some() { wal_state.server() } else { 0 },
                 })) };
                 if tx.send(hb).await.is_err() {
                     return Err(SessionEnd::Error("control stream closed".into()));

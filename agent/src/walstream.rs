@@ -32,9 +32,22 @@ use crate::segmenter::Segmenter;
 pub struct WalState {
     run: std::sync::Mutex<Option<(Lsn, Lsn)>>,
     changed: tokio::sync::Notify,
+    /// the server's WAL end as last read (0: not yet), for the heartbeat
+    server: std::sync::atomic::AtomicU64,
 }
 
 impl WalState {
+    /// Notes the server's WAL end as the replication connection said.
+    fn server_at(&self, lsn: Lsn) {
+        self.server
+            .fetch_max(lsn.0, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// The server's WAL end as last read (0: not streaming).
+    pub fn server(&self) -> u64 {
+        self.server.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// A stream (re)starting at `from`: the run goes on if it continues it,
     /// or starts again there.
     fn started(&self, from: Lsn) {
@@ -200,6 +213,7 @@ async fn once(
     let db = &config.target.db;
     let mut repl = ReplConn::connect(db).await.map_err(e)?;
     let sys = repl.identify_system().await.map_err(e)?;
+    state.server_at(sys.position);
     let seg_size = repl.seg_size().await.map_err(e)?;
     if repl.ensure_slot(&settings.slot).await.map_err(e)? {
         tracing::info!(slot = %settings.slot, "created replication slot: the server keeps WAL for datasaver from now");
@@ -403,6 +417,7 @@ impl Streamer {
     }
 
     fn mark(&mut self, end: Lsn, time: i64) {
+        self.state.server_at(end);
         if time >= self.server_time {
             self.server = self.server.max(end);
             self.server_time = time;

@@ -261,6 +261,8 @@ impl AgentService for AgentSvc {
         let conn_id = self.core.fleet.next_conn_id();
         let now = self.core.clock.now();
         let names: Vec<String> = reg.targets.iter().map(|t| t.name.clone()).collect();
+        // An agent streams the WAL of its (first) target.
+        let wal_target = names.first().cloned();
         let requested = reg.targets.clone();
         tx.send(Ok(CoordinatorMessage {
             msg: Some(coordinator_message::Msg::Registered(Registered {
@@ -321,6 +323,15 @@ impl AgentService for AgentSvc {
                             Some(agent_message::Msg::Goodbye(g)) => {
                                 tracing::info!(agent = %who, reason = %g.reason, "agent is stopping (planned)");
                                 core.fleet.mark_leaving(conn_id, &g.reason);
+                            }
+                            Some(agent_message::Msg::Heartbeat(h)) if h.wal_server_lsn > 0 => {
+                                if let Some(t) = &wal_target {
+                                    core.wal_live.server_moved_to(
+                                        t,
+                                        h.wal_server_lsn,
+                                        core.clock.now(),
+                                    );
+                                }
                             }
                             _ => {}
                         }

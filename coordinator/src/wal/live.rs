@@ -1,6 +1,6 @@
 //! What is known only while the coordinator runs about each target's WAL
 //! stream: whether an agent is streaming now and the server's position as
-//! the agent last reported it (for the lag in `dsctl wal`, `/metrics` and
+//! the agent last reported it (on the stream, or in its heartbeat) (for the lag in `dsctl wal`, `/metrics` and
 //! `wal.lag`). Everything stored is in the index.
 
 use std::collections::HashMap;
@@ -52,6 +52,19 @@ impl Live {
     pub fn server_position(&self, target: &str, lsn: u64, at: DateTime<Utc>) {
         if let Ok(mut m) = self.0.lock() {
             m.entry(target.to_string()).or_default().server = Some((lsn, at));
+        }
+    }
+
+    /// The server's position as the agent's heartbeat says, which reaches
+    /// the coordinator even while the WAL stream cannot store: it only ever
+    /// moves the known position forward (the stream's own reports are
+    /// newer while it runs).
+    pub fn server_moved_to(&self, target: &str, lsn: u64, at: DateTime<Utc>) {
+        if let Ok(mut m) = self.0.lock() {
+            let s = m.entry(target.to_string()).or_default();
+            if s.server.is_none_or(|(l, _)| lsn > l) {
+                s.server = Some((lsn, at));
+            }
         }
     }
 

@@ -779,3 +779,166 @@ fn base_backups_run_on_the_schedule_the_agent_asks_for() {
     into.start();
     assert_eq!(into.query_one("shop", "SELECT count(*) FROM t"), "100");
 }
+
+#[test]
+fn on_s3_and_encrypted_an_unreachable_bucket_raises_wal_lag_and_loses_nothing() {
+    let mut srv = datasaver_tests::S3Server::start();
+    let pg = PgCluster::new();
+    pg.create_db("shop");
+    pg.psql("shop", "CREATE TABLE t (id int PRIMARY KEY);");
+    let mut env = srv.coordinator_env("pitr");
+    env.push(("DATASAVER_ALERT_WAL_LAG".into(), "3s".into()));
+    let mut fleet = Fleet::start_with(datasaver_tests::FleetOptions {
+        coordinator_env: env,
+        ..Default::default()
+    });
+    let keys = fleet.dir().join("keys");
+    std::fs::create_dir_all(&keys).expect("keys dir");
+    let id_file = keys.join("wal.agekey");
+    let out = fleet.dsctl(&["keygen", "--out", id_file.to_str().expect("path")]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let recipient = out.stdout.trim().to_string();
+    let mut spec = fleet
+        .agent_spec("app", &pg, "postgres")
+        .env("DATASAVER_ENCRYPTION_RECIPIENT", &recipient)
+        .env("DATASAVER_ENCRYPTION_IDENTITY_FILE", &id_file);
+    for (k, v) in wal_env() {
+        spec = spec.env(k, v);
+    }
+    fleet.add_agent_spec("app", spec);
+    assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
+    let out = fleet.dsctl(&["backup", "app", "--physical"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    pg.psql(
+        "shop",
+        "INSERT INTO t SELECT g FROM generate_series(1, 100) g;",
+    );
+    wait_recoverable(&fleet, &server_now(&pg));
+    // Stored encrypted, in the bucket.
+    let objects = srv.objects();
+    assert!(
+        objects
+            .iter()
+            .any(|k| k.contains("/wal/") && k.ends_with(".zst.age")),
+        "{objects:?}"
+    );
+    assert!(
+        objects
+            .iter()
+            .any(|k| k.contains("/base/") && k.ends_with(".tar.zst.age")),
+        "{objects:?}"
+    );
+
+    // The bucket goes away while the server writes: the stored WAL falls
+    // behind the server the agent still reads, and wal.lag fires.
+    srv.kill();
+    for i in 0..3 {
+        pg.psql(
+            "shop",
+            &format!(
+                "INSERT INTO t SELECT g FROM generate_series({}, {}) g; SELECT pg_switch_wal();",
+                101 + i * 100,
+                200 + i * 100
+            ),
+        );
+    }
+    let fired = wait_until(WAIT, || fleet.dsctl(&["health"]).stdout.contains("wal.lag"));
+    assert!(
+        fired,
+        "wal.lag never fired\n{}\n--- coordinator ---\n{}",
+        fleet.dsctl(&["wal"]).stdout,
+        fleet.coordinator().log()
+    );
+    // Back: the stream catches up from the slot, the alert resolves, and
+    // nothing is missing.
+    srv.restart();
+    let end = server_now(&pg);
+    wait_recoverable(&fleet, &end);
+    let resolved = wait_until(WAIT, || {
+        !fleet.dsctl(&["health"]).stdout.contains("wal.lag")
+    });
+    assert!(
+        resolved,
+        "wal.lag never resolved\n{}",
+        fleet.dsctl(&["health"]).stdout
+    );
+    let text = fleet.dsctl(&["wal", "--target", "app"]).stdout;
+    assert!(!text.contains("GAP"), "{text}");
+    // The encrypted WAL and base replay to the end.
+    let restored = PgCluster::unstarted_like(&pg);
+    let out = restore_into(&fleet, &["--target", "app", "--latest"], &restored);
+    assert_eq!(
+        out.code,
+        Some(0),
+        "{}\n--- agent ---\n{}",
+        out.describe(),
+        fleet.agent("app").proc.log()
+    );
+    let mut restored = restored;
+    restored.start();
+    assert_eq!(restored.query_one("shop", "SELECT count(*) FROM t"), "400");
+    restored.stop();
+}
+
+#[test]
+fn a_coordinator_stopped_during_a_restore_aborts_it_and_a_rerun_gives_the_whole_result() {
+    let pg = PgCluster::new();
+    pg.create_db("shop");
+    pg.psql("shop", "CREATE TABLE t (id int PRIMARY KEY);");
+    let mut fleet = Fleet::start();
+    fleet.add_agent_with("app", &pg, "postgres", &wal_env());
+    assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
+    let out = fleet.dsctl(&["backup", "app", "--physical"]);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    // Many segments to fetch, so the restore is still fetching when the
+    // coordinator goes.
+    for i in 0..40 {
+        pg.psql(
+            "shop",
+            &format!("INSERT INTO t VALUES ({i}); SELECT pg_switch_wal();"),
+        );
+    }
+    wait_recoverable(&fleet, &server_now(&pg));
+
+    let into = PgCluster::unstarted_like(&pg);
+    let dir = into.data_dir();
+    let spool = std::path::PathBuf::from(format!("{}.datasaver-wal", dir.display()));
+    let mut cmd = fleet.dsctl_command();
+    cmd.args([
+        "restore",
+        "--target",
+        "app",
+        "--latest",
+        "--physical",
+        "--data-dir",
+    ])
+    .arg(&dir);
+    let restore = std::thread::spawn(move || datasaver_tests::run(cmd, Duration::from_secs(300)));
+    let fetching = wait_until(WAIT, || {
+        std::fs::read_dir(&spool).is_ok_and(|d| d.count() >= 3)
+    });
+    assert!(fetching, "the restore never started fetching WAL");
+    fleet.stop_coordinator();
+    let out = restore.join().expect("dsctl thread");
+    assert_ne!(out.code, Some(0), "{}", out.describe());
+    // Nothing promoted, nothing half-written left to start by mistake.
+    let left = wait_until(Duration::from_secs(30), || {
+        !spool.exists() && std::fs::read_dir(&dir).map_or(true, |d| d.count() == 0)
+    });
+    assert!(
+        left,
+        "the aborted restore left files: {:?}\n--- agent ---\n{}",
+        datasaver_tests::files_under(&dir),
+        fleet.agent("app").proc.log()
+    );
+
+    // Back: the same restore gives the whole result.
+    fleet.start_coordinator();
+    fleet.wait_agent_listed("app", Duration::from_secs(60));
+    let out = restore_into(&fleet, &["--target", "app", "--latest"], &into);
+    assert_eq!(out.code, Some(0), "{}", out.describe());
+    let mut into = into;
+    into.start();
+    assert_eq!(into.query_one("shop", "SELECT count(*) FROM t"), "40");
+    into.stop();
+}
