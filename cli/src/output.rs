@@ -1052,6 +1052,7 @@ pub fn wal(list: &[datasaver_common::proto::WalTarget], as_json: bool) {
                     "refused": t.refused,
                     "conflict": t.conflict,
                     "latest_recoverable": t.latest_recoverable,
+                    "earliest_recoverable": t.earliest_recoverable,
                     "slot_status": t.slot_status,
                     "timelines": t.timelines.iter().map(|l| json!({
                         "timeline": l.timeline,
@@ -1111,6 +1112,21 @@ pub fn wal(list: &[datasaver_common::proto::WalTarget], as_json: bool) {
                 "  everything written up to {} is stored",
                 short_time(&t.latest_recoverable)
             );
+        }
+        match (
+            t.earliest_recoverable.as_str(),
+            t.latest_recoverable.as_str(),
+        ) {
+            ("", _) => println!(
+                "  no base backup yet: nothing to restore from (dsctl backup {} --physical)",
+                t.target
+            ),
+            (from, "") => println!("  recoverable from {}", short_time(from)),
+            (from, to) => println!(
+                "  recovery window: {} .. {}",
+                short_time(from),
+                short_time(to)
+            ),
         }
         if t.timelines.is_empty() {
             println!("  nothing stored yet");

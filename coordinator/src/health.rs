@@ -92,25 +92,13 @@ pub struct RecoveryWindow {
 }
 
 /// The recovery window of `target`, when it has a base backup and WAL.
-async fn recovery_window(
-    core: &Core,
-    target: &str,
-    rows: &[crate::repo::BackupRecord],
-) -> Option<RecoveryWindow> {
+async fn recovery_window(core: &Core, target: &str) -> Option<RecoveryWindow> {
     let w = crate::wal::view::targets(core, Some(target))
         .await
         .ok()?
         .into_iter()
         .next()?;
-    let to = w.latest_recoverable?;
-    let from = rows
-        .iter()
-        .filter(|r| r.kind == crate::repo::Kind::Base && r.status == Status::Completed)
-        .filter(|r| r.system_identifier == w.system_identifier && !r.known_bad())
-        .filter_map(|r| r.physical)
-        .map(|p| p.consistent_at_micros)
-        .min()
-        .and_then(chrono::DateTime::from_timestamp_micros)?;
+    let (from, to) = (w.earliest_recoverable?, w.latest_recoverable?);
     (from <= to).then(|| RecoveryWindow {
         from: format_time(from),
         to: format_time(to),
@@ -304,7 +292,7 @@ pub async fn report(core: &Core) -> Result<Report, String> {
                 floor: r.floor,
             })
             .collect();
-        let recovery_window = recovery_window(core, &name, &rows).await;
+        let recovery_window = recovery_window(core, &name).await;
         targets.push(TargetStatus {
             recovery_window,
             schedule: core.scheduler.schedule_of(&name),

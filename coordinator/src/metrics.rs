@@ -44,6 +44,7 @@ pub struct Metrics {
     wal_lag_bytes: Family<Labels, Gauge>,
     wal_lag_seconds: Family<Labels, Gauge>,
     wal_latest_recoverable: Family<Labels, Gauge<f64, AtomicU64>>,
+    wal_earliest_recoverable: Family<Labels, Gauge<f64, AtomicU64>>,
 }
 
 impl Default for Metrics {
@@ -195,10 +196,18 @@ impl Metrics {
             prometheus_client::registry::Unit::Seconds,
             wal_latest_recoverable.clone(),
         );
+        let wal_earliest_recoverable = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        registry.register_with_unit(
+            "wal_earliest_recoverable_timestamp",
+            "Unix time (the server's clock) when the oldest usable base backup became consistent: the start of the recovery window",
+            prometheus_client::registry::Unit::Seconds,
+            wal_earliest_recoverable.clone(),
+        );
         Self {
             wal_lag_bytes,
             wal_lag_seconds,
             wal_latest_recoverable,
+            wal_earliest_recoverable,
             certificate_expiry,
             registry,
             refusals,
@@ -344,6 +353,11 @@ impl Metrics {
             }
             if let Some(t) = w.latest_recoverable {
                 self.wal_latest_recoverable
+                    .get_or_create(&l)
+                    .set(t.timestamp_micros() as f64 / 1e6);
+            }
+            if let Some(t) = w.earliest_recoverable {
+                self.wal_earliest_recoverable
                     .get_or_create(&l)
                     .set(t.timestamp_micros() as f64 / 1e6);
             }

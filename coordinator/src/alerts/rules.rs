@@ -493,6 +493,7 @@ mod tests {
             refused: None,
             conflict: None,
             latest_recoverable: None,
+            earliest_recoverable: None,
             slot_status: Some("reserved".into()),
         };
         let kinds = |w: &TargetWal| -> Vec<Kind> {

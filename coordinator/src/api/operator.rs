@@ -481,6 +481,10 @@ impl OperatorService for OperatorSvc {
                     .latest_recoverable
                     .map(crate::alerts::stamp)
                     .unwrap_or_default(),
+                earliest_recoverable: t
+                    .earliest_recoverable
+                    .map(crate::alerts::stamp)
+                    .unwrap_or_default(),
                 slot_status: t.slot_status.unwrap_or_default(),
             })
             .collect();

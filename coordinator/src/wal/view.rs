@@ -44,6 +44,9 @@ pub struct TargetWal {
     pub conflict: Option<(String, String)>,
     /// the newest time (the server's clock) whose WAL is all stored
     pub latest_recoverable: Option<DateTime<Utc>>,
+    /// the oldest time a restore can reach: when the oldest usable base
+    /// backup of the bound cluster became consistent (the window's start)
+    pub earliest_recoverable: Option<DateTime<Utc>>,
     /// the slot's `wal_status` as last reported
     pub slot_status: Option<String>,
 }
@@ -149,6 +152,7 @@ pub fn summarize(
         refused: binding.refused.clone(),
         conflict: binding.conflict.clone(),
         latest_recoverable: None,
+        earliest_recoverable: None,
         slot_status: None,
     }
 }
@@ -181,6 +185,22 @@ pub async fn targets(
             .await?
             .and_then(|(t, _)| DateTime::from_timestamp_micros(t));
         v.slot_status = live.slot_status.clone();
+        v.earliest_recoverable = core
+            .repo
+            .list(Some(&b.target))
+            .await
+            .unwrap_or_default()
+            .iter()
+            .filter(|r| {
+                r.kind == crate::repo::Kind::Base
+                    && r.status == crate::repo::Status::Completed
+                    && r.system_identifier == b.system_identifier
+                    && !r.known_bad()
+            })
+            .filter_map(|r| r.physical)
+            .map(|p| p.consistent_at_micros)
+            .min()
+            .and_then(DateTime::from_timestamp_micros);
         out.push(v);
     }
     Ok(out)

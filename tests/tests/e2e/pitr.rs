@@ -170,6 +170,31 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
     );
     let text = fleet.dsctl(&["health"]).stdout;
     assert!(text.contains("RECOVERABLE"), "{text}");
+    // dsctl wal and /metrics give the same window.
+    let v = fleet.dsctl_json(&["wal", "--target", "app"]);
+    assert_eq!(
+        v[0]["earliest_recoverable"].as_str().and_then(time),
+        Some(from),
+        "{v:#}"
+    );
+    let text = fleet.dsctl(&["wal", "--target", "app"]).stdout;
+    assert!(text.contains("  recovery window: "), "{text}");
+    let metrics = fleet.http_get("/metrics").expect("/metrics").body;
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("datasaver_wal_earliest_recoverable_timestamp_seconds{target=\"app\"}")
+        })
+        .unwrap_or_default();
+    let secs: f64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        (secs - from.timestamp_micros() as f64 / 1e6).abs() < 0.01,
+        "{line}"
+    );
 
     // To T: the rows before it, none after; on a new timeline; it starts.
     let mut restored = PgCluster::unstarted_like(&pg);
