@@ -242,14 +242,7 @@ pub async fn run(
     let (tx, upload) = open_upload(&client, header).await?;
 
     let counters = Arc::new(Counters::default());
-    let chain = || {
-        Chain::encode(
-            target.compression,
-            target.compression_level,
-            target.compression_threads,
-            target.encrypt_to.as_ref().map(|e| &e.recipient),
-        )
-    };
+    let chain = || Chain::for_target(&target);
     reporter.phase(
         "globals",
         "dumping the cluster's roles (pg_dumpall --globals-only)",

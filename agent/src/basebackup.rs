@@ -74,12 +74,7 @@ pub async fn run(
     let (tx, upload) = open_upload(&client, header).await?;
     let counters = Arc::new(Counters::default());
     let progress = reporter.start_ticker("basebackup", counters.clone());
-    let chain = Chain::encode(
-        target.compression,
-        target.compression_level,
-        target.compression_threads,
-        target.encrypt_to.as_ref().map(|e| &e.recipient),
-    );
+    let chain = Chain::for_target(&target);
     let copied = match chain {
         Ok(chain) => {
             pipeline::upload_child_output(

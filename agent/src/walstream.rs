@@ -23,7 +23,7 @@ use tonic::transport::Channel;
 use crate::config::{AgentConfig, WalSettings};
 use crate::pipeline::transform::Chain;
 use crate::replication::{Event, ReplConn, WalStream};
-use crate::segmenter::Segmenter;
+use crate::segmenter::{Pieces, Segmenter};
 
 /// What the coordinator has acknowledged of this process's stream: one
 /// contiguous run of WAL, `from` to `to` (a base backup is completed only
@@ -90,7 +90,6 @@ impl WalState {
 
 /// How long a planned stop waits for the last partial's acknowledgement.
 const STOP_WAIT: Duration = Duration::from_secs(5);
-const CHUNK: usize = 1 << 20;
 /// How often the slot's `wal_status` is read for `wal.slot_at_risk`.
 const SLOT_CHECK_EVERY: Duration = Duration::from_secs(30);
 
@@ -155,13 +154,13 @@ fn extension(config: &AgentConfig) -> &'static str {
 }
 
 /// Sends one file: start, chunks, end. Compression runs on a blocking
-/// thread a megabyte at a time, each piece sent as it comes: the stored
-/// form is never held whole beside the raw bytes.
+/// thread a received piece at a time, each output sent as it comes: the
+/// stored form is never held whole beside the raw bytes.
 async fn send_file(
     config: &Arc<AgentConfig>,
     tx: &mpsc::Sender<WalUpload>,
     name: String,
-    raw: Vec<u8>,
+    raw: Pieces,
     end_lsn: u64,
 ) -> Result<(), String> {
     let c = config.clone();
@@ -171,9 +170,13 @@ async fn send_file(
             tx.blocking_send(WalUpload { msg: Some(m) })
                 .map_err(|_| "the coordinator's WAL stream closed".to_string())
         };
+        let mut hasher = datasaver_common::checksum::Checksum::new();
+        for piece in raw.iter() {
+            hasher.update(piece);
+        }
         send(wal_upload::Msg::File(WalFileStart {
             name,
-            raw_blake3: datasaver_common::checksum::blake3_hex(&raw),
+            raw_blake3: hasher.finish().trim_start_matches("blake3:").to_string(),
             raw_bytes: raw.len() as u64,
             end_lsn,
         }))?;
@@ -186,8 +189,8 @@ async fn send_file(
             stored.update(&piece);
             send(wal_upload::Msg::Chunk(piece))
         };
-        for part in raw.chunks(CHUNK) {
-            out(chain.push(part).map_err(|e| e.to_string())?)?;
+        for piece in raw.iter() {
+            out(chain.push(piece).map_err(|e| e.to_string())?)?;
         }
         out(chain.finish().map_err(|e| e.to_string())?)?;
         send(wal_upload::Msg::End(WalFileEnd {
@@ -272,7 +275,7 @@ async fn once(
     tracing::info!(target = %config.target.name, slot = %settings.slot, from = %start, timeline = tli, system_identifier = %sys.system_id, "streaming WAL");
     let mut unacked: VecDeque<String> = VecDeque::new();
     for (_, name, content) in histories {
-        send_file(config, &tx, name.clone(), content, 0).await?;
+        send_file(config, &tx, name.clone(), content.into(), 0).await?;
         unacked.push_back(name);
     }
     let stream = repl.start(&settings.slot, start, tli).await.map_err(e)?;
@@ -318,7 +321,7 @@ async fn once(
                 match ev {
                     Event::Data { start, bytes, end, time } => {
                         s.mark(end, time);
-                        for done in s.seg.push(start, &bytes).map_err(|e| e.to_string())? {
+                        for done in s.seg.push(start, bytes).map_err(|e| e.to_string())? {
                             let name = done.segment.name(seg_size);
                             let end = done.segment.start(seg_size).0 + seg_size;
                             send_file(&s.config, &s.tx, name.clone(), done.bytes, end).await?;
@@ -436,7 +439,7 @@ impl Streamer {
         let name = partial_name(segment, self.seg_size);
         let end = segment.start(self.seg_size).0 + bytes.len() as u64;
         let len = bytes.len();
-        send_file(&self.config, &self.tx, name.clone(), bytes.to_vec(), end).await?;
+        send_file(&self.config, &self.tx, name.clone(), bytes, end).await?;
         self.unacked.push_back(name);
         self.last_partial = Some((segment, len));
         Ok(())

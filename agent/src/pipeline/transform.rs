@@ -76,6 +76,17 @@ impl Transform for Encrypt {
 pub struct Chain(Vec<Box<dyn Transform>>);
 
 impl Chain {
+    /// The stored form of a backup of `target` (dumps, globals and base
+    /// backups alike): its codec, level and threads, and its recipient.
+    pub fn for_target(target: &crate::config::TargetConfig) -> Result<Self, PipelineError> {
+        Chain::encode(
+            target.compression,
+            target.compression_level,
+            target.compression_threads,
+            target.encrypt_to.as_ref().map(|e| &e.recipient),
+        )
+    }
+
     /// The stored form of a backup: compressed, then encrypted when a
     /// recipient is given (ciphertext does not compress).
     pub fn encode(
