@@ -24,7 +24,8 @@
 # and datasaver's stored base object. During every pgbench run, `dsctl wal`
 # is read every second: the largest lag (seconds, bytes) is reported. The
 # agent's peak RSS (VmHWM) after everything: it streamed the WAL all along
-# and took every base backup.
+# and took every base backup. The agent runs as the agent image runs it
+# (MALLOC_ARENA_MAX=2, set in deploy/Dockerfile).
 # Targets: (b) <= 1.0 x (a) at no larger size; (d) <= 1.0 x (c); agent peak
 # RSS < 64 MiB; the WAL lag stays under 10 s.
 #
@@ -185,7 +186,7 @@ step "Starting the coordinator and an agent streaming WAL"
 ds_certs "$WORK/certs" "$AGENT_NAME" "$TARGET" >/dev/null
 ds_start_coordinator "$WORK/coordinator" "$WORK/coordinator.log"
 ds_start_agent "$AGENT_NAME" "$TARGET" "$TARGET" "$PWFILE" "$WORK/agent.log" \
-    DATASAVER_WAL=stream DATASAVER_COMPRESSION_LEVEL=3
+    DATASAVER_WAL=stream DATASAVER_COMPRESSION_LEVEL=3 MALLOC_ARENA_MAX=2
 ds_wait_agent "$TARGET" 30
 info "coordinator pid $DS_COORDINATOR_PID, agent pid $DS_AGENT_PID"
 

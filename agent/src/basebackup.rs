@@ -74,7 +74,15 @@ pub async fn run(
     let (tx, upload) = open_upload(&client, header).await?;
     let counters = Arc::new(Counters::default());
     let progress = reporter.start_ticker("basebackup", counters.clone());
-    let chain = Chain::for_target(&target);
+    // One zstd thread, whatever DATASAVER_COMPRESSION_THREADS says for
+    // dumps: pg_basebackup's reading is the other busy process, the tar
+    // compresses as one stream (smaller than zstd's worker jobs), and no
+    // per-worker buffers sit beside the WAL stream's.
+    let chain = Chain::encode_pages(
+        target.compression,
+        target.compression_level,
+        target.encrypt_to.as_ref().map(|e| &e.recipient),
+    );
     let copied = match chain {
         Ok(chain) => {
             pipeline::upload_child_output(

@@ -123,6 +123,16 @@ impl JobCancel {
         }
     }
 
+    /// A part of this job that can be stopped on its own (and stops with
+    /// the job).
+    pub fn child(&self) -> JobCancel {
+        Self {
+            token: self.token.child_token(),
+            reason: self.reason.clone(),
+            stopping: self.stopping.clone(),
+        }
+    }
+
     /// The coordinator cancelled this job; the first reason is kept.
     pub fn cancel_by_coordinator(&self, reason: &str) {
         let _ = self.reason.set(reason.to_string());

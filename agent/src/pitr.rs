@@ -1,8 +1,8 @@
 //! A point-in-time restore into a data directory (issue 14): the
 //! coordinator has proven every WAL file the recovery replays is stored;
-//! this fetches each and checks it against its BLAKE3 before anything is
-//! written, writes the base backup into the directory (absent or empty; with
-//! `--force` a stopped cluster's), and runs the recovery itself on a private
+//! this fetches each and checks it against its BLAKE3 while it writes the
+//! base backup into the directory (absent or empty; with `--force` a
+//! stopped cluster's), and only then runs the recovery itself on a private
 //! socket: a temporary postmaster that replays the fetched WAL through a
 //! `restore_command` serving only those files (a planned file that cannot be
 //! served aborts the recovery instead of ending it early), stops at the
@@ -172,7 +172,7 @@ fn restore_command(spool: &Path) -> String {
 /// spool (a partial padded to a segment).
 async fn fetch_wal(
     client: &mut AgentServiceClient<Channel>,
-    job: &RestoreJob,
+    job_id: &str,
     decode: &Decode,
     w: &datasaver_common::proto::PlannedWal,
     seg_size: u64,
@@ -180,7 +180,7 @@ async fn fetch_wal(
 ) -> Result<(), String> {
     let mut stream = client
         .download_wal(DownloadWalRequest {
-            job_id: job.job_id.clone(),
+            job_id: job_id.to_string(),
             name: w.name.clone(),
         })
         .await
@@ -259,6 +259,52 @@ async fn fetch_wal(
     Ok(())
 }
 
+/// How many WAL files are fetched at once: each is decoded, hashed and
+/// written on a blocking thread, so two keep both of a small host's cores
+/// busy.
+const FETCH_AT_ONCE: usize = 2;
+
+/// Fetches and checks every planned WAL file into the spool, a few at a
+/// time; the first failure stops the others and is returned.
+async fn fetch_all(
+    client: &AgentServiceClient<Channel>,
+    job: &RestoreJob,
+    decode: &Decode,
+    p: &PhysicalRestore,
+    spool: &Path,
+    reporter: &Reporter,
+    cancel: &JobCancel,
+) -> Result<(), JobError> {
+    let mut running = tokio::task::JoinSet::new();
+    let mut next = p.wal.iter();
+    let mut done = 0usize;
+    loop {
+        while running.len() < FETCH_AT_ONCE {
+            let Some(w) = next.next().cloned() else {
+                break;
+            };
+            let (mut client, job_id, decode) = (client.clone(), job.job_id.clone(), decode.clone());
+            let (seg_size, spool) = (p.segment_size, spool.to_path_buf());
+            running.spawn(async move {
+                fetch_wal(&mut client, &job_id, &decode, &w, seg_size, &spool).await
+            });
+        }
+        let joined = tokio::select! {
+            j = running.join_next() => j,
+            _ = cancel.cancelled() => return Err(stopped(cancel)),
+        };
+        let Some(joined) = joined else {
+            return Ok(());
+        };
+        joined.map_err(|e| format!("fetching WAL failed: {e}"))??;
+        done += 1;
+        reporter.phase(
+            "wal",
+            &format!("fetched and checked {done} of {} WAL files", p.wal.len()),
+        );
+    }
+}
+
 /// Runs a physical restore job.
 pub async fn run(
     mut client: AgentServiceClient<Channel>,
@@ -277,6 +323,7 @@ pub async fn run(
     let dir = PathBuf::from(&p.data_dir);
     // Everything that can be checked is checked before anything is written.
     prepare_dir(&dir, p.force)?;
+    let existed = dir.exists();
     let owner = run_as(&dir)?;
     let decode = decode_for(&job, &target)?;
     let postgres = tools.path("postgres");
@@ -314,8 +361,15 @@ pub async fn run(
     .await;
     let _ = std::fs::remove_dir_all(&spool);
     if result.is_err() && dir.exists() {
-        // Never leave a half-recovered cluster someone could start.
-        if let Err(e) = empty_dir(&dir) {
+        // Never leave a half-recovered cluster someone could start; a
+        // directory this restore made goes altogether.
+        let cleared = if existed {
+            empty_dir(&dir)
+        } else {
+            std::fs::remove_dir_all(&dir)
+                .map_err(|e| format!("cannot remove {}: {e}", dir.display()))
+        };
+        if let Err(e) = cleared {
             tracing::error!(dir = %dir.display(), error = %e, "could not empty the data directory after a failed restore");
         }
     }
@@ -346,7 +400,7 @@ async fn verify(
                 "wal",
                 &format!("checking WAL {} ({} of {})", w.name, i + 1, p.wal.len()),
             );
-            fetch_wal(client, job, &decode, w, p.segment_size, &spool).await?;
+            fetch_wal(client, &job.job_id, &decode, w, p.segment_size, &spool).await?;
             // Checked; the spool need not hold more than one.
             let _ = std::fs::remove_file(spool.join(&w.name));
         }
@@ -401,20 +455,52 @@ async fn restore(
     reporter: &Reporter,
     cancel: &JobCancel,
 ) -> Result<String, JobError> {
-    // The WAL first, every file checked: a missing or damaged one stops the
-    // restore before the data directory is touched.
+    // Every planned WAL file is fetched and checked while the base backup
+    // is written (the plan already proved each one stored): a damaged one
+    // stops the base and the restore before any server starts, and the
+    // directory is emptied again.
     let _ = std::fs::remove_dir_all(spool);
     make_dir(spool, owner)?;
-    for (i, w) in p.wal.iter().enumerate() {
-        if cancel.is_cancelled() {
-            return Err(stopped(cancel));
+    make_dir(dir, owner)?;
+    let wal_client = client.clone();
+    let base_cancel = cancel.child();
+    let wal = async {
+        let r = fetch_all(&wal_client, job, decode, p, spool, reporter, cancel).await;
+        if r.is_err() {
+            base_cancel.token().cancel();
         }
+        r
+    };
+    let base = async {
         reporter.phase(
-            "wal",
-            &format!("fetching WAL {} ({} of {})", w.name, i + 1, p.wal.len()),
+            "base",
+            &format!(
+                "writing base backup {} into {}",
+                job.backup_id,
+                dir.display()
+            ),
         );
-        fetch_wal(client, job, decode, w, p.segment_size, spool).await?;
-    }
+        let mut tar = std::process::Command::new("tar");
+        tar.args(["-x", "-f", "-", "-C"]).arg(dir);
+        if let Some((u, g)) = owner {
+            use std::os::unix::process::CommandExt;
+            tar.uid(u).gid(g);
+        }
+        let counters = Arc::new(Counters::default());
+        stream_into(
+            tar,
+            client,
+            job,
+            decode.clone(),
+            counters,
+            &base_cancel,
+            false,
+        )
+        .await
+    };
+    let (fetched, written) = tokio::join!(wal, base);
+    fetched?;
+    written?;
     if let Some((u, g)) = owner {
         for e in std::fs::read_dir(spool)
             .map_err(|e| e.to_string())?
@@ -423,24 +509,6 @@ async fn restore(
             let _ = std::os::unix::fs::chown(e.path(), Some(u), Some(g));
         }
     }
-    // The base backup, checked as it streams into tar.
-    make_dir(dir, owner)?;
-    reporter.phase(
-        "base",
-        &format!(
-            "writing base backup {} into {}",
-            job.backup_id,
-            dir.display()
-        ),
-    );
-    let mut tar = std::process::Command::new("tar");
-    tar.args(["-x", "-f", "-", "-C"]).arg(dir);
-    if let Some((u, g)) = owner {
-        use std::os::unix::process::CommandExt;
-        tar.uid(u).gid(g);
-    }
-    let counters = Arc::new(Counters::default());
-    stream_into(tar, client, job, decode.clone(), counters, cancel, false).await?;
     std::fs::write(dir.join("recovery.signal"), b"")
         .map_err(|e| format!("cannot write recovery.signal: {e}"))?;
     if let Some((u, g)) = owner {

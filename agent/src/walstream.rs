@@ -136,10 +136,9 @@ fn chain_for(config: &AgentConfig) -> Result<Chain, String> {
     } else {
         3
     };
-    Chain::encode(
+    Chain::encode_pages(
         datasaver_common::codec::Compression::Zstd,
         level,
-        0,
         t.encrypt_to.as_ref().map(|e| &e.recipient),
     )
     .map_err(|e| e.to_string())

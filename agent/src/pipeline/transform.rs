@@ -9,7 +9,7 @@ use std::io::Read;
 use std::sync::atomic::Ordering;
 
 use datasaver_common::checksum::Checksum;
-use datasaver_common::codec::{Compression, Encoder};
+use datasaver_common::codec::{Compression, Encoder, Input};
 use datasaver_common::crypt::{Identity, Recipient};
 use tokio::sync::mpsc;
 
@@ -28,8 +28,13 @@ pub trait Transform: Send {
 pub struct Compress(Encoder);
 
 impl Compress {
-    pub fn new(codec: Compression, level: i32, threads: u32) -> Result<Self, PipelineError> {
-        Encoder::with_threads(codec, Some(level), threads)
+    pub fn new(
+        codec: Compression,
+        level: i32,
+        threads: u32,
+        input: Input,
+    ) -> Result<Self, PipelineError> {
+        Encoder::with_input(codec, Some(level), threads, input)
             .map(Self)
             .map_err(|e| PipelineError::Failed(e.to_string()))
     }
@@ -87,6 +92,16 @@ impl Chain {
         )
     }
 
+    /// The stored form of a base backup or a WAL file: data pages,
+    /// compressed on the calling thread with zstd's own parameters.
+    pub fn encode_pages(
+        codec: Compression,
+        level: i32,
+        encrypt_to: Option<&Recipient>,
+    ) -> Result<Self, PipelineError> {
+        Self::encode_input(codec, level, 0, Input::Pages, encrypt_to)
+    }
+
     /// The stored form of a backup: compressed, then encrypted when a
     /// recipient is given (ciphertext does not compress).
     pub fn encode(
@@ -95,8 +110,18 @@ impl Chain {
         threads: u32,
         encrypt_to: Option<&Recipient>,
     ) -> Result<Self, PipelineError> {
+        Self::encode_input(codec, level, threads, Input::Dump, encrypt_to)
+    }
+
+    fn encode_input(
+        codec: Compression,
+        level: i32,
+        threads: u32,
+        input: Input,
+        encrypt_to: Option<&Recipient>,
+    ) -> Result<Self, PipelineError> {
         let mut steps: Vec<Box<dyn Transform>> =
-            vec![Box::new(Compress::new(codec, level, threads)?)];
+            vec![Box::new(Compress::new(codec, level, threads, input)?)];
         if let Some(r) = encrypt_to {
             steps.push(Box::new(Encrypt::new(r)?));
         }

@@ -314,7 +314,7 @@ fn stored_wal(fleet: &Fleet, name: &str) -> std::path::PathBuf {
 }
 
 #[test]
-fn a_damaged_or_missing_segment_stops_the_restore_before_anything_is_written() {
+fn a_damaged_or_missing_segment_stops_the_restore_and_leaves_nothing() {
     let pg = PgCluster::new();
     pg.create_db("shop");
     pg.psql("shop", "CREATE TABLE t (id int PRIMARY KEY, note text);");
@@ -384,7 +384,7 @@ fn a_damaged_or_missing_segment_stops_the_restore_before_anything_is_written() {
     assert_eq!(out.code, Some(0), "{}", out.describe());
 
     // One flipped byte in a segment: verify names it, and the agent's
-    // check refuses it before the data directory is written.
+    // check refuses it before any server starts; nothing is left.
     let path = stored_wal(&fleet, middle);
     let mut bytes = std::fs::read(&path).expect("read");
     let at = bytes.len() / 2;
