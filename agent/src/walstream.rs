@@ -34,6 +34,9 @@ pub struct WalState {
     changed: tokio::sync::Notify,
     /// the server's WAL end as last read (0: not yet), for the heartbeat
     server: std::sync::atomic::AtomicU64,
+    /// asks the stream to store the segment in progress now, not at the
+    /// next sync interval (a base backup waiting for its end)
+    flush: tokio::sync::Notify,
 }
 
 impl WalState {
@@ -81,7 +84,13 @@ impl WalState {
             if matches!(self.run(), Some((a, b)) if a <= start && b >= end) {
                 return true;
             }
-            if tokio::time::timeout_at(deadline, changed).await.is_err() {
+            // The end is usually inside the segment in progress: have it
+            // stored now (again each second, as the server's bytes come).
+            self.flush.notify_one();
+            let slice = (tokio::time::Instant::now() + Duration::from_secs(1)).min(deadline);
+            if tokio::time::timeout_at(slice, changed).await.is_err()
+                && tokio::time::Instant::now() >= deadline
+            {
                 return false;
             }
         }
@@ -355,6 +364,9 @@ async fn once(
                     Ok(None) => return Err("the coordinator ended the WAL stream".into()),
                     Err(st) => return Err(format!("the coordinator stopped the WAL stream: {}", st.message())),
                 }
+            }
+            _ = state.flush.notified() => {
+                s.send_partial().await?;
             }
             _ = tick.tick() => {
                 s.send_partial().await?;
