@@ -186,17 +186,35 @@ async fn fetch_wal(
         .await
         .map_err(|s| format!("WAL {}: {}", w.name, s.message()))?
         .into_inner();
-    let mut stored = Vec::new();
+    // The stored form goes to a scratch file as it arrives, not into
+    // memory: two fetches at once would otherwise hold two files each.
+    let scratch = spool.join(format!(".{}.stored", w.name));
+    let mut out = tokio::fs::File::create(&scratch)
+        .await
+        .map_err(|e| format!("cannot write {}: {e}", scratch.display()))?;
+    let mut received = 0u64;
     while let Some(c) = stream
         .message()
         .await
         .map_err(|s| format!("WAL {}: {}", w.name, s.message()))?
     {
-        stored.extend_from_slice(&c.data);
-        if stored.len() as u64 > seg_size * 2 + (1 << 20) {
+        received += c.data.len() as u64;
+        if received > seg_size * 2 + (1 << 20) {
+            let _ = tokio::fs::remove_file(&scratch).await;
             return Err(format!("WAL {} is larger than any segment", w.name));
         }
+        tokio::io::AsyncWriteExt::write_all(&mut out, &c.data)
+            .await
+            .map_err(|e| format!("cannot write {}: {e}", scratch.display()))?;
     }
+    tokio::io::AsyncWriteExt::flush(&mut out)
+        .await
+        .map_err(|e| format!("cannot write {}: {e}", scratch.display()))?;
+    drop(out);
+    let stored = std::fs::File::open(&scratch)
+        .map_err(|e| format!("cannot read {}: {e}", scratch.display()))?;
+    // Unlinked while open: gone whatever happens next.
+    let _ = std::fs::remove_file(&scratch);
     let (decode, name, expect) = (decode.clone(), w.name.clone(), w.raw_blake3.clone());
     let path = spool.join(&w.name);
     let written = path.clone();
@@ -212,7 +230,7 @@ async fn fetch_wal(
             m
         };
         let mut reader = decode
-            .reader(&stored[..], &name)
+            .reader(std::io::BufReader::new(stored), &name)
             .map_err(|e| e.to_string())?;
         let mut file = std::fs::File::create(&path)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
