@@ -13,7 +13,7 @@
 # (DATASAVER_WAL=stream, release binaries; built if missing). Then K runs of:
 #   (a) pgbackrest backup --type=full                     pgBackRest's base backup
 #   (b) dsctl backup bench --physical                     datasaver's, end to end
-#   pgbench -T 20 (untimed), a time T noted in its middle
+#   pgbench -T S (untimed; S = --load-seconds), a time T noted in its middle
 #   (c) pgbackrest restore --type=time --target=T, then the server started,
 #       replaying to T and promoting, and shut down       pgBackRest's point-in-time restore
 #   (d) dsctl restore --target bench --at T --physical    datasaver's (the same work)
@@ -32,6 +32,8 @@
 # Options:
 #   --size-mb N   approximate table data size in MB (default 1000; 100 is a quick run)
 #   --runs K      timed runs of every measurement (default 3)
+#   --load-seconds S  pgbench's run time (default 20): the WAL a restore
+#                 replays grows with it
 #   --workdir DIR work dir (default: a new ${TMPDIR:-/tmp}/datasaver-physical.XXXXXX)
 #   --keep        keep the work dir
 #   --no-deps     skip scripts/install-deps.sh and the pgbackrest install
@@ -48,6 +50,7 @@ source scripts/lib.sh
 
 size_mb=1000
 runs=3
+load_s=20
 keep=0
 deps=1
 build=1
@@ -63,6 +66,11 @@ while (($#)); do
         --runs)
             [[ $# -ge 2 ]] || die "--runs needs a number"
             runs=$2
+            shift
+            ;;
+        --load-seconds)
+            [[ $# -ge 2 && $2 =~ ^[0-9]+$ && $2 -ge 2 ]] || die "--load-seconds needs a number of seconds (2 or more)"
+            load_s=$2
             shift
             ;;
         --workdir)
@@ -296,12 +304,12 @@ check() {
 MAX_LAG_S=0
 MAX_LAG_B=0
 load() {
-    "$DS_PG_BIN_DIR/pgbench" -n -c 4 -T 20 -h "$DS_PG_HOST" -p "$DS_PG_PORT" -U postgres "$TARGET" \
+    "$DS_PG_BIN_DIR/pgbench" -n -c 4 -T "$load_s" -h "$DS_PG_HOST" -p "$DS_PG_PORT" -U postgres "$TARGET" \
         >"$WORK/pgbench.log" 2>&1 &
     local pid=$! i=0
     while ds_alive "$pid"; do
         i=$((i + 1))
-        ((i == 10)) && T_AT=$(server_time)
+        ((i == load_s / 2)) && T_AT=$(server_time)
         read -r s b < <(ds_dsctl --json wal --target "$TARGET" | python3 -c '
 import json, sys
 v = json.load(sys.stdin)

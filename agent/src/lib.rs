@@ -28,6 +28,7 @@ pub mod replication;
 pub mod restore;
 pub mod segmenter;
 pub mod server;
+pub mod walspool;
 pub mod walstream;
 
 use std::sync::Arc;

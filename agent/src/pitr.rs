@@ -1,23 +1,21 @@
 //! A point-in-time restore into a data directory (issue 14): the
 //! coordinator has proven every WAL file the recovery replays is stored;
-//! this fetches each and checks it against its BLAKE3 while it writes the
-//! base backup into the directory (absent or empty; with `--force` a
-//! stopped cluster's), and only then runs the recovery itself on a private
-//! socket: a temporary postmaster that replays the fetched WAL through a
-//! `restore_command` serving only those files (a planned file that cannot be
-//! served aborts the recovery instead of ending it early), stops at the
+//! this writes the base backup into the directory (absent or empty; with
+//! `--force` a stopped cluster's) and runs the recovery itself on a private
+//! socket: a temporary postmaster that replays the WAL through
+//! `walspool`'s `restore_command` — each planned file fetched and checked
+//! against its BLAKE3 ahead of the server, a planned file that cannot be
+//! served aborting the recovery instead of ending it early — stops at the
 //! target, promotes, and is shut down cleanly. The directory is then a
 //! consistent cluster on a new timeline that the user starts as usual. On
 //! any failure the directory is emptied again.
-
-use std::io::Read;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use datasaver_common::proto::{
-    agent_service_client::AgentServiceClient, DownloadWalRequest, PhysicalRestore, RestoreJob,
+    agent_service_client::AgentServiceClient, PhysicalRestore, RestoreJob,
 };
 use tokio::io::AsyncBufReadExt;
 use tonic::transport::Channel;
@@ -28,16 +26,12 @@ use crate::pg::PgTools;
 use crate::pipeline::transform::Decode;
 use crate::progress::{Counters, Reporter};
 use crate::restore::{decode_for, stopped, stream_into};
+use crate::walspool::{self, Fetcher};
 
 /// How long recovery may run before the restore gives up on it.
 const RECOVERY_LIMIT: Duration = Duration::from_secs(6 * 3600);
 /// How long the restored server may take to shut down after promotion.
 const SHUTDOWN_LIMIT: Duration = Duration::from_secs(600);
-/// `restore_command`'s exit status for a planned file it cannot serve:
-/// above 125, so the server aborts recovery instead of taking it as the end
-/// of the WAL.
-const ABORT_STATUS: u8 = 200;
-
 /// What the recovery reported.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Recovered {
@@ -161,168 +155,6 @@ fn make_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<(), String> {
     Ok(())
 }
 
-/// The restore_command: serves a planned file from the spool, says "not
-/// there" for anything else, and aborts recovery when a copy fails.
-fn restore_command(spool: &Path) -> String {
-    let s = spool.display();
-    format!("if [ -f '{s}/%f' ]; then cp '{s}/%f' '%p' || exit {ABORT_STATUS}; else exit 1; fi")
-}
-
-/// Fetches one planned WAL file, checks it, and writes it whole into the
-/// spool (a partial padded to a segment).
-async fn fetch_wal(
-    client: &mut AgentServiceClient<Channel>,
-    job_id: &str,
-    decode: &Decode,
-    w: &datasaver_common::proto::PlannedWal,
-    seg_size: u64,
-    spool: &Path,
-) -> Result<(), String> {
-    let mut stream = client
-        .download_wal(DownloadWalRequest {
-            job_id: job_id.to_string(),
-            name: w.name.clone(),
-        })
-        .await
-        .map_err(|s| format!("WAL {}: {}", w.name, s.message()))?
-        .into_inner();
-    // The stored form goes to a scratch file as it arrives, not into
-    // memory: two fetches at once would otherwise hold two files each.
-    let scratch = spool.join(format!(".{}.stored", w.name));
-    let mut out = tokio::fs::File::create(&scratch)
-        .await
-        .map_err(|e| format!("cannot write {}: {e}", scratch.display()))?;
-    let mut received = 0u64;
-    while let Some(c) = stream
-        .message()
-        .await
-        .map_err(|s| format!("WAL {}: {}", w.name, s.message()))?
-    {
-        received += c.data.len() as u64;
-        if received > seg_size * 2 + (1 << 20) {
-            let _ = tokio::fs::remove_file(&scratch).await;
-            return Err(format!("WAL {} is larger than any segment", w.name));
-        }
-        tokio::io::AsyncWriteExt::write_all(&mut out, &c.data)
-            .await
-            .map_err(|e| format!("cannot write {}: {e}", scratch.display()))?;
-    }
-    tokio::io::AsyncWriteExt::flush(&mut out)
-        .await
-        .map_err(|e| format!("cannot write {}: {e}", scratch.display()))?;
-    drop(out);
-    let stored = std::fs::File::open(&scratch)
-        .map_err(|e| format!("cannot read {}: {e}", scratch.display()))?;
-    // Unlinked while open: gone whatever happens next.
-    let _ = std::fs::remove_file(&scratch);
-    let (decode, name, expect) = (decode.clone(), w.name.clone(), w.raw_blake3.clone());
-    let path = spool.join(&w.name);
-    let written = path.clone();
-    let partial = w.partial;
-    // A history file is a few lines, stored as it is.
-    let history = w.name.ends_with(".history");
-    // Decoded straight into the spool file, hashed on the way: the raw
-    // segment is never held in memory.
-    tokio::task::spawn_blocking(move || -> Result<(), String> {
-        use std::io::Write;
-        let fail = |m: String| {
-            let _ = std::fs::remove_file(&path);
-            m
-        };
-        let mut reader = decode
-            .reader(std::io::BufReader::new(stored), &name)
-            .map_err(|e| e.to_string())?;
-        let mut file = std::fs::File::create(&path)
-            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-        let mut sum = datasaver_common::checksum::Checksum::new();
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = reader
-                .read(&mut buf)
-                .map_err(|e| fail(format!("WAL {name} cannot be read: {e}")))?;
-            if n == 0 {
-                break;
-            }
-            sum.update(&buf[..n]);
-            if sum.len() > seg_size {
-                return Err(fail(format!("WAL {name} is larger than a segment")));
-            }
-            file.write_all(&buf[..n])
-                .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
-        }
-        let got = sum.finish();
-        if got.trim_start_matches("blake3:") != expect {
-            return Err(fail(format!(
-                "WAL {name} does not match its checksum (stored {expect}, read {}): the stored file is damaged",
-                got.trim_start_matches("blake3:")
-            )));
-        }
-        if history {
-            return Ok(());
-        }
-        if !partial && sum.len() != seg_size {
-            return Err(fail(format!(
-                "WAL {name} holds {} bytes; a segment holds {seg_size}",
-                sum.len()
-            )));
-        }
-        // A partial is padded with zeros to a whole segment.
-        file.set_len(seg_size)
-            .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))?;
-        Ok(())
-    })
-    .await
-    .map_err(|e| e.to_string())??;
-    let _ = std::fs::set_permissions(&written, std::fs::Permissions::from_mode(0o644));
-    Ok(())
-}
-
-/// How many WAL files are fetched at once: each is decoded, hashed and
-/// written on a blocking thread, so two keep both of a small host's cores
-/// busy.
-const FETCH_AT_ONCE: usize = 2;
-
-/// Fetches and checks every planned WAL file into the spool, a few at a
-/// time; the first failure stops the others and is returned.
-async fn fetch_all(
-    client: &AgentServiceClient<Channel>,
-    job: &RestoreJob,
-    decode: &Decode,
-    p: &PhysicalRestore,
-    spool: &Path,
-    reporter: &Reporter,
-    cancel: &JobCancel,
-) -> Result<(), JobError> {
-    let mut running = tokio::task::JoinSet::new();
-    let mut next = p.wal.iter();
-    let mut done = 0usize;
-    loop {
-        while running.len() < FETCH_AT_ONCE {
-            let Some(w) = next.next().cloned() else {
-                break;
-            };
-            let (mut client, job_id, decode) = (client.clone(), job.job_id.clone(), decode.clone());
-            let (seg_size, spool) = (p.segment_size, spool.to_path_buf());
-            running.spawn(async move {
-                fetch_wal(&mut client, &job_id, &decode, &w, seg_size, &spool).await
-            });
-        }
-        let joined = tokio::select! {
-            j = running.join_next() => j,
-            _ = cancel.cancelled() => return Err(stopped(cancel)),
-        };
-        let Some(joined) = joined else {
-            return Ok(());
-        };
-        joined.map_err(|e| format!("fetching WAL failed: {e}"))??;
-        done += 1;
-        reporter.phase(
-            "wal",
-            &format!("fetched and checked {done} of {} WAL files", p.wal.len()),
-        );
-    }
-}
-
 /// Runs a physical restore job.
 pub async fn run(
     mut client: AgentServiceClient<Channel>,
@@ -409,6 +241,14 @@ async fn verify(
     let spool = std::env::temp_dir().join(format!("datasaver-verify-{}", job.job_id));
     let _ = std::fs::remove_dir_all(&spool);
     make_dir(&spool, None)?;
+    let mut fetcher = Fetcher {
+        client: client.clone(),
+        job_id: job.job_id.clone(),
+        decode: decode.clone(),
+        seg_size: p.segment_size,
+        spool: spool.clone(),
+        owner: None,
+    };
     let checked = async {
         for (i, w) in p.wal.iter().enumerate() {
             if cancel.is_cancelled() {
@@ -418,7 +258,7 @@ async fn verify(
                 "wal",
                 &format!("checking WAL {} ({} of {})", w.name, i + 1, p.wal.len()),
             );
-            fetch_wal(client, &job.job_id, &decode, w, p.segment_size, &spool).await?;
+            fetcher.fetch(w).await?;
             // Checked; the spool need not hold more than one.
             let _ = std::fs::remove_file(spool.join(&w.name));
         }
@@ -473,67 +313,77 @@ async fn restore(
     reporter: &Reporter,
     cancel: &JobCancel,
 ) -> Result<String, JobError> {
-    // Every planned WAL file is fetched and checked while the base backup
-    // is written (the plan already proved each one stored): a damaged one
-    // stops the base and the restore before any server starts, and the
-    // directory is emptied again.
+    // The plan already proved every WAL file stored; the spool fetches
+    // and checks each one ahead of the recovery (from the start, while the
+    // base backup is written). A file that fails stops the base or aborts
+    // the recovery, and the directory is emptied again.
     let _ = std::fs::remove_dir_all(spool);
     make_dir(spool, owner)?;
     make_dir(dir, owner)?;
-    let wal_client = client.clone();
-    let base_cancel = cancel.child();
-    let wal = async {
-        let r = fetch_all(&wal_client, job, decode, p, spool, reporter, cancel).await;
+    walspool::write_plan(spool, &p.wal, owner)?;
+    let fetcher = Fetcher {
+        client: client.clone(),
+        job_id: job.job_id.clone(),
+        decode: decode.clone(),
+        seg_size: p.segment_size,
+        spool: spool.to_path_buf(),
+        owner,
+    };
+    let (restored_tx, restored_rx) = tokio::sync::watch::channel(None);
+    // Stops the base and the recovery when the spool fails.
+    let work_cancel = cancel.child();
+    // Stops the spool when the work is over.
+    let done = tokio_util::sync::CancellationToken::new();
+    let fed = async {
+        let r = walspool::feed(fetcher, p, restored_rx, reporter, &done, cancel).await;
         if r.is_err() {
-            base_cancel.token().cancel();
+            work_cancel.token().cancel();
         }
         r
     };
-    let base = async {
-        reporter.phase(
-            "base",
-            &format!(
-                "writing base backup {} into {}",
-                job.backup_id,
-                dir.display()
-            ),
-        );
-        let mut tar = std::process::Command::new("tar");
-        tar.args(["-x", "-f", "-", "-C"]).arg(dir);
-        if let Some((u, g)) = owner {
-            use std::os::unix::process::CommandExt;
-            tar.uid(u).gid(g);
+    let work = async {
+        let r = async {
+            reporter.phase(
+                "base",
+                &format!(
+                    "writing base backup {} into {}",
+                    job.backup_id,
+                    dir.display()
+                ),
+            );
+            let mut tar = std::process::Command::new("tar");
+            tar.args(["-x", "-f", "-", "-C"]).arg(dir);
+            if let Some((u, g)) = owner {
+                use std::os::unix::process::CommandExt;
+                tar.uid(u).gid(g);
+            }
+            let counters = Arc::new(Counters::default());
+            stream_into(
+                tar,
+                client,
+                job,
+                decode.clone(),
+                counters,
+                &work_cancel,
+                false,
+            )
+            .await?;
+            std::fs::write(dir.join("recovery.signal"), b"")
+                .map_err(|e| format!("cannot write recovery.signal: {e}"))?;
+            if let Some((u, g)) = owner {
+                let _ = std::os::unix::fs::chown(dir.join("recovery.signal"), Some(u), Some(g));
+            }
+            reporter.phase("recovery", "replaying the WAL on a private server");
+            recover(p, dir, spool, owner, tools, &restored_tx, &work_cancel).await
         }
-        let counters = Arc::new(Counters::default());
-        stream_into(
-            tar,
-            client,
-            job,
-            decode.clone(),
-            counters,
-            &base_cancel,
-            false,
-        )
-        .await
+        .await;
+        done.cancel();
+        r
     };
-    let (fetched, written) = tokio::join!(wal, base);
-    fetched?;
-    written?;
-    if let Some((u, g)) = owner {
-        for e in std::fs::read_dir(spool)
-            .map_err(|e| e.to_string())?
-            .flatten()
-        {
-            let _ = std::os::unix::fs::chown(e.path(), Some(u), Some(g));
-        }
-    }
-    std::fs::write(dir.join("recovery.signal"), b"")
-        .map_err(|e| format!("cannot write recovery.signal: {e}"))?;
-    if let Some((u, g)) = owner {
-        let _ = std::os::unix::fs::chown(dir.join("recovery.signal"), Some(u), Some(g));
-    }
-    reporter.phase("recovery", "replaying the WAL on a private server");
-    let recovered = recover(p, dir, spool, owner, tools, cancel).await?;
+    let (fed, recovered) = tokio::join!(fed, work);
+    // A file the spool could not serve says more than the aborted recovery.
+    fed?;
+    let recovered = recovered?;
     let target = if p.immediate {
         format!("the base backup's end ({})", p.consistent_lsn)
     } else if !p.target_time.is_empty() {
@@ -564,6 +414,7 @@ async fn recover(
     spool: &Path,
     owner: Option<(u32, u32)>,
     tools: &PgTools,
+    restored: &tokio::sync::watch::Sender<Option<String>>,
     cancel: &JobCancel,
 ) -> Result<Recovered, JobError> {
     let mut cmd = tokio::process::Command::new(tools.path("postgres"));
@@ -577,7 +428,13 @@ async fn recover(
     set("archive_mode", "off");
     set("hot_standby", "off");
     set("logging_collector", "off");
-    set("restore_command", &restore_command(spool));
+    // The log is read for where recovery stopped: in English, whatever the
+    // cluster's own lc_messages.
+    set("lc_messages", "C");
+    // Without /proc the restore_command cannot tell the agent is gone.
+    let me = std::process::id();
+    let agent = Path::new(&format!("/proc/{me}")).is_dir().then_some(me);
+    set("restore_command", &walspool::restore_command(spool, agent));
     set("recovery_target_action", "promote");
     // The timeline the plan follows (its history file is in the spool):
     // the base backup's own, or one a later switch led to.
@@ -658,6 +515,9 @@ async fn recover(
             Ok(Some(l)) => {
                 tracing::debug!(line = %l, "recovery");
                 recovered.note(&l);
+                if let Some(name) = walspool::restored_name(&l) {
+                    let _ = restored.send(Some(name.to_string()));
+                }
                 let ready = l.contains("database system is ready to accept connections");
                 log.push(l);
                 if log.len() > 200 {
@@ -761,9 +621,5 @@ mod tests {
         assert_eq!(std::fs::read_dir(&dir).unwrap().count(), 0);
         assert!(prepare_dir(Path::new("relative/dir"), false).is_err());
         assert!(prepare_dir(Path::new("/tmp/it's"), false).is_err());
-        assert_eq!(
-            restore_command(Path::new("/x/spool")),
-            "if [ -f '/x/spool/%f' ]; then cp '/x/spool/%f' '%p' || exit 200; else exit 1; fi"
-        );
     }
 }

@@ -384,7 +384,8 @@ fn a_damaged_or_missing_segment_stops_the_restore_and_leaves_nothing() {
     assert_eq!(out.code, Some(0), "{}", out.describe());
 
     // One flipped byte in a segment: verify names it, and the agent's
-    // check refuses it before any server starts; nothing is left.
+    // check refuses it, aborting the recovery before it could promote;
+    // nothing is left.
     let path = stored_wal(&fleet, middle);
     let mut bytes = std::fs::read(&path).expect("read");
     let at = bytes.len() / 2;
@@ -957,11 +958,34 @@ fn a_coordinator_stopped_during_a_restore_aborts_it_and_a_rerun_gives_the_whole_
         fleet.agent("app").proc.log()
     );
 
-    // Back: the same restore gives the whole result.
+    // Back: the same restore gives the whole result. The spool beside the
+    // directory holds a window of the WAL ahead of the server (16
+    // segments of 16 MiB), a few behind it, never all 40 and more.
     fleet.start_coordinator();
     fleet.wait_agent_listed("app", Duration::from_secs(60));
-    let out = restore_into(&fleet, &["--target", "app", "--latest"], &into);
+    let segments_in_spool = || {
+        std::fs::read_dir(&spool).map_or(0, |d| {
+            d.flatten()
+                .filter(|e| {
+                    let n = e.file_name();
+                    let n = n.to_string_lossy();
+                    n.len() == 24 && n.chars().all(|c| c.is_ascii_hexdigit())
+                })
+                .count()
+        })
+    };
+    let (out, most) = std::thread::scope(|s| {
+        let restoring = s.spawn(|| restore_into(&fleet, &["--target", "app", "--latest"], &into));
+        let mut most = 0;
+        while !restoring.is_finished() {
+            most = most.max(segments_in_spool());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        (restoring.join().expect("restore thread"), most)
+    });
     assert_eq!(out.code, Some(0), "{}", out.describe());
+    assert!(most > 0, "the spool was never seen holding WAL");
+    assert!(most <= 16 + 2 + 1, "the spool held {most} segments at once");
     let mut into = into;
     into.start();
     assert_eq!(into.query_one("shop", "SELECT count(*) FROM t"), "40");
