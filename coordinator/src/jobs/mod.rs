@@ -302,7 +302,7 @@ impl AgentJob {
                 biased;
                 _ = self.core.cancel.cancelled() => break JobFailure::new(
                     FailureKind::Interrupted,
-                    "the coordinator is shutting down",
+                    format!("{what} interrupted: the coordinator is shutting down; the agent was told to stop it, run it again once the coordinator is back"),
                 ),
                 _ = self.ticket.cancel.cancelled() => break match self.ticket.stop_reason() {
                     StopReason::Cancelled(why) => JobFailure::new(

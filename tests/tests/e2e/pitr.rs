@@ -916,8 +916,8 @@ fn a_coordinator_stopped_during_a_restore_aborts_it_and_a_rerun_gives_the_whole_
     assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
     let out = fleet.dsctl(&["backup", "app", "--physical"]);
     assert_eq!(out.code, Some(0), "{}", out.describe());
-    // Many segments to fetch, so the restore is still fetching when the
-    // coordinator goes.
+    // Many segments to fetch, so the recovery is still waiting for WAL
+    // when the coordinator goes.
     for i in 0..40 {
         pg.psql(
             "shop",
@@ -940,13 +940,19 @@ fn a_coordinator_stopped_during_a_restore_aborts_it_and_a_rerun_gives_the_whole_
     ])
     .arg(&dir);
     let restore = std::thread::spawn(move || datasaver_tests::run(cmd, Duration::from_secs(300)));
-    let fetching = wait_until(WAIT, || {
-        std::fs::read_dir(&spool).is_ok_and(|d| d.count() >= 3)
-    });
-    assert!(fetching, "the restore never started fetching WAL");
+    // The recovering server is up (its pid file is in the directory) and
+    // asks for WAL the spool does not hold yet.
+    let recovering = wait_until(WAIT, || dir.join("postmaster.pid").exists());
+    assert!(recovering, "the restore never started its recovery");
     fleet.stop_coordinator();
     let out = restore.join().expect("dsctl thread");
     assert_ne!(out.code, Some(0), "{}", out.describe());
+    assert!(
+        out.stderr
+            .contains("interrupted: the coordinator is shutting down"),
+        "{}",
+        out.stderr
+    );
     // Nothing promoted, nothing half-written left to start by mistake.
     let left = wait_until(Duration::from_secs(30), || {
         !spool.exists() && std::fs::read_dir(&dir).map_or(true, |d| d.count() == 0)
