@@ -426,6 +426,10 @@ async fn recover(
     set("unix_socket_directories", &spool.to_string_lossy());
     set("port", "5432");
     set("archive_mode", "off");
+    // Commands copied with the source's configuration are the source's
+    // business, not this recovery's.
+    set("recovery_end_command", "");
+    set("archive_cleanup_command", "");
     set("hot_standby", "off");
     set("logging_collector", "off");
     // The log is read for where recovery stopped: in English, whatever the

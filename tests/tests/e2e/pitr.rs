@@ -128,6 +128,16 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
         "shop",
         "INSERT INTO t SELECT g, 'before the base' FROM generate_series(1, 100) g;",
     );
+    // The source's configuration (in the base backup) names a command
+    // for the end of a recovery: the agent's recovery must not run it.
+    let ran = pg.data_dir().with_file_name("recovery-end-command-ran");
+    pg.psql(
+        "postgres",
+        &format!(
+            "ALTER SYSTEM SET recovery_end_command = 'touch {}';",
+            ran.display()
+        ),
+    );
     let mut fleet = Fleet::start();
     fleet.add_agent_with("app", &pg, "postgres", &wal_env());
     assert!(fleet.agent("app").proc.wait_for_log("streaming WAL", WAIT));
@@ -213,6 +223,7 @@ fn rows_before_the_noted_time_come_back_and_rows_after_do_not() {
         out.stdout
     );
     assert!(out.stdout.contains("now on timeline 2"), "{}", out.stdout);
+    assert!(!ran.exists(), "the source's recovery_end_command ran");
     assert!(
         !dir.join("recovery.signal").exists(),
         "promoted: no recovery.signal left"
