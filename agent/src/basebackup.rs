@@ -26,6 +26,9 @@ use crate::walstream::WalState;
 /// How long a finished base backup waits for its WAL to be stored.
 const WAL_WAIT: Duration = Duration::from_secs(120);
 
+/// The most zstd workers a base backup uses.
+const BASE_BACKUP_THREADS: u32 = 2;
+
 /// Runs one base backup; returns a summary or a one-line error.
 pub async fn run(
     client: AgentServiceClient<Channel>,
@@ -74,13 +77,13 @@ pub async fn run(
     let (tx, upload) = open_upload(&client, header).await?;
     let counters = Arc::new(Counters::default());
     let progress = reporter.start_ticker("basebackup", counters.clone());
-    // One zstd thread, whatever DATASAVER_COMPRESSION_THREADS says for
-    // dumps: pg_basebackup's reading is the other busy process, the tar
-    // compresses as one stream (smaller than zstd's worker jobs), and no
-    // per-worker buffers sit beside the WAL stream's.
+    // zstd's workers (DATASAVER_COMPRESSION_THREADS), at most two: on one
+    // thread compression was the base backup's bottleneck, and each worker's
+    // buffers sit beside the WAL stream's (two kept the agent under 64 MiB).
     let chain = Chain::encode_pages(
         target.compression,
         target.compression_level,
+        target.compression_threads.min(BASE_BACKUP_THREADS),
         target.encrypt_to.as_ref().map(|e| &e.recipient),
     );
     let copied = match chain {

@@ -145,9 +145,12 @@ fn chain_for(config: &AgentConfig) -> Result<Chain, String> {
     } else {
         3
     };
+    // One segment at a time on the calling thread: workers' buffers would
+    // sit beside the stream's for files of 16 MiB.
     Chain::encode_pages(
         datasaver_common::codec::Compression::Zstd,
         level,
+        0,
         t.encrypt_to.as_ref().map(|e| &e.recipient),
     )
     .map_err(|e| e.to_string())

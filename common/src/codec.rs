@@ -104,7 +104,10 @@ pub enum CodecError {
 /// zstd's level when none is configured.
 const DEFAULT_ZSTD_LEVEL: i32 = 3;
 
-/// Bytes of input per zstd worker job when compressing with threads.
+/// Bytes of input per zstd worker job when compressing with threads. On a
+/// base backup's tar, two workers with 1 MiB jobs came out smaller than one
+/// stream on one thread (113.65 against 113.82 MB) in half the time; 2 MiB
+/// jobs took the agent's peak from 56 to 76 MiB.
 const ZSTD_JOB_SIZE: u32 = 1024 * 1024;
 
 enum EncInner {

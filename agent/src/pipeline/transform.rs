@@ -93,13 +93,15 @@ impl Chain {
     }
 
     /// The stored form of a base backup or a WAL file: data pages,
-    /// compressed on the calling thread with zstd's own parameters.
+    /// compressed with zstd's own parameters, by `threads` workers (0: on
+    /// the calling thread).
     pub fn encode_pages(
         codec: Compression,
         level: i32,
+        threads: u32,
         encrypt_to: Option<&Recipient>,
     ) -> Result<Self, PipelineError> {
-        Self::encode_input(codec, level, 0, Input::Pages, encrypt_to)
+        Self::encode_input(codec, level, threads, Input::Pages, encrypt_to)
     }
 
     /// The stored form of a backup: compressed, then encrypted when a
