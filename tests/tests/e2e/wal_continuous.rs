@@ -228,17 +228,31 @@ fn wal_streams_through_the_coordinator_and_the_slot_follows_what_is_stored() {
     assert!(gaps.is_empty(), "no gap after a killed agent: {v:#}");
     assert!(last >= last_while_away, "{last} < {last_while_away}");
 
-    // The coordinator away under writes: the stream resumes where it was.
+    // The coordinator away for a minute under writes: the slot keeps the
+    // server's WAL, and the stream resumes where it was.
     fleet.stop_coordinator();
-    let (_, _) = write_and_switch(&pg, 30_000);
-    let (_, start3) = write_and_switch(&pg, 30_000);
+    let away = std::time::Instant::now();
+    let mut start3 = start2;
+    while away.elapsed() < Duration::from_secs(60) {
+        start3 = write_and_switch(&pg, 30_000).1;
+        std::thread::sleep(Duration::from_secs(5));
+    }
     fleet.start_coordinator();
     let v = wait_stored(&fleet, "app", Lsn(start3.0 + DEFAULT_SEG_SIZE));
     let (first_after, _, gaps) = timeline1(&v);
     assert!(gaps.is_empty(), "no gap after a coordinator restart: {v:#}");
     assert_eq!(first_after, first, "nothing stored was lost");
 
-    // What people read.
+    // What people read, once the agent's control connection is back too
+    // (its retries back off to 30 s over a minute away): the slot's state
+    // comes with its heartbeat.
+    fleet.wait_agent_listed("app", Duration::from_secs(60));
+    wait_until(WAIT, || {
+        fleet
+            .dsctl(&["wal"])
+            .stdout
+            .contains("streaming  slot reserved")
+    });
     let out = fleet.dsctl(&["wal"]);
     let text = out.stdout.clone();
     assert!(out.code == Some(0), "{text}");
