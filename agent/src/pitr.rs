@@ -9,7 +9,7 @@
 //! target, promotes, and is shut down cleanly. The directory is then a
 //! consistent cluster on a new timeline that the user starts as usual. On
 //! any failure the directory is emptied again.
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -146,13 +146,7 @@ fn empty_dir(dir: &Path) -> Result<(), String> {
 
 fn make_dir(dir: &Path, owner: Option<(u32, u32)>) -> Result<(), String> {
     std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
-        .map_err(|e| format!("cannot set the mode of {}: {e}", dir.display()))?;
-    if let Some((u, g)) = owner {
-        std::os::unix::fs::chown(dir, Some(u), Some(g))
-            .map_err(|e| format!("cannot give {} to uid {u}: {e}", dir.display()))?;
-    }
-    Ok(())
+    walspool::give(dir, 0o700, owner)
 }
 
 /// Runs a physical restore job.

@@ -153,12 +153,13 @@ pub fn write_plan(
     }
     let path = spool.join(PLANNED);
     std::fs::write(&path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    give(&path, owner)
+    give(&path, 0o644, owner)
 }
 
-/// Makes `path` readable by the server's user.
-fn give(path: &Path, owner: Option<(u32, u32)>) -> Result<(), String> {
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
+/// Gives `path` its `mode` and, when the server runs as another user,
+/// to that user.
+pub(crate) fn give(path: &Path, mode: u32, owner: Option<(u32, u32)>) -> Result<(), String> {
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
         .map_err(|e| format!("cannot set the mode of {}: {e}", path.display()))?;
     if let Some((u, g)) = owner {
         std::os::unix::fs::chown(path, Some(u), Some(g))
@@ -276,7 +277,7 @@ impl Fetcher {
                     .map_err(|e| fail(format!("cannot write {}: {e}", part.display())))?;
             }
             drop(file);
-            give(&part, owner).map_err(fail)?;
+            give(&part, 0o644, owner).map_err(fail)?;
             std::fs::rename(&part, &path)
                 .map_err(|e| fail(format!("cannot write {}: {e}", path.display())))
         })
